@@ -1,0 +1,12 @@
+"""Typed, layered, strict experiment configuration (internal; use mmpretrain.api)."""
+from mmpretrain.config.schema import (  # noqa: F401
+    DataConfig,
+    ExperimentConfig,
+    LossConfig,
+    LossPair,
+    ModelConfig,
+    OpSpec,
+    OptimConfig,
+    TowerConfig,
+    TrainConfig,
+)

@@ -1,0 +1,80 @@
+"""Encoder registries (one per modality) and the encoder contract.
+
+An encoder is an ``nn.Module`` with:
+    ``output_dim``: width of what ``forward`` returns;
+    ``projects``: True when ``forward`` already maps to the model's ``embed_dim``
+        (open_clip towers carry their own projection), so the default head is none;
+    ``forward(batch) -> Tensor (B, output_dim)``: reads ``batch[modality]`` (and its mask);
+    ``example_batch(batch_size) -> Batch``: a valid random input, used by the generated tests;
+    ``set_grad_checkpointing(enable)``.
+Text encoders also give ``tokenizer()``, a picklable callable ``list[str] -> Batch``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mmpretrain.registry import Registry
+from mmpretrain.types import MODALITIES, Batch
+
+ENCODERS: dict[str, Registry[nn.Module]] = {m: Registry(f"{m} encoder") for m in MODALITIES}
+
+# Builders are called as builder(params: <config dataclass>, *, embed_dim: int) -> Encoder.
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts: list[str]) -> Batch:
+        """Return ``{"text": (B, L) int64, "text_mask": (B, L) bool (True = real token)}``."""
+
+
+def register_encoder(modality: str, name: str, *, config: type) -> Callable:
+    """Register ``builder(params, *, embed_dim) -> nn.Module`` for ``modality``."""
+    return ENCODERS[modality].register(name, config=config)
+
+
+def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> nn.Module:
+    from mmpretrain.config.strict import from_dict
+
+    entry = ENCODERS[modality].get(name)
+    typed = from_dict(entry.config_cls, params, f"model.towers.{modality}.params") if isinstance(params, dict) else params
+    return entry.builder(typed, embed_dim=embed_dim)
+
+
+# ---------------------------------------------------------------- projection heads
+HEADS: Registry[nn.Module] = Registry("projection head")
+
+
+@HEADS.register("linear")
+def linear_head(in_dim: int, out_dim: int) -> nn.Module:
+    """A bias-free linear projection, as CLIP."""
+    return nn.Linear(in_dim, out_dim, bias=False)
+
+
+@HEADS.register("mlp")
+def mlp_head(in_dim: int, out_dim: int) -> nn.Module:
+    """Linear -> GELU -> Linear, with the hidden width of the input."""
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+
+@HEADS.register("none")
+def no_head(in_dim: int, out_dim: int) -> nn.Module:
+    """Identity; the encoder's output must already be ``embed_dim`` wide."""
+    if in_dim != out_dim:
+        raise ValueError(f"head 'none' needs encoder output_dim ({in_dim}) == model.embed_dim ({out_dim})")
+    return nn.Identity()
+
+
+def random_tokens(batch_size: int, length: int, vocab: int, *, generator: torch.Generator | None = None) -> Batch:
+    """A random text batch with varied lengths: (B, L) ids and a (B, L) True-is-keep mask."""
+    lengths = torch.randint(2, length + 1, (batch_size,), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    ids = torch.randint(1, vocab - 1, (batch_size, length), generator=generator) * mask
+    return {"text": ids.long(), "text_mask": mask}
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over tokens. x: (B, L, D); mask: (B, L) True = keep. Returns (B, D)."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)

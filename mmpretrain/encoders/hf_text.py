@@ -1,0 +1,106 @@
+"""Hugging Face text towers through ``transformers``: a local weights directory
+(``from_pretrained(..., local_files_only=True)``; never the network) or a random init from
+``model_type`` + config fields. Pooling: masked mean or the first ([CLS]) token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.encoders.base import masked_mean, random_tokens, register_encoder
+from mmpretrain.encoders.openclip import BpeTokenizer
+from mmpretrain.types import Batch
+
+
+@dataclass(frozen=True)
+class HfTextParams:
+    """``path``: a local directory with config + weights (+ tokenizer). Without a path, the
+    model is built from ``model_type`` and ``config`` fields with random weights."""
+
+    path: str | None = None
+    model_type: str = "bert"
+    config: dict[str, Any] = field(default_factory=dict)
+    pooling: Literal["mean", "cls"] = "mean"
+    context_length: int = 77
+    tokenizer: Literal["auto", "openclip_bpe"] = "auto"  # auto: the directory's own, else open_clip BPE
+
+
+class HfTokenizer:
+    """``AutoTokenizer`` from a local directory, padded/truncated to ``context_length``."""
+
+    def __init__(self, path: str, context_length: int):
+        self.path, self.context_length = path, context_length
+        self._tok = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "context_length": self.context_length, "_tok": None}
+
+    def __call__(self, texts: list[str]) -> Batch:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        enc = self._tok(list(texts), padding="max_length", truncation=True,
+                        max_length=self.context_length, return_tensors="pt")
+        return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
+
+
+class HfText(nn.Module):
+    """Tokens (B, L) + mask (B, L, True = keep) -> pooled hidden state (B, hidden_size)."""
+
+    projects = False
+
+    def __init__(self, params: HfTextParams):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.params = params
+        if params.path is not None:
+            if not Path(params.path, "config.json").is_file():
+                raise ConfigError(f"model.towers.text.params.path: no config.json in {params.path}")
+            self.model = AutoModel.from_pretrained(params.path, local_files_only=True)
+        else:
+            try:
+                config = AutoConfig.for_model(params.model_type, **params.config)
+            except ValueError as exc:
+                raise ConfigError(f"model.towers.text.params.model_type: {exc}") from None
+            self.model = AutoModel.from_config(config)
+        self.output_dim = int(self.model.config.hidden_size)
+        self.vocab_size = int(self.model.config.vocab_size)
+        if self.uses_bpe and self.vocab_size < 49408:
+            raise ConfigError(f"hf_text with open_clip's BPE tokenizer needs vocab_size >= 49408 (got {self.vocab_size})")
+
+    @property
+    def uses_bpe(self) -> bool:
+        p = self.params
+        return p.tokenizer == "openclip_bpe" or (p.tokenizer == "auto" and p.path is None)
+
+    def forward(self, batch: Batch) -> Tensor:
+        ids, mask = batch["text"], batch["text_mask"]
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        return hidden[:, 0] if self.params.pooling == "cls" else masked_mean(hidden, mask)
+
+    def tokenizer(self) -> HfTokenizer | BpeTokenizer:
+        if self.uses_bpe:
+            return BpeTokenizer(self.params.context_length)
+        return HfTokenizer(str(self.params.path), self.params.context_length)
+
+    def example_batch(self, batch_size: int) -> Batch:
+        return random_tokens(batch_size, min(self.params.context_length, 16), self.vocab_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable()
+        else:
+            self.model.gradient_checkpointing_disable()
+
+
+@register_encoder("text", "hf_text", config=HfTextParams)
+def build_hf_text(params: HfTextParams, *, embed_dim: int) -> nn.Module:
+    """A Hugging Face transformers text model from a local directory or a config (random init)."""
+    return HfText(params)

@@ -1,0 +1,143 @@
+"""open_clip towers: any open_clip vision tower (ViT, ModifiedResNet, timm backbones incl.
+ResNet-ViT hybrids) and open_clip's text transformer, built from an open_clip model config
+name and/or explicit ``CLIPVisionCfg``/``CLIPTextCfg`` fields. Their state dicts are
+open_clip's own (``visual.*``/text tower keys), which keeps checkpoint conversion trivial.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
+from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor, nn
+
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.encoders.base import random_tokens, register_encoder
+from mmpretrain.types import Batch
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _merged_cfg(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any], where: str) -> Any:
+    """open_clip's named config section (if any) with ``overrides`` on top, as ``cfg_cls``."""
+    import open_clip
+
+    base: dict[str, Any] = {}
+    if model_name is not None:
+        named = open_clip.get_model_config(model_name)
+        if named is None:
+            raise ConfigError(f"{where}.model_name: unknown open_clip model {model_name!r}. "
+                              f"Valid: {', '.join(open_clip.list_models())}")
+        base = dict(named.get(section, {}))
+    valid = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"{where}.{section}: unknown open_clip field {unknown[0]!r}. Valid: {', '.join(sorted(valid))}")
+    return cfg_cls(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class OpenClipVisionParams:
+    """``model_name``: an open_clip config (``ViT-B-32``...); ``vision_cfg``: CLIPVisionCfg fields."""
+
+    model_name: str | None = None
+    vision_cfg: dict[str, Any] = field(default_factory=dict)
+    quick_gelu: bool = False
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+
+class OpenClipVision(nn.Module):
+    """Image (B, 3, H, W) -> (B, embed_dim), open_clip's tower with its own projection."""
+
+    projects = True
+
+    def __init__(self, params: OpenClipVisionParams, *, embed_dim: int):
+        super().__init__()
+        cfg = _merged_cfg(CLIPVisionCfg, params.model_name, "vision_cfg", params.vision_cfg, "model.towers.image.params")
+        self.visual = _build_vision_tower(embed_dim, cfg, quick_gelu=params.quick_gelu)
+        size = cfg.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.output_dim = embed_dim
+        self.mean, self.std = params.mean, params.std
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.visual(batch["image"])
+
+    def example_batch(self, batch_size: int) -> Batch:
+        return {"image": torch.randn(batch_size, 3, *self.image_size)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+
+
+@register_encoder("image", "openclip_vision", config=OpenClipVisionParams)
+def build_openclip_vision(params: OpenClipVisionParams, *, embed_dim: int) -> nn.Module:
+    """open_clip vision tower (ViT / ModifiedResNet / timm) from a model name and/or CLIPVisionCfg fields."""
+    return OpenClipVision(params, embed_dim=embed_dim)
+
+
+@dataclass(frozen=True)
+class OpenClipTextParams:
+    """``model_name``: an open_clip config; ``text_cfg``: CLIPTextCfg fields (BPE tokenizer)."""
+
+    model_name: str | None = None
+    text_cfg: dict[str, Any] = field(default_factory=dict)
+    quick_gelu: bool = False
+
+
+class BpeTokenizer:
+    """open_clip's BPE tokenizer (vocabulary ships in its wheel), built lazily so it pickles small."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+        self._tok: SimpleTokenizer | None = None
+
+    def __getstate__(self) -> dict:
+        return {"context_length": self.context_length, "_tok": None}
+
+    def __call__(self, texts: list[str]) -> Batch:
+        if self._tok is None:
+            self._tok = SimpleTokenizer(context_length=self.context_length)
+        ids = self._tok(list(texts)).long()
+        return {"text": ids, "text_mask": ids != 0}
+
+
+class OpenClipText(nn.Module):
+    """Tokens (B, L) -> (B, embed_dim): open_clip's causal text transformer, EOT pooling."""
+
+    projects = True
+
+    def __init__(self, params: OpenClipTextParams, *, embed_dim: int):
+        super().__init__()
+        cfg = _merged_cfg(CLIPTextCfg, params.model_name, "text_cfg", params.text_cfg, "model.towers.text.params")
+        if cfg.hf_model_name:
+            raise ConfigError("model.towers.text: use the 'hf_text' encoder for Hugging Face text models")
+        self.text = _build_text_tower(embed_dim, cfg, quick_gelu=params.quick_gelu)
+        self.context_length, self.vocab_size = cfg.context_length, cfg.vocab_size
+        self.output_dim = embed_dim
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.text(batch["text"])
+
+    def tokenizer(self) -> BpeTokenizer:
+        return BpeTokenizer(self.context_length)
+
+    def example_batch(self, batch_size: int) -> Batch:
+        out = random_tokens(batch_size, self.context_length, self.vocab_size)
+        lengths = out["text_mask"].sum(1)
+        out["text"][torch.arange(batch_size), lengths - 1] = self.vocab_size - 1  # EOT, pooled by argmax
+        return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text.set_grad_checkpointing(enable)
+
+
+@register_encoder("text", "openclip_text", config=OpenClipTextParams)
+def build_openclip_text(params: OpenClipTextParams, *, embed_dim: int) -> nn.Module:
+    """open_clip text transformer from a model name and/or CLIPTextCfg fields."""
+    return OpenClipText(params, embed_dim=embed_dim)

@@ -1,0 +1,1 @@
+from mmpretrain.models.contrastive import ContrastiveModel, build_model  # noqa: F401

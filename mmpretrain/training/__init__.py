@@ -1,0 +1,1 @@
+"""Training: distributed setup, task (model + loss), loop, checkpoints (internal)."""

@@ -1,0 +1,145 @@
+"""The train loop: micro-batches -> task.forward_backward -> clip -> step -> log -> checkpoint.
+
+It knows nothing of modalities or losses (the task does); it is the same for CLIP and VATT.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.data.loader import ResumableLoader
+from mmpretrain.models import ContrastiveModel
+from mmpretrain.training.checkpoint import rng_state, save_checkpoint
+from mmpretrain.training.dist import DistInfo, all_gather_object
+from mmpretrain.training.metrics import MetricsLogger, truncate_jsonl
+from mmpretrain.training.task import ContrastiveTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trainer:
+    cfg: ExperimentConfig
+    info: DistInfo
+    model: nn.Module  # possibly DDP-wrapped / compiled
+    raw: ContrastiveModel  # the bare model: checkpoints, logit-scale clamp
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    task: ContrastiveTask
+    loader: ResumableLoader
+    run_dir: Path
+    config_yaml: str
+    autocast: Callable[[], ContextManager]
+    step: int = 0
+    _stop_signal: bool = field(default=False, repr=False)
+
+    def fit(self) -> int:
+        """Train until ``train.stop_after`` (or ``train.steps``); returns the last step."""
+        tc = self.cfg.train
+        stop = min(tc.stop_after or tc.steps, tc.steps)
+        logger = MetricsLogger(self.run_dir, enabled=self.info.is_main, resume_step=self.step)
+        keys_log = self._keys_log()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        data = iter(self.loader)
+        bar = tqdm(total=stop, initial=self.step, unit="step", disable=not (tc.progress and self.info.is_main))
+        window = _Window(time.perf_counter())
+        try:
+            while self.step < stop and not self._stop_signal:
+                t0 = time.perf_counter()
+                micro = [next(data) for _ in range(tc.accum_steps)]
+                window.data_time += time.perf_counter() - t0
+                losses, grad_norm = self._train_step([b.data for b in micro])
+                self.step += 1
+                window.samples += sum(len(b.keys) for b in micro) * self.info.world_size
+                if keys_log is not None:
+                    keys_log.write(json.dumps({"step": self.step, "keys": [k for b in micro for k in b.keys]}) + "\n")
+                    keys_log.flush()
+                if self.step % tc.log_every == 0 or self.step == stop:
+                    values = self._metrics(losses, grad_norm, window)
+                    logger.log(self.step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}")
+                    window = _Window(time.perf_counter())
+                bar.update(1)
+                if self.step % tc.ckpt_every == 0 or self.step == stop or self._stop_signal:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
+            if keys_log is not None:
+                keys_log.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return self.step
+
+    def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        self.model.train()
+        device = self.info.device
+        micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
+        no_sync = getattr(self.model, "no_sync", None)
+        losses = self.task.forward_backward(self.model, micro, autocast=self.autocast,
+                                            **({"no_sync": no_sync} if no_sync else {}))
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(f"loss is {losses['loss'].item()} at step {self.step + 1}; "
+                                     "lower optim.lr or raise optim.warmup_steps")
+        clip = self.cfg.optim.grad_clip_norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.raw.clamp_logit_scale()
+        return losses, grad_norm
+
+    def _metrics(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        values: dict[str, Any] = {k: float(v) for k, v in losses.items()}
+        values.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                      logit_scale=float(self.raw.logit_scale.detach().exp()), samples_per_s=window.samples / elapsed,
+                      data_wait_frac=window.data_time / elapsed)
+        for kind, n in self.loader.error_counts().items():
+            values[f"data/skipped_{kind}"] = n
+        return values
+
+    def save(self) -> None:
+        """Gather every rank's data position and RNG state; the main rank writes the checkpoint."""
+        per_rank = all_gather_object({"data": self.loader.state_dict(), "rng": rng_state()}, self.info)
+        if self.info.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank]}
+            save_checkpoint(self.run_dir, self.step, self.raw, state, self.config_yaml, keep_last=self.cfg.train.keep_last)
+        if self.info.world_size > 1:
+            torch.distributed.barrier()
+
+    def _keys_log(self):
+        if not self.cfg.train.log_sample_keys:
+            return None
+        path = self.run_dir / f"samples.rank{self.info.rank}.jsonl"
+        truncate_jsonl(path, self.step)
+        return open(path, "a", encoding="utf-8")
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: checkpointing after step %d and stopping", self.step + 1)
+        self._stop_signal = True
+
+
+@dataclass
+class _Window:
+    start: float
+    samples: int = 0
+    data_time: float = 0.0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

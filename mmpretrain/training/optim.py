@@ -1,0 +1,50 @@
+"""AdamW with weight-decay groups and per-tower learning rates; warm-up + cosine schedule."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from mmpretrain.config.schema import ModelConfig, OptimConfig
+
+
+def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -> list[dict]:
+    """Groups by (tower lr multiplier, decay). No decay for tensors with ndim < 2 (biases,
+    norms, logit scale/bias), as CLIP. Frozen parameters are left out."""
+    mult = {m: t.lr_mult for m, t in model_cfg.towers.items()}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for module_name, module in (("towers", getattr(model, "towers", {})), ("heads", getattr(model, "heads", {}))):
+        for modality, sub in module.items():
+            for p in sub.parameters():
+                if p.requires_grad:
+                    groups.setdefault((mult[modality], p.ndim >= 2), []).append(p)
+    seen = {id(p) for ps in groups.values() for p in ps}
+    for p in model.parameters():  # model-level parameters: logit scale / bias
+        if p.requires_grad and id(p) not in seen:
+            groups.setdefault((1.0, p.ndim >= 2), []).append(p)
+    return [
+        {"params": ps, "lr": optim.lr * m, "lr_mult": m, "weight_decay": optim.weight_decay if decay else 0.0}
+        for (m, decay), ps in sorted(groups.items(), key=lambda kv: kv[0]) if m > 0
+    ]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim, model_cfg)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
+
+
+def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine (or constant)."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, optim=optim, total_steps=total_steps))

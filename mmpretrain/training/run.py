@@ -1,0 +1,115 @@
+"""Build everything a run needs from a config, resume if asked, and train."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmpretrain.config.loader import dump_config, save_resolved
+from mmpretrain.config.schema import ExperimentConfig, TrainConfig
+from mmpretrain.data.loader import ResumableLoader
+from mmpretrain.losses import DistContext
+from mmpretrain.models import build_model
+from mmpretrain.training.checkpoint import find_latest, load_state, load_weights, set_rng_state
+from mmpretrain.training.dist import DistInfo, init_distributed, shutdown
+from mmpretrain.training.loop import Trainer
+from mmpretrain.training.optim import build_optimizer, build_scheduler
+from mmpretrain.training.task import ContrastiveTask
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: ExperimentConfig) -> Path:
+    """Train (or resume) the run described by ``cfg``; returns its run directory."""
+    info = init_distributed(cfg.train)
+    try:
+        trainer = build_trainer(cfg, info)
+        trainer.fit()
+        return trainer.run_dir
+    finally:
+        shutdown()
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    return Path(cfg.run_dir.format(name=cfg.name))
+
+
+def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """``resume=latest``: newest checkpoint of this run, or a fresh start if there is none."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = find_latest(run_dir)
+        log.info("resume=latest: %s", found or "no checkpoint yet, starting fresh")
+        return found
+    path = Path(cfg.resume)
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"train.resume={cfg.resume!r}: not a checkpoint directory (no state.pt)")
+    return path
+
+
+def configure_threads(cfg: ExperimentConfig) -> int:
+    """Size compute threads together with data workers so the two don't oversubscribe the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cfg.train.threads or max(1, cores // local_ranks - cfg.data.num_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
+    tc = cfg.train
+    threads = configure_threads(cfg)
+    run_dir = run_dir_of(tc)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+    seed_everything(tc.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model).to(info.device)
+    ckpt = resolve_resume(tc, run_dir)
+    state = None
+    if ckpt is not None:
+        load_weights(model, ckpt)
+        state = load_state(ckpt)
+    if tc.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][info.rank])
+    else:
+        seed_everything(tc.seed + 1000 * info.rank)
+    loader = ResumableLoader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank,
+                             world_size=info.world_size, state=state["data"][info.rank] if state else None)
+    wrapped = model
+    if info.world_size > 1:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if tc.compile:
+        wrapped = torch.compile(wrapped)
+    task = ContrastiveTask(cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss))
+    log.info("run %s: %d rank(s), device %s, %d thread(s), resume from %s", run_dir, info.world_size,
+             info.device, threads, ckpt)
+    return Trainer(cfg, info, wrapped, model, optimizer, scheduler, task, loader, run_dir, dump_config(cfg),
+                   autocast_factory(tc, info.device), step=int(state["step"]) if state else 0)
