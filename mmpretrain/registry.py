@@ -25,6 +25,7 @@ class Entry(Generic[T]):
     builder: Callable[..., T]
     config_cls: type | None = None
     doc: str = ""
+    example: dict | None = None  # small valid params: registry-generated tests build every entry with them
 
 
 class Registry(Generic[T]):
@@ -40,12 +41,13 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, *, config: type | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, *, config: type | None = None,
+                 example: dict | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-            self._entries[name] = Entry(name, fn, config, doc)
+            self._entries[name] = Entry(name, fn, config, doc, example)
             return fn
 
         return deco
@@ -58,6 +60,9 @@ class Registry(Generic[T]):
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
         return self.get(name).builder(*args, **kwargs)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -6,7 +6,8 @@ A YAML file may name the files it builds on, relative to itself::
     base: [../model/tiny.yaml, ../data/toy.yaml]
     train: {steps: 200}
 
-Mappings merge key by key; lists and scalars replace. The merged tree is converted
+Mappings merge key by key; lists and scalars replace; a tower whose ``encoder`` changes
+is replaced whole. The merged tree is converted
 strictly into ``ExperimentConfig`` and then checked against the registries.
 """
 from __future__ import annotations
@@ -65,9 +66,15 @@ def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``src`` into ``dst`` in place: mappings recurse, everything else replaces."""
+    """Merge ``src`` into ``dst`` in place: mappings recurse, everything else replaces.
+
+    A tower whose ``encoder`` changes is replaced whole: the old encoder's params would
+    not fit the new one.
+    """
     for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+        old = dst.get(key)
+        switched = isinstance(value, dict) and isinstance(old, dict) and value.get("encoder", old.get("encoder")) != old.get("encoder")
+        if isinstance(value, dict) and isinstance(old, dict) and not switched:
             deep_merge(dst[key], value)
         else:
             dst[key] = copy.deepcopy(value)

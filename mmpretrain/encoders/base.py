@@ -29,9 +29,13 @@ class Tokenizer(Protocol):
         """Return ``{"text": (B, L) int64, "text_mask": (B, L) bool (True = real token)}``."""
 
 
-def register_encoder(modality: str, name: str, *, config: type) -> Callable:
-    """Register ``builder(params, *, embed_dim) -> nn.Module`` for ``modality``."""
-    return ENCODERS[modality].register(name, config=config)
+def register_encoder(modality: str, name: str, *, config: type, example: dict) -> Callable:
+    """Register ``builder(params, *, embed_dim) -> nn.Module`` for ``modality``.
+
+    ``example``: small valid params; every registered encoder is built with them by the
+    generated shape / gradient-flow / NaN tests.
+    """
+    return ENCODERS[modality].register(name, config=config, example=example)
 
 
 def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> nn.Module:

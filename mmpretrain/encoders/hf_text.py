@@ -70,6 +70,8 @@ class HfText(nn.Module):
             except ValueError as exc:
                 raise ConfigError(f"model.towers.text.params.model_type: {exc}") from None
             self.model = AutoModel.from_config(config)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # we pool ourselves; an unused pooler breaks DDP and wastes AdamW state
         self.output_dim = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)
         if self.uses_bpe and self.vocab_size < 49408:
@@ -94,13 +96,22 @@ class HfText(nn.Module):
         return random_tokens(batch_size, min(self.params.context_length, 16), self.vocab_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        on = getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)
+        off = getattr(self.model, "activation_checkpointing_disable", self.model.gradient_checkpointing_disable)
         if enable:
-            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+            on()
         else:
-            self.model.gradient_checkpointing_disable()
+            off()
 
 
-@register_encoder("text", "hf_text", config=HfTextParams)
+TINY_BERT = {"model_type": "bert", "context_length": 12,
+             "config": {"vocab_size": 49408, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "max_position_embeddings": 32,
+                        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+
+
+@register_encoder("text", "hf_text", config=HfTextParams, example=TINY_BERT)
 def build_hf_text(params: HfTextParams, *, embed_dim: int) -> nn.Module:
     """A Hugging Face transformers text model from a local directory or a config (random init)."""
     return HfText(params)

@@ -75,7 +75,11 @@ class OpenClipVision(nn.Module):
         self.visual.set_grad_checkpointing(enable)
 
 
-@register_encoder("image", "openclip_vision", config=OpenClipVisionParams)
+TINY_VISION = {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}
+TINY_TEXT = {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@register_encoder("image", "openclip_vision", config=OpenClipVisionParams, example=TINY_VISION)
 def build_openclip_vision(params: OpenClipVisionParams, *, embed_dim: int) -> nn.Module:
     """open_clip vision tower (ViT / ModifiedResNet / timm) from a model name and/or CLIPVisionCfg fields."""
     return OpenClipVision(params, embed_dim=embed_dim)
@@ -137,7 +141,7 @@ class OpenClipText(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
 
-@register_encoder("text", "openclip_text", config=OpenClipTextParams)
+@register_encoder("text", "openclip_text", config=OpenClipTextParams, example=TINY_TEXT)
 def build_openclip_text(params: OpenClipTextParams, *, embed_dim: int) -> nn.Module:
     """open_clip text transformer from a model name and/or CLIPTextCfg fields."""
     return OpenClipText(params, embed_dim=embed_dim)

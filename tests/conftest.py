@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny model config and tiny shards written to tmp (no downloads)."""
+from __future__ import annotations
+
+import csv
+import io
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TINY_MODEL = {
+    "embed_dim": 32,
+    "towers": {
+        "image": {"encoder": "openclip_vision",
+                  "params": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}},
+        "text": {"encoder": "openclip_text",
+                 "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}},
+    },
+}
+
+
+def make_image_folder(root: Path, count: int, *, size: int = 32, seed: int = 0) -> Path:
+    """``count`` coloured-shape PNGs + captions.csv under ``root``."""
+    from make_toy_images import BACKGROUNDS, COLORS, SHAPES, draw
+
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "caption"])
+        for i in range(count):
+            c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            name = f"images/{i:04d}.png"
+            draw(s, COLORS[c], BACKGROUNDS["white"], size, rng).save(root / name)
+            w.writerow([name, f"a {c} {s}"])
+    return root
+
+
+def png_bytes(color=(200, 20, 20), size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    from webdataset import TarWriter
+
+    with TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory) -> Path:
+    """4 shards x 16 samples of 32 px shapes; returns the shard directory."""
+    from mmpretrain.data.shards import ShardWriterConfig, make_shards
+
+    root = make_image_folder(tmp_path_factory.mktemp("toy"), 64)
+    out = root / "shards"
+    make_shards(root, root / "captions.csv", out, ShardWriterConfig(max_count=16), progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    from mmpretrain.config.loader import config_from_tree
+
+    return config_from_tree({"model": TINY_MODEL}).model
+
+
+def experiment_tree(shards: Path, run_dir: Path, **sections) -> dict:
+    """A small full experiment config tree over ``shards``; ``sections`` are merged on top."""
+    from mmpretrain.config.loader import deep_merge
+
+    tree = {
+        "model": TINY_MODEL,
+        "data": {"train": str(shards / "shard-{000000..000003}.tar"), "batch_size": 8, "num_workers": 0,
+                 "shuffle_buffer": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"name": "t", "run_dir": str(run_dir), "steps": 10, "log_every": 1, "ckpt_every": 5,
+                  "progress": False, "threads": 1},
+    }
+    return deep_merge(tree, sections)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmpretrain.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

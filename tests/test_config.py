@@ -1,0 +1,123 @@
+"""Strict, layered configs: unknown keys / wrong types fail with the valid choices named."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mmpretrain.config.loader import apply_override, config_from_tree, load_config, save_resolved
+from mmpretrain.config.schema import ExperimentConfig, TrainConfig
+from mmpretrain.config.strict import ConfigError, from_dict, to_dict
+from tests.conftest import TINY_MODEL
+
+
+def tree(**sections):
+    return {"model": TINY_MODEL, **sections}
+
+
+def test_defaults_validate():
+    cfg = config_from_tree(tree())
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.train.accum_steps == 1 and cfg.loss.pairs[0].kind == "clip"
+
+
+def test_unknown_key_names_valid_keys_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        config_from_tree(tree(optim={"lrr": 0.1}))
+    msg = str(err.value)
+    assert "optim.lrr" in msg and "Did you mean 'lr'" in msg and "weight_decay" in msg
+
+
+@pytest.mark.parametrize("section, value, fragment", [
+    ({"train": {"steps": "many"}}, None, "train.steps: expected int"),
+    ({"train": {"steps": 1.5}}, None, "train.steps: expected int"),
+    ({"train": {"compile": "yes"}}, None, "train.compile: expected bool"),
+    ({"train": {"precision": "fp16"}}, None, "'fp16' is not one of"),
+    ({"optim": {"betas": [0.9]}}, None, "optim.betas: expected 2 items"),
+    ({"data": {"ops": [{"op": "decode_image", "params": {"bogus": 1}}]}}, None, "unknown key 'data.ops[0].params.bogus'"),
+])
+def test_wrong_types_fail(section, value, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        config_from_tree(tree(**section))
+
+
+def test_yaml_style_scientific_floats_accepted():
+    cfg = config_from_tree(tree(optim={"lr": "1e-3"}))
+    assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+def test_unknown_encoder_lists_valid_names():
+    bad = {"embed_dim": 8, "towers": {"image": {"encoder": "openclip_vison"}, "text": TINY_MODEL["towers"]["text"]}}
+    with pytest.raises(ConfigError) as err:
+        config_from_tree({"model": bad})
+    assert "Did you mean 'openclip_vision'" in str(err.value) and "Valid: openclip_vision" in str(err.value)
+
+
+def test_unknown_modality_and_open_clip_model_name():
+    with pytest.raises(ConfigError, match="unknown modality"):
+        config_from_tree({"model": {"towers": {"smell": {"encoder": "x"}}}})
+    bad = {"towers": {"image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-Q-99"}},
+                      "text": TINY_MODEL["towers"]["text"]}}
+    from mmpretrain.models import build_model
+
+    cfg = config_from_tree({"model": bad}).model  # the name is checked when the tower is built
+    with pytest.raises(ConfigError, match="unknown open_clip model 'ViT-Q-99'.*ViT-B-32"):
+        build_model(cfg)
+
+
+def test_loss_pairs_must_name_towers_and_kinds():
+    with pytest.raises(ConfigError, match="modality 'audio' has no tower"):
+        config_from_tree(tree(loss={"pairs": [{"a": "audio", "b": "text"}]}))
+    with pytest.raises(ConfigError, match="unknown loss kind 'clipp'.*Valid: clip, siglip"):
+        config_from_tree(tree(loss={"pairs": [{"a": "image", "b": "text", "kind": "clipp"}]}))
+    with pytest.raises(ConfigError, match="local_loss=true needs loss.gather_with_grad"):
+        config_from_tree(tree(loss={"local_loss": True, "gather_with_grad": False}))
+
+
+def test_layering_order_and_overrides(tmp_path):
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"steps": 5, "seed": 1}}))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 4}, "train": {"steps": 6}}))
+    (tmp_path / "exp.yaml").write_text("base: [model.yaml, data.yaml]\ntrain: {steps: 7}\n")
+    cfg = load_config(tmp_path / "exp.yaml")
+    assert (cfg.train.steps, cfg.train.seed, cfg.data.batch_size) == (7, 1, 4)
+    cfg = load_config(tmp_path / "exp.yaml", ["train.steps=8", "model.towers.image.params.vision_cfg.layers=1",
+                                              "optim.betas=[0.8, 0.9]", "train.resume=null"])
+    assert cfg.train.steps == 8 and cfg.optim.betas == (0.8, 0.9) and cfg.train.resume is None
+    assert cfg.model.towers["image"].params["vision_cfg"]["layers"] == 1
+    assert cfg.model.towers["image"].params["vision_cfg"]["width"] == 32  # siblings kept
+
+
+def test_include_cycle_and_missing_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "train.steps")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = config_from_tree(tree(train={"steps": 3}))
+    path = save_resolved(cfg, tmp_path)
+    again = config_from_tree(yaml.safe_load(path.read_text()))
+    assert again == cfg
+
+
+def test_frozen():
+    cfg = from_dict(TrainConfig, {"steps": 3})
+    with pytest.raises(Exception):
+        cfg.steps = 4  # type: ignore[misc]
+    assert to_dict(cfg)["steps"] == 3
+
+
+def test_shipped_configs_load():
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
+        load_config(path)
+    for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
+        load_config(path)
