@@ -1,0 +1,1 @@
+"""Webdataset streaming, data ops and the shard writer (internal; use mmpretrain.api)."""

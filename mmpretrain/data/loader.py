@@ -1,0 +1,103 @@
+"""A resumable training loader over webdataset shards, tracking what was *consumed*."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+
+from mmpretrain.config.schema import DataConfig
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.data.ops import OpContext, build_ops
+from mmpretrain.data.stream import DataError, Position, ShardStream, StreamSpec, WorkerBatch
+
+log = logging.getLogger(__name__)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Expand a shard spec: brace patterns, ``::``-joined lists, ``pipe:``/``s3://`` URLs.
+
+    Local paths are checked up front so a typo fails before any work, with the pattern named.
+    A directory expands to its ``*.tar`` files.
+    """
+    if not spec:
+        raise ConfigError("data.train is empty: give shard paths, e.g. data/shards/shard-{000000..000009}.tar")
+    urls: list[str] = []
+    for url in expand_urls(spec):
+        if os.path.isdir(url):
+            urls.extend(sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar")))
+        else:
+            urls.append(url)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and not any(os.path.exists(u) for u in local):
+        raise ConfigError(f"data.train: none of the {len(local)} shard path(s) exist (first: {local[0]!r}); "
+                          "check the path or brace pattern")
+    if not urls:
+        raise ConfigError(f"data.train: {spec!r} expands to no shards")
+    return urls
+
+
+class ResumableLoader:
+    """Iterates ``WorkerBatch``es forever and knows how to continue exactly where it stopped.
+
+    ``state_dict()`` holds, per logical worker, the position after the last batch the
+    training loop *consumed* (prefetched batches do not count), and the worker rotation.
+    """
+
+    def __init__(self, cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
+                 state: dict[str, Any] | None = None):
+        urls = expand_shards(cfg.train)
+        workers = cfg.num_workers
+        if not cfg.resampled and len(urls) < world_size * max(1, workers):
+            raise ConfigError(f"data.train has {len(urls)} shard(s), fewer than ranks x workers = "
+                              f"{world_size} x {max(1, workers)}: lower data.num_workers, write more shards, "
+                              "or set data.resampled=true")
+        self.spec = StreamSpec(tuple(urls), cfg.batch_size, seed, rank, world_size, cfg.shuffle_buffer,
+                               cfg.shuffle_shards, cfg.resampled, cfg.on_error, cfg.max_errors)
+        self.num_workers, self.cfg = workers, cfg
+        self.positions, self.rotation = self._load_state(state, world_size)
+        self.consumed = 0
+        stream = ShardStream(self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation)
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=_worker_init, prefetch_factor=cfg.prefetch_factor if workers else None,
+                                 persistent_workers=workers > 0)
+
+    def _load_state(self, state: dict[str, Any] | None, world_size: int) -> tuple[dict[int, Position], int]:
+        if not state:
+            return {}, 0
+        saved = (state["num_workers"], state["world_size"])
+        if saved != (self.num_workers, world_size):
+            raise DataError(f"cannot resume the data stream exactly: it was saved with data.num_workers="
+                            f"{saved[0]} on {saved[1]} rank(s), now {self.num_workers} on {world_size}")
+        positions = {int(w): Position(**p) for w, p in state["positions"].items()}
+        return positions, int(state["rotation"])
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
+        for batch in self.loader:
+            self.positions[batch.worker] = batch.position
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        nw = max(1, self.num_workers)
+        return {
+            "num_workers": self.num_workers,
+            "world_size": self.spec.world_size,
+            "rotation": (self.rotation + self.consumed) % nw,
+            "positions": {str(w): p.to_dict() for w, p in self.positions.items()},
+        }
+
+    def error_counts(self) -> dict[str, int]:
+        """Skipped samples/shards by kind, summed over this rank's workers."""
+        total: dict[str, int] = {}
+        for pos in self.positions.values():
+            for kind, n in pos.errors.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; compute threads belong to the main process

@@ -1,0 +1,212 @@
+"""Data ops: a registry of per-sample transforms composed from config (as big_vision's pp).
+
+A sample is a dict: raw members (``"jpg"``/``"png"``/``"webp"``, ``"txt"``, ``"json"`` bytes,
+``"__key__"``) in, tensors (``"image"`` (3, H, W), ``"text"`` (L,), ``"text_mask"`` (L,)) out.
+An op that cannot process a sample raises ``SampleError``; the stream skips and counts it.
+Randomness comes from torch's global RNG, which the stream seeds per sample.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from mmpretrain.config.schema import OpSpec
+from mmpretrain.registry import Registry
+
+Sample = dict[str, Any]
+Op = Callable[[Sample], Sample]
+DATA_OPS: Registry[Op] = Registry("data op")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used (corrupt image, empty caption, ...). ``kind`` names the cause."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """What ops need from the model: image geometry, normalisation, the text tokenizer."""
+
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    tokenizer: Any = None  # picklable ``list[str] -> {"text", "text_mask"}``
+
+
+def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
+    from mmpretrain.config.strict import from_dict
+
+    ops = []
+    for i, spec in enumerate(specs):
+        entry = DATA_OPS.get(spec.op)
+        params = from_dict(entry.config_cls, spec.params, f"data.ops[{i}].params") if entry.config_cls else None
+        ops.append(entry.builder(params, ctx))
+    return ops
+
+
+def apply_ops(ops: list[Op], sample: Sample) -> Sample:
+    for op in ops:
+        sample = op(sample)
+    return sample
+
+
+# ------------------------------------------------------------------ images
+@dataclass(frozen=True)
+class DecodeImageParams:
+    keys: tuple[str, ...] = IMAGE_KEYS
+    max_pixels: int = 100_000_000  # refuse decompression bombs
+
+
+@DATA_OPS.register("decode_image", config=DecodeImageParams)
+def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
+    """Decode the first present image member to an RGB PIL image under ``"image"``."""
+
+    def op(s: Sample) -> Sample:
+        key = next((k for k in p.keys if k in s), None)
+        if key is None:
+            raise SampleError("missing_image", f"{s.get('__key__')}: no image member among {p.keys}")
+        try:
+            with Image.open(io.BytesIO(s[key])) as img:
+                if img.width * img.height > p.max_pixels:
+                    raise SampleError("bad_image", f"{s.get('__key__')}: {img.width}x{img.height} exceeds max_pixels")
+                s["image"] = img.convert("RGB")
+        except SampleError:
+            raise
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise SampleError("bad_image", f"{s.get('__key__')}: cannot decode {key}: {exc}") from None
+        return s
+
+    return op
+
+
+def _image_op(transform: Callable) -> Op:
+    def op(s: Sample) -> Sample:
+        s["image"] = transform(s["image"])
+        return s
+
+    return op
+
+
+@dataclass(frozen=True)
+class RandomResizedCropParams:
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333)
+    size: int | None = None  # None: the image tower's input size
+
+
+@DATA_OPS.register("random_resized_crop", config=RandomResizedCropParams)
+def random_resized_crop(p: RandomResizedCropParams, ctx: OpContext) -> Op:
+    """Random area/aspect crop resized to the tower's input (CLIP's train augmentation)."""
+    size = (p.size, p.size) if p.size else ctx.image_size
+    return _image_op(T.RandomResizedCrop(size, scale=p.scale, ratio=p.ratio, antialias=True))
+
+
+@dataclass(frozen=True)
+class ResizeCenterCropParams:
+    size: int | None = None
+
+
+@DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams)
+def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
+    """Resize the short side, then centre-crop (deterministic evaluation transform)."""
+    size = (p.size, p.size) if p.size else ctx.image_size
+    return _image_op(T.Compose([T.Resize(min(size), antialias=True), T.CenterCrop(size)]))
+
+
+@dataclass(frozen=True)
+class HflipParams:
+    p: float = 0.5
+
+
+@DATA_OPS.register("hflip", config=HflipParams)
+def hflip(p: HflipParams, ctx: OpContext) -> Op:
+    """Horizontal flip with probability ``p`` (beware captions that say left/right)."""
+    return _image_op(T.RandomHorizontalFlip(p.p))
+
+
+@dataclass(frozen=True)
+class ColorJitterParams:
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    p: float = 0.8
+
+
+@DATA_OPS.register("color_jitter", config=ColorJitterParams)
+def color_jitter(p: ColorJitterParams, ctx: OpContext) -> Op:
+    """Random colour jitter, applied with probability ``p``."""
+    jitter = T.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)
+    return _image_op(T.RandomApply([jitter], p=p.p))
+
+
+@dataclass(frozen=True)
+class NormalizeParams:
+    mean: tuple[float, float, float] | None = None  # None: the image tower's
+    std: tuple[float, float, float] | None = None
+
+
+@DATA_OPS.register("to_tensor_normalize", config=NormalizeParams)
+def to_tensor_normalize(p: NormalizeParams, ctx: OpContext) -> Op:
+    """PIL -> float tensor (3, H, W), normalised with the tower's mean/std."""
+    mean, std = list(p.mean or ctx.mean), list(p.std or ctx.std)
+    return _image_op(T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]))
+
+
+# ------------------------------------------------------------------ text
+@dataclass(frozen=True)
+class CaptionParams:
+    keys: tuple[str, ...] = ("txt", "json:caption")  # "json:field" reads a field of the json member
+
+
+@DATA_OPS.register("caption", config=CaptionParams)
+def caption(p: CaptionParams, ctx: OpContext) -> Op:
+    """Read the caption (first non-empty of ``keys``) into ``"caption"``; empty -> SampleError."""
+
+    def op(s: Sample) -> Sample:
+        for key in p.keys:
+            text = _read_text(s, key)
+            if text:
+                s["caption"] = text
+                return s
+        raise SampleError("empty_caption", f"{s.get('__key__')}: no non-empty caption in {p.keys}")
+
+    return op
+
+
+def _read_text(s: Sample, key: str) -> str:
+    member, _, field = key.partition(":")
+    raw = s.get(member)
+    if raw is None:
+        return ""
+    try:
+        if field:
+            value = json.loads(raw).get(field, "")
+            return value.strip() if isinstance(value, str) else ""
+        return (raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).strip()
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise SampleError("bad_caption", f"{s.get('__key__')}: unreadable {key}: {exc}") from None
+
+
+@DATA_OPS.register("tokenize")
+def tokenize(p: None, ctx: OpContext) -> Op:
+    """Tokenise ``"caption"`` with the model's tokenizer into ``"text"`` (L,) and ``"text_mask"`` (L,)."""
+    if ctx.tokenizer is None:
+        raise ValueError("the tokenize op needs a model with a text tower")
+
+    def op(s: Sample) -> Sample:
+        out = ctx.tokenizer([s["caption"]])
+        s["text"], s["text_mask"] = out["text"][0], out["text_mask"][0]
+        return s
+
+    return op

@@ -1,0 +1,185 @@
+"""Write webdataset shards from an image folder + a captions file (CSV, TSV or JSONL).
+
+Samples follow img2dataset's layout: ``<key>.jpg|png|webp`` (original bytes), ``<key>.txt``
+(caption), ``<key>.json`` (caption, source path, extra columns). Each shard is written to
+a temp file and renamed, so a crash never leaves a truncated ``.tar`` under its final name.
+``manifest.json`` lists every shard with its sample count and size.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+from webdataset import TarWriter
+
+from mmpretrain.utils.io import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+PATH_COLUMNS = ("file", "filepath", "path", "image", "filename")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title")
+NATIVE_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass(frozen=True)
+class ShardWriterConfig:
+    max_count: int = 1000  # samples per shard
+    max_bytes: int = 1_000_000_000  # bytes per shard (a shard closes before it would exceed this)
+    prefix: str = "shard"
+    verify_images: bool = True  # decode each image and skip unreadable ones (counted)
+
+
+@dataclass
+class Manifest:
+    format: str = "mmpretrain-shards/1"
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def pattern(self) -> str:
+        """A brace pattern naming all shards (what ``data.train`` takes)."""
+        names = [s["name"] for s in self.shards]
+        if len(names) == 1:
+            return names[0]
+        stem, width = names[0].rsplit("-", 1)[0], len(names[0].rsplit("-", 1)[1]) - len(".tar")
+        return f"{stem}-{{{0:0{width}d}..{len(names) - 1:0{width}d}}}.tar"
+
+
+def read_captions(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV/TSV (with a header) or JSONL captions file, as dicts."""
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        if suffix in (".jsonl", ".json"):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
+        elif suffix in (".csv", ".tsv"):
+            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        else:
+            raise ValueError(f"{path}: captions must be .csv, .tsv or .jsonl")
+
+
+def _column(row: dict[str, Any], names: tuple[str, ...], what: str, path: Path) -> str:
+    for name in names:
+        if name in row and row[name] is not None:
+            return str(row[name])
+    raise ValueError(f"{path}: no {what} column; expected one of {', '.join(names)} (have {', '.join(row)})")
+
+
+def _encode(image_path: Path, verify: bool) -> tuple[str, bytes]:
+    """(extension, bytes) for a shard member; formats other than jpg/png/webp become png."""
+    data = image_path.read_bytes()
+    ext = NATIVE_EXT.get(image_path.suffix.lower())
+    if verify or ext is None:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if ext is None:
+                buf = io.BytesIO()
+                img.convert("RGB").save(buf, format="PNG")
+                return "png", buf.getvalue()
+    return ext, data  # type: ignore[return-value]
+
+
+class _ShardSink:
+    """Rolls over shards by count/size; each shard is atomic."""
+
+    def __init__(self, out_dir: Path, cfg: ShardWriterConfig):
+        self.out_dir, self.cfg = out_dir, cfg
+        self.shards: list[dict[str, Any]] = []
+        self._ctx = self._writer = None
+        self._count = self._bytes = 0
+
+    def write(self, sample: dict[str, Any], size: int) -> None:
+        if self._writer is not None and (self._count >= self.cfg.max_count or self._bytes + size > self.cfg.max_bytes):
+            self.close()
+        if self._writer is None:
+            name = f"{self.cfg.prefix}-{len(self.shards):06d}.tar"
+            self._ctx = atomic_open(self.out_dir / name, "wb")
+            self._writer = TarWriter(self._ctx.__enter__())
+            self.shards.append({"name": name, "samples": 0, "bytes": 0})
+        self._writer.write(sample)
+        self._count += 1
+        self._bytes += size
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()  # closes the tar stream but not our temp file
+        self._ctx.__exit__(None, None, None)  # fsync + rename into place
+        self.shards[-1].update(samples=self._count, bytes=(self.out_dir / self.shards[-1]["name"]).stat().st_size)
+        self._writer = self._ctx = None
+        self._count = self._bytes = 0
+
+    def abort(self) -> None:
+        if self._ctx is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
+            self.shards.pop()
+
+
+def make_shards(images: str | Path, captions: str | Path, out_dir: str | Path,
+                cfg: ShardWriterConfig = ShardWriterConfig(), *, progress: bool = True) -> Manifest:
+    """Write shards + manifest; rows whose image is missing/unreadable or caption empty are skipped and counted."""
+    from tqdm import tqdm
+
+    images, captions, out_dir = Path(images), Path(captions), Path(out_dir)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(source={"images": str(images), "captions": str(captions)})
+    sink = _ShardSink(out_dir, cfg)
+    try:
+        for row in tqdm(list(read_captions(captions)), desc="shards", unit="img", disable=not progress):
+            _add_row(row, images, captions, sink, manifest, cfg)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    manifest.shards, manifest.created = sink.shards, time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(asdict(manifest), indent=2))
+    return manifest
+
+
+def _add_row(row: dict[str, Any], images: Path, captions: Path, sink: _ShardSink,
+             manifest: Manifest, cfg: ShardWriterConfig) -> None:
+    rel = _column(row, PATH_COLUMNS, "image path", captions)
+    caption = _column(row, CAPTION_COLUMNS, "caption", captions).strip()
+    kind = None
+    if not caption:
+        kind = "empty_caption"
+    elif not (images / rel).is_file():
+        kind = "missing_image"
+    if kind is None:
+        try:
+            ext, data = _encode(images / rel, cfg.verify_images)
+        except Exception as exc:  # unreadable image: PIL raises many types
+            log.warning("skipping %s: %s", rel, exc)
+            kind = "bad_image"
+    if kind is not None:
+        manifest.skipped[kind] = manifest.skipped.get(kind, 0) + 1
+        return
+    extra = {k: v for k, v in row.items() if k not in PATH_COLUMNS + CAPTION_COLUMNS}
+    meta = json.dumps({"caption": caption, "source": rel, **extra}).encode()
+    key = f"{manifest.samples:09d}"
+    sink.write({"__key__": key, ext: data, "txt": caption.encode(), "json": meta}, len(data) + len(meta) + 1536)
+    manifest.samples += 1
+
+
+def load_manifest(out_dir: str | Path) -> Manifest:
+    with open(Path(out_dir) / MANIFEST, encoding="utf-8") as f:
+        return Manifest(**json.load(f))
