@@ -77,16 +77,18 @@ def tiny_model_cfg():
 
 def experiment_tree(shards: Path, run_dir: Path, **sections) -> dict:
     """A small full experiment config tree over ``shards``; ``sections`` are merged on top."""
+    import copy
+
     from mmpretrain.config.loader import deep_merge
 
-    tree = {
+    tree = copy.deepcopy({
         "model": TINY_MODEL,
         "data": {"train": str(shards / "shard-{000000..000003}.tar"), "batch_size": 8, "num_workers": 0,
                  "shuffle_buffer": 16},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "train": {"name": "t", "run_dir": str(run_dir), "steps": 10, "log_every": 1, "ckpt_every": 5,
                   "progress": False, "threads": 1},
-    }
+    })
     return deep_merge(tree, sections)
 
 
