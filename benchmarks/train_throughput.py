@@ -182,13 +182,13 @@ def main() -> int:
         print(f"model {Path(args.model).name}: {n_params / 1e6:.2f}M parameters, batch {args.batch}, "
               f"{torch.get_num_threads()} threads, device cpu")
         a, b = [], []
-        for r in range(args.rounds):
-            a.append(ours(cfg, batches, args.steps, warmup=3))
-            torch.set_num_threads(2)
-            b.append(open_clip_loop(cfg, batches, args.steps, warmup=3))
-            print(f"  round {r + 1}: ours {a[-1]:.1f} samples/s, open_clip {b[-1]:.1f} samples/s")
+        for r in range(args.rounds):  # alternate which goes first, to cancel order/allocator effects
+            for fn, out in ([(ours, a), (open_clip_loop, b)] if r % 2 == 0 else [(open_clip_loop, b), (ours, a)]):
+                torch.set_num_threads(2)
+                out.append(fn(cfg, batches, args.steps, warmup=3))
+            print(f"  round {r + 1}: ours {a[-1]:.2f} samples/s, open_clip {b[-1]:.2f} samples/s")
         ma, mb = statistics.median(a), statistics.median(b)
-        print(f"train step (median of {args.rounds}): ours {ma:.1f} samples/s | open_clip loop {mb:.1f} samples/s | "
+        print(f"train step (median of {args.rounds}): ours {ma:.2f} samples/s | open_clip loop {mb:.2f} samples/s | "
               f"ratio ours/open_clip {ma / mb:.3f}")
         ours_d, wds_d = data_pipeline(cfg, shards, args.samples)
         print(f"data pipeline ({args.workers} worker(s), 64 px PNG -> {model.towers['image'].image_size[0]} px): "

@@ -59,10 +59,22 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float 
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
-        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
+        if _max_step(path) >= step:
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _max_step(path: Path) -> int:
+    """Highest step in a JSONL file that another process may be appending to."""
+    best = -1
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                best = max(best, json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line still being written
+    return best
 
 
 def test_sigkill_then_resume_equals_uninterrupted(toy_shards, tmp_path):

@@ -19,17 +19,19 @@ class TowerConfig:
     ``params`` is validated against the registered encoder's own config dataclass at load.
     """
 
-    encoder: str
-    params: dict[str, Any] = field(default_factory=dict)
+    encoder: str  # registered encoder for this modality (see "Registered names")
+    params: dict[str, Any] = field(default_factory=dict)  # the encoder's own typed params, checked at load
     head: Literal["auto", "linear", "mlp", "none"] = "auto"  # auto: none if the encoder projects itself
-    lr_mult: float = 1.0  # learning-rate multiplier for this tower (0 with freeze for LiT)
-    freeze: bool = False
+    lr_mult: float = 1.0  # learning-rate multiplier for this tower and its head (0 leaves it out)
+    freeze: bool = False  # no gradient for the encoder (LiT: a locked, pretrained text tower)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    embed_dim: int = 512
-    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    """The towers by modality, the shared embedding width and the temperature."""
+
+    embed_dim: int = 512  # width of the shared embedding space
+    towers: dict[str, TowerConfig] = field(default_factory=dict)  # modality -> tower (image, text, ...)
     logit_scale_init: float = 2.6592  # log(1 / 0.07), as CLIP
     logit_scale_max: float = 100.0  # exp(logit_scale) is clamped to this, as CLIP
     logit_bias_init: float | None = None  # SigLIP uses -10 (with logit_scale_init log(10))
@@ -39,8 +41,8 @@ class ModelConfig:
 class OpSpec:
     """One data op: a registered name plus its typed parameters (validated at load)."""
 
-    op: str
-    params: dict[str, Any] = field(default_factory=dict)
+    op: str  # registered data op
+    params: dict[str, Any] = field(default_factory=dict)  # the op's typed params
 
 
 def _default_ops() -> list[OpSpec]:
@@ -68,28 +70,28 @@ class DataConfig:
     """A webdataset stream. ``train`` is a local path, brace pattern, ``pipe:`` URL, or a
     ``::``-separated list of them (webdataset's URL syntax)."""
 
-    train: str = ""
+    train: str = ""  # shards: path, directory, brace pattern, pipe: URL, or a::b lists
     batch_size: int = 256  # per rank, per micro-step
-    num_workers: int = 2
+    num_workers: int = 2  # loader processes per rank; compute threads are sized around them
     shuffle_buffer: int = 1000  # 0 disables sample shuffling
-    shuffle_shards: bool = True
+    shuffle_shards: bool = True  # reshuffle the shard order every epoch (seeded)
     resampled: bool = False  # draw shards with replacement (infinite stream, no epochs)
-    ops: list[OpSpec] = field(default_factory=_default_ops)
-    eval_ops: list[OpSpec] = field(default_factory=_default_eval_ops)
-    on_error: Literal["skip", "raise"] = "skip"
+    ops: list[OpSpec] = field(default_factory=_default_ops)  # per-sample training transforms, in order
+    eval_ops: list[OpSpec] = field(default_factory=_default_eval_ops)  # deterministic evaluation transforms
+    on_error: Literal["skip", "raise"] = "skip"  # bad samples/shards: skip and count, or stop the run
     max_errors: int | None = None  # abort after this many skipped samples/shards (None: never)
-    drop_last: bool = True
-    prefetch_factor: int = 2
+    drop_last: bool = True  # batches are always full (ranks must agree on batch size)
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
 
 
 @dataclass(frozen=True)
 class LossPair:
     """One contrastive term: ``weight * kind(embeddings[a], embeddings[b])``."""
 
-    a: str
-    b: str
+    a: str  # modality whose embeddings are the rows
+    b: str  # modality whose embeddings are the columns
     kind: str = "clip"  # registered loss: clip | siglip
-    weight: float = 1.0
+    weight: float = 1.0  # this term's weight in the total loss
 
 
 def _default_pairs() -> list[LossPair]:
@@ -98,47 +100,55 @@ def _default_pairs() -> list[LossPair]:
 
 @dataclass(frozen=True)
 class LossConfig:
-    pairs: list[LossPair] = field(default_factory=_default_pairs)
+    """Which modality pairs are contrasted, and how negatives are shared across ranks."""
+
+    pairs: list[LossPair] = field(default_factory=_default_pairs)  # the loss graph, as data
     gather_with_grad: bool = True  # all-gather negatives with gradient (exact DDP gradients)
     local_loss: bool = False  # each rank scores only its own rows against all columns
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    """AdamW (no decay on biases, norms, temperature) with linear warm-up and cosine decay."""
+
+    lr: float = 5e-4  # peak learning rate (times each tower's lr_mult)
+    weight_decay: float = 0.2  # applied to matrices only (ndim >= 2)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas, as CLIP
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps to lr
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip_norm: float | None = 1.0
+    grad_clip_norm: float | None = 1.0  # global gradient-norm clip (null: off)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "run"
-    run_dir: str = "runs/{name}"
+    """Run length, devices, precision, logging and checkpoints."""
+
+    name: str = "run"  # run name, used in run_dir
+    run_dir: str = "runs/{name}"  # checkpoints, metrics.jsonl, tb/, resolved.yaml
     steps: int = 1000  # optimizer steps; the LR schedule spans these
     stop_after: int | None = None  # stop this invocation at this step (schedule still spans `steps`)
     accum_steps: int = 1  # micro-batches per optimizer step; exact large-batch contrastive gradients
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # model init, shuffling and augmentation all derive from it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (LOCAL_RANK's GPU) when available
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    grad_checkpointing: bool = False
-    compile: bool = False
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch intra-op threads; None: cores // ranks - data workers, min 1
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 3
+    log_every: int = 10  # steps between metrics records (JSONL + TensorBoard)
+    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end and on SIGTERM)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
     resume: str | None = None  # "latest" or a checkpoint directory
     log_sample_keys: bool = False  # write each step's sample keys to samples.jsonl (for audits/tests)
-    progress: bool = True
+    progress: bool = True  # tqdm progress bar with samples/s
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
+    """The whole run."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
