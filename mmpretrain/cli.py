@@ -8,6 +8,7 @@ import os
 import sys
 
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.errors import DataError
 
 
 def _setup_logging() -> None:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

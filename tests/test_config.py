@@ -57,11 +57,17 @@ def test_unknown_modality_and_open_clip_model_name():
         config_from_tree({"model": {"towers": {"smell": {"encoder": "x"}}}})
     bad = {"towers": {"image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-Q-99"}},
                       "text": TINY_MODEL["towers"]["text"]}}
-    from mmpretrain.models import build_model
-
-    cfg = config_from_tree({"model": bad}).model  # the name is checked when the tower is built
-    with pytest.raises(ConfigError, match="unknown open_clip model 'ViT-Q-99'.*ViT-B-32"):
-        build_model(cfg)
+    with pytest.raises(ConfigError, match=r"model.towers.image.params.model_name: unknown open_clip model 'ViT-Q-99'.*ViT-B-32"):
+        config_from_tree({"model": bad})  # at load, before any model is built
+    bad["towers"]["image"]["params"] = {"vision_cfg": {"widht": 3}}
+    with pytest.raises(ConfigError, match="unknown open_clip field 'widht'"):
+        config_from_tree({"model": bad})
+    bad["towers"] = {"image": TINY_MODEL["towers"]["image"], "text": {"encoder": "hf_text", "params": {"model_type": "bertt"}}}
+    with pytest.raises(ConfigError, match="unknown transformers model type 'bertt'; did you mean bert"):
+        config_from_tree({"model": bad})
+    bad["towers"]["text"]["params"] = {"path": "/nonexistent/model"}
+    with pytest.raises(ConfigError, match="no config.json"):
+        config_from_tree({"model": bad})
 
 
 def test_loss_pairs_must_name_towers_and_kinds():

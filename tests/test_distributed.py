@@ -24,11 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as exc:  # show what the ranks printed, not only that it hung
+        out = (exc.stderr or b"")[-4000:]
+        raise AssertionError(f"torchrun did not finish in {timeout}s; stderr tail:\n{out!r}") from None
 
 
 def test_distributed_loss_and_grads_equal_single_process(tmp_path):

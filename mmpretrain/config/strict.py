@@ -39,6 +39,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+    except ConfigError as exc:  # raised by the dataclass's own __post_init__ checks
+        raise ConfigError(f"{path}.{exc}" if path else str(exc)) from None
 
 
 def convert(tp: Any, value: Any, path: str) -> Any:

@@ -25,12 +25,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from mmpretrain.data.ops import Op, Sample, SampleError, apply_ops
+from mmpretrain.errors import DataError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """The stream cannot go on (too many errors, no readable samples, a changed dataset)."""
 
 
 def derive_seed(*parts: Any) -> int:

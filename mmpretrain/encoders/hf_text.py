@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,18 @@ class HfTextParams:
     pooling: Literal["mean", "cls"] = "mean"
     context_length: int = 77
     tokenizer: Literal["auto", "openclip_bpe"] = "auto"  # auto: the directory's own, else open_clip BPE
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            if not Path(self.path, "config.json").is_file():
+                raise ConfigError(f"path: no config.json in {self.path!r} (a transformers model directory)")
+            return
+        from transformers import CONFIG_MAPPING
+
+        if self.model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(self.model_type, list(CONFIG_MAPPING.keys()), n=3)
+            raise ConfigError(f"model_type: unknown transformers model type {self.model_type!r}"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 class HfTokenizer:
@@ -61,14 +74,9 @@ class HfText(nn.Module):
 
         self.params = params
         if params.path is not None:
-            if not Path(params.path, "config.json").is_file():
-                raise ConfigError(f"model.towers.text.params.path: no config.json in {params.path}")
             self.model = AutoModel.from_pretrained(params.path, local_files_only=True)
         else:
-            try:
-                config = AutoConfig.for_model(params.model_type, **params.config)
-            except ValueError as exc:
-                raise ConfigError(f"model.towers.text.params.model_type: {exc}") from None
+            config = AutoConfig.for_model(params.model_type, **params.config)
             self.model = AutoModel.from_config(config)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # we pool ourselves; an unused pooler breaks DDP and wastes AdamW state

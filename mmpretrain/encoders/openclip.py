@@ -22,21 +22,23 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _merged_cfg(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any], where: str) -> Any:
-    """open_clip's named config section (if any) with ``overrides`` on top, as ``cfg_cls``."""
+def _check_open_clip(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any]) -> None:
+    """Fail at config load on an unknown open_clip model name or config field."""
     import open_clip
 
-    base: dict[str, Any] = {}
-    if model_name is not None:
-        named = open_clip.get_model_config(model_name)
-        if named is None:
-            raise ConfigError(f"{where}.model_name: unknown open_clip model {model_name!r}. "
-                              f"Valid: {', '.join(open_clip.list_models())}")
-        base = dict(named.get(section, {}))
+    if model_name is not None and open_clip.get_model_config(model_name) is None:
+        raise ConfigError(f"model_name: unknown open_clip model {model_name!r}. Valid: {', '.join(open_clip.list_models())}")
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ConfigError(f"{where}.{section}: unknown open_clip field {unknown[0]!r}. Valid: {', '.join(sorted(valid))}")
+        raise ConfigError(f"{section}: unknown open_clip field {unknown[0]!r}. Valid: {', '.join(sorted(valid))}")
+
+
+def _merged_cfg(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any]) -> Any:
+    """open_clip's named config section (if any) with ``overrides`` on top, as ``cfg_cls``."""
+    import open_clip
+
+    base = dict(open_clip.get_model_config(model_name).get(section, {})) if model_name else {}
     return cfg_cls(**{**base, **overrides})
 
 
@@ -50,6 +52,9 @@ class OpenClipVisionParams:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
+    def __post_init__(self) -> None:
+        _check_open_clip(CLIPVisionCfg, self.model_name, "vision_cfg", self.vision_cfg)
+
 
 class OpenClipVision(nn.Module):
     """Image (B, 3, H, W) -> (B, embed_dim), open_clip's tower with its own projection."""
@@ -58,7 +63,7 @@ class OpenClipVision(nn.Module):
 
     def __init__(self, params: OpenClipVisionParams, *, embed_dim: int):
         super().__init__()
-        cfg = _merged_cfg(CLIPVisionCfg, params.model_name, "vision_cfg", params.vision_cfg, "model.towers.image.params")
+        cfg = _merged_cfg(CLIPVisionCfg, params.model_name, "vision_cfg", params.vision_cfg)
         self.visual = _build_vision_tower(embed_dim, cfg, quick_gelu=params.quick_gelu)
         size = cfg.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -93,6 +98,9 @@ class OpenClipTextParams:
     text_cfg: dict[str, Any] = field(default_factory=dict)
     quick_gelu: bool = False
 
+    def __post_init__(self) -> None:
+        _check_open_clip(CLIPTextCfg, self.model_name, "text_cfg", self.text_cfg)
+
 
 class BpeTokenizer:
     """open_clip's BPE tokenizer (vocabulary ships in its wheel), built lazily so it pickles small."""
@@ -118,7 +126,7 @@ class OpenClipText(nn.Module):
 
     def __init__(self, params: OpenClipTextParams, *, embed_dim: int):
         super().__init__()
-        cfg = _merged_cfg(CLIPTextCfg, params.model_name, "text_cfg", params.text_cfg, "model.towers.text.params")
+        cfg = _merged_cfg(CLIPTextCfg, params.model_name, "text_cfg", params.text_cfg)
         if cfg.hf_model_name:
             raise ConfigError("model.towers.text: use the 'hf_text' encoder for Hugging Face text models")
         self.text = _build_text_tower(embed_dim, cfg, quick_gelu=params.quick_gelu)

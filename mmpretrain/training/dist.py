@@ -62,5 +62,8 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. The barrier first: gloo's teardown can hang when ranks
+    arrive at different times (seen with torch 2.11 on CPU)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
