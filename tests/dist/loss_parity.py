@@ -1,0 +1,69 @@
+"""Run under ``torchrun --nproc_per_node 2``: for each loss mode, the DDP loss and gradients
+equal one process on the concatenated batch. Writes a JSON report to argv[1] (rank 0)."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from mmpretrain.config.loader import config_from_tree
+from mmpretrain.config.schema import LossConfig, LossPair
+from mmpretrain.losses import DistContext
+from mmpretrain.models import build_model
+from mmpretrain.training.task import ContrastiveTask
+from tests.conftest import TINY_MODEL
+
+MODES = [(kind, gwg, local) for kind in ("clip", "siglip") for gwg, local in ((True, False), (True, True), (False, False))]
+
+
+def full_batch(model, n=8):
+    g = torch.Generator().manual_seed(123)
+    texts = [f"caption {i}" for i in range(n)]
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), **model.tokenizer()(texts)}
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    # float64: the comparison checks the maths; float32 differs only by summation order (~5e-7 relative)
+    torch.set_default_dtype(torch.float64)
+    report = {}
+    for kind, gwg, local in MODES:
+        tree = {"model": {**TINY_MODEL, "logit_bias_init": -10.0 if kind == "siglip" else None}}
+        torch.manual_seed(0)
+        base = build_model(config_from_tree(tree).model)
+        batch = full_batch(base)
+        n = batch["image"].shape[0] // world
+        mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+        pairs = [LossPair("image", "text", kind)]
+        ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+        loss = ContrastiveTask(LossConfig(pairs=pairs), DistContext(rank, world, gwg, local)).losses(ddp(mine))["loss"]
+        loss.backward()
+        losses = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(losses, loss.detach())
+        if rank == 0:
+            single = copy.deepcopy(base)
+            ref = ContrastiveTask(LossConfig(pairs=pairs)).losses(single(batch))["loss"]
+            ref.backward()
+            ours = dict(ddp.module.named_parameters())
+            diffs = {name: (ours[name].grad - p.grad).abs().max().item()
+                     for name, p in single.named_parameters() if p.grad is not None}
+            report[f"{kind}-gwg{int(gwg)}-local{int(local)}"] = {
+                "loss_diff": abs(torch.stack(losses).mean().item() - ref.item()),
+                "max_grad_diff": max(diffs.values()),
+                "grad_scale": max(p.grad.abs().max().item() for p in single.parameters() if p.grad is not None),
+                "n_grads": len(diffs),
+            }
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()  # gloo's teardown can hang when ranks arrive at different times
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
