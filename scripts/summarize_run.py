@@ -39,6 +39,17 @@ def main() -> int:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    resolved = args.run_dir / "resolved.yaml"
+    if resolved.exists():  # a CLIP loss at chance is ln(global batch); mark it
+        import math
+
+        import yaml
+
+        cfg = yaml.safe_load(resolved.read_text())
+        batch = cfg["data"]["batch_size"] * cfg["train"]["accum_steps"]
+        ax.axhline(math.log(batch), color="gray", ls="--", lw=1, label=f"chance, ln({batch})")
+        print(f"chance loss    {math.log(batch):.3f} (ln of the per-rank batch)")
+    ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")
     ax.set_title(f"{args.run_dir.name}: loss")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class Trainer:
         keys_log = self._keys_log()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         data = iter(self.loader)
-        bar = tqdm(total=stop, initial=self.step, unit="step", disable=not (tc.progress and self.info.is_main))
+        bar = tqdm(total=stop, initial=self.step, unit="step", disable=not (tc.progress and self.info.is_main),
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs to files: a line per 30 s
         window = _Window(time.perf_counter())
         try:
             while self.step < stop and not self._stop_signal:
