@@ -3,3 +3,13 @@
 The public API is ``mmpretrain.api``.
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``mmpretrain.zero_shot`` etc. are ``mmpretrain.api``'s, imported on first use."""
+    import importlib
+
+    api = importlib.import_module("mmpretrain.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'mmpretrain' has no attribute {name!r}")

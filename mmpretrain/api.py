@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from mmpretrain.config.loader import config_from_tree, load_config
+from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
@@ -23,43 +23,68 @@ from mmpretrain.types import Batch
 
 __all__ = [
     "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "Manifest", "ModelConfig",
-    "ShardWriterConfig", "create_model", "encode", "list_encoders", "load_checkpoint", "load_config",
-    "make_shards", "tokenize", "train",
+    "ShardWriterConfig", "create_model", "encode", "export_open_clip", "list_encoders", "load_checkpoint",
+    "load_config", "make_shards", "tokenize", "train", "zero_shot",
 ]
 
 
-def create_model(config: ModelConfig | dict[str, Any] | str | Path, *, pretrained: str | Path | None = None) -> ContrastiveModel:
-    """Build a model from a ``ModelConfig``, a ``model:`` mapping, or a YAML file with a
-    ``model:`` section; ``pretrained`` loads weights from one of our checkpoints."""
-    if isinstance(config, (str, Path)):
-        config = load_config(config).model
-    elif isinstance(config, dict):
-        config = config_from_tree({"model": config}).model
-    model = ContrastiveModel(config)
-    if pretrained is not None:
-        from mmpretrain.training.checkpoint import load_weights
+def create_model(name: ModelConfig | dict[str, Any] | str | Path, *, pretrained: str | Path | None = None) -> ContrastiveModel:
+    """Build a model, optionally with pretrained weights, offline.
 
-        load_weights(model, _checkpoint_path(Path(pretrained)))
-    return model.eval()
+    ``name``: an open_clip model name (``"ViT-B-32"``), ``"local-dir:PATH"`` (an open_clip
+    folder with ``open_clip_config.json``), one of our YAML configs, a ``model:`` mapping or a
+    ``ModelConfig``. ``pretrained``: our checkpoint directory (or a run's ``checkpoints/``),
+    an open_clip ``.pt``/``.bin``/``.safetensors`` file, or an open_clip folder.
+    """
+    from mmpretrain.models.pretrained import load_pretrained, model_config
+
+    if pretrained is None and str(name).startswith("local-dir:"):
+        pretrained = str(name)
+    if pretrained is None:
+        return ContrastiveModel(model_config(name)).eval()
+    path = _checkpoint_path(Path(str(pretrained).removeprefix("local-dir:")))
+    base = None if str(name).startswith("local-dir:") else model_config(name)
+    return load_pretrained(path, base).eval()
 
 
 def load_checkpoint(path: str | Path) -> ContrastiveModel:
-    """A model from a checkpoint directory (or a run's ``checkpoints/`` dir: its newest)."""
-    ckpt = _checkpoint_path(Path(path))
-    cfg = load_config(ckpt / "config.yaml")
-    return create_model(cfg.model, pretrained=ckpt)
+    """A model from any supported checkpoint: our checkpoint directory (or a run's
+    ``checkpoints/`` dir: its newest) or an open_clip folder."""
+    from mmpretrain.models.pretrained import load_pretrained
+
+    return load_pretrained(_checkpoint_path(Path(path))).eval()
 
 
 def _checkpoint_path(path: Path) -> Path:
     from mmpretrain.training.checkpoint import find_latest
 
-    if (path / "model.safetensors").is_file() or path.suffix == ".safetensors":
+    if path.is_file() or (path / "model.safetensors").is_file() or (path / "open_clip_config.json").is_file():
         return path
     for root in (path, path.parent):
         latest = find_latest(root)
         if latest is not None:
             return latest
-    raise FileNotFoundError(f"no checkpoint at {path} (expected model.safetensors or checkpoints/step_*)")
+    raise FileNotFoundError(f"no checkpoint at {path} (expected model.safetensors, open_clip_config.json, "
+                            "a weights file or checkpoints/step_*)")
+
+
+def export_open_clip(model: ContrastiveModel, out_dir: str | Path) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` checkpoint that open_clip and CLIP_benchmark load."""
+    from mmpretrain.models.formats import export_open_clip as _export
+
+    return _export(model, out_dir)
+
+
+def zero_shot(templates: str | Sequence[str], classes: Iterable[str], *, model: ContrastiveModel | str | Path,
+              **kwargs: Any):
+    """A zero-shot classifier: ``clf.predict(images)``, ``clf.logits(...)``, ``clf.classes``,
+    ``clf.weights``. ``templates``: ``"a photo of a <>"``, a list, or a named set (``"imagenet80"``).
+    ``model``: a model or anything ``load_checkpoint`` takes."""
+    from mmpretrain.eval.zeroshot import ZeroShotClassifier
+
+    if not isinstance(model, ContrastiveModel):
+        model = load_checkpoint(model)
+    return ZeroShotClassifier(model, list(classes), templates, **kwargs)
 
 
 def tokenize(model: ContrastiveModel, texts: Iterable[str]) -> Batch:

@@ -1,7 +1,7 @@
 """Semantic checks of a config against the registries, run before any work starts."""
 from __future__ import annotations
 
-from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.config.schema import ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.registry import RegistryError
 
@@ -9,15 +9,9 @@ from mmpretrain.registry import RegistryError
 def validate(cfg: ExperimentConfig) -> None:
     """Raise ``ConfigError`` naming the bad field and the valid choices."""
     from mmpretrain.data.ops import DATA_OPS
-    from mmpretrain.encoders import ENCODERS
     from mmpretrain.losses import LOSSES
 
-    if not cfg.model.towers:
-        raise ConfigError("model.towers is empty: name at least two modalities, e.g. image and text")
-    for modality, tower in cfg.model.towers.items():
-        if modality not in ENCODERS:
-            raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
-        _typed(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")
+    validate_model(cfg.model)
     for section in ("ops", "eval_ops"):
         for i, spec in enumerate(getattr(cfg.data, section)):
             _typed(DATA_OPS, spec.op, spec.params, f"data.{section}[{i}]")
@@ -33,6 +27,18 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it gradients are wrong")
     _check_numbers(cfg)
+
+
+def validate_model(model: ModelConfig) -> None:
+    """Towers name known modalities and encoders, with params that fit the encoder."""
+    from mmpretrain.encoders import ENCODERS
+
+    if not model.towers:
+        raise ConfigError("model.towers is empty: name at least two modalities, e.g. image and text")
+    for modality, tower in model.towers.items():
+        if modality not in ENCODERS:
+            raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
+        _typed(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")
 
 
 def _typed(registry, name: str, params: dict, where: str) -> None:

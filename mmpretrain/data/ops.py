@@ -40,6 +40,7 @@ class OpContext:
     image_size: tuple[int, int] = (224, 224)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
     tokenizer: Any = None  # picklable ``list[str] -> {"text", "text_mask"}``
 
 
@@ -108,7 +109,8 @@ class RandomResizedCropParams:
 def random_resized_crop(p: RandomResizedCropParams, ctx: OpContext) -> Op:
     """Random area/aspect crop resized to the tower's input (CLIP's train augmentation)."""
     size = (p.size, p.size) if p.size else ctx.image_size
-    return _image_op(T.RandomResizedCrop(size, scale=p.scale, ratio=p.ratio, antialias=True))
+    mode = T.InterpolationMode(ctx.interpolation)
+    return _image_op(T.RandomResizedCrop(size, scale=p.scale, ratio=p.ratio, interpolation=mode, antialias=True))
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class ResizeCenterCropParams:
 def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
     """Resize the short side, then centre-crop (deterministic evaluation transform)."""
     size = (p.size, p.size) if p.size else ctx.image_size
-    return _image_op(T.Compose([T.Resize(min(size), antialias=True), T.CenterCrop(size)]))
+    mode = T.InterpolationMode(ctx.interpolation)
+    return _image_op(T.Compose([T.Resize(min(size), interpolation=mode, antialias=True), T.CenterCrop(size)]))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
@@ -51,6 +51,7 @@ class OpenClipVisionParams:
     quick_gelu: bool = False
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize filter for evaluation (open_clip's)
 
     def __post_init__(self) -> None:
         _check_open_clip(CLIPVisionCfg, self.model_name, "vision_cfg", self.vision_cfg)
@@ -68,7 +69,7 @@ class OpenClipVision(nn.Module):
         size = cfg.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.output_dim = embed_dim
-        self.mean, self.std = params.mean, params.std
+        self.mean, self.std, self.interpolation = params.mean, params.std, params.interpolation
 
     def forward(self, batch: Batch) -> Tensor:
         return self.visual(batch["image"])

@@ -67,7 +67,8 @@ class ContrastiveModel(nn.Module):
         kwargs = {}
         if "image" in self.towers:
             image = self.towers["image"]
-            kwargs.update(image_size=tuple(image.image_size), mean=tuple(image.mean), std=tuple(image.std))
+            kwargs.update(image_size=tuple(image.image_size), mean=tuple(image.mean), std=tuple(image.std),
+                          interpolation=getattr(image, "interpolation", "bicubic"))
         if "text" in self.towers:
             kwargs["tokenizer"] = self.tokenizer()
         return OpContext(**kwargs)

@@ -1,0 +1,1 @@
+"""Evaluation: pure metric functions, zero-shot classification, retrieval and robustness."""

@@ -1,0 +1,147 @@
+"""Zero-shot classification from label prompts (CLIP's prompt ensembling).
+
+    clf = ZeroShotClassifier(model, ["cat", "dog"], "a photo of a <>")
+    clf.predict(["cat.jpg"])  # [[("cat", 0.93), ("dog", 0.07)]]
+
+Class embeddings are the mean of each class's normalised prompt embeddings, renormalised
+(as CLIP and open_clip's ``build_zero_shot_classifier``), computed once and cached.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+PLACEHOLDER = "<>"
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet80": tuple(t(PLACEHOLDER) for t in OPENAI_IMAGENET_TEMPLATES),  # the CLIP paper's 80
+    "imagenet_simple": tuple(t(PLACEHOLDER) for t in SIMPLE_IMAGENET_TEMPLATES),
+    "photo": ("a photo of a <>.",),
+}
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A template with ``<>``, a list of them, or a named set (``imagenet80``, ...)."""
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return TEMPLATE_SETS[templates]
+        templates = [templates]
+    templates = tuple(templates)
+    if not templates:
+        raise ValueError("no templates given")
+    bad = [t for t in templates if PLACEHOLDER not in t]
+    if bad:
+        raise ValueError(f"template {bad[0]!r} has no '<>' placeholder for the class name; write e.g. "
+                         f"'a photo of a <>', or use a named set: {', '.join(TEMPLATE_SETS)}")
+    return templates
+
+
+def check_classes(classes: Sequence[str]) -> list[str]:
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ValueError("the class list is empty")
+    seen, dupes = set(), []
+    for c in classes:
+        (dupes.append(c) if c in seen else seen.add(c))
+    if dupes:
+        raise ValueError(f"duplicate class names: {', '.join(sorted(set(dupes)))}")
+    return classes
+
+
+class ZeroShotClassifier:
+    """Classifies ``modality`` inputs into ``classes`` by similarity to prompt embeddings."""
+
+    def __init__(self, model, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a <>.", *,
+                 modality: str = "image", batch_size: int = 64, progress: bool = True):
+        if "text" not in model.towers:
+            raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
+        if modality not in model.towers:
+            raise ValueError(f"this model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
+        self.model, self.modality = model.eval(), modality
+        self.classes, self.templates = check_classes(classes), resolve_templates(templates)
+        self.batch_size, self.progress = batch_size, progress
+        self.device = next(model.parameters()).device
+
+    @cached_property
+    def weights(self) -> Tensor:
+        """Class embeddings (C, E), L2-normalised; computed once."""
+        prompts = [t.replace(PLACEHOLDER, c) for c in self.classes for t in self.templates]
+        tok = self.model.tokenizer()
+        chunks = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(prompts), self.batch_size), desc="class prompts", unit="batch",
+                          disable=not self.progress or len(prompts) <= self.batch_size):
+                batch = {k: v.to(self.device) for k, v in tok(prompts[i : i + self.batch_size]).items()}
+                chunks.append(self.model.encode("text", batch))
+        per_prompt = torch.cat(chunks).view(len(self.classes), len(self.templates), -1)
+        return torch.nn.functional.normalize(per_prompt.mean(1), dim=-1)
+
+    @torch.no_grad()
+    def embed(self, inputs: Any) -> Tensor:
+        """Normalised embeddings (N, E) of the inputs (see ``_batches`` for accepted forms)."""
+        out = [self.model.encode(self.modality, {k: v.to(self.device) for k, v in b.items()})
+               for b in self._batches(inputs)]
+        if not out:
+            raise ValueError("no inputs given")
+        return torch.cat(out)
+
+    def logits(self, inputs: Any) -> Tensor:
+        """(N, C): exp(logit_scale) * cosine similarity, as the model was trained."""
+        return self.model.logit_scale.exp().detach() * self.embed(inputs) @ self.weights.T
+
+    def predict(self, inputs: Any, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k ``(class, probability)`` per input, probabilities from a softmax over classes."""
+        probs = self.logits(inputs).softmax(-1)
+        top = probs.topk(min(k, len(self.classes)), dim=-1)
+        return [[(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)]
+
+    def _batches(self, inputs: Any) -> Iterator[dict[str, Tensor]]:
+        """Accepts a preprocessed tensor ((N, ...) or one sample), a batch dict, an iterable of
+        those (a DataLoader), or (for images) PIL images and file paths, single or in a list."""
+        if isinstance(inputs, dict):
+            yield inputs
+        elif isinstance(inputs, Tensor):
+            yield {self.modality: inputs if inputs.dim() == self._sample_dims() + 1 else inputs.unsqueeze(0)}
+        elif isinstance(inputs, (str, Path, Image.Image)):
+            yield from self._batches([inputs])
+        elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (str, Path, Image.Image)):
+            yield from self._raw_batches(list(inputs))
+        else:
+            for item in tqdm(inputs, desc="zero-shot", unit="batch", disable=not self.progress):
+                yield from self._batches(item)
+
+    def _raw_batches(self, items: list) -> Iterator[dict[str, Tensor]]:
+        from mmpretrain.config.schema import OpSpec
+        from mmpretrain.data.ops import apply_ops, build_ops
+
+        if self.modality != "image":
+            raise ValueError(f"raw files are only decoded for images here; pass preprocessed {self.modality} tensors")
+        ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], self.model.data_context())
+        for i in tqdm(range(0, len(items), self.batch_size), desc="zero-shot", unit="batch",
+                      disable=not self.progress or len(items) <= self.batch_size):
+            images = [apply_ops(ops, {"image": _open_image(x)})["image"] for x in items[i : i + self.batch_size]]
+            yield {"image": torch.stack(images)}
+
+    def _sample_dims(self) -> int:
+        return {"image": 3, "video": 4, "audio": 1, "text": 1}.get(self.modality, 3)
+
+
+def _open_image(x: Any) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    path = Path(x)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def zero_shot(templates: str | Sequence[str], classes: Iterable[str], *, model, **kwargs: Any) -> ZeroShotClassifier:
+    """Build a ``ZeroShotClassifier``; see the class for arguments."""
+    return ZeroShotClassifier(model, list(classes), templates, **kwargs)

@@ -1,0 +1,110 @@
+"""Building models from names and loading pretrained weights offline, by checkpoint format.
+
+Names: an open_clip model config (``ViT-B-32``), ``local-dir:PATH`` (an open_clip folder with
+``open_clip_config.json``), one of our YAML configs, a ``model:`` mapping or a ``ModelConfig``.
+Pretrained: our checkpoint directories, open_clip ``.pt``/``.bin``/``.safetensors`` files and
+folders. Preprocessing and tokenizer come from the checkpoint's own config. No network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmpretrain.config.loader import load_config
+from mmpretrain.config.schema import ModelConfig
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.models.formats import (CHECKPOINT_FORMATS, OPEN_CLIP_CONFIG, CheckpointFormat,
+                                       load_open_clip_state, open_clip_model_config)
+
+
+def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig:
+    """Resolve a model spec (see module doc) to a validated ``ModelConfig``."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, dict):
+        return model_config_from_tree(spec)
+    text = str(spec)
+    if text.startswith("local-dir:"):
+        return _open_clip_dir_config(Path(text[len("local-dir:"):]))
+    if Path(text).suffix in (".yaml", ".yml") or Path(text).is_file():
+        return load_config(text).model
+    import open_clip
+
+    named = open_clip.get_model_config(text)
+    if named is None:
+        raise ConfigError(f"unknown model {text!r}: not a YAML file, 'local-dir:' folder or open_clip model. "
+                          f"open_clip models: {', '.join(open_clip.list_models())}")
+    return model_config_from_tree(open_clip_model_config(named))
+
+
+def model_config_from_tree(tree: dict[str, Any]) -> ModelConfig:
+    """A ``model:`` mapping -> validated ``ModelConfig`` (model checks only, no loss/data)."""
+    from mmpretrain.config.strict import from_dict
+    from mmpretrain.config.validate import validate_model
+
+    cfg = from_dict(ModelConfig, tree, "model")
+    validate_model(cfg)
+    return cfg
+
+
+def _open_clip_dir_config(path: Path) -> ModelConfig:
+    cfg_file = path / OPEN_CLIP_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {OPEN_CLIP_CONFIG} in {path}")
+    data = json.loads(cfg_file.read_text())
+    return model_config_from_tree(open_clip_model_config(data["model_cfg"], data.get("preprocess_cfg")))
+
+
+def _open_clip_dir_weights(path: Path) -> Path:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no open_clip weights (open_clip_model.safetensors / open_clip_pytorch_model.bin) in {path}")
+
+
+def _load_ours(path: Path, base: ModelConfig | None) -> ContrastiveModel:
+    from mmpretrain.training.checkpoint import load_weights
+
+    model = ContrastiveModel(base or load_config(path / "config.yaml").model)
+    load_weights(model, path)
+    return model
+
+
+def _load_open_clip_dir(path: Path, base: ModelConfig | None) -> ContrastiveModel:
+    model = ContrastiveModel(_open_clip_dir_config(path))
+    load_open_clip_state(model, _open_clip_dir_weights(path))
+    return model
+
+
+def _load_open_clip_file(path: Path, base: ModelConfig | None) -> ContrastiveModel:
+    if base is None:
+        raise ConfigError(f"{path}: an open_clip weights file needs the model it belongs to, "
+                          "e.g. create_model('ViT-B-32', pretrained=PATH)")
+    model = ContrastiveModel(base)
+    load_open_clip_state(model, path)
+    return model
+
+
+def _register(name: str, detect, load) -> None:
+    """Formats are tried in name order; their ``detect`` predicates are mutually exclusive."""
+    CHECKPOINT_FORMATS.register(name)(lambda: CheckpointFormat(detect, load))
+
+
+_register("mmpretrain", lambda p: p.is_dir() and (p / "model.safetensors").is_file(), _load_ours)
+_register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir)
+_register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
+          _load_open_clip_file)
+
+
+def load_pretrained(path: str | Path, base: ModelConfig | None = None) -> ContrastiveModel:
+    """Load weights from ``path`` in whichever registered format it is."""
+    path = Path(str(path).removeprefix("local-dir:"))
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    for entry in CHECKPOINT_FORMATS.entries():
+        fmt = entry.builder()
+        if fmt.detect(path):
+            return fmt.load(path, base)
+    raise ValueError(f"{path}: not a known checkpoint format ({', '.join(CHECKPOINT_FORMATS.names())})")
