@@ -52,7 +52,7 @@ def load_checkpoint(path: str | Path) -> ContrastiveModel:
     ``checkpoints/`` dir: its newest) or an open_clip folder."""
     from mmpretrain.models.pretrained import load_pretrained
 
-    return load_pretrained(_checkpoint_path(Path(path))).eval()
+    return load_pretrained(_checkpoint_path(Path(str(path).removeprefix("local-dir:")))).eval()
 
 
 def _checkpoint_path(path: Path) -> Path:

@@ -48,6 +48,47 @@ def cmd_shards_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    from mmpretrain import api
+
+    model = api.create_model(args.model, pretrained=args.pretrained) if args.pretrained else api.load_checkpoint(args.model)
+    return model.to(args.device)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmpretrain.eval.runner import EvalSet, retrieval_eval, robustness_eval, table, write_report, zeroshot_eval
+
+    model = _load_model(args)
+    common = {"batch_size": args.batch_size, "progress": True}
+    if args.eval_cmd == "zeroshot":
+        reports = [zeroshot_eval(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
+                   for d in args.data]
+        report: dict = {"zeroshot": reports}
+        print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
+    elif args.eval_cmd == "retrieval":
+        reports = [retrieval_eval(model, d, **common) for d in args.data]
+        report = {"retrieval": reports}
+        print(table(reports, ["dataset", "images", "captions", *[k for k in reports[0] if "R@" in k]]))
+    else:
+        baseline = json.loads(open(args.baseline).read()) if args.baseline else None
+        report = robustness_eval(model, EvalSet.parse(args.id), [EvalSet.parse(d) for d in args.ood], baseline=baseline,
+                                 templates=args.templates, workers=args.workers, **common)
+        rows = [{**report["in_distribution"], "drop_top1": 0.0}] + report["shifts"]
+        print(table(rows, ["dataset", "n", "classes", "top1", "top5", "drop_top1", "effective_robustness"]))
+    report["model"] = str(args.model)
+    if args.out:
+        print(f"report: {write_report(report, args.out)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmpretrain import api
+
+    out = api.export_open_clip(_load_model(args), args.out)
+    print(f"wrote open_clip checkpoint {out} (load with open_clip.create_model('local-dir:{out}'))")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
@@ -90,9 +131,51 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-verify", action="store_true", help="do not decode images to check them")
     m.set_defaults(fn=cmd_shards_make)
 
+    _add_eval(sub)
+    x = sub.add_parser("export", help="write a model as an open_clip checkpoint", description=(
+        "Write an image-text model as an open_clip local-dir checkpoint (open_clip_config.json + safetensors), "
+        "loadable by open_clip.create_model('local-dir:OUT') and CLIP_benchmark."))
+    _model_args(x)
+    x.add_argument("--out", required=True, help="output folder")
+    x.set_defaults(fn=cmd_export)
+
     ls = sub.add_parser("list", help="list registered encoders, heads, losses, data ops")
     ls.set_defaults(fn=cmd_list)
     return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint dir, run dir, open_clip local-dir:PATH, or a model "
+                   "name/YAML together with --pretrained")
+    p.add_argument("--pretrained", help="weights for --model given as a name/YAML (e.g. --model ViT-B-32 --pretrained w.pt)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="zero-shot, retrieval and robustness evaluation").add_subparsers(
+        dest="eval_cmd", required=True)
+    z = e.add_parser("zeroshot", help="zero-shot classification on ImageFolder sets", description=(
+        "Top-1/top-5/mean per-class recall. Each --data is [NAME@]LAYOUT=DIR; layouts: folder (folder names are "
+        "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a."))
+    z.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR ...")
+    r = e.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on shards", description=(
+        "Recall@k both ways on webdataset shards; several captions per image via json {'captions': [...]}."))
+    r.add_argument("--data", nargs="+", required=True, help="shard specs (paths, brace patterns)")
+    b = e.add_parser("robustness", help="accuracy under distribution shift, drop and effective robustness",
+                     description="Zero-shot accuracy on an in-distribution set and shifted sets ([NAME@]LAYOUT=DIR).")
+    b.add_argument("--id", required=True, help="in-distribution set, e.g. imagenet=/data/imagenet/val")
+    b.add_argument("--ood", nargs="+", required=True, help="shifted sets, e.g. imagenet-r=/data/imagenet-r")
+    b.add_argument("--baseline", help="JSON {set name or 'all': [[id_acc, ood_acc], ...]} for effective robustness")
+    for p in (z, r, b):
+        _model_args(p)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--out", help="write the JSON report here")
+    for p in (z, b):
+        p.add_argument("--templates", default="imagenet80", help="'a photo of a <>' or a named set (imagenet80, "
+                       "imagenet_simple, photo); default imagenet80")
+        p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    for p in (z, r, b):
+        p.set_defaults(fn=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, DataError) as exc:
+    except (ConfigError, FileNotFoundError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -42,10 +42,12 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     return templates
 
 
-def check_classes(classes: Sequence[str]) -> list[str]:
+def check_classes(classes: Sequence[str], *, allow_duplicates: bool = False) -> list[str]:
     classes = [str(c) for c in classes]
     if not classes:
         raise ValueError("the class list is empty")
+    if allow_duplicates:
+        return classes
     seen, dupes = set(), []
     for c in classes:
         (dupes.append(c) if c in seen else seen.add(c))
@@ -58,13 +60,16 @@ class ZeroShotClassifier:
     """Classifies ``modality`` inputs into ``classes`` by similarity to prompt embeddings."""
 
     def __init__(self, model, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a <>.", *,
-                 modality: str = "image", batch_size: int = 64, progress: bool = True):
+                 modality: str = "image", batch_size: int = 64, progress: bool = True,
+                 allow_duplicates: bool = False):
         if "text" not in model.towers:
             raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
         if modality not in model.towers:
             raise ValueError(f"this model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
         self.model, self.modality = model.eval(), modality
-        self.classes, self.templates = check_classes(classes), resolve_templates(templates)
+        # duplicates are refused unless asked for: CLIP's ImageNet names repeat two (missile, sunglasses)
+        self.classes = check_classes(classes, allow_duplicates=allow_duplicates)
+        self.templates = resolve_templates(templates)
         self.batch_size, self.progress = batch_size, progress
         self.device = next(model.parameters()).device
 

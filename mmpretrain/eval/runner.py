@@ -1,0 +1,159 @@
+"""Evaluation jobs: zero-shot classification, image-text retrieval, robustness reports."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmpretrain.config.schema import OpSpec
+from mmpretrain.data.ops import apply_ops, build_ops
+from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
+from mmpretrain.eval.metrics import (effective_robustness, fit_logit_linear, image_text_recall,
+                                     mean_per_class_recall, topk_accuracy)
+from mmpretrain.eval.zeroshot import ZeroShotClassifier
+from mmpretrain.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class EvalTransform:
+    """PIL image -> normalised (3, H, W) tensor with the model's evaluation preprocessing."""
+
+    def __init__(self, model):
+        self.ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], model.data_context())
+
+    def __call__(self, image):
+        return apply_ops(self.ops, {"image": image})["image"]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One labelled image set: a display name, a layout (see ``datasets.LAYOUTS``) and a folder."""
+
+    name: str
+    layout: str
+    root: Path
+
+    @classmethod
+    def parse(cls, spec: str) -> "EvalSet":
+        """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``."""
+        if "=" not in spec:
+            raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")
+        head, root = spec.split("=", 1)
+        name, _, layout = head.rpartition("@")
+        return cls(name or layout, layout, Path(root))
+
+
+def zeroshot_eval(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
+                  workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Top-1, top-5 and mean per-class recall of zero-shot classification on ``data``."""
+    ds = ImageFolderSet(data.root, data.layout, EvalTransform(model))
+    clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
+                             allow_duplicates=True)  # labels are indices; CLIP's ImageNet names repeat two
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
+    logits, labels, skipped = [], [], 0
+    for batch in tqdm(loader, desc=f"zero-shot {data.name}", unit="batch", disable=not progress):
+        skipped += int(batch["skipped"])
+        if len(batch["label"]):
+            logits.append(clf.logits({"image": batch["image"]}))
+            labels.append(batch["label"])
+    scores, y = torch.cat(logits), torch.cat(labels)
+    return {"dataset": data.name, "layout": data.layout, "n": len(y), "skipped": skipped, "classes": len(ds.classes.names),
+            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, scores.shape[1])),
+            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / len(ds.classes.names)}
+
+
+def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
+                   progress: bool = True) -> dict[str, Any]:
+    """Image<->text recall@k over shards; an image's captions are ``json["captions"]`` if present, else ``txt``."""
+    from mmpretrain.data.loader import expand_shards
+    from mmpretrain.data.stream import ErrorCounter, read_samples
+
+    transform, tok = EvalTransform(model), model.tokenizer()
+    errors = ErrorCounter("skip", None)
+    images, captions, owner = [], [], []
+    img_emb, n_images = [], 0
+    decode = build_ops([OpSpec("decode_image")], model.data_context())
+    for sample in tqdm(read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress):
+        texts = _captions(sample)
+        try:
+            image = apply_ops(decode, sample)["image"]
+        except Exception as exc:  # SampleError and friends: skip and count
+            errors.record("bad_image", exc)
+            continue
+        if not texts:
+            errors.record("empty_caption", ValueError(sample.get("__key__")))
+            continue
+        images.append(transform(image))
+        owner += [n_images] * len(texts)  # each caption's image index
+        captions += texts
+        n_images += 1
+        if len(images) == batch_size:
+            img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
+            images = []
+    if images:
+        img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
+    if not img_emb:
+        raise ValueError(f"no usable image-caption pairs in {shards}")
+    txt_emb = torch.cat([_encode(model, "text", tok(captions[i : i + batch_size])) for i in range(0, len(captions), batch_size)])
+    sim = torch.cat(img_emb) @ txt_emb.T
+    return {"dataset": shards, "images": sim.shape[0], "captions": sim.shape[1], "skipped": dict(errors.counts),
+            **image_text_recall(sim, owner, ks)}
+
+
+def _captions(sample: dict) -> list[str]:
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            if isinstance(meta.get("captions"), list):
+                return [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    text = sample.get("txt", b"").decode("utf-8", "replace").strip()
+    return [text] if text else []
+
+
+@torch.no_grad()
+def _encode(model, modality: str, batch: dict) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model.encode(modality, {k: v.to(device) for k, v in batch.items()})
+
+
+def robustness_eval(model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+    """Accuracy on the in-distribution set and each shifted set, the drop, and effective robustness.
+
+    ``baseline``: ``{"<set name>" or "all": [[id_acc, ood_acc], ...]}`` of reference models; the
+    effective robustness of a set is its top-1 above the logit-linear fit through those points.
+    """
+    id_result = zeroshot_eval(model, id_set, **kwargs)
+    rows = []
+    for s in ood_sets:
+        r = zeroshot_eval(model, s, **kwargs)
+        r["drop_top1"] = id_result["top1"] - r["top1"]
+        points = (baseline or {}).get(s.name) or (baseline or {}).get("all")
+        r["effective_robustness"] = effective_robustness(id_result["top1"], r["top1"], fit_logit_linear(points)) if points else None
+        rows.append(r)
+    return {"in_distribution": id_result, "shifts": rows}
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``columns`` for ``rows`` (floats as percentages)."""
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{100 * v:.2f}" if isinstance(v, float) else str(v))
+
+    cells = [[c for c in columns]] + [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    atomic_write_text(path, json.dumps(report, indent=2))
+    return Path(path)

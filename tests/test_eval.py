@@ -1,0 +1,96 @@
+"""Evaluation: dataset layouts and class maps, the eval CLI on fixture folders, retrieval on shards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmpretrain import api
+from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet
+from mmpretrain.eval.runner import EvalSet, retrieval_eval, zeroshot_eval
+from tests.conftest import png_bytes, run_cli, write_shard
+
+GOLDFISH = "n01443537"  # ImageNet index 1; in ImageNet-R's 200 too
+R_WNIDS = LAYOUTS.get("imagenet-r").builder().folders
+
+
+def make_folder(root: Path, folders: list[str], per_class: int = 2) -> Path:
+    for i, name in enumerate(folders):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            Image.new("RGB", (40, 36), ((60 * i) % 255, 40 * j, 100)).save(root / name / f"{j}.jpg")
+    return root
+
+
+def test_layouts_map_real_ids():
+    imagenet = LAYOUTS.get("imagenet").builder()
+    assert len(imagenet.names) == 1000 and imagenet.folders[GOLDFISH] == 1 and imagenet.names[1] == "goldfish"
+    r, a = LAYOUTS.get("imagenet-r").builder(), LAYOUTS.get("imagenet-a").builder()
+    assert len(r.names) == 200 and len(a.names) == 200 and len(set(r.folders) & set(imagenet.folders)) == 200
+    assert r.names[r.folders[GOLDFISH]] == "goldfish"
+    v2 = LAYOUTS.get("imagenet-v2").builder()
+    assert v2.folders["1"] == 1 and v2.names[1] == "goldfish"
+
+
+def test_image_folder_set_labels_and_errors(tmp_path):
+    ds = ImageFolderSet(make_folder(tmp_path / "r", [GOLDFISH, "n01484850"]), "imagenet-r", transform=lambda x: x)
+    assert {ds.classes.names[label] for _, label in ds.samples} == {"goldfish", "great white shark"}
+    make_folder(tmp_path / "bad", ["not_a_wnid"])
+    with pytest.raises(ValueError, match="not classes of layout 'imagenet'.*'not_a_wnid'"):
+        ImageFolderSet(tmp_path / "bad", "imagenet", transform=lambda x: x)
+    with pytest.raises(FileNotFoundError):
+        ImageFolderSet(tmp_path / "missing", "folder", transform=lambda x: x)
+
+
+def test_zeroshot_eval_folder_and_corrupt_image(tmp_path, tiny_model_cfg):
+    root = make_folder(tmp_path / "set", ["red_circle", "blue_square", "green_cross"], per_class=3)
+    (root / "red_circle" / "broken.jpg").write_bytes(b"nope")
+    model = api.create_model(tiny_model_cfg)
+    r = zeroshot_eval(model, EvalSet.parse(f"toy@folder={root}"), templates="a photo of a <>", progress=False)
+    assert r["dataset"] == "toy" and r["n"] == 9 and r["skipped"] == 1 and r["classes"] == 3
+    assert 0 <= r["top1"] <= r["top5"] == 1.0 and r["chance_top1"] == pytest.approx(1 / 3)
+
+
+def test_eval_robustness_cli_on_fixture_layouts(tmp_path, tiny_model_cfg):
+    ckpt = api.export_open_clip(api.create_model(tiny_model_cfg), tmp_path / "model")
+    wnids = [GOLDFISH, "n01484850", "n01494475"]
+    make_folder(tmp_path / "imagenet", wnids)
+    make_folder(tmp_path / "r", wnids)
+    make_folder(tmp_path / "sketch", wnids)
+    make_folder(tmp_path / "v2", ["1", "2", "3"])
+    make_folder(tmp_path / "a", [w for w in LAYOUTS.get("imagenet-a").builder().folders][:2])
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"all": [[0.5, 0.2], [0.7, 0.35], [0.8, 0.5]]}))
+    out = tmp_path / "report.json"
+    proc = run_cli("eval", "robustness", "--model", f"local-dir:{ckpt}", "--id", f"imagenet={tmp_path / 'imagenet'}",
+                   "--ood", f"imagenet-r={tmp_path / 'r'}", f"imagenet-a={tmp_path / 'a'}",
+                   f"imagenet-sketch={tmp_path / 'sketch'}", f"imagenet-v2={tmp_path / 'v2'}",
+                   "--templates", "a photo of a <>", "--baseline", str(baseline), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective_robustness" in proc.stdout and "imagenet-sketch" in proc.stdout
+    report = json.loads(out.read_text())
+    shifts = {r["dataset"]: r for r in report["shifts"]}
+    assert report["in_distribution"]["classes"] == 1000
+    assert shifts["imagenet-r"]["classes"] == 200 and shifts["imagenet-a"]["classes"] == 200
+    assert shifts["imagenet-v2"]["classes"] == 1000 and shifts["imagenet-sketch"]["n"] == 6
+    for r in shifts.values():
+        assert r["drop_top1"] == pytest.approx(report["in_distribution"]["top1"] - r["top1"])
+        assert r["effective_robustness"] is not None
+
+
+def test_eval_zeroshot_cli_errors_are_one_line(tmp_path):
+    proc = run_cli("eval", "zeroshot", "--model", str(tmp_path / "nothing"), "--data", f"folder={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no checkpoint" in proc.stderr
+
+
+def test_retrieval_eval_several_captions(tmp_path, tiny_model_cfg):
+    samples = [{"__key__": f"{i:03d}", "png": png_bytes((30 * i, 0, 0)),
+                "json": json.dumps({"captions": [f"caption {i} a", f"caption {i} b"]}).encode()} for i in range(5)]
+    samples.append({"__key__": "x", "png": b"broken", "txt": b"broken"})
+    write_shard(tmp_path / "s.tar", samples)
+    r = retrieval_eval(api.create_model(tiny_model_cfg), str(tmp_path / "s.tar"), batch_size=2, progress=False)
+    assert r["images"] == 5 and r["captions"] == 10 and r["skipped"] == {"bad_image": 1}
+    assert r["image_to_text_R@10"] == 1.0 and r["text_to_image_R@5"] == 1.0  # everything is in the top 5/10
+    assert 0 <= r["image_to_text_R@1"] <= 1
