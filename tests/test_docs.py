@@ -13,7 +13,8 @@ def test_config_reference_is_current():
 
 
 def test_docs_pages_exist():
-    for page in ("quickstart.md", "config.md", "data_format.md", "training.md"):
+    for page in ("quickstart.md", "config.md", "data_format.md", "training.md", "zero_shot.md", "pretrained.md",
+                 "evaluation.md"):
         assert (ROOT / "docs" / page).is_file(), page
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
