@@ -101,7 +101,7 @@ def render() -> str:
     for cls, title in ((s.ModelConfig, "model"), (s.TowerConfig, "model.towers.<modality>"),
                        (s.DataConfig, "data"), (s.OpSpec, "data.ops[i] / data.eval_ops[i]"),
                        (s.LossConfig, "loss"), (s.LossPair, "loss.pairs[i]"), (s.OptimConfig, "optim"),
-                       (s.TrainConfig, "train")):
+                       (s.TrainConfig, "train"), (s.EvalConfig, "eval")):
         parts.append("\n".join(section(cls, title)))
     parts.append("Default `data.ops`: `decode_image`, `random_resized_crop(scale=[0.9, 1.0])`, "
                  "`to_tensor_normalize`, `caption`, `tokenize`. Default `loss.pairs`: "

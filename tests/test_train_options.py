@@ -34,3 +34,23 @@ def test_torch_compile_trains(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 2, "compile": True, "ckpt_every": 2})
     run_dir = api.train(config_from_tree(tree))
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+
+
+def test_periodic_evaluation_is_logged(toy_shards, tmp_path):
+    from tests.test_eval import make_folder
+
+    val = make_folder(tmp_path / "val", ["red_circle", "blue_square"], per_class=2)
+    tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 4, "ckpt_every": 4},
+                           eval={"every": 2, "zeroshot": [f"val@folder={val}"], "templates": "a <>"})
+    run_dir = api.train(config_from_tree(tree))
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/val/top1" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/val/top1"] <= 1 for r in evals)
+
+
+def test_eval_sets_checked_at_load(toy_shards, tmp_path):
+    from mmpretrain.config.strict import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.zeroshot\\[0\\]: folder not found"):
+        config_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"folder={tmp_path}/x"]}))
+    with pytest.raises(ConfigError, match="LAYOUT one of"):
+        config_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"imagenet-q={tmp_path}"]}))

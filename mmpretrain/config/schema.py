@@ -146,6 +146,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation during training, logged with the other metrics (main rank only)."""
+
+    every: int = 0  # steps between evaluations (0: off); also runs at the last step when on
+    zeroshot: list[str] = field(default_factory=list)  # [NAME@]LAYOUT=DIR image sets (see docs/evaluation.md)
+    retrieval: list[str] = field(default_factory=list)  # shard specs with captions
+    templates: str | list[str] = "a photo of a <>."  # a template, a list, or a named set (imagenet80)
+    batch_size: int = 64  # evaluation batch size
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole run."""
 
@@ -154,3 +165,4 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -26,6 +26,7 @@ def validate(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"{where}: modality {side!r} has no tower. Towers: {', '.join(cfg.model.towers)}")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it gradients are wrong")
+    _check_eval(cfg)
     _check_numbers(cfg)
 
 
@@ -50,6 +51,28 @@ def _typed(registry, name: str, params: dict, where: str) -> None:
         from_dict(entry.config_cls, params, f"{where}.params")
     elif params:
         raise ConfigError(f"{where}.params: {name!r} takes no parameters")
+
+
+def _check_eval(cfg: ExperimentConfig) -> None:
+    """Evaluation sets fail at load, not at the first evaluation hours into a run."""
+    from pathlib import Path
+
+    from mmpretrain.eval.datasets import LAYOUTS
+    from mmpretrain.eval.zeroshot import resolve_templates
+
+    for i, spec in enumerate(cfg.eval.zeroshot):
+        head, sep, root = spec.partition("=")
+        layout = head.rpartition("@")[2]
+        if not sep or layout not in LAYOUTS:
+            raise ConfigError(f"eval.zeroshot[{i}]: {spec!r} must be [NAME@]LAYOUT=DIR with LAYOUT one of "
+                              f"{', '.join(LAYOUTS.names())}")
+        if not Path(root).is_dir():
+            raise ConfigError(f"eval.zeroshot[{i}]: folder not found: {root}")
+    if cfg.eval.zeroshot:
+        try:
+            resolve_templates(cfg.eval.templates)
+        except ValueError as exc:
+            raise ConfigError(f"eval.templates: {exc}") from None
 
 
 def _check_numbers(cfg: ExperimentConfig) -> None:

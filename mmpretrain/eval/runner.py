@@ -157,3 +157,20 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     atomic_write_text(path, json.dumps(report, indent=2))
     return Path(path)
+
+
+def periodic_eval(model, cfg) -> dict[str, float]:
+    """The ``eval:`` section's sets as flat metrics: ``eval/<name>/top1``, ``eval/<shards>/image_to_text_R@1``..."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        for spec in cfg.zeroshot:
+            r = zeroshot_eval(model, EvalSet.parse(spec), templates=cfg.templates, batch_size=cfg.batch_size, progress=False)
+            out.update({f"eval/{r['dataset']}/{k}": r[k] for k in ("top1", "top5", "mean_per_class_recall")})
+        for i, shards in enumerate(cfg.retrieval):
+            r = retrieval_eval(model, shards, batch_size=cfg.batch_size, progress=False)
+            out.update({f"eval/retrieval{i}/{k}": v for k, v in r.items() if "R@" in k})
+    finally:
+        model.train(was_training)
+    return out

@@ -41,6 +41,7 @@ class Trainer:
     run_dir: Path
     config_yaml: str
     autocast: Callable[[], ContextManager]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # periodic evaluation hook (main rank)
     step: int = 0
     _stop_signal: bool = field(default=False, repr=False)
 
@@ -72,6 +73,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}")
                     window = _Window(time.perf_counter())
                 bar.update(1)
+                if self._eval_due(stop):
+                    self._run_eval(logger)
                 if self.step % tc.ckpt_every == 0 or self.step == stop or self._stop_signal:
                     self.save()
         finally:
@@ -111,6 +114,17 @@ class Trainer:
         for kind, n in self.loader.error_counts().items():
             values[f"data/skipped_{kind}"] = n
         return values
+
+    def _eval_due(self, stop: int) -> bool:
+        every = self.cfg.eval.every
+        return self.evaluate is not None and every > 0 and (self.step % every == 0 or self.step == stop)
+
+    def _run_eval(self, logger: MetricsLogger) -> None:
+        if self.info.is_main:
+            with torch.no_grad():
+                logger.log(self.step, self.evaluate(self.raw))
+        if self.info.world_size > 1:
+            torch.distributed.barrier()
 
     def save(self) -> None:
         """Gather every rank's data position and RNG state; the main rank writes the checkpoint."""

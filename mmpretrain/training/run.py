@@ -111,5 +111,10 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     task = ContrastiveTask(cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss))
     log.info("run %s: %d rank(s), device %s, %d thread(s), resume from %s", run_dir, info.world_size,
              info.device, threads, ckpt)
+    evaluate = None
+    if cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval):
+        from mmpretrain.eval.runner import periodic_eval
+
+        evaluate = partial(periodic_eval, cfg=cfg.eval)
     return Trainer(cfg, info, wrapped, model, optimizer, scheduler, task, loader, run_dir, dump_config(cfg),
-                   autocast_factory(tc, info.device), step=int(state["step"]) if state else 0)
+                   autocast_factory(tc, info.device), evaluate=evaluate, step=int(state["step"]) if state else 0)
