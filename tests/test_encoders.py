@@ -12,6 +12,10 @@ EMBED = 24
 CASES = [(m, e) for m, reg in ENCODERS.items() for e in reg.entries()]
 
 
+def example(entry) -> dict:
+    return entry.example() if callable(entry.example) else entry.example
+
+
 def test_every_encoder_registers_example_params():
     for modality, entry in CASES:
         assert entry.example is not None, f"{modality}/{entry.name} registered without example params"
@@ -21,7 +25,7 @@ def test_every_encoder_registers_example_params():
 @pytest.mark.parametrize("modality, entry", CASES, ids=[f"{m}-{e.name}" for m, e in CASES])
 def test_encoder_shape_grad_nan(modality, entry):
     torch.manual_seed(0)
-    enc = build_encoder(modality, entry.name, entry.example, embed_dim=EMBED)
+    enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED)
     batch = enc.example_batch(3)
     out = enc(batch)
     assert out.shape == (3, enc.output_dim)
@@ -39,7 +43,7 @@ def test_encoder_shape_grad_nan(modality, entry):
 @pytest.mark.parametrize("modality, entry", CASES, ids=[f"{m}-{e.name}" for m, e in CASES])
 def test_encoder_grad_checkpointing_same_output(modality, entry):
     torch.manual_seed(0)
-    enc = build_encoder(modality, entry.name, entry.example, embed_dim=EMBED).train()
+    enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED).train()
     batch = enc.example_batch(2)
     ref = enc(batch)
     enc.set_grad_checkpointing(True)
@@ -48,7 +52,7 @@ def test_encoder_grad_checkpointing_same_output(modality, entry):
 
 @pytest.mark.parametrize("modality, entry", [c for c in CASES if c[0] == "text"], ids=lambda c: getattr(c, "name", c))
 def test_text_tokenizer_contract(modality, entry):
-    enc = build_encoder(modality, entry.name, entry.example, embed_dim=EMBED)
+    enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED)
     tok = enc.tokenizer()
     out = tok(["a red circle", "a much longer caption about a small blue square on a gray background"])
     assert out["text"].dtype == torch.int64 and out["text_mask"].dtype == torch.bool

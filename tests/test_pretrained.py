@@ -141,3 +141,31 @@ def test_zero_shot_predict_inputs_and_errors(tmp_path, tiny_model_cfg):
         api.zero_shot("a <>", ["cat"], model=image_only)
     with pytest.raises(FileNotFoundError, match="image not found"):
         clf.predict([tmp_path / "missing.png"])
+
+
+@pytest.mark.parametrize("model_type", ["clip", "siglip"])
+def test_hf_clip_and_siglip_folders(model_type):
+    import transformers
+
+    from mmpretrain.encoders.hf_clip import tiny_folder
+
+    path = tiny_folder(model_type)["path"]
+    ref = getattr(transformers, "CLIPModel" if model_type == "clip" else "SiglipModel").from_pretrained(path).eval()
+    ours = api.load_checkpoint(path)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    ids = torch.randint(1, 999, (3, 16), generator=g)
+
+    def feats(x):
+        return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+    with torch.no_grad():
+        want_i = torch.nn.functional.normalize(feats(ref.get_image_features(pixel_values=images)), dim=-1)
+        kwargs = {"attention_mask": torch.ones_like(ids)} if model_type == "clip" else {}
+        want_t = torch.nn.functional.normalize(feats(ref.get_text_features(input_ids=ids, **kwargs)), dim=-1)
+    got_i = api.encode(ours, "image", {"image": images})
+    got_t = api.encode(ours, "text", {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)})
+    assert (got_i - want_i).abs().max() < 1e-5 and (got_t - want_t).abs().max() < 1e-5
+    assert ours.logit_scale.item() == pytest.approx(ref.logit_scale.item(), abs=1e-5)
+    if model_type == "siglip":
+        assert ours.logit_bias.item() == pytest.approx(ref.logit_bias.item(), abs=1e-5)

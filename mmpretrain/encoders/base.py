@@ -29,11 +29,12 @@ class Tokenizer(Protocol):
         """Return ``{"text": (B, L) int64, "text_mask": (B, L) bool (True = real token)}``."""
 
 
-def register_encoder(modality: str, name: str, *, config: type, example: dict) -> Callable:
+def register_encoder(modality: str, name: str, *, config: type, example: dict | Callable[[], dict]) -> Callable:
     """Register ``builder(params, *, embed_dim) -> nn.Module`` for ``modality``.
 
-    ``example``: small valid params; every registered encoder is built with them by the
-    generated shape / gradient-flow / NaN tests.
+    ``example``: small valid params (or a function making them, e.g. one that writes a tiny
+    weights folder); every registered encoder is built with them by the generated shape /
+    gradient-flow / NaN tests.
     """
     return ENCODERS[modality].register(name, config=config, example=example)
 

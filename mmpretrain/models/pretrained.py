@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
@@ -87,11 +89,55 @@ def _load_open_clip_file(path: Path, base: ModelConfig | None) -> ContrastiveMod
     return model
 
 
+def _hf_clip_config(path: Path) -> ModelConfig:
+    from mmpretrain.encoders.hf_clip import hf_model_type
+
+    cfg = json.loads((path / "config.json").read_text())
+    if hf_model_type(path) == "clip":
+        embed = cfg.get("projection_dim", 512)
+    else:
+        embed = cfg.get("text_config", {}).get("hidden_size", 768)
+    scale, bias = _hf_scalars(path)
+    tower = {"params": {"path": str(path)}, "head": "none"}
+    tree = {"embed_dim": embed, "logit_scale_init": scale, "logit_scale_max": max(100.0, float(torch.tensor(scale).exp())),
+            "towers": {"image": {"encoder": "hf_clip_vision", **tower}, "text": {"encoder": "hf_clip_text", **tower}}}
+    if bias is not None:
+        tree["logit_bias_init"] = bias
+    return model_config_from_tree(tree)
+
+
+def _hf_scalars(path: Path) -> tuple[float, float | None]:
+    """(logit_scale, logit_bias) stored in the folder's weights."""
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            get = f.get_tensor
+            scale = float(get("logit_scale")) if "logit_scale" in keys else 2.6592
+            return scale, float(get("logit_bias")) if "logit_bias" in keys else None
+    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return float(state.get("logit_scale", torch.tensor(2.6592))), (float(state["logit_bias"]) if "logit_bias" in state else None)
+
+
+def _load_hf_clip(path: Path, base: ModelConfig | None) -> ContrastiveModel:
+    return ContrastiveModel(_hf_clip_config(path))  # each tower loads its half of the folder
+
+
+def _is_hf_clip(path: Path) -> bool:
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    from mmpretrain.encoders.hf_clip import FAMILIES, hf_model_type
+
+    return hf_model_type(path) in FAMILIES
+
+
 def _register(name: str, detect, load) -> None:
     """Formats are tried in name order; their ``detect`` predicates are mutually exclusive."""
     CHECKPOINT_FORMATS.register(name)(lambda: CheckpointFormat(detect, load))
 
 
+_register("hf_clip", _is_hf_clip, _load_hf_clip)
 _register("mmpretrain", lambda p: p.is_dir() and (p / "model.safetensors").is_file(), _load_ours)
 _register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir)
 _register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
