@@ -37,6 +37,9 @@ def test_layouts_map_real_ids():
 def test_image_folder_set_labels_and_errors(tmp_path):
     ds = ImageFolderSet(make_folder(tmp_path / "r", [GOLDFISH, "n01484850"]), "imagenet-r", transform=lambda x: x)
     assert {ds.classes.names[label] for _, label in ds.samples} == {"goldfish", "great white shark"}
+    by_name = ImageFolderSet(make_folder(tmp_path / "names", ["goldfish", "great_white_shark"]), "imagenet-r",
+                             transform=lambda x: x)
+    assert sorted({label for _, label in by_name.samples}) == sorted({label for _, label in ds.samples})
     make_folder(tmp_path / "bad", ["not_a_wnid"])
     with pytest.raises(ValueError, match="not classes of layout 'imagenet'.*'not_a_wnid'"):
         ImageFolderSet(tmp_path / "bad", "imagenet", transform=lambda x: x)

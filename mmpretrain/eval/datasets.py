@@ -1,6 +1,7 @@
 """Classification datasets in ImageFolder layout, with the class maps of the robustness sets.
 
-A *layout* (registry) maps class-folder names to (class index, class name):
+A *layout* (registry) maps class-folder names to (class index, class name); the ImageNet
+layouts also accept folders named by class name (``great_white_shark``):
     ``folder``          folder names are the classes (``golden_retriever`` -> "golden retriever")
     ``imagenet``        1000 WordNet-id folders (``n01443537``), CLIP's class names
     ``imagenet-sketch`` same 1000 WordNet ids
@@ -34,6 +35,13 @@ class ClassMap:
 
     folders: dict[str, int]
     names: list[str]
+
+    def index(self, folder: str) -> int | None:
+        """A folder's class: by its id (WordNet id, index), else by class name (``great_white_shark``)."""
+        if folder in self.folders:
+            return self.folders[folder]
+        wanted = folder.replace("_", " ").lower()
+        return next((i for i, n in enumerate(self.names) if n.lower() == wanted), None)
 
 
 LAYOUTS: Registry[ClassMap] = Registry("dataset layout")
@@ -109,10 +117,10 @@ class ImageFolderSet(Dataset):
         self.samples: list[tuple[Path, int]] = []
         unknown = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if folder.name not in self.classes.folders:
+            label = self.classes.index(folder.name)
+            if label is None:
                 unknown.append(folder.name)
                 continue
-            label = self.classes.folders[folder.name]
             self.samples += [(f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
         if unknown:
             example = next(iter(self.classes.folders))
