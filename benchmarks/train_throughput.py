@@ -14,6 +14,7 @@ tokenise, batch) and through a plain webdataset pipeline doing the same work.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import itertools
 import statistics
 import sys
@@ -74,9 +75,9 @@ def ours(cfg, batches, steps: int, warmup: int) -> float:
     trainer = build_trainer(cfg, DistInfo())
     trainer.loader = InMemoryLoader(batches)
     trainer.save = lambda: None  # exclude checkpoint I/O from the timing
-    trainer.cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(**{**cfg.train.__dict__, "stop_after": warmup})})
+    trainer.cfg = replace(cfg, train=replace(cfg.train, stop_after=warmup))
     trainer.fit()
-    trainer.cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(**{**cfg.train.__dict__, "stop_after": warmup + steps})})
+    trainer.cfg = replace(cfg, train=replace(cfg.train, stop_after=warmup + steps))
     t0 = time.perf_counter()
     trainer.fit()
     return steps * batches[0].data["image"].shape[0] / (time.perf_counter() - t0)

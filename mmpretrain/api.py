@@ -56,16 +56,18 @@ def load_checkpoint(path: str | Path) -> ContrastiveModel:
 
 
 def _checkpoint_path(path: Path) -> Path:
+    """``path`` itself if it is a checkpoint of a registered format, else the newest ``step_*`` under it."""
+    from mmpretrain.models.pretrained import detect_format
     from mmpretrain.training.checkpoint import find_latest
 
-    if path.is_file() or (path / "model.safetensors").is_file() or (path / "open_clip_config.json").is_file():
+    if path.exists() and detect_format(path) is not None:
         return path
     for root in (path, path.parent):
         latest = find_latest(root)
         if latest is not None:
             return latest
-    raise FileNotFoundError(f"no checkpoint at {path} (expected model.safetensors, open_clip_config.json, "
-                            "a weights file or checkpoints/step_*)")
+    raise FileNotFoundError(f"no checkpoint at {path} (expected one of our checkpoints or checkpoints/step_*, "
+                            "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)")
 
 
 def export_open_clip(model: ContrastiveModel, out_dir: str | Path) -> Path:

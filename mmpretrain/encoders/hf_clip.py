@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import register_encoder
-from mmpretrain.encoders.hf_text import HfTokenizer
+from mmpretrain.encoders.hf_text import HfTokenizer, hf_grad_checkpointing
 from mmpretrain.types import Batch
 
 # model_type -> (vision class, text class, output attribute); what differs between the two families
@@ -82,7 +82,7 @@ class HfClipVision(nn.Module):
         return {"image": torch.randn(batch_size, 3, *self.image_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.gradient_checkpointing_enable() if enable else self.model.gradient_checkpointing_disable()
+        hf_grad_checkpointing(self.model, enable)
 
 
 class HfClipText(nn.Module):
@@ -111,7 +111,7 @@ class HfClipText(nn.Module):
         return {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.gradient_checkpointing_enable() if enable else self.model.gradient_checkpointing_disable()
+        hf_grad_checkpointing(self.model, enable)
 
 
 _TINY: dict[str, str] = {}

@@ -104,13 +104,18 @@ class HfText(nn.Module):
         return random_tokens(batch_size, min(self.params.context_length, 16), self.vocab_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        on = getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)
-        off = getattr(self.model, "activation_checkpointing_disable", self.model.gradient_checkpointing_disable)
-        if enable:
-            self.model.config.use_cache = False
-            on()
-        else:
-            off()
+        hf_grad_checkpointing(self.model, enable)
+
+
+def hf_grad_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Toggle activation checkpointing on a transformers model (newer name first)."""
+    on = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    off = getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)
+    if enable:
+        model.config.use_cache = False
+        on()
+    else:
+        off()
 
 
 TINY_BERT = {"model_type": "bert", "context_length": 12,

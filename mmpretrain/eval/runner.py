@@ -16,20 +16,10 @@ from mmpretrain.data.ops import apply_ops, build_ops
 from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
 from mmpretrain.eval.metrics import (effective_robustness, fit_logit_linear, image_text_recall,
                                      mean_per_class_recall, topk_accuracy)
-from mmpretrain.eval.zeroshot import ZeroShotClassifier
+from mmpretrain.eval.zeroshot import EvalTransform, ZeroShotClassifier
 from mmpretrain.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-class EvalTransform:
-    """PIL image -> normalised (3, H, W) tensor with the model's evaluation preprocessing."""
-
-    def __init__(self, model):
-        self.ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], model.data_context())
-
-    def __call__(self, image):
-        return apply_ops(self.ops, {"image": image})["image"]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,22 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+class EvalTransform:
+    """PIL image -> normalised (3, H, W) tensor with the model's evaluation preprocessing
+    (resize the short side, centre crop, normalise; sizes and statistics from the model)."""
+
+    def __init__(self, model):
+        from mmpretrain.config.schema import OpSpec
+        from mmpretrain.data.ops import build_ops
+
+        self.ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], model.data_context())
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        from mmpretrain.data.ops import apply_ops
+
+        return apply_ops(self.ops, {"image": image})["image"]
+
+
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     """A template with ``<>``, a list of them, or a named set (``imagenet80``, ...)."""
     if isinstance(templates, str):
@@ -122,16 +138,12 @@ class ZeroShotClassifier:
                 yield from self._batches(item)
 
     def _raw_batches(self, items: list) -> Iterator[dict[str, Tensor]]:
-        from mmpretrain.config.schema import OpSpec
-        from mmpretrain.data.ops import apply_ops, build_ops
-
         if self.modality != "image":
             raise ValueError(f"raw files are only decoded for images here; pass preprocessed {self.modality} tensors")
-        ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], self.model.data_context())
+        transform = EvalTransform(self.model)
         for i in tqdm(range(0, len(items), self.batch_size), desc="zero-shot", unit="batch",
                       disable=not self.progress or len(items) <= self.batch_size):
-            images = [apply_ops(ops, {"image": _open_image(x)})["image"] for x in items[i : i + self.batch_size]]
-            yield {"image": torch.stack(images)}
+            yield {"image": torch.stack([transform(_open_image(x)) for x in items[i : i + self.batch_size]])}
 
     def _sample_dims(self) -> int:
         return {"image": 3, "video": 4, "audio": 1, "text": 1}.get(self.modality, 3)
@@ -139,7 +151,7 @@ class ZeroShotClassifier:
 
 def _open_image(x: Any) -> Image.Image:
     if isinstance(x, Image.Image):
-        return x.convert("RGB")
+        return x if x.mode == "RGB" else x.convert("RGB")  # convert() copies even when nothing changes
     path = Path(x)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")

@@ -144,13 +144,21 @@ _register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth"
           _load_open_clip_file)
 
 
+def detect_format(path: Path) -> CheckpointFormat | None:
+    """The registered format whose files ``path`` has, or None."""
+    for entry in CHECKPOINT_FORMATS.entries():
+        fmt = entry.builder()
+        if fmt.detect(path):
+            return fmt
+    return None
+
+
 def load_pretrained(path: str | Path, base: ModelConfig | None = None) -> ContrastiveModel:
     """Load weights from ``path`` in whichever registered format it is."""
     path = Path(str(path).removeprefix("local-dir:"))
     if not path.exists():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    for entry in CHECKPOINT_FORMATS.entries():
-        fmt = entry.builder()
-        if fmt.detect(path):
-            return fmt.load(path, base)
-    raise ValueError(f"{path}: not a known checkpoint format ({', '.join(CHECKPOINT_FORMATS.names())})")
+    fmt = detect_format(path)
+    if fmt is None:
+        raise ValueError(f"{path}: not a known checkpoint format ({', '.join(CHECKPOINT_FORMATS.names())})")
+    return fmt.load(path, base)
