@@ -32,7 +32,7 @@ def test_unknown_model_fails_before_work(tmp_path):
     cfg.write_text(yaml.safe_dump(bad))
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 2
-    assert "unknown image encoder 'vit_huge_typo'" in proc.stderr and "Valid: hf_clip_vision, openclip_vision" in proc.stderr
+    assert "unknown image encoder 'vit_huge_typo'" in proc.stderr and "Valid: hf_clip_vision, openclip_vision, timm_vision" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
@@ -54,4 +54,4 @@ def test_config_command_prints_resolved(tmp_path):
 
 def test_list_command():
     proc = run_cli("list")
-    assert proc.returncode == 0 and "image encoders: hf_clip_vision, openclip_vision" in proc.stdout and "siglip" in proc.stdout
+    assert proc.returncode == 0 and "image encoders: hf_clip_vision, openclip_vision, timm_vision" in proc.stdout and "siglip" in proc.stdout

@@ -49,7 +49,7 @@ def test_unknown_encoder_lists_valid_names():
     bad = {"embed_dim": 8, "towers": {"image": {"encoder": "openclip_vison"}, "text": TINY_MODEL["towers"]["text"]}}
     with pytest.raises(ConfigError) as err:
         config_from_tree({"model": bad})
-    assert "Did you mean 'openclip_vision'" in str(err.value) and "Valid: hf_clip_vision, openclip_vision" in str(err.value)
+    assert "Did you mean 'openclip_vision'" in str(err.value) and "Valid: hf_clip_vision, openclip_vision, timm_vision" in str(err.value)
 
 
 def test_unknown_modality_and_open_clip_model_name():

@@ -1,0 +1,73 @@
+"""Any timm image model as a tower, at any input size: small ViTs and ResNet-ViT hybrids
+(``vit_tiny_r_s16_p8_224``: a convolutional stem feeding a transformer) for CPU budgets.
+
+open_clip's timm wrapper keeps timm's default input size (224 px); this one passes
+``img_size`` so a ViT can be trained on 64 px images. Random init only (no hub downloads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.encoders.base import register_encoder
+from mmpretrain.types import Batch
+
+
+@dataclass(frozen=True)
+class TimmVisionParams:
+    """``model_name``: a timm model (``timm.list_models()``); ``kwargs``: passed to
+    ``timm.create_model`` (e.g. ``depth``, ``drop_path_rate``)."""
+
+    model_name: str
+    image_size: int = 224
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        import timm
+
+        if not timm.is_model(self.model_name):
+            close = timm.list_models(f"*{self.model_name.split('_')[0]}*")[:8]
+            raise ConfigError(f"model_name: unknown timm model {self.model_name!r}"
+                              + (f"; e.g. {', '.join(close)}" if close else ""))
+
+
+class TimmVision(nn.Module):
+    """Image (B, 3, H, W) -> pooled features (B, num_features); a head projects them."""
+
+    projects = False
+
+    def __init__(self, params: TimmVisionParams):
+        super().__init__()
+        import timm
+
+        kwargs = {"img_size": params.image_size, **params.kwargs}
+        try:
+            self.trunk = timm.create_model(params.model_name, pretrained=False, num_classes=0, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model.towers.image.params: {params.model_name} does not take {exc}") from None
+        self.output_dim = int(self.trunk.num_features)
+        self.image_size = (params.image_size, params.image_size)
+        self.mean, self.std, self.interpolation = params.mean, params.std, params.interpolation
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.trunk(batch["image"])
+
+    def example_batch(self, batch_size: int) -> Batch:
+        return {"image": torch.randn(batch_size, 3, *self.image_size)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+
+@register_encoder("image", "timm_vision", config=TimmVisionParams,
+                  example={"model_name": "vit_tiny_r_s16_p8_224", "image_size": 64})
+def build_timm_vision(params: TimmVisionParams, *, embed_dim: int) -> nn.Module:
+    """A timm image model (ViT, ResNet-ViT hybrid, ConvNet) at any input size, random init."""
+    return TimmVision(params)
