@@ -71,6 +71,15 @@ def no_head(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Identity()
 
 
+class ImageEncoder(nn.Module):
+    """Shared by image towers: they set ``image_size`` (H, W), ``mean``, ``std``, ``interpolation``."""
+
+    image_size: tuple[int, int]
+
+    def example_batch(self, batch_size: int) -> Batch:
+        return {"image": torch.randn(batch_size, 3, *self.image_size)}
+
+
 def random_tokens(batch_size: int, length: int, vocab: int, *, generator: torch.Generator | None = None) -> Batch:
     """A random text batch with varied lengths: (B, L) ids and a (B, L) True-is-keep mask."""
     lengths = torch.randint(2, length + 1, (batch_size,), generator=generator)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import register_encoder
+from mmpretrain.encoders.base import ImageEncoder, register_encoder
 from mmpretrain.encoders.hf_text import HfTokenizer, hf_grad_checkpointing
 from mmpretrain.types import Batch
 
@@ -58,7 +58,7 @@ def _load(path: str, which: int) -> tuple[nn.Module, str, object]:
     return model, family[2][which], full
 
 
-class HfClipVision(nn.Module):
+class HfClipVision(ImageEncoder):
     """Image (B, 3, H, W) -> (B, E): the folder's vision model and projection."""
 
     projects = True
@@ -77,9 +77,6 @@ class HfClipVision(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return getattr(self.model(pixel_values=batch["image"]), self.attr)
-
-    def example_batch(self, batch_size: int) -> Batch:
-        return {"image": torch.randn(batch_size, 3, *self.image_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)

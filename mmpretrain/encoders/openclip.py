@@ -15,7 +15,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import random_tokens, register_encoder
+from mmpretrain.encoders.base import ImageEncoder, random_tokens, register_encoder
 from mmpretrain.types import Batch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,7 +57,7 @@ class OpenClipVisionParams:
         _check_open_clip(CLIPVisionCfg, self.model_name, "vision_cfg", self.vision_cfg)
 
 
-class OpenClipVision(nn.Module):
+class OpenClipVision(ImageEncoder):
     """Image (B, 3, H, W) -> (B, embed_dim), open_clip's tower with its own projection."""
 
     projects = True
@@ -73,9 +73,6 @@ class OpenClipVision(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.visual(batch["image"])
-
-    def example_batch(self, batch_size: int) -> Batch:
-        return {"image": torch.randn(batch_size, 3, *self.image_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import register_encoder
+from mmpretrain.encoders.base import ImageEncoder, register_encoder
 from mmpretrain.types import Batch
 
 
@@ -38,7 +37,7 @@ class TimmVisionParams:
                               + (f"; e.g. {', '.join(close)}" if close else ""))
 
 
-class TimmVision(nn.Module):
+class TimmVision(ImageEncoder):
     """Image (B, 3, H, W) -> pooled features (B, num_features); a head projects them."""
 
     projects = False
@@ -58,9 +57,6 @@ class TimmVision(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.trunk(batch["image"])
-
-    def example_batch(self, batch_size: int) -> Batch:
-        return {"image": torch.randn(batch_size, 3, *self.image_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

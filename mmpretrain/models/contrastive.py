@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import ModelConfig, TowerConfig
 from mmpretrain.encoders import HEADS, build_encoder
 from mmpretrain.types import Batch
+
+if TYPE_CHECKING:
+    from mmpretrain.data.ops import OpContext
 
 
 class ContrastiveModel(nn.Module):

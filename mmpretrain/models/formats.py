@@ -97,7 +97,7 @@ def export_open_clip(model, out_dir: str | Path) -> Path:
     if set(towers) != {"image", "text"} or towers["image"].encoder != "openclip_vision" \
             or towers["text"].encoder != "openclip_text":
         raise ValueError("export to open_clip needs an openclip_vision image tower and an openclip_text text tower")
-    image, text = model.towers["image"], model.towers["text"]
+    image = model.towers["image"]
     vision_cfg = {**_named(towers["image"].params, "vision_cfg"), **towers["image"].params.get("vision_cfg", {})}
     text_cfg = {**_named(towers["text"].params, "text_cfg"), **towers["text"].params.get("text_cfg", {})}
     model_cfg = {"embed_dim": model.cfg.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg,
