@@ -89,6 +89,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from mmpretrain.data.corpus import CorpusError, EmojiCorpusConfig, build_emoji_corpus
+
+    cfg = EmojiCorpusConfig(concepts=args.concepts or None, size=args.size, seed=args.seed)
+    try:
+        manifest = build_emoji_corpus(cfg, args.cache, args.out)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"emoji corpus in {args.out}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items()))
+    print(f"train with: data.train={args.out}/shards   evaluate: mmpretrain eval zeroshot --data "
+          f"seen@folder={args.out}/eval/train_styles_seen unseen@folder={args.out}/eval/unseen_concepts ...")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
@@ -132,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_shards_make)
 
     _add_eval(sub)
+    d = sub.add_parser("data", help="benchmark corpora").add_subparsers(dest="data_cmd", required=True)
+    db = d.add_parser("build", help="build a benchmark corpus", description=(
+        "Fetch (npm, cached), rasterise (rsvg-convert) and split the emoji corpus: training shards plus "
+        "ImageFolder evaluation splits (training styles, held-out rendition and sketch styles, unseen concepts) "
+        "and manifest.json with sources, versions and licences."))
+    db.add_argument("corpus", choices=["emoji"], help="which corpus")
+    db.add_argument("--cache", default=".cache/mmpretrain/emoji", help="download and raster cache")
+    db.add_argument("--out", default="data/emoji", help="output folder (rebuilt)")
+    db.add_argument("--concepts", type=int, default=300, help="concepts to sample (0: all)")
+    db.add_argument("--size", type=int, default=64, help="image side in pixels")
+    db.add_argument("--seed", type=int, default=0)
+    db.set_defaults(fn=cmd_data_build)
     x = sub.add_parser("export", help="write a model as an open_clip checkpoint", description=(
         "Write an image-text model as an open_clip local-dir checkpoint (open_clip_config.json + safetensors), "
         "loadable by open_clip.create_model('local-dir:OUT') and CLIP_benchmark."))

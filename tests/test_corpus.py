@@ -1,0 +1,86 @@
+"""The emoji corpus builder on a committed fixture (12 concepts, 3 styles), without npm or apt."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmpretrain.data import corpus
+from mmpretrain.data.corpus import RASTERIZERS, CorpusError, EmojiCorpusConfig, build_emoji_corpus
+from tests.conftest import ROOT
+
+FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
+SOURCES = {name: FIXTURE / name for name in ("emojibase", "noto", "twemoji", "noto-v1")}
+CFG = EmojiCorpusConfig(train_styles=("noto",), rendition_styles=("twemoji",), sketch_styles=("noto-v1",),
+                        concepts=None, unseen_fraction=0.25, size=32, rasterizer="stub", shard_count=5)
+CALLS = []
+
+
+@RASTERIZERS.register("stub")
+def stub(svg: str, out: Path, size: int) -> None:
+    """Stands in for rsvg-convert (not installed on CI): a colour from the SVG's hash."""
+    CALLS.append(out)
+    colour = tuple(hashlib.sha256(svg.encode()).digest()[:3])
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    out.write_bytes(buf.getvalue())
+
+
+def test_build_from_fixture(tmp_path):
+    CALLS.clear()
+    m = build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
+    assert len(m["concepts"]["seen"]) == 9 and len(m["concepts"]["unseen"]) == 3  # the flag was dropped
+    assert not set(m["concepts"]["seen"]) & set(m["concepts"]["unseen"])
+    assert m["counts"] == {"train_shards": 9, "train_styles_seen": 9, "rendition": 9, "sketch": 9, "unseen_concepts": 3}
+    assert m["sources"]["noto"] == {"name": "@iconify-json/noto", "version": "1.2.9", "license": "Apache-2.0"}
+    assert m["sources"]["emojibase"]["license"] == "MIT"
+    assert len(CALLS) == 36  # 12 concepts x 3 styles
+    out = tmp_path / "out"
+    assert json.loads((out / "manifest.json").read_text())["counts"] == m["counts"]
+    unseen_folders = sorted(p.name for p in (out / "eval" / "unseen_concepts").iterdir())
+    assert [f.replace("_", " ") for f in unseen_folders] == sorted(m["concepts"]["unseen"])
+    # the shards hold captions that name the concept
+    from mmpretrain.data.shards import load_manifest
+
+    shard_manifest = load_manifest(out / "shards")
+    assert shard_manifest.samples == 9 and len(shard_manifest.shards) == 2
+    rows = (out / "train_images" / "captions.csv").read_text().splitlines()[1:]
+    labels = {c.lower() for c in m["concepts"]["seen"]}
+    assert all(any(label in row.lower() for label in labels) for row in rows)
+
+
+def test_rebuild_reuses_the_raster_cache(tmp_path):
+    build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
+    CALLS.clear()
+    build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
+    assert CALLS == []
+
+
+def test_eval_splits_feed_the_evaluator(tmp_path, tiny_model_cfg):
+    from mmpretrain import api
+    from mmpretrain.eval.runner import EvalSet, zeroshot_eval
+
+    build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
+    r = zeroshot_eval(api.create_model(tiny_model_cfg), EvalSet.parse(f"unseen@folder={tmp_path}/out/eval/unseen_concepts"),
+                      templates="a <> emoji", progress=False)
+    assert r["n"] == 3 and r["classes"] == 3
+
+
+def test_missing_tools_fail_with_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(CorpusError, match="apt-get install librsvg2-bin"):
+        corpus.rsvg("<svg/>", tmp_path / "x.png", 8)
+    with pytest.raises(CorpusError, match="install Node.js and npm"):
+        corpus.fetch_npm("@iconify-json/noto", tmp_path)
+
+
+@pytest.mark.skipif(corpus.shutil.which("rsvg-convert") is None, reason="rsvg-convert not installed")
+def test_rsvg_renders_a_real_icon(tmp_path):
+    style = corpus.load_style("noto", FIXTURE / "noto")
+    corpus.rsvg(style.svgs["dog-face"], tmp_path / "dog.png", 64)
+    img = Image.open(tmp_path / "dog.png").convert("RGB")
+    assert img.size == (64, 64) and len(set(img.getdata())) > 20  # a drawing, not a blank
