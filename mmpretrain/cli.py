@@ -56,7 +56,8 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmpretrain.eval.runner import EvalSet, retrieval_eval, robustness_eval, table, write_report, zeroshot_eval
+    from mmpretrain.eval.runner import (EvalSet, folder_retrieval_eval, retrieval_eval, robustness_eval, table,
+                                        write_report, zeroshot_eval)
 
     model = _load_model(args)
     common = {"batch_size": args.batch_size, "progress": True}
@@ -65,10 +66,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    for d in args.data]
         report: dict = {"zeroshot": reports}
         print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
-    elif args.eval_cmd == "retrieval":
-        reports = [retrieval_eval(model, d, **common) for d in args.data]
+    elif args.eval_cmd == "retrieval":  # shards with captions, or NAME@LAYOUT=DIR labelled folders
+        reports = [folder_retrieval_eval(model, EvalSet.parse(d), templates=args.templates, **common) if "=" in d
+                   else retrieval_eval(model, d, **common) for d in args.data]
         report = {"retrieval": reports}
-        print(table(reports, ["dataset", "images", "captions", *[k for k in reports[0] if "R@" in k]]))
+        keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
+        print(table(reports, ["dataset", "images", *keys]))
     else:
         baseline = json.loads(open(args.baseline).read()) if args.baseline else None
         report = robustness_eval(model, EvalSet.parse(args.id), [EvalSet.parse(d) for d in args.ood], baseline=baseline,
@@ -185,9 +188,11 @@ def _add_eval(sub) -> None:
         "Top-1/top-5/mean per-class recall. Each --data is [NAME@]LAYOUT=DIR; layouts: folder (folder names are "
         "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a."))
     z.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR ...")
-    r = e.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on shards", description=(
-        "Recall@k both ways on webdataset shards; several captions per image via json {'captions': [...]}."))
-    r.add_argument("--data", nargs="+", required=True, help="shard specs (paths, brace patterns)")
+    r = e.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on shards or labelled folders",
+                     description=("Recall@k both ways on webdataset shards (several captions per image via json "
+                                  "{'captions': [...]}), or text->image recall@k on a labelled folder given as "
+                                  "[NAME@]LAYOUT=DIR (each class prompt is a query; its images are the hits)."))
+    r.add_argument("--data", nargs="+", required=True, help="shard specs, or [NAME@]LAYOUT=DIR folders")
     b = e.add_parser("robustness", help="accuracy under distribution shift, drop and effective robustness",
                      description="Zero-shot accuracy on an in-distribution set and shifted sets ([NAME@]LAYOUT=DIR).")
     b.add_argument("--id", required=True, help="in-distribution set, e.g. imagenet=/data/imagenet/val")
@@ -197,7 +202,7 @@ def _add_eval(sub) -> None:
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
-    for p in (z, b):
+    for p in (z, r, b):
         p.add_argument("--templates", default="imagenet80", help="'a photo of a <>' or a named set (imagenet80, "
                        "imagenet_simple, photo); default imagenet80")
         p.add_argument("--workers", type=int, default=0, help="image decoding processes")

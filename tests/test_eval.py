@@ -97,3 +97,24 @@ def test_retrieval_eval_several_captions(tmp_path, tiny_model_cfg):
     assert r["images"] == 5 and r["captions"] == 10 and r["skipped"] == {"bad_image": 1}
     assert r["image_to_text_R@10"] == 1.0 and r["text_to_image_R@5"] == 1.0  # everything is in the top 5/10
     assert 0 <= r["image_to_text_R@1"] <= 1
+
+
+def test_folder_retrieval_hand_checked(tmp_path, tiny_model_cfg):
+    from mmpretrain.eval.runner import _miss_all, folder_retrieval_eval
+
+    root = make_folder(tmp_path / "set", ["red_circle", "blue_square", "green_cross", "cat"], per_class=1)
+    r = folder_retrieval_eval(api.create_model(tiny_model_cfg), EvalSet.parse(f"toy@folder={root}"), templates="a <>",
+                              ks=(1, 4), progress=False)
+    assert r["images"] == 4 and r["queries"] == 4
+    assert r["text_to_image_R@4"] == 1.0 and r["text_to_image_R@4_chance"] == 1.0  # k covers everything
+    assert r["text_to_image_R@1_chance"] == pytest.approx(0.25)
+    assert _miss_all(10, 1, 3) == pytest.approx(0.7) and _miss_all(5, 3, 3) == 0.0
+
+
+def test_eval_retrieval_cli_on_a_folder(tmp_path, tiny_model_cfg):
+    ckpt = api.export_open_clip(api.create_model(tiny_model_cfg), tmp_path / "model")
+    root = make_folder(tmp_path / "set", ["red_circle", "blue_square"], per_class=2)
+    proc = run_cli("eval", "retrieval", "--model", f"local-dir:{ckpt}", "--data", f"toy@folder={root}",
+                   "--templates", "a <>")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "text_to_image_R@10" in proc.stdout and "toy" in proc.stdout

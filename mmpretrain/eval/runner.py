@@ -97,6 +97,42 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
             **image_text_recall(sim, owner, ks)}
 
 
+def folder_retrieval_eval(model, data: EvalSet, *, templates: str | Sequence[str] = "a photo of a <>.",
+                          batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), workers: int = 0,
+                          progress: bool = True) -> dict[str, Any]:
+    """Text->image recall@k on a labelled image folder: each class's prompt (ensemble) is a query
+    and any image of that class is a hit; image->text recall@k equals top-k accuracy."""
+    import numpy as np
+
+    from mmpretrain.eval.metrics import recall_at_k
+
+    ds = ImageFolderSet(data.root, data.layout, EvalTransform(model))
+    clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
+                             allow_duplicates=True)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
+    emb, labels = [], []
+    for batch in tqdm(loader, desc=f"retrieval {data.name}", unit="batch", disable=not progress):
+        if len(batch["label"]):
+            emb.append(clf.embed({"image": batch["image"]}))
+            labels.append(batch["label"])
+    images, y = torch.cat(emb), torch.cat(labels).numpy()
+    present = np.unique(y)  # classes with at least one image are the queries
+    sim = (clf.weights[present] @ images.T).numpy()
+    positives = present[:, None] == y[None, :]
+    out: dict[str, Any] = {"dataset": data.name, "images": len(y), "queries": len(present)}
+    for k in ks:
+        out[f"text_to_image_R@{k}"] = recall_at_k(sim, positives, k)
+        out[f"text_to_image_R@{k}_chance"] = float(np.mean([1 - _miss_all(len(y), int(p.sum()), k) for p in positives]))
+    return out
+
+
+def _miss_all(n: int, positives: int, k: int) -> float:
+    """Probability that k random picks from n items (without replacement) miss all positives."""
+    import math
+
+    return math.comb(n - positives, k) / math.comb(n, k) if k <= n - positives else 0.0
+
+
 def _captions(sample: dict) -> list[str]:
     if "json" in sample:
         try:
