@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   create .venv if missing, install, build the toy shards, train, summarise
+#   make demo   create .venv if missing, install, build the emoji corpus, pre-train on CPU, evaluate, report
+#               (runs/demo/report.html); re-running reuses the corpus and the checkpoints
 #   make test   create .venv if missing, install, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo toy-data bench clean-runs
+.PHONY: install test test-all demo smoke toy-data bench clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +30,10 @@ data/toy/shards/manifest.json:
 
 toy-data: data/toy/shards/manifest.json
 
-demo: $(STAMP) toy-data
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+smoke: $(STAMP) toy-data
 	$(VENV)/bin/mmpretrain train configs/experiment/smoke.yaml train.resume=latest
 	$(PY) scripts/summarize_run.py runs/smoke
 
