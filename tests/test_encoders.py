@@ -130,3 +130,14 @@ def test_minilm_is_the_pretrained_sentence_encoder():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     e = torch.nn.functional.normalize(got, dim=-1)
     assert e[0] @ e[1] > 0.6 > e[0] @ e[2]  # dog ~ puppy, far from the stock market
+
+
+def test_minilm_partial_unfreezing():
+    enc = build_encoder("text", "minilm_l6", {"context_length": 16, "trainable_layers": 2}, embed_dim=EMBED)
+    trainable = {n.split(".")[3] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"4", "5"}  # model.encoder.layer.{4,5}: the top two of six
+    assert not any(p.requires_grad for n, p in enc.named_parameters() if "embeddings" in n)
+    from mmpretrain.config.strict import ConfigError
+
+    with pytest.raises(ConfigError, match="between 0 and 6"):
+        build_encoder("text", "minilm_l6", {"trainable_layers": 7}, embed_dim=EMBED)

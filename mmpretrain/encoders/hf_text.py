@@ -29,6 +29,7 @@ class HfTextParams:
     pooling: Literal["mean", "cls"] = "mean"
     context_length: int = 77
     tokenizer: Literal["auto", "openclip_bpe"] = "auto"  # auto: the directory's own, else open_clip BPE
+    trainable_layers: int | None = None  # partial unfreezing: only the top N transformer layers train
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -82,6 +83,8 @@ class HfText(nn.Module):
             self.model.pooler = None  # we pool ourselves; an unused pooler breaks DDP and wastes AdamW state
         self.output_dim = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)
+        if params.trainable_layers is not None:
+            unfreeze_top_layers(self.model, params.trainable_layers)
         if self.uses_bpe and self.vocab_size < 49408:
             raise ConfigError(f"hf_text with open_clip's BPE tokenizer needs vocab_size >= 49408 (got {self.vocab_size})")
 
@@ -105,6 +108,20 @@ class HfText(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)
+
+
+def unfreeze_top_layers(model: nn.Module, n: int) -> None:
+    """Freeze ``model`` except its last ``n`` transformer layers (the ModuleList of
+    ``config.num_hidden_layers`` blocks). n = 0 freezes everything."""
+    layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList)
+                   and len(m) == model.config.num_hidden_layers), None)
+    if layers is None:
+        raise ConfigError("trainable_layers: cannot find this model's list of transformer layers")
+    if not 0 <= n <= len(layers):
+        raise ConfigError(f"trainable_layers must be between 0 and {len(layers)}")
+    model.requires_grad_(False)
+    for layer in list(layers)[len(layers) - n:]:
+        layer.requires_grad_(True)
 
 
 def hf_grad_checkpointing(model: nn.Module, enable: bool) -> None:
@@ -145,6 +162,7 @@ class MiniLMParams:
     context_length: int = 32
     pooling: Literal["mean", "cls"] = "mean"  # the sentence-transformers model was trained with mean pooling
     dropout: float | None = None  # override hidden/attention dropout (0.1 in the checkpoint); None keeps it
+    trainable_layers: int | None = None  # partial unfreezing: only the top N of the 6 layers train (None: all)
 
 
 def minilm_dir() -> Path:
@@ -172,4 +190,4 @@ def build_minilm(params: MiniLMParams, *, embed_dim: int) -> nn.Module:
     overrides = {} if params.dropout is None else {"hidden_dropout_prob": params.dropout,
                                                    "attention_probs_dropout_prob": params.dropout}
     return HfText(HfTextParams(path=str(minilm_dir()), config=overrides, context_length=params.context_length,
-                               pooling=params.pooling))
+                               pooling=params.pooling, trainable_layers=params.trainable_layers))
