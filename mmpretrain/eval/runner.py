@@ -40,23 +40,45 @@ class EvalSet:
         return cls(name or layout, layout, Path(root))
 
 
-def zeroshot_eval(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
-                  workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Top-1, top-5 and mean per-class recall of zero-shot classification on ``data``."""
+@dataclass
+class FolderEmbeddings:
+    """One pass over a labelled folder: the classifier, image embeddings (N, E) and labels (N,)."""
+
+    data: EvalSet
+    clf: ZeroShotClassifier
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int
+
+
+def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
+                 workers: int = 0, progress: bool = True) -> FolderEmbeddings:
+    """Encode every image of ``data`` once; unreadable images are skipped and counted."""
     ds = ImageFolderSet(data.root, data.layout, EvalTransform(model))
     clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
                              allow_duplicates=True)  # labels are indices; CLIP's ImageNet names repeat two
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-    logits, labels, skipped = [], [], 0
-    for batch in tqdm(loader, desc=f"zero-shot {data.name}", unit="batch", disable=not progress):
+    emb, labels, skipped = [], [], 0
+    for batch in tqdm(loader, desc=f"embed {data.name}", unit="batch", disable=not progress):
         skipped += int(batch["skipped"])
         if len(batch["label"]):
-            logits.append(clf.logits({"image": batch["image"]}))
+            emb.append(clf.embed({"image": batch["image"]}))
             labels.append(batch["label"])
-    scores, y = torch.cat(logits), torch.cat(labels)
-    return {"dataset": data.name, "layout": data.layout, "n": len(y), "skipped": skipped, "classes": len(ds.classes.names),
-            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, scores.shape[1])),
-            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / len(ds.classes.names)}
+    return FolderEmbeddings(data, clf, torch.cat(emb), torch.cat(labels), skipped)
+
+
+def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
+    """Top-1, top-5 and mean per-class recall of zero-shot classification."""
+    y, n_classes = fe.labels, len(fe.clf.classes)
+    scores = fe.clf.model.logit_scale.exp().detach() * fe.images @ fe.clf.weights.T  # (N, C), as clf.logits
+    return {"dataset": fe.data.name, "layout": fe.data.layout, "n": len(y), "skipped": fe.skipped, "classes": n_classes,
+            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, n_classes)),
+            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / n_classes}
+
+
+def zeroshot_eval(model, data: EvalSet, **kwargs: Any) -> dict[str, Any]:
+    """Zero-shot metrics on ``data`` (keyword arguments as ``embed_folder``)."""
+    return zeroshot_metrics(embed_folder(model, data, **kwargs))
 
 
 def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
@@ -97,33 +119,27 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
             **image_text_recall(sim, owner, ks)}
 
 
-def folder_retrieval_eval(model, data: EvalSet, *, templates: str | Sequence[str] = "a photo of a <>.",
-                          batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), workers: int = 0,
-                          progress: bool = True) -> dict[str, Any]:
-    """Text->image recall@k on a labelled image folder: each class's prompt (ensemble) is a query
-    and any image of that class is a hit; image->text recall@k equals top-k accuracy."""
+def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """Text->image recall@k on a labelled folder: each class's prompt (ensemble) is a query and
+    any image of that class is a hit; image->text recall@k equals top-k accuracy."""
     import numpy as np
 
     from mmpretrain.eval.metrics import recall_at_k
 
-    ds = ImageFolderSet(data.root, data.layout, EvalTransform(model))
-    clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
-                             allow_duplicates=True)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-    emb, labels = [], []
-    for batch in tqdm(loader, desc=f"retrieval {data.name}", unit="batch", disable=not progress):
-        if len(batch["label"]):
-            emb.append(clf.embed({"image": batch["image"]}))
-            labels.append(batch["label"])
-    images, y = torch.cat(emb), torch.cat(labels).numpy()
+    y = fe.labels.numpy()
     present = np.unique(y)  # classes with at least one image are the queries
-    sim = (clf.weights[present] @ images.T).numpy()
+    sim = (fe.clf.weights[present] @ fe.images.T).numpy()
     positives = present[:, None] == y[None, :]
-    out: dict[str, Any] = {"dataset": data.name, "images": len(y), "queries": len(present)}
+    out: dict[str, Any] = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
     for k in ks:
         out[f"text_to_image_R@{k}"] = recall_at_k(sim, positives, k)
         out[f"text_to_image_R@{k}_chance"] = float(np.mean([1 - _miss_all(len(y), int(p.sum()), k) for p in positives]))
     return out
+
+
+def folder_retrieval_eval(model, data: EvalSet, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
+    """Text->image recall@k on ``data`` (keyword arguments as ``embed_folder``)."""
+    return folder_retrieval_metrics(embed_folder(model, data, **kwargs), ks)
 
 
 def _miss_all(n: int, positives: int, k: int) -> float:
