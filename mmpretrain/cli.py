@@ -56,8 +56,8 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmpretrain.eval.runner import (EvalSet, folder_retrieval_eval, retrieval_eval, robustness_eval, table,
-                                        write_report, zeroshot_eval)
+    from mmpretrain.eval.runner import (EvalSet, embed_folder, folder_retrieval_eval, hard_subset, retrieval_eval,
+                                        robustness_eval, table, write_report, zeroshot_eval)
 
     model = _load_model(args)
     common = {"batch_size": args.batch_size, "progress": True}
@@ -72,6 +72,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = {"retrieval": reports}
         keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
         print(table(reports, ["dataset", "images", *keys]))
+    elif args.eval_cmd == "hard":
+        fes = [embed_folder(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
+               for d in args.data]
+        report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
+        print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
+        print(f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
+              f"(evaluate with --data hard@folder={args.hard_out})")
     else:
         baseline = json.loads(open(args.baseline).read()) if args.baseline else None
         report = robustness_eval(model, EvalSet.parse(args.id), [EvalSet.parse(d) for d in args.ood], baseline=baseline,
@@ -93,17 +100,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from mmpretrain.data.corpus import CorpusError, EmojiCorpusConfig, build_emoji_corpus
+    import dataclasses
 
-    cfg = EmojiCorpusConfig(concepts=args.concepts or None, size=args.size, seed=args.seed)
+    from mmpretrain.data import icons  # noqa: F401  (registers the icons corpus)
+    from mmpretrain.data.corpus import CORPORA, CorpusError
+
+    entry = CORPORA.get(args.corpus)
+    fields = {"size": args.size, "seed": args.seed}
+    if args.concepts is not None:
+        fields["concepts"] = args.concepts or None
+    cfg = dataclasses.replace(entry.config_cls(), **fields)
+    cache = args.cache or f".cache/mmpretrain/{args.corpus}"
+    out = args.out or f"data/{args.corpus}"
     try:
-        manifest = build_emoji_corpus(cfg, args.cache, args.out)
+        manifest = entry.builder(cfg, cache, out)
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"emoji corpus in {args.out}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items()))
-    print(f"train with: data.train={args.out}/shards   evaluate: mmpretrain eval zeroshot --data "
-          f"seen@folder={args.out}/eval/train_styles_seen unseen@folder={args.out}/eval/unseen_concepts ...")
+    print(f"{args.corpus} corpus in {out}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items()))
+    print(f"train with: data.train={out}/shards   evaluate: mmpretrain eval zeroshot --data "
+          f"seen@folder={out}/eval/train_styles_seen unseen@folder={out}/eval/unseen_concepts ...")
     return 0
 
 
@@ -152,13 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     d = sub.add_parser("data", help="benchmark corpora").add_subparsers(dest="data_cmd", required=True)
     db = d.add_parser("build", help="build a benchmark corpus", description=(
-        "Fetch (npm, cached), rasterise (rsvg-convert) and split the emoji corpus: training shards plus "
-        "ImageFolder evaluation splits (training styles, held-out rendition and sketch styles, unseen concepts) "
-        "and manifest.json with sources, versions and licences."))
-    db.add_argument("corpus", choices=["emoji"], help="which corpus")
-    db.add_argument("--cache", default=".cache/mmpretrain/emoji", help="download and raster cache")
-    db.add_argument("--out", default="data/emoji", help="output folder (rebuilt)")
-    db.add_argument("--concepts", type=int, default=300, help="concepts to sample (0: all)")
+        "Fetch (emoji: npm; icons: Debian packages via apt-get download, no install), rasterise "
+        "(rsvg-convert) and split a benchmark corpus: training shards plus ImageFolder evaluation splits "
+        "(training styles, held-out rendition and sketch styles, unseen concepts) and manifest.json with "
+        "sources, versions and licences. Cached and idempotent. See docs/corpus.md."))
+    db.add_argument("corpus", choices=["emoji", "icons"], help="which corpus")
+    db.add_argument("--cache", default=None, help="download and raster cache (default .cache/mmpretrain/CORPUS)")
+    db.add_argument("--out", default=None, help="output folder, rebuilt (default data/CORPUS)")
+    db.add_argument("--concepts", type=int, default=None,
+                    help="concepts to sample (0: all; default: emoji 300, icons all)")
     db.add_argument("--size", type=int, default=64, help="image side in pixels")
     db.add_argument("--seed", type=int, default=0)
     db.set_defaults(fn=cmd_data_build)
@@ -198,15 +216,22 @@ def _add_eval(sub) -> None:
     b.add_argument("--id", required=True, help="in-distribution set, e.g. imagenet=/data/imagenet/val")
     b.add_argument("--ood", nargs="+", required=True, help="shifted sets, e.g. imagenet-r=/data/imagenet-r")
     b.add_argument("--baseline", help="JSON {set name or 'all': [[id_acc, ood_acc], ...]} for effective robustness")
-    for p in (z, r, b):
+    h = e.add_parser("hard", help="build a hard subset (ImageNet-A analogue) from a reference model's mistakes",
+                     description=("Copy the images of the given labelled folders that --model (the reference) "
+                                  "misclassifies zero-shot into --hard-out/<class>/, keeping every class folder, with "
+                                  "hard_subset.json naming the reference. Evaluate other models on it with "
+                                  "`eval zeroshot --data hard@folder=DIR`."))
+    h.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR folders to filter")
+    h.add_argument("--hard-out", required=True, help="output folder (rebuilt)")
+    h.add_argument("--reference-name", help="how the report names the reference model (default: --model)")
+    for p in (z, r, b, h):
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
-    for p in (z, r, b):
         p.add_argument("--templates", default="imagenet80", help="'a photo of a <>' or a named set (imagenet80, "
                        "imagenet_simple, photo); default imagenet80")
         p.add_argument("--workers", type=int, default=0, help="image decoding processes")
-    for p in (z, r, b):
+        p.set_defaults(fn=cmd_eval)
         p.set_defaults(fn=cmd_eval)
 
 

@@ -28,6 +28,7 @@ from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 RASTERIZERS: Registry[Callable[[str, Path, int], None]] = Registry("rasterizer")
+CORPORA: Registry[Callable[..., dict]] = Registry("corpus")  # name -> build(cfg, cache, out); config_cls types cfg
 TEMPLATES = ("{label}", "a {label} emoji", "an icon of a {label}", "a drawing of a {label}", "{label}, {tag}",
              "the {label} symbol")
 
@@ -167,41 +168,49 @@ def caption(concept: Concept, rng: random.Random) -> str:
     return rng.choice(TEMPLATES).format(label=concept.label, tag=tag)
 
 
-def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Concept], unseen: list[Concept]) -> dict:
-    """Training shards + evaluation ImageFolder splits; returns counts per split."""
+def write_corpus(out: Path, train: list[tuple[Path, str, str]], splits: dict[str, list[tuple[Path, str, str]]],
+                 shard_count: int) -> dict[str, int]:
+    """Write training shards and evaluation ImageFolder splits; returns image counts per split.
+
+    ``train``: (png, caption, file name) rows; ``splits[name]``: (png, concept label, file name) rows,
+    written as ``out/eval/<name>/<label with _>/<file name>``. Shared by every corpus builder.
+    """
     from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
-    rng = random.Random(cfg.seed + 1)
     staging = out / "train_images"
     buf = io.StringIO()
     rows = csv.writer(buf)
     rows.writerow(["file", "caption"])
-    for c in seen:
-        for style in cfg.train_styles:
-            if (style, c.slug) in pngs:
-                name = f"{style}/{c.slug}.png"
-                (staging / style).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(pngs[(style, c.slug)], staging / name)
-                rows.writerow([name, caption(c, rng)])
+    for png, text, name in train:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, staging / name)
+        rows.writerow([name, text])
     atomic_write_text(staging / "captions.csv", buf.getvalue())
-    manifest = make_shards(staging, staging / "captions.csv", out / "shards", ShardWriterConfig(max_count=cfg.shard_count),
+    manifest = make_shards(staging, staging / "captions.csv", out / "shards", ShardWriterConfig(max_count=shard_count),
                            progress=False)
-    splits = {"train_styles_seen": (seen, cfg.train_styles), "rendition": (seen, cfg.rendition_styles),
-              "sketch": (seen, cfg.sketch_styles), "unseen_concepts": (unseen, cfg.train_styles)}
     counts = {"train_shards": manifest.samples}
-    for split, (concepts, styles) in splits.items():
-        n = 0
-        for c in concepts:
-            for style in styles:
-                if (style, c.slug) in pngs:
-                    folder = out / "eval" / split / c.label.replace(" ", "_")
-                    folder.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(pngs[(style, c.slug)], folder / f"{style}.png")
-                    n += 1
-        counts[split] = n
+    for split, items in splits.items():
+        for png, label, name in items:
+            folder = out / "eval" / split / label.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, folder / name)
+        counts[split] = len(items)
     return counts
 
 
+def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Concept], unseen: list[Concept]) -> dict:
+    """Training shards (seen concepts x training styles) + the four evaluation splits."""
+    rng = random.Random(cfg.seed + 1)
+    train = [(pngs[(s, c.slug)], caption(c, rng), f"{s}/{c.slug}.png")
+             for c in seen for s in cfg.train_styles if (s, c.slug) in pngs]
+    plan = {"train_styles_seen": (seen, cfg.train_styles), "rendition": (seen, cfg.rendition_styles),
+            "sketch": (seen, cfg.sketch_styles), "unseen_concepts": (unseen, cfg.train_styles)}
+    splits = {split: [(pngs[(s, c.slug)], c.label, f"{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs]
+              for split, (concepts, styles) in plan.items()}
+    return write_corpus(out, train, splits, cfg.shard_count)
+
+
+@CORPORA.register("emoji", config=EmojiCorpusConfig)
 def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Path,
                        sources: dict[str, Path] | None = None) -> dict:
     """Fetch (or take) the sources, rasterise, split, and write shards + eval folders + manifest.json.

@@ -137,16 +137,17 @@ class ImageFolderSet(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                return self.transform(img.convert("RGB")), label
+                return self.transform(img.convert("RGB")), label, i
         except Exception as exc:  # unreadable image: skipped and counted, not fatal
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
 
 
 def collate_skip(items):
-    """Stack (image, label) pairs, dropping ``None``; returns ``{"image", "label", "skipped"}``."""
+    """Stack (image, label, index) triples, dropping ``None``; returns ``{"image", "label", "index", "skipped"}``."""
     good = [x for x in items if x is not None]
     if not good:
-        return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "skipped": torch.tensor(len(items))}
+        empty = torch.empty(0, dtype=torch.long)
+        return {"image": torch.empty(0), "label": empty, "index": empty, "skipped": torch.tensor(len(items))}
     return {"image": torch.stack([x[0] for x in good]), "label": torch.tensor([x[1] for x in good]),
-            "skipped": torch.tensor(len(items) - len(good))}
+            "index": torch.tensor([x[2] for x in good]), "skipped": torch.tensor(len(items) - len(good))}

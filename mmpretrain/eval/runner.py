@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,13 +43,15 @@ class EvalSet:
 
 @dataclass
 class FolderEmbeddings:
-    """One pass over a labelled folder: the classifier, image embeddings (N, E) and labels (N,)."""
+    """One pass over a labelled folder: the classifier, image embeddings (N, E), labels (N,) and
+    the N image files (unreadable ones skipped and counted)."""
 
     data: EvalSet
     clf: ZeroShotClassifier
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
+    paths: list[Path]
 
 
 def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
@@ -58,13 +61,16 @@ def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imag
     clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
                              allow_duplicates=True)  # labels are indices; CLIP's ImageNet names repeat two
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-    emb, labels, skipped = [], [], 0
+    emb, labels, paths, skipped = [], [], [], 0
     for batch in tqdm(loader, desc=f"embed {data.name}", unit="batch", disable=not progress):
         skipped += int(batch["skipped"])
         if len(batch["label"]):
             emb.append(clf.embed({"image": batch["image"]}))
             labels.append(batch["label"])
-    return FolderEmbeddings(data, clf, torch.cat(emb), torch.cat(labels), skipped)
+            paths += [ds.samples[i][0] for i in batch["index"].tolist()]
+    if not emb:
+        raise ValueError(f"{data.root}: no readable image ({skipped} skipped)")
+    return FolderEmbeddings(data, clf, torch.cat(emb), torch.cat(labels), skipped, paths)
 
 
 def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
@@ -74,6 +80,37 @@ def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
     return {"dataset": fe.data.name, "layout": fe.data.layout, "n": len(y), "skipped": fe.skipped, "classes": n_classes,
             "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, n_classes)),
             "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / n_classes}
+
+
+def predictions(fe: FolderEmbeddings) -> torch.Tensor:
+    """Top-1 zero-shot class index per image, (N,)."""
+    return (fe.images @ fe.clf.weights.T).argmax(dim=1)
+
+
+def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str) -> dict[str, Any]:
+    """ImageNet-A analogue: copy the images that the reference model (the one ``fes`` were embedded
+    with) classifies wrongly into ``out/<class folder>/<split>__<file>``, keeping every class folder
+    of the sources (empty ones too, so the label set and chance stay those of the sources).
+
+    Writes ``out/hard_subset.json`` naming ``reference``; the subset is only meaningful with it.
+    """
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    per_split = {}
+    for fe in fes:
+        wrong = (predictions(fe) != fe.labels).nonzero().flatten().tolist()
+        for folder in (p for p in fe.data.root.iterdir() if p.is_dir()):
+            (out / folder.name).mkdir(parents=True, exist_ok=True)
+        for i in wrong:
+            src = fe.paths[i]
+            shutil.copyfile(src, out / src.parent.name / f"{fe.data.name}__{src.name}")
+        per_split[fe.data.name] = {"images": len(fe.labels), "hard": len(wrong)}
+    info = {"reference_model": reference, "sources": {fe.data.name: str(fe.data.root) for fe in fes},
+            "counts": per_split, "hard": sum(v["hard"] for v in per_split.values()),
+            "classes": len({p.name for p in out.iterdir() if p.is_dir()})}
+    atomic_write_text(out / "hard_subset.json", json.dumps(info, indent=2))
+    return info
 
 
 def zeroshot_eval(model, data: EvalSet, **kwargs: Any) -> dict[str, Any]:
