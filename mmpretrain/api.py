@@ -19,12 +19,14 @@ from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
 from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
+from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_text
 
 __all__ = [
-    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "Manifest", "ModelConfig",
-    "ShardWriterConfig", "create_model", "encode", "export_open_clip", "list_encoders", "load_checkpoint",
-    "load_config", "make_shards", "tokenize", "train", "zero_shot",
+    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "Manifest", "ModelConfig", "Registry",
+    "RegistryError", "ShardWriterConfig", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "create_model", "encode", "expand_sources", "export_open_clip", "item_batches",
+    "list_encoders", "load_checkpoint", "load_config", "make_shards", "model_id", "tokenize", "train", "zero_shot",
 ]
 
 
@@ -124,3 +126,37 @@ def list_encoders() -> dict[str, list[str]]:
 def data_config(**fields: Any) -> DataConfig:
     """A validated ``DataConfig`` from keyword fields."""
     return from_dict(DataConfig, fields, "data")
+
+
+def expand_sources(spec: str) -> list[str]:
+    """A collection to embed -> its sources, in a stable order: shard specs (paths, directories of
+    ``.tar``, brace patterns, ``::`` lists, ``pipe:`` URLs), or a folder of image files (one source)."""
+    from mmpretrain.data.loader import expand_shards
+
+    path = Path(spec)
+    if path.is_dir() and not any(path.glob("*.tar")):
+        return [str(path)]
+    return expand_shards(spec)
+
+
+def item_batches(model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128):
+    """Preprocessed batches of one source (``ItemBatch``: ``inputs={"image": (B, 3, H, W)}``, ``keys``,
+    ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` counts on the last batch)."""
+    from mmpretrain.eval.items import item_batches as _item_batches
+
+    return _item_batches(model, source, batch_size=batch_size, thumb_size=thumb_size)
+
+
+def model_id(model: ContrastiveModel) -> str:
+    """A fingerprint of what decides a model's embeddings (16 hex digits): its weights and its image
+    preprocessing (size, mean, std, interpolation). The same weights loaded from our checkpoint
+    or from an open_clip export give the same id; embeddings and indexes record it, so a query
+    model that differs from the indexing model is caught."""
+    import hashlib
+
+    ctx = model.data_context()
+    h = hashlib.sha256(repr((ctx.image_size, ctx.mean, ctx.std, ctx.interpolation)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

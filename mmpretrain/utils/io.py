@@ -45,7 +45,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory that is renamed to ``path`` when the block succeeds.
 
-    ``path`` must not exist yet; a failed block leaves nothing behind.
+    An existing ``path`` is replaced only then (moved aside, the new one renamed in, the old one
+    deleted); a failed block leaves ``path`` as it was and no temp directory behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,106 @@
+"""Collections to embed, read as preprocessed batches with their metadata.
+
+A *source* is one webdataset shard (``.tar``, any ``data.train``-style URL) or a folder of
+image files. Each item keeps its key, caption, where it came from, and a small JPEG thumbnail
+for search pages. Bad items are skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from mmpretrain.types import Batch
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class ItemBatch:
+    """``inputs[modality]``: (B, ...) preprocessed tensors; the lists are per item, length B."""
+
+    inputs: Batch
+    keys: list[str]
+    captions: list[str]
+    sources: list[str]
+    thumbnails: list[bytes]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def thumbnail(image: Image.Image, size: int) -> bytes:
+    """A JPEG of the image's longer side scaled to ``size`` (0: none)."""
+    if size <= 0:
+        return b""
+    img = image.convert("RGB")
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _raw_items(source: str, skipped: dict[str, int]) -> Iterator[tuple[str, str, str, bytes]]:
+    """(key, caption, source, image bytes) from a shard or an image folder."""
+    path = Path(source)
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption = f.with_suffix(".txt").read_text(errors="replace").strip() if f.with_suffix(".txt").is_file() else ""
+            yield str(f.relative_to(path)), caption, str(f), f.read_bytes()
+        return
+    from mmpretrain.data.stream import ErrorCounter, read_samples
+
+    errors = ErrorCounter("skip", None)
+    for sample in read_samples([source], errors.handler):
+        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image is None:
+            skipped["missing_image"] = skipped.get("missing_image", 0) + 1
+            continue
+        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+        url = ""
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+                url = str(meta.get("url") or meta.get("source") or "")
+                caption = caption or " ".join(meta.get("captions", [])[:1])
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                pass
+        yield sample["__key__"], caption, url or f"{source}#{sample['__key__']}", image
+    for kind, n in errors.counts.items():
+        skipped[kind] = skipped.get(kind, 0) + n
+
+
+def item_batches(model, source: str, *, batch_size: int = 64, thumb_size: int = 128) -> Iterator[ItemBatch]:
+    """Batches of ``{"image": (B, 3, H, W)}`` with the model's evaluation preprocessing, plus metadata.
+
+    The last batch's ``skipped`` holds the counts of unreadable items of the whole source.
+    """
+    from mmpretrain.eval.zeroshot import EvalTransform
+
+    transform = EvalTransform(model)
+    skipped: dict[str, int] = {}
+    cur = ItemBatch({}, [], [], [], [])
+    images: list[torch.Tensor] = []
+    for key, caption, src, data in _raw_items(source, skipped):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                images.append(transform(img.convert("RGB")))
+                cur.thumbnails.append(thumbnail(img, thumb_size))
+        except Exception as exc:  # any undecodable image: skip and count
+            skipped["bad_image"] = skipped.get("bad_image", 0) + 1
+            log.warning("skipping unreadable image %s in %s: %s", key, source, exc)
+            continue
+        cur.keys.append(key), cur.captions.append(caption), cur.sources.append(src)
+        if len(images) == batch_size:
+            cur.inputs = {"image": torch.stack(images)}
+            yield cur
+            cur, images = ItemBatch({}, [], [], [], []), []
+    cur.inputs = {"image": torch.stack(images)} if images else {"image": torch.empty(0)}
+    cur.skipped = skipped
+    yield cur

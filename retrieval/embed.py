@@ -1,0 +1,213 @@
+"""Embedding jobs: a collection -> embedding parts + parquet metadata + thumbnails.
+
+Output folder::
+
+    embeddings.json            model id, dimension, dtype, modality, the sources (one per part)
+    parts/part-00042.npy       (n, E) float16/float32, L2-normalised, for source 42
+    parts/part-00042.thumbs    concatenated JPEG thumbnails
+    parts/part-00042.parquet   key, caption, source, modality, thumb_offset, thumb_len (written last:
+                               the part's "done" marker)
+
+One part per source (shard or image folder). Under ``torchrun`` rank r embeds sources
+r, r + world, ... with no communication; a killed job re-run with the same arguments skips
+finished parts. Every file is written to a temp name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mmpretrain import api
+
+log = logging.getLogger(__name__)
+FORMAT = "mmpretrain-embeddings/1"
+META_COLUMNS = ("key", "caption", "source", "modality", "thumb_offset", "thumb_len")
+
+
+class EmbedError(RuntimeError):
+    """An embedding job cannot run or continue (with what to do about it)."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str
+    data: str
+    out: str
+    batch_size: int = 64
+    dtype: str = "float16"  # float16 | float32
+    thumb_size: int = 128  # 0: no thumbnails
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    modality: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise EmbedError(f"dtype must be float16 or float32, not {self.dtype!r}")
+        if self.batch_size < 1:
+            raise EmbedError("batch_size must be >= 1")
+        if self.modality != "image":
+            raise EmbedError(f"modality {self.modality!r}: only image collections can be embedded so far")
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _device(cfg: EmbedConfig) -> str:
+    import torch
+
+    if cfg.device != "auto":
+        return cfg.device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources: list[str]) -> None:
+    header = {"format": FORMAT, "model": cfg.model, "model_id": model_id, "dim": dim, "dtype": cfg.dtype,
+              "modality": cfg.modality, "data": cfg.data, "sources": sources, "thumb_size": cfg.thumb_size}
+    path = out / "embeddings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("model_id", "dtype", "sources"):
+            if old.get(key) != header[key]:
+                raise EmbedError(f"{out} holds a job with a different {key} ({str(old.get(key))[:80]!r}); "
+                                 f"use another --out or delete it")
+        return
+    api.atomic_write_text(path, json.dumps(header, indent=2))
+
+
+def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict[str, int]:
+    """Embed one source into ``part``.{npy,thumbs,parquet}; returns the skipped-item counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors, rows, thumbs, offset, skipped = [], {c: [] for c in META_COLUMNS}, [], 0, {}
+    for batch in api.item_batches(model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size):
+        skipped = batch.skipped or skipped
+        if not batch.keys:
+            continue
+        vectors.append(api.encode(model, cfg.modality, batch.inputs).float().cpu().numpy())
+        for key, caption, src, thumb in zip(batch.keys, batch.captions, batch.sources, batch.thumbnails):
+            for col, val in zip(META_COLUMNS, (key, caption, src, cfg.modality, offset, len(thumb))):
+                rows[col].append(val)
+            thumbs.append(thumb)
+            offset += len(thumb)
+    dim = model.cfg.embed_dim
+    emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    with api.atomic_open(part.with_suffix(".thumbs"), "wb") as f:
+        f.write(b"".join(thumbs))
+    with api.atomic_open(part.with_suffix(".npy"), "wb") as f:
+        np.save(f, emb.astype(cfg.dtype))
+    table = pa.table(rows, schema=pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
+                                             ("modality", pa.string()), ("thumb_offset", pa.int64()),
+                                             ("thumb_len", pa.int32())]))
+    with api.atomic_open(part.with_suffix(".parquet"), "wb") as f:
+        pq.write_table(table, f)
+    return skipped
+
+
+def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
+    """Embed this rank's share of ``cfg.data`` into ``cfg.out``, skipping finished parts."""
+    from tqdm import tqdm
+
+    rank, world = rank_world()
+    out = Path(cfg.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    sources = api.expand_sources(cfg.data)
+    model = api.load_checkpoint(cfg.model).to(_device(cfg))
+    _write_header(cfg, out, api.model_id(model), model.cfg.embed_dim, sources)
+    mine = [i for i in range(len(sources)) if i % world == rank]
+    todo = [i for i in mine if not (out / "parts" / f"{part_name(i)}.parquet").is_file()]
+    stats = {"rank": rank, "parts": len(mine), "skipped_parts": len(mine) - len(todo), "items": 0, "bad": {}}
+    start = time.perf_counter()
+    for i in tqdm(todo, desc=f"embed (rank {rank})", unit="part", disable=not progress or rank != 0):
+        bad = embed_part(model, cfg, sources[i], out / "parts" / part_name(i))
+        stats["items"] += len(np.load(out / "parts" / f"{part_name(i)}.npy", mmap_mode="r"))
+        for kind, n in bad.items():
+            stats["bad"][kind] = stats["bad"].get(kind, 0) + n
+    stats["seconds"] = round(time.perf_counter() - start, 2)
+    stats["items_per_s"] = round(stats["items"] / max(stats["seconds"], 1e-9), 1)
+    log.info("embedded %s", json.dumps(stats))
+    return stats
+
+
+@dataclass
+class Embeddings:
+    """A finished embedding job, read lazily part by part (memory-mapped): ids are row numbers
+    across the parts in source order."""
+
+    folder: Path
+    header: dict
+    parts: list[Path]  # part paths without suffix
+    counts: list[int]
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def dim(self) -> int:
+        return int(self.header["dim"])
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first id, (n_i, E) float32) per part."""
+        start = 0
+        for part, count in zip(self.parts, self.counts):
+            yield start, np.ascontiguousarray(np.load(part.with_suffix(".npy"), mmap_mode="r"), dtype=np.float32)
+            start += count
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (any order) as (len(ids), E) float32."""
+        bounds = np.cumsum([0, *self.counts])
+        out = np.empty((len(ids), self.dim), np.float32)
+        for j, part in enumerate(self.parts):
+            sel = np.nonzero((ids >= bounds[j]) & (ids < bounds[j + 1]))[0]
+            if len(sel):
+                out[sel] = np.load(part.with_suffix(".npy"), mmap_mode="r")[ids[sel] - bounds[j]]
+        return out
+
+    def array(self) -> np.ndarray:
+        return np.concatenate([c for _, c in self.chunks()]) if self.parts else np.zeros((0, self.dim), np.float32)
+
+    def meta(self):
+        """pyarrow.Table of META_COLUMNS + ``part`` (the part path the thumbnails live in)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(p.with_suffix(".parquet")) for p in self.parts]
+        tables = [t.append_column("part", pa.array([str(p)] * t.num_rows, pa.string())) for t, p in zip(tables, self.parts)]
+        return pa.concat_tables(tables) if tables else None
+
+
+def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embeddings:
+    """Open a job's finished parts in source order; missing parts are an error unless ``allow_partial``."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    if not (folder / "embeddings.json").is_file():
+        raise EmbedError(f"{folder}: not an embedding job folder (no embeddings.json)")
+    header = json.loads((folder / "embeddings.json").read_text())
+    names = [part_name(i) for i in range(len(header["sources"]))]
+    done = [folder / "parts" / n for n in names if (folder / "parts" / f"{n}.parquet").is_file()]
+    if len(done) < len(names) and not allow_partial:
+        raise EmbedError(f"{folder}: {len(names) - len(done)} of {len(names)} parts are not embedded yet; re-run "
+                         f"`retrieval embed` with the same arguments to finish (finished parts are skipped)")
+    counts = []
+    for part in done:
+        n_vec = np.load(part.with_suffix(".npy"), mmap_mode="r").shape[0]
+        n_rows = pq.ParquetFile(part.with_suffix(".parquet")).metadata.num_rows
+        if n_vec != n_rows:
+            raise EmbedError(f"{part}: {n_vec} vectors but {n_rows} metadata rows (corrupt part: delete its files "
+                             f"and re-run the embedding job)")
+        counts.append(n_vec)
+    return Embeddings(folder, header, done, counts)
