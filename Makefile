@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo smoke toy-data bench clean-runs
+.PHONY: install test test-all demo smoke toy-data bench bench-index browser clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +17,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (no browser download); install it when we can (root + apt).
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser test (apt-get) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+		echo "warning: could not install chromium; the browser test will be skipped"; \
+	else echo "note: chromium missing (sudo apt-get install chromium); the browser test will be skipped"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -m '' $(PYTEST_ARGS)
 
 data/toy/shards/manifest.json:
@@ -39,6 +49,9 @@ smoke: $(STAMP) toy-data
 
 bench: $(STAMP) toy-data
 	$(PY) benchmarks/train_throughput.py
+
+bench-index: $(STAMP)
+	$(PY) benchmarks/index.py --sizes 100000 1000000
 
 clean-runs:
 	rm -rf runs

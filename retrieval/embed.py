@@ -185,7 +185,7 @@ class Embeddings:
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(p.with_suffix(".parquet")) for p in self.parts]
-        tables = [t.append_column("part", pa.array([str(p)] * t.num_rows, pa.string())) for t, p in zip(tables, self.parts)]
+        tables = [t.append_column("part", pa.array([str(p.resolve())] * t.num_rows, pa.string())) for t, p in zip(tables, self.parts)]
         return pa.concat_tables(tables) if tables else None
 
 
@@ -211,3 +211,36 @@ def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embed
                              f"and re-run the embedding job)")
         counts.append(n_vec)
     return Embeddings(folder, header, done, counts)
+
+
+def write_vectors(folder: str | Path, vectors: np.ndarray, *, model: str = "external", model_id: str = "external",
+                  keys: list[str] | None = None, captions: list[str] | None = None, part_size: int = 100_000,
+                  dtype: str = "float32") -> Embeddings:
+    """Store vectors computed elsewhere (or synthetic ones) as an embedding job, so that
+    ``retrieval index build`` can index them; rows are L2-normalised here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    (folder / "parts").mkdir(parents=True, exist_ok=True)
+    n, dim = vectors.shape
+    keys = keys or [str(i) for i in range(n)]
+    captions = captions or [""] * n
+    starts = list(range(0, n, part_size)) or [0]
+    for j, a in enumerate(starts):
+        b = min(a + part_size, n)
+        v = np.asarray(vectors[a:b], dtype=np.float32)
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        part = folder / "parts" / part_name(j)
+        with api.atomic_open(part.with_suffix(".npy"), "wb") as f:
+            np.save(f, v.astype(dtype))
+        api.atomic_write_bytes(part.with_suffix(".thumbs"), b"")
+        table = pa.table({"key": keys[a:b], "caption": captions[a:b], "source": [""] * (b - a),
+                          "modality": ["vector"] * (b - a), "thumb_offset": pa.array([0] * (b - a), pa.int64()),
+                          "thumb_len": pa.array([0] * (b - a), pa.int32())})
+        with api.atomic_open(part.with_suffix(".parquet"), "wb") as f:
+            pq.write_table(table, f)
+    header = {"format": FORMAT, "model": model, "model_id": model_id, "dim": dim, "dtype": dtype, "modality": "vector",
+              "data": "vectors", "sources": [f"vectors[{a}:{min(a + part_size, n)}]" for a in starts], "thumb_size": 0}
+    api.atomic_write_text(folder / "embeddings.json", json.dumps(header, indent=2))
+    return load_embeddings(folder)

@@ -49,6 +49,7 @@ class IndexSpec:
     knob_values: tuple[int, ...] = ()
     train_size: int = 0  # vectors sampled for training (0: no training)
     on_disk_ok: bool = False
+    params: tuple[tuple[str, int], ...] = ()  # fixed search parameters, e.g. the refine shortlist factor
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
     nlist, m = nlist_for(n), pq_m(d)
     return IndexSpec("ivf_pq_refine", f"OPQ{m}_{d},IVF{nlist},PQ{m}x8,Refine(SQ8)",
                      n * (m + d + 8) + nlist * d * 4 + d * d * 4, "nprobe", (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                     min(n, max(64 * nlist, 256 * 64)))
+                     min(n, max(64 * nlist, 256 * 64)), params=(("k_factor_rf", 16),))  # re-rank a 16k shortlist
 
 
 @INDEX_TYPES.register("ivf_pq")
@@ -169,6 +170,8 @@ def tune(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, target:
          ) -> Tuning:
     """Smallest knob value whose recall@10 reaches ``target`` (else the best); ``exclude[i]`` is an id
     dropped from query i's results (the query itself, when queries are sampled from the collection)."""
+    for name, value in spec.params:
+        set_knob(index, name, value)
     if spec.knob is None:
         return Tuning(None, None, 1.0)
     table, best = [], None
@@ -383,6 +386,8 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
         index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0)
     except RuntimeError as exc:
         raise IndexError_(f"{folder}/index.faiss cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    for name, value in header["spec"].get("params", ()):
+        set_knob(index, name, value)
     set_knob(index, header.get("knob"), header.get("knob_value"))
     return LoadedIndex(folder, index, header, pq.read_table(folder / "meta.parquet"))
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -95,3 +96,43 @@ def experiment_tree(shards: Path, run_dir: Path, **sections) -> dict:
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmpretrain.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 0.15) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random image-text model exported as an open_clip folder (load_checkpoint-able)."""
+    import torch
+
+    from mmpretrain import api
+    from mmpretrain.config.loader import config_from_tree
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    api.export_open_clip(api.create_model(config_from_tree({"model": TINY_MODEL}).model), out)
+    return f"local-dir:{out}"
+
+
+@pytest.fixture(scope="session")
+def embedded(tiny_ckpt, toy_shards, tmp_path_factory):
+    from retrieval.embed import EmbedConfig, run_embed
+
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(out), batch_size=8), progress=False)
+    return out, stats
+
+
+@pytest.fixture(scope="session")
+def search_index(embedded, tmp_path_factory):
+    """An exact index over the embedded toy shards (64 items)."""
+    from retrieval.index import BuildConfig, build_index
+
+    out = tmp_path_factory.mktemp("ix") / "ix"
+    build_index(embedded[0], out, BuildConfig(), progress=False)
+    return out

@@ -1,0 +1,153 @@
+"""``retrieval``: embed a collection, build/extend a FAISS index, search it, serve it.
+
+    retrieval embed --model CKPT --data 'shards/{000000..000099}.tar' --out emb/   (torchrun-able)
+    retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
+    retrieval index add index/ emb2/
+    retrieval search index/ "a red bicycle" -k 10
+    retrieval serve index/ [--port 8000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+from retrieval.embed import EmbedError
+from retrieval.index import IndexError_
+from retrieval.search import QueryError
+
+UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``2GB``, ``512M``, ``1.5G``, ``1000000`` -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from retrieval.embed import EmbedConfig, run_embed
+
+    cfg = EmbedConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
+                      thumb_size=args.thumb_size, device=args.device)
+    stats = run_embed(cfg)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from retrieval.index import BuildConfig, build_index
+
+    cfg = BuildConfig(index_type=args.type, memory_bytes=args.memory, recall_target=args.recall, on_disk=args.on_disk,
+                      queries=args.queries, threads=args.threads)
+    queries = np.load(args.queries_file) if args.queries_file else None
+    h = build_index(args.embeddings, args.out, cfg, queries=queries)
+    print(f"{h['spec']['type']} ({h['spec']['factory']}) over {h['ntotal']:,} vectors: recall@10 {h['recall@10']:.3f} "
+          f"at {h['knob']}={h['knob_value']}, built in {h['build_seconds']:.1f} s, "
+          f"{sum(h['bytes'].values()) / 2**20:.1f} MiB -> {args.out}")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from retrieval.index import add_to_index
+
+    h = add_to_index(args.index, args.embeddings)
+    print(f"{args.index}: {h['ntotal']:,} vectors")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from retrieval.search import Searcher
+
+    searcher = Searcher.open(args.index, args.model)
+    for query, hits in zip(args.query, searcher.search(args.query, args.k)):
+        print(f"# {query}")
+        for h in hits:
+            print(f"{h.rank + 1:3d}  {h.score:.4f}  {h.key}  {h.caption[:60]!r}  {h.source}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from retrieval.search import Searcher
+    from retrieval.service import ServeConfig, serve
+
+    searcher = Searcher.open(args.index, args.model)
+    print(f"serving {searcher.index.ntotal:,} items on http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
+    serve(searcher, ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrieval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="embed a collection (resumable; parallel under torchrun)", description=(
+        "Embed shards (img2dataset/webdataset, any mmpretrain shard spec) or an image folder into DIR: one part "
+        "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Re-running skips finished parts; under "
+        "torchrun each rank takes every WORLD_SIZE-th shard."))
+    e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
+    e.add_argument("--data", required=True, help="shard spec or image folder")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    e.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (0: none)")
+    e.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    e.set_defaults(fn=cmd_embed)
+
+    ix = sub.add_parser("index", help="build or extend an index").add_subparsers(dest="index_cmd", required=True)
+    b = ix.add_parser("build", help="build a FAISS index over an embedding folder", description=(
+        "Exact search below 20k vectors; else the first of HNSW (below 200k), IVF-Flat, OPQ+IVF-PQ+Refine(SQ8), "
+        "OPQ+IVF-PQ that fits --memory; the search parameter is tuned to --recall (recall@10 vs exact search on "
+        "held-out queries), which index.json records with a checksum of every file."))
+    b.add_argument("embeddings", help="folder written by `retrieval embed`")
+    b.add_argument("--out", required=True, help="index folder (replaced atomically)")
+    b.add_argument("--type", default="auto", help="auto, flat, hnsw, ivf_flat, ivf_pq_refine, ivf_pq")
+    b.add_argument("--memory", type=parse_bytes, default=parse_bytes("4GB"), help="RAM budget for the index (4GB)")
+    b.add_argument("--recall", type=float, default=0.95, help="recall@10 target (0.95)")
+    b.add_argument("--queries", type=int, default=500, help="held-out queries sampled for tuning (500)")
+    b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
+    b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
+    b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
+    b.set_defaults(fn=cmd_index_build)
+    a = ix.add_parser("add", help="add a new embedding folder (same model) to an index")
+    a.add_argument("index")
+    a.add_argument("embeddings")
+    a.set_defaults(fn=cmd_index_add)
+
+    s = sub.add_parser("search", help="text -> items from the command line")
+    s.add_argument("index")
+    s.add_argument("query", nargs="+", help="one or more text queries")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--model", help="query model (default: the one recorded in the index)")
+    s.set_defaults(fn=cmd_search)
+
+    v = sub.add_parser("serve", help="HTTP API + web page", description=(
+        "Serve /search, /classify, /thumb/ID, /health, /info and a web page (FastAPI + uvicorn). Binds to "
+        "127.0.0.1 unless --host says otherwise; there is no authentication."))
+    v.add_argument("index")
+    v.add_argument("--model", help="query model (default: the one recorded in the index)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-upload", type=parse_bytes, default=parse_bytes("8MB"), help="upload size limit (8MB)")
+    v.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except (EmbedError, IndexError_, QueryError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

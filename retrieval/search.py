@@ -1,0 +1,134 @@
+"""Search an index with a model: text -> image (and image -> image), batched.
+
+    >>> from retrieval import Searcher
+    >>> s = Searcher.open("runs/index")                 # the model recorded in the index
+    >>> s.search("a red bicycle", k=10)[0][0].caption   # best hit of the first query
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mmpretrain import api
+from retrieval.index import IndexError_, LoadedIndex, open_index
+
+log = logging.getLogger(__name__)
+MAX_K = 1000
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered (empty, too long, k out of range, not UTF-8)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: ``id`` is the row in the index; ``score`` the inner product (cosine)."""
+
+    rank: int
+    id: int
+    score: float
+    key: str
+    caption: str
+    source: str
+    modality: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    max_k: int = 100
+    max_query_chars: int = 512
+    max_batch: int = 256
+
+
+class Searcher:
+    """A model and an index built from that model's embeddings (checked by model id and dimension)."""
+
+    def __init__(self, model, index: LoadedIndex | str | Path, *, limits: SearchLimits = SearchLimits(),
+                 check_model: bool = True):
+        self.index = index if isinstance(index, LoadedIndex) else open_index(index)
+        self.model, self.limits = model, limits
+        h = self.index.header
+        if model.cfg.embed_dim != h["dim"]:
+            raise IndexError_(f"the model embeds into {model.cfg.embed_dim} dimensions, the index holds {h['dim']}: "
+                              f"it was built by another model ({h['model']})")
+        if check_model and api.model_id(model) != h["model_id"]:
+            raise IndexError_(f"the index was built by model {h['model_id']} ({h['model']}), not by this model "
+                              f"({api.model_id(model)}); pass the indexing model or rebuild the index")
+        self._meta = {c: self.index.meta.column(c).to_pylist() for c in ("key", "caption", "source", "modality")}
+
+    @classmethod
+    def open(cls, index: str | Path, model: str | Path | None = None, **kwargs) -> "Searcher":
+        """Open ``index`` with ``model`` (default: the checkpoint recorded in the index)."""
+        loaded = open_index(index)
+        return cls(api.load_checkpoint(model or loaded.header["model"]), loaded, **kwargs)
+
+    def check_text(self, queries: Sequence[str]) -> list[str]:
+        if not queries:
+            raise QueryError("no query given")
+        if len(queries) > self.limits.max_batch:
+            raise QueryError(f"at most {self.limits.max_batch} queries a call, got {len(queries)}")
+        out = []
+        for q in queries:
+            if isinstance(q, bytes):
+                try:
+                    q = q.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise QueryError("query is not valid UTF-8") from None
+            q = q.strip()
+            if not q:
+                raise QueryError("empty query")
+            if len(q) > self.limits.max_query_chars:
+                raise QueryError(f"query longer than {self.limits.max_query_chars} characters")
+            out.append(q)
+        return out
+
+    def check_k(self, k: int) -> int:
+        if not 1 <= k <= min(self.limits.max_k, MAX_K):
+            raise QueryError(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        return min(k, self.index.ntotal)
+
+    def search(self, query: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Text -> items: one list of ``k`` hits per query (best first)."""
+        queries = self.check_text([query] if isinstance(query, (str, bytes)) else list(query))
+        emb = api.encode(self.model, "text", api.tokenize(self.model, queries))
+        return self.search_embeddings(emb.float().cpu().numpy(), k)
+
+    def search_images(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
+        """Image -> items (PIL images or paths)."""
+        clf = api.zero_shot("<>", ["_"], model=self.model, progress=False)
+        return self.search_embeddings(clf.embed(list(images)).float().cpu().numpy(), k)
+
+    def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """(Q, E) L2-normalised query vectors -> hits."""
+        k = self.check_k(k)
+        scores, ids = self.index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return [[self._hit(r, int(i), float(s)) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
+                for row_i, row_s in zip(ids, scores)]
+
+    def _hit(self, rank: int, i: int, score: float) -> Hit:
+        m = self._meta
+        return Hit(rank, i, score, m["key"][i], m["caption"][i], m["source"][i], m["modality"][i])
+
+    def thumbnail(self, i: int) -> bytes:
+        """The JPEG thumbnail of item ``i`` (b"" when the job stored none); ids outside the index raise."""
+        if not 0 <= i < self.index.ntotal:
+            raise QueryError(f"no item {i} (the index holds {self.index.ntotal})")
+        row = self.index.meta.slice(i, 1).to_pylist()[0]
+        if not row["thumb_len"]:
+            return b""
+        with open(Path(row["part"]).with_suffix(".thumbs"), "rb") as f:
+            f.seek(row["thumb_offset"])
+            return f.read(row["thumb_len"])
+
+    def info(self) -> dict:
+        h = self.index.header
+        return {"ntotal": self.index.ntotal, "dim": h["dim"], "index_type": h["spec"]["type"],
+                "factory": h["spec"]["factory"], "search_param": {h["knob"]: h["knob_value"]} if h.get("knob") else {},
+                "recall@10": h["recall@10"], "model": h["model"], "model_id": h["model_id"], "modality": h["modality"]}

@@ -1,0 +1,185 @@
+"""Embedding jobs, index building/choice/tuning, atomic + checked index files, Searcher."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from retrieval import embed as embed_mod
+from retrieval.embed import EmbedConfig, EmbedError, load_embeddings, run_embed, write_vectors
+from retrieval.index import (INDEX_TYPES, BuildConfig, IndexError_, add_to_index, build_index, choose_index,
+                             open_index, recall_at_k)
+from retrieval.search import QueryError, Searcher
+from tests.conftest import TINY_MODEL, clustered, write_shard
+
+
+def test_embed_job_writes_parts_metadata_and_thumbnails(embedded):
+    out, stats = embedded
+    assert stats["items"] == 64 and stats["parts"] == 4 and stats["bad"] == {}
+    emb = load_embeddings(out)
+    assert emb.n == 64 and emb.dim == 32 and len(emb.parts) == 4
+    v = emb.array()
+    assert v.shape == (64, 32) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=2e-3)  # float16 storage
+    meta = emb.meta().to_pylist()
+    assert meta[0]["caption"].startswith("a ") and meta[0]["modality"] == "image" and meta[0]["thumb_len"] > 100
+    assert json.loads((out / "embeddings.json").read_text())["dtype"] == "float16"
+
+
+def test_embed_rerun_skips_finished_parts_and_redoes_missing_ones(embedded, tiny_ckpt, toy_shards, monkeypatch):
+    out, _ = embedded
+    before = load_embeddings(out).array()
+    calls = []
+    real = embed_mod.embed_part
+    monkeypatch.setattr(embed_mod, "embed_part", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    (out / "parts" / "part-00002.parquet").unlink()  # as if killed while writing part 2
+    with pytest.raises(EmbedError, match="1 of 4 parts are not embedded"):
+        load_embeddings(out)
+    stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(out), batch_size=8), progress=False)
+    assert len(calls) == 1 and calls[0].endswith("shard-000002.tar") and stats["skipped_parts"] == 3
+    assert np.array_equal(load_embeddings(out).array(), before)
+
+
+def test_embed_ranks_split_the_sources(tiny_ckpt, toy_shards, tmp_path, monkeypatch):
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(tmp_path / "e"), batch_size=8),
+                          progress=False)
+        assert stats["parts"] == 2 and stats["items"] == 32
+    assert load_embeddings(tmp_path / "e").n == 64
+
+
+def test_embed_skips_corrupt_shards_and_images(tiny_ckpt, toy_shards, tmp_path):
+    from tests.conftest import png_bytes
+
+    data = tmp_path / "shards"
+    shutil.copytree(toy_shards, data)
+    write_shard(data / "shard-000004.tar", [{"__key__": "ok", "png": png_bytes(), "txt": "red"},
+                                             {"__key__": "bad", "png": b"not a png", "txt": "broken"}])
+    (data / "shard-000005.tar").write_bytes((data / "shard-000000.tar").read_bytes()[:3000])  # truncated
+    stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), batch_size=8),
+                      progress=False)
+    assert stats["bad"].get("bad_image") == 1 and sum(stats["bad"].values()) >= 2
+    assert load_embeddings(tmp_path / "e").n == 64 + 1 + stats["items"] - 65  # every readable item, nothing else
+
+
+def test_embed_refuses_another_model_in_the_same_folder(embedded, toy_shards, tmp_path):
+    from mmpretrain import api
+    from mmpretrain.config.loader import config_from_tree
+
+    other = tmp_path / "other"
+    api.export_open_clip(api.create_model(config_from_tree({"model": TINY_MODEL}).model), other)
+    with pytest.raises(EmbedError, match="different model_id"):
+        run_embed(EmbedConfig(model=f"local-dir:{other}", data=str(toy_shards), out=str(embedded[0])), progress=False)
+
+
+@pytest.mark.parametrize("name", INDEX_TYPES.names())
+def test_every_index_type_builds_and_reaches_its_recall(name, tmp_path):
+    emb = write_vectors(tmp_path / "v", clustered(20_000, 32, 200))
+    h = build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(index_type=name, queries=200), progress=False)
+    floor = {"flat": 1.0, "hnsw": 0.95, "ivf_flat": 0.95, "ivf_pq_refine": 0.9, "ivf_pq": 0.15}[name]  # PQ alone: 4 bytes here
+    assert h["ntotal"] == emb.n and h["recall@10"] >= floor, h["tuning"]
+    loaded = open_index(tmp_path / "ix")
+    q = emb.take(np.arange(5))
+    found = loaded.index.search(q, 10)[1]
+    assert (found == np.arange(5)[:, None]).any(1).mean() >= (0.8 if name != "ivf_pq" else 0.2)  # items find themselves
+
+
+def test_choice_follows_size_and_memory_budget():
+    gb = 2**30
+    assert choose_index(5_000, 512, BuildConfig()).type == "flat"
+    assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
+    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
+    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq_refine"
+    assert choose_index(10_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq"
+    with pytest.raises(IndexError_, match="fits"):
+        choose_index(100_000_000, 512, BuildConfig(memory_bytes=1 * gb))
+    assert choose_index(1_000_000, 512, BuildConfig(on_disk=True, memory_bytes=1 * gb)).type == "ivf_flat"
+    spec = choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))
+    assert spec.factory == "OPQ64_512,IVF4096,PQ64x8,Refine(SQ8)" and spec.memory_bytes < 1 * gb
+
+
+def test_on_disk_index_matches_the_in_ram_one(tmp_path):
+    write_vectors(tmp_path / "v", clustered(6_000, 32, 50), part_size=1_500)  # 4 parts, built piece by piece
+    cfg = dict(index_type="ivf_flat", queries=100)
+    ram = build_index(tmp_path / "v", tmp_path / "ram", BuildConfig(**cfg), progress=False)
+    disk = build_index(tmp_path / "v", tmp_path / "disk", BuildConfig(**cfg, on_disk=True), progress=False)
+    assert (tmp_path / "disk" / "index.ivfdata").stat().st_size > 0 and disk["on_disk"]
+    q = clustered(50, 32, 50, seed=3)
+    a, b = open_index(tmp_path / "ram").index, open_index(tmp_path / "disk").index
+    assert np.array_equal(a.search(q, 10)[1], b.search(q, 10)[1]) and ram["knob_value"] == disk["knob_value"]
+
+
+def test_corrupt_or_foreign_index_files_fail_clearly(tmp_path):
+    write_vectors(tmp_path / "v", clustered(1_000, 16, 10))
+    build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(), progress=False)
+    data = bytearray((tmp_path / "ix" / "index.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ix" / "index.faiss").write_bytes(bytes(data))
+    with pytest.raises(IndexError_, match="corrupt"):
+        open_index(tmp_path / "ix")
+    (tmp_path / "ix" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(IndexError_, match="cannot be read"):
+        open_index(tmp_path / "ix", verify=False)
+    header = json.loads((tmp_path / "ix" / "index.json").read_text())
+    (tmp_path / "ix" / "index.json").write_text(json.dumps({**header, "format": "mmpretrain-index/0"}))
+    with pytest.raises(IndexError_, match="format"):
+        open_index(tmp_path / "ix")
+    with pytest.raises(IndexError_, match="not an index folder"):
+        open_index(tmp_path)
+
+
+def test_failed_build_leaves_the_old_index(tmp_path, monkeypatch):
+    from retrieval import index as index_mod
+
+    write_vectors(tmp_path / "v", clustered(1_000, 16, 10))
+    build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(), progress=False)
+    before = (tmp_path / "ix" / "index.json").read_text()
+    monkeypatch.setattr(index_mod, "write_index_folder", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(), progress=False)
+    assert (tmp_path / "ix" / "index.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["v", "ix"]) or set(p.name for p in tmp_path.iterdir()) == {"v", "ix"}
+
+
+def test_incremental_add(tmp_path):
+    x = clustered(3_000, 16, 20)
+    write_vectors(tmp_path / "a", x[:2_000], model_id="m1")
+    write_vectors(tmp_path / "b", x[2_000:], model_id="m1", keys=[f"b{i}" for i in range(1_000)])
+    write_vectors(tmp_path / "c", x[:10], model_id="m2")
+    build_index(tmp_path / "a", tmp_path / "ix", BuildConfig(), progress=False)
+    h = add_to_index(tmp_path / "ix", tmp_path / "b")
+    loaded = open_index(tmp_path / "ix")
+    assert h["ntotal"] == loaded.ntotal == 3_000 and loaded.meta.column("key")[2_500].as_py() == "b500"
+    assert loaded.index.search(x[2_500:2_501], 1)[1][0, 0] == 2_500
+    with pytest.raises(IndexError_, match="already in the index"):
+        add_to_index(tmp_path / "ix", tmp_path / "b")
+    with pytest.raises(IndexError_, match="model m2"):
+        add_to_index(tmp_path / "ix", tmp_path / "c")
+
+
+def test_recall_at_k():
+    assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]]), 3) == pytest.approx(2 / 3)
+
+
+def test_searcher_text_and_image_queries(embedded, tiny_ckpt, tmp_path):
+    from mmpretrain import api
+
+    build_index(embedded[0], tmp_path / "ix", BuildConfig(), progress=False)
+    s = Searcher.open(tmp_path / "ix")  # the model recorded in the index
+    hits = s.search(["a red circle", "a blue square"], k=5)
+    assert len(hits) == 2 and [h.rank for h in hits[0]] == list(range(5))
+    assert hits[0][0].score >= hits[0][-1].score and hits[0][0].caption and hits[0][0].source
+    emb = load_embeddings(embedded[0])
+    image_hits = s.search_embeddings(emb.take(np.array([7])), k=1)
+    assert image_hits[0][0].id == 7 and s.thumbnail(7)[:2] == b"\xff\xd8"  # a JPEG
+    for bad, match in (("", "empty"), ("x" * 600, "longer"), (b"\xff\xfe", "UTF-8")):
+        with pytest.raises(QueryError, match=match):
+            s.search(bad)
+    with pytest.raises(QueryError, match="k must be"):
+        s.search("a", k=10_000)
+    other = api.create_model(s.model.cfg)  # same architecture, other weights
+    with pytest.raises(IndexError_, match="not by this model"):
+        Searcher(other, tmp_path / "ix")
