@@ -134,11 +134,11 @@ def plots(out: Path, runs: dict[str, Path], results: dict, corpus: Path, model, 
     ax.set_xticks(x, [t.replace(" (", "\n(") for t in titles], fontsize=8)
     ax.set(ylabel="zero-shot top-1 (%)", title="zero-shot accuracy per split")
     ax.legend(), fig.tight_layout(), fig.savefig(out / "accuracy.png", dpi=110), plt.close(fig)
-    return ["loss.png", "accuracy.png", *examples(out, model, corpus, template)]
+    return ["loss.png", "accuracy.png", *examples(out, model, runs["lit"] / "checkpoints", corpus, template)]
 
 
-def examples(out: Path, model, corpus: Path, template: str) -> list[str]:
-    """A sample of rendition-split predictions, and a text-to-image search grid (exact search)."""
+def examples(out: Path, model, ckpt: Path, corpus: Path, template: str) -> list[str]:
+    """A sample of rendition-split predictions, and a text-to-image search grid through a FAISS index."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
@@ -148,7 +148,6 @@ def examples(out: Path, model, corpus: Path, template: str) -> list[str]:
     classes = sorted(p.name.replace("_", " ") for p in folder.iterdir())
     files = sorted(folder.glob("*/*.png"))
     clf = api.zero_shot(template, classes, model=model, progress=False)
-    emb = clf.embed(files)
     sample = files[:: max(1, len(files) // 12)][:12]
     preds = clf.predict(sample, k=1)
     fig, axes = plt.subplots(2, 6, figsize=(10, 4))
@@ -159,22 +158,35 @@ def examples(out: Path, model, corpus: Path, template: str) -> list[str]:
                      color="green" if guess == truth else "red")
     fig.suptitle("rendition split (held-out style): prediction (truth when wrong)"), fig.tight_layout()
     fig.savefig(out / "confusion_sample.png", dpi=110), plt.close(fig)
+    return ["confusion_sample.png", search_grid(out, model, ckpt, folder, classes, template)]
 
+
+def search_grid(out: Path, model, ckpt: Path, folder: Path, classes: list[str], template: str) -> str:
+    """Embed the rendition split with the retrieval layer, index it (runs/.../index, servable with
+    `retrieval serve`), and plot the top 5 of a few concept queries."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from retrieval import BuildConfig, EmbedConfig, Searcher, build_index, run_embed
+
+    run_embed(EmbedConfig(model=str(ckpt), data=str(folder), out=str(out / "embeddings"), device="cpu"), progress=False)
+    build_index(out / "embeddings", out / "index", BuildConfig(), progress=False)
+    searcher = Searcher(model, out / "index")
     queries = classes[:: max(1, len(classes) // 4)][:4]
-    q = api.encode(model, "text", api.tokenize(model, [template.replace("<>", c) for c in queries]))
-    top = (q @ emb.T).topk(5, dim=1).indices
+    results = searcher.search([template.replace("<>", c) for c in queries], k=5)
     fig, axes = plt.subplots(len(queries), 5, figsize=(7, 1.6 * len(queries)))
-    for row, (query, idx) in enumerate(zip(queries, top)):
-        for col, i in enumerate(idx.tolist()):
+    for row, (query, hits) in enumerate(zip(queries, results)):
+        for col, h in enumerate(hits):
             ax = axes[row, col]
-            ax.imshow(Image.open(files[i])), ax.set_xticks([]), ax.set_yticks([])
-            hit = files[i].parent.name.replace("_", " ") == query
+            ax.imshow(Image.open(h.source)), ax.set_xticks([]), ax.set_yticks([])
+            hit = Path(h.source).parent.name.replace("_", " ") == query
             for spine in ax.spines.values():
                 spine.set_edgecolor("green" if hit else "lightgray"), spine.set_linewidth(3 if hit else 1)
         axes[row, 0].set_ylabel(query, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("text -> image search on the rendition split (top 5; green = the queried concept)", fontsize=9)
+    fig.suptitle("text -> image search on the rendition split, FAISS index (top 5; green = the queried concept)",
+                 fontsize=9)
     fig.tight_layout(), fig.savefig(out / "search.png", dpi=110), plt.close(fig)
-    return ["confusion_sample.png", "search.png"]
+    return "search.png"
 
 
 def write_html(out: Path, corpus: str, rows: list[list[str]], images: list[str], manifest: dict, steps: int) -> Path:
@@ -223,6 +235,7 @@ def main() -> int:
     print()
     print_table(rows)
     print(f"\nreport: {report}")
+    print(f"browse the rendition split: retrieval serve {out / 'index'}   (then open http://127.0.0.1:8000)")
     return 0
 
 

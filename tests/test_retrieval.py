@@ -101,6 +101,20 @@ def test_choice_follows_size_and_memory_budget():
     assert spec.factory == "OPQ64_512,IVF4096,PQ64x8,Refine(SQ8)" and spec.memory_bytes < 1 * gb
 
 
+def test_candidates_are_measured_and_the_fastest_at_the_target_kept(tmp_path):
+    write_vectors(tmp_path / "v", clustered(5_000, 32, 50))
+    h = build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(flat_below=1_000, queries=200), progress=False)
+    considered = {c["type"]: c for c in h["considered"]}
+    assert set(considered) == {"hnsw", "ivf_flat", "flat"}
+    reached = [c for c in considered.values() if c["recall@10"] >= 0.95]
+    assert reached and h["spec"]["type"] == max(reached, key=lambda c: c["qps"])["type"]
+    assert h["recall@10"] >= 0.95
+    # isotropic vectors: nothing approximate reaches the target quickly; exact search must win or be close
+    write_vectors(tmp_path / "iso", np.random.default_rng(0).standard_normal((5_000, 64)).astype(np.float32))
+    h = build_index(tmp_path / "iso", tmp_path / "ix2", BuildConfig(flat_below=1_000, queries=200), progress=False)
+    assert h["recall@10"] >= 0.95 and {c["type"] for c in h["considered"]} == {"hnsw", "ivf_flat", "flat"}
+
+
 def test_on_disk_index_matches_the_in_ram_one(tmp_path):
     write_vectors(tmp_path / "v", clustered(6_000, 32, 50), part_size=1_500)  # 4 parts, built piece by piece
     cfg = dict(index_type="ivf_flat", queries=100)

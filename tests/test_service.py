@@ -83,3 +83,19 @@ def test_bad_uploads_are_4xx(client, files, data, status, message):
     r = client.post("/classify", files=files, data=data)
     assert r.status_code == status, r.text
     assert message in str(r.json()["detail"])
+
+
+def test_decompression_bombs_are_refused():
+    import io
+
+    from PIL import Image
+
+    from retrieval.search import QueryError
+    from retrieval.service import read_image
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, format="PNG")  # small file, 9 megapixels
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(QueryError, match="too large"):
+        read_image(buf.getvalue(), ServeConfig(max_image_pixels=4_000_000))
+    assert read_image(buf.getvalue(), ServeConfig()).size == (3000, 3000)

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Index benchmark: every index type the builder can choose vs exact search, on synthetic
+512-d embeddings, clustered (1,000 Gaussian clusters, like real embeddings) and isotropic
+(the hard case), with held-out queries from the same distribution.
+
+    python benchmarks/index.py --sizes 100000 1000000          # make bench-index
+    python benchmarks/index.py --sizes 20000 --queries 200     # a quick look
+
+For each (data set, size, index type) it prints build time, index size (its serialised bytes,
+about its RAM), and for every search-parameter value recall@10 vs exact search and batch
+queries/s; then the speed-up over exact search at the smallest setting reaching recall@10 >=
+0.95, and which index the automatic choice takes under --memory. Writes JSON and a PNG
+(recall vs queries/s curves) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from retrieval.cli import parse_bytes  # noqa: E402
+from retrieval.embed import write_vectors  # noqa: E402
+from retrieval.index import (INDEX_TYPES, BuildConfig, candidate_specs, exact_neighbours, sweep,  # noqa: E402
+                             train_and_add)
+
+
+def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) collection and (nq, d) held-out queries, L2-normalised."""
+    rng = np.random.default_rng(seed)
+    if kind == "clustered":
+        centres = rng.standard_normal((1000, d)).astype(np.float32)
+
+        def draw(m: int) -> np.ndarray:
+            x = np.empty((m, d), np.float32)
+            for a in range(0, m, 100_000):
+                b = min(a + 100_000, m)
+                x[a:b] = centres[rng.integers(0, 1000, b - a)] + rng.standard_normal((b - a, d), np.float32)
+            return x
+    else:
+        def draw(m: int) -> np.ndarray:
+            return rng.standard_normal((m, d), np.float32)
+    x, q = draw(n), draw(nq)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return x, q
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    with tempfile.NamedTemporaryFile() as f:
+        faiss.write_index(index, f.name)
+        return Path(f.name).stat().st_size
+
+
+def candidates(n: int, cfg: BuildConfig) -> list[str]:
+    """The types the automatic choice can take at this size (HNSW only below cfg.hnsw_below)."""
+    return [t for t in INDEX_TYPES.names() if t != "flat" and (t != "hnsw" or n < cfg.hnsw_below)]
+
+
+def run_one(kind: str, n: int, args, workdir: Path) -> dict:
+    x, q = make_data(kind, n, args.dim, args.queries, args.seed)
+    emb = write_vectors(workdir / f"{kind}-{n}", x, part_size=250_000)
+    times = []
+    for _ in range(2):  # best of two, as the index searches
+        start = time.perf_counter()
+        truth = exact_neighbours(x, q, 10)
+        times.append(time.perf_counter() - start)
+    exact_qps = len(q) / min(times)
+    cfg = BuildConfig(memory_bytes=args.memory)
+    auto = [spec.type for spec in candidate_specs(n, args.dim, cfg)]
+    out = {"data": kind, "n": n, "dim": args.dim, "exact_qps": round(exact_qps, 1), "auto_candidates": auto, "types": {}}
+    print(f"\n== {kind}, n={n:,}, d={args.dim}: exact search {exact_qps:,.1f} queries/s; the builder under "
+          f"{args.memory / 2**30:.2f} GiB considers: {' and '.join(auto)}", flush=True)
+    for name in args.types or candidates(n, cfg):
+        spec = INDEX_TYPES.get(name).builder(n, args.dim)
+        t0 = time.perf_counter()
+        index = train_and_add(spec, emb, cfg, progress=False)
+        build_s = time.perf_counter() - t0
+        table = sweep(index, spec, q, truth)
+        ok = [row for row in table if row["recall@10"] >= 0.95]
+        best = ok[0] if ok else max(table, key=lambda row: row["recall@10"])
+        res = {"factory": spec.factory, "build_s": round(build_s, 1), "bytes": index_bytes(index), "curve": table,
+               "at_0.95": best if ok else None, "speedup_at_0.95": round(best["qps"] / exact_qps, 1) if ok else None,
+               "best_recall": max(row["recall@10"] for row in table)}
+        out["types"][name] = res
+        reach = (f"{res['speedup_at_0.95']}x exact at {spec.knob}={best[spec.knob]} (recall {best['recall@10']:.3f})"
+                 if ok else f"never reaches 0.95 (best {res['best_recall']:.3f})")
+        print(f"  {name:14s} {spec.factory:38s} build {build_s:7.1f} s  {res['bytes'] / 2**20:8.1f} MiB  {reach}",
+              flush=True)
+        print("      " + "  ".join(f"{row[spec.knob]}:{row['recall@10']:.3f}@{row['qps']:.0f}/s" for row in table),
+              flush=True)
+        del index
+    auto_pick(out)
+    return out
+
+
+def auto_pick(out: dict) -> None:
+    """What the automatic choice ends with: among its candidates, the fastest reaching 0.95 (as the builder)."""
+    cands = [(name, out["types"][name]) for name in out["auto_candidates"] if name in out["types"]]
+    if "flat" in out["auto_candidates"]:  # exact search, when it fits the budget, competes too
+        cands.append(("flat", {"at_0.95": {"qps": out["exact_qps"], "recall@10": 1.0}, "speedup_at_0.95": 1.0,
+                               "bytes": out["n"] * out["dim"] * 4, "best_recall": 1.0}))
+    if not cands:
+        return
+    reached = [(name, t) for name, t in cands if t["at_0.95"]]
+    name, t = (max(reached, key=lambda c: c[1]["at_0.95"]["qps"]) if reached
+               else max(cands, key=lambda c: c[1]["best_recall"]))
+    out["auto"] = {"type": name, "speedup_at_0.95": t["speedup_at_0.95"], "bytes": t["bytes"],
+                   "recall": t["at_0.95"]["recall@10"] if t["at_0.95"] else t["best_recall"]}
+    print(f"  -> automatic choice: {name}, {t['bytes'] / 2**30:.2f} GiB, "
+          + (f"{t['speedup_at_0.95']}x exact search at recall@10 {out['auto']['recall']:.3f}" if t["at_0.95"]
+             else f"best recall@10 {t['best_recall']:.3f} (0.95 out of reach)"), flush=True)
+
+
+def summarize(results: list[dict], memory: int) -> int:
+    """The per-type lines and the automatic choice (by today's rules, under ``memory``), from a saved run."""
+    for out in results:
+        print(f"\n== {out['data']}, n={out['n']:,}, d={out['dim']}: exact search {out['exact_qps']:,.1f} queries/s")
+        for name, t in out["types"].items():
+            reach = (f"{t['speedup_at_0.95']}x exact at recall {t['at_0.95']['recall@10']:.3f}" if t["at_0.95"]
+                     else f"never reaches 0.95 (best {t['best_recall']:.3f})")
+            print(f"  {name:14s} {t['factory']:38s} build {t['build_s']:7.1f} s  {t['bytes'] / 2**20:8.1f} MiB  {reach}")
+        out["auto_candidates"] = [spec.type for spec in candidate_specs(out["n"], out["dim"], BuildConfig(memory_bytes=memory))]
+        auto_pick(out)
+    return 0
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for name, t in r["types"].items():
+            ax.plot([row["recall@10"] for row in t["curve"]], [row["qps"] for row in t["curve"]], "o-", ms=3,
+                    label=f"{name} ({t['bytes'] / 2**20:.0f} MiB)")
+        ax.axhline(r["exact_qps"], color="gray", ls="--", lw=1, label="exact")
+        ax.axvline(0.95, color="gray", ls=":", lw=1)
+        ax.set(xscale="linear", yscale="log", xlabel="recall@10", ylabel="queries/s (batch)",
+               title=f"{r['data']}, n={r['n']:,}")
+        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--data", nargs="+", default=["clustered", "isotropic"], choices=["clustered", "isotropic"])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--types", nargs="*", help="index types (default: those the builder can choose at each size)")
+    p.add_argument("--memory", type=parse_bytes, default=parse_bytes("2.5GB"), help="budget for the auto choice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_index")
+    p.add_argument("--from-json", type=Path, help="reprint the summary of an earlier run's index.json")
+    args = p.parse_args()
+    if args.from_json:
+        return summarize(json.loads(args.from_json.read_text()), args.memory)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            for kind in args.data:
+                results.append(run_one(kind, n, args, Path(tmp)))
+    (args.out / "index.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "index.png")
+    print(f"\nwrote {args.out / 'index.json'} and {args.out / 'index.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
