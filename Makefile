@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo smoke toy-data bench bench-index browser clean-runs
+.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke bench bench-index browser clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,17 @@ data/toy/shards/manifest.json:
 	$(VENV)/bin/mmpretrain shards make --images data/toy --captions data/toy/captions.csv --out data/toy/shards --max-count 100
 
 toy-data: data/toy/shards/manifest.json
+
+data/toy_clips/shards/manifest.json:
+	$(MAKE) install
+	$(PY) scripts/make_toy_clips.py --out data/toy_clips --count 400
+	$(VENV)/bin/mmpretrain shards make --video --images data/toy_clips --captions data/toy_clips/captions.csv --out data/toy_clips/shards --max-count 100
+
+toy-clips: data/toy_clips/shards/manifest.json
+
+vat-smoke: $(STAMP) toy-clips
+	$(VENV)/bin/mmpretrain train configs/experiment/vat_smoke.yaml train.resume=latest
+	$(PY) scripts/summarize_run.py runs/vat_smoke
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

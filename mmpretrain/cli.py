@@ -39,7 +39,7 @@ def cmd_shards_make(args: argparse.Namespace) -> int:
     from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
     cfg = ShardWriterConfig(max_count=args.max_count, max_bytes=args.max_size, prefix=args.prefix,
-                            verify_images=not args.no_verify)
+                            verify_images=not args.no_verify, media=args.media)
     manifest = make_shards(args.images, args.captions, args.out, cfg)
     print(f"wrote {manifest.samples} samples in {len(manifest.shards)} shard(s) to {args.out}")
     if manifest.skipped:
@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
     m.add_argument("--max-size", type=int, default=1_000_000_000, help="bytes per shard (default 1e9)")
     m.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
-    m.add_argument("--no-verify", action="store_true", help="do not decode images to check them")
+    m.add_argument("--no-verify", action="store_true", help="do not decode images/clips to check them")
+    kind = m.add_mutually_exclusive_group()
+    kind.add_argument("--video", dest="media", action="store_const", const="video",
+                      help="the path column names video clips (mp4/webm/avi/mkv/mov), stored as they are")
+    kind.add_argument("--audio", dest="media", action="store_const", const="audio",
+                      help="the path column names audio files (wav/flac/mp3/ogg), stored as they are")
+    m.set_defaults(media="image")
     m.set_defaults(fn=cmd_shards_make)
 
     _add_eval(sub)

@@ -103,3 +103,40 @@ def test_frame_indices():
     assert frame_indices(16, 8.0, 8, 4.0, 0.0).tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
     assert frame_indices(4, 8.0, 4, 4.0, 0.0).tolist() == [0, 2, -1, -1]  # past the end: padding
     assert frame_indices(100, 10.0, 2, 10.0, 1.0).tolist() == [98, 99]
+
+
+def test_video_shards_and_a_video_audio_text_training_step(tmp_path):
+    """--video shards (a bad clip skipped and counted) feed decode ops and a VAT model whose two
+    loss pairs are config data; one step runs and logs each pair."""
+    import csv
+
+    import yaml
+
+    from mmpretrain.data.shards import ShardWriterConfig, make_shards
+    from tests.conftest import run_cli
+
+    rng = random.Random(0)
+    (tmp_path / "clips").mkdir()
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "caption"])
+        for i in range(12):
+            data, caption = make_clip(rng, size=32, n_frames=8, fps=8)
+            (tmp_path / "clips" / f"{i}.mp4").write_bytes(data)
+            w.writerow([f"clips/{i}.mp4", caption])
+        (tmp_path / "clips" / "bad.mp4").write_bytes(b"broken")
+        w.writerow(["clips/bad.mp4", "a broken clip"])
+    m = make_shards(tmp_path, tmp_path / "captions.csv", tmp_path / "shards",
+                    ShardWriterConfig(max_count=6, media="video"), progress=False)
+    assert m.samples == 12 and m.skipped == {"bad_video": 1}
+    cfg = yaml.safe_load((ROOT / "configs/experiment/vat_smoke.yaml").read_text())
+    cfg["data"].update(train=str(tmp_path / "shards"), batch_size=4, num_workers=0, shuffle_buffer=4)
+    cfg["train"].update(steps=3, log_every=1, ckpt_every=3, run_dir=str(tmp_path / "run"), progress=False)
+    (tmp_path / "vat.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli("train", str(tmp_path / "vat.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "loss/video-text" in r)
+    assert "loss/video-audio" in step and all(map(lambda v: v == v, (step["loss/video-text"], step["loss/video-audio"])))

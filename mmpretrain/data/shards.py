@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from PIL import Image
 from webdataset import TarWriter
 
+from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class ShardWriterConfig:
     max_count: int = 1000  # samples per shard
     max_bytes: int = 1_000_000_000  # bytes per shard (a shard closes before it would exceed this)
     prefix: str = "shard"
-    verify_images: bool = True  # decode each image and skip unreadable ones (counted)
+    verify_images: bool = True  # decode each image/clip and skip unreadable ones (counted)
+    media: str = "image"  # image | video | audio: what the path column points at (SHARD_MEDIA)
 
 
 @dataclass
@@ -80,6 +82,10 @@ def _column(row: dict[str, Any], names: tuple[str, ...], what: str, path: Path) 
     raise ValueError(f"{path}: no {what} column; expected one of {', '.join(names)} (have {', '.join(row)})")
 
 
+SHARD_MEDIA: Registry = Registry("shard media")  # name -> fn(path, verify) -> (member extension, bytes)
+
+
+@SHARD_MEDIA.register("image")
 def _encode(image_path: Path, verify: bool) -> tuple[str, bytes]:
     """(extension, bytes) for a shard member; formats other than jpg/png/webp become png."""
     data = image_path.read_bytes()
@@ -92,6 +98,30 @@ def _encode(image_path: Path, verify: bool) -> tuple[str, bytes]:
                 img.convert("RGB").save(buf, format="PNG")
                 return "png", buf.getvalue()
     return ext, data  # type: ignore[return-value]
+
+
+def _media_encoder(kind: str, exts: tuple[str, ...]):
+    def encode(path: Path, verify: bool) -> tuple[str, bytes]:
+        import decord
+
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in exts:
+            raise ValueError(f"{path.name}: not a {kind} file ({', '.join(exts)})")
+        data = path.read_bytes()
+        if verify:
+            if kind == "video":
+                n = len(decord.VideoReader(io.BytesIO(data)))
+            else:
+                n = decord.AudioReader(io.BytesIO(data)).shape[-1]
+            if not n:
+                raise ValueError(f"{path.name}: no {kind} content")
+        return ext, data
+
+    return encode
+
+
+SHARD_MEDIA.register("video")(_media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
+SHARD_MEDIA.register("audio")(_media_encoder("audio", ("wav", "flac", "mp3", "ogg")))
 
 
 class _ShardSink:
@@ -163,13 +193,13 @@ def _add_row(row: dict[str, Any], images: Path, captions: Path, sink: _ShardSink
     if not caption:
         kind = "empty_caption"
     elif not (images / rel).is_file():
-        kind = "missing_image"
+        kind = f"missing_{cfg.media}"
     if kind is None:
         try:
-            ext, data = _encode(images / rel, cfg.verify_images)
-        except Exception as exc:  # unreadable image: PIL raises many types
+            ext, data = SHARD_MEDIA.get(cfg.media).builder(images / rel, cfg.verify_images)
+        except Exception as exc:  # unreadable media: PIL and decord raise many types
             log.warning("skipping %s: %s", rel, exc)
-            kind = "bad_image"
+            kind = f"bad_{cfg.media}"
     if kind is not None:
         manifest.skipped[kind] = manifest.skipped.get(kind, 0) + 1
         return
