@@ -49,7 +49,7 @@ class IndexSpec:
     knob_values: tuple[int, ...] = ()
     train_size: int = 0  # vectors sampled for training (0: no training)
     on_disk_ok: bool = False
-    params: tuple[tuple[str, int], ...] = ()  # fixed search parameters, e.g. the refine shortlist factor
+    param_grid: tuple[tuple[tuple[str, int], ...], ...] = ((),)  # settings of other search parameters to try
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
     nlist, m = nlist_for(n), pq_m(d)
     return IndexSpec("ivf_pq_refine", f"OPQ{m}_{d},IVF{nlist},PQ{m}x8,Refine(SQ8)",
                      n * (m + d + 8) + nlist * d * 4 + d * d * 4, "nprobe", probes(nlist),
-                     min(n, max(50 * nlist, 256 * 64)), params=(("k_factor_rf", 16),))  # re-rank a 16k shortlist
+                     min(n, max(50 * nlist, 256 * 64)),
+                     param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)))  # shortlist k x f
 
 
 @INDEX_TYPES.register("ivf_pq")
@@ -172,7 +173,8 @@ class Tuning:
     knob: str | None
     value: int | None
     recall_at_10: float
-    table: list[dict] = field(default_factory=list)  # per knob value: recall@10, queries/s
+    table: list[dict] = field(default_factory=list)  # per setting and knob value: recall@10, queries/s
+    params: dict = field(default_factory=dict)  # the chosen setting of the other search parameters
 
 
 def set_knob(index, knob: str | None, value: int | None) -> None:
@@ -184,32 +186,39 @@ def set_knob(index, knob: str | None, value: int | None) -> None:
 
 def sweep(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, exclude: np.ndarray | None = None,
           stop_at: float | None = None) -> list[dict]:
-    """recall@10 and queries/s (one batch) for each knob value, in order; stops once ``stop_at`` is
-    reached. ``exclude[i]`` is an id dropped from query i's results (the query itself, when
-    queries are sampled from the collection)."""
-    for name, value in spec.params:
-        set_knob(index, name, value)
+    """recall@10 and queries/s for each setting of ``spec.param_grid`` and each knob value in order.
+
+    Along the knob, a setting stops once ``stop_at`` is reached or recall has stopped rising for
+    two steps (PQ plateaus). ``exclude[i]`` is an id dropped from query i's results (the query
+    itself, when queries are sampled from the collection)."""
     table = []
-    for value in spec.knob_values or (None,):
-        set_knob(index, spec.knob, value)
-        found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None))
-        r = recall_at_k(_drop(found, exclude), truth, 10)
-        table.append({spec.knob or "exact": value, "recall@10": round(r, 4), "qps": round(qps, 1)})
-        if stop_at is not None and r >= stop_at:
-            break
+    for setting in spec.param_grid:
+        for name, value in setting:
+            set_knob(index, name, value)
+        flat_steps, last = 0, -1.0
+        for value in spec.knob_values or (None,):
+            set_knob(index, spec.knob, value)
+            found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None))
+            r = recall_at_k(_drop(found, exclude), truth, 10)
+            table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
+            flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
+            last = max(last, r)
+            if (stop_at is not None and r >= stop_at) or flat_steps >= 2:
+                break
     return table
 
 
 def tune(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, target: float, exclude: np.ndarray | None = None
          ) -> Tuning:
-    """The smallest knob value whose recall@10 reaches ``target`` (else the best one), set on ``index``."""
+    """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
     table = sweep(index, spec, queries, truth, exclude, stop_at=target)
-    if spec.knob is None:
-        return Tuning(None, None, table[0]["recall@10"], table)
     reached = [row for row in table if row["recall@10"] >= target]
-    best = reached[0] if reached else max(table, key=lambda row: row["recall@10"])
-    set_knob(index, spec.knob, best[spec.knob])
-    return Tuning(spec.knob, best[spec.knob], best["recall@10"], table)
+    best = max(reached, key=lambda row: row["qps"]) if reached else max(table, key=lambda row: row["recall@10"])
+    params = {k: v for k, v in best.items() if k not in ("recall@10", "qps", spec.knob or "exact")}
+    for name, value in params.items():
+        set_knob(index, name, value)
+    set_knob(index, spec.knob, best.get(spec.knob or "exact"))
+    return Tuning(spec.knob, best.get(spec.knob or "exact"), best["recall@10"], table, params)
 
 
 def _timed_search(index, queries: np.ndarray, k: int, min_seconds: float = 0.25) -> tuple[np.ndarray, float]:
@@ -395,6 +404,7 @@ def build_index(embeddings: str | Path, out: str | Path, cfg: BuildConfig, *,
         built = [_build_tuned(tmp, emb, spec, cfg, q, truth, exclude, progress) for spec in specs]
         index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2], cfg.recall_target))
         header = {"format": FORMAT, "spec": spec_dict(spec), "knob": tuning.knob, "knob_value": tuning.value,
+                  "search_params": tuning.params,
                   "recall@10": round(tuning.recall_at_10, 4), "recall_ntotal": int(index.ntotal),
                   "recall_target": cfg.recall_target,
                   "recall_queries": "given" if queries is not None else f"{len(q)} sampled items (self excluded)",
@@ -421,7 +431,7 @@ def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, q, truth, ex
 
 def _qps_at(t: Tuning) -> float:
     key = t.knob or "exact"
-    return next(row["qps"] for row in t.table if row[key] == t.value)
+    return next(row["qps"] for row in t.table if row[key] == t.value and all(row.get(k) == v for k, v in t.params.items()))
 
 
 def _merit(t: Tuning, target: float) -> tuple:
@@ -459,7 +469,7 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
         index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0)
     except RuntimeError as exc:
         raise IndexError_(f"{folder}/index.faiss cannot be read: {str(exc).splitlines()[0][:200]}") from None
-    for name, value in header["spec"].get("params", ()):
+    for name, value in header.get("search_params", {}).items():
         set_knob(index, name, value)
     set_knob(index, header.get("knob"), header.get("knob_value"))
     return LoadedIndex(folder, index, header, pq.read_table(folder / "meta.parquet"))

@@ -130,5 +130,5 @@ class Searcher:
     def info(self) -> dict:
         h = self.index.header
         return {"ntotal": self.index.ntotal, "dim": h["dim"], "index_type": h["spec"]["type"],
-                "factory": h["spec"]["factory"], "search_param": {h["knob"]: h["knob_value"]} if h.get("knob") else {},
+                "factory": h["spec"]["factory"], "search_params": {**({h["knob"]: h["knob_value"]} if h.get("knob") else {}), **h.get("search_params", {})},
                 "recall@10": h["recall@10"], "model": h["model"], "model_id": h["model_id"], "modality": h["modality"]}
