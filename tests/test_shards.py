@@ -73,7 +73,10 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, verify)
 
-    monkeypatch.setattr(shards, "_encode", flaky)
+    import dataclasses
+
+    entry = shards.SHARD_MEDIA.get("image")
+    monkeypatch.setitem(shards.SHARD_MEDIA._entries, "image", dataclasses.replace(entry, builder=flaky))
     with pytest.raises(KeyboardInterrupt):
         make_shards(root, root / "captions.csv", tmp_path / "out", ShardWriterConfig(max_count=5), progress=False)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())

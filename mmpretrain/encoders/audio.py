@@ -72,6 +72,8 @@ class AudioTransformer(nn.Module):
             self.hop = hop
             self.mel = torchaudio.transforms.MelSpectrogram(p.sample_rate, n_fft=win, win_length=win, hop_length=hop,
                                                             n_mels=p.n_mels, center=False)
+            for module in self.mel.modules():  # window and filterbank follow from the config: not saved
+                module._non_persistent_buffers_set.update(name for name, _ in module.named_buffers(recurse=False))
             frames = (p.samples - win) // hop + 1
             self.n_time = frames // p.patch_time
             self.embed = nn.Conv2d(1, p.width, (p.patch_freq, p.patch_time), (p.patch_freq, p.patch_time))

@@ -3,6 +3,7 @@ equal one process on the concatenated batch. Writes a JSON report to argv[1] (ra
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import sys
 
@@ -62,6 +63,11 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
     dist.barrier()  # gloo's teardown can hang when ranks arrive at different times
+    # Free the DDP reducers while the group is alive: freed at interpreter exit instead, gloo's
+    # destructor joins a worker thread that waits for the GIL the exiting main thread holds
+    # (py-spy: ~ProcessGroupGloo -> thread::join; AsyncAllgatherWork dtor -> gil_scoped_acquire).
+    del ddp, loss
+    gc.collect()
     dist.destroy_process_group()
 
 
