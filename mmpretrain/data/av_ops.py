@@ -6,7 +6,8 @@
                   evaluation), short side resized, random / centre crop; decord.
     decode_audio  ``wav``/``flac``/``mp3``/``ogg`` member, or the audio track of the video member ->
                   ``"audio"`` (S,) mono float at ``sample_rate`` and ``"audio_mask"`` (S,) bool, True =
-                  real audio; a random window in training, the centre one at evaluation; decord.
+                  real audio; a random window in training, the centre one at evaluation; PyAV
+                  decodes, torchaudio resamples.
 
 Bad input (unreadable or truncated media, no audio track, zero-length audio, absurd resolutions)
 raises ``SampleError`` and is skipped and counted by the stream. Decoding has a wall-clock limit
@@ -130,21 +131,40 @@ class DecodeAudioParams:
     timeout_s: float = 10.0
 
 
+def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
+    """The first audio stream of a media file as mono float32 (S,) at ``sample_rate``: PyAV decodes
+    (3.6x faster here than decord's AudioReader: benchmarks/decode.py), torchaudio resamples."""
+    import av
+    import torchaudio
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        chunks = [f.to_ndarray().reshape(len(f.layout.channels), -1).astype(np.float32) for f in container.decode(stream)]
+        rate = stream.rate
+    if not chunks:
+        raise ValueError("no audio frames")
+    wave = torch.from_numpy(np.concatenate(chunks, axis=1).mean(0))
+    if stream.format.name.startswith("s16"):
+        wave = wave / 32768.0
+    elif stream.format.name.startswith("s32"):
+        wave = wave / 2147483648.0
+    return torchaudio.functional.resample(wave, rate, sample_rate) if rate != sample_rate else wave
+
+
 @DATA_OPS.register("decode_audio", config=DecodeAudioParams)
 def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
-    """Decode and resample mono audio with decord -> ``audio`` (S,) + ``audio_mask`` (S,)."""
+    """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,)."""
     n = int(round(p.sample_rate * p.seconds))
 
     def op(s: Sample) -> Sample:
-        import decord
-
         key, data = _member(s, p.keys, "audio")
         try:
             with time_limit(p.timeout_s):
-                wave = decord.AudioReader(io.BytesIO(data), sample_rate=p.sample_rate, mono=True)[:].asnumpy()
+                wave = read_audio(data, p.sample_rate)
         except (DecodeTimeout, Exception) as exc:  # no audio track, corrupt data
             raise SampleError("bad_audio", f"{s.get('__key__')}: cannot decode audio of {key}: {exc}") from None
-        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).flatten()
         if wave.numel() < p.min_seconds * p.sample_rate or not torch.isfinite(wave).all():
             raise SampleError("bad_audio", f"{s.get('__key__')}: {wave.numel()} samples of audio")
         start = 0 if wave.numel() <= n else int((wave.numel() - n) * (float(torch.rand(())) if p.train else 0.5))
