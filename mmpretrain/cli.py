@@ -102,7 +102,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data_build(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mmpretrain.data import icons  # noqa: F401  (registers the icons corpus)
     from mmpretrain.data.corpus import CORPORA, CorpusError
 
     entry = CORPORA.get(args.corpus)

@@ -46,7 +46,6 @@ def ensure_rsvg() -> None:
 
 
 def build_corpus(name: str, out: Path) -> dict:
-    import mmpretrain.data.icons  # noqa: F401  (registers the icons corpus)
     from mmpretrain.data.corpus import CORPORA, CorpusError
 
     if (out / "manifest.json").is_file():
