@@ -72,6 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = {"retrieval": reports}
         keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
         print(table(reports, ["dataset", "images", *keys]))
+    elif args.eval_cmd == "media":
+        report = _eval_media(model, args)
     elif args.eval_cmd == "hard":
         fes = [embed_folder(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
                for d in args.data]
@@ -89,6 +91,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report: {write_report(report, args.out)}")
     return 0
+
+
+def _eval_media(model, args: argparse.Namespace) -> dict:
+    from mmpretrain.eval.inputs import Views
+    from mmpretrain.eval.media import ShardSet, media_eval
+    from mmpretrain.eval.runner import table
+
+    views = Views(args.clips, args.crops, args.windows)
+    reports = [media_eval(model, ShardSet.parse(d), args.modalities, templates=args.templates, views=views,
+                          batch_size=args.batch_size) for d in args.data]
+    for r in reports:
+        print(f"{r['dataset']}: {r['samples']} samples, skipped {r['skipped'] or 'none'}, views {r['views']}")
+        print(table(r["zeroshot"], ["dataset", "modality", "label", "n", "classes", "top1", "top5", "chance_top1"]))
+        print()
+        print(table(r["retrieval"], ["dataset", "task", "queries", "items", "R@1", "R@1_chance", "R@5", "R@5_chance",
+                                     "R@10", "R@10_chance"]))
+        print()
+    return {"media": reports}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -176,13 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Fetch (emoji: npm; icons: Debian packages via apt-get download, no install), rasterise "
         "(rsvg-convert) and split a benchmark corpus: training shards plus ImageFolder evaluation splits "
         "(training styles, held-out rendition and sketch styles, unseen concepts) and manifest.json with "
-        "sources, versions and licences. Cached and idempotent. See docs/corpus.md."))
-    db.add_argument("corpus", choices=["emoji", "icons"], help="which corpus")
+        "sources, versions and licences. `motion` renders video-audio-text clips (emoji in motion, spoken "
+        "names by espeak-ng) with video shards for every split. Cached and idempotent. See docs/corpus.md "
+        "and docs/video_audio.md."))
+    db.add_argument("corpus", choices=["emoji", "icons", "motion"], help="which corpus")
     db.add_argument("--cache", default=None, help="download and raster cache (default .cache/mmpretrain/CORPUS)")
     db.add_argument("--out", default=None, help="output folder, rebuilt (default data/CORPUS)")
     db.add_argument("--concepts", type=int, default=None,
-                    help="concepts to sample (0: all; default: emoji 300, icons all)")
-    db.add_argument("--size", type=int, default=64, help="image side in pixels")
+                    help="concepts to sample (0: all; default: emoji 300, icons all, motion 40)")
+    db.add_argument("--size", type=int, default=64, help="image (motion: video frame) side in pixels")
     db.add_argument("--seed", type=int, default=0)
     db.set_defaults(fn=cmd_data_build)
     x = sub.add_parser("export", help="write a model as an open_clip checkpoint", description=(
@@ -229,7 +251,19 @@ def _add_eval(sub) -> None:
     h.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR folders to filter")
     h.add_argument("--hard-out", required=True, help="output folder (rebuilt)")
     h.add_argument("--reference-name", help="how the report names the reference model (default: --model)")
-    for p in (z, r, b, h):
+    md = e.add_parser("media", help="zero-shot and retrieval for video / audio (and image) on labelled shards",
+                      description=("Embed every sample's --modalities once (averaging --clips x --crops video views and "
+                                   "--windows audio windows), then report zero-shot top-1/top-5 per modality and json "
+                                   "label field, and recall@1/5/10 with chance for caption->m, class->m and m->m' "
+                                   "(e.g. video->audio). Each --data is [NAME@]shards[:FIELD,...]=SHARDS, e.g. "
+                                   "heldout@shards:concept,motion=data/motion/eval/heldout_combos."))
+    md.add_argument("--data", nargs="+", required=True, help="[NAME@]shards[:FIELD,...]=SHARDS ...")
+    md.add_argument("--modalities", nargs="+", default=["video"], choices=["video", "audio", "image"],
+                    help="what to embed from each sample (default video)")
+    md.add_argument("--clips", type=int, default=1, help="video clips spread over each video (default 1)")
+    md.add_argument("--crops", type=int, default=1, help="spatial crops per clip: 1 centre, 3 left/centre/right")
+    md.add_argument("--windows", type=int, default=1, help="audio windows spread over each track (default 1)")
+    for p in (z, r, b, h, md):
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
@@ -237,7 +271,7 @@ def _add_eval(sub) -> None:
                        "imagenet_simple, photo); default imagenet80")
         p.add_argument("--workers", type=int, default=0, help="image decoding processes")
         p.set_defaults(fn=cmd_eval)
-        p.set_defaults(fn=cmd_eval)
+    md.set_defaults(templates="<>")  # class names as they are: "a photo of" fits no video or sound
 
 
 def main(argv: list[str] | None = None) -> int:

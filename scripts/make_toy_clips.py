@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import random
 from pathlib import Path
 
 import numpy as np
+
+from mmpretrain.data.av_encode import encode_mp4
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 PITCH = {"red": 330.0, "green": 440.0, "blue": 550.0, "yellow": 660.0}
@@ -46,31 +47,6 @@ def tone(color: str, motion: str, seconds: float, rate: int) -> np.ndarray:
     beats = 2 + MOTIONS.index(motion)
     env = 0.5 * (1 + np.sign(np.sin(2 * np.pi * beats * t)))
     return (0.3 * env * np.sin(2 * np.pi * PITCH[color] * t)).astype(np.float32)
-
-
-def encode_mp4(video: np.ndarray, fps: int, audio: np.ndarray | None, rate: int) -> bytes:
-    """H.264 (+ AAC) MP4 bytes with PyAV."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        vs = c.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        vs.options = {"preset": "ultrafast", "crf": "28"}
-        astream = c.add_stream("aac", rate=rate) if audio is not None else None
-        for img in video:
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        for pkt in vs.encode():
-            c.mux(pkt)
-        if astream is not None:
-            frame = av.AudioFrame.from_ndarray(audio[None, :], format="flt", layout="mono")
-            frame.sample_rate = rate
-            for pkt in astream.encode(frame):
-                c.mux(pkt)
-            for pkt in astream.encode():
-                c.mux(pkt)
-    return buf.getvalue()
 
 
 def make_clip(rng: random.Random, *, size: int = 32, n_frames: int = 16, fps: int = 8, rate: int = 16000,

@@ -3,14 +3,19 @@
     decode_video  ``mp4``/``webm``/``avi``/``mkv`` member -> ``"video"`` (T, 3, H, W) float, normalised,
                   and ``"video_mask"`` (T,) bool, **True = a real frame** (short clips are padded);
                   T frames at ``fps`` (uniform from a random start in training, from the centre at
-                  evaluation), short side resized, random / centre crop; decord.
+                  evaluation), short side resized, random / centre crop; decord. At evaluation,
+                  ``clips`` x ``crops`` views -> (V, T, 3, H, W) (the evaluator averages them).
     decode_audio  ``wav``/``flac``/``mp3``/``ogg`` member, or the audio track of the video member ->
                   ``"audio"`` (S,) mono float at ``sample_rate`` and ``"audio_mask"`` (S,) bool, True =
-                  real audio; a random window in training, the centre one at evaluation; PyAV
-                  decodes, torchaudio resamples.
+                  real audio; a random window in training, the centre one (or ``windows`` evenly
+                  spread ones -> (V, S)) at evaluation; PyAV decodes, torchaudio resamples.
+Frames, fps, size and normalisation / sample rate and length default to the model's video / audio
+tower (``OpContext.video`` / ``.audio``), so a config need not repeat them.
 
 Bad input (unreadable or truncated media, no audio track, zero-length audio, absurd resolutions)
-raises ``SampleError`` and is skipped and counted by the stream. Decoding has a wall-clock limit
+raises ``SampleError`` and is skipped and counted by the stream; with ``optional: true`` the sample
+is kept instead, with zeros and ``"<m>_valid"`` False, so the loss pairs using that modality
+ignore it (counted as ``absent_<m>``). Decoding has a wall-clock limit
 per sample (``timeout_s``), enforced with a timer signal where the pipeline runs in a process's
 main thread (DataLoader workers, single-process loading).
 """
@@ -21,12 +26,13 @@ import io
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from mmpretrain.data.ops import DATA_OPS, Op, OpContext, Sample, SampleError
+from mmpretrain.types import valid_key
 
 VIDEO_KEYS = ("mp4", "webm", "avi", "mkv", "mov")
 AUDIO_KEYS = ("wav", "flac", "mp3", "ogg")
@@ -57,10 +63,13 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class DecodeVideoParams:
-    frames: int = 16
-    fps: float = 8.0  # sampling rate of the T frames (clips are resampled to it)
+    frames: int | None = None  # None: the video tower's (``input_spec``)
+    fps: float | None = None  # sampling rate of the T frames (clips are resampled to it); None: the tower's
     size: int | None = None  # crop side; None: the video tower's input size
-    train: bool = True  # random start and crop; False: centre (evaluation)
+    train: bool = True  # random start and crop; False: deterministic views (evaluation)
+    clips: int = 1  # evaluation: clips spread evenly over the video (multi-clip)
+    crops: int = 1  # evaluation: 1 = centre; 3 = left/centre/right (or top/centre/bottom) crops
+    optional: bool = False  # a sample without usable video is kept, with zeros and video_valid=False
     keys: tuple[str, ...] = VIDEO_KEYS
     max_pixels: int = 4096 * 2160  # refuse absurd resolutions
     timeout_s: float = 10.0
@@ -85,15 +94,49 @@ def frame_indices(n_frames: int, native_fps: float, frames: int, fps: float, sta
     return np.where(idx < n_frames, idx, -1)
 
 
+def view_fractions(n: int) -> list[float]:
+    """``n`` evenly spread positions in [0, 1]: 1 -> [0.5], 3 -> [0, 0.5, 1] (clip starts, crop offsets)."""
+    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
+
+
+def _optional(p_optional: bool, modality: str, fill: Callable[[], Sample], op: Op) -> Op:
+    """Wrap a decode op: with ``optional``, a sample it cannot decode gets ``fill()`` and ``<m>_valid=False``
+    (counted as ``absent_<m>``) instead of being skipped."""
+    if not p_optional:
+        return op
+
+    def wrapped(s: Sample) -> Sample:
+        try:
+            s = op(s)
+            s[valid_key(modality)] = torch.tensor(True)
+        except SampleError as exc:
+            s.update(fill())
+            s[valid_key(modality)] = torch.tensor(False)
+            s.setdefault("__absent__", []).append(f"absent_{modality}:{exc.kind}")
+        return s
+
+    return wrapped
+
+
+def _video_spec(p: DecodeVideoParams, ctx: OpContext) -> tuple[int, float, int, tuple, tuple]:
+    spec = ctx.video
+    frames, fps = p.frames or (spec and spec.frames), p.fps or (spec and spec.fps)
+    size = p.size or (spec.size if spec else ctx.image_size[0])
+    if not frames or not fps:
+        raise ValueError("decode_video needs frames and fps: set them in its params or give the model a video tower")
+    if p.train and p.clips * p.crops > 1:
+        raise ValueError("decode_video: clips/crops > 1 are evaluation views; set train: false")
+    mean, std = (spec.mean, spec.std) if spec else (ctx.mean, ctx.std)
+    return int(frames), float(fps), int(size), tuple(mean), tuple(std)
+
+
 @DATA_OPS.register("decode_video", config=DecodeVideoParams)
 def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
-    """Decode T frames with decord -> ``video`` (T, 3, H, W) normalised + ``video_mask`` (T,)."""
-    from torchvision.transforms import v2 as T
-
-    size = (p.size, p.size) if p.size else ctx.image_size
-    crop = T.RandomCrop(size) if p.train else T.CenterCrop(size)
-    resize = T.Resize(min(size), antialias=True)
-    mean, std = torch.tensor(ctx.mean).view(1, 3, 1, 1), torch.tensor(ctx.std).view(1, 3, 1, 1)
+    """Decode T frames with decord -> ``video`` (T, 3, H, W) normalised + ``video_mask`` (T,); with
+    ``clips * crops = V > 1`` views (evaluation) -> ``video`` (V, T, 3, H, W) + ``video_mask`` (V, T)."""
+    frames, fps, size, mean, std = _video_spec(p, ctx)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    views = p.clips * p.crops
 
     def op(s: Sample) -> Sample:
         import decord
@@ -105,27 +148,51 @@ def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
                 h, w = vr[0].shape[:2] if len(vr) else (0, 0)
                 if not len(vr) or h * w > p.max_pixels or min(h, w) < 8:
                     raise SampleError("bad_video", f"{s.get('__key__')}: {len(vr)} frames of {w}x{h}")
-                idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, p.frames, p.fps,
-                                    float(torch.rand(())) if p.train else 0.5)
-                frames = torch.from_numpy(vr.get_batch(np.maximum(idx, 0).tolist()).asnumpy())  # (T, H, W, 3)
+                starts = [float(torch.rand(()))] if p.train else view_fractions(p.clips)
+                idx = [frame_indices(len(vr), vr.get_avg_fps() or 25.0, frames, fps, f) for f in starts]
+                flat = np.maximum(np.concatenate(idx), 0).tolist()
+                raw = torch.from_numpy(vr.get_batch(flat).asnumpy())  # (clips*T, H, W, 3)
         except SampleError:
             raise
         except (DecodeTimeout, Exception) as exc:  # decord raises DECORDError and others on corrupt data
             raise SampleError("bad_video", f"{s.get('__key__')}: cannot decode {key}: {exc}") from None
-        x = crop(resize(frames.permute(0, 3, 1, 2))).float().div_(255)
-        mask = torch.from_numpy(idx >= 0)
-        x[~mask] = 0.0
-        s["video"], s["video_mask"] = (x - mean) / std * mask.view(-1, 1, 1, 1), mask
+        x = _resize(raw.permute(0, 3, 1, 2), size).float().div_(255)
+        crops = [_crop(x, size, None if p.train else f) for f in view_fractions(p.crops)]
+        clips = [c.view(p.clips, frames, 3, size, size) for c in crops]  # per crop: (clips, T, 3, S, S)
+        video = torch.stack(clips, 1).flatten(0, 1)  # (V, T, 3, S, S), clip-major
+        mask = torch.from_numpy(np.stack(idx) >= 0).repeat_interleave(p.crops, 0)  # (V, T)
+        video = (video - mean_t) / std_t * mask[..., None, None, None]
+        s["video"], s["video_mask"] = (video, mask) if views > 1 else (video[0], mask[0])
         return s
 
-    return op
+    fill = lambda: {"video": torch.zeros(frames, 3, size, size), "video_mask": torch.zeros(frames, dtype=torch.bool)}  # noqa: E731
+    return _optional(p.optional, "video", fill, op)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> short side ``size`` (antialiased)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, size, antialias=True)
+
+
+def _crop(x: torch.Tensor, size: int, fraction: float | None) -> torch.Tensor:
+    """A ``size`` square of (N, 3, H, W): at ``fraction`` along the long side (0 left/top, 0.5 centre,
+    1 right/bottom), or random when ``fraction`` is None; the same window for all N frames."""
+    h, w = x.shape[-2:]
+    frac_y, frac_x = (float(torch.rand(())), float(torch.rand(()))) if fraction is None else (
+        fraction if h > w else 0.5, fraction if w >= h else 0.5)
+    top, left = round((h - size) * frac_y), round((w - size) * frac_x)
+    return x[..., top : top + size, left : left + size]
 
 
 @dataclass(frozen=True)
 class DecodeAudioParams:
-    sample_rate: int = 16000
-    seconds: float = 4.0
-    train: bool = True
+    sample_rate: int | None = None  # None: the audio tower's (``input_spec``)
+    seconds: float | None = None  # window length; None: the audio tower's
+    train: bool = True  # a random window; False: deterministic windows (evaluation)
+    windows: int = 1  # evaluation: windows spread evenly over the audio (averaged by the evaluator)
+    optional: bool = False  # a sample without usable audio is kept, with zeros and audio_valid=False
     keys: tuple[str, ...] = AUDIO_KEYS + VIDEO_KEYS  # a video member's audio track is used when no audio member
     min_seconds: float = 0.05  # shorter audio is refused (zero-length, clicks)
     timeout_s: float = 10.0
@@ -155,22 +222,34 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
 
 @DATA_OPS.register("decode_audio", config=DecodeAudioParams)
 def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
-    """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,)."""
-    n = int(round(p.sample_rate * p.seconds))
+    """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,);
+    with ``windows = V > 1`` (evaluation) -> ``audio`` (V, S) + ``audio_mask`` (V, S)."""
+    rate = p.sample_rate or (ctx.audio and ctx.audio.sample_rate)
+    seconds = p.seconds or (ctx.audio and ctx.audio.seconds)
+    if not rate or not seconds:
+        raise ValueError("decode_audio needs sample_rate and seconds: set them in its params or give the model "
+                         "an audio tower")
+    if p.train and p.windows > 1:
+        raise ValueError("decode_audio: windows > 1 are evaluation views; set train: false")
+    n = int(round(rate * seconds))
 
     def op(s: Sample) -> Sample:
         key, data = _member(s, p.keys, "audio")
         try:
             with time_limit(p.timeout_s):
-                wave = read_audio(data, p.sample_rate)
+                wave = read_audio(data, rate)
         except (DecodeTimeout, Exception) as exc:  # no audio track, corrupt data
             raise SampleError("bad_audio", f"{s.get('__key__')}: cannot decode audio of {key}: {exc}") from None
-        if wave.numel() < p.min_seconds * p.sample_rate or not torch.isfinite(wave).all():
+        if wave.numel() < p.min_seconds * rate or not torch.isfinite(wave).all():
             raise SampleError("bad_audio", f"{s.get('__key__')}: {wave.numel()} samples of audio")
-        start = 0 if wave.numel() <= n else int((wave.numel() - n) * (float(torch.rand(())) if p.train else 0.5))
-        clip = wave[start : start + n]
-        s["audio"], s["audio_mask"] = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
-        s["audio"][: clip.numel()], s["audio_mask"][: clip.numel()] = clip, True
+        slack = max(0, wave.numel() - n)
+        starts = [int(slack * float(torch.rand(())))] if p.train else [round(slack * f) for f in view_fractions(p.windows)]
+        audio, mask = torch.zeros(len(starts), n), torch.zeros(len(starts), n, dtype=torch.bool)
+        for i, start in enumerate(starts):
+            clip = wave[start : start + n]
+            audio[i, : clip.numel()], mask[i, : clip.numel()] = clip, True
+        s["audio"], s["audio_mask"] = (audio, mask) if p.windows > 1 else (audio[0], mask[0])
         return s
 
-    return op
+    fill = lambda: {"audio": torch.zeros(n), "audio_mask": torch.zeros(n, dtype=torch.bool)}  # noqa: E731
+    return _optional(p.optional, "audio", fill, op)

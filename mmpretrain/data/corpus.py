@@ -237,4 +237,4 @@ def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Pat
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
-from mmpretrain.data import icons  # noqa: E402,F401  (registers the icons corpus in CORPORA)
+from mmpretrain.data import icons, motion  # noqa: E402,F401  (register the icons and motion corpora in CORPORA)

@@ -94,6 +94,7 @@ def fetch_debs(packages: tuple[str, ...], cache: Path) -> dict[str, dict]:
             deb = _download_deb(pkg, deb_dir)
             tmp = root.with_name(pkg + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
             info = {"name": pkg, "version": _deb_field(deb, "Version"), "license": _licence(tmp, pkg)}
             atomic_write_text(tmp / ".unpacked", json.dumps(info))

@@ -34,14 +34,36 @@ class SampleError(ValueError):
 
 
 @dataclass(frozen=True)
+class VideoSpec:
+    """The input a video tower expects: T frames sampled at ``fps``, ``size`` x ``size``, normalised."""
+
+    frames: int
+    fps: float
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """The input an audio tower expects: ``seconds`` of mono audio at ``sample_rate``."""
+
+    sample_rate: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class OpContext:
-    """What ops need from the model: image geometry, normalisation, the text tokenizer."""
+    """What ops need from the model: image geometry, normalisation, the text tokenizer, and the
+    video / audio towers' input (``None`` when the model has no such tower)."""
 
     image_size: tuple[int, int] = (224, 224)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
     tokenizer: Any = None  # picklable ``list[str] -> {"text", "text_mask"}``
+    video: VideoSpec | None = None
+    audio: AudioSpec | None = None
 
 
 def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
@@ -187,6 +209,43 @@ def caption(p: CaptionParams, ctx: OpContext) -> Op:
     return op
 
 
+@dataclass(frozen=True)
+class CaptionsParams:
+    k: int = 2  # captions per sample (-> text (K, L)); drawn with replacement when a sample has fewer
+    key: str = "json:captions"  # a list of strings in the json member
+    fallback: tuple[str, ...] = ("txt", "json:caption")  # single caption when the list is missing
+    train: bool = True  # random draw; False: the first k (cycled)
+
+
+@DATA_OPS.register("captions", config=CaptionsParams)
+def captions(p: CaptionsParams, ctx: OpContext) -> Op:
+    """K captions of one sample into ``"caption"`` (a list), for MIL-NCE (``tokenize`` -> (K, L))."""
+    if p.k < 1:
+        raise ValueError("captions: k must be >= 1")
+
+    def op(s: Sample) -> Sample:
+        texts = _read_list(s, p.key) or [t for t in (_read_text(s, key) for key in p.fallback) if t][:1]
+        if not texts:
+            raise SampleError("empty_caption", f"{s.get('__key__')}: no caption in {p.key} or {p.fallback}")
+        if p.train:
+            picks = torch.randperm(len(texts)).tolist() if len(texts) >= p.k else torch.randint(len(texts), (p.k,)).tolist()
+        else:
+            picks = [i % len(texts) for i in range(p.k)]
+        s["caption"] = [texts[i] for i in picks[: p.k]]
+        return s
+
+    return op
+
+
+def _read_list(s: Sample, key: str) -> list[str]:
+    member, _, field = key.partition(":")
+    try:
+        value = json.loads(s[member]).get(field) if member in s else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise SampleError("bad_caption", f"{s.get('__key__')}: unreadable {key}: {exc}") from None
+    return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+
+
 def _read_text(s: Sample, key: str) -> str:
     member, _, field = key.partition(":")
     raw = s.get(member)
@@ -203,13 +262,15 @@ def _read_text(s: Sample, key: str) -> str:
 
 @DATA_OPS.register("tokenize")
 def tokenize(p: None, ctx: OpContext) -> Op:
-    """Tokenise ``"caption"`` with the model's tokenizer into ``"text"`` (L,) and ``"text_mask"`` (L,)."""
+    """Tokenise ``"caption"`` with the model's tokenizer into ``"text"`` (L,) and ``"text_mask"`` (L,);
+    a list of K captions (the ``captions`` op) gives (K, L) and (K, L)."""
     if ctx.tokenizer is None:
         raise ValueError("the tokenize op needs a model with a text tower")
 
     def op(s: Sample) -> Sample:
-        out = ctx.tokenizer([s["caption"]])
-        s["text"], s["text_mask"] = out["text"][0], out["text_mask"][0]
+        several = isinstance(s["caption"], list)
+        out = ctx.tokenizer(s["caption"] if several else [s["caption"]])
+        s["text"], s["text_mask"] = (out["text"], out["text_mask"]) if several else (out["text"][0], out["text_mask"][0])
         return s
 
     return op

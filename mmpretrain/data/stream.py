@@ -80,11 +80,16 @@ class ErrorCounter:
         if self.on_error == "raise":
             raise DataError(f"{kind}: {exc} (data.on_error=raise)") from exc
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        total = sum(self.counts.values())
+        total = sum(n for k, n in self.counts.items() if not k.startswith("absent_"))
         if total <= 10 or total % 100 == 0:
             log.warning("skipped %s (%d skipped so far): %s", kind, total, exc)
         if self.max_errors is not None and total > self.max_errors:
             raise DataError(f"more than data.max_errors={self.max_errors} bad samples/shards: {self.counts}")
+
+    def note(self, kind: str) -> None:
+        """Count something that is not an error (an absent optional modality): never raises."""
+        if not self.muted:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def handler(self, exc: BaseException) -> bool:
         """A webdataset exception handler: record and continue."""
@@ -244,7 +249,10 @@ class ShardStream(IterableDataset):
         saved = gen.get_state()
         gen.manual_seed(derive_seed(self.spec.seed, "sample", epoch, self.spec.rank, worker, index))
         try:
-            return apply_ops(self.ops, sample)
+            out = apply_ops(self.ops, sample)
+            for kind in out.pop("__absent__", ()):  # optional modalities this sample lacks: counted, kept
+                errors.note(kind.split(":")[0])
+            return out
         except SampleError as exc:
             errors.record(exc.kind, exc)
             return None

@@ -7,7 +7,9 @@ An encoder is an ``nn.Module`` with:
     ``forward(batch) -> Tensor (B, output_dim)``: reads ``batch[modality]`` (and its mask);
     ``example_batch(batch_size) -> Batch``: a valid random input, used by the generated tests;
     ``set_grad_checkpointing(enable)``.
-Text encoders also give ``tokenizer()``, a picklable callable ``list[str] -> Batch``.
+Text encoders also give ``tokenizer()``, a picklable callable ``list[str] -> Batch``; video and
+audio encoders ``input_spec()`` (``VideoSpec`` / ``AudioSpec``: frames, fps, size / sample rate,
+seconds), which the decode ops default to.
 """
 from __future__ import annotations
 

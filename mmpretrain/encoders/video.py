@@ -17,6 +17,7 @@ the tubelet (repeated over its t frames and divided by t), so image pre-training
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,10 +26,14 @@ from torch.utils.checkpoint import checkpoint
 from mmpretrain.encoders.base import register_encoder
 from mmpretrain.types import Batch
 
+if TYPE_CHECKING:
+    from mmpretrain.data.ops import VideoSpec
+
 
 @dataclass(frozen=True)
 class ViViTParams:
     frames: int = 16
+    fps: float = 8.0  # frame rate the T frames are sampled at (the data ops default to it)
     image_size: int = 112
     tubelet_frames: int = 2  # t of a t x p x p tubelet
     patch_size: int = 16
@@ -79,6 +84,12 @@ class ViViT(nn.Module):
         self.time_cls = nn.Parameter(torch.zeros(1, 1, p.width)) if variant == "fe" else None
         self.norm = nn.LayerNorm(p.width)
         self.grad_checkpointing = False
+
+    def input_spec(self) -> "VideoSpec":
+        """What the data ops must produce for this tower (frames, fps, size, normalisation)."""
+        from mmpretrain.data.ops import VideoSpec
+
+        return VideoSpec(self.p.frames, self.p.fps, self.p.image_size, tuple(self.p.mean), tuple(self.p.std))
 
     def example_batch(self, batch_size: int) -> Batch:
         mask = torch.ones(batch_size, self.frames, dtype=torch.bool)

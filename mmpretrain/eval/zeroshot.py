@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
+
+from mmpretrain.types import SAMPLE_DIMS
+
+if TYPE_CHECKING:
+    from mmpretrain.eval.inputs import Views
 
 PLACEHOLDER = "<>"
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -77,7 +82,7 @@ class ZeroShotClassifier:
 
     def __init__(self, model, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a <>.", *,
                  modality: str = "image", batch_size: int = 64, progress: bool = True,
-                 allow_duplicates: bool = False):
+                 allow_duplicates: bool = False, views: "Views | None" = None):
         if "text" not in model.towers:
             raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
         if modality not in model.towers:
@@ -87,6 +92,7 @@ class ZeroShotClassifier:
         self.classes = check_classes(classes, allow_duplicates=allow_duplicates)
         self.templates = resolve_templates(templates)
         self.batch_size, self.progress = batch_size, progress
+        self.views = views  # video clips x crops / audio windows averaged per input (None: one view)
         self.device = next(model.parameters()).device
 
     @cached_property
@@ -105,9 +111,11 @@ class ZeroShotClassifier:
 
     @torch.no_grad()
     def embed(self, inputs: Any) -> Tensor:
-        """Normalised embeddings (N, E) of the inputs (see ``_batches`` for accepted forms)."""
-        out = [self.model.encode(self.modality, {k: v.to(self.device) for k, v in b.items()})
-               for b in self._batches(inputs)]
+        """Normalised embeddings (N, E) of the inputs (see ``_batches`` for accepted forms); several
+        views of one input ((N, V, ...)) are averaged."""
+        from mmpretrain.eval.inputs import embed_views
+
+        out = [embed_views(self.model, self.modality, b) for b in self._batches(inputs)]
         if not out:
             raise ValueError("no inputs given")
         return torch.cat(out)
@@ -123,12 +131,13 @@ class ZeroShotClassifier:
         return [[(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)]
 
     def _batches(self, inputs: Any) -> Iterator[dict[str, Tensor]]:
-        """Accepts a preprocessed tensor ((N, ...) or one sample), a batch dict, an iterable of
-        those (a DataLoader), or (for images) PIL images and file paths, single or in a list."""
+        """Accepts a preprocessed tensor ((N, ...), (N, V, ...) or one sample), a batch dict, an iterable
+        of those (a DataLoader), or file paths (image, video, audio files, decoded with the model's
+        evaluation preprocessing) and PIL images, single or in a list."""
         if isinstance(inputs, dict):
             yield inputs
         elif isinstance(inputs, Tensor):
-            yield {self.modality: inputs if inputs.dim() == self._sample_dims() + 1 else inputs.unsqueeze(0)}
+            yield {self.modality: inputs if inputs.dim() > SAMPLE_DIMS[self.modality] else inputs.unsqueeze(0)}
         elif isinstance(inputs, (str, Path, Image.Image)):
             yield from self._batches([inputs])
         elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (str, Path, Image.Image)):
@@ -138,15 +147,16 @@ class ZeroShotClassifier:
                 yield from self._batches(item)
 
     def _raw_batches(self, items: list) -> Iterator[dict[str, Tensor]]:
-        if self.modality != "image":
-            raise ValueError(f"raw files are only decoded for images here; pass preprocessed {self.modality} tensors")
-        transform = EvalTransform(self.model)
+        from mmpretrain.eval.inputs import Views, process_files
+
+        transform = EvalTransform(self.model) if self.modality == "image" else None
         for i in tqdm(range(0, len(items), self.batch_size), desc="zero-shot", unit="batch",
                       disable=not self.progress or len(items) <= self.batch_size):
-            yield {"image": torch.stack([transform(_open_image(x)) for x in items[i : i + self.batch_size]])}
-
-    def _sample_dims(self) -> int:
-        return {"image": 3, "video": 4, "audio": 1, "text": 1}.get(self.modality, 3)
+            chunk = items[i : i + self.batch_size]
+            if transform is not None:  # images: PIL images or files, decoded with PIL
+                yield {"image": torch.stack([transform(_open_image(x)) for x in chunk])}
+            else:
+                yield process_files(self.model, self.modality, chunk, self.views or Views())
 
 
 def _open_image(x: Any) -> Image.Image:

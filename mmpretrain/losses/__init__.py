@@ -1,2 +1,2 @@
 """Contrastive losses, registered by kind; pairs of modalities are config data."""
-from mmpretrain.losses.contrastive import LOSSES, DistContext, clip_loss, gather, siglip_loss  # noqa: F401
+from mmpretrain.losses.contrastive import LOSSES, DistContext, clip_loss, gather, milnce_loss, siglip_loss  # noqa: F401

@@ -11,6 +11,11 @@ Distributed semantics (tested against one process on the concatenated batch):
       memory instead of O((W*B)^2); the loss value is then rank-local and its mean over
       ranks equals the global loss.
 Every rank must pass the same batch size (the loader drops the last partial batch).
+
+Missing modalities: ``valid`` (B,) bool, **True = the sample has both modalities of the pair**.
+Invalid samples are neither positives nor negatives: their rows leave the mean and their
+columns are masked out of every softmax. A batch with no valid pair gives a zero loss that
+still touches the embeddings, so every rank runs the same collectives and backward.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from torch import Tensor
 
 from mmpretrain.registry import Registry
 
-# A loss kind: fn(a (B, E), b (B, E), logit_scale (), logit_bias () | None, ctx) -> ()
+# A loss kind: fn(a (B, E), b (B, E) or (B, K, E), logit_scale (), logit_bias () | None, ctx, valid (B,) | None) -> ()
 LossFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "DistContext"], Tensor]
 LOSSES: Registry[Tensor] = Registry("loss kind")
 
@@ -76,19 +81,60 @@ def _pair_logits(a: Tensor, b: Tensor, scale: Tensor, ctx: DistContext) -> tuple
     return logits, logits.T, 0
 
 
+def _valid_rows_cols(valid: Tensor | None, ctx: DistContext) -> tuple[Tensor | None, Tensor | None]:
+    """(rows, cols) validity for ``_pair_logits``' layout: rows local under ``local_loss``, else global."""
+    if valid is None:
+        return None, None
+    cols = valid
+    if ctx.world_size > 1:  # no gradient to carry: a plain all_gather (as uint8: gloo has no bool)
+        parts = [torch.empty_like(valid, dtype=torch.uint8) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, valid.to(torch.uint8).contiguous())
+        cols = torch.cat(parts).bool()
+    rows = valid if ctx.local_loss and ctx.world_size > 1 else cols
+    return rows, cols
+
+
+def _masked_ce(logits: Tensor, labels: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """Mean cross-entropy over valid rows, with invalid columns excluded from the softmax."""
+    if rows is None:
+        return F.cross_entropy(logits, labels)
+    masked = logits.masked_fill(~cols[None, :], torch.finfo(logits.dtype).min)
+    per_row = F.cross_entropy(masked, labels, reduction="none")
+    return _masked_mean(per_row, rows, logits)
+
+
+def _masked_mean(values: Tensor, rows: Tensor, anchor: Tensor) -> Tensor:
+    """Mean of ``values`` over ``rows``; with none valid, 0 that still depends on ``anchor`` (graph kept;
+    ``anchor`` must be finite)."""
+    if rows.any():
+        return values[rows].mean()
+    return anchor.sum() * 0.0
+
+
+def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"loss {kind!r} takes (B, E) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}; "
+                         "several captions per sample (B, K, E) need kind 'milnce'")
+
+
 @LOSSES.register("clip")
-def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext) -> Tensor:
+def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
+              valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE (CLIP): mean of cross-entropy a->b and b->a; positives on the diagonal."""
+    _check_flat("clip", a, b)
     logits_ab, logits_ba, offset = _pair_logits(a, b, logit_scale, ctx)
     if logit_bias is not None:
         logits_ab, logits_ba = logits_ab + logit_bias, logits_ba + logit_bias
     labels = torch.arange(logits_ab.shape[0], device=a.device) + offset
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    rows, cols = _valid_rows_cols(valid, ctx)
+    return 0.5 * (_masked_ce(logits_ab, labels, rows, cols) + _masked_ce(logits_ba, labels, rows, cols))
 
 
 @LOSSES.register("siglip")
-def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext) -> Tensor:
+def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
+                valid: Tensor | None = None) -> Tensor:
     """Sigmoid loss (SigLIP): -sum log sigmoid(+-(s * a.b + bias)) over all pairs, / rows."""
+    _check_flat("siglip", a, b)
     all_b = gather(b, ctx)
     rows = a if ctx.local_loss else gather(a, ctx)
     offset = ctx.rank * a.shape[0] if ctx.local_loss and ctx.world_size > 1 else 0
@@ -98,4 +144,43 @@ def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
     signs = -torch.ones_like(logits)
     idx = torch.arange(rows.shape[0], device=a.device)
     signs[idx, idx + offset] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / rows.shape[0]
+    terms = -F.logsigmoid(signs * logits)
+    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    if row_ok is None:
+        return terms.sum() / rows.shape[0]
+    per_row = (terms * col_ok[None, :]).sum(1)
+    return per_row[row_ok].sum() / row_ok.sum().clamp_min(1) if row_ok.any() else logits.sum() * 0.0
+
+
+@LOSSES.register("milnce")
+def milnce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
+                valid: Tensor | None = None) -> Tensor:
+    """MIL-NCE (Miech et al. 2020) for K captions per clip: a (B, E) clips, b (B, K, E) captions.
+
+    clip -> captions: -log(sum of exp over its own K captions / sum over all captions);
+    caption -> clips: cross-entropy with the caption's own clip as the positive. Mean of the two.
+    With K = 1 this is exactly ``clip``.
+    """
+    if b.dim() == 2:
+        b = b.unsqueeze(1)
+    k = b.shape[1]
+    all_a, all_b = gather(a, ctx), gather(b, ctx)  # (WB, E), (WB, K, E)
+    local = ctx.local_loss and ctx.world_size > 1
+    rows_a, rows_b = (a, b) if local else (all_a, all_b)
+    offset = ctx.rank * a.shape[0] if local else 0
+    bias = 0.0 if logit_bias is None else logit_bias
+    logits_ab = logit_scale * rows_a @ all_b.flatten(0, 1).T + bias  # (R, WB*K)
+    logits_ba = logit_scale * rows_b.flatten(0, 1) @ all_a.T + bias  # (R*K, WB)
+    owner = torch.arange(all_b.shape[0], device=a.device).repeat_interleave(k)  # caption column -> clip
+    own = torch.arange(rows_a.shape[0], device=a.device) + offset
+    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    raw = logits_ab
+    if col_ok is not None:
+        logits_ab = logits_ab.masked_fill(~col_ok[owner][None, :], torch.finfo(logits_ab.dtype).min)
+        logits_ba = logits_ba.masked_fill(~col_ok[None, :], torch.finfo(logits_ba.dtype).min)
+    positive = owner[None, :] == own[:, None]
+    pos = logits_ab.masked_fill(~positive, torch.finfo(logits_ab.dtype).min).logsumexp(1)
+    clip_to_text = logits_ab.logsumexp(1) - pos  # (R,)
+    text_to_clip = F.cross_entropy(logits_ba, own.repeat_interleave(k), reduction="none").view(-1, k).mean(1)
+    per_row = 0.5 * (clip_to_text + text_to_clip)
+    return per_row.mean() if row_ok is None else _masked_mean(per_row, row_ok, raw)

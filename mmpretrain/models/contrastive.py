@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig, TowerConfig
 from mmpretrain.encoders import HEADS, build_encoder
-from mmpretrain.types import Batch
+from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
 
 if TYPE_CHECKING:
     from mmpretrain.data.ops import OpContext
@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 class ContrastiveModel(nn.Module):
     """Encodes each modality present in a batch into a shared, L2-normalised space.
 
-    ``forward(batch)`` returns ``{m: (B, E) for each modality m in batch and in towers,
-    "logit_scale": () already exp'd, ["logit_bias": ()]}``.
+    ``forward(batch)`` returns ``{m: (B, E) (or (B, K, E) with a views axis) for each modality m in
+    batch and in towers, ["<m>_valid": (B,) bool, passed through], "logit_scale": () already exp'd,
+    ["logit_bias": ()]}``.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -44,12 +45,25 @@ class ContrastiveModel(nn.Module):
         return list(self.towers.keys())
 
     def encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
-        """Embed ``batch[modality]`` -> (B, E)."""
+        """Embed ``batch[modality]`` -> (B, E); with a views axis ((B, V, ...), see ``types``) -> (B, V, E)."""
+        x = batch[modality]
+        extra = x.dim() - 1 - SAMPLE_DIMS[modality]
+        if extra not in (0, 1):
+            raise ValueError(f"{modality} batch has shape {tuple(x.shape)}: expected {SAMPLE_DIMS[modality]} sample "
+                             "dims after the batch axis, plus at most one views axis")
+        if extra:
+            b, v = x.shape[:2]
+            mask = batch.get(mask_key(modality))
+            flat = {modality: x.flatten(0, 1)}
+            if mask is not None:
+                flat[mask_key(modality)] = mask.flatten(0, 1)
+            return self.encode(modality, flat, normalize=normalize).view(b, v, -1)
         features = self.heads[modality](self.towers[modality](batch))
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         out = {m: self.encode(m, batch) for m in self.modalities if m in batch}
+        out.update({valid_key(m): batch[valid_key(m)] for m in list(out) if valid_key(m) in batch})
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
@@ -65,7 +79,7 @@ class ContrastiveModel(nn.Module):
             tower.set_grad_checkpointing(enable)
 
     def data_context(self) -> "OpContext":
-        """What the data ops need from this model: image size, normalisation, tokenizer."""
+        """What the data ops need from this model: image size, normalisation, tokenizer, video/audio input."""
         from mmpretrain.data.ops import OpContext
 
         kwargs = {}
@@ -75,6 +89,9 @@ class ContrastiveModel(nn.Module):
                           interpolation=getattr(image, "interpolation", "bicubic"))
         if "text" in self.towers:
             kwargs["tokenizer"] = self.tokenizer()
+        for modality in ("video", "audio"):  # their towers say what input they expect (frames, rate, ...)
+            if modality in self.towers:
+                kwargs[modality] = self.towers[modality].input_spec()
         return OpContext(**kwargs)
 
     def tokenizer(self):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.losses import LOSSES, DistContext
 from mmpretrain.losses.contrastive import scale_grad
-from mmpretrain.types import Batch
+from mmpretrain.types import Batch, valid_key
 
 SHARED = ("logit_scale", "logit_bias")
 
@@ -30,13 +30,18 @@ class ContrastiveTask:
         self.terms = [(p, LOSSES.get(p.kind).builder) for p in cfg.pairs]
 
     def losses(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{"loss": weighted sum, "loss/a-b[kind]": each term (detached)}`` for the pairs present."""
+        """``{"loss": weighted sum, "loss/a-b": each term (detached)}`` for the pairs present.
+
+        A pair is skipped when the batch lacks one of its modalities; samples lacking one
+        (``"<m>_valid"`` False) are masked out of that pair's loss (see ``losses.contrastive``).
+        """
         total: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for pair, fn in self.terms:
             if pair.a not in out or pair.b not in out:
                 continue
-            value = fn(out[pair.a], out[pair.b], out["logit_scale"], out.get("logit_bias"), self.dist)
+            value = fn(out[pair.a], out[pair.b], out["logit_scale"], out.get("logit_bias"), self.dist,
+                       pair_valid(out, pair.a, pair.b))
             metrics[f"loss/{pair.a}-{pair.b}"] = value.detach()
             total = pair.weight * value if total is None else total + pair.weight * value
         if total is None:
@@ -70,6 +75,14 @@ class ContrastiveTask:
                     losses = self.losses(merged)
                 losses["loss"].backward()
         return {k: v.detach() for k, v in losses.items()}
+
+
+def pair_valid(out: dict[str, Tensor], a: str, b: str) -> Tensor | None:
+    """(B,) bool, True = the sample has both ``a`` and ``b``; None when every sample has both."""
+    flags = [out[valid_key(m)] for m in (a, b) if valid_key(m) in out]
+    if not flags:
+        return None
+    return flags[0] & flags[1] if len(flags) == 2 else flags[0]
 
 
 def _rng_state() -> tuple:

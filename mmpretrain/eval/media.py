@@ -1,0 +1,185 @@
+"""Zero-shot classification and cross-modal retrieval on labelled webdataset shards, any modality.
+
+A labelled shard set is ``[NAME@]shards[:FIELD]=SPEC``: samples carry media members (video,
+audio, image), captions (``json["captions"]`` or ``txt``) and labels in ``json[FIELD]``
+(e.g. ``concept``, ``motion``). One pass embeds every requested modality of every sample
+(averaging evaluation views) and the captions; then
+
+    zero-shot       per modality and label field: top-1 / top-5 / mean per-class recall against
+                    prompt-ensembled class embeddings (classes: the labels present in the set);
+    caption -> m    each distinct caption is a query; hits are the samples having that caption;
+    class -> m      each class prompt is a query; hits are the samples of that class (for audio
+                    that says only part of a caption, e.g. a spoken name);
+    m -> m'         each sample's m embedding finds its own m' (video -> audio: the clip's soundtrack).
+Every recall has its chance level beside it (random ranking).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
+from mmpretrain.eval.metrics import mean_per_class_recall, recall_at_k, topk_accuracy
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A labelled shard set: a display name, the json label fields and a shard spec."""
+
+    name: str
+    fields: tuple[str, ...]
+    spec: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "ShardSet":
+        """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g. ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
+        head, sep, shards = spec.partition("=")
+        name, _, layout = head.rpartition("@")
+        kind, _, fields = layout.partition(":")
+        if not sep or kind != "shards":
+            raise ValueError(f"shard set {spec!r} must look like [NAME@]shards[:FIELD,...]=SHARDS")
+        return cls(name or "shards", tuple(f for f in fields.split(",") if f), shards)
+
+
+@dataclass
+class ShardEmbeddings:
+    """Per-sample embeddings (N, E) by modality, captions and json labels of one shard set."""
+
+    data: ShardSet
+    emb: dict[str, torch.Tensor]
+    captions: list[list[str]]
+    labels: dict[str, list[str]]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def sample_captions(sample: dict) -> list[str]:
+    """A sample's captions: ``json["captions"]`` if a list, else ``json["caption"]``/``txt``."""
+    meta = _json(sample)
+    if isinstance(meta.get("captions"), list):
+        return [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
+    text = meta.get("caption") if isinstance(meta.get("caption"), str) else sample.get("txt", b"").decode("utf-8", "replace")
+    return [text.strip()] if text and text.strip() else []
+
+
+def _json(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: Views = Views(),
+                    batch_size: int = 32, progress: bool = True) -> ShardEmbeddings:
+    """One pass over ``data``: every modality's embedding (views averaged); bad samples skipped and counted."""
+    from mmpretrain.data.loader import expand_shards
+    from mmpretrain.data.ops import SampleError, apply_ops
+    from mmpretrain.data.stream import ErrorCounter, read_samples
+
+    ops = {m: eval_ops(model, m, views) for m in modalities}
+    errors = ErrorCounter("skip", None)
+    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    captions, labels, pending = [], {f: [] for f in data.fields}, []
+
+    def flush() -> None:
+        for m in modalities:
+            chunks[m].append(embed_views(model, m, collate(pending, [m])))
+        pending.clear()
+
+    for sample in tqdm(read_samples(expand_shards(data.spec), errors.handler), desc=f"embed {data.name}",
+                       unit="sample", disable=not progress):
+        meta, texts = _json(sample), sample_captions(sample)
+        missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
+        try:
+            if missing:
+                raise SampleError("missing_label", f"{sample.get('__key__')}: no json field {missing[0]!r}")
+            out = {}
+            for m in modalities:
+                out.update(apply_ops(ops[m], dict(sample)))
+        except SampleError as exc:
+            errors.record(exc.kind, exc)
+            continue
+        pending.append(out)
+        captions.append(texts)
+        for f in data.fields:
+            labels[f].append(meta[f])
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    if not captions:
+        raise ValueError(f"{data.spec}: no usable sample ({dict(errors.counts)} skipped)")
+    return ShardEmbeddings(data, {m: torch.cat(c) for m, c in chunks.items()}, captions, labels, dict(errors.counts))
+
+
+def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, templates) -> dict[str, Any]:
+    """Zero-shot top-1/top-5/mean per-class recall of ``modality`` against ``label``'s classes."""
+    from mmpretrain.eval.zeroshot import ZeroShotClassifier
+
+    classes = sorted(set(se.labels[label]))
+    clf = ZeroShotClassifier(model, classes, templates, modality=modality, progress=False)
+    y = torch.tensor([classes.index(v) for v in se.labels[label]])
+    scores = se.emb[modality] @ clf.weights.T
+    c = len(classes)
+    return {"dataset": se.data.name, "modality": modality, "label": label, "n": len(y), "classes": c,
+            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, c)),
+            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / c}
+
+
+def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
+    """Recall@k of queries (rows of ``sim``) and its chance level under random ranking."""
+    n = sim.shape[1]
+    row: dict[str, Any] = {"task": name, "queries": sim.shape[0], "items": n}
+    for k in ks:
+        row[f"R@{k}"] = recall_at_k(sim, positives, k)
+        row[f"R@{k}_chance"] = float(np.mean([1 - _miss_all(n, int(p.sum()), k) for p in positives]))
+    return row
+
+
+def _miss_all(n: int, positives: int, k: int) -> float:
+    return math.comb(n - positives, k) / math.comb(n, k) if k <= n - positives else 0.0
+
+
+def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, E) normalised text embeddings."""
+    tok = model.tokenizer()
+    out = [embed_views(model, "text", tok(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    return torch.cat(out)
+
+
+def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1, 5, 10)) -> list[dict[str, Any]]:
+    """caption -> m, class -> m (per label field) and m -> m' recall@k rows (see the module docstring)."""
+    from mmpretrain.eval.zeroshot import ZeroShotClassifier
+
+    rows = []
+    queries = sorted({c for caps in se.captions for c in caps[:1]})  # each sample's first caption is canonical
+    q_emb = encode_texts(model, queries)
+    owners = np.array([[q in caps for caps in se.captions] for q in queries])
+    for m, emb in se.emb.items():
+        rows.append({"dataset": se.data.name, **_recall_row(f"caption->{m}", (q_emb @ emb.T).numpy(), owners, ks)})
+        for label, values in se.labels.items():
+            classes = sorted(set(values))
+            w = ZeroShotClassifier(model, classes, templates, modality=m, progress=False).weights
+            pos = np.array(classes)[:, None] == np.array(values)[None, :]
+            rows.append({"dataset": se.data.name, **_recall_row(f"{label}->{m}", (w @ emb.T).numpy(), pos, ks)})
+    mods = list(se.emb)
+    for i, a in enumerate(mods):
+        for b in mods[i + 1 :]:
+            eye = np.eye(len(se.captions), dtype=bool)
+            rows.append({"dataset": se.data.name, **_recall_row(f"{a}->{b}", (se.emb[a] @ se.emb[b].T).numpy(), eye, ks)})
+    return rows
+
+
+def media_eval(model, data: ShardSet, modalities: Sequence[str], *, templates="<>", views: Views = Views(),
+               batch_size: int = 32, ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, Any]:
+    """Zero-shot (every modality x label field) and retrieval rows for one labelled shard set."""
+    se = embed_shard_set(model, data, modalities, views=views, batch_size=batch_size, progress=progress)
+    zeroshot = [zeroshot_by_label(model, se, m, f, templates) for m in modalities for f in data.fields]
+    return {"dataset": data.name, "samples": len(se.captions), "skipped": se.skipped, "views": asdict(views),
+            "zeroshot": zeroshot, "retrieval": retrieval_rows(model, se, templates, ks)}

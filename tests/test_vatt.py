@@ -1,0 +1,246 @@
+"""VATT pieces: MIL-NCE, per-sample masking of pairs, views (several captions / clips), multi-view
+evaluation ops, optional modalities, and the media evaluation on generated clips."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+from mmpretrain.config.schema import LossConfig, LossPair, ModelConfig, TowerConfig
+from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams
+from mmpretrain.data.ops import DATA_OPS, CaptionsParams, OpContext, SampleError
+from mmpretrain.losses import DistContext, clip_loss, milnce_loss, siglip_loss
+from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.training.task import ContrastiveTask
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_toy_clips import make_clip  # noqa: E402
+
+CTX = OpContext(image_size=(32, 32))
+SCALE = torch.tensor(5.0)
+
+
+def emb(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+# ------------------------------------------------------------------ losses
+def test_milnce_with_one_caption_is_clip():
+    a, b = emb(6, 8), emb(6, 8, seed=1)
+    assert milnce_loss(a, b[:, None], SCALE, None, DistContext()).item() == pytest.approx(
+        clip_loss(a, b, SCALE, None, DistContext()).item(), rel=1e-6)
+
+
+def test_milnce_hand_computed():
+    a, b = emb(3, 4), emb(3, 2, 4, seed=1)  # 3 clips, 2 captions each
+    logits = SCALE * a @ b.flatten(0, 1).T  # (3, 6)
+    own = torch.arange(6).view(3, 2)
+    v2t = torch.stack([logits[i].logsumexp(0) - logits[i, own[i]].logsumexp(0) for i in range(3)])
+    t2v = torch.nn.functional.cross_entropy(SCALE * b.flatten(0, 1) @ a.T, torch.arange(3).repeat_interleave(2),
+                                            reduction="none").view(3, 2).mean(1)
+    expected = (0.5 * (v2t + t2v)).mean()
+    assert milnce_loss(a, b, SCALE, None, DistContext()).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_milnce_prefers_matching_captions():
+    a = emb(8, 16)
+    near = torch.nn.functional.normalize(a[:, None] + 0.1 * emb(8, 3, 16, seed=2), dim=-1)
+    assert milnce_loss(a, near, SCALE, None, DistContext()) < milnce_loss(a, near.roll(1, 0), SCALE, None, DistContext())
+
+
+@pytest.mark.parametrize("fn,views", [(clip_loss, 0), (siglip_loss, 0), (milnce_loss, 2)])
+def test_masked_loss_equals_loss_on_the_valid_subset(fn, views):
+    """Invalid samples are neither positives nor negatives: the loss is the one of the valid rows alone."""
+    a, b = emb(7, 8), emb(7, views, 8, seed=1) if views else emb(7, 8, seed=1)
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    bias = torch.tensor(-1.0) if fn is siglip_loss else None
+    masked = fn(a, b, SCALE, bias, DistContext(), valid)
+    subset = fn(a[valid], b[valid], SCALE, bias, DistContext())
+    assert masked.item() == pytest.approx(subset.item(), rel=1e-5)
+
+
+def test_no_valid_pair_gives_zero_loss_with_a_graph():
+    a = emb(4, 8).requires_grad_()
+    loss = clip_loss(a, emb(4, 8, seed=1), SCALE, None, DistContext(), torch.zeros(4, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(a.grad, torch.zeros_like(a))
+
+
+def test_clip_refuses_several_captions():
+    with pytest.raises(ValueError, match="milnce"):
+        clip_loss(emb(4, 8), emb(4, 2, 8), SCALE, None, DistContext())
+
+
+# ------------------------------------------------------------------ model: views and masking
+TINY = ModelConfig(embed_dim=16, towers={
+    "video": TowerConfig("vivit_fe", {"frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2, "patch_size": 16,
+                                      "width": 32, "heads": 2, "spatial_layers": 1, "temporal_layers": 1}),
+    "audio": TowerConfig("ast", {"sample_rate": 8000, "seconds": 1.0, "n_mels": 32, "patch_freq": 16, "patch_time": 16,
+                                 "width": 32, "heads": 2, "layers": 1}),
+    "text": TowerConfig("openclip_text", {"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32,
+                                                       "heads": 2, "layers": 1}})})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ContrastiveModel(TINY).eval()
+
+
+def test_views_axis_encodes_each_view(model):
+    video = torch.randn(2, 3, 4, 3, 32, 32)  # (B, V, T, 3, H, W)
+    out = model.encode("video", {"video": video})
+    assert out.shape == (2, 3, 16)
+    assert torch.allclose(out[1, 2], model.encode("video", {"video": video[1, 2][None]})[0], atol=1e-5)
+    with pytest.raises(ValueError, match="views axis"):
+        model.encode("video", {"video": torch.randn(1, 1, 1, 4, 3, 32, 32)})
+
+
+def test_data_context_carries_tower_inputs(model):
+    ctx = model.data_context()
+    assert (ctx.video.frames, ctx.video.fps, ctx.video.size) == (4, 4.0, 32)
+    assert (ctx.audio.sample_rate, ctx.audio.seconds) == (8000, 1.0)
+
+
+def test_invalid_samples_get_no_gradient_from_their_pair():
+    torch.manual_seed(0)
+    m = ContrastiveModel(TINY).train()
+    task = ContrastiveTask(LossConfig(pairs=[LossPair("video", "audio", "clip")]))
+    audio = torch.randn(4, 8000, requires_grad=True)
+    valid = torch.tensor([True, True, False, True])
+    batch = {"video": torch.randn(4, 4, 3, 32, 32), "audio": audio, "audio_valid": valid}
+    losses = task.losses(m(batch))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert audio.grad[2].abs().sum() == 0 and audio.grad[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------ ops
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip(random.Random(0), size=40, n_frames=16, fps=8)[0]
+
+
+def build(name, params, ctx=CTX):
+    return DATA_OPS.get(name).builder(params, ctx)
+
+
+def test_multi_view_video_is_deterministic_and_varied():
+    import numpy as np
+
+    from mmpretrain.data.av_encode import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (16, 32, 64, 3), dtype=np.uint8)  # wide: crops differ
+    wide = encode_mp4(frames, 8, None, 8000)
+    op = build("decode_video", DecodeVideoParams(frames=4, fps=4, size=32, train=False, clips=2, crops=3))
+    s1, s2 = op({"__key__": "k", "mp4": wide}), op({"__key__": "k", "mp4": wide})
+    assert s1["video"].shape == (6, 4, 3, 32, 32) and s1["video_mask"].shape == (6, 4)
+    assert torch.equal(s1["video"], s2["video"])
+    assert not torch.equal(s1["video"][0], s1["video"][2])  # left vs right crop
+    assert not torch.equal(s1["video"][0], s1["video"][3])  # first vs second clip
+    with pytest.raises(ValueError, match="train: false"):
+        build("decode_video", DecodeVideoParams(frames=4, fps=4, clips=2))
+
+
+def test_video_op_defaults_to_the_tower(clip, model):
+    s = build("decode_video", DecodeVideoParams(), model.data_context())({"__key__": "k", "mp4": clip})
+    assert s["video"].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="video tower"):
+        build("decode_video", DecodeVideoParams())
+
+
+def test_audio_windows(clip):
+    s = build("decode_audio", DecodeAudioParams(sample_rate=8000, seconds=0.5, train=False, windows=3))({"mp4": clip})
+    assert s["audio"].shape == (3, 4000) and s["audio_mask"].all()
+    assert not torch.equal(s["audio"][0], s["audio"][2])
+
+
+def test_optional_audio_keeps_the_sample():
+    silent = make_clip(random.Random(1), size=40, n_frames=8, fps=8, audio=False)[0]
+    op = build("decode_audio", DecodeAudioParams(sample_rate=8000, seconds=0.5, optional=True))
+    s = op({"__key__": "k", "mp4": silent})
+    assert not s["audio_valid"] and s["audio"].shape == (4000,) and not s["audio_mask"].any()
+    assert s["__absent__"] == ["absent_audio:bad_audio"]
+    strict = build("decode_audio", DecodeAudioParams(sample_rate=8000, seconds=0.5))
+    with pytest.raises(SampleError):
+        strict({"__key__": "k", "mp4": silent})
+
+
+def test_captions_op_draws_k(model):
+    op = build("captions", CaptionsParams(k=3, train=False))
+    s = op({"json": json.dumps({"captions": ["a", "b"]}).encode()})
+    assert s["caption"] == ["a", "b", "a"]
+    s = build("tokenize", None, model.data_context())(s)
+    assert s["text"].shape == (3, 16) and s["text_mask"].shape == (3, 16)
+    s = op({"__key__": "k", "txt": b"only one"})
+    assert s["caption"] == ["only one"] * 3
+    with pytest.raises(SampleError):
+        op({"__key__": "k", "json": b"{}"})
+
+
+# ------------------------------------------------------------------ evaluation on labelled shards
+@pytest.fixture(scope="module")
+def clip_set(tmp_path_factory):
+    """10 toy clips (+1 corrupt) as video shards with json labels and several captions."""
+    from mmpretrain.data.shards import ShardWriterConfig, make_shards
+
+    root = tmp_path_factory.mktemp("clips")
+    rng, rows = random.Random(3), []
+    for i in range(10):
+        data, caption = make_clip(rng, size=32, n_frames=16, fps=8)
+        (root / f"{i}.mp4").write_bytes(data)
+        colour = caption.split()[1]
+        rows.append({"file": f"{i}.mp4", "caption": caption, "captions": [caption, f"{caption}, on video"],
+                     "colour": colour})
+    (root / "bad.mp4").write_bytes(b"\x00" * 100)
+    rows.append({"file": "bad.mp4", "caption": "broken", "colour": "red"})
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_shards(root, root / "c.jsonl", root / "shards", ShardWriterConfig(media="video", verify_images=False),
+                progress=False)
+    return root
+
+
+def test_shard_set_parse():
+    from mmpretrain.eval.media import ShardSet
+
+    assert ShardSet.parse("held@shards:concept,motion=data/x") == ShardSet("held", ("concept", "motion"), "data/x")
+    with pytest.raises(ValueError, match="shards"):
+        ShardSet.parse("folder=data/x")
+
+
+def test_media_eval_reports_zero_shot_and_retrieval(model, clip_set):
+    from mmpretrain.eval.inputs import Views
+    from mmpretrain.eval.media import ShardSet, media_eval
+
+    data = ShardSet.parse(f"toy@shards:colour={clip_set / 'shards'}")
+    r = media_eval(model, data, ["video", "audio"], views=Views(clips=2, crops=1, windows=2), progress=False)
+    assert r["samples"] == 10 and r["skipped"] == {"bad_video": 1}
+    zs = {(z["modality"], z["label"]): z for z in r["zeroshot"]}
+    classes = len({json.loads(line)["colour"] for line in (clip_set / "c.jsonl").read_text().splitlines()[:10]})
+    assert zs[("video", "colour")]["classes"] == classes and zs[("video", "colour")]["chance_top1"] == 1 / classes
+    tasks = {row["task"]: row for row in r["retrieval"]}
+    assert set(tasks) == {"caption->video", "colour->video", "caption->audio", "colour->audio", "video->audio"}
+    v2a = tasks["video->audio"]
+    assert v2a["queries"] == v2a["items"] == 10 and v2a["R@1_chance"] == pytest.approx(0.1)
+    assert v2a["R@10"] == 1.0  # every item is within the top 10 of 10
+    for row in tasks.values():
+        assert 0.0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 1.0
+
+
+def test_zero_shot_api_takes_video_and_audio_files(model, clip_set):
+    from mmpretrain import api
+    from mmpretrain.eval.inputs import Views
+
+    files = [clip_set / "0.mp4", clip_set / "1.mp4"]
+    clf = api.zero_shot("a <> shape", ["red", "green", "blue"], model=model, modality="video", views=Views(clips=2))
+    preds = clf.predict(files, k=2)
+    assert len(preds) == 2 and all(len(p) == 2 for p in preds)
+    audio = api.zero_shot("<>", ["red", "green"], model=model, modality="audio").embed(files)
+    assert audio.shape == (2, 16) and torch.allclose(audio.norm(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError, match="cannot use"):
+        clf.predict([clip_set / "bad.mp4"])
