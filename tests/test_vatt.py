@@ -244,3 +244,59 @@ def test_zero_shot_api_takes_video_and_audio_files(model, clip_set):
     assert audio.shape == (2, 16) and torch.allclose(audio.norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="cannot use"):
         clf.predict([clip_set / "bad.mp4"])
+
+
+# ------------------------------------------------------------------ mixtures of image-text and video shards
+def mixture_tree(toy_shards, clip_set, run_dir, **train):
+    from tests.conftest import TINY_MODEL, experiment_tree
+
+    towers = {**TINY_MODEL["towers"], "video": {"encoder": "vivit_fe", "params": {
+        "frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2, "patch_size": 16, "width": 32, "heads": 2,
+        "spatial_layers": 1, "temporal_layers": 1}}}
+    video_ops = [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]
+    tree = experiment_tree(toy_shards, run_dir, model={"towers": towers},
+                           loss={"pairs": [{"a": "image", "b": "text"}, {"a": "video", "b": "text"}]},
+                           train={"steps": 8, "ckpt_every": 4, **train})
+    tree["data"].pop("train")
+    tree["data"]["batch_size"] = 4
+    tree["data"]["sources"] = [{"train": str(toy_shards), "weight": 1.0},
+                               {"train": str(clip_set / "shards"), "weight": 1.0, "ops": video_ops}]
+    return tree
+
+
+def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set, tmp_path):
+    from mmpretrain import api
+    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.data.loader import build_loader
+
+    cfg = config_from_tree(mixture_tree(toy_shards, clip_set, tmp_path / "run"))
+    run = api.train(cfg)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/image-text" in r for r in rows) and any("loss/video-text" in r for r in rows)
+    # the source sequence depends only on (seed, step): the same on every rank, continued on resume
+    model = ContrastiveModel(cfg.model)
+    loader = build_loader(cfg.data, model.data_context(), seed=0)
+    it = iter(loader)
+    first = [next(it).keys for _ in range(3)]
+    resumed = iter(build_loader(cfg.data, model.data_context(), seed=0, state=loader.state_dict()))
+    assert [next(resumed).keys for _ in range(2)] == [next(it).keys for _ in range(2)]
+    assert first and {loader.source_of(i) for i in range(20)} == {0, 1}
+    import dataclasses
+
+    other_rank = build_loader(dataclasses.replace(cfg.data, resampled=True), model.data_context(), seed=0, rank=1,
+                              world_size=2)
+    assert [other_rank.source_of(i) for i in range(20)] == [loader.source_of(i) for i in range(20)]
+
+
+def test_mixture_config_is_checked(toy_shards, clip_set, tmp_path):
+    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.config.strict import ConfigError
+
+    tree = mixture_tree(toy_shards, clip_set, tmp_path)
+    tree["data"]["train"] = str(toy_shards)
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_tree(tree)
+    tree = mixture_tree(toy_shards, clip_set, tmp_path)
+    tree["data"]["sources"][1]["weight"] = 0
+    with pytest.raises(ConfigError, match="weight"):
+        config_from_tree(tree)

@@ -66,6 +66,15 @@ def _default_eval_ops() -> list[OpSpec]:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One dataset of a mixture: its shards, sampling weight and (optionally) its own ops."""
+
+    train: str  # shards, as data.train
+    weight: float = 1.0  # relative probability of drawing a step's batch from this source
+    ops: list[OpSpec] | None = None  # this source's transforms (None: data.ops)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """A webdataset stream. ``train`` is a local path, brace pattern, ``pipe:`` URL, or a
     ``::``-separated list of them (webdataset's URL syntax)."""
@@ -82,6 +91,7 @@ class DataConfig:
     max_errors: int | None = None  # abort after this many skipped samples/shards (None: never)
     drop_last: bool = True  # batches are always full (ranks must agree on batch size)
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
+    sources: list[SourceConfig] = field(default_factory=list)  # a mixture instead of data.train: each step's batch comes from one source, drawn by weight (the same on every rank)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,13 @@ def validate(cfg: ExperimentConfig) -> None:
     for section in ("ops", "eval_ops"):
         for i, spec in enumerate(getattr(cfg.data, section)):
             _typed(DATA_OPS, spec.op, spec.params, f"data.{section}[{i}]")
+    for j, src in enumerate(cfg.data.sources):
+        for i, spec in enumerate(src.ops or []):
+            _typed(DATA_OPS, spec.op, spec.params, f"data.sources[{j}].ops[{i}]")
+        if not src.weight > 0:
+            raise ConfigError(f"data.sources[{j}].weight must be > 0")
+    if cfg.data.sources and cfg.data.train:
+        raise ConfigError("give either data.train or data.sources (a mixture), not both")
     for i, pair in enumerate(cfg.loss.pairs):
         where = f"loss.pairs[{i}]"
         try:

@@ -99,5 +99,66 @@ class ResumableLoader:
         return total
 
 
+class MixedLoader:
+    """Several sources (``data.sources``), one per optimizer step, drawn by weight.
+
+    The draw for step ``n`` depends only on (seed, n), so every rank takes the same source at the
+    same step (their collectives and loss pairs match) and a resumed run continues the sequence.
+    Each source is its own ``ResumableLoader`` (own ops, workers, position); ``group`` batches in a
+    row (``train.accum_steps``) come from one source, so accumulated micro-batches share modalities.
+    """
+
+    def __init__(self, cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
+                 state: dict[str, Any] | None = None, group: int = 1):
+        import dataclasses
+
+        self.seed, self.group = seed, group
+        self.weights = [src.weight for src in cfg.sources]
+        saved = (state or {}).get("sources") or [None] * len(cfg.sources)
+        if len(saved) != len(cfg.sources):
+            raise DataError(f"cannot resume: the checkpoint has {len(saved)} data sources, the config {len(cfg.sources)}")
+        self.loaders = [ResumableLoader(dataclasses.replace(cfg, train=src.train, ops=src.ops or cfg.ops, sources=[]),
+                                        ctx, seed=seed + 7919 * i, rank=rank, world_size=world_size, state=saved[i])
+                        for i, src in enumerate(cfg.sources)]
+        self.consumed = int((state or {}).get("consumed", 0))
+
+    def source_of(self, batch_index: int) -> int:
+        """The source of the ``batch_index``-th batch (same on every rank)."""
+        import random
+
+        from mmpretrain.data.stream import derive_seed
+
+        rng = random.Random(derive_seed(self.seed, "mix", batch_index // self.group))
+        return rng.choices(range(len(self.weights)), weights=self.weights)[0]
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
+        iters: dict[int, Iterator[WorkerBatch]] = {}  # started on first use: a source never drawn costs nothing
+        while True:
+            k = self.source_of(self.consumed)
+            if k not in iters:
+                iters[k] = iter(self.loaders[k])
+            batch = next(iters[k])
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "sources": [loader.state_dict() for loader in self.loaders]}
+
+    def error_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for loader in self.loaders:
+            for kind, n in loader.error_counts().items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+
+def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
+                 state: dict[str, Any] | None = None, group: int = 1) -> ResumableLoader | MixedLoader:
+    """A ``MixedLoader`` when ``cfg.sources`` is set, else a ``ResumableLoader`` over ``cfg.train``."""
+    if cfg.sources:
+        return MixedLoader(cfg, ctx, seed=seed, rank=rank, world_size=world_size, state=state, group=group)
+    return ResumableLoader(cfg, ctx, seed=seed, rank=rank, world_size=world_size, state=state)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; compute threads belong to the main process

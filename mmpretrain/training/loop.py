@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmpretrain.config.schema import ExperimentConfig
-from mmpretrain.data.loader import ResumableLoader
+from mmpretrain.data.loader import MixedLoader, ResumableLoader
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
 from mmpretrain.training.dist import DistInfo, all_gather_object
@@ -37,7 +37,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     task: ContrastiveTask
-    loader: ResumableLoader
+    loader: ResumableLoader | MixedLoader
     run_dir: Path
     config_yaml: str
     autocast: Callable[[], ContextManager]

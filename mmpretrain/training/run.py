@@ -14,7 +14,7 @@ import torch
 
 from mmpretrain.config.loader import dump_config, save_resolved
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
-from mmpretrain.data.loader import ResumableLoader
+from mmpretrain.data.loader import build_loader
 from mmpretrain.losses import DistContext
 from mmpretrain.models import build_model
 from mmpretrain.training.checkpoint import find_latest, load_state, load_weights, set_rng_state
@@ -107,12 +107,14 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         set_rng_state(state["rng"][info.rank])
     else:
         seed_everything(tc.seed + 1000 * info.rank)
-    loader = ResumableLoader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank,
-                             world_size=info.world_size, state=state["data"][info.rank] if state else None)
+    loader = build_loader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank, world_size=info.world_size,
+                          state=state["data"][info.rank] if state else None, group=tc.accum_steps)
     wrapped = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # a mixture's steps may leave a tower unused (an image-text batch has no video)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                            find_unused_parameters=bool(cfg.data.sources))
     if tc.compile:
         wrapped = torch.compile(wrapped)
     task = ContrastiveTask(cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss))
