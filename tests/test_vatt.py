@@ -300,3 +300,55 @@ def test_mixture_config_is_checked(toy_shards, clip_set, tmp_path):
     tree["data"]["sources"][1]["weight"] = 0
     with pytest.raises(ConfigError, match="weight"):
         config_from_tree(tree)
+
+
+# ------------------------------------------------------------------ VATT-MA: one shared trunk
+def shared_cfg(**extra):
+    from mmpretrain.config.loader import config_from_tree
+
+    common = {"width": 32, "heads": 2}
+    return config_from_tree({"model": {"embed_dim": 16, "shared_backbone": ["video", "audio", "text"], "towers": {
+        "video": {"encoder": "vivit_fe", "params": {"frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2,
+                                                    "patch_size": 16, "spatial_layers": 2, "temporal_layers": 1, **common}},
+        "audio": {"encoder": "waveform", "params": {"sample_rate": 8000, "seconds": 0.5, "layers": 2, **common}},
+        "text": {"encoder": "vatt_text", "params": {"context_length": 12, "layers": 2, **common, **extra}}}},
+        "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]}}).model
+
+
+def test_shared_backbone_is_one_trunk_that_trains_and_round_trips(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    from mmpretrain.training.optim import param_groups
+    from mmpretrain.config.schema import OptimConfig
+
+    torch.manual_seed(0)
+    m = ContrastiveModel(shared_cfg())
+    assert m.towers["video"].blocks is m.towers["audio"].blocks is m.towers["text"].blocks
+    separate = ContrastiveModel(dataclass_replace(shared_cfg(), shared_backbone=[]))
+    n_shared = sum(p.numel() for p in m.parameters())
+    assert n_shared < sum(p.numel() for p in separate.parameters())
+    groups = param_groups(m, OptimConfig(), m.cfg)
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))  # no parameter twice
+    batch = {**m.towers["video"].example_batch(3), **m.towers["audio"].example_batch(3),
+             **m.towers["text"].example_batch(3)}
+    out = m(batch)
+    ContrastiveTask(LossConfig(pairs=[LossPair("video", "text"), LossPair("video", "audio")])).losses(out)["loss"].backward()
+    assert m.towers["text"].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    save_model(m, str(tmp_path / "m.safetensors"))
+    fresh = ContrastiveModel(shared_cfg())
+    load_model(fresh, str(tmp_path / "m.safetensors"))
+    m.eval(), fresh.eval()
+    assert torch.allclose(fresh(batch)["text"], m(batch)["text"], atol=1e-6)
+
+
+def test_shared_backbone_needs_matching_blocks():
+    from mmpretrain.config.strict import ConfigError
+
+    with pytest.raises(ConfigError, match="same width"):
+        ContrastiveModel(shared_cfg(layers=3))
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

@@ -35,6 +35,7 @@ class ModelConfig:
     logit_scale_init: float = 2.6592  # log(1 / 0.07), as CLIP
     logit_scale_max: float = 100.0  # exp(logit_scale) is clamped to this, as CLIP
     logit_bias_init: float | None = None  # SigLIP uses -10 (with logit_scale_init log(10))
+    shared_backbone: list[str] = field(default_factory=list)  # modalities whose towers share one transformer trunk (VATT-MA); each keeps its own embedding and head
 
 
 @dataclass(frozen=True)

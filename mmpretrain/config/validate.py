@@ -47,6 +47,10 @@ def validate_model(model: ModelConfig) -> None:
         if modality not in ENCODERS:
             raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
         _typed(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")
+    unknown = [m for m in model.shared_backbone if m not in model.towers]
+    if unknown or len(model.shared_backbone) == 1:
+        raise ConfigError(f"model.shared_backbone {model.shared_backbone}: name two or more of the towers "
+                          f"({', '.join(model.towers)})")
 
 
 def _typed(registry, name: str, params: dict, where: str) -> None:

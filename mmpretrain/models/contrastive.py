@@ -36,6 +36,7 @@ class ContrastiveModel(nn.Module):
             self.heads[modality] = HEADS.build(_head_name(tower_cfg, encoder), encoder.output_dim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.logit_bias = None if cfg.logit_bias_init is None else nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        share_trunk(self.towers, cfg.shared_backbone)
         for modality, tower_cfg in cfg.towers.items():
             if tower_cfg.freeze:
                 self.towers[modality].requires_grad_(False)
@@ -99,6 +100,31 @@ class ContrastiveModel(nn.Module):
         if "text" not in self.towers:
             raise ValueError(f"this model has no text tower (towers: {', '.join(self.modalities)})")
         return self.towers["text"].tokenizer()
+
+
+def share_trunk(towers: nn.ModuleDict, modalities: list[str]) -> None:
+    """VATT's modality-agnostic backbone: the towers of ``modalities`` use the first one's ``blocks``
+    (one transformer); each keeps its own tokenizer/embedding, positions, norm and head.
+
+    Towers that can share expose ``blocks``, an ``nn.ModuleList`` of timm ``Block`` (ViViT's spatial
+    blocks, the audio transformers, ``vatt_text``); widths, heads and depths must match.
+    """
+    from mmpretrain.config.strict import ConfigError
+
+    if not modalities:
+        return
+    trunks = {m: getattr(towers[m], "blocks", None) for m in modalities}
+    bad = [m for m, t in trunks.items() if not isinstance(t, nn.ModuleList)]
+    if bad:
+        raise ConfigError(f"model.shared_backbone: the {bad[0]} tower has no shareable 'blocks' trunk "
+                          "(use vivit_fe/vivit_fsa, ast/waveform, vatt_text)")
+    ref = trunks[modalities[0]]
+    shapes = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+    for m in modalities[1:]:
+        if [(k, tuple(v.shape)) for k, v in trunks[m].state_dict().items()] != shapes:
+            raise ConfigError(f"model.shared_backbone: the {m} tower's blocks differ from the {modalities[0]} "
+                              "tower's; give them the same width, heads, mlp_ratio and depth")
+        towers[m].blocks = ref
 
 
 def _head_name(tower_cfg: TowerConfig, encoder: nn.Module) -> str:

@@ -15,12 +15,13 @@ def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -
     norms, logit scale/bias), as CLIP. Frozen parameters are left out."""
     mult = {m: t.lr_mult for m, t in model_cfg.towers.items()}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()  # a trunk shared by towers (model.shared_backbone) joins the first tower's group
     for module_name, module in (("towers", getattr(model, "towers", {})), ("heads", getattr(model, "heads", {}))):
         for modality, sub in module.items():
             for p in sub.parameters():
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
                     groups.setdefault((mult[modality], p.ndim >= 2), []).append(p)
-    seen = {id(p) for ps in groups.values() for p in ps}
     for p in model.parameters():  # model-level parameters: logit scale / bias
         if p.requires_grad and id(p) not in seen:
             groups.setdefault((1.0, p.ndim >= 2), []).append(p)
