@@ -94,21 +94,25 @@ def _valid_rows_cols(valid: Tensor | None, ctx: DistContext) -> tuple[Tensor | N
     return rows, cols
 
 
-def _masked_ce(logits: Tensor, labels: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+def _masked_ce(logits: Tensor, labels: Tensor, rows: Tensor | None, cols: Tensor | None, ctx: DistContext) -> Tensor:
     """Mean cross-entropy over valid rows, with invalid columns excluded from the softmax."""
     if rows is None:
         return F.cross_entropy(logits, labels)
     masked = logits.masked_fill(~cols[None, :], torch.finfo(logits.dtype).min)
     per_row = F.cross_entropy(masked, labels, reduction="none")
-    return _masked_mean(per_row, rows, logits)
+    return _masked_mean(per_row, rows, cols, logits, ctx)
 
 
-def _masked_mean(values: Tensor, rows: Tensor, anchor: Tensor) -> Tensor:
-    """Mean of ``values`` over ``rows``; with none valid, 0 that still depends on ``anchor`` (graph kept;
-    ``anchor`` must be finite)."""
-    if rows.any():
-        return values[rows].mean()
-    return anchor.sum() * 0.0
+def _masked_mean(values: Tensor, rows: Tensor, cols: Tensor, anchor: Tensor, ctx: DistContext) -> Tensor:
+    """Mean of ``values`` over the valid ``rows``. Under ``local_loss`` each rank divides its sum by
+    (global valid rows / world size), so the mean over ranks (DDP's averaging) is the global mean
+    even when ranks hold different numbers of valid samples. With none valid: 0 that still depends
+    on ``anchor`` (a finite tensor), so the graph and the collectives stay the same on every rank."""
+    local = ctx.local_loss and ctx.world_size > 1
+    count = cols.sum() / ctx.world_size if local else rows.sum()
+    if not bool(count > 0):
+        return anchor.sum() * 0.0
+    return torch.where(rows, values, torch.zeros_like(values)).sum() / count  # where: no inf * 0
 
 
 def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:
@@ -127,7 +131,7 @@ def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | No
         logits_ab, logits_ba = logits_ab + logit_bias, logits_ba + logit_bias
     labels = torch.arange(logits_ab.shape[0], device=a.device) + offset
     rows, cols = _valid_rows_cols(valid, ctx)
-    return 0.5 * (_masked_ce(logits_ab, labels, rows, cols) + _masked_ce(logits_ba, labels, rows, cols))
+    return 0.5 * (_masked_ce(logits_ab, labels, rows, cols, ctx) + _masked_ce(logits_ba, labels, rows, cols, ctx))
 
 
 @LOSSES.register("siglip")
@@ -148,8 +152,7 @@ def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
     row_ok, col_ok = _valid_rows_cols(valid, ctx)
     if row_ok is None:
         return terms.sum() / rows.shape[0]
-    per_row = (terms * col_ok[None, :]).sum(1)
-    return per_row[row_ok].sum() / row_ok.sum().clamp_min(1) if row_ok.any() else logits.sum() * 0.0
+    return _masked_mean((terms * col_ok[None, :]).sum(1), row_ok, col_ok, logits, ctx)
 
 
 @LOSSES.register("milnce")
@@ -183,4 +186,4 @@ def milnce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
     clip_to_text = logits_ab.logsumexp(1) - pos  # (R,)
     text_to_clip = F.cross_entropy(logits_ba, own.repeat_interleave(k), reduction="none").view(-1, k).mean(1)
     per_row = 0.5 * (clip_to_text + text_to_clip)
-    return per_row.mean() if row_ok is None else _masked_mean(per_row, row_ok, raw)
+    return per_row.mean() if row_ok is None else _masked_mean(per_row, row_ok, col_ok, raw, ctx)

@@ -17,13 +17,23 @@ from mmpretrain.models import build_model
 from mmpretrain.training.task import ContrastiveTask
 from tests.conftest import TINY_MODEL
 
-MODES = [(kind, gwg, local) for kind in ("clip", "siglip") for gwg, local in ((True, False), (True, True), (False, False))]
+# (loss kind, gather_with_grad, local_loss, masked): masked batches lack images for some samples
+# (image_valid False), unevenly across the two ranks; milnce batches carry 2 captions per sample.
+MODES = [(kind, gwg, local, masked) for kind in ("clip", "siglip", "milnce") for masked in (False, True)
+         for gwg, local in ((True, False), (True, True), (False, False))]
+VALID = torch.tensor([True, False, True, True, False, False, False, True])  # rank 0: 3 of 4 valid, rank 1: 1 of 4
 
 
-def full_batch(model, n=8):
+def full_batch(model, kind: str, masked: bool, n=8):
     g = torch.Generator().manual_seed(123)
-    texts = [f"caption {i}" for i in range(n)]
-    return {"image": torch.randn(n, 3, 32, 32, generator=g), **model.tokenizer()(texts)}
+    k = 2 if kind == "milnce" else 1
+    tok = model.tokenizer()([f"caption {i} take {j}" for i in range(n) for j in range(k)])
+    if k > 1:
+        tok = {key: v.view(n, k, -1) for key, v in tok.items()}
+    batch = {"image": torch.randn(n, 3, 32, 32, generator=g), **tok}
+    if masked:
+        batch["image_valid"] = VALID.clone()
+    return batch
 
 
 def main(out_path: str) -> None:
@@ -33,11 +43,11 @@ def main(out_path: str) -> None:
     # float64: the comparison checks the maths; float32 differs only by summation order (~5e-7 relative)
     torch.set_default_dtype(torch.float64)
     report = {}
-    for kind, gwg, local in MODES:
+    for kind, gwg, local, masked in MODES:
         tree = {"model": {**TINY_MODEL, "logit_bias_init": -10.0 if kind == "siglip" else None}}
         torch.manual_seed(0)
         base = build_model(config_from_tree(tree).model)
-        batch = full_batch(base)
+        batch = full_batch(base, kind, masked)
         n = batch["image"].shape[0] // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
         pairs = [LossPair("image", "text", kind)]
@@ -53,7 +63,7 @@ def main(out_path: str) -> None:
             ours = dict(ddp.module.named_parameters())
             diffs = {name: (ours[name].grad - p.grad).abs().max().item()
                      for name, p in single.named_parameters() if p.grad is not None}
-            report[f"{kind}-gwg{int(gwg)}-local{int(local)}"] = {
+            report[f"{kind}-gwg{int(gwg)}-local{int(local)}-masked{int(masked)}"] = {
                 "loss_diff": abs(torch.stack(losses).mean().item() - ref.item()),
                 "max_grad_diff": max(diffs.values()),
                 "grad_scale": max(p.grad.abs().max().item() for p in single.parameters() if p.grad is not None),
