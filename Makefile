@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke bench bench-index browser clean-runs
+.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index browser clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,20 @@ vat-smoke: $(STAMP) toy-clips
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# VATT on the motion corpus (docs/video_audio.md): build it, train video-audio-text, evaluate held-out splits
+data/motion/manifest.json: | $(STAMP)
+	$(VENV)/bin/mmpretrain data build motion --out data/motion
+
+MOTION_SETS := seen@shards:concept,motion=data/motion/eval/seen \
+	heldout@shards:concept,motion=data/motion/eval/heldout_combos \
+	unseen@shards:concept,motion=data/motion/eval/unseen_concepts
+
+vatt-demo: $(STAMP) data/motion/manifest.json
+	$(VENV)/bin/mmpretrain train configs/experiment/motion_vat.yaml train.resume=latest
+	$(PY) scripts/summarize_run.py runs/motion_vat
+	$(VENV)/bin/mmpretrain eval media --model runs/motion_vat/checkpoints --modalities video audio --clips 2 --crops 3 \
+		--data $(MOTION_SETS) --out runs/motion_vat/eval_media.json --plot runs/motion_vat/eval_media.png
 
 smoke: $(STAMP) toy-data
 	$(VENV)/bin/mmpretrain train configs/experiment/smoke.yaml train.resume=latest

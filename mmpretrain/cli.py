@@ -108,6 +108,11 @@ def _eval_media(model, args: argparse.Namespace) -> dict:
         print(table(r["retrieval"], ["dataset", "task", "queries", "items", "R@1", "R@1_chance", "R@5", "R@5_chance",
                                      "R@10", "R@10_chance"]))
         print()
+    if args.plot:
+        from mmpretrain.eval.media import plot_media
+
+        plot_media(reports, args.plot)
+        print(f"plot: {args.plot}")
     return {"media": reports}
 
 
@@ -263,6 +268,7 @@ def _add_eval(sub) -> None:
     md.add_argument("--clips", type=int, default=1, help="video clips spread over each video (default 1)")
     md.add_argument("--crops", type=int, default=1, help="spatial crops per clip: 1 centre, 3 left/centre/right")
     md.add_argument("--windows", type=int, default=1, help="audio windows spread over each track (default 1)")
+    md.add_argument("--plot", help="write a PNG of every figure beside its chance level")
     for p in (z, r, b, h, md):
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)

@@ -100,7 +100,8 @@ def test_retrieval_eval_several_captions(tmp_path, tiny_model_cfg):
 
 
 def test_folder_retrieval_hand_checked(tmp_path, tiny_model_cfg):
-    from mmpretrain.eval.runner import _miss_all, folder_retrieval_eval
+    from mmpretrain.eval.metrics import chance_recall_at_k
+    from mmpretrain.eval.runner import folder_retrieval_eval
 
     root = make_folder(tmp_path / "set", ["red_circle", "blue_square", "green_cross", "cat"], per_class=1)
     r = folder_retrieval_eval(api.create_model(tiny_model_cfg), EvalSet.parse(f"toy@folder={root}"), templates="a <>",
@@ -108,7 +109,9 @@ def test_folder_retrieval_hand_checked(tmp_path, tiny_model_cfg):
     assert r["images"] == 4 and r["queries"] == 4
     assert r["text_to_image_R@4"] == 1.0 and r["text_to_image_R@4_chance"] == 1.0  # k covers everything
     assert r["text_to_image_R@1_chance"] == pytest.approx(0.25)
-    assert _miss_all(10, 1, 3) == pytest.approx(0.7) and _miss_all(5, 3, 3) == 0.0
+    one_of_ten = [[True] + [False] * 9]
+    assert chance_recall_at_k(one_of_ten, 3) == pytest.approx(0.3)  # 1 - C(9,3)/C(10,3)
+    assert chance_recall_at_k([[True] * 3 + [False] * 2], 3) == 1.0  # 3 picks from 5 cannot miss 3 positives
 
 
 def test_eval_retrieval_cli_on_a_folder(tmp_path, tiny_model_cfg):

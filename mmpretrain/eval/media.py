@@ -16,7 +16,6 @@ Every recall has its chance level beside it (random ranking).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
-from mmpretrain.eval.metrics import mean_per_class_recall, recall_at_k, topk_accuracy
+from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
 
 
 @dataclass(frozen=True)
@@ -138,12 +137,8 @@ def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[
     row: dict[str, Any] = {"task": name, "queries": sim.shape[0], "items": n}
     for k in ks:
         row[f"R@{k}"] = recall_at_k(sim, positives, k)
-        row[f"R@{k}_chance"] = float(np.mean([1 - _miss_all(n, int(p.sum()), k) for p in positives]))
+        row[f"R@{k}_chance"] = chance_recall_at_k(positives, k)
     return row
-
-
-def _miss_all(n: int, positives: int, k: int) -> float:
-    return math.comb(n - positives, k) / math.comb(n, k) if k <= n - positives else 0.0
 
 
 def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -183,3 +178,30 @@ def media_eval(model, data: ShardSet, modalities: Sequence[str], *, templates="<
     zeroshot = [zeroshot_by_label(model, se, m, f, templates) for m in modalities for f in data.fields]
     return {"dataset": data.name, "samples": len(se.captions), "skipped": se.skipped, "views": asdict(views),
             "zeroshot": zeroshot, "retrieval": retrieval_rows(model, se, templates, ks)}
+
+
+def plot_media(reports: list[dict[str, Any]], path, k: int = 5) -> None:
+    """One PNG: zero-shot top-1 and retrieval R@k per set, each bar beside its chance level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{r['dataset']}\n{z['modality']} {z['label']}", z["top1"], z["chance_top1"]) for r in reports
+            for z in r["zeroshot"]]
+    rows += [(f"{r['dataset']}\n{t['task']} R@{k}", t[f"R@{k}"], t[f"R@{k}_chance"]) for r in reports
+             for t in r["retrieval"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows)), 4.2))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [100 * v for _, v, _ in rows], 0.4, label="model")
+    ax.bar(x + 0.2, [100 * c for _, _, c in rows], 0.4, label="chance", color="0.75")
+    ax.set_xticks(x, [name for name, _, _ in rows], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title(f"zero-shot top-1 and retrieval R@{k} vs chance")
+    ax.legend()
+    fig.tight_layout()
+    from mmpretrain.utils.io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)

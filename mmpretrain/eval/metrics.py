@@ -43,6 +43,19 @@ def mean_per_class_recall(scores, labels, num_classes: int | None = None) -> flo
     return float(np.mean([(pred[y == c] == c).mean() for c in classes]))
 
 
+def chance_recall_at_k(positives, k: int) -> float:
+    """Expected recall@k of a random ranking: per query, 1 - P(k random picks miss all its positives)."""
+    import math
+
+    pos = _np(positives).astype(bool)
+    n = pos.shape[1]
+
+    def hit(p: int) -> float:
+        return 1.0 - (math.comb(n - p, k) / math.comb(n, k) if k <= n - p else 0.0)
+
+    return float(np.mean([hit(int(p)) for p in pos.sum(1)]))
+
+
 def recall_at_k(sim, positives, k: int) -> float:
     """Fraction of queries with at least one positive among their k best items.
 

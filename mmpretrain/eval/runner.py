@@ -15,7 +15,8 @@ from tqdm import tqdm
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.data.ops import apply_ops, build_ops
 from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
-from mmpretrain.eval.metrics import (effective_robustness, fit_logit_linear, image_text_recall,
+from mmpretrain.eval.media import sample_captions
+from mmpretrain.eval.metrics import (chance_recall_at_k, effective_robustness, fit_logit_linear, image_text_recall,
                                      mean_per_class_recall, topk_accuracy)
 from mmpretrain.eval.zeroshot import EvalTransform, ZeroShotClassifier
 from mmpretrain.utils.io import atomic_write_text
@@ -130,7 +131,7 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
     img_emb, n_images = [], 0
     decode = build_ops([OpSpec("decode_image")], model.data_context())
     for sample in tqdm(read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress):
-        texts = _captions(sample)
+        texts = sample_captions(sample)
         try:
             image = apply_ops(decode, sample)["image"]
         except Exception as exc:  # SampleError and friends: skip and count
@@ -170,32 +171,13 @@ def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10
     out: dict[str, Any] = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
     for k in ks:
         out[f"text_to_image_R@{k}"] = recall_at_k(sim, positives, k)
-        out[f"text_to_image_R@{k}_chance"] = float(np.mean([1 - _miss_all(len(y), int(p.sum()), k) for p in positives]))
+        out[f"text_to_image_R@{k}_chance"] = chance_recall_at_k(positives, k)
     return out
 
 
 def folder_retrieval_eval(model, data: EvalSet, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
     """Text->image recall@k on ``data`` (keyword arguments as ``embed_folder``)."""
     return folder_retrieval_metrics(embed_folder(model, data, **kwargs), ks)
-
-
-def _miss_all(n: int, positives: int, k: int) -> float:
-    """Probability that k random picks from n items (without replacement) miss all positives."""
-    import math
-
-    return math.comb(n - positives, k) / math.comb(n, k) if k <= n - positives else 0.0
-
-
-def _captions(sample: dict) -> list[str]:
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-            if isinstance(meta.get("captions"), list):
-                return [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    text = sample.get("txt", b"").decode("utf-8", "replace").strip()
-    return [text] if text else []
 
 
 @torch.no_grad()
