@@ -139,12 +139,19 @@ def expand_sources(spec: str) -> list[str]:
     return expand_shards(spec)
 
 
-def item_batches(model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128):
-    """Preprocessed batches of one source (``ItemBatch``: ``inputs={"image": (B, 3, H, W)}``, ``keys``,
-    ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` counts on the last batch)."""
+def item_batches(model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128,
+                 modality: str = "image"):
+    """Preprocessed batches of one source (``ItemBatch``: ``inputs={modality: (B, ...)}``, ``keys``,
+    ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` counts on the last batch). Images come
+    from shards or folders; video and audio from shards (evaluation preprocessing of the model)."""
     from mmpretrain.eval.items import item_batches as _item_batches
+    from mmpretrain.eval.items import media_item_batches
 
-    return _item_batches(model, source, batch_size=batch_size, thumb_size=thumb_size)
+    if modality not in model.towers:
+        raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
+    if modality == "image":
+        return _item_batches(model, source, batch_size=batch_size, thumb_size=thumb_size)
+    return media_item_batches(model, source, modality, batch_size=batch_size, thumb_size=thumb_size)
 
 
 def model_id(model: ContrastiveModel) -> str:

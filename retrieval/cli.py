@@ -33,7 +33,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from retrieval.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      thumb_size=args.thumb_size, device=args.device)
+                      thumb_size=args.thumb_size, device=args.device, modality=args.modality)
     stats = run_embed(cfg)
     print(json.dumps(stats))
     return 0
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", help="embed a collection (resumable; parallel under torchrun)", description=(
-        "Embed shards (img2dataset/webdataset, any mmpretrain shard spec) or an image folder into DIR: one part "
+        "Embed shards (img2dataset/webdataset, any mmpretrain shard spec; images, or video/audio with --modality) "
+        "or an image folder into DIR: one part "
         "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Re-running skips finished parts; under "
         "torchrun each rank takes every WORLD_SIZE-th shard."))
     e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     e.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (0: none)")
     e.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    e.add_argument("--modality", choices=["image", "video", "audio"], default="image",
+                   help="what to embed from each item (video/audio: shards; default image); text queries then "
+                        "search it (text->video, text->audio)")
     e.set_defaults(fn=cmd_embed)
 
     ix = sub.add_parser("index", help="build or extend an index").add_subparsers(dest="index_cmd", required=True)

@@ -51,8 +51,8 @@ class EmbedConfig:
             raise EmbedError(f"dtype must be float16 or float32, not {self.dtype!r}")
         if self.batch_size < 1:
             raise EmbedError("batch_size must be >= 1")
-        if self.modality != "image":
-            raise EmbedError(f"modality {self.modality!r}: only image collections can be embedded so far")
+        if self.modality not in ("image", "video", "audio"):
+            raise EmbedError(f"modality {self.modality!r}: collections of image, video or audio can be embedded")
 
 
 def part_name(i: int) -> str:
@@ -92,7 +92,8 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict[str, in
     import pyarrow.parquet as pq
 
     vectors, rows, thumbs, offset, skipped = [], {c: [] for c in META_COLUMNS}, [], 0, {}
-    for batch in api.item_batches(model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size):
+    for batch in api.item_batches(model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size,
+                                  modality=cfg.modality):
         skipped = batch.skipped or skipped
         if not batch.keys:
             continue
@@ -125,6 +126,8 @@ def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     sources = api.expand_sources(cfg.data)
     model = api.load_checkpoint(cfg.model).to(_device(cfg))
+    if cfg.modality not in model.modalities:
+        raise EmbedError(f"{cfg.model} has no {cfg.modality} tower (towers: {', '.join(model.modalities)})")
     _write_header(cfg, out, api.model_id(model), model.cfg.embed_dim, sources)
     mine = [i for i in range(len(sources)) if i % world == rank]
     todo = [i for i in mine if not (out / "parts" / f"{part_name(i)}.parquet").is_file()]

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -352,3 +353,42 @@ def dataclass_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+# ------------------------------------------------------------------ text -> video search through the FAISS index
+def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_path):
+    from mmpretrain.config.loader import config_from_tree, dump_config
+    from mmpretrain.training.checkpoint import save_checkpoint
+    from retrieval.embed import EmbedConfig, load_embeddings, run_embed
+    from retrieval.index import BuildConfig, build_index
+    from retrieval.search import Searcher
+
+    tree = {"model": {"embed_dim": 16, "towers": {m: {"encoder": t.encoder, "params": t.params}
+                                                  for m, t in TINY.towers.items()}},
+            "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]}}
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, {}, dump_config(config_from_tree(tree)), keep_last=1)
+    stats = run_embed(EmbedConfig(model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "emb"),
+                                  modality="video", batch_size=4), progress=False)
+    assert stats["items"] == 10 and stats["bad"] == {"bad_video": 1}
+    emb = load_embeddings(tmp_path / "emb")
+    meta = emb.meta()
+    assert emb.header["modality"] == "video" and set(meta.column("modality").to_pylist()) == {"video"}
+    assert all(n > 100 for n in meta.column("thumb_len").to_pylist())  # a JPEG of the middle frame each
+    expected = model.encode("video", {"video": torch.stack([build("decode_video", DecodeVideoParams(train=False),
+                                      model.data_context())(dict(s))["video"] for s in _first_clip(clip_set)])})
+    assert np.allclose(emb.array()[:1], expected.detach().numpy(), atol=2e-3)  # float16 storage
+    build_index(tmp_path / "emb", tmp_path / "ix", BuildConfig(), progress=False)
+    hits = Searcher.open(tmp_path / "ix").search(["a red circle moving left"], k=3)[0]
+    assert len(hits) == 3 and all(h.modality == "video" for h in hits)
+    audio = run_embed(EmbedConfig(model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "aemb"),
+                                  modality="audio", batch_size=4), progress=False)
+    assert audio["items"] == 10
+
+
+def _first_clip(clip_set):
+    import tarfile
+
+    tar = sorted((clip_set / "shards").glob("*.tar"))[0]
+    with tarfile.open(tar) as tf:
+        names = sorted(m.name for m in tf.getmembers() if m.name.endswith(".mp4"))
+        return [{"__key__": names[0][:-4], "mp4": tf.extractfile(names[0]).read()}]
