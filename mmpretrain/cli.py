@@ -142,7 +142,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.corpus} corpus in {out}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items()))
-    print(f"train with: data.train={out}/shards   evaluate: mmpretrain eval zeroshot --data "
+    print(manifest.get("next") or f"train with: data.train={out}/shards   evaluate: mmpretrain eval zeroshot --data "
           f"seen@folder={out}/eval/train_styles_seen unseen@folder={out}/eval/unseen_concepts ...")
     return 0
 

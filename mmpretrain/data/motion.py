@@ -74,6 +74,14 @@ class ClipSpec:
     seed: int
 
 
+def espeak_source(cache: Path) -> dict:
+    """Where espeak-ng comes from (for the manifest): the system's, or the Debian package in the cache."""
+    if shutil.which("espeak-ng"):
+        return {"name": "espeak-ng", "path": shutil.which("espeak-ng")}
+    info = cache / "root" / "espeak-ng" / ".unpacked"
+    return json.loads(info.read_text()) if info.is_file() else {"name": "espeak-ng"}
+
+
 def espeak_command(cache: Path) -> tuple[list[str], dict[str, str]]:
     """The espeak-ng command and environment: from PATH, or unpacked from Debian packages into the cache."""
     found = shutil.which("espeak-ng")
@@ -232,6 +240,9 @@ def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | P
         counts[split] = write_split(split, clips, pngs, cfg, espeak, target)
     manifest = {"format": "mmpretrain-motion-corpus/1", "config": asdict(cfg), "counts": counts,
                 "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
-                "motions": list(cfg.motions), "sources": {name: s.package for name, s in styles.items()}}
+                "motions": list(cfg.motions), "sources": {**{name: s.package for name, s in styles.items()}, "espeak-ng": espeak_source(cache)},
+                "next": f"train with: mmpretrain train configs/experiment/motion_vat.yaml data.train={out}/shards   "
+                        f"evaluate: mmpretrain eval media --model CKPT --modalities video audio "
+                        f"--data heldout@shards:concept,motion={out}/eval/heldout_combos"}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
