@@ -87,8 +87,8 @@ def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: 
     captions, labels, pending = [], {f: [] for f in data.fields}, []
 
     def flush() -> None:
-        for m in modalities:
-            chunks[m].append(embed_views(model, m, collate(pending, [m])))
+        for m in modalities:  # metrics run on CPU, in float32, whatever device the model is on
+            chunks[m].append(embed_views(model, m, collate(pending, [m])).float().cpu())
         pending.clear()
 
     for sample in tqdm(read_samples(expand_shards(data.spec), errors.handler), desc=f"embed {data.name}",
@@ -124,7 +124,7 @@ def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, tem
     classes = sorted(set(se.labels[label]))
     clf = ZeroShotClassifier(model, classes, templates, modality=modality, progress=False)
     y = torch.tensor([classes.index(v) for v in se.labels[label]])
-    scores = se.emb[modality] @ clf.weights.T
+    scores = se.emb[modality] @ clf.weights.float().cpu().T
     c = len(classes)
     return {"dataset": se.data.name, "modality": modality, "label": label, "n": len(y), "classes": c,
             "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, c)),
@@ -144,7 +144,7 @@ def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[
 def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """(N, E) normalised text embeddings."""
     tok = model.tokenizer()
-    out = [embed_views(model, "text", tok(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    out = [embed_views(model, "text", tok(texts[i : i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
 
 
@@ -160,7 +160,7 @@ def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1
         rows.append({"dataset": se.data.name, **_recall_row(f"caption->{m}", (q_emb @ emb.T).numpy(), owners, ks)})
         for label, values in se.labels.items():
             classes = sorted(set(values))
-            w = ZeroShotClassifier(model, classes, templates, modality=m, progress=False).weights
+            w = ZeroShotClassifier(model, classes, templates, modality=m, progress=False).weights.float().cpu()
             pos = np.array(classes)[:, None] == np.array(values)[None, :]
             rows.append({"dataset": se.data.name, **_recall_row(f"{label}->{m}", (w @ emb.T).numpy(), pos, ks)})
     mods = list(se.emb)

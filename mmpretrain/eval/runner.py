@@ -66,7 +66,7 @@ def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imag
     for batch in tqdm(loader, desc=f"embed {data.name}", unit="batch", disable=not progress):
         skipped += int(batch["skipped"])
         if len(batch["label"]):
-            emb.append(clf.embed({"image": batch["image"]}))
+            emb.append(clf.embed({"image": batch["image"]}).float().cpu())  # metrics on CPU, any model device
             labels.append(batch["label"])
             paths += [ds.samples[i][0] for i in batch["index"].tolist()]
     if not emb:
@@ -74,10 +74,15 @@ def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imag
     return FolderEmbeddings(data, clf, torch.cat(emb), torch.cat(labels), skipped, paths)
 
 
+def _weights(fe: FolderEmbeddings) -> torch.Tensor:
+    """The class embeddings (C, E) as float32 on CPU, beside the image embeddings."""
+    return fe.clf.weights.float().cpu()
+
+
 def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
     """Top-1, top-5 and mean per-class recall of zero-shot classification."""
     y, n_classes = fe.labels, len(fe.clf.classes)
-    scores = fe.clf.model.logit_scale.exp().detach() * fe.images @ fe.clf.weights.T  # (N, C), as clf.logits
+    scores = fe.clf.model.logit_scale.exp().detach().cpu() * fe.images @ _weights(fe).T  # (N, C), as clf.logits
     return {"dataset": fe.data.name, "layout": fe.data.layout, "n": len(y), "skipped": fe.skipped, "classes": n_classes,
             "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, n_classes)),
             "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / n_classes}
@@ -85,7 +90,7 @@ def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
 
 def predictions(fe: FolderEmbeddings) -> torch.Tensor:
     """Top-1 zero-shot class index per image, (N,)."""
-    return (fe.images @ fe.clf.weights.T).argmax(dim=1)
+    return (fe.images @ _weights(fe).T).argmax(dim=1)
 
 
 def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str) -> dict[str, Any]:
@@ -166,7 +171,7 @@ def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10
 
     y = fe.labels.numpy()
     present = np.unique(y)  # classes with at least one image are the queries
-    sim = (fe.clf.weights[present] @ fe.images.T).numpy()
+    sim = (_weights(fe)[present] @ fe.images.T).numpy()
     positives = present[:, None] == y[None, :]
     out: dict[str, Any] = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
     for k in ks:
@@ -183,7 +188,7 @@ def folder_retrieval_eval(model, data: EvalSet, *, ks: Sequence[int] = (1, 5, 10
 @torch.no_grad()
 def _encode(model, modality: str, batch: dict) -> torch.Tensor:
     device = next(model.parameters()).device
-    return model.encode(modality, {k: v.to(device) for k, v in batch.items()})
+    return model.encode(modality, {k: v.to(device) for k, v in batch.items()}).float().cpu()
 
 
 def robustness_eval(model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None,
