@@ -392,3 +392,33 @@ def _first_clip(clip_set):
     with tarfile.open(tar) as tf:
         names = sorted(m.name for m in tf.getmembers() if m.name.endswith(".mp4"))
         return [{"__key__": names[0][:-4], "mp4": tf.extractfile(names[0]).read()}]
+
+
+def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
+    """A fresh run starts its video tower from init_from; its resume reads its own checkpoint, not init_from."""
+    from safetensors.torch import load_file, save_model
+
+    from mmpretrain import api
+    from mmpretrain.config.loader import config_from_tree
+
+    import copy
+
+    marked = copy.deepcopy(model)
+    with torch.no_grad():
+        marked.towers["video"].tubelet.weight.add_(1.0)  # unlike any fresh init
+    save_model(marked, str(tmp_path / "start.safetensors"))
+    towers = {m: {"encoder": t.encoder, "params": t.params} for m, t in TINY.towers.items() if m != "audio"}
+    towers["video"]["init_from"] = str(tmp_path / "start.safetensors")
+    tree = {"model": {"embed_dim": 16, "towers": towers}, "loss": {"pairs": [{"a": "video", "b": "text"}]},
+            "data": {"train": str(clip_set / "shards"), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
+                     "ops": [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]},
+            "optim": {"lr": 1e-9, "warmup_steps": 1},
+            "train": {"steps": 4, "stop_after": 2, "ckpt_every": 2, "run_dir": str(tmp_path / "run"), "progress": False}}
+    run = api.train(config_from_tree(tree))
+    saved = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
+    start = marked.towers["video"].tubelet.weight
+    assert torch.allclose(saved["towers.video.tubelet.weight"], start, atol=1e-5)  # lr ~ 0: still the init
+    (tmp_path / "start.safetensors").unlink()  # a resume must not need it
+    tree["train"].update(stop_after=None, resume="latest")
+    api.train(config_from_tree(tree))
+    assert (run / "checkpoints" / "step_00000004").is_dir()

@@ -24,6 +24,7 @@ class TowerConfig:
     head: Literal["auto", "linear", "mlp", "none"] = "auto"  # auto: none if the encoder projects itself
     lr_mult: float = 1.0  # learning-rate multiplier for this tower and its head (0 leaves it out)
     freeze: bool = False  # no gradient for the encoder (LiT: a locked, pretrained text tower)
+    init_from: str | None = None  # a fresh run starts this tower from a checkpoint: its same-modality tower, or (video) its timm ViT image tower, inflated
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ same patches in every time step); at evaluation all tokens are kept.
 The spatial part can start from an image ViT's weights (``inflate_from_image``): blocks,
 CLS token and spatial position embedding copy over, and the 2-D patch embedding is inflated to
 the tubelet (repeated over its t frames and divided by t), so image pre-training carries over.
+In a config: ``model.towers.video.init_from: <checkpoint with a timm ViT image tower>``.
 """
 from __future__ import annotations
 
@@ -152,10 +153,20 @@ class ViViT(nn.Module):
         w = valid[:, :, None, None].float()
         return self.norm((x * w).sum((1, 2)) / (w.flatten(1).sum(1, keepdim=True) * n).clamp_min(1))
 
+    def _resampled_positions(self, pos: Tensor) -> Tensor:
+        """An image ViT's (1, 1 + g*g, D) positions, resampled to this tower's grid (timm) when it differs."""
+        if pos.shape[1] == self.n_space + 1:
+            return pos
+        from timm.layers import resample_abs_pos_embed
+
+        old, new = round((pos.shape[1] - 1) ** 0.5), round(self.n_space ** 0.5)
+        return resample_abs_pos_embed(pos, (new, new), (old, old), num_prefix_tokens=1)
+
     @torch.no_grad()
     def inflate_from_image(self, image_state: dict[str, Tensor], prefix: str = "") -> list[str]:
-        """Load a timm-style ViT's ``patch_embed.proj``, ``cls_token``, ``pos_embed`` and
-        ``blocks.*`` into the spatial part; returns the keys loaded. Widths and patch size must match."""
+        """Load a timm-style ViT's ``patch_embed.proj``, ``cls_token``, ``pos_embed`` (resampled to this
+        grid if the image size differs) and ``blocks.*`` into the spatial part; returns the keys loaded.
+        Widths, heads and patch size must match."""
         get = {k[len(prefix):]: v for k, v in image_state.items() if k.startswith(prefix)}
         w2d = get["patch_embed.proj.weight"]  # (D, 3, p, p)
         t = self.p.tubelet_frames
@@ -164,13 +175,14 @@ class ViViT(nn.Module):
             self.tubelet.bias.copy_(get["patch_embed.proj.bias"])
         if self.cls_token is not None:
             self.cls_token.copy_(get["cls_token"])
-        self.pos_embed.copy_(get["pos_embed"][:, : self.n_space + 1])
+        self.pos_embed.copy_(self._resampled_positions(get["pos_embed"]))
         blocks = {k[len("blocks."):]: v for k, v in get.items() if k.startswith("blocks.")}
         own = {k: v for k, v in blocks.items() if int(k.split(".")[0]) < len(self.blocks)}
         missing, _ = self.blocks.load_state_dict(own, strict=False)
         if missing:
             raise ValueError(f"image weights lack {len(missing)} spatial block tensors (first: {missing[0]})")
-        return ["patch_embed.proj.weight", "cls_token", "pos_embed", *(f"blocks.{k}" for k in own)]
+        bias = ["patch_embed.proj.bias"] if "patch_embed.proj.bias" in get else []
+        return ["patch_embed.proj.weight", *bias, "cls_token", "pos_embed", *(f"blocks.{k}" for k in own)]
 
 
 def _key_mask(keep: Tensor) -> Tensor:

@@ -97,6 +97,10 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     if ckpt is not None:
         load_weights(model, ckpt)
         state = load_state(ckpt)
+    else:  # a fresh run: towers may start from other checkpoints (model.towers.<m>.init_from)
+        from mmpretrain.models.init import init_towers
+
+        init_towers(model, cfg.model)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
