@@ -166,7 +166,7 @@ def test_optional_audio_keeps_the_sample():
     op = build("decode_audio", DecodeAudioParams(sample_rate=8000, seconds=0.5, optional=True))
     s = op({"__key__": "k", "mp4": silent})
     assert not s["audio_valid"] and s["audio"].shape == (4000,) and not s["audio_mask"].any()
-    assert s["__absent__"] == ["absent_audio:bad_audio"]
+    assert s["__absent__"] == ["audio"]
     strict = build("decode_audio", DecodeAudioParams(sample_rate=8000, seconds=0.5))
     with pytest.raises(SampleError):
         strict({"__key__": "k", "mp4": silent})
@@ -422,3 +422,26 @@ def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
     tree["train"].update(stop_after=None, resume="latest")
     api.train(config_from_tree(tree))
     assert (run / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_stream_keeps_samples_without_optional_audio_and_counts_them(tmp_path):
+    from mmpretrain.config.schema import DataConfig, OpSpec
+    from mmpretrain.data.loader import ResumableLoader
+    from tests.conftest import write_shard
+
+    rng = random.Random(5)
+    samples = []
+    for i in range(4):
+        data, caption = make_clip(rng, size=32, n_frames=8, fps=8, audio=i % 2 == 0)
+        samples.append({"__key__": f"{i:03d}", "mp4": data, "txt": caption.encode()})
+    write_shard(tmp_path / "s.tar", samples)
+    ops = [OpSpec("decode_video", {"frames": 4, "fps": 4.0, "size": 32}),
+           OpSpec("decode_audio", {"sample_rate": 8000, "seconds": 0.5, "optional": True})]
+    cfg = DataConfig(train=str(tmp_path / "s.tar"), batch_size=4, num_workers=0, shuffle_buffer=0, ops=ops,
+                     max_errors=0)  # absent modalities are not errors: max_errors=0 must not trip
+    loader = ResumableLoader(cfg, CTX, seed=0)
+    batch = next(iter(loader))
+    valid = dict(zip(batch.keys, batch.data["audio_valid"].tolist()))
+    assert valid == {"000": True, "001": False, "002": True, "003": False}
+    assert batch.data["audio"].shape == (4, 4000) and batch.data["audio"][1].abs().sum() == 0
+    assert loader.error_counts() == {"absent_audio": 2}

@@ -250,8 +250,8 @@ class ShardStream(IterableDataset):
         gen.manual_seed(derive_seed(self.spec.seed, "sample", epoch, self.spec.rank, worker, index))
         try:
             out = apply_ops(self.ops, sample)
-            for kind in out.pop("__absent__", ()):  # optional modalities this sample lacks: counted, kept
-                errors.note(kind.split(":")[0])
+            for modality in out.pop("__absent__", ()):  # optional modalities this sample lacks: counted, kept
+                errors.note(f"absent_{modality}")
             return out
         except SampleError as exc:
             errors.record(exc.kind, exc)
