@@ -145,11 +145,10 @@ class MixedLoader:
         return {"consumed": self.consumed, "sources": [loader.state_dict() for loader in self.loaders]}
 
     def error_counts(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for loader in self.loaders:
-            for kind, n in loader.error_counts().items():
-                total[kind] = total.get(kind, 0) + n
-        return total
+        """Skipped samples/shards by kind, summed over the sources."""
+        from collections import Counter
+
+        return dict(sum((Counter(loader.error_counts()) for loader in self.loaders), Counter()))
 
 
 def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
