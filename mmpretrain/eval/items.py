@@ -106,8 +106,8 @@ def item_batches(model, source: str, *, batch_size: int = 64, thumb_size: int = 
     yield cur
 
 
-def media_item_batches(model, source: str, modality: str, *, batch_size: int = 32, thumb_size: int = 128,
-                       views=None) -> Iterator[ItemBatch]:
+def media_item_batches(model, source: str, modality: str, *, batch_size: int = 32,
+                       thumb_size: int = 128) -> Iterator[ItemBatch]:
     """Batches of ``{modality: (B, ...)}`` for video or audio items of one shard source, with the
     model's evaluation preprocessing (``eval.inputs``; several views per item are averaged when
     embedded). Video thumbnails are the middle frame; audio items have none. Undecodable items are
@@ -117,7 +117,8 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
     from mmpretrain.eval.inputs import Views, collate, eval_ops
     from mmpretrain.eval.media import sample_captions
 
-    ops = eval_ops(model, modality, views or Views())
+    ops = eval_ops(model, modality, Views())
+    spec = model.data_context().video  # the tower's normalisation, undone for thumbnails
     errors = ErrorCounter("skip", None)
     cur, pending = ItemBatch({}, [], [], [], []), []
     for sample in read_samples([source], errors.handler):
@@ -130,7 +131,7 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
         caps = sample_captions(sample)
         cur.keys.append(sample["__key__"]), cur.captions.append(caps[0] if caps else "")
         cur.sources.append(f"{source}#{sample['__key__']}")
-        cur.thumbnails.append(_video_thumb(out["video"], model, thumb_size) if modality == "video" else b"")
+        cur.thumbnails.append(_video_thumb(out["video"], spec, thumb_size) if modality == "video" else b"")
         if len(pending) == batch_size:
             cur.inputs = collate(pending, [modality])
             yield cur
@@ -140,11 +141,11 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
     yield cur
 
 
-def _video_thumb(video: torch.Tensor, model, size: int) -> bytes:
-    """JPEG of the middle frame of the first view of a normalised (T, 3, H, W) or (V, T, 3, H, W) clip."""
+def _video_thumb(video: torch.Tensor, spec, size: int) -> bytes:
+    """JPEG of the middle frame of the first view of a (T, 3, H, W) or (V, T, 3, H, W) clip normalised
+    with ``spec`` (a ``VideoSpec``'s mean and std)."""
     if size <= 0:
         return b""
-    spec = model.data_context().video
     clip = video if video.dim() == 4 else video[0]
     frame = clip[clip.shape[0] // 2] * torch.tensor(spec.std).view(3, 1, 1) + torch.tensor(spec.mean).view(3, 1, 1)
     pixels = (frame.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.data.ops import apply_ops, build_ops
 from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
-from mmpretrain.eval.media import sample_captions
+from mmpretrain.eval.inputs import embed_views
+from mmpretrain.eval.media import encode_texts, sample_captions
 from mmpretrain.eval.metrics import (chance_recall_at_k, effective_robustness, fit_logit_linear, image_text_recall,
                                      mean_per_class_recall, topk_accuracy)
 from mmpretrain.eval.zeroshot import EvalTransform, ZeroShotClassifier
@@ -130,7 +131,7 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
     from mmpretrain.data.loader import expand_shards
     from mmpretrain.data.stream import ErrorCounter, read_samples
 
-    transform, tok = EvalTransform(model), model.tokenizer()
+    transform = EvalTransform(model)
     errors = ErrorCounter("skip", None)
     images, captions, owner = [], [], []
     img_emb, n_images = [], 0
@@ -156,7 +157,7 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
         img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
     if not img_emb:
         raise ValueError(f"no usable image-caption pairs in {shards}")
-    txt_emb = torch.cat([_encode(model, "text", tok(captions[i : i + batch_size])) for i in range(0, len(captions), batch_size)])
+    txt_emb = encode_texts(model, captions, batch_size)
     sim = torch.cat(img_emb) @ txt_emb.T
     return {"dataset": shards, "images": sim.shape[0], "captions": sim.shape[1], "skipped": dict(errors.counts),
             **image_text_recall(sim, owner, ks)}
@@ -185,10 +186,9 @@ def folder_retrieval_eval(model, data: EvalSet, *, ks: Sequence[int] = (1, 5, 10
     return folder_retrieval_metrics(embed_folder(model, data, **kwargs), ks)
 
 
-@torch.no_grad()
 def _encode(model, modality: str, batch: dict) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model.encode(modality, {k: v.to(device) for k, v in batch.items()}).float().cpu()
+    """(B, E) embeddings on CPU in float32, whatever the model's device."""
+    return embed_views(model, modality, batch).float().cpu()
 
 
 def robustness_eval(model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None,
