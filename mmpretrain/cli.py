@@ -8,7 +8,7 @@ import os
 import sys
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.errors import DataError
+from mmpretrain.errors import CheckpointError, DataError
 
 
 def _setup_logging() -> None:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, DataError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

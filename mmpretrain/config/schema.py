@@ -91,6 +91,9 @@ class DataConfig:
     eval_ops: list[OpSpec] = field(default_factory=_default_eval_ops)  # deterministic evaluation transforms
     on_error: Literal["skip", "raise"] = "skip"  # bad samples/shards: skip and count, or stop the run
     max_errors: int | None = None  # abort after this many skipped samples/shards (None: never)
+    max_member_bytes: int = 32 << 20  # a tar member larger than this is skipped (counted as oversized_member), never read into memory
+    timeout_s: float = 600.0  # a loader worker that delivers no batch for this long stops the run, naming its shard (0: wait forever)
+    stall_timeout_s: float = 120.0  # a pipe: shard that sends no bytes for this long is abandoned and counted (stalled_shard); 0: off
     drop_last: bool = True  # batches are always full (ranks must agree on batch size)
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
     sources: list[SourceConfig] = field(default_factory=list)  # a mixture instead of data.train: each step's batch comes from one source, drawn by weight (the same on every rank)
@@ -152,7 +155,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics records (JSONL + TensorBoard)
     ckpt_every: int = 500  # steps between checkpoints (one is also written at the end and on SIGTERM)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
-    resume: str | None = None  # "latest" or a checkpoint directory
+    resume: str | None = None  # "latest" (the newest valid checkpoint of this run) or a checkpoint directory
+    overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the logs); or resume an older checkpoint, deleting newer ones
+    resume_allow: list[str] = field(default_factory=list)  # fields (e.g. data.batch_size, train.seed, world_size) that may differ from the checkpoint's config; the continuation is then not exact
     log_sample_keys: bool = False  # write each step's sample keys to samples.jsonl (for audits/tests)
     progress: bool = True  # tqdm progress bar with samples/s
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any, Iterator
 
 import torch
@@ -151,6 +152,36 @@ class MixedLoader:
         return dict(sum((Counter(loader.error_counts()) for loader in self.loaders), Counter()))
 
 
+def restart_state(saved: list[dict[str, Any]], cfg: DataConfig, world_size: int) -> dict[str, Any]:
+    """A data state (the same on every rank) that starts every stream at the beginning of the epoch
+    after the furthest one in ``saved`` (all ranks' saved states): for a resume whose allowed config
+    change (shards, seed, workers, ranks) makes the saved positions meaningless. No sample of that
+    epoch is repeated; the rest of the interrupted epoch is not seen again."""
+    epoch = 1 + max(_epochs(saved), default=-1)
+    workers = max(1, cfg.num_workers)
+
+    def fresh() -> dict[str, Any]:
+        return {"num_workers": cfg.num_workers, "world_size": world_size, "rotation": 0,
+                "positions": {str(w): Position(epoch=epoch).to_dict() for w in range(workers)}}
+
+    if cfg.sources:
+        consumed = max((int(s.get("consumed", 0)) for s in saved), default=0)
+        return {"consumed": consumed, "sources": [fresh() for _ in cfg.sources]}
+    return fresh()
+
+
+def _epochs(node: Any) -> Iterator[int]:
+    """Every stream position's epoch inside a (nested) saved data state."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _epochs(item)
+    elif isinstance(node, dict):
+        if "positions" in node:
+            yield from (int(p["epoch"]) for p in node["positions"].values())
+        for item in node.get("sources", []) or []:
+            yield from _epochs(item)
+
+
 def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
                  state: dict[str, Any] | None = None, group: int = 1) -> ResumableLoader | MixedLoader:
     """A ``MixedLoader`` when ``cfg.sources`` is set, else a ``ResumableLoader`` over ``cfg.train``."""
@@ -161,3 +192,6 @@ def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, w
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; compute threads belong to the main process
+    # A preemption's SIGTERM often reaches the whole process group: a worker that died of it would take
+    # the run down before the main process could checkpoint. The main process stops its workers itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -4,12 +4,17 @@
     state.pt            optimizer, scheduler, step, RNG states, data-stream positions of
                         every rank/worker (``torch.load(weights_only=True)``-safe)
     config.yaml         the resolved experiment config (so the checkpoint stands alone)
+    checksums.json      sha256 and size of the three files above (written last)
 
-Each checkpoint directory is written under a temp name and renamed into place, so a
-killed run never leaves a half-written checkpoint that ``resume=latest`` could pick.
+Each checkpoint is written into a temp folder, every file fsynced, then renamed into place and
+verified, so a killed run or a power cut never leaves a half-written checkpoint under a
+``step_*`` name. ``find_latest`` returns the newest checkpoint that passes its checksums and says
+which newer ones it skipped; pruning keeps the one just written (verified) and never deletes
+before that write has succeeded.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -22,44 +27,117 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmpretrain.utils.io import atomic_dir
+from mmpretrain.errors import CheckpointError
+from mmpretrain.utils.faults import crash_point
+from mmpretrain.utils.io import atomic_dir, remove_tree, sha256_file
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+STALE = re.compile(r"^\.step_\d{8}\..+")  # temp, moved-aside and being-deleted checkpoint folders
 FORMAT = "mmpretrain-checkpoint/1"
+CHECKSUMS = "checksums.json"
+FILES = ("model.safetensors", "state.pt", "config.yaml")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(Path(ckpt).name).group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Every ``step_*`` folder of a run, oldest first (valid or not: see ``verify_checkpoint``)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if ``ckpt`` is complete and matches its checksums, else what is wrong with it.
+
+    A checkpoint written before checksums existed (no ``checksums.json``) passes if its files exist."""
+    ckpt = Path(ckpt)
+    missing = [f for f in FILES if not (ckpt / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not (ckpt / CHECKSUMS).is_file():
+        log.warning("%s has no %s (written by an older version): not verified", ckpt, CHECKSUMS)
+        return None
+    try:
+        recorded = json.loads((ckpt / CHECKSUMS).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {CHECKSUMS}: {exc}"
+    for name, want in recorded.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} recorded"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint of ``run_dir`` that passes ``verify_checkpoint``; newer broken ones
+    are skipped with a warning naming them and why."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s", ckpt, problem)
+    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
                     *, keep_last: int) -> Path:
-    """Write one checkpoint atomically, then prune to the ``keep_last`` newest."""
+    """Write one checkpoint atomically and durably, verify it, then prune older ones.
+
+    A valid checkpoint already at ``step`` (a resumed run stopped before its first step) is kept as
+    it is; a broken one is replaced only once the new one is complete."""
     final = checkpoint_dir(run_dir, step)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists() and verify_checkpoint(final) is None:
+        log.info("checkpoint %s already saved", final)
+        return final
     with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+        crash_point("ckpt.weights")
         torch.save({"format": FORMAT, "step": step, **state}, tmp / "state.pt")
+        crash_point("ckpt.state")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES}
+        (tmp / CHECKSUMS).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        crash_point("ckpt.checksums")
+    crash_point("ckpt.renamed")
+    problem = verify_checkpoint(final)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {final} failed verification right after it was written: {problem}")
+    prune_checkpoints(run_dir, final, keep_last)
     log.info("saved checkpoint %s", final)
     return final
+
+
+def prune_checkpoints(run_dir: Path, newest: Path, keep_last: int) -> None:
+    """Keep ``newest`` and the ``keep_last - 1`` checkpoints before it; delete older ones.
+    Checkpoints after ``newest`` are never touched."""
+    older = [c for c in list_checkpoints(run_dir) if step_of(c) < step_of(newest)]
+    for old in older[: max(0, len(older) - (max(1, keep_last) - 1))]:
+        remove_tree(old)
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove what killed runs left in ``checkpoints/`` (temp, moved-aside, half-deleted folders)."""
+    root = Path(run_dir) / "checkpoints"
+    removed = [p.name for p in root.iterdir() if p.is_dir() and STALE.match(p.name)] if root.is_dir() else []
+    for name in removed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    if removed:
+        log.info("removed %d leftover folder(s) of interrupted checkpoint writes in %s", len(removed), root)
+    return removed
 
 
 def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:

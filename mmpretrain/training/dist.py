@@ -56,6 +56,24 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """The main rank's ``obj`` on every rank."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if ``flag`` is True on any rank (a MAX all-reduce)."""
+    if info.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

@@ -21,7 +21,8 @@ from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.data.loader import MixedLoader, ResumableLoader
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
-from mmpretrain.training.dist import DistInfo, all_gather_object
+from mmpretrain.utils.faults import crash_point
+from mmpretrain.training.dist import DistInfo, all_gather_object, any_rank
 from mmpretrain.training.metrics import MetricsLogger, truncate_jsonl
 from mmpretrain.training.task import ContrastiveTask
 
@@ -56,13 +57,15 @@ class Trainer:
         bar = tqdm(total=stop, initial=self.step, unit="step", disable=not (tc.progress and self.info.is_main),
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs to files: a line per 30 s
         window = _Window(time.perf_counter())
+        stopping = False
         try:
-            while self.step < stop and not self._stop_signal:
+            while self.step < stop and not stopping:
                 t0 = time.perf_counter()
                 micro = [next(data) for _ in range(tc.accum_steps)]
                 window.data_time += time.perf_counter() - t0
                 losses, grad_norm = self._train_step([b.data for b in micro])
                 self.step += 1
+                crash_point("train.step")
                 window.samples += sum(len(b.keys) for b in micro) * self.info.world_size
                 if keys_log is not None:
                     keys_log.write(json.dumps({"step": self.step, "keys": [k for b in micro for k in b.keys]}) + "\n")
@@ -75,7 +78,9 @@ class Trainer:
                 bar.update(1)
                 if self._eval_due(stop):
                     self._run_eval(logger)
-                if self.step % tc.ckpt_every == 0 or self.step == stop or self._stop_signal:
+                # every rank decides together: a SIGTERM seen by one rank stops all of them after this step
+                stopping = any_rank(self._stop_signal, self.info)
+                if self.step % tc.ckpt_every == 0 or self.step == stop or stopping:
                     self.save()
         finally:
             bar.close()

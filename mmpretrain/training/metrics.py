@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmpretrain.utils.io import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0):
@@ -33,17 +35,27 @@ class MetricsLogger:
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records with ``"step" > step`` (written after the checkpoint a run resumes from)."""
+    """Drop records with ``"step" > step`` (written after the checkpoint a run resumes from), and a
+    line torn by a kill mid-write; the file is replaced atomically."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    kept = [line for line in lines if (_record(line) or {}).get("step", step + 1) <= step]
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in map(_record, path.read_text(encoding="utf-8", errors="replace").splitlines()) if r is not None]

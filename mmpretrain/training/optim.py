@@ -49,3 +49,19 @@ def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, optim=optim, total_steps=total_steps))
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Load the optimizer's moments and the schedule's position from a checkpoint ``state`` while
+    keeping the hyperparameters of this run's config (lr, betas, weight decay, schedule): loaded as
+    is, torch would silently restore the checkpoint's. With an unchanged config the result is the
+    same as a plain load (the LR is recomputed by the same formula)."""
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])
+    for group, hyper in zip(opt.param_groups, configured):
+        group.update(hyper)
+    sched.load_state_dict(state["scheduler"])
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]

@@ -14,13 +14,17 @@ import torch
 
 from mmpretrain.config.loader import dump_config, save_resolved
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
-from mmpretrain.data.loader import build_loader
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.data.loader import build_loader, restart_state
+from mmpretrain.data.stream import derive_seed
+from mmpretrain.errors import CheckpointError
 from mmpretrain.losses import DistContext
 from mmpretrain.models import build_model
-from mmpretrain.training.checkpoint import find_latest, load_state, load_weights, set_rng_state
-from mmpretrain.training.dist import DistInfo, init_distributed, shutdown
+from mmpretrain.training.checkpoint import load_state, load_weights, set_rng_state
+from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
 from mmpretrain.training.loop import Trainer
-from mmpretrain.training.optim import build_optimizer, build_scheduler
+from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
+from mmpretrain.training.resume import choose_checkpoint, plan_resume
 from mmpretrain.training.task import ContrastiveTask
 
 log = logging.getLogger(__name__)
@@ -47,18 +51,23 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir.format(name=cfg.name))
 
 
-def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """``resume=latest``: newest checkpoint of this run, or a fresh start if there is none."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "latest":
-        found = find_latest(run_dir)
-        log.info("resume=latest: %s", found or "no checkpoint yet, starting fresh")
-        return found
-    path = Path(cfg.resume)
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"train.resume={cfg.resume!r}: not a checkpoint directory (no state.pt)")
-    return path
+def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> Path | None:
+    """The checkpoint this run starts from (None: fresh), decided once on the main rank
+    (``resume.choose_checkpoint``) and broadcast, so every rank starts from the same one, or every
+    rank raises the same error (a rank that raised alone would leave the others hanging)."""
+    decision: dict = {"ckpt": None, "error": None}
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt = choose_checkpoint(tc, run_dir)
+            decision["ckpt"] = str(ckpt) if ckpt is not None else None
+        except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+            decision["error"] = (type(exc).__name__, str(exc))
+    decision = broadcast_object(decision, info)
+    if decision["error"] is not None:
+        kind, message = decision["error"]
+        raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(kind, FileNotFoundError)(message)
+    return Path(decision["ckpt"]) if decision["ckpt"] else None
 
 
 def configure_threads(cfg: ExperimentConfig) -> int:
@@ -87,16 +96,15 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     tc = cfg.train
     threads = configure_threads(cfg)
     run_dir = run_dir_of(tc)
+    ckpt = agreed_start(tc, run_dir, info)
+    state = load_state(ckpt) if ckpt is not None else None
+    plan = plan_resume(cfg, ckpt, len(state["rng"]), info.world_size) if state is not None else None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg.model).to(info.device)
-    ckpt = resolve_resume(tc, run_dir)
-    state = None
     if ckpt is not None:
         load_weights(model, ckpt)
-        state = load_state(ckpt)
     else:  # a fresh run: towers may start from other checkpoints (model.towers.<m>.init_from)
         from mmpretrain.models.init import init_towers
 
@@ -105,14 +113,19 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][info.rank])
-    else:
+    data_state = None
+    if state is None:
         seed_everything(tc.seed + 1000 * info.rank)
+    elif plan.restart_data:  # an allowed change (seed, shards, workers, ranks) voids the saved positions
+        restore_optimizer(optimizer, scheduler, state)
+        seed_everything(derive_seed(tc.seed, "restart", info.rank, int(state["step"])) % 2**32)
+        data_state = restart_state(state["data"], cfg.data, info.world_size)
+    else:
+        restore_optimizer(optimizer, scheduler, state)
+        set_rng_state(state["rng"][info.rank])
+        data_state = state["data"][info.rank]
     loader = build_loader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank, world_size=info.world_size,
-                          state=state["data"][info.rank] if state else None, group=tc.accum_steps)
+                          state=data_state, group=tc.accum_steps)
     wrapped = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -1,17 +1,23 @@
-"""Atomic file writes: write to a temp file in the same directory, fsync, rename."""
+"""Durable, atomic file writes: write under a temp name in the same directory, fsync the data,
+rename into place, fsync the directory. A crash (or power cut) at any point leaves either the old
+file or folder or the new one, never a torn one under the final name.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from mmpretrain.utils.faults import crash_point
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success it replaces ``path`` atomically.
+    """Open a temp file beside ``path``; on success it replaces ``path`` atomically and durably.
 
     On an exception the temp file is removed and ``path`` is untouched.
     """
@@ -25,6 +31,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -45,8 +52,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory that is renamed to ``path`` when the block succeeds.
 
-    An existing ``path`` is replaced only then (moved aside, the new one renamed in, the old one
-    deleted); a failed block leaves ``path`` as it was and no temp directory behind.
+    Before the rename every file and folder inside is fsynced, so the renamed folder is complete on
+    disk. An existing ``path`` is replaced only then (moved aside, the new one renamed in, the old
+    one deleted); a failed block leaves ``path`` as it was and no temp directory behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,11 +62,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        fsync_tree(tmp)
+        crash_point("atomic_dir.synced")
         old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
         if old is not None:
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -66,16 +76,54 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def remove_tree(path: str | Path) -> None:
+    """Delete a folder so that a crash midway never leaves it half-deleted under its own name:
+    it is renamed to a hidden name first (durably), then removed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    crash_point("remove_tree.renamed")
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every folder (deepest first)."""
+    dirs = []
+    for folder, _, files in os.walk(root):
+        dirs.append(folder)
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in reversed(dirs):
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable. Not every filesystem allows it."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
