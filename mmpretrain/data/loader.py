@@ -13,7 +13,7 @@ from webdataset.shardlists import expand_urls
 from mmpretrain.config.schema import DataConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import OpContext, build_ops
-from mmpretrain.data.stream import DataError, Position, ShardStream, StreamSpec, WorkerBatch
+from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,18 @@ class ResumableLoader:
             raise ConfigError(f"data.train has {len(urls)} shard(s), fewer than ranks x workers = "
                               f"{world_size} x {max(1, workers)}: lower data.num_workers, write more shards, "
                               "or set data.resampled=true")
+        limits = ReadLimits(cfg.max_member_bytes, cfg.stall_timeout_s)
         self.spec = StreamSpec(tuple(urls), cfg.batch_size, seed, rank, world_size, cfg.shuffle_buffer,
-                               cfg.shuffle_shards, cfg.resampled, cfg.on_error, cfg.max_errors)
+                               cfg.shuffle_shards, cfg.resampled, cfg.on_error, cfg.max_errors, limits)
         self.num_workers, self.cfg = workers, cfg
         self.positions, self.rotation = self._load_state(state, world_size)
         self.consumed = 0
-        stream = ShardStream(self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation)
+        self.status = WorkerStatus(workers)
+        stream = ShardStream(self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation,
+                             status=self.status)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                                  worker_init_fn=_worker_init, prefetch_factor=cfg.prefetch_factor if workers else None,
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0, timeout=cfg.timeout_s if workers else 0)
 
     def _load_state(self, state: dict[str, Any] | None, world_size: int) -> tuple[dict[int, Position], int]:
         if not state:
@@ -77,7 +80,18 @@ class ResumableLoader:
         return positions, int(state["rotation"])
 
     def __iter__(self) -> Iterator[WorkerBatch]:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "timed out" not in str(exc):  # torch says only "DataLoader timed out after N seconds"
+                    raise
+                raise DataError(f"rank {self.spec.rank}: no batch from the data loader workers for "
+                                f"{self.cfg.timeout_s:g} s (data.timeout_s); {self.status.describe()}. Fix or "
+                                f"drop that shard, then resume with train.resume=latest") from None
             self.positions[batch.worker] = batch.position
             self.consumed += 1
             yield batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,11 @@ Sample = dict[str, Any]
 Op = Callable[[Sample], Sample]
 DATA_OPS: Registry[Op] = Registry("data op")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# What PIL may parse of untrusted bytes: the formats we decode, no others (an EPS named .jpg would
+# otherwise run Ghostscript where it is installed; PSD, TIFF, ... widen the attack surface).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+MAX_JSON_BYTES = 1 << 20  # a json member larger than this is refused (bad_json)
+MAX_TEXT_BYTES = 64 << 10  # a caption larger than this is refused (bad_caption): tokenizers read it whole
 
 
 class SampleError(ValueError):
@@ -84,6 +90,46 @@ def apply_ops(ops: list[Op], sample: Sample) -> Sample:
 
 
 # ------------------------------------------------------------------ images
+def open_image(src: bytes | str | Path, *, max_pixels: int = 100_000_000) -> Image.Image:
+    """Decode untrusted image bytes (or a file) to RGB. Only ``IMAGE_FORMATS`` are parsed, and the
+    pixel count is checked from the header before any decoding (decompression bombs).
+
+    Raises:
+        SampleError: ``bad_image``, saying why.
+    """
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=IMAGE_FORMATS) as img:
+            if img.width * img.height > max_pixels:
+                raise SampleError("bad_image", f"{img.width}x{img.height} pixels exceeds max_pixels={max_pixels}")
+            return img.convert("RGB")
+    except SampleError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt or refused data
+        raise SampleError("bad_image", f"cannot decode the image: {type(exc).__name__}: {exc}") from None
+
+
+def json_member(s: Sample, member: str = "json") -> dict[str, Any]:
+    """A sample's JSON member as a dict (``{}`` when absent).
+
+    Raises:
+        SampleError: ``bad_json`` when it is over ``MAX_JSON_BYTES``, not UTF-8 JSON, nested too
+            deeply for the parser (``RecursionError``), or not an object.
+    """
+    raw = s.get(member)
+    if raw is None:
+        return {}
+    if len(raw) > MAX_JSON_BYTES:
+        raise SampleError("bad_json", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_JSON_BYTES})")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise SampleError("bad_json", f"{s.get('__key__')}: unreadable {member}: {type(exc).__name__}: "
+                                      f"{str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise SampleError("bad_json", f"{s.get('__key__')}: {member} is a {type(value).__name__}, not an object")
+    return value
+
+
 @dataclass(frozen=True)
 class DecodeImageParams:
     keys: tuple[str, ...] = IMAGE_KEYS
@@ -99,14 +145,9 @@ def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
         if key is None:
             raise SampleError("missing_image", f"{s.get('__key__')}: no image member among {p.keys}")
         try:
-            with Image.open(io.BytesIO(s[key])) as img:
-                if img.width * img.height > p.max_pixels:
-                    raise SampleError("bad_image", f"{s.get('__key__')}: {img.width}x{img.height} exceeds max_pixels")
-                s["image"] = img.convert("RGB")
-        except SampleError:
-            raise
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise SampleError("bad_image", f"{s.get('__key__')}: cannot decode {key}: {exc}") from None
+            s["image"] = open_image(s[key], max_pixels=p.max_pixels)
+        except SampleError as exc:
+            raise SampleError(exc.kind, f"{s.get('__key__')}.{key}: {exc}") from None
         return s
 
     return op
@@ -239,25 +280,25 @@ def captions(p: CaptionsParams, ctx: OpContext) -> Op:
 
 def _read_list(s: Sample, key: str) -> list[str]:
     member, _, field = key.partition(":")
-    try:
-        value = json.loads(s[member]).get(field) if member in s else None
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise SampleError("bad_caption", f"{s.get('__key__')}: unreadable {key}: {exc}") from None
-    return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+    value = json_member(s, member).get(field)
+    return [v.strip()[:MAX_TEXT_BYTES] for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
 
 
 def _read_text(s: Sample, key: str) -> str:
+    """The caption at ``key``: a text member (``"txt"``) or a JSON member's field (``"json:caption"``)."""
     member, _, field = key.partition(":")
+    if field:
+        value = json_member(s, member).get(field, "")
+        return value.strip()[:MAX_TEXT_BYTES] if isinstance(value, str) else ""
     raw = s.get(member)
     if raw is None:
         return ""
+    if len(raw) > MAX_TEXT_BYTES:
+        raise SampleError("bad_caption", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_TEXT_BYTES})")
     try:
-        if field:
-            value = json.loads(raw).get(field, "")
-            return value.strip() if isinstance(value, str) else ""
         return (raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).strip()
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise SampleError("bad_caption", f"{s.get('__key__')}: unreadable {key}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SampleError("bad_caption", f"{s.get('__key__')}: {member} is not UTF-8: {exc}") from None
 
 
 @DATA_OPS.register("tokenize")

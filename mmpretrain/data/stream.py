@@ -3,7 +3,7 @@
 Each (rank, logical worker) stream is a pure function of (seed, epoch):
     shards of epoch e  = shuffle(all shards, seed, e)[rank::world][worker::workers]
                          (or drawn with replacement when ``resampled``)
-    raw samples        = webdataset's url_opener -> tar_file_expander -> group_by_keys
+    raw samples        = webdataset's url_opener -> our bounded tar reader -> webdataset's group_by_keys
     order              = a seeded shuffle buffer, drained at the end of each epoch
     augmentation       = torch RNG seeded per sample from (seed, epoch, rank, worker, index)
 A stream's position is ``(epoch, emitted)``: samples that left the shuffle buffer this
@@ -13,19 +13,24 @@ epochs forever; training length is set in steps.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
+import multiprocessing
 import random
 import tarfile
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, url_opener
 
 from mmpretrain.data.ops import Op, Sample, SampleError, apply_ops
-from mmpretrain.errors import DataError  # noqa: F401  (re-exported)
+from mmpretrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,8 @@ class ErrorCounter:
 
 
 def _classify(exc: BaseException) -> str:
+    if isinstance(exc, SampleError):
+        return exc.kind
     if isinstance(exc, FileNotFoundError):
         return "missing_shard"
     if isinstance(exc, (tarfile.TarError, EOFError)):
@@ -105,14 +112,50 @@ def _classify(exc: BaseException) -> str:
     return "read_error"
 
 
-class _TailReader:
-    """Wraps a shard's byte stream; remembers the byte count and the last block read."""
+SHARD_ERRORS = ("missing_shard", "corrupt_shard", "read_error", "stalled_shard")  # a source not read to its end
 
-    def __init__(self, raw: Any):
-        self.raw, self.total, self.tail = raw, 0, b""
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what one shard may make a reader do."""
+
+    max_member_bytes: int = 32 << 20  # larger members are skipped (oversized_member), never read into memory
+    stall_timeout_s: float = 120.0  # a pipe: shard silent this long has its command killed (stalled_shard); 0: off
+
+
+class _TailReader:
+    """Wraps a shard's byte stream: remembers the byte count and the last block read, and, for a
+    ``pipe:`` shard, kills the command if one read waits longer than ``stall_s`` (a hung download)."""
+
+    def __init__(self, raw: Any, url: str, stall_s: float):
+        self.raw, self.url, self.total, self.tail = raw, url, 0, b""
+        self.stall_s, self.stalled, self._reading_since = stall_s, False, None
+        self._closed = threading.Event()
+        proc = getattr(raw, "proc", None)  # webdataset's Pipe
+        if proc is not None and stall_s > 0:
+            threading.Thread(target=self._watchdog, args=(proc,), daemon=True, name="shard-watchdog").start()
+
+    def _watchdog(self, proc: Any) -> None:
+        while not self._closed.wait(min(1.0, self.stall_s / 4)):
+            since = self._reading_since
+            if since is not None and time.monotonic() - since > self.stall_s:
+                self.stalled = True
+                proc.kill()
+                return
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        self._reading_since = time.monotonic()
+        try:
+            data = self.raw.read(n)
+        except Exception:
+            if not self.stalled:
+                raise
+            data = b""
+        finally:
+            self._reading_since = None
+        if self.stalled:
+            raise SampleError("stalled_shard", f"{self.url}: no bytes for {self.stall_s:g} s "
+                                               "(data.stall_timeout_s); its command was killed")
         self.total += len(data)
         self.tail = (self.tail + data[-512:])[-512:]
         return data
@@ -124,32 +167,108 @@ class _TailReader:
         return self.total > 0 and self.total % 512 == 0 and self.tail == bytes(512)
 
     def close(self) -> None:
-        self.raw.close()
-
-
-def _expand_checked(opened: Iterator[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
-    """webdataset's tar_file_expander, plus a check that each shard is complete:
-    ``tarfile`` in stream mode stops silently at a truncated header."""
-    for source in opened:
-        reader = source["stream"] = _TailReader(source["stream"])
-        yield from tar_file_expander([source], handler=handler)
+        self._closed.set()
         try:
-            truncated = not reader.complete()
-        except OSError as exc:
-            truncated, reason = True, exc
-        else:
-            reason = "no end-of-archive marker"
-        if truncated:
-            handler(tarfile.ReadError(f"{source['url']}: truncated tar ({reason})"))
+            self.raw.close()
+        except Exception as exc:  # a killed or failed pipe command reports its exit status here
+            log.debug("closing %s: %s", self.url, exc)
+
+
+def _member_problem(info: tarfile.TarInfo, url: str, limits: ReadLimits) -> SampleError | None:
+    """Why a regular tar member must be skipped (an unsafe name, too large), or None."""
+    parts = PurePosixPath(info.name).parts
+    if info.name.startswith(("/", "\\")) or ".." in parts or "\\" in info.name:
+        return SampleError("unsafe_name", f"{url}: member name {info.name[:200]!r} (absolute or with ..)")
+    if info.size > limits.max_member_bytes:
+        return SampleError("oversized_member", f"{url}: member {info.name[:200]!r} has {info.size} bytes, over "
+                                               f"data.max_member_bytes={limits.max_member_bytes}")
+    return None
+
+
+def _shard_members(source: dict, handler: Callable[[BaseException], bool], limits: ReadLimits) -> Iterator[dict]:
+    """``{"fname", "data", "__url__"}`` for each regular member of one opened shard, then ``{}`` (the
+    end-of-shard marker ``group_by_keys`` expects). Unsafe and oversized members are skipped without
+    being read; a truncated, corrupt or stalled shard goes to ``handler`` once (``tarfile`` in stream
+    mode stops silently at a truncated header, hence the end-of-archive check)."""
+    url = source["url"]
+    reader = _TailReader(source["stream"], url, limits.stall_timeout_s)
+    try:
+        tar = tarfile.open(fileobj=reader, mode="r|*")
+        for info in tar:
+            if not info.isreg() or PurePosixPath(info.name).name.startswith("__"):
+                continue
+            problem = _member_problem(info, url, limits)
+            if problem is not None:
+                handler(problem)
+                continue
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []
+        if not reader.complete():
+            raise tarfile.ReadError(f"{url}: truncated tar (no end-of-archive marker)")
+    except DataError:  # data.on_error=raise
+        raise
+    except Exception as exc:  # tarfile, the pipe, the watchdog: the rest of this shard is lost
+        if not isinstance(exc, SampleError):
+            exc = SampleError(_classify(exc), f"{url}: {exc}")
+        handler(exc)
+    finally:
         reader.close()
+    yield {}
 
 
-def read_samples(urls: list[str], handler: Callable[[BaseException], bool]) -> Iterator[Sample]:
+def read_samples(urls: list[str], handler: Callable[[BaseException], bool], limits: ReadLimits = ReadLimits(),
+                 on_shard: Callable[[str], None] | None = None) -> Iterator[Sample]:
     """Raw samples (``{"__key__", "__url__", ext: bytes}``) from tar shards, in order.
 
-    Missing, unreadable and truncated shards go to ``handler`` (skip-and-count or raise)."""
-    opened = url_opener(({"url": u} for u in urls), handler=handler)
-    return group_by_keys(_expand_checked(opened, handler), handler=handler)
+    Missing, unreadable, truncated and stalled shards, and unsafe or oversized members, go to
+    ``handler`` (skip-and-count or raise). ``on_shard(url)`` is called as each shard is opened."""
+
+    def members() -> Iterator[dict]:
+        for source in url_opener(({"url": u} for u in urls), handler=handler):
+            if on_shard is not None:
+                on_shard(source["url"])
+            yield from _shard_members(source, handler, limits)
+
+    return group_by_keys(members(), handler=handler)
+
+
+def process_sample(ops: list[Op], sample: Sample, errors: "ErrorCounter") -> Sample | None:
+    """``ops`` applied to ``sample``, or None when they fail: any exception (a ``SampleError``, or the
+    ``RecursionError`` of a hostile JSON, a codec's crash, ...) is a counted skip naming the shard
+    and key (or a ``DataError`` under ``data.on_error=raise``), never the end of a run."""
+    try:
+        return apply_ops(ops, sample)
+    except SampleError as exc:
+        errors.record(exc.kind, SampleError(exc.kind, f"{out_url(sample)}: {exc}"))
+    except Exception as exc:
+        errors.record("op_error", SampleError("op_error", f"{out_url(sample)}#{sample.get('__key__')}: "
+                                                          f"{type(exc).__name__}: {str(exc)[:300]}"))
+    return None
+
+
+class WorkerStatus:
+    """The shard each loader worker is reading now, and since when, in shared memory: when the
+    loader times out, the main process names the stuck shard."""
+
+    SLOT = 512
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        self.urls = multiprocessing.RawArray(ctypes.c_char, self.SLOT * self.workers)
+        self.since = multiprocessing.RawArray(ctypes.c_double, self.workers)
+
+    def set(self, worker: int, url: str) -> None:
+        raw = url.encode("utf-8", "replace")[: self.SLOT - 1]
+        self.urls[worker * self.SLOT : (worker + 1) * self.SLOT] = raw.ljust(self.SLOT, b"\0")
+        self.since[worker] = time.time()
+
+    def describe(self) -> str:
+        now, rows = time.time(), []
+        for w in range(self.workers):
+            url = bytes(self.urls[w * self.SLOT : (w + 1) * self.SLOT]).rstrip(b"\0").decode("utf-8", "replace")
+            if url:
+                rows.append(f"worker {w}: {url} (opened {now - self.since[w]:.0f} s ago)")
+        return "; ".join(rows) or "no shard opened yet"
 
 
 def buffer_shuffle(items: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -183,16 +302,18 @@ class StreamSpec:
     resampled: bool = False
     on_error: str = "skip"
     max_errors: int | None = None
+    limits: ReadLimits = ReadLimits()
 
 
 class ShardStream(IterableDataset):
     """Yields ``WorkerBatch``es forever. ``start`` maps logical worker -> Position;
     ``rotation`` relabels workers so that a resumed DataLoader's round-robin continues in order."""
 
-    def __init__(self, spec: StreamSpec, ops: list[Op], *, start: dict[int, Position] | None = None, rotation: int = 0):
+    def __init__(self, spec: StreamSpec, ops: list[Op], *, start: dict[int, Position] | None = None, rotation: int = 0,
+                 status: WorkerStatus | None = None):
         super().__init__()
         self.spec, self.ops = spec, ops
-        self.start, self.rotation = dict(start or {}), rotation
+        self.start, self.rotation, self.status = dict(start or {}), rotation, status
 
     def epoch_urls(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         s = self.spec
@@ -232,7 +353,11 @@ class ShardStream(IterableDataset):
         errors.muted = skip > 0
         rng = random.Random(derive_seed(self.spec.seed, "buffer", epoch, self.spec.rank, worker))
         urls = self.epoch_urls(epoch, worker, nw)
-        return buffer_shuffle(read_samples(urls, errors.handler), self.spec.shuffle_buffer, rng)
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        on_shard = (lambda url: self.status.set(slot, url)) if self.status is not None else None
+        samples = read_samples(urls, errors.handler, self.spec.limits, on_shard)
+        return buffer_shuffle(samples, self.spec.shuffle_buffer, rng)
 
     def _check_epoch(self, epoch: int, worker: int, emitted: int, skip: int) -> None:
         if emitted == 0:
@@ -249,13 +374,10 @@ class ShardStream(IterableDataset):
         saved = gen.get_state()
         gen.manual_seed(derive_seed(self.spec.seed, "sample", epoch, self.spec.rank, worker, index))
         try:
-            out = apply_ops(self.ops, sample)
-            for modality in out.pop("__absent__", ()):  # optional modalities this sample lacks: counted, kept
+            out = process_sample(self.ops, sample, errors)
+            for modality in (out or {}).pop("__absent__", ()):  # optional modalities this sample lacks: counted, kept
                 errors.note(f"absent_{modality}")
             return out
-        except SampleError as exc:
-            errors.record(exc.kind, exc)
-            return None
         finally:
             gen.set_state(saved)
 

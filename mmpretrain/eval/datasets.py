@@ -20,9 +20,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from mmpretrain.data.ops import open_image
 from mmpretrain.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,7 @@ class ImageFolderSet(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                return self.transform(img.convert("RGB")), label, i
+            return self.transform(open_image(path)), label, i
         except Exception as exc:  # unreadable image: skipped and counted, not fatal
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None

@@ -7,7 +7,6 @@ for search pages. Bad items are skipped and counted, never fatal.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from mmpretrain.data.ops import IMAGE_KEYS, MAX_TEXT_BYTES, open_image
+from mmpretrain.eval.media import sample_meta
 from mmpretrain.types import Batch
 
 log = logging.getLogger(__name__)
@@ -46,30 +47,32 @@ def thumbnail(image: Image.Image, size: int) -> bytes:
 
 
 def _raw_items(source: str, skipped: dict[str, int]) -> Iterator[tuple[str, str, str, bytes]]:
-    """(key, caption, source, image bytes) from a shard or an image folder."""
+    """(key, caption, source, image bytes) from a shard or an image folder; files over the member
+    size cap are skipped (``oversized_member``), shard problems counted by kind (``SHARD_ERRORS``)."""
+    from mmpretrain.data.stream import ErrorCounter, ReadLimits, read_samples
+
+    limit = ReadLimits().max_member_bytes
     path = Path(source)
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            caption = f.with_suffix(".txt").read_text(errors="replace").strip() if f.with_suffix(".txt").is_file() else ""
+            if f.stat().st_size > limit:
+                skipped["oversized_member"] = skipped.get("oversized_member", 0) + 1
+                continue
+            txt = f.with_suffix(".txt")
+            caption = txt.read_bytes()[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip() if txt.is_file() else ""
             yield str(f.relative_to(path)), caption, str(f), f.read_bytes()
         return
-    from mmpretrain.data.stream import ErrorCounter, read_samples
-
     errors = ErrorCounter("skip", None)
     for sample in read_samples([source], errors.handler):
-        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if image is None:
             skipped["missing_image"] = skipped.get("missing_image", 0) + 1
             continue
-        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-        url = ""
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-                url = str(meta.get("url") or meta.get("source") or "")
-                caption = caption or " ".join(meta.get("captions", [])[:1])
-            except (json.JSONDecodeError, AttributeError, TypeError):
-                pass
+        meta = sample_meta(sample)
+        caption = sample.get("txt", b"")[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip()
+        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else []
+        caption = caption or " ".join(str(c) for c in captions[:1])
+        url = str(meta.get("url") or meta.get("source") or "")
         yield sample["__key__"], caption, url or f"{source}#{sample['__key__']}", image
     for kind, n in errors.counts.items():
         skipped[kind] = skipped.get(kind, 0) + n
@@ -88,11 +91,10 @@ def item_batches(model, source: str, *, batch_size: int = 64, thumb_size: int = 
     images: list[torch.Tensor] = []
     for key, caption, src, data in _raw_items(source, skipped):
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                images.append(transform(img.convert("RGB")))
-                cur.thumbnails.append(thumbnail(img, thumb_size))
-        except Exception as exc:  # any undecodable image: skip and count
+            img = open_image(data)
+            images.append(transform(img))
+            cur.thumbnails.append(thumbnail(img, thumb_size))
+        except Exception as exc:  # any undecodable image (or a transform's failure on it): skip and count
             skipped["bad_image"] = skipped.get("bad_image", 0) + 1
             log.warning("skipping unreadable image %s in %s: %s", key, source, exc)
             continue
@@ -112,8 +114,7 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
     model's evaluation preprocessing (``eval.inputs``; several views per item are averaged when
     embedded). Video thumbnails are the middle frame; audio items have none. Undecodable items are
     skipped and counted (the last batch's ``skipped``)."""
-    from mmpretrain.data.ops import SampleError, apply_ops
-    from mmpretrain.data.stream import ErrorCounter, read_samples
+    from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
     from mmpretrain.eval.inputs import Views, collate, eval_ops
     from mmpretrain.eval.media import sample_captions
 
@@ -122,10 +123,8 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
     errors = ErrorCounter("skip", None)
     cur, pending = ItemBatch({}, [], [], [], []), []
     for sample in read_samples([source], errors.handler):
-        try:
-            out = apply_ops(ops, dict(sample))
-        except SampleError as exc:
-            errors.record(exc.kind, exc)
+        out = process_sample(ops, dict(sample), errors)
+        if out is None:
             continue
         pending.append(out)
         caps = sample_captions(sample)

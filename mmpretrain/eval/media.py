@@ -15,7 +15,6 @@ Every recall has its chance level beside it (random ranking).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmpretrain.data.ops import MAX_TEXT_BYTES
 from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
 from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
 
@@ -59,26 +59,28 @@ class ShardEmbeddings:
 
 def sample_captions(sample: dict) -> list[str]:
     """A sample's captions: ``json["captions"]`` if a list, else ``json["caption"]``/``txt``."""
-    meta = _json(sample)
+    meta = sample_meta(sample)
     if isinstance(meta.get("captions"), list):
         return [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
-    text = meta.get("caption") if isinstance(meta.get("caption"), str) else sample.get("txt", b"").decode("utf-8", "replace")
+    text = meta.get("caption") if isinstance(meta.get("caption"), str) else \
+        sample.get("txt", b"")[:MAX_TEXT_BYTES].decode("utf-8", "replace")
     return [text.strip()] if text and text.strip() else []
 
 
-def _json(sample: dict) -> dict:
+def sample_meta(sample: dict) -> dict:
+    """The json member as a dict; ``{}`` when absent or unusable (too large, too deep, not an object)."""
+    from mmpretrain.data.ops import SampleError, json_member
+
     try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_member(sample)
+    except SampleError:
         return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: Views = Views(),
                     batch_size: int = 32, progress: bool = True) -> ShardEmbeddings:
     """One pass over ``data``: every modality's embedding (views averaged); bad samples skipped and counted."""
     from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.ops import SampleError, apply_ops
     from mmpretrain.data.stream import ErrorCounter, read_samples
 
     ops = {m: eval_ops(model, m, views) for m in modalities}
@@ -93,16 +95,13 @@ def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: 
 
     for sample in tqdm(read_samples(expand_shards(data.spec), errors.handler), desc=f"embed {data.name}",
                        unit="sample", disable=not progress):
-        meta, texts = _json(sample), sample_captions(sample)
+        meta, texts = sample_meta(sample), sample_captions(sample)
         missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
-        try:
-            if missing:
-                raise SampleError("missing_label", f"{sample.get('__key__')}: no json field {missing[0]!r}")
-            out = {}
-            for m in modalities:
-                out.update(apply_ops(ops[m], dict(sample)))
-        except SampleError as exc:
-            errors.record(exc.kind, exc)
+        if missing:
+            errors.record("missing_label", ValueError(f"{sample.get('__key__')}: no json field {missing[0]!r}"))
+            continue
+        out = _apply_all(ops, sample, modalities, errors)
+        if out is None:
             continue
         pending.append(out)
         captions.append(texts)
@@ -115,6 +114,19 @@ def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: 
     if not captions:
         raise ValueError(f"{data.spec}: no usable sample ({dict(errors.counts)} skipped)")
     return ShardEmbeddings(data, {m: torch.cat(c) for m, c in chunks.items()}, captions, labels, dict(errors.counts))
+
+
+def _apply_all(ops: dict, sample: dict, modalities: Sequence[str], errors) -> dict | None:
+    """Each modality's ops on its own copy of ``sample``, merged; None (counted once) if any fails."""
+    from mmpretrain.data.stream import process_sample
+
+    out: dict = {}
+    for m in modalities:
+        part = process_sample(ops[m], dict(sample), errors)
+        if part is None:
+            return None
+        out.update(part)
+    return out
 
 
 def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, templates) -> dict[str, Any]:

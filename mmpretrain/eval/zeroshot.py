@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from mmpretrain.data.ops import open_image
 from mmpretrain.types import SAMPLE_DIMS
 
 if TYPE_CHECKING:
@@ -165,8 +166,7 @@ def _open_image(x: Any) -> Image.Image:
     path = Path(x)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    return open_image(path)
 
 
 def zero_shot(templates: str | Sequence[str], classes: Iterable[str], *, model, **kwargs: Any) -> ZeroShotClassifier:
