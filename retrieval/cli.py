@@ -33,9 +33,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from retrieval.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      thumb_size=args.thumb_size, device=args.device, modality=args.modality)
+                      thumb_size=args.thumb_size, device=args.device, modality=args.modality, strict=args.strict)
     stats = run_embed(cfg)
     print(json.dumps(stats))
+    if stats["failed"]:
+        print(f"error: {len(stats['failed'])} source(s) could not be read to their end; their parts were not "
+              "written. Fix them (or wait for the store) and re-run the same command to retry.", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -89,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed a collection (resumable; parallel under torchrun)", description=(
         "Embed shards (img2dataset/webdataset, any mmpretrain shard spec; images, or video/audio with --modality) "
         "or an image folder into DIR: one part "
-        "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Re-running skips finished parts; under "
-        "torchrun each rank takes every WORLD_SIZE-th shard."))
+        "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Unreadable items are skipped and counted "
+        "in their part; a shard that cannot be read to its end gets no part (exit status 3). Re-running skips "
+        "finished parts and retries failed ones; under torchrun each rank takes every WORLD_SIZE-th shard."))
     e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
     e.add_argument("--data", required=True, help="shard spec or image folder")
     e.add_argument("--out", required=True, help="output folder")
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     e.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (0: none)")
     e.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    e.add_argument("--strict", action="store_true", help="stop at the first skipped item or unreadable shard")
     e.add_argument("--modality", choices=["image", "video", "audio"], default="image",
                    help="what to embed from each item (video/audio: shards; default image); text queries then "
                         "search it (text->video, text->audio)")

@@ -6,11 +6,16 @@ Output folder::
     parts/part-00042.npy       (n, E) float16/float32, L2-normalised, for source 42
     parts/part-00042.thumbs    concatenated JPEG thumbnails
     parts/part-00042.parquet   key, caption, source, modality, thumb_offset, thumb_len (written last:
-                               the part's "done" marker)
+                               the part's "done" marker); its schema metadata ``mmpretrain`` holds
+                               the part's source, item count and skipped-item counts by kind
+    parts/part-00042.failed.json  a source that could not be read to its end (missing, truncated,
+                               stalled): why, and the counts; no parquet, so a re-run retries it
 
-One part per source (shard or image folder). Under ``torchrun`` rank r embeds sources
-r, r + world, ... with no communication; a killed job re-run with the same arguments skips
-finished parts. Every file is written to a temp name and renamed.
+One part per source (shard or image folder). A part is done only when its whole source was read:
+unreadable *items* are skipped and counted in the part, but a source that ends early leaves no
+parquet. Under ``torchrun`` rank r embeds sources r, r + world, ... with no communication; a killed
+job re-run with the same arguments skips finished parts and retries failed ones. Every file is
+written to a temp name, fsynced and renamed.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class EmbedConfig:
     thumb_size: int = 128  # 0: no thumbnails
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     modality: str = "image"
+    strict: bool = False  # any skipped item or unreadable source stops the job (EmbedError)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
@@ -86,15 +92,16 @@ def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources:
     api.atomic_write_text(path, json.dumps(header, indent=2))
 
 
-def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict[str, int]:
-    """Embed one source into ``part``.{npy,thumbs,parquet}; returns the skipped-item counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+PART_META = b"mmpretrain"  # parquet schema metadata key of a part's summary
 
-    vectors, rows, thumbs, offset, skipped = [], {c: [] for c in META_COLUMNS}, [], 0, {}
+
+def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict:
+    """Embed one source into ``part``.{npy,thumbs,parquet}; returns its summary (``items``,
+    ``skipped`` by kind, ``complete``). An incomplete source writes ``part.failed.json`` instead."""
+    vectors, rows, thumbs, offset, last = [], {c: [] for c in META_COLUMNS}, [], 0, None
     for batch in api.item_batches(model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size,
                                   modality=cfg.modality):
-        skipped = batch.skipped or skipped
+        last = batch
         if not batch.keys:
             continue
         vectors.append(api.encode(model, cfg.modality, batch.inputs).float().cpu().numpy())
@@ -103,22 +110,46 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict[str, in
                 rows[col].append(val)
             thumbs.append(thumb)
             offset += len(thumb)
-    dim = model.cfg.embed_dim
-    emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    summary = {"source": source, "items": len(rows["key"]), "skipped": dict(last.skipped), "complete": last.complete}
+    if cfg.strict and (summary["skipped"] or not summary["complete"]):
+        raise EmbedError(f"{source}: {json.dumps(summary['skipped'])} skipped (--strict); nothing written for it")
+    if not summary["complete"]:
+        api.atomic_write_text(part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
+        return summary
+    _write_part(part, np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.embed_dim), np.float32),
+                rows, b"".join(thumbs), cfg.dtype, summary)
+    part.with_suffix(".failed.json").unlink(missing_ok=True)
+    return summary
+
+
+def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: bytes, dtype: str, summary: dict) -> None:
+    """The part's files, each atomic and durable; the parquet (the done marker) last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     with api.atomic_open(part.with_suffix(".thumbs"), "wb") as f:
-        f.write(b"".join(thumbs))
+        f.write(thumbs)
     with api.atomic_open(part.with_suffix(".npy"), "wb") as f:
-        np.save(f, emb.astype(cfg.dtype))
-    table = pa.table(rows, schema=pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-                                             ("modality", pa.string()), ("thumb_offset", pa.int64()),
-                                             ("thumb_len", pa.int32())]))
+        np.save(f, emb.astype(dtype))
+    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
+                        ("modality", pa.string()), ("thumb_offset", pa.int64()), ("thumb_len", pa.int32())],
+                       metadata={PART_META: json.dumps(summary).encode()})
     with api.atomic_open(part.with_suffix(".parquet"), "wb") as f:
-        pq.write_table(table, f)
-    return skipped
+        pq.write_table(pa.table(rows, schema=schema), f)
+
+
+def part_summary(part: Path) -> dict:
+    """A finished part's summary (source, items, skipped counts) from its parquet metadata."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(part.with_suffix(".parquet")).metadata or {}
+    return json.loads(meta[PART_META]) if PART_META in meta else {}
 
 
 def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
-    """Embed this rank's share of ``cfg.data`` into ``cfg.out``, skipping finished parts."""
+    """Embed this rank's share of ``cfg.data`` into ``cfg.out``, skipping finished parts and retrying
+    failed ones. Returns counts over all of this rank's finished parts (``bad``: skipped items by
+    kind) and the sources that could not be read to their end (``failed``)."""
     from tqdm import tqdm
 
     rank, world = rank_world()
@@ -131,14 +162,23 @@ def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
     _write_header(cfg, out, api.model_id(model), model.cfg.embed_dim, sources)
     mine = [i for i in range(len(sources)) if i % world == rank]
     todo = [i for i in mine if not (out / "parts" / f"{part_name(i)}.parquet").is_file()]
-    stats = {"rank": rank, "parts": len(mine), "skipped_parts": len(mine) - len(todo), "items": 0, "bad": {}}
+    stats = {"rank": rank, "parts": len(mine), "skipped_parts": len(mine) - len(todo), "items": 0, "bad": {},
+             "failed": {}}
     start = time.perf_counter()
     for i in tqdm(todo, desc=f"embed (rank {rank})", unit="part", disable=not progress or rank != 0):
-        bad = embed_part(model, cfg, sources[i], out / "parts" / part_name(i))
-        stats["items"] += len(np.load(out / "parts" / f"{part_name(i)}.npy", mmap_mode="r"))
-        for kind, n in bad.items():
-            stats["bad"][kind] = stats["bad"].get(kind, 0) + n
+        summary = embed_part(model, cfg, sources[i], out / "parts" / part_name(i))
+        if not summary["complete"]:
+            stats["failed"][sources[i]] = summary["skipped"]
+            log.warning("%s was not read to its end (%s): part %s not written; re-run to retry", sources[i],
+                        json.dumps(summary["skipped"]), part_name(i))
     stats["seconds"] = round(time.perf_counter() - start, 2)
+    for i in mine:
+        part = out / "parts" / part_name(i)
+        if part.with_suffix(".parquet").is_file():
+            summary = part_summary(part)
+            stats["items"] += summary.get("items", 0)
+            for kind, n in summary.get("skipped", {}).items():
+                stats["bad"][kind] = stats["bad"].get(kind, 0) + n
     stats["items_per_s"] = round(stats["items"] / max(stats["seconds"], 1e-9), 1)
     log.info("embedded %s", json.dumps(stats))
     return stats
@@ -203,8 +243,12 @@ def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embed
     names = [part_name(i) for i in range(len(header["sources"]))]
     done = [folder / "parts" / n for n in names if (folder / "parts" / f"{n}.parquet").is_file()]
     if len(done) < len(names) and not allow_partial:
-        raise EmbedError(f"{folder}: {len(names) - len(done)} of {len(names)} parts are not embedded yet; re-run "
-                         f"`retrieval embed` with the same arguments to finish (finished parts are skipped)")
+        failed = sorted((folder / "parts").glob("*.failed.json"))
+        why = (f"; {len(failed)} source(s) could not be read to their end (first: "
+               f"{json.loads(failed[0].read_text()).get('source')}, see {failed[0].name})") if failed else ""
+        raise EmbedError(f"{folder}: {len(names) - len(done)} of {len(names)} parts are not embedded yet{why}; re-run "
+                         f"`retrieval embed` with the same arguments to finish (finished parts are skipped, "
+                         f"failed ones retried)")
     counts = []
     for part in done:
         n_vec = np.load(part.with_suffix(".npy"), mmap_mode="r").shape[0]

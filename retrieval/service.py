@@ -6,6 +6,9 @@
     GET  /thumb/{id}            the item's JPEG thumbnail (only items of the index: ids, never paths)
     GET  /health, /info, /docs (OpenAPI)
 
+Responses never carry a command line, a credential or an absolute server path: a hit's ``source``
+is shown by ``public_source`` and ``/info`` leaves out the checkpoint path.
+
 Bad input is a 4xx with a ``detail`` message (empty or over-long query, k out of range, too many
 labels, an upload that is too large or not an image), never a crash of the server.
 """
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -78,14 +83,58 @@ def check_utf8(query_string: bytes) -> None:
         raise QueryError("the query is not valid UTF-8") from None
 
 
-def hit_json(hit) -> dict:
-    return {**hit.to_dict(), "thumbnail": f"/thumb/{hit.id}"}
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def public_url(url: str) -> str:
+    """``scheme://host[:port]/path`` of a URL: no user, password, query (signatures, tokens) or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def public_source(source: str, root: str | None) -> str:
+    """What HTTP may show of an item's source: never a command line, a credential or an absolute
+    server path. A ``pipe:`` command shows only the URL it fetches (or the file name); a URL loses
+    its user, password and query; a local path is shown relative to the collection ``root`` (else by
+    its file name). Our ``#key`` suffix is kept."""
+    body, hash_, key = source.rpartition("#") if "#" in source else (source, "", "")
+    if body.startswith("pipe:"):
+        urls = URL.findall(body)
+        shown = public_url(urls[-1]) if urls else PurePosixPath(body.split()[-1].strip("'\"")).name
+    elif URL.fullmatch(body):
+        shown = public_url(body)
+    else:
+        path = PurePosixPath(body)
+        rel = _relative(path, root) if path.is_absolute() else (path if ".." not in path.parts else None)
+        shown = str(rel) if rel is not None else path.name
+    return shown + hash_ + key
+
+
+def _relative(path: PurePosixPath, root: str | None) -> PurePosixPath | None:
+    try:
+        return path.relative_to(root) if root else None
+    except ValueError:
+        return None
+
+
+def collection_root(sources: list[str]) -> str | None:
+    """The deepest folder holding every local absolute source (shards or image files)."""
+    folders = {str(PurePosixPath(s.rpartition("#")[0] or s).parent) for s in sources
+               if s.startswith("/") and not URL.match(s)}
+    return os.path.commonpath(sorted(folders)) if folders else None
+
+
+def hit_json(hit, root: str | None = None) -> dict:
+    return {**hit.to_dict(), "source": public_source(hit.source, root), "thumbnail": f"/thumb/{hit.id}"}
 
 
 def create_app(searcher: Searcher, cfg: ServeConfig = ServeConfig()):
     """The FastAPI application serving ``searcher``."""
     app = FastAPI(title="mmpretrain search", version="1", description=__doc__)
     lock = threading.Lock()  # torch encoding is not re-entrant across threads on every backend
+    root = collection_root(searcher.index.meta.column("source").to_pylist())
 
     @app.exception_handler(QueryError)
     async def _bad_query(request: Request, exc: QueryError):
@@ -101,14 +150,14 @@ def create_app(searcher: Searcher, cfg: ServeConfig = ServeConfig()):
 
     @app.get("/info")
     def info() -> dict:
-        return searcher.info()
+        return {k: v for k, v in searcher.info().items() if k != "model"}  # "model" is a server path
 
     def run(queries: list[str], k: int) -> dict:
         start = time.perf_counter()
         with lock:
             hits = searcher.search(queries, k)
         return {"k": k, "ms": 1000 * (time.perf_counter() - start),
-                "results": [[hit_json(h) for h in row] for row in hits]}
+                "results": [[hit_json(h, root) for h in row] for row in hits]}
 
     @app.get("/search")
     def search_get(request: Request, q: str = Query(..., description="the text query"), k: int = Query(10)) -> dict:

@@ -51,7 +51,9 @@ def test_embed_ranks_split_the_sources(tiny_ckpt, toy_shards, tmp_path, monkeypa
     assert load_embeddings(tmp_path / "e").n == 64
 
 
-def test_embed_skips_corrupt_shards_and_images(tiny_ckpt, toy_shards, tmp_path):
+def test_embed_skips_bad_images_but_never_marks_a_half_read_shard_done(tiny_ckpt, toy_shards, tmp_path):
+    """A truncated shard gets no part (today's bug: its part was written, so re-runs skipped it forever and
+    its skip counts were lost); unreadable images are counted in their part; a re-run retries only it."""
     from tests.conftest import png_bytes
 
     data = tmp_path / "shards"
@@ -59,10 +61,34 @@ def test_embed_skips_corrupt_shards_and_images(tiny_ckpt, toy_shards, tmp_path):
     write_shard(data / "shard-000004.tar", [{"__key__": "ok", "png": png_bytes(), "txt": "red"},
                                              {"__key__": "bad", "png": b"not a png", "txt": "broken"}])
     (data / "shard-000005.tar").write_bytes((data / "shard-000000.tar").read_bytes()[:3000])  # truncated
-    stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), batch_size=8),
-                      progress=False)
-    assert stats["bad"].get("bad_image") == 1 and sum(stats["bad"].values()) >= 2
-    assert load_embeddings(tmp_path / "e").n == 64 + 1 + stats["items"] - 65  # every readable item, nothing else
+    cfg = EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), batch_size=8)
+    stats = run_embed(cfg, progress=False)
+    assert stats["bad"] == {"bad_image": 1} and stats["items"] == 65
+    assert list(stats["failed"]) == [str(data / "shard-000005.tar")]
+    assert stats["failed"][str(data / "shard-000005.tar")].get("corrupt_shard") == 1
+    parts = tmp_path / "e" / "parts"
+    assert not (parts / "part-00005.parquet").exists() and (parts / "part-00005.failed.json").is_file()
+    assert embed_mod.part_summary(parts / "part-00004")["skipped"] == {"bad_image": 1}  # stored with the part
+    with pytest.raises(EmbedError, match="could not be read to their end"):
+        load_embeddings(tmp_path / "e")
+    assert load_embeddings(tmp_path / "e", allow_partial=True).n == 65
+
+    shutil.copy(data / "shard-000000.tar", data / "shard-000005.tar")  # the store recovers: a re-run retries it
+    again = run_embed(cfg, progress=False)
+    assert again["failed"] == {} and again["skipped_parts"] == 5 and again["bad"] == {"bad_image": 1}
+    assert load_embeddings(tmp_path / "e").n == 65 + 16 and not (parts / "part-00005.failed.json").exists()
+
+
+def test_embed_strict_stops_at_the_first_skip(tiny_ckpt, toy_shards, tmp_path):
+    from tests.conftest import png_bytes
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    write_shard(data / "shard-000000.tar", [{"__key__": "ok", "png": png_bytes(), "txt": "red"},
+                                             {"__key__": "bad", "png": b"not a png", "txt": "broken"}])
+    with pytest.raises(EmbedError, match="bad_image.*--strict"):
+        run_embed(EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), strict=True), progress=False)
+    assert not list((tmp_path / "e" / "parts").glob("*.parquet"))
 
 
 def test_embed_refuses_another_model_in_the_same_folder(embedded, toy_shards, tmp_path):

@@ -50,11 +50,12 @@ def _load(path: str, which: int) -> tuple[nn.Module, str, object]:
     import transformers
 
     family = FAMILIES[hf_model_type(Path(path))]
-    full = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    full = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     sub = full.vision_config if which == 0 else full.text_config
     if getattr(full, "projection_dim", None) is not None:
         sub.projection_dim = full.projection_dim  # lives on the parent config; the sub-config's default is 512
-    model = getattr(transformers, family[which]).from_pretrained(path, config=sub, local_files_only=True)
+    model = getattr(transformers, family[which]).from_pretrained(path, config=sub, local_files_only=True,
+                                                                     trust_remote_code=False)
     return model, family[2][which], full
 
 

@@ -17,6 +17,12 @@ from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
 
+# from_pretrained options that would fetch or execute code, or reach the network, if a config could set them
+CODE_LOADING_KEYS = frozenset({"trust_remote_code", "code_revision", "revision", "auto_map", "custom_pipelines",
+                               "local_files_only", "force_download", "token", "use_auth_token", "cache_dir",
+                               "proxies", "subfolder", "use_safetensors", "weights_only", "from_tf", "from_flax"})
+
+
 @dataclass(frozen=True)
 class HfTextParams:
     """``path``: a local directory with config + weights (+ tokenizer); ``config`` fields then
@@ -32,6 +38,10 @@ class HfTextParams:
     trainable_layers: int | None = None  # partial unfreezing: only the top N transformer layers train
 
     def __post_init__(self) -> None:
+        loaders = sorted(set(self.config) & CODE_LOADING_KEYS)
+        if loaders:  # a config (or a checkpoint's stored config) must never make transformers run code
+            raise ConfigError(f"config: {', '.join(loaders)} cannot be set: options that load or run code from a "
+                              "model folder or the hub are refused (config fields are the model's own, e.g. dropout)")
         if self.path is not None:
             if not Path(self.path, "config.json").is_file():
                 raise ConfigError(f"path: no config.json in {self.path!r} (a transformers model directory)")
@@ -58,7 +68,7 @@ class HfTokenizer:
         if self._tok is None:
             from transformers import AutoTokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
         enc = self._tok(list(texts), padding="max_length", truncation=True,
                         max_length=self.context_length, return_tensors="pt")
         return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
@@ -75,7 +85,8 @@ class HfText(nn.Module):
 
         self.params = params
         if params.path is not None:  # config fields override the directory's config (e.g. dropout)
-            self.model = AutoModel.from_pretrained(params.path, local_files_only=True, **params.config)
+            self.model = AutoModel.from_pretrained(params.path, local_files_only=True, trust_remote_code=False,
+                                                   **params.config)
         else:
             config = AutoConfig.for_model(params.model_type, **params.config)
             self.model = AutoModel.from_config(config)

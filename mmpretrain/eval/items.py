@@ -33,6 +33,15 @@ class ItemBatch:
     sources: list[str]
     thumbnails: list[bytes]
     skipped: dict[str, int] = field(default_factory=dict)
+    complete: bool = True  # last batch: False when the source was not read to its end (see SHARD_ERRORS)
+
+    def finish(self, skipped: dict[str, int]) -> "ItemBatch":
+        """Mark this as the source's last batch, with its skip counts."""
+        from mmpretrain.data.stream import SHARD_ERRORS
+
+        self.skipped = dict(skipped)
+        self.complete = not any(self.skipped.get(kind) for kind in SHARD_ERRORS)
+        return self
 
 
 def thumbnail(image: Image.Image, size: int) -> bytes:
@@ -104,8 +113,7 @@ def item_batches(model, source: str, *, batch_size: int = 64, thumb_size: int = 
             yield cur
             cur, images = ItemBatch({}, [], [], [], []), []
     cur.inputs = {"image": torch.stack(images)} if images else {"image": torch.empty(0)}
-    cur.skipped = skipped
-    yield cur
+    yield cur.finish(skipped)
 
 
 def media_item_batches(model, source: str, modality: str, *, batch_size: int = 32,
@@ -136,8 +144,7 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
             yield cur
             cur, pending = ItemBatch({}, [], [], [], []), []
     cur.inputs = collate(pending, [modality]) if pending else {modality: torch.empty(0)}
-    cur.skipped = dict(errors.counts)
-    yield cur
+    yield cur.finish(errors.counts)
 
 
 def _video_thumb(video: torch.Tensor, spec, size: int) -> bytes:
