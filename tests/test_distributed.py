@@ -70,3 +70,55 @@ def test_torchrun_training_and_resume(toy_shards, tmp_path):
     assert len(seen) == 64 and len(set(seen)) == 64  # 2 ranks x 8 steps x 4 = one disjoint epoch
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (children of its agent), read from /proc."""
+    from pathlib import Path
+
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if ppid == parent and rank is not None:
+            found[rank] = int(stat.parent.name)
+    return found
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_path):
+    """Preemption seen by one rank only (rank 1): today it enters the checkpoint's all-gather while rank 0
+    starts the next step's all-reduce, and the job hangs. Now the ranks agree, save one checkpoint at
+    the same step, and exit 0."""
+    import time
+
+    tree = experiment_tree(toy_shards, tmp_path / "run", data={"num_workers": 1, "batch_size": 4},
+                           train={"steps": 400, "ckpt_every": 1000, "log_sample_keys": True, "log_every": 1})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "mmpretrain.cli", "train", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        log = tmp_path / "run" / "samples.rank1.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and elapsed < 30, err[-4000:]
+    ckpts = list_checkpoints(tmp_path / "run")
+    state = load_state(ckpts[-1])
+    last = [max(r["step"] for r in read_jsonl(tmp_path / "run" / f"samples.rank{i}.jsonl")) for i in (0, 1)]
+    assert len(ckpts) == 1 and last == [state["step"], state["step"]] and len(state["data"]) == 2

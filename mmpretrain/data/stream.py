@@ -13,16 +13,19 @@ epochs forever; training length is set in steps.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import multiprocessing
+import os
 import random
+import signal
 import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
@@ -140,7 +143,7 @@ class _TailReader:
             since = self._reading_since
             if since is not None and time.monotonic() - since > self.stall_s:
                 self.stalled = True
-                proc.kill()
+                kill_tree(proc.pid)  # the shell and what it started: a surviving child keeps the pipe open
                 return
 
     def read(self, n: int = -1) -> bytes:
@@ -172,6 +175,25 @@ class _TailReader:
             self.raw.close()
         except Exception as exc:  # a killed or failed pipe command reports its exit status here
             log.debug("closing %s: %s", self.url, exc)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (found through /proc; elsewhere only ``pid``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, doomed = [pid], []
+    while todo:
+        p = todo.pop()
+        doomed.append(p)
+        todo.extend(children.get(p, []))
+    for p in doomed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
 
 
 def _member_problem(info: tarfile.TarInfo, url: str, limits: ReadLimits) -> SampleError | None:

@@ -128,8 +128,8 @@ def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> Path | None:
                 f"Continue it with train.resume=latest, start over with train.overwrite=true (deletes its "
                 f"checkpoints and logs), or choose another train.name")
         start_over(run_dir)
-    elif ckpt is not None and _inside(ckpt, run_dir):
-        newer = [c for c in existing if step_of(c) > step_of(ckpt)]
+    elif ckpt is not None and _inside(ckpt, run_dir):  # broken newer ones are not a branch: they get rewritten
+        newer = [c for c in existing if step_of(c) > step_of(ckpt) and verify_checkpoint(c) is None]
         if newer and not tc.overwrite:
             raise ConfigError(
                 f"resuming {ckpt.name} would branch off {run_dir}, which has newer checkpoints "
