@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import atexit
 import os
 import signal
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -13,7 +15,8 @@ from webdataset.shardlists import expand_urls
 from mmpretrain.config.schema import DataConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import OpContext, build_ops
-from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
+from mmpretrain.data.stream import (DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus,
+                                   kill_tree)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,12 @@ class ResumableLoader:
         self.positions, self.rotation = self._load_state(state, world_size)
         self.consumed = 0
         self.status = WorkerStatus(workers)
+        atexit.register(self.status.close)  # runs before multiprocessing terminates daemonic workers at exit
         stream = ShardStream(self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation,
                              status=self.status)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                 worker_init_fn=_worker_init, prefetch_factor=cfg.prefetch_factor if workers else None,
+                                 worker_init_fn=partial(_worker_init, status=self.status),
+                                 prefetch_factor=cfg.prefetch_factor if workers else None,
                                  persistent_workers=workers > 0, timeout=cfg.timeout_s if workers else 0)
 
     def _load_state(self, state: dict[str, Any] | None, world_size: int) -> tuple[dict[int, Position], int]:
@@ -81,6 +86,12 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[WorkerBatch]:
         batches = iter(self.loader)
+        try:
+            yield from self._batches(batches)
+        finally:
+            self.status.close()  # the workers' SIGTERM from here on is the DataLoader shutting them down
+
+    def _batches(self, batches: Iterator[WorkerBatch]) -> Iterator[WorkerBatch]:
         while True:
             try:
                 batch = next(batches)
@@ -204,8 +215,38 @@ def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, w
     return ResumableLoader(cfg, ctx, seed=seed, rank=rank, world_size=world_size, state=state)
 
 
-def _worker_init(_: int) -> None:
+WORKER_TERM_GRACE_S = 20.0
+
+
+def _worker_init(_: int, status: WorkerStatus | None = None) -> None:
+    from multiprocessing.util import Finalize
+
     torch.set_num_threads(1)  # workers decode; compute threads belong to the main process
-    # A preemption's SIGTERM often reaches the whole process group: a worker that died of it would take
-    # the run down before the main process could checkpoint. The main process stops its workers itself.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, partial(_worker_sigterm, status))
+    # a pipe: shard's command still running when the worker ends would outlive it (and hold its stdout)
+    Finalize(None, kill_tree, args=(os.getpid(),), kwargs={"keep_root": True}, exitpriority=10)
+
+
+def _worker_sigterm(status: WorkerStatus | None, signum: int, frame: Any) -> None:
+    """A preemption's SIGTERM often reaches the whole process group: a worker that died of it at once
+    would take the run down before the main process could finish its step and checkpoint. So a
+    worker leaves at once only when the main process is closing the loader (``status.closing``,
+    then the SIGTERM is the DataLoader's own terminate()), else when its parent has gone or
+    ``WORKER_TERM_GRACE_S`` later."""
+    import threading
+    import time
+
+    def leave() -> None:
+        kill_tree(os.getpid(), keep_root=True)  # pipe: commands it started
+        os._exit(0)
+
+    if status is None or status.closing.value:
+        leave()
+    parent, deadline = os.getppid(), time.monotonic() + WORKER_TERM_GRACE_S
+
+    def leave_later() -> None:
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.2)
+        leave()
+
+    threading.Thread(target=leave_later, daemon=True, name="sigterm-grace").start()

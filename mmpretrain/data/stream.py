@@ -177,8 +177,9 @@ class _TailReader:
             log.debug("closing %s: %s", self.url, exc)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants (found through /proc; elsewhere only ``pid``)."""
+def kill_tree(pid: int, *, keep_root: bool = False) -> None:
+    """SIGKILL ``pid`` and all its descendants (found through /proc; elsewhere only ``pid``);
+    ``keep_root``: only the descendants."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -191,7 +192,7 @@ def kill_tree(pid: int) -> None:
         p = todo.pop()
         doomed.append(p)
         todo.extend(children.get(p, []))
-    for p in doomed:
+    for p in doomed[1:] if keep_root else doomed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
 
@@ -270,7 +271,8 @@ def process_sample(ops: list[Op], sample: Sample, errors: "ErrorCounter") -> Sam
 
 class WorkerStatus:
     """The shard each loader worker is reading now, and since when, in shared memory: when the
-    loader times out, the main process names the stuck shard."""
+    loader times out, the main process names the stuck shard. ``closing`` tells the workers that
+    a SIGTERM now comes from the main process stopping them, not from a preemption."""
 
     SLOT = 512
 
@@ -278,6 +280,10 @@ class WorkerStatus:
         self.workers = max(1, workers)
         self.urls = multiprocessing.RawArray(ctypes.c_char, self.SLOT * self.workers)
         self.since = multiprocessing.RawArray(ctypes.c_double, self.workers)
+        self.closing = multiprocessing.RawValue(ctypes.c_bool, False)  # set by the main process as it stops them
+
+    def close(self) -> None:
+        self.closing.value = True
 
     def set(self, worker: int, url: str) -> None:
         raw = url.encode("utf-8", "replace")[: self.SLOT - 1]
