@@ -302,20 +302,6 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def rank_pids(parent: int) -> dict[int, int]:
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            env = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
-        if ppid == parent and rank is not None:
-            found[rank] = int(stat.parent.name)
-    return found
-
-
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str]:
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -350,6 +336,7 @@ def _term_trial(work: Path, shards: Path, i: int, mode: str, rng: random.Random)
     """One run under torchrun, SIGTERMed after a random step: both ranks (``ranks``, in random order,
     0-50 ms apart) or torchrun's agent alone (``agent``, as Kubernetes signals PID 1)."""
     from mmpretrain.training.checkpoint import checkpoint_dir, list_checkpoints, load_state
+    from mmpretrain.utils.procs import rank_pids
 
     run = work / f"term{i}"
     cfg = config(shards, run, work / f"term{i}.yaml", steps=400, ckpt_every=1000)

@@ -17,16 +17,18 @@ from torch import Tensor
 from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError, from_dict
+from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
-from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_text
+from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_text, sha256_file
 
 __all__ = [
-    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "Manifest", "ModelConfig", "Registry",
-    "RegistryError", "ShardWriterConfig", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "create_model", "encode", "expand_sources", "export_open_clip", "item_batches",
-    "list_encoders", "load_checkpoint", "load_config", "make_shards", "model_id", "tokenize", "train", "zero_shot",
+    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "ImageTooLarge", "Manifest", "ModelConfig", "Registry",
+    "RegistryError", "ShardWriterConfig", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text",
+    "create_model", "encode", "expand_sources", "export_open_clip", "item_batches", "list_encoders", "load_checkpoint",
+    "load_config", "make_shards", "model_id", "open_image", "sha256_file", "tokenize", "train", "zero_shot",
 ]
 
 

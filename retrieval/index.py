@@ -239,14 +239,6 @@ def _drop(found: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
     return np.stack([[x for x in row if x != e][: found.shape[1] - 1] for row, e in zip(found, exclude)])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def spec_dict(spec: IndexSpec) -> dict:
     return asdict(spec)
 
@@ -383,7 +375,7 @@ def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     faiss.write_index(index, str(tmp / "index.faiss"))
     pq.write_table(meta, tmp / "meta.parquet")
     files = ["index.faiss", "meta.parquet"] + (["index.ivfdata"] if (tmp / "index.ivfdata").exists() else [])
-    header["checksums"] = {f: sha256_file(tmp / f) for f in files}
+    header["checksums"] = {f: api.sha256_file(tmp / f) for f in files}
     header["bytes"] = {f: (tmp / f).stat().st_size for f in files}
     api.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
 
@@ -463,7 +455,7 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
     for name, digest in header.get("checksums", {}).items():
         if not (folder / name).is_file():
             raise IndexError_(f"{folder}/{name} is missing")
-        if verify and sha256_file(folder / name) != digest:
+        if verify and api.sha256_file(folder / name) != digest:
             raise IndexError_(f"{folder}/{name} is corrupt (sha256 mismatch); rebuild the index")
     try:
         index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0)

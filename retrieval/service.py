@@ -56,21 +56,15 @@ def parse_labels(text: str, cfg: ServeConfig) -> list[str]:
 
 
 def read_image(data: bytes, cfg: ServeConfig):
-    """Decode an upload, refusing non-images and decompression bombs."""
-    from PIL import Image
-
+    """Decode an upload (JPEG/PNG/WEBP/BMP/GIF only), refusing non-images and decompression bombs."""
     if not data:
         raise QueryError("empty upload")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > cfg.max_image_pixels:
-                raise QueryError(f"image of {img.width}x{img.height} pixels is too large")
-            img.load()
-            return img.convert("RGB")
-    except QueryError:
-        raise
-    except Exception:
-        raise QueryError("the upload is not a readable image") from None
+        return api.open_image(data, max_pixels=cfg.max_image_pixels)
+    except api.ImageTooLarge as exc:
+        raise QueryError(f"image of {exc}") from None
+    except ValueError:  # not an image we decode
+        raise QueryError("the upload is not a readable image (JPEG, PNG, WEBP, BMP or GIF)") from None
 
 
 def check_utf8(query_string: bytes) -> None:

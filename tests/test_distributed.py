@@ -13,6 +13,7 @@ import yaml
 
 from mmpretrain.training.checkpoint import list_checkpoints, load_state
 from mmpretrain.training.metrics import read_jsonl
+from mmpretrain.utils.procs import rank_pids
 from tests.conftest import ROOT, experiment_tree
 
 pytestmark = pytest.mark.dist
@@ -70,23 +71,6 @@ def test_torchrun_training_and_resume(toy_shards, tmp_path):
     assert len(seen) == 64 and len(set(seen)) == 64  # 2 ranks x 8 steps x 4 = one disjoint epoch
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
-
-
-def rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of torchrun's worker processes (children of its agent), read from /proc."""
-    from pathlib import Path
-
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            env = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
-        if ppid == parent and rank is not None:
-            found[rank] = int(stat.parent.name)
-    return found
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_path):

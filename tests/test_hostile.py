@@ -131,7 +131,7 @@ def test_decompression_bomb_header_is_refused_before_decoding():
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0)) + \
         chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
     t0 = time.perf_counter()
-    with pytest.raises(SampleError, match="exceeds max_pixels|cannot decode"):
+    with pytest.raises(SampleError, match="too large|cannot decode"):
         open_image(png)
     assert time.perf_counter() - t0 < 1.0
 

@@ -15,8 +15,8 @@ from webdataset.shardlists import expand_urls
 from mmpretrain.config.schema import DataConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import OpContext, build_ops
-from mmpretrain.data.stream import (DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus,
-                                   kill_tree)
+from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
+from mmpretrain.utils.procs import kill_tree
 
 log = logging.getLogger(__name__)
 

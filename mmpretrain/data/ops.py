@@ -90,6 +90,10 @@ def apply_ops(ops: list[Op], sample: Sample) -> Sample:
 
 
 # ------------------------------------------------------------------ images
+class ImageTooLarge(SampleError):
+    """An image whose header claims more pixels than allowed (refused before decoding)."""
+
+
 def open_image(src: bytes | str | Path, *, max_pixels: int = 100_000_000) -> Image.Image:
     """Decode untrusted image bytes (or a file) to RGB. Only ``IMAGE_FORMATS`` are parsed, and the
     pixel count is checked from the header before any decoding (decompression bombs).
@@ -100,12 +104,13 @@ def open_image(src: bytes | str | Path, *, max_pixels: int = 100_000_000) -> Ima
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=IMAGE_FORMATS) as img:
             if img.width * img.height > max_pixels:
-                raise SampleError("bad_image", f"{img.width}x{img.height} pixels exceeds max_pixels={max_pixels}")
+                raise ImageTooLarge("bad_image", f"{img.width}x{img.height} pixels is too large (max_pixels={max_pixels})")
             return img.convert("RGB")
     except SampleError:
         raise
     except Exception as exc:  # PIL raises many types for corrupt or refused data
-        raise SampleError("bad_image", f"cannot decode the image: {type(exc).__name__}: {exc}") from None
+        raise SampleError("bad_image", f"cannot decode the image as {'/'.join(IMAGE_FORMATS)}: "
+                                       f"{type(exc).__name__}: {exc}") from None
 
 
 def json_member(s: Sample, member: str = "json") -> dict[str, Any]:

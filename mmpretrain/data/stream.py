@@ -13,19 +13,16 @@ epochs forever; training length is set in steps.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
 import multiprocessing
-import os
 import random
-import signal
 import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
@@ -34,6 +31,7 @@ from webdataset.tariterators import group_by_keys, url_opener
 
 from mmpretrain.data.ops import Op, Sample, SampleError, apply_ops
 from mmpretrain.errors import DataError
+from mmpretrain.utils.procs import kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -175,26 +173,6 @@ class _TailReader:
             self.raw.close()
         except Exception as exc:  # a killed or failed pipe command reports its exit status here
             log.debug("closing %s: %s", self.url, exc)
-
-
-def kill_tree(pid: int, *, keep_root: bool = False) -> None:
-    """SIGKILL ``pid`` and all its descendants (found through /proc; elsewhere only ``pid``);
-    ``keep_root``: only the descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, doomed = [pid], []
-    while todo:
-        p = todo.pop()
-        doomed.append(p)
-        todo.extend(children.get(p, []))
-    for p in doomed[1:] if keep_root else doomed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
 
 
 def _member_problem(info: tarfile.TarInfo, url: str, limits: ReadLimits) -> SampleError | None:

@@ -67,7 +67,12 @@ def _open_clip_dir_weights(path: Path) -> Path:
 
 
 def _load_ours(path: Path, base: ModelConfig | None) -> ContrastiveModel:
-    from mmpretrain.training.checkpoint import load_weights
+    from mmpretrain.errors import CheckpointError
+    from mmpretrain.training.checkpoint import load_weights, verify_checkpoint
+
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem} (a run's checkpoints/ folder gives its newest valid checkpoint)")
 
     model = ContrastiveModel(base or load_config(path / "config.yaml").model)
     load_weights(model, path)

@@ -24,7 +24,7 @@ from mmpretrain.training.checkpoint import load_state, load_weights, set_rng_sta
 from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
 from mmpretrain.training.loop import Trainer
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
-from mmpretrain.training.resume import choose_checkpoint, plan_resume
+from mmpretrain.training.resume import ResumePlan, choose_checkpoint, plan_resume
 from mmpretrain.training.task import ContrastiveTask
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,22 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
+def restore_state(cfg: ExperimentConfig, info: DistInfo, state: dict | None, plan: ResumePlan | None,
+                  optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
+    """Optimizer, schedule and RNG from a checkpoint's ``state`` (or fresh seeds); returns this rank's
+    data-stream state for the loader (None: a fresh stream)."""
+    tc = cfg.train
+    if state is None:
+        seed_everything(tc.seed + 1000 * info.rank)
+        return None
+    restore_optimizer(optimizer, scheduler, state)
+    if plan.restart_data:  # an allowed change (seed, shards, workers, ranks) voids the saved positions
+        seed_everything(derive_seed(tc.seed, "restart", info.rank, int(state["step"])) % 2**32)
+        return restart_state(state["data"], cfg.data, info.world_size)
+    set_rng_state(state["rng"][info.rank])
+    return state["data"][info.rank]
+
+
 def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     tc = cfg.train
     threads = configure_threads(cfg)
@@ -113,17 +129,7 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-    data_state = None
-    if state is None:
-        seed_everything(tc.seed + 1000 * info.rank)
-    elif plan.restart_data:  # an allowed change (seed, shards, workers, ranks) voids the saved positions
-        restore_optimizer(optimizer, scheduler, state)
-        seed_everything(derive_seed(tc.seed, "restart", info.rank, int(state["step"])) % 2**32)
-        data_state = restart_state(state["data"], cfg.data, info.world_size)
-    else:
-        restore_optimizer(optimizer, scheduler, state)
-        set_rng_state(state["rng"][info.rank])
-        data_state = state["data"][info.rank]
+    data_state = restore_state(cfg, info, state, plan, optimizer, scheduler)
     loader = build_loader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank, world_size=info.world_size,
                           state=data_state, group=tc.accum_steps)
     wrapped = model
