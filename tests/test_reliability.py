@@ -79,6 +79,10 @@ def test_resuming_an_older_checkpoint_of_the_run_needs_overwrite(toy_shards, tmp
     older = str(run / "checkpoints" / "step_00000003")
     with pytest.raises(ConfigError, match="would branch off"):
         _train(toy_shards, tmp_path / "run", train={"steps": 6, "resume": older})
+    with pytest.raises(ConfigError, match="data.batch_size"):  # refused resume: overwrite deletes nothing
+        _train(toy_shards, tmp_path / "run", train={"steps": 6, "resume": older, "overwrite": True},
+               data={"batch_size": 4})
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000003", "step_00000006"]
     _train(toy_shards, tmp_path / "run", train={"steps": 4, "resume": older, "overwrite": True})
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003", "step_00000004"]
 

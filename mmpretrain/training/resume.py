@@ -112,12 +112,22 @@ def _describe(key: str, old: dict, new: dict, saved_ws: int, ws: int) -> str:
     return f"{key} {show(old.get(key, '(absent)'))} -> {show(new.get(key, '(absent)'))}"
 
 
-def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> Path | None:
-    """On the main rank, before any rank builds anything: tidy ``run_dir`` and decide where this run
-    starts (None: fresh). Refuses to start fresh over an earlier run's checkpoints, or to resume an
-    older checkpoint of this run while newer ones exist, unless ``train.overwrite``."""
+@dataclass(frozen=True)
+class StartDecision:
+    """Where a run starts (``ckpt``; None: fresh) and what ``train.overwrite`` deletes first:
+    the earlier run (``start_over``) or the newer checkpoints a branch leaves behind (``drop``)."""
+
+    ckpt: str | None = None
+    start_over: bool = False
+    drop: tuple[str, ...] = ()
+
+
+def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> StartDecision:
+    """On the main rank, before any rank builds anything: decide where this run starts. Refuses to
+    start fresh over an earlier run's checkpoints, or to resume an older checkpoint of this run
+    while newer valid ones exist, unless ``train.overwrite``. Deletes nothing (``apply_decision``
+    does, once the resume is known to be acceptable)."""
     run_dir = Path(run_dir)
-    clean_stale(run_dir)
     existing = list_checkpoints(run_dir)
     ckpt = _resume_target(tc, run_dir)
     if ckpt is None and existing:
@@ -127,17 +137,27 @@ def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> Path | None:
                 f"{run_dir} already holds checkpoints of an earlier run{broken} (newest: {existing[-1].name}). "
                 f"Continue it with train.resume=latest, start over with train.overwrite=true (deletes its "
                 f"checkpoints and logs), or choose another train.name")
-        start_over(run_dir)
-    elif ckpt is not None and _inside(ckpt, run_dir):  # broken newer ones are not a branch: they get rewritten
+        return StartDecision(None, start_over=True)
+    newer: list[Path] = []
+    if ckpt is not None and _inside(ckpt, run_dir):  # broken newer ones are not a branch: they get rewritten
         newer = [c for c in existing if step_of(c) > step_of(ckpt) and verify_checkpoint(c) is None]
         if newer and not tc.overwrite:
             raise ConfigError(
                 f"resuming {ckpt.name} would branch off {run_dir}, which has newer checkpoints "
                 f"({', '.join(c.name for c in newer)}); resume=latest continues from the newest, or set "
                 f"train.overwrite=true to delete the newer ones and continue from {ckpt.name}")
-        for old in newer:
-            remove_tree(old)
-    return ckpt
+    return StartDecision(str(ckpt) if ckpt is not None else None, drop=tuple(map(str, newer)))
+
+
+def apply_decision(decision: StartDecision, run_dir: Path) -> None:
+    """Main rank: tidy the run folder (leftovers of interrupted writes) and carry out what the
+    decision deletes."""
+    clean_stale(run_dir)
+    if decision.start_over:
+        start_over(run_dir)
+    for path in decision.drop:
+        log.warning("train.overwrite: deleting %s (newer than the checkpoint this run branches from)", path)
+        remove_tree(path)
 
 
 def _resume_target(tc: TrainConfig, run_dir: Path) -> Path | None:

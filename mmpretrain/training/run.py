@@ -24,7 +24,7 @@ from mmpretrain.training.checkpoint import load_state, load_weights, set_rng_sta
 from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
 from mmpretrain.training.loop import Trainer
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
-from mmpretrain.training.resume import ResumePlan, choose_checkpoint, plan_resume
+from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
 from mmpretrain.training.task import ContrastiveTask
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,22 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir.format(name=cfg.name))
 
 
-def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> Path | None:
-    """The checkpoint this run starts from (None: fresh), decided once on the main rank
-    (``resume.choose_checkpoint``) and broadcast, so every rank starts from the same one, or every
-    rank raises the same error (a rank that raised alone would leave the others hanging)."""
-    decision: dict = {"ckpt": None, "error": None}
+def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> StartDecision:
+    """Where this run starts, decided once on the main rank (``resume.choose_checkpoint``) and
+    broadcast, so every rank starts from the same checkpoint, or every rank raises the same error
+    (a rank that raised alone would leave the others hanging)."""
+    decision: dict = {"start": None, "error": None}
     if info.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt = choose_checkpoint(tc, run_dir)
-            decision["ckpt"] = str(ckpt) if ckpt is not None else None
+            decision["start"] = choose_checkpoint(tc, run_dir)
         except (ConfigError, CheckpointError, FileNotFoundError) as exc:
             decision["error"] = (type(exc).__name__, str(exc))
     decision = broadcast_object(decision, info)
     if decision["error"] is not None:
         kind, message = decision["error"]
         raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(kind, FileNotFoundError)(message)
-    return Path(decision["ckpt"]) if decision["ckpt"] else None
+    return decision["start"]
 
 
 def configure_threads(cfg: ExperimentConfig) -> int:
@@ -112,10 +111,12 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     tc = cfg.train
     threads = configure_threads(cfg)
     run_dir = run_dir_of(tc)
-    ckpt = agreed_start(tc, run_dir, info)
+    start = agreed_start(tc, run_dir, info)
+    ckpt = Path(start.ckpt) if start.ckpt else None
     state = load_state(ckpt) if ckpt is not None else None
     plan = plan_resume(cfg, ckpt, len(state["rng"]), info.world_size) if state is not None else None
-    if info.is_main:
+    if info.is_main:  # only now, with the resume accepted, may the run folder change
+        apply_decision(start, run_dir)
         save_resolved(cfg, run_dir)
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg.model).to(info.device)
