@@ -157,7 +157,9 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def poison_cases() -> dict[str, tuple[list[tuple[str, bytes]] | str, str]]:
-    """name -> (the poison sample's tar members, or a shard URL; the modality its ops decode)."""
+    """name -> (the poison sample's tar members, or a shard URL; the modality its ops decode).
+    A name ending in "(cap off)" reads its case with ``data.max_member_bytes`` raised to 1 GiB: the
+    contrast that shows what the cap saves."""
     from PIL import Image
 
     from make_toy_clips import make_clip
@@ -175,6 +177,7 @@ def poison_cases() -> dict[str, tuple[list[tuple[str, bytes]] | str, str]]:
         "clean shard (baseline)": ([], "image"),
         "200k-deep JSON caption": ([("p.png", img.getvalue()), ("p.json", b"[" * 200_000 + b"]" * 200_000)], "image"),
         "50 MB member": ([("p.png", os.urandom(1 << 20) * 50), ("p.txt", b"big")], "image"),
+        "50 MB member (cap off)": ([("p.png", os.urandom(1 << 20) * 50), ("p.txt", b"big")], "image"),
         "180-megapixel PNG": ([("p.png", _png_header(15000, 12000)), ("p.txt", b"bomb")], "image"),
         "EPS named .jpg": ([("p.jpg", eps), ("p.txt", b"postscript")], "image"),
         "non-UTF-8 text": ([("p.png", img.getvalue()), ("p.txt", b"\xff\xfe\xfa\xc3\x28 caption")], "image"),
@@ -242,6 +245,8 @@ def poison_suite(work: Path) -> dict:
                 "data": {"train": "::".join(urls), "batch_size": 2, "num_workers": 1, "shuffle_buffer": 0,
                          "shuffle_shards": False, "stall_timeout_s": 5, "timeout_s": 60,
                          "ops": MEDIA_OPS[modality] + [{"op": "caption"}, {"op": "tokenize"}]}}
+        if name.endswith("(cap off)"):
+            tree["data"]["max_member_bytes"] = 1 << 30
         rows[name] = _run_poison(tree, modality)
         say(f"poison: {name:26s} {rows[name]['outcome']:22s} {rows[name]['counts']} "
             f"worker peak RSS {rows[name]['worker_rss_mb']:.0f} MB")
@@ -406,7 +411,7 @@ def resume_suite(work: Path, shards: Path) -> dict:
         message = next((line for line in err.splitlines() if "cannot resume" in line), "")
         rows[name] = {"outcome": "accepted" if code == 0 else "refused", "exit_code": code,
                       "with_resume_allow": None if allowed_code is None else ("runs" if allowed_code == 0 else "fails"),
-                      "message": message.split("error: ")[-1][:160]}
+                      "message": message.split("error: ")[-1][:400]}
         say(f"resume: {name:26s} {rows[name]['outcome']:9s} allow-> {rows[name]['with_resume_allow']}  {message[-120:]}")
     return rows
 
@@ -441,7 +446,7 @@ def report(results: dict) -> None:
             allow = f"; with train.resume_allow: {r['with_resume_allow']}" if r["with_resume_allow"] else ""
             print(f"  {name:26s} {r['outcome']}{allow}")
             if r["message"]:
-                print(f"  {'':26s} {r['message'][:110]}...")
+                print(f"  {'':26s} {r['message'].split(' exactly: ')[-1].split('. Undo')[0][:100]}")
 
 
 def main() -> int:
