@@ -27,7 +27,8 @@ from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, ato
 __all__ = [
     "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "ImageTooLarge", "Manifest", "ModelConfig", "Registry",
     "RegistryError", "ShardWriterConfig", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text",
-    "create_model", "encode", "expand_sources", "export_open_clip", "item_batches", "list_encoders", "load_checkpoint",
+    "create_model", "encode", "encode_images", "encode_texts", "expand_sources", "export_open_clip", "image_transform",
+    "item_batches", "list_encoders", "load_checkpoint",
     "load_config", "make_shards", "model_id", "open_image", "sha256_file", "tokenize", "train", "zero_shot",
 ]
 
@@ -108,6 +109,39 @@ def encode(model: ContrastiveModel, modality: str, batch: Batch, *, normalize: b
         raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
     device = next(model.parameters()).device
     return model.encode(modality, {k: v.to(device) for k, v in batch.items()}, normalize=normalize)
+
+
+def image_transform(model: ContrastiveModel):
+    """The model's evaluation preprocessing: PIL image -> normalised (3, H, W) tensor."""
+    from mmpretrain.eval.zeroshot import EvalTransform
+
+    return EvalTransform(model)
+
+
+@torch.no_grad()
+def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
+    """Texts -> (N, E) L2-normalised embeddings, tokenised and encoded in batches."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_texts: no texts given")
+    return torch.cat([encode(model, "text", tokenize(model, texts[i : i + batch_size]))
+                      for i in range(0, len(texts), batch_size)])
+
+
+@torch.no_grad()
+def encode_images(model: ContrastiveModel, images: Sequence[Any], *, batch_size: int = 64) -> Tensor:
+    """Images (PIL images, image files or bytes) -> (N, E) L2-normalised embeddings, with the model's
+    evaluation preprocessing. Files and bytes are decoded by ``open_image`` (JPEG/PNG/WEBP/BMP/GIF)."""
+    from PIL import Image
+
+    transform, images = image_transform(model), list(images)
+    if not images:
+        raise ValueError("encode_images: no images given")
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = [x.convert("RGB") if isinstance(x, Image.Image) else open_image(x) for x in images[i : i + batch_size]]
+        out.append(encode(model, "image", {"image": torch.stack([transform(x) for x in chunk])}))
+    return torch.cat(out)
 
 
 def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) -> Path:

@@ -4,7 +4,7 @@
     retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
     retrieval index add index/ emb2/
     retrieval search index/ "a red bicycle" -k 10
-    retrieval serve index/ [--port 8000]
+    retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key KEY]
 """
 from __future__ import annotations
 
@@ -78,12 +78,42 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from retrieval.batcher import BatchConfig
+    from retrieval.clip_protocol import KnnLimits
     from retrieval.search import Searcher
     from retrieval.service import ServeConfig, serve
 
-    searcher = Searcher.open(args.index, args.model)
-    print(f"serving {searcher.index.ntotal:,} items on http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
-    serve(searcher, ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [s.split("=", 1) if "=" in s else (os.path.basename(os.path.normpath(s)), s) for s in args.indexes]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        raise QueryError(f"index names must differ: {', '.join(names)} (name them: NAME=PATH)")
+    models: dict[str, object] = {}  # one model per checkpoint, shared by the indexes it built
+    searchers = {}
+    for name, path in specs:
+        from retrieval.index import open_index
+
+        loaded = open_index(path)
+        ref = args.model or loaded.header["model"]
+        if ref not in models:
+            from mmpretrain import api
+
+            models[ref] = api.load_checkpoint(ref)
+        searchers[name] = Searcher(models[ref], loaded)
+    cfg = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload, api_key=args.api_key or
+                      os.environ.get("RETRIEVAL_API_KEY"), insecure=args.insecure, cors_origins=tuple(args.cors_origin),
+                      batch=BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue),
+                      request_timeout_s=args.timeout, concurrency=args.concurrency,
+                      knn=KnnLimits(image_url_hosts=tuple(args.image_url_host)))
+    total = sum(s.index.ntotal for s in searchers.values())
+    print(f"serving {', '.join(searchers)} ({total:,} items) on http://{args.host}:{args.port}/  (API docs: /docs)",
+          flush=True)
+    serve(searchers, cfg)
     return 0
 
 
@@ -136,14 +166,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
     s.set_defaults(fn=cmd_search)
 
-    v = sub.add_parser("serve", help="HTTP API + web page", description=(
-        "Serve /search, /classify, /thumb/ID, /health, /info and a web page (FastAPI + uvicorn). Binds to "
-        "127.0.0.1 unless --host says otherwise; there is no authentication."))
-    v.add_argument("index")
-    v.add_argument("--model", help="query model (default: the one recorded in the index)")
+    v = sub.add_parser("serve", help="HTTP API + web page + clip-retrieval's protocol", description=(
+        "Serve one or more indexes (FastAPI + uvicorn): /search, /classify, /thumb/ID, a web page, "
+        "clip-retrieval's /knn-service, /metadata and /indices-list, /health, /info and Prometheus /metrics. "
+        "Queries are micro-batched per index; a full queue answers 503 with Retry-After. Binds to 127.0.0.1 "
+        "unless --host says otherwise; any other host needs --api-key (or --insecure)."))
+    v.add_argument("indexes", nargs="+", metavar="[NAME=]INDEX", help="index folders, optionally named (default "
+                   "name: the folder's); the first is the default")
+    v.add_argument("--model", help="query model for every index (default: the one recorded in each index)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload", type=parse_bytes, default=parse_bytes("8MB"), help="upload size limit (8MB)")
+    v.add_argument("--api-key", help="required on every route but /health (also read from RETRIEVAL_API_KEY)")
+    v.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    v.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any) to call the API")
+    v.add_argument("--image-url-host", action="append", default=[], metavar="HOST",
+                   help="hosts whose images /knn-service's image_url may fetch (default: none, image_url refused)")
+    v.add_argument("--max-batch", type=int, default=64, help="queries per encoder/search batch (64)")
+    v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (2 ms)")
+    v.add_argument("--max-queue", type=int, default=128, help="waiting queries per index before 503 (128)")
+    v.add_argument("--timeout", type=float, default=30.0, help="seconds a query may wait for its answer (30)")
+    v.add_argument("--concurrency", type=int, default=256, help="open connections before uvicorn answers 503 (256)")
+    v.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
     v.set_defaults(fn=cmd_serve)
     return p
 

@@ -62,6 +62,7 @@ class Searcher:
             raise IndexError_(f"the index was built by model {h['model_id']} ({h['model']}), not by this model "
                               f"({api.model_id(model)}); pass the indexing model or rebuild the index")
         self._meta = {c: self.index.meta.column(c).to_pylist() for c in ("key", "caption", "source", "modality")}
+        self._embeddings = None  # opened on first use of vectors()
 
     @classmethod
     def open(cls, index: str | Path, model: str | Path | None = None, **kwargs) -> "Searcher":
@@ -115,6 +116,37 @@ class Searcher:
     def _hit(self, rank: int, i: int, score: float) -> Hit:
         m = self._meta
         return Hit(rank, i, score, m["key"][i], m["caption"][i], m["source"][i], m["modality"][i])
+
+    def item(self, i: int) -> dict:
+        """Item ``i``'s stored metadata: key, caption, source, modality."""
+        return {c: values[i] for c, values in self._meta.items()}
+
+    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """Hits for one query's FAISS result row (ids -1, i.e. fewer results than k, dropped)."""
+        return [self._hit(r, int(i), float(s)) for r, (i, s) in enumerate(zip(ids, scores)) if i >= 0]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), E) float32 stored vectors of items ``ids``, from the embedding folders the index
+        was built from (memory-mapped), else reconstructed by FAISS (approximate for PQ codes)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._embeddings is None:
+            from retrieval.embed import EmbedError, load_embeddings
+
+            try:
+                self._embeddings = [load_embeddings(f) for f in self.index.header.get("embeddings", [])]
+            except (EmbedError, OSError):
+                self._embeddings = []
+            if sum(e.n for e in self._embeddings) != self.index.ntotal:
+                self._embeddings = []
+        if not self._embeddings:
+            return np.stack([self.index.index.reconstruct(int(i)) for i in ids]).astype(np.float32)
+        out, start = np.empty((len(ids), self.index.header["dim"]), np.float32), 0
+        for emb in self._embeddings:
+            sel = np.nonzero((ids >= start) & (ids < start + emb.n))[0]
+            if len(sel):
+                out[sel] = emb.take(ids[sel] - start)
+            start += emb.n
+        return out
 
     def thumbnail(self, i: int) -> bytes:
         """The JPEG thumbnail of item ``i`` (b"" when the job stored none); ids outside the index raise."""

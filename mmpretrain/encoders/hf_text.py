@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,17 +61,22 @@ class HfTokenizer:
     def __init__(self, path: str, context_length: int):
         self.path, self.context_length = path, context_length
         self._tok = None
+        self._lock = threading.Lock()  # a fast tokenizer used from two threads at once fails ("Already borrowed")
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "context_length": self.context_length, "_tok": None}
 
-    def __call__(self, texts: list[str]) -> Batch:
-        if self._tok is None:
-            from transformers import AutoTokenizer
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
-            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
-        enc = self._tok(list(texts), padding="max_length", truncation=True,
-                        max_length=self.context_length, return_tensors="pt")
+    def __call__(self, texts: list[str]) -> Batch:
+        with self._lock:
+            if self._tok is None:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
+            enc = self._tok(list(texts), padding="max_length", truncation=True,
+                            max_length=self.context_length, return_tensors="pt")
         return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
 
 

@@ -1,0 +1,177 @@
+"""One served index: its model, FAISS index and metadata behind a micro-batcher.
+
+Concurrent queries (texts, preprocessed images, raw vectors) are gathered into one batch: one text
+encoder call for all the texts, one image encoder call for all the images, then one FAISS search for
+all of them with the largest k asked (each query keeps its own k). Queries with ``k = 0`` only embed
+(zero-shot labels and the uploaded image of ``/classify``). Near-duplicate removal runs on the same
+worker, after the search. Label embeddings are cached (LRU by template and label).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmpretrain import api
+from retrieval.batcher import BatchConfig, MicroBatcher
+from retrieval.search import QueryError, Searcher
+
+KINDS = ("text", "image", "vector")
+
+
+@dataclass(frozen=True)
+class Query:
+    """``kind``: text (a str), image (a preprocessed (3, H, W) tensor) or vector ((E,) float32, used as
+    given); ``k``: hits wanted (0: embed only); ``dedup``: cosine threshold for collapsing near-duplicate
+    hits (None: off)."""
+
+    kind: str
+    value: Any  # a text query may also be a list of texts (k = 0): its answer's vector is then (N, E)
+    k: int = 0
+    dedup: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The query's embedding (E,), and for a search its hits' ids and scores (best first)."""
+
+    vector: np.ndarray
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class LabelCache:
+    """LRU of label embeddings, keyed by (template, label)."""
+
+    def __init__(self, size: int = 10_000):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+        with self._lock:
+            found = {k: self._items[k] for k in keys if k in self._items}
+            for k in found:
+                self._items.move_to_end(k)
+            return found
+
+    def put(self, items: dict[tuple[str, str], np.ndarray]) -> None:
+        with self._lock:
+            self._items.update(items)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class IndexEngine:
+    """A ``Searcher`` served through a ``MicroBatcher`` (``submit(Query) -> Future[Answer]``)."""
+
+    def __init__(self, name: str, searcher: Searcher, batch: BatchConfig = BatchConfig(), *, label_cache: int = 10_000,
+                 on_batch=None):
+        self.name, self.searcher, self.model = name, searcher, searcher.model
+        self.dim = int(searcher.index.header["dim"])
+        self.transform = api.image_transform(self.model) if "image" in self.model.towers else None
+        self.labels = LabelCache(label_cache)
+        self.batcher = MicroBatcher(self._run, batch, name=f"index {name}",
+                                    on_batch=(lambda n, s: on_batch(name, n, s)) if on_batch else None)
+
+    @property
+    def ntotal(self) -> int:
+        return self.searcher.index.ntotal
+
+    def submit(self, query: Query) -> Future:
+        if query.kind not in KINDS:
+            raise QueryError(f"query kind {query.kind!r}: one of {', '.join(KINDS)}")
+        if query.kind == "text" and "text" not in self.model.towers:
+            raise QueryError(f"index {self.name!r}: its model has no text tower")
+        if query.kind == "image" and self.transform is None:
+            raise QueryError(f"index {self.name!r}: its model has no image tower")
+        return self.batcher.submit(query)
+
+    def _run(self, queries: list[Query]) -> list[Answer | Exception]:
+        """One batch: encode per modality, search once, dedup; runs on the batcher's thread."""
+        vectors = np.zeros((len(queries), self.dim), np.float32)
+        out: list[Answer | Exception | None] = [None] * len(queries)
+        lists = self._encode_texts(queries, vectors, out)
+        for kind, encode in (("image", self._images), ("vector", self._vectors)):
+            idx = [i for i, q in enumerate(queries) if q.kind == kind]
+            if idx:
+                vectors[idx] = encode([queries[i].value for i in idx])
+        todo = [i for i, q in enumerate(queries) if q.k > 0 and out[i] is None]
+        scores, ids = (self.searcher.index.index.search(vectors[todo], max(queries[i].k for i in todo))
+                       if todo else (None, None))
+        empty = np.zeros(0, np.int64)
+        for i, q in enumerate(queries):
+            if out[i] is None:
+                out[i] = Answer(lists.get(i, vectors[i]), empty, empty.astype(np.float32))
+        for row, i in enumerate(todo):
+            keep = ids[row][: queries[i].k] >= 0
+            hit_ids, hit_scores = ids[row][: queries[i].k][keep], scores[row][: queries[i].k][keep]
+            if queries[i].dedup is not None and len(hit_ids) > 1:
+                first = dedup_first(self.searcher.vectors(hit_ids), queries[i].dedup)
+                hit_ids, hit_scores = hit_ids[first], hit_scores[first]
+            out[i] = Answer(vectors[i], hit_ids, hit_scores)
+        return out
+
+    def _encode_texts(self, queries: list[Query], vectors: np.ndarray, out: list) -> dict[int, np.ndarray]:
+        """All texts of the batch (single queries and label lists) in one encoder call; fills ``vectors``
+        for single texts and returns the (N, E) matrices of the lists by query position."""
+        spans, flat = [], []
+        for i, q in enumerate(queries):
+            if q.kind == "text":
+                texts = q.value if isinstance(q.value, list) else [q.value]
+                spans.append((i, len(flat), len(flat) + len(texts), isinstance(q.value, list)))
+                flat.extend(texts)
+        if not flat:
+            return {}
+        encoded = self._texts(flat)
+        lists = {}
+        for i, a, b, is_list in spans:
+            if is_list:
+                lists[i] = encoded[a:b]
+            else:
+                vectors[i] = encoded[a]
+        return lists
+
+    def _texts(self, texts: list[str]) -> np.ndarray:
+        return api.encode_texts(self.model, texts).float().cpu().numpy()
+
+    def _images(self, images: list) -> np.ndarray:
+        import torch
+
+        return api.encode(self.model, "image", {"image": torch.stack(images)}).float().cpu().numpy()
+
+    def _vectors(self, vectors: list[np.ndarray]) -> np.ndarray:
+        return np.stack(vectors).astype(np.float32)
+
+
+def dedup_first(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (ascending) of the rows to keep when rows whose cosine similarity is >= ``threshold``
+    are near-duplicates: duplicates chain (connected components, as clip-retrieval's
+    ``get_non_uniques``), and each group keeps its first row (the best-ranked hit).
+
+    Args:
+        vectors: (N, E) the hits' stored vectors, best hit first (normalised here).
+    """
+    import faiss
+
+    v = np.ascontiguousarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12),
+                             dtype=np.float32)
+    flat = faiss.IndexFlatIP(v.shape[1])
+    flat.add(v)
+    lims, sims, nbrs = flat.range_search(v, np.nextafter(np.float32(threshold), np.float32(-1)))  # >= threshold
+    parent = list(range(len(v)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(v)):
+        for j in nbrs[lims[i] : lims[i + 1]]:
+            a, b = root(i), root(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the group's root is its best-ranked member
+    return np.array([i for i in range(len(v)) if root(i) == i], dtype=np.int64)

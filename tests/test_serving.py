@@ -1,0 +1,279 @@
+"""The service under load and speaking clip-retrieval's protocol (issue 12): micro-batching, 503s from
+a full queue, body caps that read nothing, the API-key rule, several indexes, dedup, /metrics."""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from retrieval.batcher import BatchConfig, MicroBatcher, Overloaded
+from retrieval.clip_protocol import CLIENT_KEYS
+from retrieval.engine import dedup_first
+from retrieval.search import QueryError, Searcher
+from retrieval.service import ServeConfig, create_app, serve
+from tests.conftest import png_bytes
+
+# what clip-retrieval's ClipClient(url, "toy").query(text="a red circle") posts, key for key (clip_client.py)
+CLIP_CLIENT_BODY = {"text": "a red circle", "image": None, "image_url": None, "embedding_input": None,
+                    "deduplicate": True, "use_safety_model": True, "use_violence_detector": True, "indice_name": "toy",
+                    "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image",
+                    "num_images": 5, "num_result_ids": 5}
+
+
+@pytest.fixture(scope="module")
+def searcher(search_index):
+    return Searcher.open(search_index)
+
+
+@pytest.fixture(scope="module")
+def client(searcher):
+    return TestClient(create_app({"toy": searcher}))
+
+
+# ---------------------------------------------------------------- clip-retrieval's protocol
+def test_clip_client_body_gets_clip_retrieval_response_shape(client):
+    assert set(CLIP_CLIENT_BODY) == set(CLIENT_KEYS) and len(CLIENT_KEYS) == 14
+    body = {**CLIP_CLIENT_BODY, "deduplicate": False}
+    r = client.post("/knn-service", content=json.dumps(body))  # no Content-Type, as requests sends data=str
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert isinstance(items, list) and len(items) == 5
+    assert [i["similarity"] for i in items] == sorted((i["similarity"] for i in items), reverse=True)
+    for item in items:
+        assert {"id", "similarity", "caption", "image"} <= set(item) and isinstance(item["id"], int)
+        assert base64.b64decode(item["image"])[:2] == b"\xff\xd8"  # a JPEG thumbnail, bare base64
+    ours = client.get("/search", params={"q": "a red circle", "k": 5}).json()["results"]
+    assert [i["id"] for i in items] == [h["id"] for h in ours]
+
+
+def test_web_front_end_body_more_ids_than_metadata_and_text_plain(client):
+    body = {**CLIP_CLIENT_BODY, "deduplicate": False, "num_images": 3, "num_result_ids": 3000,
+            "aesthetic_score": "", "aesthetic_weight": "0.5"}  # the front end's values, as strings
+    r = client.post("/knn-service", content=json.dumps(body), headers={"content-type": "text/plain;charset=UTF-8"})
+    items = r.json()
+    assert r.status_code == 200 and len(items) == 64  # every item of the index, 3000 asked
+    assert all("caption" in i for i in items[:3]) and all(set(i) == {"id", "similarity"} for i in items[3:])
+    meta = client.post("/metadata", content=json.dumps({"ids": [items[3]["id"], items[4]["id"]], "indice_name": "toy"}))
+    assert [m["id"] for m in meta.json()] == [items[3]["id"], items[4]["id"]] and "caption" in meta.json()[0]["metadata"]
+    assert client.post("/metadata", content=json.dumps({"ids": [], "indice_name": "toy"})).json() == []
+    assert client.get("/indices-list").json() == ["toy"]
+
+
+def test_image_and_embedding_queries_and_refused_image_url(client, searcher):
+    image = base64.b64encode(png_bytes()).decode()
+    by_image = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "image": image}))
+    assert by_image.status_code == 200 and len(by_image.json()) >= 1
+    vec = searcher.vectors(np.array([7]))[0].tolist()
+    by_vec = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "embedding_input": vec,
+                                                           "deduplicate": False}))
+    assert by_vec.json()[0]["id"] == 7 and by_vec.json()[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    ours = client.post("/search", json={"embeddings": [vec], "k": 3}).json()["results"][0]
+    assert ours[0]["id"] == 7
+    assert client.post("/search", json={"images": [image], "k": 3}).status_code == 200
+    url = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None,
+                                                         "image_url": "http://169.254.169.254/latest/meta-data"}))
+    assert url.status_code == 400 and "allow-list" in url.json()["detail"]
+    assert client.post("/knn-service", content=b"{not json").status_code == 400
+    assert client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "modality": "text"})).status_code == 400
+
+
+def test_dedup_collapses_near_duplicates_keeping_the_best_ranked():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((4, 16)).astype(np.float32)
+    v = np.stack([base[0], base[1], base[0] + 0.01, base[2], base[1] + 0.01, base[0] + 0.02, base[3]])
+    assert dedup_first(v, 0.94).tolist() == [0, 1, 3, 6]
+    chain = np.stack([[1, 0], [np.cos(0.3), np.sin(0.3)], [np.cos(0.6), np.sin(0.6)]]).astype(np.float32)
+    assert dedup_first(chain, 0.94).tolist() == [0]  # 0~1 and 1~2 (cos 0.955), so one group, as clip-retrieval
+
+
+def test_deduplicate_removes_hits_whose_vectors_are_near_copies(client, searcher):
+    plain = client.post("/search", json={"queries": ["a red circle"], "k": 20}).json()["results"][0]
+    dedup = client.post("/search", json={"queries": ["a red circle"], "k": 20, "deduplicate": True}).json()["results"][0]
+    ids = np.array([h["id"] for h in plain])
+    keep = dedup_first(searcher.vectors(ids), 0.94)
+    assert [h["id"] for h in dedup] == ids[keep].tolist() and len(dedup) <= len(plain)
+
+
+# ---------------------------------------------------------------- batching and load shedding
+def test_the_batcher_batches_waiting_items_and_fails_fast_when_full():
+    release, sizes = threading.Event(), []
+
+    def slow(items):
+        release.wait(5)
+        sizes.append(len(items))
+        return [ValueError("bad") if x == "bad" else x * 2 for x in items]
+
+    b = MicroBatcher(slow, BatchConfig(max_batch=8, max_wait_ms=1, max_queue=6))
+    first = b.submit(1)
+    time.sleep(0.05)  # the worker holds item 1; the next ones wait
+    futures = [b.submit(i) for i in (2, 3, "bad", 5, 6, 7)]
+    with pytest.raises(Overloaded) as full:
+        b.submit(8)
+    assert full.value.retry_after >= 1
+    release.set()
+    assert first.result(5) == 2 and [f.result(5) for f in futures if f is not futures[2]] == [4, 6, 10, 12, 14]
+    with pytest.raises(ValueError, match="bad"):
+        futures[2].result(5)
+    assert sizes == [1, 6]  # six waiting queries went through as one batch
+    b.close()
+
+
+def test_concurrent_requests_share_batches(searcher):
+    app = create_app({"toy": searcher}, ServeConfig(batch=BatchConfig(max_batch=64, max_wait_ms=20)))
+    with TestClient(app) as c:
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda i: c.get("/search", params={"q": f"query {i}", "k": 3}).status_code, range(32)))
+        metrics = c.get("/metrics").text
+    assert codes == [200] * 32
+    count = float(next(x for x in metrics.splitlines() if x.startswith('retrieval_batch_size_count{index="toy"}')).split()[-1])
+    assert count < 32  # fewer batches than queries: they were batched
+
+
+@pytest.fixture
+def live_server(searcher):
+    """A real uvicorn server on a free port (for tests of sockets, bodies and overload)."""
+    import uvicorn
+
+    def start(cfg: ServeConfig, app=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app or create_app({"toy": searcher}, cfg), host="127.0.0.1", port=port,
+                                               log_level="warning", limit_concurrency=cfg.concurrency))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return port
+
+    servers: list = []
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _raw(port: int, request: bytes, wait: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(request)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+        return data
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(live_server):
+    port = live_server(ServeConfig())
+    t0 = time.perf_counter()
+    head = (b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 67108864\r\n\r\n")  # claims 64 MB and sends none of it
+    reply = _raw(port, head + b'{"text": ')
+    assert reply.startswith(b"HTTP/1.1 413") and time.perf_counter() - t0 < 2, reply[:200]
+    chunked = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13)  # 13 MB with no Content-Length: cut off at 12 MB
+    assert _raw(port, chunked).startswith(b"HTTP/1.1 413")
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(live_server, searcher, monkeypatch):
+    import http.client
+
+    cfg = ServeConfig(batch=BatchConfig(max_batch=1, max_wait_ms=0, max_queue=2))
+    app = create_app({"toy": searcher}, cfg)
+    engine = app.state.served.engines["toy"]
+    real = engine._run
+    monkeypatch.setattr(engine.batcher, "fn", lambda qs: time.sleep(0.5) or real(qs))  # a slow model
+    port = live_server(cfg, app)
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        t0 = time.perf_counter()
+        conn.request("GET", f"/search?q=query+{i}&k=3")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("Retry-After"), time.perf_counter() - t0
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    busy = [r for r in results if r[0] == 503]
+    assert busy and all(r[1] and int(r[1]) >= 1 and r[2] < 0.4 for r in busy), results  # refused at once
+    assert sum(r[0] == 200 for r in results) >= 3
+    health = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    health.request("GET", "/health")
+    assert health.getresponse().status == 200
+
+
+# ---------------------------------------------------------------- access
+def test_api_key_is_required_on_every_route_but_health(searcher):
+    c = TestClient(create_app({"toy": searcher}, ServeConfig(api_key="s3cret")))
+    assert c.get("/health").status_code == 200
+    for url in ("/", "/search?q=a", "/info", "/metrics", "/indices-list", "/thumb/0", "/docs"):
+        assert c.get(url).status_code == 401, url
+    assert c.post("/knn-service", content=json.dumps(CLIP_CLIENT_BODY)).status_code == 401
+    assert c.get("/search?q=a", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/search?q=a", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/search?q=a", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert c.post("/knn-service?api_key=s3cret", content=json.dumps(CLIP_CLIENT_BODY)).status_code == 200  # ClipClient
+    page = c.get("/?api_key=s3cret")
+    assert page.status_code == 200 and c.get("/info").status_code == 200  # the page's cookie
+
+
+def test_a_public_address_needs_an_api_key_or_insecure(searcher):
+    with pytest.raises(QueryError, match="--api-key"):
+        serve({"toy": searcher}, ServeConfig(host="0.0.0.0"))
+
+
+# ---------------------------------------------------------------- several indexes, metrics, per-call costs
+def test_several_indexes_in_one_server(searcher, search_index):
+    other = Searcher(searcher.model, search_index)
+    c = TestClient(create_app({"shapes": searcher, "copy": other}))
+    assert c.get("/indices-list").json() == ["shapes", "copy"]
+    a = c.get("/search", params={"q": "a red circle", "k": 3, "index": "copy"}).json()
+    assert a["index"] == "copy" and len(a["results"]) == 3
+    assert c.get("/info", params={"index": "copy"}).json()["name"] == "copy"
+    assert c.get("/search", params={"q": "a", "index": "nope"}).status_code == 400
+
+
+def test_metrics_in_prometheus_format(client):
+    client.get("/search", params={"q": "a red circle", "k": 3})
+    text = client.get("/metrics").text
+    for series in ('retrieval_requests_total{method="GET",route="/search",status="200"}',
+                   "retrieval_request_seconds_bucket", 'retrieval_batch_size_bucket{index="toy"',
+                   'retrieval_queue_depth{index="toy"}', 'retrieval_index_items{index="toy"} 64.0'):
+        assert series in text, series
+
+
+def test_classify_caches_label_embeddings(searcher, monkeypatch):
+    app = create_app({"toy": searcher})
+    engine = app.state.served.engines["toy"]
+    encoded = []
+    real = engine._texts
+    monkeypatch.setattr(engine, "_texts", lambda texts: encoded.append(len(texts)) or real(texts))
+    c = TestClient(app)
+    form = {"labels": "red square, green circle, blue triangle", "template": "a <>"}
+    first = c.post("/classify", files={"image": ("x.png", png_bytes(), "image/png")}, data=form).json()
+    second = c.post("/classify", files={"image": ("x.png", png_bytes(), "image/png")}, data=form).json()
+    assert first == second and encoded == [3]  # the second request encoded no label
+
+
+def test_the_tokenizer_is_built_once_per_model(searcher):
+    from mmpretrain import api
+
+    tok = searcher.model.tokenizer()
+    assert searcher.model.tokenizer() is tok
+    t0 = time.perf_counter()
+    api.tokenize(searcher.model, ["a red circle"])
+    assert time.perf_counter() - t0 < 0.02
