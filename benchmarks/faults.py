@@ -222,7 +222,6 @@ MEDIA_OPS = {
 def poison_suite(work: Path) -> dict:
     from make_toy_clips import make_clip
 
-    from mmpretrain.data.av_encode import encode_mp4  # noqa: F401  (PyAV present)
 
     rows = {}
     for name, (members, modality) in poison_cases().items():

@@ -118,13 +118,23 @@ def image_transform(model: ContrastiveModel):
     return EvalTransform(model)
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """Drop the padding columns no text of the batch uses: ``{"text": (B, L), "text_mask": (B, L)}`` ->
+    (B, L') with L' the longest text. For towers marked ``variable_length`` (mask-aware; tested for
+    each) the embeddings are unchanged, and short queries cost a fraction of the full context length."""
+    mask = batch["text_mask"]
+    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return {k: v[:, :used] for k, v in batch.items()}
+
+
 @torch.no_grad()
 def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
-    """Texts -> (N, E) L2-normalised embeddings, tokenised and encoded in batches."""
+    """Texts -> (N, E) L2-normalised embeddings, tokenised and encoded in batches (padding trimmed)."""
     texts = list(texts)
     if not texts:
         raise ValueError("encode_texts: no texts given")
-    return torch.cat([encode(model, "text", tokenize(model, texts[i : i + batch_size]))
+    trim = trim_padding if getattr(model.towers["text"], "variable_length", False) else (lambda b: b)
+    return torch.cat([encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
                       for i in range(0, len(texts), batch_size)])
 
 

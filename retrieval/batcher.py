@@ -31,30 +31,36 @@ class Overloaded(RuntimeError):
 class BatchConfig:
     max_batch: int = 64  # items encoded and searched together
     max_wait_ms: float = 2.0  # how long the worker waits for more items once one is there
-    max_queue: int = 128  # waiting items; beyond this, submit() raises Overloaded
+    max_queue: int = 64  # waiting items; beyond this, submit() raises Overloaded
 
 
 class MicroBatcher(Generic[T]):
-    """``submit(item) -> Future``; ``fn(items) -> results`` runs on one worker thread, one batch at a
-    time. A result that is an ``Exception`` fails only its own future; an exception raised by ``fn``
-    fails the whole batch. ``on_batch(size, seconds)`` is called after each batch (metrics)."""
+    """``submit(item) -> Future``; ``fn(items) -> results`` runs on one worker, one batch at a time. A
+    result that is an ``Exception`` fails only its own future; an exception raised by ``fn`` fails the
+    whole batch. ``on_batch(size, seconds)`` is called after each batch (metrics).
+
+    The worker is a thread of its own (``thread=True``), or whichever thread calls ``run()``: the
+    service runs it on the process's main thread, where torch's OpenMP team runs small batches 1.5-2.5x
+    faster than from a second thread (measured: 5 vs 13 ms for one query, 25 vs 35 ms for 32)."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[Any]], cfg: BatchConfig = BatchConfig(), *,
-                 name: str = "batcher", on_batch: Callable[[int, float], None] | None = None):
+                 name: str = "batcher", on_batch: Callable[[int, float], None] | None = None, thread: bool = True,
+                 before_batch: Callable[[], None] | None = None, after_batch: Callable[[], None] | None = None):
         self.fn, self.cfg, self.name, self.on_batch = fn, cfg, name, on_batch
-        self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
+        self.before_batch, self.after_batch = before_batch, after_batch
+        self._queue: queue.Queue = queue.Queue()  # bounded in submit(), so close() can always enqueue its stop
         self._seconds_per_item = 0.01  # running estimate, for Retry-After
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True) if thread else None
+        if self._thread is not None:
+            self._thread.start()
 
     def submit(self, item: T) -> Future:
         future: Future = Future()
-        try:
-            self._queue.put_nowait((item, future))
-        except queue.Full:
-            wait = max(1.0, round(self._queue.qsize() * self._seconds_per_item + 0.5))
-            raise Overloaded(f"{self.name}: {self._queue.qsize()} requests are waiting; try again shortly",
-                             retry_after=wait) from None
+        waiting = self._queue.qsize()
+        if waiting >= self.cfg.max_queue:
+            wait = max(1.0, round(waiting * self._seconds_per_item + 0.5))
+            raise Overloaded(f"{self.name}: {waiting} requests are waiting; try again shortly", retry_after=wait)
+        self._queue.put_nowait((item, future))
         return future
 
     def depth(self) -> int:
@@ -62,8 +68,10 @@ class MicroBatcher(Generic[T]):
         return self._queue.qsize()
 
     def close(self) -> None:
+        """Stop the worker after the batch it is running (from any thread)."""
         self._queue.put((None, None))
-        self._thread.join(timeout=10)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def _take(self) -> list[tuple[T, Future]] | None:
         first = self._queue.get()
@@ -82,17 +90,23 @@ class MicroBatcher(Generic[T]):
             batch.append(item)
         return batch
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker loop: batches until ``close()``."""
         while (batch := self._take()) is not None:
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]  # skip timed-out ones
             if not live:
                 continue
+            if self.before_batch is not None:
+                self.before_batch()
             start = time.perf_counter()
             try:
                 results = self.fn([item for item, _ in live])
             except Exception as exc:  # the batch failed as a whole: every caller learns why
                 log.exception("%s: batch of %d failed", self.name, len(live))
                 results = [exc] * len(live)
+            finally:
+                if self.after_batch is not None:
+                    self.after_batch()
             seconds = time.perf_counter() - start
             self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds / len(live)
             for (_, fut), result in zip(live, results):

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hosts whose images /knn-service's image_url may fetch (default: none, image_url refused)")
     v.add_argument("--max-batch", type=int, default=64, help="queries per encoder/search batch (64)")
     v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (2 ms)")
-    v.add_argument("--max-queue", type=int, default=128, help="waiting queries per index before 503 (128)")
+    v.add_argument("--max-queue", type=int, default=64, help="waiting queries (all indexes) before 503 (64)")
     v.add_argument("--timeout", type=float, default=30.0, help="seconds a query may wait for its answer (30)")
     v.add_argument("--concurrency", type=int, default=256, help="open connections before uvicorn answers 503 (256)")
     v.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")

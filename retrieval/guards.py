@@ -32,7 +32,7 @@ class Metrics:
                                     registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("retrieval_batch_seconds", "time to run one batch", ["index"], registry=r,
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        self.queue_depth = Gauge("retrieval_queue_depth", "queries waiting for a batch", ["index"], registry=r)
+        self.queue_depth = Gauge("retrieval_queue_depth", "queries waiting for a batch (all indexes)", registry=r)
         self.items = Gauge("retrieval_index_items", "items in the index", ["index"], registry=r)
         self.refused = Counter("retrieval_refused", "queries refused before running", ["index", "reason"],
                                registry=r)

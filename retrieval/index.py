@@ -16,7 +16,6 @@ The search parameter (nprobe / efSearch) is tuned on held-out queries to the rec
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math

@@ -98,13 +98,11 @@ class Searcher:
     def search(self, query: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Text -> items: one list of ``k`` hits per query (best first)."""
         queries = self.check_text([query] if isinstance(query, (str, bytes)) else list(query))
-        emb = api.encode(self.model, "text", api.tokenize(self.model, queries))
-        return self.search_embeddings(emb.float().cpu().numpy(), k)
+        return self.search_embeddings(api.encode_texts(self.model, queries).float().cpu().numpy(), k)
 
     def search_images(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
         """Image -> items (PIL images or paths)."""
-        clf = api.zero_shot("<>", ["_"], model=self.model, progress=False)
-        return self.search_embeddings(clf.embed(list(images)).float().cpu().numpy(), k)
+        return self.search_embeddings(api.encode_images(self.model, list(images)).float().cpu().numpy(), k)
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """(Q, E) L2-normalised query vectors -> hits."""

@@ -141,3 +141,21 @@ def test_minilm_partial_unfreezing():
 
     with pytest.raises(ConfigError, match="between 0 and 6"):
         build_encoder("text", "minilm_l6", {"trainable_layers": 7}, embed_dim=EMBED)
+
+
+@pytest.mark.parametrize("modality, entry", [c for c in CASES if c[0] == "text"], ids=lambda c: getattr(c, "name", c))
+def test_variable_length_text_towers_ignore_padding(modality, entry):
+    """A text tower marked ``variable_length`` is mask-aware: dropping the padding columns no text uses (what
+    api.encode_texts does for speed) leaves its embeddings unchanged. (open_clip's text tower has a fixed
+    causal mask and is not marked.)"""
+    from mmpretrain.api import trim_padding
+
+    torch.manual_seed(0)
+    enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED).eval()
+    if not getattr(enc, "variable_length", False):
+        pytest.skip(f"{entry.name} needs its full context length")
+    batch = enc.tokenizer()(["a red circle", "a small blue square"])
+    trimmed = trim_padding(batch)
+    assert trimmed["text"].shape[1] < batch["text"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(trimmed), enc(batch), atol=1e-5, rtol=1e-4)

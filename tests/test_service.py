@@ -91,11 +91,11 @@ def test_decompression_bombs_are_refused():
     from PIL import Image
 
     from retrieval.search import QueryError
-    from retrieval.service import read_image
+    from retrieval.uploads import read_image
 
     buf = io.BytesIO()
     Image.new("L", (3000, 3000)).save(buf, format="PNG")  # small file, 9 megapixels
     assert len(buf.getvalue()) < 100_000
     with pytest.raises(QueryError, match="too large"):
-        read_image(buf.getvalue(), ServeConfig(max_image_pixels=4_000_000))
-    assert read_image(buf.getvalue(), ServeConfig()).size == (3000, 3000)
+        read_image(buf.getvalue(), 4_000_000)
+    assert read_image(buf.getvalue(), ServeConfig().max_image_pixels).size == (3000, 3000)

@@ -84,6 +84,7 @@ class HfText(nn.Module):
     """Tokens (B, L) + mask (B, L, True = keep) -> pooled hidden state (B, hidden_size)."""
 
     projects = False
+    variable_length = True  # mask-aware: batches may drop unused padding columns (api.trim_padding)
 
     def __init__(self, params: HfTextParams):
         super().__init__()

@@ -32,6 +32,7 @@ class VattText(nn.Module):
     """(B, L) tokens -> (B, width); a head projects to the shared space."""
 
     projects = False
+    variable_length = True  # mask-aware: batches may drop unused padding columns (api.trim_padding)
 
     def __init__(self, p: VattTextParams):
         super().__init__()

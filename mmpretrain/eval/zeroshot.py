@@ -34,18 +34,26 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 
 class EvalTransform:
     """PIL image -> normalised (3, H, W) tensor with the model's evaluation preprocessing
-    (resize the short side, centre crop, normalise; sizes and statistics from the model)."""
+    (resize the short side, centre crop, normalise; sizes and statistics from the model).
+    Pickles small (the geometry only), so it can run in another process."""
 
     def __init__(self, model):
-        from mmpretrain.config.schema import OpSpec
-        from mmpretrain.data.ops import build_ops
+        ctx = model.data_context()
+        self.geometry = (tuple(ctx.image_size), tuple(ctx.mean), tuple(ctx.std), ctx.interpolation)
+        self._ops = None
 
-        self.ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], model.data_context())
+    def __getstate__(self) -> dict:
+        return {"geometry": self.geometry, "_ops": None}
 
     def __call__(self, image: Image.Image) -> Tensor:
-        from mmpretrain.data.ops import apply_ops
+        from mmpretrain.config.schema import OpSpec
+        from mmpretrain.data.ops import OpContext, apply_ops, build_ops
 
-        return apply_ops(self.ops, {"image": image})["image"]
+        if self._ops is None:
+            size, mean, std, interpolation = self.geometry
+            ctx = OpContext(image_size=size, mean=mean, std=std, interpolation=interpolation)
+            self._ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], ctx)
+        return apply_ops(self._ops, {"image": image})["image"]
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
