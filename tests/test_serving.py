@@ -277,3 +277,47 @@ def test_the_tokenizer_is_built_once_per_model(searcher):
     t0 = time.perf_counter()
     api.tokenize(searcher.model, ["a red circle"])
     assert time.perf_counter() - t0 < 0.02
+
+
+def _clip_client_module():
+    """clip-retrieval's clip_client.py, loaded alone (its package __init__ imports its whole back end)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("clip-retrieval not installed (make test installs it: pip install --no-deps clip-retrieval)")
+    path = Path(spec.submodule_search_locations[0]) / "clip_client.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_retrievals_own_client_works_against_us(live_server, searcher, tmp_path):
+    """Peer parity: clip-retrieval's ClipClient, unchanged, queries our /knn-service by text, image file and
+    embedding, with its defaults (dedup, safety and aesthetic options on, which we accept and ignore)."""
+    port = live_server(ServeConfig())
+    cc = _clip_client_module()
+    client = cc.ClipClient(url=f"http://127.0.0.1:{port}/knn-service", indice_name="toy", num_images=8)
+    by_text = client.query(text="a red circle")
+    assert isinstance(by_text, list) and by_text, by_text
+    assert all({"id", "similarity", "caption", "image"} <= set(r) for r in by_text)
+    image = tmp_path / "q.png"
+    image.write_bytes(png_bytes())
+    assert client.query(image=str(image))
+    vec = searcher.vectors(np.array([5]))[0].tolist()
+    plain = cc.ClipClient(url=f"http://127.0.0.1:{port}/knn-service", indice_name="toy", num_images=3, deduplicate=False)
+    assert plain.query(embedding_input=vec)[0]["id"] == 5
+
+
+def test_cors_lets_clip_retrievals_front_end_use_us_from_elsewhere(searcher):
+    c = TestClient(create_app({"toy": searcher}, ServeConfig(cors_origins=("https://front.example",), api_key="k")))
+    pre = c.options("/knn-service", headers={"Origin": "https://front.example", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://front.example"
+    r = c.get("/indices-list?api_key=k", headers={"Origin": "https://front.example"})
+    assert r.json() == ["toy"] and r.headers["access-control-allow-origin"] == "https://front.example"
+    other = c.get("/indices-list?api_key=k", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in TestClient(create_app({"toy": searcher})).get(
+        "/indices-list", headers={"Origin": "https://front.example"}).headers  # off unless configured
