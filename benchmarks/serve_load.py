@@ -156,8 +156,21 @@ def health_prober(port: int, until: float, out: list[float]) -> None:
         time.sleep(0.05)
 
 
-def run_load(port: int, clients: int, seconds: float, extra_threads: list[threading.Thread] = ()) -> dict:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (``pid`` None) or of another one (from /proc)."""
+    if pid is None:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(port: int, clients: int, seconds: float, extra_threads: list[threading.Thread] = (),
+             server_pid: int | None = None) -> dict:
     tally, health = Tally(), []
+    cpu0 = (cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0)
     until = time.perf_counter() + seconds
     threads = [threading.Thread(target=_clients, args=(port, until, clients, tally), daemon=True),
                threading.Thread(target=health_prober, args=(port, until, health), daemon=True)]
@@ -167,8 +180,10 @@ def run_load(port: int, clients: int, seconds: float, extra_threads: list[thread
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    client_cpu = (cpu_seconds() - cpu0[0]) / wall
+    server_cpu = (cpu_seconds(server_pid) - cpu0[1]) / wall if server_pid else float("nan")
     ms = lambda xs, p: 1000 * percentile(xs, p)  # noqa: E731
-    return {"clients": clients, "requests": len(tally.ok), "rps": len(tally.ok) / wall, "p50_ms": ms(tally.ok, 50),
+    return {"clients": clients, "client_cores": client_cpu, "server_cores": server_cpu, "requests": len(tally.ok), "rps": len(tally.ok) / wall, "p50_ms": ms(tally.ok, 50),
             "p99_ms": ms(tally.ok, 99), "busy_503": len(tally.busy), "busy_p99_ms": ms(tally.busy, 99),
             "errors": len(tally.errors), "first_errors": [str(e)[:120] for e in tally.errors[:3]],
             "health_p99_ms": ms(health, 99), "health_max_ms": 1000 * max(health, default=float("nan"))}
@@ -276,12 +291,13 @@ def report(result: dict) -> None:
     print(f"\npeers (in process, same run): Searcher one query at a time {p['one_at_a_time_qps']:.1f} q/s; "
           f"batched ceiling {p['batched_ceiling_qps']:.1f} q/s")
     print(f"{'clients':>7} {'req/s':>7} {'x 1-at-a-time':>13} {'x ceiling':>9} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'p99/p50':>7} {'503s':>6} {'503 p99 ms':>10} {'errors':>6} {'/health p99':>11} {'max':>7}")
+          f"{'p99/p50':>7} {'503s':>6} {'503 p99 ms':>10} {'errors':>6} {'/health p99':>11} {'max':>7} "
+          f"{'cores: server':>13} {'client':>6}")
     for r in result["load"]:
         print(f"{r['clients']:7d} {r['rps']:7.1f} {r['rps'] / p['one_at_a_time_qps']:13.1f} "
               f"{r['rps'] / p['batched_ceiling_qps']:9.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
               f"{r['p99_ms'] / r['p50_ms']:7.2f} {r['busy_503']:6d} {r['busy_p99_ms']:10.1f} {r['errors']:6d} "
-              f"{r['health_p99_ms']:11.1f} {r['health_max_ms']:7.1f}")
+              f"{r['health_p99_ms']:11.1f} {r['health_max_ms']:7.1f} {r['server_cores']:13.2f} {r['client_cores']:6.2f}")
         if r["first_errors"]:
             print(f"        first errors: {r['first_errors']}")
     if "hostile" in result:
@@ -312,7 +328,7 @@ def main() -> int:
     proc = start_server(args.index, port, args.server_args.split())
     try:
         run_load(port, 4, 3)  # warm-up
-        result["load"] = [run_load(port, n, args.seconds) for n in args.clients]
+        result["load"] = [run_load(port, n, args.seconds, server_pid=proc.pid) for n in args.clients]
         if not args.no_hostile:
             result["hostile"] = hostile(port, args.seconds, parts=tuple(args.hostile_parts))
     finally:
