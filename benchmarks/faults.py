@@ -100,7 +100,7 @@ def last_step(path: Path) -> int:
 # ------------------------------------------------------------------ kill -9
 def kill_suite(work: Path, shards: Path, trials: int, seed: int) -> dict:
     """Half the trials: SIGKILL at a random time after the first checkpoint; half: at a named crash point."""
-    from mmpretrain.training.checkpoint import checkpoint_dir, find_latest
+    from mmpretrain.models.layout import checkpoint_dir, find_latest
 
     steps, train = 40, {"steps": 40, "ckpt_every": 4, "keep_last": 1}
     ref = cli("train", str(config(shards, work / "ref", work / "ref.yaml", **train)))
@@ -339,7 +339,8 @@ def term_suite(work: Path, shards: Path, trials: int, seed: int, agent_trials: i
 def _term_trial(work: Path, shards: Path, i: int, mode: str, rng: random.Random) -> dict:
     """One run under torchrun, SIGTERMed after a random step: both ranks (``ranks``, in random order,
     0-50 ms apart) or torchrun's agent alone (``agent``, as Kubernetes signals PID 1)."""
-    from mmpretrain.training.checkpoint import checkpoint_dir, list_checkpoints, load_state
+    from mmpretrain.models.layout import checkpoint_dir, list_checkpoints
+    from mmpretrain.training.checkpoint import load_state
     from mmpretrain.utils.procs import rank_pids
 
     run = work / f"term{i}"

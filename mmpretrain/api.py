@@ -41,38 +41,17 @@ def create_model(name: ModelConfig | dict[str, Any] | str | Path, *, pretrained:
     ``ModelConfig``. ``pretrained``: our checkpoint directory (or a run's ``checkpoints/``),
     an open_clip ``.pt``/``.bin``/``.safetensors`` file, or an open_clip folder.
     """
-    from mmpretrain.models.pretrained import load_pretrained, model_config
+    from mmpretrain.models.pretrained import create_model as _create
 
-    if pretrained is None and str(name).startswith("local-dir:"):
-        pretrained = str(name)
-    if pretrained is None:
-        return ContrastiveModel(model_config(name)).eval()
-    path = _checkpoint_path(Path(str(pretrained).removeprefix("local-dir:")))
-    base = None if str(name).startswith("local-dir:") else model_config(name)
-    return load_pretrained(path, base).eval()
+    return _create(name, pretrained).eval()
 
 
 def load_checkpoint(path: str | Path) -> ContrastiveModel:
-    """A model from any supported checkpoint: our checkpoint directory (or a run's
-    ``checkpoints/`` dir: its newest) or an open_clip folder."""
+    """A model from any supported checkpoint: our checkpoint directory (or a run folder or its
+    ``checkpoints/``: the newest valid one), an open_clip folder, or a Hugging Face CLIP folder."""
     from mmpretrain.models.pretrained import load_pretrained
 
-    return load_pretrained(_checkpoint_path(Path(str(path).removeprefix("local-dir:")))).eval()
-
-
-def _checkpoint_path(path: Path) -> Path:
-    """``path`` itself if it is a checkpoint of a registered format, else the newest ``step_*`` under it."""
-    from mmpretrain.models.pretrained import detect_format
-    from mmpretrain.training.checkpoint import find_latest
-
-    if path.exists() and detect_format(path) is not None:
-        return path
-    for root in (path, path.parent):
-        latest = find_latest(root)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"no checkpoint at {path} (expected one of our checkpoints or checkpoints/step_*, "
-                            "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)")
+    return load_pretrained(path).eval()
 
 
 def export_open_clip(model: ContrastiveModel, out_dir: str | Path) -> Path:

@@ -41,13 +41,13 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, *, config: type | None = None,
-                 example: dict | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, *, config: type | None = None, example: Any = None,
+                 doc: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-            self._entries[name] = Entry(name, fn, config, doc, example)
+            first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            self._entries[name] = Entry(name, fn, config, doc if doc is not None else first, example)
             return fn
 
         return deco

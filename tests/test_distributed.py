@@ -11,7 +11,8 @@ import sys
 import pytest
 import yaml
 
-from mmpretrain.training.checkpoint import list_checkpoints, load_state
+from mmpretrain.models.layout import list_checkpoints
+from mmpretrain.training.checkpoint import load_state
 from mmpretrain.training.metrics import read_jsonl
 from mmpretrain.utils.procs import rank_pids
 from tests.conftest import ROOT, experiment_tree

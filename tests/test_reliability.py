@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from mmpretrain import api
 from mmpretrain.config.loader import config_from_tree, dump_config
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.training.checkpoint import (CHECKSUMS, find_latest, list_checkpoints, save_checkpoint,
-                                            verify_checkpoint)
+from mmpretrain.models.layout import CHECKSUMS, find_latest, list_checkpoints, verify_checkpoint
+from mmpretrain.training.checkpoint import save_checkpoint
 from mmpretrain.training.metrics import read_jsonl, truncate_jsonl
 from mmpretrain.training.resume import plan_resume
 from tests.conftest import ROOT, TINY_MODEL, experiment_tree

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from mmpretrain import api
 from mmpretrain.config.loader import config_from_tree
-from mmpretrain.training.checkpoint import list_checkpoints, load_state
+from mmpretrain.models.layout import list_checkpoints
+from mmpretrain.training.checkpoint import load_state
 from mmpretrain.training.metrics import read_jsonl
 from tests.conftest import ROOT, experiment_tree
 

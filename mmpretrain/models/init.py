@@ -21,17 +21,18 @@ IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our chec
 
 
 def weights_file(source: str | Path) -> Path:
-    """``model.safetensors`` of a checkpoint directory, a run's newest checkpoint, or a file."""
-    from mmpretrain.training.checkpoint import find_latest
+    """``model.safetensors`` of our checkpoint ``source`` (as ``resolve_checkpoint`` reads it: a step
+    folder, or a run's newest valid checkpoint), or a ``.safetensors`` file given directly."""
+    from mmpretrain.errors import CheckpointError
+    from mmpretrain.models.pretrained import resolve_checkpoint
 
-    path = Path(source)
-    if path.is_file():
-        return path
-    for folder in (path, find_latest(path), find_latest(path.parent) if path.name == "checkpoints" else None):
-        if folder is not None and (Path(folder) / "model.safetensors").is_file():
-            return Path(folder) / "model.safetensors"
-    raise ConfigError(f"init_from {source}: no model.safetensors there (give a checkpoint directory, a run's "
-                      "checkpoints/ folder, or a .safetensors file)")
+    if Path(source).is_file():
+        return Path(source)
+    try:
+        return resolve_checkpoint(source, formats={"mmpretrain"}).path / "model.safetensors"
+    except (FileNotFoundError, CheckpointError, ConfigError) as exc:
+        raise ConfigError(f"init_from {source}: no model.safetensors there ({exc}); give a checkpoint directory, "
+                          "a run's checkpoints/ folder, or a .safetensors file") from None
 
 
 def init_tower(model: nn.Module, modality: str, source: str | Path) -> list[str]:

@@ -3,7 +3,12 @@
 Names: an open_clip model config (``ViT-B-32``), ``local-dir:PATH`` (an open_clip folder with
 ``open_clip_config.json``), one of our YAML configs, a ``model:`` mapping or a ``ModelConfig``.
 Pretrained: our checkpoint directories, open_clip ``.pt``/``.bin``/``.safetensors`` files and
-folders. Preprocessing and tokenizer come from the checkpoint's own config. No network.
+folders, Hugging Face CLIP/SigLIP folders. Preprocessing and tokenizer come from the checkpoint's
+own config. No network.
+
+``resolve_checkpoint`` is the one place that decides which checkpoint a reference means (a run
+folder, its ``checkpoints/``, a ``step_*`` folder, an open_clip file or folder, a Hugging Face
+folder, with or without ``local-dir:``); loading, fine-tuning (``init_from``) and resuming use it.
 """
 from __future__ import annotations
 
@@ -13,12 +18,67 @@ from typing import Any
 
 import torch
 
+from dataclasses import dataclass
+from typing import Collection
+
+import yaml
+
 from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.errors import CheckpointError
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.models.formats import (CHECKPOINT_FORMATS, OPEN_CLIP_CONFIG, CheckpointFormat,
                                        load_open_clip_state, open_clip_model_config)
+from mmpretrain.models.layout import find_latest, list_checkpoints, load_weights, verify_checkpoint
+
+LOCAL_DIR = "local-dir:"  # open_clip's spelling of "this folder"
+
+
+def local_dir(ref: Any) -> Path | None:
+    """The folder of a ``local-dir:PATH`` reference, or None when ``ref`` has no such prefix."""
+    text = str(ref)
+    return Path(text[len(LOCAL_DIR):]) if text.startswith(LOCAL_DIR) else None
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint reference resolved: its registered format and the path to load."""
+
+    format: str
+    path: Path
+
+
+def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = None) -> ResolvedCheckpoint:
+    """Which checkpoint ``ref`` means. A path of a registered format is itself (ours must pass its
+    checksums); otherwise ``ref`` is a run folder or its ``checkpoints/`` and means the newest
+    checkpoint that passes its checksums. ``formats`` restricts what is acceptable.
+
+    Raises:
+        FileNotFoundError: nothing there. CheckpointError: only broken checkpoints there.
+        ConfigError: a checkpoint of a format not in ``formats``.
+    """
+    path = local_dir(ref) or Path(ref)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected one of our checkpoints or checkpoints/step_*, "
+                                "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)")
+    name = detect_format(path)
+    if name == "mmpretrain":
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem} (a run's checkpoints/ folder gives its newest valid checkpoint)")
+    elif name is None:
+        run = path.parent if path.name == "checkpoints" else path
+        latest = find_latest(run)
+        if latest is None:
+            if list_checkpoints(run):
+                raise CheckpointError(f"{run}: none of its checkpoints passes its checksums")
+            raise FileNotFoundError(f"no checkpoint at {path} (not a known checkpoint format, and no "
+                                    "checkpoints/step_* under it)")
+        name, path = "mmpretrain", latest
+    if formats is not None and name not in formats:
+        raise ConfigError(f"{ref}: a {name} checkpoint; expected {' or '.join(sorted(formats))}")
+    return ResolvedCheckpoint(name, path)
 
 
 def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig:
@@ -28,8 +88,8 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
     if isinstance(spec, dict):
         return model_config_from_tree(spec)
     text = str(spec)
-    if text.startswith("local-dir:"):
-        return _open_clip_dir_config(Path(text[len("local-dir:"):]))
+    if local_dir(text) is not None:
+        return _open_clip_dir_config(local_dir(text))
     if Path(text).suffix in (".yaml", ".yml") or Path(text).is_file():
         return load_config(text).model
     import open_clip
@@ -67,14 +127,12 @@ def _open_clip_dir_weights(path: Path) -> Path:
 
 
 def _load_ours(path: Path, base: ModelConfig | None) -> ContrastiveModel:
-    from mmpretrain.errors import CheckpointError
-    from mmpretrain.training.checkpoint import load_weights, verify_checkpoint
-
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem} (a run's checkpoints/ folder gives its newest valid checkpoint)")
-
-    model = ContrastiveModel(base or load_config(path / "config.yaml").model)
+    """Our checkpoint (verified by ``resolve_checkpoint``): the model section of its config, its weights.
+    Only the model is read: the run's data or evaluation settings (folders long gone) do not matter here."""
+    if base is None:
+        tree = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        base = model_config_from_tree(tree.get("model", {}))
+    model = ContrastiveModel(base)
     load_weights(model, path)
     return model
 
@@ -137,33 +195,41 @@ def _is_hf_clip(path: Path) -> bool:
     return hf_model_type(path) in FAMILIES
 
 
-def _register(name: str, detect, load) -> None:
-    """Formats are tried in name order; their ``detect`` predicates are mutually exclusive."""
-    CHECKPOINT_FORMATS.register(name)(lambda: CheckpointFormat(detect, load))
+def _is_ours(path: Path) -> bool:
+    return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
 
 
-_register("hf_clip", _is_hf_clip, _load_hf_clip)
-_register("mmpretrain", lambda p: p.is_dir() and (p / "model.safetensors").is_file(), _load_ours)
-_register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir)
+def _register(name: str, detect, load, doc: str) -> None:
+    """Formats' ``detect`` predicates are mutually exclusive (a Hugging Face folder has ``config.json``
+    and no ``config.yaml``; ours the reverse)."""
+    CHECKPOINT_FORMATS.register(name, doc=doc)(lambda: CheckpointFormat(detect, load))
+
+
+_register("hf_clip", _is_hf_clip, _load_hf_clip, "a Hugging Face CLIP or SigLIP folder (config.json + weights)")
+_register("mmpretrain", _is_ours, _load_ours, "our checkpoint folder (model.safetensors, config.yaml, checksums)")
+_register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir,
+          "an open_clip folder (open_clip_config.json + weights), as our export writes it")
 _register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
-          _load_open_clip_file)
+          _load_open_clip_file, "an open_clip weights file (needs the model it belongs to)")
 
 
-def detect_format(path: Path) -> CheckpointFormat | None:
-    """The registered format whose files ``path`` has, or None."""
-    for entry in CHECKPOINT_FORMATS.entries():
-        fmt = entry.builder()
-        if fmt.detect(path):
-            return fmt
-    return None
+def detect_format(path: Path) -> str | None:
+    """The name of the registered format whose files ``path`` has, or None."""
+    return next((e.name for e in CHECKPOINT_FORMATS.entries() if e.builder().detect(path)), None)
 
 
-def load_pretrained(path: str | Path, base: ModelConfig | None = None) -> ContrastiveModel:
-    """Load weights from ``path`` in whichever registered format it is."""
-    path = Path(str(path).removeprefix("local-dir:"))
-    if not path.exists():
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
-    fmt = detect_format(path)
-    if fmt is None:
-        raise ValueError(f"{path}: not a known checkpoint format ({', '.join(CHECKPOINT_FORMATS.names())})")
-    return fmt.load(path, base)
+def load_pretrained(ref: str | Path, base: ModelConfig | None = None) -> ContrastiveModel:
+    """Load the checkpoint ``ref`` means (``resolve_checkpoint``) in its format."""
+    resolved = resolve_checkpoint(ref)
+    return CHECKPOINT_FORMATS.get(resolved.format).builder().load(resolved.path, base)
+
+
+def create_model(name: ModelConfig | dict[str, Any] | str | Path, pretrained: str | Path | None = None
+                 ) -> ContrastiveModel:
+    """``name``'s architecture (see ``model_config``), with ``pretrained``'s weights when given; a
+    ``local-dir:`` name carries both."""
+    if pretrained is None and local_dir(name) is not None:
+        pretrained = name
+    if pretrained is None:
+        return ContrastiveModel(model_config(name))
+    return load_pretrained(pretrained, None if local_dir(name) is not None else model_config(name))

@@ -24,74 +24,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from mmpretrain.errors import CheckpointError
+from mmpretrain.models.layout import CHECKSUMS, FILES, FORMAT, checkpoint_dir, list_checkpoints, step_of, verify_checkpoint
 from mmpretrain.utils.faults import crash_point
 from mmpretrain.utils.io import atomic_dir, remove_tree, sha256_file
 
 log = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 STALE = re.compile(r"^\.step_\d{8}\..+")  # temp, moved-aside and being-deleted checkpoint folders
-FORMAT = "mmpretrain-checkpoint/1"
-CHECKSUMS = "checksums.json"
-FILES = ("model.safetensors", "state.pt", "config.yaml")
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def step_of(ckpt: Path) -> int:
-    return int(STEP_DIR.match(Path(ckpt).name).group(1))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Every ``step_*`` folder of a run, oldest first (valid or not: see ``verify_checkpoint``)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=step_of)
-
-
-def verify_checkpoint(ckpt: Path, *, deep: bool = True) -> str | None:
-    """None if ``ckpt`` is complete and matches its checksums, else what is wrong with it.
-    ``deep=False`` checks presence and sizes only (no hashing).
-
-    A checkpoint written before checksums existed (no ``checksums.json``) passes if its files exist."""
-    ckpt = Path(ckpt)
-    missing = [f for f in FILES if not (ckpt / f).is_file()]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if not (ckpt / CHECKSUMS).is_file():
-        log.warning("%s has no %s (written by an older version): not verified", ckpt, CHECKSUMS)
-        return None
-    try:
-        recorded = json.loads((ckpt / CHECKSUMS).read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {CHECKSUMS}: {exc}"
-    for name, want in recorded.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"missing {name}"
-        if path.stat().st_size != want["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} recorded"
-        if deep and sha256_file(path) != want["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
-
-
-def find_latest(run_dir: Path) -> Path | None:
-    """The newest checkpoint of ``run_dir`` that passes ``verify_checkpoint``; newer broken ones
-    are skipped with a warning naming them and why."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("skipping checkpoint %s: %s", ckpt, problem)
-    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
@@ -140,15 +82,6 @@ def clean_stale(run_dir: Path) -> list[str]:
     if removed:
         log.info("removed %d leftover folder(s) of interrupted checkpoint writes in %s", len(removed), root)
     return removed
-
-
-def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
-    path = Path(ckpt) / "model.safetensors" if Path(ckpt).is_dir() else Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights at {path}")
-    missing, unexpected = load_model(model, str(path), strict=strict)
-    if missing or unexpected:
-        log.warning("weights %s: missing %s, unexpected %s", path, missing[:5], unexpected[:5])
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

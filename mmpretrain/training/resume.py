@@ -21,8 +21,9 @@ import yaml
 
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
 from mmpretrain.config.strict import ConfigError, to_dict
-from mmpretrain.training.checkpoint import (CheckpointError, clean_stale, find_latest, list_checkpoints, step_of,
-                                            verify_checkpoint)
+from mmpretrain.errors import CheckpointError
+from mmpretrain.models.layout import find_latest, list_checkpoints, step_of, verify_checkpoint
+from mmpretrain.training.checkpoint import clean_stale
 from mmpretrain.utils.io import remove_tree
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,16 @@ def _resume_target(tc: TrainConfig, run_dir: Path) -> Path | None:
         found = find_latest(run_dir)
         log.info("resume=latest: %s", found or "no checkpoint yet, starting fresh")
         return found
-    path = Path(tc.resume)
+    from mmpretrain.models.pretrained import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(tc.resume, formats={"mmpretrain"}).path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"train.resume={tc.resume!r}: not a checkpoint directory (no state.pt)") from None
+    except ConfigError as exc:
+        raise ConfigError(f"train.resume={tc.resume!r}: {exc}") from None
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"train.resume={tc.resume!r}: not a checkpoint directory (no state.pt)")
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise CheckpointError(f"train.resume={tc.resume!r}: {problem}; resume=latest picks the newest valid one")
     return path
 
 

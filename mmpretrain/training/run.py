@@ -20,7 +20,8 @@ from mmpretrain.data.stream import derive_seed
 from mmpretrain.errors import CheckpointError
 from mmpretrain.losses import DistContext
 from mmpretrain.models import build_model
-from mmpretrain.training.checkpoint import load_state, load_weights, set_rng_state
+from mmpretrain.models.layout import load_weights
+from mmpretrain.training.checkpoint import load_state, set_rng_state
 from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
 from mmpretrain.training.loop import Trainer
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
