@@ -29,6 +29,7 @@ from make_toy_clips import make_clip  # noqa: E402
 
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams, frame_indices  # noqa: E402
 from mmpretrain.data.ops import DATA_OPS, OpContext  # noqa: E402
+from mmpretrain.types import ImageSpec  # noqa: E402
 
 
 def rate(fn, clips: list[bytes]) -> float:
@@ -86,7 +87,7 @@ def main() -> int:
     torch.set_num_threads(1)
     rng = random.Random(0)
     clips = [make_clip(rng, size=args.size, n_frames=args.frames, fps=8)[0] for _ in range(args.clips)]
-    ctx = OpContext(image_size=(args.size, args.size))
+    ctx = OpContext({"image": ImageSpec(size=(args.size, args.size))})
     ours_v = DATA_OPS.get("decode_video").builder(DecodeVideoParams(frames=args.take, fps=4.0, train=False), ctx)
     ours_a = DATA_OPS.get("decode_audio").builder(DecodeAudioParams(sample_rate=16000, seconds=2.0, train=False), ctx)
     v = {"ours (decode_video)": rate(lambda c: ours_v({"mp4": c}), clips),

@@ -192,12 +192,12 @@ def poison_cases() -> dict[str, tuple[list[tuple[str, bytes]] | str, str]]:
 POISON_RUNNER = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from mmpretrain.config.loader import config_from_tree
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.data.loader import ResumableLoader
 from mmpretrain.data.ops import OpContext
 from mmpretrain.models import build_model
 tree = json.loads(sys.argv[2])
-cfg = config_from_tree(tree)
+cfg = experiment_from_tree(tree)
 ctx = build_model(cfg.model).data_context()
 loader = ResumableLoader(cfg.data, ctx, seed=0)
 it, keys = iter(loader), []

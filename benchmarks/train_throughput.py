@@ -144,8 +144,8 @@ def data_pipeline(cfg, shards: Path, samples: int) -> tuple[float, float]:
         n += len(next(it).keys)
     ours_sps = n / (time.perf_counter() - t0)
 
-    tf = T.Compose([T.RandomResizedCrop(ctx.image_size, scale=(0.9, 1.0), antialias=True), T.PILToTensor(),
-                    T.ToDtype(torch.float32, scale=True), T.Normalize(list(ctx.mean), list(ctx.std))])
+    tf = T.Compose([T.RandomResizedCrop(ctx.image.size, scale=(0.9, 1.0), antialias=True), T.PILToTensor(),
+                    T.ToDtype(torch.float32, scale=True), T.Normalize(list(ctx.image.mean), list(ctx.image.std))])
     tok = ctx.tokenizer
     ds = (wds.WebDataset(cfg.data.train, shardshuffle=False, empty_check=False).shuffle(cfg.data.shuffle_buffer)
           .decode("pil").to_tuple("png", "txt").map_tuple(tf, lambda t: tok([t])["text"][0])
@@ -168,7 +168,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="data workers for part 2")
     p.add_argument("--samples", type=int, default=2000, help="samples timed in part 2")
     args = p.parse_args()
-    from mmpretrain.config.loader import load_config
+    from mmpretrain.training.validate import load_experiment as load_config
     from mmpretrain.models import build_model
 
     with tempfile.TemporaryDirectory() as tmp:

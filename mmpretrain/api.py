@@ -14,7 +14,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.data.ops import ImageTooLarge, open_image
@@ -133,6 +132,13 @@ def encode_images(model: ContrastiveModel, images: Sequence[Any], *, batch_size:
     return torch.cat(out)
 
 
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """A layered YAML experiment config with ``key.sub=value`` overrides, checked against every registry."""
+    from mmpretrain.training.validate import load_experiment
+
+    return load_experiment(path, overrides)
+
+
 def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) -> Path:
     """Train (or resume, with ``train.resume=latest``); returns the run directory."""
     from mmpretrain.training.run import train as _train
@@ -186,8 +192,8 @@ def model_id(model: ContrastiveModel) -> str:
     model that differs from the indexing model is caught."""
     import hashlib
 
-    ctx = model.data_context()
-    h = hashlib.sha256(repr((ctx.image_size, ctx.mean, ctx.std, ctx.interpolation)).encode())
+    image = model.data_context().image
+    h = hashlib.sha256(repr((image.size, image.mean, image.std, image.interpolation)).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

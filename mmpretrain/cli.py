@@ -29,9 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from mmpretrain.config.loader import dump_config, load_config
+    from mmpretrain.config.loader import dump_config
+    from mmpretrain.training.validate import load_experiment
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    print(dump_config(load_experiment(args.config, args.overrides)), end="")
     return 0
 
 

@@ -16,17 +16,65 @@ evaluation; the model then returns (B, K, E) for that modality (``SAMPLE_DIMS`` 
 Model output keys: one (B, E) L2-normalised embedding per modality present, plus
 ``"logit_scale"`` (scalar, already exponentiated and clamped) and optionally
 ``"logit_bias"`` (scalar, SigLIP).
+
+Input specs: what each modality's tower takes (``ImageSpec``, ``TextSpec``, ``VideoSpec``,
+``AudioSpec``); a tower's ``input_spec()`` returns its own, the model's ``data_context()`` holds them by
+modality, and the data ops read their sizes, rates, normalisation and tokenizer there. ``SPEC_TYPES``
+is the list of modalities: the encoder registries and ``MODALITIES`` come from it.
 """
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 Batch = dict[str, Tensor]
-Modality = Literal["image", "video", "audio", "text"]
-MODALITIES: tuple[str, ...] = ("image", "video", "audio", "text")
-SAMPLE_DIMS: dict[str, int] = {"image": 3, "video": 4, "audio": 1, "text": 1}  # dims of one sample, no views
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image tower's input: ``size`` (H, W), normalisation ``mean`` / ``std``, resize ``interpolation``."""
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    sample_dims: ClassVar[int] = 3  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A text tower's input: token ids from ``tokenizer`` (picklable ``list[str] -> {"text", "text_mask"}``)."""
+
+    tokenizer: Any
+    sample_dims: ClassVar[int] = 1  # (L,)
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """A video tower's input: T ``frames`` sampled at ``fps``, ``size`` x ``size``, normalised."""
+
+    frames: int
+    fps: float
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    sample_dims: ClassVar[int] = 4  # (T, 3, H, W)
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """An audio tower's input: ``seconds`` of mono audio at ``sample_rate``."""
+
+    sample_rate: int
+    seconds: float
+    sample_dims: ClassVar[int] = 1  # (S,) waveform
+
+
+SPEC_TYPES: dict[str, type] = {"image": ImageSpec, "video": VideoSpec, "audio": AudioSpec, "text": TextSpec}
+MODALITIES: tuple[str, ...] = tuple(SPEC_TYPES)
+SAMPLE_DIMS: dict[str, int] = {m: t.sample_dims for m, t in SPEC_TYPES.items()}  # dims of one sample, no views
 
 
 def valid_key(modality: str) -> str:

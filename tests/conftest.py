@@ -71,9 +71,9 @@ def toy_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_model_cfg():
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
 
-    return config_from_tree({"model": TINY_MODEL}).model
+    return experiment_from_tree({"model": TINY_MODEL}).model
 
 
 def experiment_tree(shards: Path, run_dir: Path, **sections) -> dict:
@@ -111,11 +111,11 @@ def tiny_ckpt(tmp_path_factory):
     import torch
 
     from mmpretrain import api
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    api.export_open_clip(api.create_model(config_from_tree({"model": TINY_MODEL}).model), out)
+    api.export_open_clip(api.create_model(experiment_from_tree({"model": TINY_MODEL}).model), out)
     return f"local-dir:{out}"
 
 

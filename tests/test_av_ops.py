@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams, frame_indices
+from mmpretrain.types import ImageSpec
 from mmpretrain.data.ops import DATA_OPS, OpContext, SampleError
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_toy_clips import make_clip  # noqa: E402
 
-CTX = OpContext(image_size=(32, 32))
+CTX = OpContext({"image": ImageSpec(size=(32, 32))})
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mmpretrain.config.loader import apply_override, config_from_tree, load_config, save_resolved
+from mmpretrain.config.loader import apply_override, save_resolved
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
 from mmpretrain.config.strict import ConfigError, from_dict, to_dict
+from mmpretrain.training.validate import experiment_from_tree
+from mmpretrain.training.validate import load_experiment as load_config
 from tests.conftest import TINY_MODEL
 
 
@@ -15,14 +17,14 @@ def tree(**sections):
 
 
 def test_defaults_validate():
-    cfg = config_from_tree(tree())
+    cfg = experiment_from_tree(tree())
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.train.accum_steps == 1 and cfg.loss.pairs[0].kind == "clip"
 
 
 def test_unknown_key_names_valid_keys_and_suggests():
     with pytest.raises(ConfigError) as err:
-        config_from_tree(tree(optim={"lrr": 0.1}))
+        experiment_from_tree(tree(optim={"lrr": 0.1}))
     msg = str(err.value)
     assert "optim.lrr" in msg and "Did you mean 'lr'" in msg and "weight_decay" in msg
 
@@ -37,46 +39,46 @@ def test_unknown_key_names_valid_keys_and_suggests():
 ])
 def test_wrong_types_fail(section, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
-        config_from_tree(tree(**section))
+        experiment_from_tree(tree(**section))
 
 
 def test_yaml_style_scientific_floats_accepted():
-    cfg = config_from_tree(tree(optim={"lr": "1e-3"}))
+    cfg = experiment_from_tree(tree(optim={"lr": "1e-3"}))
     assert cfg.optim.lr == pytest.approx(1e-3)
 
 
 def test_unknown_encoder_lists_valid_names():
     bad = {"embed_dim": 8, "towers": {"image": {"encoder": "openclip_vison"}, "text": TINY_MODEL["towers"]["text"]}}
     with pytest.raises(ConfigError) as err:
-        config_from_tree({"model": bad})
+        experiment_from_tree({"model": bad})
     assert "Did you mean 'openclip_vision'" in str(err.value) and "Valid: hf_clip_vision, openclip_vision, timm_vision" in str(err.value)
 
 
 def test_unknown_modality_and_open_clip_model_name():
     with pytest.raises(ConfigError, match="unknown modality"):
-        config_from_tree({"model": {"towers": {"smell": {"encoder": "x"}}}})
+        experiment_from_tree({"model": {"towers": {"smell": {"encoder": "x"}}}})
     bad = {"towers": {"image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-Q-99"}},
                       "text": TINY_MODEL["towers"]["text"]}}
     with pytest.raises(ConfigError, match=r"model.towers.image.params.model_name: unknown open_clip model 'ViT-Q-99'.*ViT-B-32"):
-        config_from_tree({"model": bad})  # at load, before any model is built
+        experiment_from_tree({"model": bad})  # at load, before any model is built
     bad["towers"]["image"]["params"] = {"vision_cfg": {"widht": 3}}
     with pytest.raises(ConfigError, match="unknown open_clip field 'widht'"):
-        config_from_tree({"model": bad})
+        experiment_from_tree({"model": bad})
     bad["towers"] = {"image": TINY_MODEL["towers"]["image"], "text": {"encoder": "hf_text", "params": {"model_type": "bertt"}}}
     with pytest.raises(ConfigError, match="unknown transformers model type 'bertt'; did you mean bert"):
-        config_from_tree({"model": bad})
+        experiment_from_tree({"model": bad})
     bad["towers"]["text"]["params"] = {"path": "/nonexistent/model"}
     with pytest.raises(ConfigError, match="no config.json"):
-        config_from_tree({"model": bad})
+        experiment_from_tree({"model": bad})
 
 
 def test_loss_pairs_must_name_towers_and_kinds():
     with pytest.raises(ConfigError, match="modality 'audio' has no tower"):
-        config_from_tree(tree(loss={"pairs": [{"a": "audio", "b": "text"}]}))
+        experiment_from_tree(tree(loss={"pairs": [{"a": "audio", "b": "text"}]}))
     with pytest.raises(ConfigError, match="unknown loss kind 'clipp'.*Valid: clip, milnce, siglip"):
-        config_from_tree(tree(loss={"pairs": [{"a": "image", "b": "text", "kind": "clipp"}]}))
+        experiment_from_tree(tree(loss={"pairs": [{"a": "image", "b": "text", "kind": "clipp"}]}))
     with pytest.raises(ConfigError, match="local_loss=true needs loss.gather_with_grad"):
-        config_from_tree(tree(loss={"local_loss": True, "gather_with_grad": False}))
+        experiment_from_tree(tree(loss={"local_loss": True, "gather_with_grad": False}))
 
 
 def test_layering_order_and_overrides(tmp_path):
@@ -107,9 +109,9 @@ def test_bad_override_syntax():
 
 
 def test_resolved_yaml_round_trips(tmp_path):
-    cfg = config_from_tree(tree(train={"steps": 3}))
+    cfg = experiment_from_tree(tree(train={"steps": 3}))
     path = save_resolved(cfg, tmp_path)
-    again = config_from_tree(yaml.safe_load(path.read_text()))
+    again = experiment_from_tree(yaml.safe_load(path.read_text()))
     assert again == cfg
 
 

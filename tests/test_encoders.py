@@ -41,6 +41,15 @@ def test_encoder_shape_grad_nan(modality, entry):
 
 
 @pytest.mark.parametrize("modality, entry", CASES, ids=[f"{m}-{e.name}" for m, e in CASES])
+def test_encoder_declares_its_input(modality, entry):
+    """Every tower says what it takes, as its modality's spec type: the data ops read it (model.data_context)."""
+    from mmpretrain.types import SPEC_TYPES
+
+    enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED)
+    assert isinstance(enc.input_spec(), SPEC_TYPES[modality])
+
+
+@pytest.mark.parametrize("modality, entry", CASES, ids=[f"{m}-{e.name}" for m, e in CASES])
 def test_encoder_grad_checkpointing_same_output(modality, entry):
     torch.manual_seed(0)
     enc = build_encoder(modality, entry.name, example(entry), embed_dim=EMBED).train()

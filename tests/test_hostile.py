@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmpretrain.config.loader import config_from_tree
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.loader import ResumableLoader
 from mmpretrain.data.ops import OpContext, SampleError, open_image
@@ -26,7 +26,7 @@ DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
 def _loader(tmp_path, urls, **data):
     from mmpretrain.models import build_model
 
-    cfg = config_from_tree({"model": TINY_MODEL, "data": {"train": urls, "batch_size": 2, "num_workers": 0,
+    cfg = experiment_from_tree({"model": TINY_MODEL, "data": {"train": urls, "batch_size": 2, "num_workers": 0,
                                                           "shuffle_buffer": 0, **data}})
     return ResumableLoader(cfg.data, build_model(cfg.model).data_context(), seed=0)
 
@@ -161,7 +161,7 @@ def test_trust_remote_code_from_a_checkpoint_config_is_refused():
         "image": TINY_MODEL["towers"]["image"],
         "text": {"encoder": "hf_text", "params": {"model_type": "bert", "config": {"trust_remote_code": True}}}}}}
     with pytest.raises(ConfigError, match="trust_remote_code cannot be set"):
-        config_from_tree(tree)
+        experiment_from_tree(tree)
 
 
 # ---------------------------------------------------------------- 7. nothing secret over HTTP

@@ -65,8 +65,9 @@ def test_open_clip_local_dir_with_preprocess_config(oc_model, tmp_path):
     ours = api.create_model(f"local-dir:{tmp_path}")
     assert_same_embeddings(ours, oc_model)
     ctx = ours.data_context()  # preprocessing from the checkpoint's own config, not guessed
-    assert ctx.mean == tuple(PRE["mean"]) and ctx.std == tuple(PRE["std"]) and ctx.interpolation == "bilinear"
-    assert ctx.image_size == (32, 32)
+    img = ctx.image
+    assert img.mean == tuple(PRE["mean"]) and img.std == tuple(PRE["std"]) and img.interpolation == "bilinear"
+    assert img.size == (32, 32)
     same = api.load_checkpoint(tmp_path)
     assert_same_embeddings(same, oc_model)
 
@@ -169,3 +170,14 @@ def test_hf_clip_and_siglip_folders(model_type):
     assert ours.logit_scale.item() == pytest.approx(ref.logit_scale.item(), abs=1e-5)
     if model_type == "siglip":
         assert ours.logit_bias.item() == pytest.approx(ref.logit_bias.item(), abs=1e-5)
+
+
+def test_model_id_is_stable():
+    """Embedding folders and indexes record model_id: the same weights and preprocessing must keep their id
+    across code changes (value computed before the input specs were keyed by modality)."""
+    import torch
+
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    assert api.model_id(api.create_model(TINY_MODEL)) == "ae29f05e276fed09"

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from mmpretrain import api
-from mmpretrain.config.loader import config_from_tree, dump_config
+from mmpretrain.config.loader import dump_config
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.models.layout import CHECKSUMS, find_latest, list_checkpoints, verify_checkpoint
 from mmpretrain.training.checkpoint import save_checkpoint
@@ -24,7 +25,7 @@ from tests.conftest import ROOT, TINY_MODEL, experiment_tree
 
 
 def _train(toy_shards, run_dir, **sections):
-    return api.train(config_from_tree(experiment_tree(toy_shards, run_dir, **sections)))
+    return api.train(experiment_from_tree(experiment_tree(toy_shards, run_dir, **sections)))
 
 
 def _tiny_model():
@@ -160,18 +161,18 @@ def _saved(toy_shards, tmp_path):
 ])
 def test_resume_refuses_changes_that_break_exactness(toy_shards, tmp_path, change, refused):
     ckpt = _saved(toy_shards, tmp_path)
-    cfg = config_from_tree(experiment_tree(toy_shards, tmp_path / "run", **change))
+    cfg = experiment_from_tree(experiment_tree(toy_shards, tmp_path / "run", **change))
     with pytest.raises(ConfigError, match=rf"{refused} .*train.resume_allow=\[{refused}\]"):
         plan_resume(cfg, ckpt, 1, 1)
     with_allow = {**change, "train": {**change.get("train", {}), "resume_allow": [refused]}}
-    allowed = config_from_tree(experiment_tree(toy_shards, tmp_path / "run", **with_allow))
+    allowed = experiment_from_tree(experiment_tree(toy_shards, tmp_path / "run", **with_allow))
     plan = plan_resume(allowed, ckpt, 1, 1)
     assert plan.allowed == (refused,) and plan.restart_data == (refused in ("train.seed", "data.shuffle_buffer"))
 
 
 def test_resume_with_more_ranks_is_refused_with_a_clear_message(toy_shards, tmp_path):
     ckpt = _saved(toy_shards, tmp_path)
-    cfg = config_from_tree(experiment_tree(toy_shards, tmp_path / "run"))
+    cfg = experiment_from_tree(experiment_tree(toy_shards, tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"world size 1 -> 2.*resume_allow=\[world_size\]"):
         plan_resume(cfg, ckpt, 1, 2)
 
@@ -198,7 +199,7 @@ def test_allowed_seed_change_restarts_the_data_at_the_next_epoch(toy_shards, tmp
 
 def test_resolved_config_round_trips_as_unchanged(toy_shards, tmp_path):
     ckpt = _saved(toy_shards, tmp_path)
-    cfg = config_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    cfg = experiment_from_tree(yaml.safe_load((ckpt / "config.yaml").read_text()))
     assert dump_config(cfg) == (ckpt / "config.yaml").read_text()
     assert plan_resume(cfg, ckpt, 1, 1).accepted == ()
     assert json.loads((ckpt / CHECKSUMS).read_text())["step"] == 2

@@ -93,10 +93,10 @@ def test_embed_strict_stops_at_the_first_skip(tiny_ckpt, toy_shards, tmp_path):
 
 def test_embed_refuses_another_model_in_the_same_folder(embedded, toy_shards, tmp_path):
     from mmpretrain import api
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
 
     other = tmp_path / "other"
-    api.export_open_clip(api.create_model(config_from_tree({"model": TINY_MODEL}).model), other)
+    api.export_open_clip(api.create_model(experiment_from_tree({"model": TINY_MODEL}).model), other)
     with pytest.raises(EmbedError, match="different model_id"):
         run_embed(EmbedConfig(model=f"local-dir:{other}", data=str(toy_shards), out=str(embedded[0])), progress=False)
 

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmpretrain import api
-from mmpretrain.config.loader import config_from_tree
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.models.layout import list_checkpoints
 from mmpretrain.training.checkpoint import load_state
 from mmpretrain.training.metrics import read_jsonl
@@ -24,7 +24,7 @@ from tests.conftest import ROOT, experiment_tree
 def test_training_loss_falls_and_writes_run(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", data={"batch_size": 16},
                            train={"steps": 40, "ckpt_every": 15, "keep_last": 2}, optim={"lr": 2e-3, "warmup_steps": 5})
-    run_dir = api.train(config_from_tree(tree))
+    run_dir = api.train(experiment_from_tree(tree))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
@@ -130,11 +130,11 @@ def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
 
 def test_resume_latest_without_checkpoint_starts_fresh(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 2, "resume": "latest"})
-    api.train(config_from_tree(tree))
+    api.train(experiment_from_tree(tree))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
 
 
 def test_resume_from_missing_directory_fails(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"resume": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-        api.train(config_from_tree(tree))
+        api.train(experiment_from_tree(tree))

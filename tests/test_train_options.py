@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mmpretrain import api
-from mmpretrain.config.loader import config_from_tree
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.training.metrics import read_jsonl
 from tests.conftest import experiment_tree
 
@@ -24,7 +24,7 @@ def test_option_trains(toy_shards, tmp_path, sections):
     from mmpretrain.config.loader import deep_merge
 
     tree = deep_merge(experiment_tree(toy_shards, tmp_path / "run", train={"steps": 3, "ckpt_every": 3}), sections)
-    run_dir = api.train(config_from_tree(tree))
+    run_dir = api.train(experiment_from_tree(tree))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
 
@@ -32,7 +32,7 @@ def test_option_trains(toy_shards, tmp_path, sections):
 @pytest.mark.slow
 def test_torch_compile_trains(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 2, "compile": True, "ckpt_every": 2})
-    run_dir = api.train(config_from_tree(tree))
+    run_dir = api.train(experiment_from_tree(tree))
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
 
 
@@ -42,7 +42,7 @@ def test_periodic_evaluation_is_logged(toy_shards, tmp_path):
     val = make_folder(tmp_path / "val", ["red_circle", "blue_square"], per_class=2)
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 4, "ckpt_every": 4},
                            eval={"every": 2, "zeroshot": [f"val@folder={val}"], "templates": "a <>"})
-    run_dir = api.train(config_from_tree(tree))
+    run_dir = api.train(experiment_from_tree(tree))
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/val/top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/val/top1"] <= 1 for r in evals)
 
@@ -51,6 +51,6 @@ def test_eval_sets_checked_at_load(toy_shards, tmp_path):
     from mmpretrain.config.strict import ConfigError
 
     with pytest.raises(ConfigError, match="eval.zeroshot\\[0\\]: folder not found"):
-        config_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"folder={tmp_path}/x"]}))
+        experiment_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"folder={tmp_path}/x"]}))
     with pytest.raises(ConfigError, match="LAYOUT one of"):
-        config_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"imagenet-q={tmp_path}"]}))
+        experiment_from_tree(experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"imagenet-q={tmp_path}"]}))

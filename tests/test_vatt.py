@@ -12,6 +12,7 @@ import torch
 
 from mmpretrain.config.schema import LossConfig, LossPair, ModelConfig, TowerConfig
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams
+from mmpretrain.types import ImageSpec
 from mmpretrain.data.ops import DATA_OPS, CaptionsParams, OpContext, SampleError
 from mmpretrain.losses import DistContext, clip_loss, milnce_loss, siglip_loss
 from mmpretrain.models.contrastive import ContrastiveModel
@@ -21,7 +22,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_toy_clips import make_clip  # noqa: E402
 
-CTX = OpContext(image_size=(32, 32))
+CTX = OpContext({"image": ImageSpec(size=(32, 32))})
 SCALE = torch.tensor(5.0)
 
 
@@ -104,8 +105,9 @@ def test_views_axis_encodes_each_view(model):
 
 def test_data_context_carries_tower_inputs(model):
     ctx = model.data_context()
-    assert (ctx.video.frames, ctx.video.fps, ctx.video.size) == (4, 4.0, 32)
-    assert (ctx.audio.sample_rate, ctx.audio.seconds) == (8000, 1.0)
+    video, audio = ctx.spec("video"), ctx.spec("audio")
+    assert (video.frames, video.fps, video.size) == (4, 4.0, 32)
+    assert (audio.sample_rate, audio.seconds) == (8000, 1.0)
 
 
 def test_invalid_samples_get_no_gradient_from_their_pair():
@@ -267,10 +269,10 @@ def mixture_tree(toy_shards, clip_set, run_dir, **train):
 
 def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set, tmp_path):
     from mmpretrain import api
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.data.loader import build_loader
 
-    cfg = config_from_tree(mixture_tree(toy_shards, clip_set, tmp_path / "run"))
+    cfg = experiment_from_tree(mixture_tree(toy_shards, clip_set, tmp_path / "run"))
     run = api.train(cfg)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/image-text" in r for r in rows) and any("loss/video-text" in r for r in rows)
@@ -290,25 +292,25 @@ def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set
 
 
 def test_mixture_config_is_checked(toy_shards, clip_set, tmp_path):
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.config.strict import ConfigError
 
     tree = mixture_tree(toy_shards, clip_set, tmp_path)
     tree["data"]["train"] = str(toy_shards)
     with pytest.raises(ConfigError, match="not both"):
-        config_from_tree(tree)
+        experiment_from_tree(tree)
     tree = mixture_tree(toy_shards, clip_set, tmp_path)
     tree["data"]["sources"][1]["weight"] = 0
     with pytest.raises(ConfigError, match="weight"):
-        config_from_tree(tree)
+        experiment_from_tree(tree)
 
 
 # ------------------------------------------------------------------ VATT-MA: one shared trunk
 def shared_cfg(**extra):
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
 
     common = {"width": 32, "heads": 2}
-    return config_from_tree({"model": {"embed_dim": 16, "shared_backbone": ["video", "audio", "text"], "towers": {
+    return experiment_from_tree({"model": {"embed_dim": 16, "shared_backbone": ["video", "audio", "text"], "towers": {
         "video": {"encoder": "vivit_fe", "params": {"frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2,
                                                     "patch_size": 16, "spatial_layers": 2, "temporal_layers": 1, **common}},
         "audio": {"encoder": "waveform", "params": {"sample_rate": 8000, "seconds": 0.5, "layers": 2, **common}},
@@ -357,7 +359,8 @@ def dataclass_replace(obj, **kw):
 
 # ------------------------------------------------------------------ text -> video search through the FAISS index
 def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_path):
-    from mmpretrain.config.loader import config_from_tree, dump_config
+    from mmpretrain.config.loader import dump_config
+    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.training.checkpoint import save_checkpoint
     from retrieval.embed import EmbedConfig, load_embeddings, run_embed
     from retrieval.index import BuildConfig, build_index
@@ -366,7 +369,7 @@ def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_pat
     tree = {"model": {"embed_dim": 16, "towers": {m: {"encoder": t.encoder, "params": t.params}
                                                   for m, t in TINY.towers.items()}},
             "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]}}
-    ckpt = save_checkpoint(tmp_path / "run", 1, model, {}, dump_config(config_from_tree(tree)), keep_last=1)
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, {}, dump_config(experiment_from_tree(tree)), keep_last=1)
     stats = run_embed(EmbedConfig(model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "emb"),
                                   modality="video", batch_size=4), progress=False)
     assert stats["items"] == 10 and stats["bad"] == {"bad_video": 1}
@@ -399,7 +402,7 @@ def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
     from safetensors.torch import load_file, save_model
 
     from mmpretrain import api
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
 
     import copy
 
@@ -414,13 +417,13 @@ def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
                      "ops": [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]},
             "optim": {"lr": 1e-9, "warmup_steps": 1},
             "train": {"steps": 4, "stop_after": 2, "ckpt_every": 2, "run_dir": str(tmp_path / "run"), "progress": False}}
-    run = api.train(config_from_tree(tree))
+    run = api.train(experiment_from_tree(tree))
     saved = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
     start = marked.towers["video"].tubelet.weight
     assert torch.allclose(saved["towers.video.tubelet.weight"], start, atol=1e-5)  # lr ~ 0: still the init
     (tmp_path / "start.safetensors").unlink()  # a resume must not need it
     tree["train"].update(stop_after=None, resume="latest")
-    api.train(config_from_tree(tree))
+    api.train(experiment_from_tree(tree))
     assert (run / "checkpoints" / "step_00000004").is_dir()
 
 

@@ -105,7 +105,7 @@ def test_init_from_inflates_a_trained_image_tower_into_a_fresh_runs_video_tower(
     resampled from a 64 px to a 32 px grid); a second init_from copies a same-modality tower."""
     from safetensors.torch import save_model
 
-    from mmpretrain.config.loader import config_from_tree
+    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.config.strict import ConfigError
     from mmpretrain.models.contrastive import ContrastiveModel
     from mmpretrain.models.init import init_towers
@@ -114,14 +114,14 @@ def test_init_from_inflates_a_trained_image_tower_into_a_fresh_runs_video_tower(
                                                                               "embed_dim": 32, "num_heads": 2}}
     text = {"encoder": "openclip_text", "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408,
                                                                 "width": 32, "heads": 2, "layers": 1}}}
-    image_model = ContrastiveModel(config_from_tree({"model": {"embed_dim": 16, "towers": {
+    image_model = ContrastiveModel(experiment_from_tree({"model": {"embed_dim": 16, "towers": {
         "image": {"encoder": "timm_vision", "params": vit}, "text": text}}}).model)
     save_model(image_model, str(tmp_path / "image.safetensors"))
     video_tower = {"encoder": "vivit_fe", "init_from": str(tmp_path / "image.safetensors"),
                    "params": {**VIDEO, "image_size": 32, "patch_size": 16}}
     tree = {"model": {"embed_dim": 16, "towers": {"video": video_tower, "text": text}},
             "loss": {"pairs": [{"a": "video", "b": "text"}]}}
-    model = ContrastiveModel(config_from_tree(tree).model)
+    model = ContrastiveModel(experiment_from_tree(tree).model)
     assert init_towers(model, model.cfg) == {"video": 4 + 2 * 12}  # proj w/b, cls, pos + 2 blocks x 12 tensors
     trunk = image_model.towers["image"].trunk
     torch.testing.assert_close(model.towers["video"].blocks[1].mlp.fc2.weight, trunk.blocks[1].mlp.fc2.weight)
@@ -130,9 +130,9 @@ def test_init_from_inflates_a_trained_image_tower_into_a_fresh_runs_video_tower(
     # the same modality copies as it is
     save_model(model, str(tmp_path / "video.safetensors"))
     tree["model"]["towers"]["video"]["init_from"] = str(tmp_path / "video.safetensors")
-    again = ContrastiveModel(config_from_tree(tree).model)
+    again = ContrastiveModel(experiment_from_tree(tree).model)
     init_towers(again, again.cfg)
     torch.testing.assert_close(again.towers["video"].tubelet.weight, model.towers["video"].tubelet.weight)
     tree["model"]["towers"]["video"]["init_from"] = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="no model.safetensors"):
-        init_towers(again, config_from_tree(tree).model)
+        init_towers(again, experiment_from_tree(tree).model)

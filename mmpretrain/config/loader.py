@@ -21,6 +21,7 @@ import yaml
 
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.config.strict import ConfigError, from_dict, to_dict
+from mmpretrain.config.validate import check_config
 from mmpretrain.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
-    """Strictly convert a merged tree and validate it against the registries."""
+    """Strictly convert a merged tree and make the checks a config can make of itself (the checks
+    against the registries are ``training.validate``'s)."""
     cfg = from_dict(ExperimentConfig, tree)
-    from mmpretrain.config.validate import validate  # registries import torch; keep the schema light
-
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 

@@ -129,3 +129,17 @@ def to_dict(obj: Any) -> Any:
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+def check_params(registry: Any, name: str, params: dict, where: str) -> None:
+    """``name`` is registered in ``registry`` and ``params`` fit its config dataclass (or are empty)."""
+    from mmpretrain.registry import RegistryError
+
+    try:
+        entry = registry.get(name)
+    except RegistryError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if entry.config_cls is not None:
+        from_dict(entry.config_cls, params, f"{where}.params")
+    elif params:
+        raise ConfigError(f"{where}.params: {name!r} takes no parameters")

@@ -10,7 +10,7 @@
                   real audio; a random window in training, the centre one (or ``windows`` evenly
                   spread ones -> (V, S)) at evaluation; PyAV decodes, torchaudio resamples.
 Frames, fps, size and normalisation / sample rate and length default to the model's video / audio
-tower (``OpContext.video`` / ``.audio``), so a config need not repeat them.
+tower (``OpContext.spec("video")`` / ``("audio")``), so a config need not repeat them.
 
 Bad input (unreadable or truncated media, no audio track, zero-length audio, absurd resolutions)
 raises ``SampleError`` and is skipped and counted by the stream; with ``optional: true`` the sample
@@ -119,14 +119,14 @@ def _optional(p_optional: bool, modality: str, fill: Callable[[], Sample], op: O
 
 
 def _video_spec(p: DecodeVideoParams, ctx: OpContext) -> tuple[int, float, int, tuple, tuple]:
-    spec = ctx.video
+    spec = ctx.spec("video")
     frames, fps = p.frames or (spec and spec.frames), p.fps or (spec and spec.fps)
-    size = p.size or (spec.size if spec else ctx.image_size[0])
+    size = p.size or (spec.size if spec else ctx.image.size[0])
     if not frames or not fps:
         raise ValueError("decode_video needs frames and fps: set them in its params or give the model a video tower")
     if p.train and p.clips * p.crops > 1:
         raise ValueError("decode_video: clips/crops > 1 are evaluation views; set train: false")
-    mean, std = (spec.mean, spec.std) if spec else (ctx.mean, ctx.std)
+    mean, std = (spec.mean, spec.std) if spec else (ctx.image.mean, ctx.image.std)
     return int(frames), float(fps), int(size), tuple(mean), tuple(std)
 
 
@@ -224,8 +224,9 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
 def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
     """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,);
     with ``windows = V > 1`` (evaluation) -> ``audio`` (V, S) + ``audio_mask`` (V, S)."""
-    rate = p.sample_rate or (ctx.audio and ctx.audio.sample_rate)
-    seconds = p.seconds or (ctx.audio and ctx.audio.seconds)
+    audio = ctx.spec("audio")
+    rate = p.sample_rate or (audio and audio.sample_rate)
+    seconds = p.seconds or (audio and audio.seconds)
     if not rate or not seconds:
         raise ValueError("decode_audio needs sample_rate and seconds: set them in its params or give the model "
                          "an audio tower")

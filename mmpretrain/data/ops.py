@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from PIL import Image
@@ -19,6 +19,7 @@ from torchvision.transforms import v2 as T
 
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.registry import Registry
+from mmpretrain.types import ImageSpec
 
 Sample = dict[str, Any]
 Op = Callable[[Sample], Sample]
@@ -40,36 +41,25 @@ class SampleError(ValueError):
 
 
 @dataclass(frozen=True)
-class VideoSpec:
-    """The input a video tower expects: T frames sampled at ``fps``, ``size`` x ``size``, normalised."""
-
-    frames: int
-    fps: float
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class AudioSpec:
-    """The input an audio tower expects: ``seconds`` of mono audio at ``sample_rate``."""
-
-    sample_rate: int
-    seconds: float
-
-
-@dataclass(frozen=True)
 class OpContext:
-    """What ops need from the model: image geometry, normalisation, the text tokenizer, and the
-    video / audio towers' input (``None`` when the model has no such tower)."""
+    """What ops need from the model: each tower's input spec by modality (``types.ImageSpec``,
+    ``TextSpec`` with the tokenizer, ``VideoSpec``, ``AudioSpec``; ``model.data_context()``)."""
 
-    image_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    interpolation: str = "bicubic"
-    tokenizer: Any = None  # picklable ``list[str] -> {"text", "text_mask"}``
-    video: VideoSpec | None = None
-    audio: AudioSpec | None = None
+    specs: Mapping[str, Any] = field(default_factory=dict)
+
+    def spec(self, modality: str) -> Any:
+        """``modality``'s input spec, or None when the model has no such tower."""
+        return self.specs.get(modality)
+
+    @property
+    def image(self) -> ImageSpec:
+        """The image tower's spec (defaults when there is none: image ops then use them)."""
+        return self.specs.get("image") or ImageSpec()
+
+    @property
+    def tokenizer(self) -> Any:
+        text = self.specs.get("text")
+        return text.tokenizer if text is not None else None
 
 
 def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
@@ -81,6 +71,14 @@ def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
         params = from_dict(entry.config_cls, spec.params, f"data.ops[{i}].params") if entry.config_cls else None
         ops.append(entry.builder(params, ctx))
     return ops
+
+
+def check_ops(specs: list[OpSpec], where: str) -> None:
+    """Every op of ``specs`` is registered and its params fit; ``ConfigError`` naming ``where[i]`` otherwise."""
+    from mmpretrain.config.strict import check_params
+
+    for i, spec in enumerate(specs):
+        check_params(DATA_OPS, spec.op, spec.params, f"{where}[{i}]")
 
 
 def apply_ops(ops: list[Op], sample: Sample) -> Sample:
@@ -176,8 +174,8 @@ class RandomResizedCropParams:
 @DATA_OPS.register("random_resized_crop", config=RandomResizedCropParams)
 def random_resized_crop(p: RandomResizedCropParams, ctx: OpContext) -> Op:
     """Random area/aspect crop resized to the tower's input (CLIP's train augmentation)."""
-    size = (p.size, p.size) if p.size else ctx.image_size
-    mode = T.InterpolationMode(ctx.interpolation)
+    size = (p.size, p.size) if p.size else ctx.image.size
+    mode = T.InterpolationMode(ctx.image.interpolation)
     return _image_op(T.RandomResizedCrop(size, scale=p.scale, ratio=p.ratio, interpolation=mode, antialias=True))
 
 
@@ -189,8 +187,8 @@ class ResizeCenterCropParams:
 @DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams)
 def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
     """Resize the short side, then centre-crop (deterministic evaluation transform)."""
-    size = (p.size, p.size) if p.size else ctx.image_size
-    mode = T.InterpolationMode(ctx.interpolation)
+    size = (p.size, p.size) if p.size else ctx.image.size
+    mode = T.InterpolationMode(ctx.image.interpolation)
     return _image_op(T.Compose([T.Resize(min(size), interpolation=mode, antialias=True), T.CenterCrop(size)]))
 
 
@@ -230,7 +228,7 @@ class NormalizeParams:
 @DATA_OPS.register("to_tensor_normalize", config=NormalizeParams)
 def to_tensor_normalize(p: NormalizeParams, ctx: OpContext) -> Op:
     """PIL -> float tensor (3, H, W), normalised with the tower's mean/std."""
-    mean, std = list(p.mean or ctx.mean), list(p.std or ctx.std)
+    mean, std = list(p.mean or ctx.image.mean), list(p.std or ctx.image.std)
     return _image_op(T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]))
 
 

@@ -13,17 +13,13 @@ DropToken (VATT): in training each clip keeps a random ``1 - drop_token`` fracti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.encoders.base import register_encoder
-from mmpretrain.types import Batch
-
-if TYPE_CHECKING:
-    from mmpretrain.data.ops import AudioSpec
+from mmpretrain.types import Batch, AudioSpec
 
 
 @dataclass(frozen=True)
@@ -95,10 +91,8 @@ class AudioTransformer(nn.Module):
         self.norm = nn.LayerNorm(p.width)
         self.grad_checkpointing = False
 
-    def input_spec(self) -> "AudioSpec":
+    def input_spec(self) -> AudioSpec:
         """What the data ops must produce for this tower (sample rate, length)."""
-        from mmpretrain.data.ops import AudioSpec
-
         return AudioSpec(self.p.sample_rate, self.p.seconds)
 
     def example_batch(self, batch_size: int) -> Batch:

@@ -6,10 +6,11 @@ An encoder is an ``nn.Module`` with:
         (open_clip towers carry their own projection), so the default head is none;
     ``forward(batch) -> Tensor (B, output_dim)``: reads ``batch[modality]`` (and its mask);
     ``example_batch(batch_size) -> Batch``: a valid random input, used by the generated tests;
+    ``input_spec()``: what the tower takes, the modality's spec type in ``types.SPEC_TYPES``
+        (``ImageSpec``: size and normalisation; ``TextSpec``: the tokenizer; ``VideoSpec``;
+        ``AudioSpec``), which the data ops read through ``model.data_context()``;
     ``set_grad_checkpointing(enable)``.
-Text encoders also give ``tokenizer()``, a picklable callable ``list[str] -> Batch``; video and
-audio encoders ``input_spec()`` (``VideoSpec`` / ``AudioSpec``: frames, fps, size / sample rate,
-seconds), which the decode ops default to.
+Text encoders (``TextEncoder``) also give ``tokenizer()``, a picklable ``list[str] -> Batch``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.registry import Registry
-from mmpretrain.types import MODALITIES, Batch
+from mmpretrain.types import MODALITIES, Batch, ImageSpec, TextSpec
 
 ENCODERS: dict[str, Registry[nn.Module]] = {m: Registry(f"{m} encoder") for m in MODALITIES}
 
@@ -80,6 +81,20 @@ class ImageEncoder(nn.Module):
 
     def example_batch(self, batch_size: int) -> Batch:
         return {"image": torch.randn(batch_size, 3, *self.image_size)}
+
+    def input_spec(self) -> ImageSpec:
+        return ImageSpec(tuple(self.image_size), tuple(self.mean), tuple(self.std),
+                         getattr(self, "interpolation", "bicubic"))
+
+
+class TextEncoder(nn.Module):
+    """Shared by text towers: their input is what ``tokenizer()`` makes of a list of strings."""
+
+    def tokenizer(self) -> Tokenizer:
+        raise NotImplementedError
+
+    def input_spec(self) -> TextSpec:
+        return TextSpec(self.tokenizer())
 
 
 def random_tokens(batch_size: int, length: int, vocab: int, *, generator: torch.Generator | None = None) -> Batch:

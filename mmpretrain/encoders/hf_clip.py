@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import ImageEncoder, register_encoder
+from mmpretrain.encoders.base import ImageEncoder, TextEncoder, register_encoder
 from mmpretrain.encoders.hf_text import HfTokenizer, hf_grad_checkpointing
 from mmpretrain.types import Batch
 
@@ -83,7 +83,7 @@ class HfClipVision(ImageEncoder):
         hf_grad_checkpointing(self.model, enable)
 
 
-class HfClipText(nn.Module):
+class HfClipText(TextEncoder):
     """Tokens (B, L) + mask -> (B, E): the folder's text model and projection."""
 
     projects = True

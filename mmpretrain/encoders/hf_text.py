@@ -13,7 +13,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import masked_mean, random_tokens, register_encoder
+from mmpretrain.encoders.base import TextEncoder, masked_mean, random_tokens, register_encoder
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
@@ -80,7 +80,7 @@ class HfTokenizer:
         return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
 
 
-class HfText(nn.Module):
+class HfText(TextEncoder):
     """Tokens (B, L) + mask (B, L, True = keep) -> pooled hidden state (B, hidden_size)."""
 
     projects = False

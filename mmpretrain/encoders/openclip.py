@@ -15,7 +15,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import ImageEncoder, random_tokens, register_encoder
+from mmpretrain.encoders.base import ImageEncoder, TextEncoder, random_tokens, register_encoder
 from mmpretrain.types import Batch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,7 +117,7 @@ class BpeTokenizer:
         return {"text": ids, "text_mask": ids != 0}
 
 
-class OpenClipText(nn.Module):
+class OpenClipText(TextEncoder):
     """Tokens (B, L) -> (B, embed_dim): open_clip's causal text transformer, EOT pooling."""
 
     projects = True

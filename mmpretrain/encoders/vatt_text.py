@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.encoders.base import masked_mean, random_tokens, register_encoder
+from mmpretrain.encoders.base import TextEncoder, masked_mean, random_tokens, register_encoder
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
@@ -28,7 +28,7 @@ class VattTextParams:
     mlp_ratio: float = 4.0
 
 
-class VattText(nn.Module):
+class VattText(TextEncoder):
     """(B, L) tokens -> (B, width); a head projects to the shared space."""
 
     projects = False

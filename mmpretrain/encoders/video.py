@@ -18,17 +18,13 @@ In a config: ``model.towers.video.init_from: <checkpoint with a timm ViT image t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.encoders.base import register_encoder
-from mmpretrain.types import Batch
-
-if TYPE_CHECKING:
-    from mmpretrain.data.ops import VideoSpec
+from mmpretrain.types import Batch, VideoSpec
 
 
 @dataclass(frozen=True)
@@ -86,10 +82,8 @@ class ViViT(nn.Module):
         self.norm = nn.LayerNorm(p.width)
         self.grad_checkpointing = False
 
-    def input_spec(self) -> "VideoSpec":
+    def input_spec(self) -> VideoSpec:
         """What the data ops must produce for this tower (frames, fps, size, normalisation)."""
-        from mmpretrain.data.ops import VideoSpec
-
         return VideoSpec(self.p.frames, self.p.fps, self.p.image_size, tuple(self.p.mean), tuple(self.p.std))
 
     def example_batch(self, batch_size: int) -> Batch:

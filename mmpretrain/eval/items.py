@@ -127,7 +127,7 @@ def media_item_batches(model, source: str, modality: str, *, batch_size: int = 3
     from mmpretrain.eval.media import sample_captions
 
     ops = eval_ops(model, modality, Views())
-    spec = model.data_context().video  # the tower's normalisation, undone for thumbnails
+    spec = model.data_context().spec("video")  # the tower's normalisation, undone for thumbnails
     errors = ErrorCounter("skip", None)
     cur, pending = ItemBatch({}, [], [], [], []), []
     for sample in read_samples([source], errors.handler):

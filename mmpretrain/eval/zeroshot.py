@@ -39,7 +39,7 @@ class EvalTransform:
 
     def __init__(self, model):
         ctx = model.data_context()
-        self.geometry = (tuple(ctx.image_size), tuple(ctx.mean), tuple(ctx.std), ctx.interpolation)
+        self.geometry = ctx.image
         self._ops = None
 
     def __getstate__(self) -> dict:
@@ -50,8 +50,7 @@ class EvalTransform:
         from mmpretrain.data.ops import OpContext, apply_ops, build_ops
 
         if self._ops is None:
-            size, mean, std, interpolation = self.geometry
-            ctx = OpContext(image_size=size, mean=mean, std=std, interpolation=interpolation)
+            ctx = OpContext({"image": self.geometry})
             self._ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], ctx)
         return apply_ops(self._ops, {"image": image})["image"]
 

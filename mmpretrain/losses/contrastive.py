@@ -187,3 +187,15 @@ def milnce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
     text_to_clip = F.cross_entropy(logits_ba, own.repeat_interleave(k), reduction="none").view(-1, k).mean(1)
     per_row = 0.5 * (clip_to_text + text_to_clip)
     return per_row.mean() if row_ok is None else _masked_mean(per_row, row_ok, col_ok, raw, ctx)
+
+
+def check_pairs(loss) -> None:
+    """Every pair of ``loss.pairs`` names a registered loss kind; ``ConfigError`` otherwise."""
+    from mmpretrain.config.strict import ConfigError
+    from mmpretrain.registry import RegistryError
+
+    for i, pair in enumerate(loss.pairs):
+        try:
+            LOSSES.get(pair.kind)
+        except RegistryError as exc:
+            raise ConfigError(f"loss.pairs[{i}].kind: {exc}") from None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig, TowerConfig
-from mmpretrain.encoders import HEADS, build_encoder
+from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
 
 if TYPE_CHECKING:
@@ -79,31 +79,25 @@ class ContrastiveModel(nn.Module):
         for tower in self.towers.values():
             tower.set_grad_checkpointing(enable)
 
+    def input_spec(self, modality: str) -> Any:
+        """What ``modality``'s tower takes (``types.SPEC_TYPES``), asked once per model and kept: a text
+        spec holds the tokenizer, which costs ~80 ms to build (it pickles without its built state)."""
+        specs = self.__dict__.setdefault("_input_specs", {})
+        if modality not in specs:
+            specs[modality] = self.towers[modality].input_spec()
+        return specs[modality]
+
     def data_context(self) -> "OpContext":
-        """What the data ops need from this model: image size, normalisation, tokenizer, video/audio input."""
+        """What the data ops need from this model: every tower's input spec, by modality."""
         from mmpretrain.data.ops import OpContext
 
-        kwargs = {}
-        if "image" in self.towers:
-            image = self.towers["image"]
-            kwargs.update(image_size=tuple(image.image_size), mean=tuple(image.mean), std=tuple(image.std),
-                          interpolation=getattr(image, "interpolation", "bicubic"))
-        if "text" in self.towers:
-            kwargs["tokenizer"] = self.tokenizer()
-        for modality in ("video", "audio"):  # their towers say what input they expect (frames, rate, ...)
-            if modality in self.towers:
-                kwargs[modality] = self.towers[modality].input_spec()
-        return OpContext(**kwargs)
+        return OpContext({m: self.input_spec(m) for m in self.modalities})
 
     def tokenizer(self):
-        """The text tower's tokenizer: ``list[str] -> {"text", "text_mask"}``. Built once per model and
-        kept (building one costs ~80 ms: vocabulary and merges); it pickles without its built state."""
+        """The text tower's tokenizer: ``list[str] -> {"text", "text_mask"}``."""
         if "text" not in self.towers:
             raise ValueError(f"this model has no text tower (towers: {', '.join(self.modalities)})")
-        cached = self.__dict__.get("_tokenizer")
-        if cached is None:
-            cached = self.__dict__["_tokenizer"] = self.towers["text"].tokenizer()
-        return cached
+        return self.input_spec("text").tokenizer
 
 
 def share_trunk(towers: nn.ModuleDict, modalities: list[str]) -> None:
@@ -139,3 +133,15 @@ def _head_name(tower_cfg: TowerConfig, encoder: nn.Module) -> str:
 
 def build_model(cfg: ModelConfig) -> ContrastiveModel:
     return ContrastiveModel(cfg)
+
+
+def check_model(model: ModelConfig) -> None:
+    """Towers name known modalities and encoders, with params that fit the encoder; ``ConfigError`` otherwise."""
+    from mmpretrain.config.strict import ConfigError, check_params
+    from mmpretrain.config.validate import check_model_shape
+
+    check_model_shape(model)
+    for modality, tower in model.towers.items():
+        if modality not in ENCODERS:
+            raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
+        check_params(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")

@@ -27,7 +27,7 @@ from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError
-from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.models.contrastive import ContrastiveModel, check_model
 from mmpretrain.models.formats import (CHECKPOINT_FORMATS, OPEN_CLIP_CONFIG, CheckpointFormat,
                                        load_open_clip_state, open_clip_model_config)
 from mmpretrain.models.layout import find_latest, list_checkpoints, load_weights, verify_checkpoint
@@ -91,7 +91,9 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
     if local_dir(text) is not None:
         return _open_clip_dir_config(local_dir(text))
     if Path(text).suffix in (".yaml", ".yml") or Path(text).is_file():
-        return load_config(text).model
+        model = load_config(text).model
+        check_model(model)
+        return model
     import open_clip
 
     named = open_clip.get_model_config(text)
@@ -104,10 +106,9 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
 def model_config_from_tree(tree: dict[str, Any]) -> ModelConfig:
     """A ``model:`` mapping -> validated ``ModelConfig`` (model checks only, no loss/data)."""
     from mmpretrain.config.strict import from_dict
-    from mmpretrain.config.validate import validate_model
 
     cfg = from_dict(ModelConfig, tree, "model")
-    validate_model(cfg)
+    check_model(cfg)
     return cfg
 
 

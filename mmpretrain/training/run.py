@@ -27,12 +27,14 @@ from mmpretrain.training.loop import Trainer
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
 from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
 from mmpretrain.training.task import ContrastiveTask
+from mmpretrain.training.validate import validate_experiment
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: ExperimentConfig) -> Path:
     """Train (or resume) the run described by ``cfg``; returns its run directory."""
+    validate_experiment(cfg)  # a hand-built config is checked too, before any rank starts work
     info = init_distributed(cfg.train)
     trainer = None
     try:

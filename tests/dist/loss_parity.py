@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from mmpretrain.config.loader import config_from_tree
+from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.schema import LossConfig, LossPair
 from mmpretrain.losses import DistContext
 from mmpretrain.models import build_model
@@ -46,7 +46,7 @@ def main(out_path: str) -> None:
     for kind, gwg, local, masked in MODES:
         tree = {"model": {**TINY_MODEL, "logit_bias_init": -10.0 if kind == "siglip" else None}}
         torch.manual_seed(0)
-        base = build_model(config_from_tree(tree).model)
+        base = build_model(experiment_from_tree(tree).model)
         batch = full_batch(base, kind, masked)
         n = batch["image"].shape[0] // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}

@@ -1,0 +1,37 @@
+"""A whole experiment checked before any work: the config's own checks (``config.validate``) and
+those of the packages that own the registries it names (encoders, data ops, losses, evaluation sets).
+``api.load_config`` and ``train`` go through here; ``config/`` itself imports nothing above it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from mmpretrain.config.loader import config_from_tree, load_config
+from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.config.validate import check_config
+from mmpretrain.data.ops import check_ops
+from mmpretrain.eval.checks import check_eval
+from mmpretrain.losses import check_pairs
+from mmpretrain.models.contrastive import check_model
+
+
+def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Raise ``ConfigError`` naming the bad field and the valid choices; returns ``cfg``."""
+    check_config(cfg)
+    check_model(cfg.model)
+    check_ops(cfg.data.ops, "data.ops")
+    for j, src in enumerate(cfg.data.sources):
+        check_ops(src.ops or [], f"data.sources[{j}].ops")
+    check_pairs(cfg.loss)
+    check_eval(cfg.eval)
+    return cfg
+
+
+def experiment_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
+    """A merged config tree -> a fully checked ``ExperimentConfig``."""
+    return validate_experiment(config_from_tree(tree))
+
+
+def load_experiment(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """A layered YAML config with ``key=value`` overrides -> a fully checked ``ExperimentConfig``."""
+    return validate_experiment(load_config(path, overrides))
