@@ -128,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data_build(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mmpretrain.data.corpus import CORPORA, CorpusError
+    from mmpretrain.corpora import CORPORA, CorpusError
 
     entry = CORPORA.get(args.corpus)
     fields = {"size": args.size, "seed": args.seed}

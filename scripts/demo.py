@@ -46,7 +46,7 @@ def ensure_rsvg() -> None:
 
 
 def build_corpus(name: str, out: Path) -> dict:
-    from mmpretrain.data.corpus import CORPORA, CorpusError
+    from mmpretrain.corpora import CORPORA, CorpusError
 
     if (out / "manifest.json").is_file():
         return json.loads((out / "manifest.json").read_text())

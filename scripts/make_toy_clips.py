@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmpretrain.data.av_encode import encode_mp4
+from mmpretrain.corpora.av_encode import encode_mp4
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 PITCH = {"red": 330.0, "green": 440.0, "blue": 550.0, "yellow": 660.0}

@@ -37,3 +37,103 @@ def test_no_torch_load_without_weights_only():
                     and getattr(node.func.value, "id", "") == "torch":
                 kws = {k.arg: k.value for k in node.keywords}
                 assert "weights_only" in kws and getattr(kws["weights_only"], "value", None) is True, path
+
+
+# ---------------------------------------------------------------- layers and cycles
+# Bottom to top: a module may import its own layer's shared leaves and anything below it, never above.
+LAYERS = [
+    {"registry", "types", "errors", "utils"},  # leaves
+    {"config"},
+    {"data", "encoders", "losses"},  # siblings: none imports another
+    {"models"},
+    {"eval", "corpora"},
+    {"training"},
+    {"api"},
+    {"cli", "__init__"},
+]
+SIBLINGS_APART = [{"data", "encoders", "losses"}, {"eval", "corpora"}]
+
+
+def _part(module: str) -> str:
+    """``mmpretrain.data.ops`` -> ``data``; ``mmpretrain.api`` -> ``api``; ``mmpretrain`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _layer(part: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the mmpretrain modules it imports (top-level and function-local), from the source."""
+    graph = {}
+    for path in (ROOT / "mmpretrain").rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("mmpretrain")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("mmpretrain"):
+                modules = {f"{node.module}.{a.name}" for a in node.names}
+                targets |= {m for m in modules if _is_module(m)} or {node.module}
+        graph[name] = targets
+    return graph
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_every_part_has_a_layer():
+    for module in _module_graph():
+        assert any(_part(module) in names for names in LAYERS), f"{module}: give its package a layer in LAYERS"
+
+
+def test_no_import_goes_up_a_layer_or_across_siblings():
+    bad = []
+    for module, targets in _module_graph().items():
+        src = _part(module)
+        for target in targets:
+            dst = _part(target)
+            if dst == src:
+                continue
+            siblings = any({src, dst} <= group for group in SIBLINGS_APART)
+            if _layer(dst) > _layer(src) or siblings:
+                bad.append(f"{module} -> {target}")
+    assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycles_between_files():
+    graph = _module_graph()
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"

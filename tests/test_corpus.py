@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmpretrain.data import corpus
-from mmpretrain.data.corpus import RASTERIZERS, CorpusError, EmojiCorpusConfig, build_emoji_corpus
+import shutil
+
+from mmpretrain.corpora import RASTERIZERS, CorpusError, base, emoji
+from mmpretrain.corpora.emoji import EmojiCorpusConfig, build_emoji_corpus
 from tests.conftest import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
@@ -71,16 +73,17 @@ def test_eval_splits_feed_the_evaluator(tmp_path, tiny_model_cfg):
 
 
 def test_missing_tools_fail_with_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match="apt-get install librsvg2-bin"):
-        corpus.rsvg("<svg/>", tmp_path / "x.png", 8)
+        base.rsvg("<svg/>", tmp_path / "x.png", 8)
     with pytest.raises(CorpusError, match="install Node.js and npm"):
-        corpus.fetch_npm("@iconify-json/noto", tmp_path)
+        emoji.fetch_npm("@iconify-json/noto", tmp_path)
 
 
-@pytest.mark.skipif(corpus.shutil.which("rsvg-convert") is None, reason="rsvg-convert not installed")
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None,
+                    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)")
 def test_rsvg_renders_a_real_icon(tmp_path):
-    style = corpus.load_style("noto", FIXTURE / "noto")
-    corpus.rsvg(style.svgs["dog-face"], tmp_path / "dog.png", 64)
+    style = emoji.load_style("noto", FIXTURE / "noto")
+    base.rsvg(style.svgs["dog-face"], tmp_path / "dog.png", 64)
     img = Image.open(tmp_path / "dog.png").convert("RGB")
     assert img.size == (64, 64) and len(img.getcolors(maxcolors=1 << 16)) > 20  # a drawing, not a blank

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmpretrain.data import icons
-from mmpretrain.data.corpus import CORPORA, CorpusError
-from mmpretrain.data.icons import IconCorpusConfig, build_icon_corpus, index_theme, merge_aliases
+from mmpretrain.corpora import CORPORA, CorpusError, icons
+from mmpretrain.corpora.icons import IconCorpusConfig, build_icon_corpus, index_theme, merge_aliases
 from tests.conftest import ROOT
 from tests.test_corpus import stub  # noqa: F401  (registers the "stub" rasteriser)
 
@@ -100,12 +99,13 @@ def test_build_from_fake_themes(tmp_path):
 
 def test_icon_corpus_is_registered_and_fails_clearly_without_apt(tmp_path, monkeypatch):
     assert CORPORA.get("icons").config_cls is IconCorpusConfig
-    monkeypatch.setattr(icons.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match="needs a Debian/Ubuntu machine"):
         icons.fetch_debs(("tango-icon-theme",), tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="rsvg-convert not installed")
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None,
+                    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)")
 def test_rsvg_file_renders_a_tango_icon_and_png_sources(tmp_path):
     icons.rsvg_file(str(TANGO / "printer.svg"), tmp_path / "p.png", 48)
     img = Image.open(tmp_path / "p.png").convert("RGB")

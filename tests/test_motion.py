@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmpretrain.data import motion
-from mmpretrain.data.motion import MotionCorpusConfig, build_motion_corpus, captions_for, render_frames
+from mmpretrain.corpora import motion
+from mmpretrain.corpora.motion import MotionCorpusConfig, build_motion_corpus, captions_for, render_frames
 from tests.conftest import ROOT
 from tests.test_corpus import stub  # noqa: F401  (registers the "stub" rasterizer)
 

@@ -136,7 +136,7 @@ def build(name, params, ctx=CTX):
 def test_multi_view_video_is_deterministic_and_varied():
     import numpy as np
 
-    from mmpretrain.data.av_encode import encode_mp4
+    from mmpretrain.corpora.av_encode import encode_mp4
 
     frames = np.random.default_rng(0).integers(0, 255, (16, 32, 64, 3), dtype=np.uint8)  # wide: crops differ
     wide = encode_mp4(frames, 8, None, 8000)

@@ -318,5 +318,3 @@ def tokenize(p: None, ctx: OpContext) -> Op:
         return s
 
     return op
-
-from mmpretrain.data import av_ops  # noqa: E402,F401  (registers decode_video / decode_audio)

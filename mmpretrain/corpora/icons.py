@@ -5,9 +5,9 @@ install) and unpacked with ``dpkg-deb -x`` into the cache. Icon names follow the
 Icon Naming Spec (``printer``, ``camera-photo``, ``weather-storm``); names that are symlinks of
 one another in some theme are aliases and merge into one concept. Themes are grouped into
 families so that near-copies (gnome~mate, Paper~Moka, elementary~elementary-xfce, Yaru~suru)
-stay on the same side of a split. Splits (shared DATA.md): training families; held-out
-rendition families (oxygen, breeze, Papirus); ``*-symbolic`` monochrome versions (sketch);
-concepts never trained on (unseen). Output layout as the emoji corpus (``corpus.write_corpus``).
+stay on the same side of a split. Splits: training families; held-out rendition families (oxygen,
+breeze, Papirus); ``*-symbolic`` monochrome versions (sketch); concepts never trained on (unseen).
+Output layout as the emoji corpus (``corpora.base.write_corpus``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mmpretrain.data.corpus import CORPORA, RASTERIZERS, CorpusError, write_corpus
+from mmpretrain.corpora.base import CORPORA, RASTERIZERS, CorpusError, need_rsvg, seeded_split, write_corpus
+from mmpretrain.corpora.debian import fetch_debs, licence
 from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -78,59 +79,10 @@ def rsvg_file(src: str, out: Path, size: int) -> None:
             canvas.convert("RGB").save(path)
             path.replace(out)
         return
-    if shutil.which("rsvg-convert") is None:
-        raise CorpusError("rsvg-convert not found: install it with `apt-get install librsvg2-bin`")
+    need_rsvg()
     png = subprocess.run(["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white", src],
                          capture_output=True, check=True).stdout
     atomic_write_bytes(out, png)
-
-
-def fetch_debs(packages: tuple[str, ...], cache: Path) -> dict[str, dict]:
-    """Download and unpack each package once into ``cache/root/<pkg>``; returns name/version/licence."""
-    out = {}
-    for pkg in packages:
-        root, deb_dir = cache / "root" / pkg, cache / "deb"
-        if not (root / ".unpacked").is_file():
-            deb = _download_deb(pkg, deb_dir)
-            tmp = root.with_name(pkg + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
-            info = {"name": pkg, "version": _deb_field(deb, "Version"), "license": _licence(tmp, pkg)}
-            atomic_write_text(tmp / ".unpacked", json.dumps(info))
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
-        out[pkg] = json.loads((root / ".unpacked").read_text())
-    return out
-
-
-def _download_deb(pkg: str, deb_dir: Path) -> Path:
-    have = sorted(deb_dir.glob(f"{pkg}_*.deb"))
-    if have:
-        return have[-1]
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise CorpusError(f"{tool} not found: the icon corpus needs a Debian/Ubuntu machine (apt) to fetch {pkg}")
-    deb_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["apt-get", "download", pkg], cwd=deb_dir, capture_output=True, text=True)
-    have = sorted(deb_dir.glob(f"{pkg}_*.deb"))
-    if proc.returncode != 0 or not have:
-        raise CorpusError(f"`apt-get download {pkg}` failed ({proc.stderr.strip()[-300:]}); run `apt-get update` "
-                          f"(as root) so apt knows the package, or drop it from the config's packages")
-    return have[-1]
-
-
-def _deb_field(deb: Path, name: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True).stdout.strip()
-
-
-def _licence(root: Path, pkg: str) -> str:
-    """The licence names of the package's Debian copyright file (``License:`` fields)."""
-    copyright_file = root / "usr" / "share" / "doc" / pkg / "copyright"
-    if not copyright_file.is_file():
-        return "unknown"
-    names = re.findall(r"^License:\s*(\S.*)$", copyright_file.read_text(errors="replace"), re.M)
-    return ", ".join(dict.fromkeys(n.strip() for n in names)) or "see copyright"
 
 
 def _size_of(path: Path) -> int:
@@ -249,13 +201,9 @@ def plan_corpus(cfg: IconCorpusConfig, themes: dict[str, ThemeIcons]) -> IconPla
         for name, path in themes[t].symbolic.items():
             files.setdefault((f"{t}-symbolic", canon[name]), path)
     usable = sorted({c for (_, c) in files if sum((t, c) in files for t in train) >= cfg.min_train_themes})
-    rng = random.Random(cfg.seed)
-    rng.shuffle(usable)
-    if cfg.concepts is not None:
-        usable = usable[: cfg.concepts]
-    n_unseen = round(len(usable) * cfg.unseen_fraction)
+    seen, unseen = seeded_split(usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction)
     sketch = sorted({s for (s, _) in files if s.endswith("-symbolic")})
-    return IconPlan(sorted(usable[n_unseen:]), sorted(usable[:n_unseen]), files, train, rendition, sketch, context)
+    return IconPlan(seen, unseen, files, train, rendition, sketch, context)
 
 
 def rasterize_plan(cfg: IconCorpusConfig, cache: Path, plan: IconPlan) -> dict[tuple[str, str], Path]:
@@ -298,7 +246,7 @@ def build_icon_corpus(cfg: IconCorpusConfig, cache: str | Path, out: str | Path,
         sources = fetch_debs(cfg.packages, cache)
         roots = {pkg: cache / "root" / pkg for pkg in cfg.packages}
     else:
-        sources = {pkg: {"name": pkg, "version": "local", "license": _licence(root, pkg)} for pkg, root in roots.items()}
+        sources = {pkg: {"name": pkg, "version": "local", "license": licence(root, pkg)} for pkg, root in roots.items()}
     wanted = {t for members in cfg.families.values() for t in members}
     themes = {d.name: index_theme(d, cfg.contexts) for root in roots.values()
               for d in sorted((root / "usr" / "share" / "icons").glob("*")) if d.name in wanted and d.is_dir()}

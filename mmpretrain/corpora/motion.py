@@ -34,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmpretrain.data.corpus import (CORPORA, Concept, CorpusError, EmojiCorpusConfig, load_concepts, load_style,
-                                    rasterize_all, resolve_sources)
+from mmpretrain.corpora.av_encode import encode_mp4
+from mmpretrain.corpora.base import CORPORA, CorpusError, seeded_split
+from mmpretrain.corpora.debian import fetch_debs
+from mmpretrain.corpora.emoji import (Concept, EmojiCorpusConfig, load_concepts, load_style, rasterize_all,
+                                      resolve_sources)
 from mmpretrain.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -87,8 +90,6 @@ def espeak_command(cache: Path) -> tuple[list[str], dict[str, str]]:
     found = shutil.which("espeak-ng")
     if found:
         return [found], dict(os.environ)
-    from mmpretrain.data.icons import fetch_debs
-
     fetch_debs(ESPEAK_PACKAGES, cache)
     roots = [cache / "root" / pkg for pkg in ESPEAK_PACKAGES]
     libs = [str(d) for r in roots for d in (r / "usr" / "lib").glob("*-linux-gnu*") if d.is_dir()]
@@ -147,8 +148,6 @@ def captions_for(label: str, motion: str) -> list[str]:
 def make_clip(spec: ClipSpec, png: Path, cfg: MotionCorpusConfig, espeak) -> bytes:
     """One MP4 (H.264 + AAC) of ``spec``."""
     from PIL import Image
-
-    from mmpretrain.data.av_encode import encode_mp4
 
     rng = random.Random(spec.seed)
     with Image.open(png) as img:
@@ -210,12 +209,8 @@ def write_split(name: str, clips: list[ClipSpec], pngs: dict, cfg: MotionCorpusC
 def select_concepts(cfg: MotionCorpusConfig, concepts: list[Concept], styles: dict) -> tuple[list[Concept], list[Concept]]:
     """(seen, unseen): short names (<= 3 words, so the speech fits the clip) drawn in every style."""
     usable = [c for c in concepts if len(c.label.split()) <= 3 and all(c.slug in styles[s].svgs for s in cfg.styles)]
-    rng = random.Random(cfg.seed)
-    rng.shuffle(usable)
-    if cfg.concepts is not None:
-        usable = usable[: cfg.concepts]
-    n_unseen = round(len(usable) * cfg.unseen_fraction)
-    return sorted(usable[n_unseen:], key=lambda c: c.slug), sorted(usable[:n_unseen], key=lambda c: c.slug)
+    return seeded_split(usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction,
+                        key=lambda c: c.slug)
 
 
 @CORPORA.register("motion", config=MotionCorpusConfig)

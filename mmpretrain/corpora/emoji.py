@@ -2,18 +2,15 @@
 
 Sources (npm, cached): ``emojibase-data`` (names, tags, groups; MIT) and one
 ``@iconify-json/<style>`` package per style (SVG bodies keyed by CLDR slug, e.g. ``dog-face``).
-Each (style, concept) SVG is rasterised once (``rsvg-convert``) into the cache. Splits (see
-shared DATA.md): training styles; a held-out rendition style (ImageNet-R analogue); held-out
+Each (style, concept) SVG is rasterised once (``rsvg-convert``) into the cache. Splits: training
+styles; a held-out rendition style (ImageNet-R analogue); held-out
 monochrome sketch styles (ImageNet-Sketch analogue); concepts never trained on (unseen).
 Output: training shards (via the shard writer) and each evaluation split as an ImageFolder
 tree (``<split>/<concept>/<style>.png``) for ``mmpretrain eval zeroshot --data NAME@folder=DIR``.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-import logging
 import random
 import re
 import shutil
@@ -21,20 +18,12 @@ import subprocess
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from mmpretrain.registry import Registry
-from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text
+from mmpretrain.corpora.base import CORPORA, RASTERIZERS, CorpusError, seeded_split, write_corpus
+from mmpretrain.utils.io import atomic_write_text
 
-log = logging.getLogger(__name__)
-RASTERIZERS: Registry[Callable[[str, Path, int], None]] = Registry("rasterizer")
-CORPORA: Registry[Callable[..., dict]] = Registry("corpus")  # name -> build(cfg, cache, out); config_cls types cfg
 TEMPLATES = ("{label}", "a {label} emoji", "an icon of a {label}", "a drawing of a {label}", "{label}, {tag}",
              "the {label} symbol")
-
-
-class CorpusError(RuntimeError):
-    """A source cannot be had; the message says what to install."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +55,6 @@ class Style:
 
 def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-
-
-@RASTERIZERS.register("rsvg")
-def rsvg(svg: str, out: Path, size: int) -> None:
-    """librsvg's ``rsvg-convert`` on a white background (Debian: librsvg2-bin)."""
-    if shutil.which("rsvg-convert") is None:
-        raise CorpusError("rsvg-convert not found: install it with `apt-get install librsvg2-bin`")
-    png = subprocess.run(["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white"], input=svg.encode(),
-                         capture_output=True, check=True).stdout
-    atomic_write_bytes(out, png)
 
 
 def fetch_npm(package: str, cache: Path) -> Path:
@@ -138,13 +117,8 @@ def select(cfg: EmojiCorpusConfig, concepts: list[Concept], styles: dict[str, St
     usable = [c for c in concepts
               if sum(c.slug in styles[s].svgs for s in cfg.train_styles) >= min(2, len(cfg.train_styles))
               and all(c.slug in styles[s].svgs for s in held_out)]
-    rng = random.Random(cfg.seed)
-    rng.shuffle(usable)
-    if cfg.concepts is not None:
-        usable = usable[: cfg.concepts]
-    n_unseen = round(len(usable) * cfg.unseen_fraction)
-    unseen, seen = usable[:n_unseen], usable[n_unseen:]
-    return sorted(seen, key=lambda c: c.slug), sorted(unseen, key=lambda c: c.slug)
+    return seeded_split(usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction,
+                        key=lambda c: c.slug)
 
 
 def rasterize_all(cfg: EmojiCorpusConfig, cache: Path, styles: dict[str, Style], concepts: list[Concept]) -> dict:
@@ -166,36 +140,6 @@ def rasterize_all(cfg: EmojiCorpusConfig, cache: Path, styles: dict[str, Style],
 def caption(concept: Concept, rng: random.Random) -> str:
     tag = rng.choice(concept.tags) if concept.tags else concept.label
     return rng.choice(TEMPLATES).format(label=concept.label, tag=tag)
-
-
-def write_corpus(out: Path, train: list[tuple[Path, str, str]], splits: dict[str, list[tuple[Path, str, str]]],
-                 shard_count: int) -> dict[str, int]:
-    """Write training shards and evaluation ImageFolder splits; returns image counts per split.
-
-    ``train``: (png, caption, file name) rows; ``splits[name]``: (png, concept label, file name) rows,
-    written as ``out/eval/<name>/<label with _>/<file name>``. Shared by every corpus builder.
-    """
-    from mmpretrain.data.shards import ShardWriterConfig, make_shards
-
-    staging = out / "train_images"
-    buf = io.StringIO()
-    rows = csv.writer(buf)
-    rows.writerow(["file", "caption"])
-    for png, text, name in train:
-        (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, staging / name)
-        rows.writerow([name, text])
-    atomic_write_text(staging / "captions.csv", buf.getvalue())
-    manifest = make_shards(staging, staging / "captions.csv", out / "shards", ShardWriterConfig(max_count=shard_count),
-                           progress=False)
-    counts = {"train_shards": manifest.samples}
-    for split, items in splits.items():
-        for png, label, name in items:
-            folder = out / "eval" / split / label.replace(" ", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, folder / name)
-        counts[split] = len(items)
-    return counts
 
 
 def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Concept], unseen: list[Concept]) -> dict:
@@ -236,5 +180,3 @@ def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Pat
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
-
-from mmpretrain.data import icons, motion  # noqa: E402,F401  (register the icons and motion corpora in CORPORA)
