@@ -90,10 +90,11 @@ def encode(model: ContrastiveModel, modality: str, batch: Batch, *, normalize: b
 
 
 def image_transform(model: ContrastiveModel):
-    """The model's evaluation preprocessing: PIL image -> normalised (3, H, W) tensor."""
-    from mmpretrain.eval.zeroshot import EvalTransform
+    """The model's evaluation preprocessing of images (``eval.inputs.EvalInput``): a PIL image, image
+    bytes or file -> normalised (3, H, W) tensor. Picklable, so it can run in another process."""
+    from mmpretrain.eval.inputs import EvalInput
 
-    return EvalTransform(model)
+    return EvalInput(model, "image")
 
 
 def trim_padding(batch: Batch) -> Batch:
@@ -120,16 +121,11 @@ def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: i
 def encode_images(model: ContrastiveModel, images: Sequence[Any], *, batch_size: int = 64) -> Tensor:
     """Images (PIL images, image files or bytes) -> (N, E) L2-normalised embeddings, with the model's
     evaluation preprocessing. Files and bytes are decoded by ``open_image`` (JPEG/PNG/WEBP/BMP/GIF)."""
-    from PIL import Image
-
     transform, images = image_transform(model), list(images)
     if not images:
         raise ValueError("encode_images: no images given")
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = [x.convert("RGB") if isinstance(x, Image.Image) else open_image(x) for x in images[i : i + batch_size]]
-        out.append(encode(model, "image", {"image": torch.stack([transform(x) for x in chunk])}))
-    return torch.cat(out)
+    return torch.cat([encode(model, "image", transform.batch(images[i : i + batch_size]))
+                      for i in range(0, len(images), batch_size)])
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -173,16 +169,13 @@ def expand_sources(spec: str) -> list[str]:
 def item_batches(model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128,
                  modality: str = "image"):
     """Preprocessed batches of one source (``ItemBatch``: ``inputs={modality: (B, ...)}``, ``keys``,
-    ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` counts on the last batch). Images come
-    from shards or folders; video and audio from shards (evaluation preprocessing of the model)."""
+    ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` and ``complete`` on the last batch): a
+    shard, or a folder of files, of any modality, with the model's evaluation preprocessing."""
     from mmpretrain.eval.items import item_batches as _item_batches
-    from mmpretrain.eval.items import media_item_batches
 
     if modality not in model.towers:
         raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
-    if modality == "image":
-        return _item_batches(model, source, batch_size=batch_size, thumb_size=thumb_size)
-    return media_item_batches(model, source, modality, batch_size=batch_size, thumb_size=thumb_size)
+    return _item_batches(model, source, modality, batch_size=batch_size, thumb_size=thumb_size)
 
 
 def model_id(model: ContrastiveModel) -> str:

@@ -99,7 +99,7 @@ def render() -> str:
 
     parts = [HEADER]
     for cls, title in ((s.ModelConfig, "model"), (s.TowerConfig, "model.towers.<modality>"),
-                       (s.DataConfig, "data"), (s.OpSpec, "data.ops[i] / data.eval_ops[i]"),
+                       (s.DataConfig, "data"), (s.OpSpec, "data.ops[i]"),
                        (s.LossConfig, "loss"), (s.LossPair, "loss.pairs[i]"), (s.OptimConfig, "optim"),
                        (s.TrainConfig, "train"), (s.EvalConfig, "eval")):
         parts.append("\n".join(section(cls, title)))

@@ -129,3 +129,12 @@ def test_shipped_configs_load():
         load_config(path)
     for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_retired_key_in_an_older_config_is_dropped_with_a_warning(caplog):
+    """Checkpoints and resolved.yaml files written before data.eval_ops was retired keep loading."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        cfg = experiment_from_tree(tree(data={"eval_ops": [{"op": "decode_image"}]}))
+    assert not hasattr(cfg.data, "eval_ops") and "retired key data.eval_ops" in caplog.text

@@ -121,3 +121,45 @@ def test_eval_retrieval_cli_on_a_folder(tmp_path, tiny_model_cfg):
                    "--templates", "a <>")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "text_to_image_R@10" in proc.stdout and "toy" in proc.stdout
+
+
+def test_one_evaluation_input_for_files_bytes_pil_and_uploads(tiny_ckpt, tmp_path):
+    """EvalInput is the one image recipe: a file, its bytes, the PIL image and a pickled copy (the service's
+    decoder process) give the same tensor as the registered ops applied by hand."""
+    import pickle
+
+    import torch
+
+    from PIL import Image
+
+    from mmpretrain import api
+    from mmpretrain.data.ops import apply_ops, build_ops, open_image
+    from mmpretrain.eval.inputs import EVAL_INPUTS, EvalInput, Views
+
+    model = api.load_checkpoint(tiny_ckpt)
+    rgba = Image.new("RGBA", (50, 40), (10, 200, 30, 128))
+    for name in ("a.png", "b.bmp", "c.gif", "d.jpg"):
+        (rgba if name.endswith("png") else rgba.convert("RGB")).save(tmp_path / name)
+        by_hand = apply_ops(build_ops(EVAL_INPUTS.get("image").builder(Views()), model.data_context()),
+                            {name.split(".")[1]: (tmp_path / name).read_bytes()})["image"]
+        inputs = EvalInput(model, "image")
+        for item in (tmp_path / name, (tmp_path / name).read_bytes(), open_image(tmp_path / name)):
+            assert torch.equal(inputs(item), by_hand), name
+        assert torch.equal(pickle.loads(pickle.dumps(inputs))(tmp_path / name), by_hand)
+    assert len(pickle.dumps(EvalInput(model, "image"))) < 2000  # no ops, no tokenizer
+
+
+def test_item_batches_read_a_folder_of_any_image_suffix_with_sidecar_captions(tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    from mmpretrain import api
+    from mmpretrain.eval.items import item_batches
+
+    for i, suffix in enumerate(("png", "bmp", "gif", "jpeg")):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / f"x{i}.{suffix}")
+    (tmp_path / "x1.txt").write_text("a dark red square")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    batches = list(item_batches(api.load_checkpoint(tiny_ckpt), str(tmp_path), batch_size=8))
+    keys = [k for b in batches for k in b.keys]
+    assert keys == ["x0.png", "x1.bmp", "x2.gif", "x3.jpeg"] and batches[-1].skipped == {"bad_image": 1}
+    assert batches[0].captions[1] == "a dark red square" and all(t[:2] == b"\xff\xd8" for t in batches[0].thumbnails)

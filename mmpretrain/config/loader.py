@@ -40,9 +40,22 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
     """Strictly convert a merged tree and make the checks a config can make of itself (the checks
     against the registries are ``training.validate``'s)."""
-    cfg = from_dict(ExperimentConfig, tree)
+    cfg = from_dict(ExperimentConfig, _drop_retired(tree))
     check_config(cfg)
     return cfg
+
+
+# Keys this version no longer has, still present in older resolved configs and checkpoints:
+# dropped with a warning, so those keep loading and resuming.
+RETIRED = {("data", "eval_ops"): "evaluation inputs come from one recipe per modality (eval.inputs.EVAL_INPUTS)"}
+
+
+def _drop_retired(tree: dict[str, Any]) -> dict[str, Any]:
+    for (section, key), why in RETIRED.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            log.warning("ignoring the retired key %s.%s: %s", section, key, why)
+            tree = {**tree, section: {k: v for k, v in tree[section].items() if k != key}}
+    return tree
 
 
 def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -57,16 +57,6 @@ def _default_ops() -> list[OpSpec]:
     ]
 
 
-def _default_eval_ops() -> list[OpSpec]:
-    return [
-        OpSpec("decode_image"),
-        OpSpec("resize_center_crop"),
-        OpSpec("to_tensor_normalize"),
-        OpSpec("caption"),
-        OpSpec("tokenize"),
-    ]
-
-
 @dataclass(frozen=True)
 class SourceConfig:
     """One dataset of a mixture: its shards, sampling weight and (optionally) its own ops."""
@@ -88,7 +78,6 @@ class DataConfig:
     shuffle_shards: bool = True  # reshuffle the shard order every epoch (seeded)
     resampled: bool = False  # draw shards with replacement (infinite stream, no epochs)
     ops: list[OpSpec] = field(default_factory=_default_ops)  # per-sample training transforms, in order
-    eval_ops: list[OpSpec] = field(default_factory=_default_eval_ops)  # deterministic evaluation transforms
     on_error: Literal["skip", "raise"] = "skip"  # bad samples/shards: skip and count, or stop the run
     max_errors: int | None = None  # abort after this many skipped samples/shards (None: never)
     max_member_bytes: int = 32 << 20  # a tar member larger than this is skipped (counted as oversized_member), never read into memory
@@ -105,7 +94,7 @@ class LossPair:
 
     a: str  # modality whose embeddings are the rows
     b: str  # modality whose embeddings are the columns
-    kind: str = "clip"  # registered loss: clip | siglip
+    kind: str = "clip"  # registered loss kind: clip | siglip | milnce
     weight: float = 1.0  # this term's weight in the total loss
 
 

@@ -24,12 +24,13 @@ from mmpretrain.types import ImageSpec
 Sample = dict[str, Any]
 Op = Callable[[Sample], Sample]
 DATA_OPS: Registry[Op] = Registry("data op")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")  # image members / file suffixes we decode
 # What PIL may parse of untrusted bytes: the formats we decode, no others (an EPS named .jpg would
 # otherwise run Ghostscript where it is installed; PSD, TIFF, ... widen the attack surface).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 MAX_JSON_BYTES = 1 << 20  # a json member larger than this is refused (bad_json)
 MAX_TEXT_BYTES = 64 << 10  # a caption larger than this is refused (bad_caption): tokenizers read it whole
+EVAL_CAPTION_KEYS = ("json:captions", "json:caption", "txt")  # where evaluation and embedding jobs look, in order
 
 
 class SampleError(ValueError):
@@ -144,6 +145,9 @@ def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
     """Decode the first present image member to an RGB PIL image under ``"image"``."""
 
     def op(s: Sample) -> Sample:
+        if isinstance(s.get("image"), Image.Image):  # already decoded (an upload, a PIL image given to the API)
+            s["image"] = s["image"] if s["image"].mode == "RGB" else s["image"].convert("RGB")
+            return s
         key = next((k for k in p.keys if k in s), None)
         if key is None:
             raise SampleError("missing_image", f"{s.get('__key__')}: no image member among {p.keys}")
@@ -243,12 +247,11 @@ def caption(p: CaptionParams, ctx: OpContext) -> Op:
     """Read the caption (first non-empty of ``keys``) into ``"caption"``; empty -> SampleError."""
 
     def op(s: Sample) -> Sample:
-        for key in p.keys:
-            text = _read_text(s, key)
-            if text:
-                s["caption"] = text
-                return s
-        raise SampleError("empty_caption", f"{s.get('__key__')}: no non-empty caption in {p.keys}")
+        texts = read_captions(s, p.keys)
+        if not texts:
+            raise SampleError("empty_caption", f"{s.get('__key__')}: no non-empty caption in {p.keys}")
+        s["caption"] = texts[0]
+        return s
 
     return op
 
@@ -268,7 +271,7 @@ def captions(p: CaptionsParams, ctx: OpContext) -> Op:
         raise ValueError("captions: k must be >= 1")
 
     def op(s: Sample) -> Sample:
-        texts = _read_list(s, p.key) or [t for t in (_read_text(s, key) for key in p.fallback) if t][:1]
+        texts = read_captions(s, (p.key,)) or read_captions(s, p.fallback)[:1]
         if not texts:
             raise SampleError("empty_caption", f"{s.get('__key__')}: no caption in {p.key} or {p.fallback}")
         if p.train:
@@ -281,27 +284,48 @@ def captions(p: CaptionsParams, ctx: OpContext) -> Op:
     return op
 
 
-def _read_list(s: Sample, key: str) -> list[str]:
-    member, _, field = key.partition(":")
-    value = json_member(s, member).get(field)
-    return [v.strip()[:MAX_TEXT_BYTES] for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+def read_captions(s: Sample, keys: tuple[str, ...] | list[str], *, strict: bool = True) -> list[str]:
+    """A sample's captions from the first of ``keys`` that has any: ``"txt"`` (a text member) or
+    ``"json:FIELD"`` (a string, or a list of strings, in the JSON member). The one caption reader:
+    training ops, evaluation and embedding jobs use it (the latter with ``EVAL_CAPTION_KEYS``).
+
+    ``strict``: an over-long or non-UTF-8 text, or a bad JSON member, is a ``SampleError``
+    (``bad_caption`` / ``bad_json``); otherwise it is truncated, decoded with replacement, or ignored.
+    """
+    for key in keys:
+        member, _, field = key.partition(":")
+        if field:
+            try:
+                value = json_member(s, member).get(field)
+            except SampleError:
+                if strict:
+                    raise
+                value = None
+            values = value if isinstance(value, list) else [value]
+            texts = [v.strip()[:MAX_TEXT_BYTES] for v in values if isinstance(v, str) and v.strip()]
+        else:
+            texts = [t for t in [_text_member(s, member, strict)] if t]
+        if texts:
+            return texts
+    return []
 
 
-def _read_text(s: Sample, key: str) -> str:
-    """The caption at ``key``: a text member (``"txt"``) or a JSON member's field (``"json:caption"``)."""
-    member, _, field = key.partition(":")
-    if field:
-        value = json_member(s, member).get(field, "")
-        return value.strip()[:MAX_TEXT_BYTES] if isinstance(value, str) else ""
+def _text_member(s: Sample, member: str, strict: bool) -> str:
     raw = s.get(member)
     if raw is None:
         return ""
+    if not isinstance(raw, bytes):
+        return str(raw).strip()
     if len(raw) > MAX_TEXT_BYTES:
-        raise SampleError("bad_caption", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_TEXT_BYTES})")
+        if strict:
+            raise SampleError("bad_caption", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_TEXT_BYTES})")
+        raw = raw[:MAX_TEXT_BYTES]
     try:
-        return (raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).strip()
+        return raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise SampleError("bad_caption", f"{s.get('__key__')}: {member} is not UTF-8: {exc}") from None
+        if strict:
+            raise SampleError("bad_caption", f"{s.get('__key__')}: {member} is not UTF-8: {exc}") from None
+        return raw.decode("utf-8", "replace").strip()
 
 
 @DATA_OPS.register("tokenize")

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mmpretrain.data.ops import open_image
+from mmpretrain.data.ops import IMAGE_KEYS
 from mmpretrain.registry import Registry
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,9 @@ def folder_layout(root: Path | None = None) -> ClassMap:
 
 
 class ImageFolderSet(Dataset):
-    """(image tensor, label) pairs from ``root/<class folder>/<image>``; unreadable images
-    yield ``None`` and are counted in ``skipped`` by the collate function."""
+    """(image tensor, label) pairs from ``root/<class folder>/<image>``: ``transform(path)`` makes the
+    tensor (``eval.inputs.EvalInput``); unreadable images yield ``None`` and are counted in ``skipped``
+    by the collate function."""
 
     def __init__(self, root: str | Path, layout: str, transform):
         self.root = Path(root)
@@ -121,7 +121,7 @@ class ImageFolderSet(Dataset):
             if label is None:
                 unknown.append(folder.name)
                 continue
-            self.samples += [(f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+            self.samples += [(f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower().lstrip(".") in IMAGE_KEYS]
         if unknown:
             example = next(iter(self.classes.folders))
             raise ValueError(f"{self.root}: {len(unknown)} folder(s) are not classes of layout {layout!r} "
@@ -136,7 +136,7 @@ class ImageFolderSet(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            return self.transform(open_image(path)), label, i
+            return self.transform(path), label, i
         except Exception as exc:  # unreadable image: skipped and counted, not fatal
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None

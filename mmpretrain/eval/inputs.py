@@ -1,9 +1,11 @@
-"""Deterministic evaluation inputs for every modality: op recipes, raw files, view averaging.
+"""Deterministic evaluation inputs for every modality: the one recipe, raw inputs, view averaging.
 
-``EVAL_INPUTS`` holds, per modality, the data ops that turn a raw sample (webdataset members
-or a file read into ``{ext: bytes}``) into the model's input at evaluation: centre crops for
-images; ``clips`` x ``crops`` views for video and ``windows`` for audio, which ``embed_views``
-averages (multi-clip / multi-crop evaluation, as ViViT and VATT report).
+``EVAL_INPUTS`` holds, per modality, the data ops that turn a raw sample (webdataset members, a
+file read into ``{ext: bytes}``, bytes, or an already decoded PIL image) into the model's input at
+evaluation: centre crops for images; ``clips`` x ``crops`` views for video and ``windows`` for
+audio, which ``embed_views`` averages (multi-clip / multi-crop evaluation, as ViViT and VATT
+report). ``EvalInput`` applies it; every evaluation, embedding job, zero-shot call and the search
+service's uploads go through it, so a modality is preprocessed the same way everywhere.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmpretrain.config.schema import OpSpec
-from mmpretrain.data.ops import Op, Sample, apply_ops, build_ops
+from mmpretrain.data.av_ops import AUDIO_KEYS, VIDEO_KEYS
+from mmpretrain.data.ops import IMAGE_KEYS, Op, OpContext, Sample, apply_ops, build_ops
 from mmpretrain.registry import Registry
 
 
@@ -30,6 +33,7 @@ class Views:
 
 
 EVAL_INPUTS: Registry[Callable[[Views], list[OpSpec]]] = Registry("evaluation input")
+MEDIA_KEYS = {"image": IMAGE_KEYS, "video": VIDEO_KEYS, "audio": AUDIO_KEYS}  # members (and file suffixes) by modality
 
 
 @EVAL_INPUTS.register("image")
@@ -52,16 +56,71 @@ def audio_inputs(views: Views) -> list[OpSpec]:
 
 def eval_ops(model, modality: str, views: Views = Views()) -> list[Op]:
     """The ops producing ``modality``'s evaluation input for ``model`` (its sizes, rates, normalisation)."""
-    return build_ops(EVAL_INPUTS.get(modality).builder(views), model.data_context())
+    return EvalInput(model, modality, views).ops
 
 
-def file_sample(path: str | Path) -> Sample:
-    """A media file as a raw sample ``{"<ext>": bytes, "__key__": name}`` for the decode ops."""
+class EvalInput:
+    """``modality``'s evaluation input for a model, by the one recipe (``EVAL_INPUTS``): raw samples,
+    files, bytes or PIL images in; the model's input out (``__call__``: one tensor; ``batch``: a
+    collated batch with its mask). Picklable and small (the towers' input specs, no tokenizer; the ops
+    are built on first use), so DataLoader workers and the service's decoder process can run it."""
+
+    def __init__(self, model, modality: str, views: Views = Views()):
+        EVAL_INPUTS.get(modality)  # an unknown modality fails here, naming the known ones
+        if modality not in model.towers:
+            raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
+        ctx = model.data_context()
+        self.modality, self.views = modality, views
+        self.ctx = OpContext({m: spec for m, spec in ctx.specs.items() if m != "text"})
+        self._ops: list[Op] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_ops": None}
+
+    @property
+    def ops(self) -> list[Op]:
+        if self._ops is None:
+            self._ops = build_ops(EVAL_INPUTS.get(self.modality).builder(self.views), self.ctx)
+        return self._ops
+
+    def sample(self, item: Any) -> Sample:
+        """A raw sample for the ops: a sample dict (copied), a PIL image, bytes, or a file path."""
+        from PIL import Image
+
+        if isinstance(item, dict):
+            return dict(item)
+        if isinstance(item, Image.Image):
+            return {"__key__": "image", "image": item}
+        if isinstance(item, (bytes, bytearray)):
+            return {"__key__": "bytes", MEDIA_KEYS[self.modality][0]: bytes(item)}
+        return file_sample(item, self.modality)
+
+    def __call__(self, item: Any) -> Tensor:
+        return apply_ops(self.ops, self.sample(item))[self.modality]
+
+    def batch(self, items: list[Any]) -> dict[str, Tensor]:
+        """One batch of ``items``; an item that cannot be decoded raises ``ValueError`` naming it."""
+        from mmpretrain.data.ops import SampleError
+
+        samples = []
+        for item in items:
+            try:
+                samples.append(apply_ops(self.ops, self.sample(item)))
+            except SampleError as exc:
+                raise ValueError(f"cannot use {item if not isinstance(item, bytes) else 'the bytes given'} as "
+                                 f"{self.modality}: {exc}") from None
+        return collate(samples, [self.modality])
+
+
+def file_sample(path: str | Path, modality: str = "image") -> Sample:
+    """A media file as a raw sample ``{"<key>": bytes, "__key__": name}`` for the decode ops; a suffix
+    that is not one of the modality's member keys gets its first (the decoders read the content)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"not found: {path}")
+        raise FileNotFoundError(f"{modality} not found: {path}")
     ext = path.suffix.lower().lstrip(".")
-    return {"__key__": path.name, {"jpeg": "jpg"}.get(ext, ext): path.read_bytes()}
+    keys = MEDIA_KEYS.get(modality, ())
+    return {"__key__": path.name, (ext if ext in keys else keys[0] if keys else ext): path.read_bytes()}
 
 
 def collate(samples: list[Sample], keys: list[str]) -> dict[str, Tensor]:
@@ -82,15 +141,3 @@ def embed_views(model, modality: str, batch: dict[str, Tensor]) -> Tensor:
     return F.normalize(emb.mean(1), dim=-1) if emb.dim() == 3 else emb
 
 
-def process_files(model, modality: str, paths: list[Any], views: Views = Views()) -> dict[str, Tensor]:
-    """Decode media files for ``modality`` into one batch; a file that cannot be decoded raises ValueError."""
-    from mmpretrain.data.ops import SampleError
-
-    ops = eval_ops(model, modality, views)
-    samples = []
-    for p in paths:
-        try:
-            samples.append(apply_ops(ops, file_sample(p)))
-        except SampleError as exc:
-            raise ValueError(f"cannot use {p} as {modality}: {exc}") from None
-    return collate(samples, [modality])

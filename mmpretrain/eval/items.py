@@ -1,26 +1,27 @@
-"""Collections to embed, read as preprocessed batches with their metadata.
+"""Collections to embed, read as preprocessed batches with their metadata: one builder for every
+modality (``item_batches``), through the one evaluation recipe (``eval.inputs.EvalInput``).
 
-A *source* is one webdataset shard (``.tar``, any ``data.train``-style URL) or a folder of
-image files. Each item keeps its key, caption, where it came from, and a small JPEG thumbnail
-for search pages. Bad items are skipped and counted, never fatal.
+A *source* is one webdataset shard (``.tar``, any ``data.train``-style URL) or a folder of media
+files (image, video or audio, by the modality's file suffixes; a sibling ``.txt`` is the caption).
+Each item keeps its key, caption, where it came from (the JSON's ``url`` or ``source``, the file,
+or ``shard#key``) and a small JPEG thumbnail for search pages (an image's own; a clip's middle
+frame; none for audio). Bad items are skipped and counted, never fatal.
 """
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
 
-from mmpretrain.data.ops import IMAGE_KEYS, MAX_TEXT_BYTES, open_image
+from mmpretrain.data.ops import EVAL_CAPTION_KEYS, Sample, read_captions
+from mmpretrain.data.stream import ErrorCounter, ReadLimits, process_sample, read_samples
+from mmpretrain.eval.inputs import MEDIA_KEYS, EvalInput, Views, collate, file_sample
 from mmpretrain.eval.media import sample_meta
 from mmpretrain.types import Batch
-
-log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
 @dataclass
@@ -55,96 +56,60 @@ def thumbnail(image: Image.Image, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _raw_items(source: str, skipped: dict[str, int]) -> Iterator[tuple[str, str, str, bytes]]:
-    """(key, caption, source, image bytes) from a shard or an image folder; files over the member
-    size cap are skipped (``oversized_member``), shard problems counted by kind (``SHARD_ERRORS``)."""
-    from mmpretrain.data.stream import ErrorCounter, ReadLimits, read_samples
-
-    limit = ReadLimits().max_member_bytes
+def source_samples(source: str, modality: str, errors: ErrorCounter) -> Iterator[Sample]:
+    """Raw samples of one source: a shard's (``read_samples``), or a folder's media files of
+    ``modality`` (sorted; a sibling ``.txt`` as ``txt``; files over the member cap skipped as
+    ``oversized_member``), each with ``__source__``: where the item came from."""
     path = Path(source)
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            if f.stat().st_size > limit:
-                skipped["oversized_member"] = skipped.get("oversized_member", 0) + 1
-                continue
-            txt = f.with_suffix(".txt")
-            caption = txt.read_bytes()[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip() if txt.is_file() else ""
-            yield str(f.relative_to(path)), caption, str(f), f.read_bytes()
+    if not path.is_dir():
+        for sample in read_samples([source], errors.handler):
+            yield {**sample, "__source__": f"{source}#{sample['__key__']}"}
         return
-    errors = ErrorCounter("skip", None)
-    for sample in read_samples([source], errors.handler):
-        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if image is None:
-            skipped["missing_image"] = skipped.get("missing_image", 0) + 1
+    limit, suffixes = ReadLimits().max_member_bytes, MEDIA_KEYS[modality]
+    for f in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in suffixes):
+        if f.stat().st_size > limit:
+            errors.note("oversized_member")
             continue
-        meta = sample_meta(sample)
-        caption = sample.get("txt", b"")[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip()
-        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else []
-        caption = caption or " ".join(str(c) for c in captions[:1])
-        url = str(meta.get("url") or meta.get("source") or "")
-        yield sample["__key__"], caption, url or f"{source}#{sample['__key__']}", image
-    for kind, n in errors.counts.items():
-        skipped[kind] = skipped.get(kind, 0) + n
+        sample = {**file_sample(f, modality), "__key__": str(f.relative_to(path)), "__source__": str(f)}
+        if f.with_suffix(".txt").is_file():
+            sample["txt"] = f.with_suffix(".txt").read_bytes()
+        yield sample
 
 
-def item_batches(model, source: str, *, batch_size: int = 64, thumb_size: int = 128) -> Iterator[ItemBatch]:
-    """Batches of ``{"image": (B, 3, H, W)}`` with the model's evaluation preprocessing, plus metadata.
-
-    The last batch's ``skipped`` holds the counts of unreadable items of the whole source.
-    """
-    from mmpretrain.eval.zeroshot import EvalTransform
-
-    transform = EvalTransform(model)
-    skipped: dict[str, int] = {}
-    cur = ItemBatch({}, [], [], [], [])
-    images: list[torch.Tensor] = []
-    for key, caption, src, data in _raw_items(source, skipped):
-        try:
-            img = open_image(data)
-            images.append(transform(img))
-            cur.thumbnails.append(thumbnail(img, thumb_size))
-        except Exception as exc:  # any undecodable image (or a transform's failure on it): skip and count
-            skipped["bad_image"] = skipped.get("bad_image", 0) + 1
-            log.warning("skipping unreadable image %s in %s: %s", key, source, exc)
-            continue
-        cur.keys.append(key), cur.captions.append(caption), cur.sources.append(src)
-        if len(images) == batch_size:
-            cur.inputs = {"image": torch.stack(images)}
-            yield cur
-            cur, images = ItemBatch({}, [], [], [], []), []
-    cur.inputs = {"image": torch.stack(images)} if images else {"image": torch.empty(0)}
-    yield cur.finish(skipped)
-
-
-def media_item_batches(model, source: str, modality: str, *, batch_size: int = 32,
-                       thumb_size: int = 128) -> Iterator[ItemBatch]:
-    """Batches of ``{modality: (B, ...)}`` for video or audio items of one shard source, with the
-    model's evaluation preprocessing (``eval.inputs``; several views per item are averaged when
-    embedded). Video thumbnails are the middle frame; audio items have none. Undecodable items are
-    skipped and counted (the last batch's ``skipped``)."""
-    from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
-    from mmpretrain.eval.inputs import Views, collate, eval_ops
-    from mmpretrain.eval.media import sample_captions
-
-    ops = eval_ops(model, modality, Views())
-    spec = model.data_context().spec("video")  # the tower's normalisation, undone for thumbnails
-    errors = ErrorCounter("skip", None)
-    cur, pending = ItemBatch({}, [], [], [], []), []
-    for sample in read_samples([source], errors.handler):
-        out = process_sample(ops, dict(sample), errors)
+def item_batches(model, source: str, modality: str = "image", *, batch_size: int = 64, thumb_size: int = 128,
+                 views: Views = Views()) -> Iterator[ItemBatch]:
+    """Batches of ``{modality: (B, ...)}`` (and its mask) with the model's evaluation preprocessing,
+    plus metadata; several views per item are averaged when embedded. The last batch's ``skipped``
+    holds the counts of unusable items and ``complete`` whether the source was read to its end."""
+    inputs, errors = EvalInput(model, modality, views), ErrorCounter("skip", None)
+    decode, rest = inputs.ops[:1], inputs.ops[1:]  # the decode op, then the transforms
+    cur, pending, video_spec = ItemBatch({}, [], [], [], []), [], inputs.ctx.spec("video")
+    for sample in source_samples(source, modality, errors):
+        decoded = process_sample(decode, dict(sample), errors)
+        out = process_sample(rest, dict(decoded), errors) if decoded is not None else None  # decoded stays as is
         if out is None:
             continue
+        meta, caps = sample_meta(sample), read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
         pending.append(out)
-        caps = sample_captions(sample)
         cur.keys.append(sample["__key__"]), cur.captions.append(caps[0] if caps else "")
-        cur.sources.append(f"{source}#{sample['__key__']}")
-        cur.thumbnails.append(_video_thumb(out["video"], spec, thumb_size) if modality == "video" else b"")
+        cur.sources.append(str(meta.get("url") or meta.get("source") or sample["__source__"]))
+        cur.thumbnails.append(_thumb(decoded[modality], video_spec, thumb_size))
         if len(pending) == batch_size:
             cur.inputs = collate(pending, [modality])
             yield cur
             cur, pending = ItemBatch({}, [], [], [], []), []
     cur.inputs = collate(pending, [modality]) if pending else {modality: torch.empty(0)}
     yield cur.finish(errors.counts)
+
+
+def _thumb(decoded: Any, video_spec, size: int) -> bytes:
+    """A thumbnail of a decoded item, by what it is: an image (PIL) itself, a clip ((T, 3, H, W) or
+    (V, T, 3, H, W), normalised with ``video_spec``) its middle frame, anything else (audio) none."""
+    if isinstance(decoded, Image.Image):
+        return thumbnail(decoded, size)
+    if isinstance(decoded, torch.Tensor) and decoded.dim() >= 4 and size > 0:
+        return _video_thumb(decoded, video_spec, size)
+    return b""
 
 
 def _video_thumb(video: torch.Tensor, spec, size: int) -> bytes:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmpretrain.data.ops import MAX_TEXT_BYTES
+from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
 from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
 
@@ -57,16 +57,6 @@ class ShardEmbeddings:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def sample_captions(sample: dict) -> list[str]:
-    """A sample's captions: ``json["captions"]`` if a list, else ``json["caption"]``/``txt``."""
-    meta = sample_meta(sample)
-    if isinstance(meta.get("captions"), list):
-        return [c.strip() for c in meta["captions"] if isinstance(c, str) and c.strip()]
-    text = meta.get("caption") if isinstance(meta.get("caption"), str) else \
-        sample.get("txt", b"")[:MAX_TEXT_BYTES].decode("utf-8", "replace")
-    return [text.strip()] if text and text.strip() else []
-
-
 def sample_meta(sample: dict) -> dict:
     """The json member as a dict; ``{}`` when absent or unusable (too large, too deep, not an object)."""
     from mmpretrain.data.ops import SampleError, json_member
@@ -95,7 +85,7 @@ def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: 
 
     for sample in tqdm(read_samples(expand_shards(data.spec), errors.handler), desc=f"embed {data.name}",
                        unit="sample", disable=not progress):
-        meta, texts = sample_meta(sample), sample_captions(sample)
+        meta, texts = sample_meta(sample), read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
         missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
         if missing:
             errors.record("missing_label", ValueError(f"{sample.get('__key__')}: no json field {missing[0]!r}"))

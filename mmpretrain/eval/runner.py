@@ -12,14 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmpretrain.config.schema import OpSpec
-from mmpretrain.data.ops import apply_ops, build_ops
 from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
-from mmpretrain.eval.inputs import embed_views
-from mmpretrain.eval.media import encode_texts, sample_captions
+from mmpretrain.eval.inputs import EvalInput, embed_views
+from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
+from mmpretrain.eval.media import encode_texts
 from mmpretrain.eval.metrics import (chance_recall_at_k, effective_robustness, fit_logit_linear, image_text_recall,
                                      mean_per_class_recall, topk_accuracy)
-from mmpretrain.eval.zeroshot import EvalTransform, ZeroShotClassifier
+from mmpretrain.eval.zeroshot import ZeroShotClassifier
 from mmpretrain.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class FolderEmbeddings:
 def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
                  workers: int = 0, progress: bool = True) -> FolderEmbeddings:
     """Encode every image of ``data`` once; unreadable images are skipped and counted."""
-    ds = ImageFolderSet(data.root, data.layout, EvalTransform(model))
+    ds = ImageFolderSet(data.root, data.layout, EvalInput(model, "image"))
     clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
                              allow_duplicates=True)  # labels are indices; CLIP's ImageNet names repeat two
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
@@ -129,24 +128,21 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
                    progress: bool = True) -> dict[str, Any]:
     """Image<->text recall@k over shards; an image's captions are ``json["captions"]`` if present, else ``txt``."""
     from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.stream import ErrorCounter, read_samples
+    from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
 
-    transform = EvalTransform(model)
+    inputs = EvalInput(model, "image")
     errors = ErrorCounter("skip", None)
     images, captions, owner = [], [], []
     img_emb, n_images = [], 0
-    decode = build_ops([OpSpec("decode_image")], model.data_context())
     for sample in tqdm(read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress):
-        texts = sample_captions(sample)
-        try:
-            image = apply_ops(decode, sample)["image"]
-        except Exception as exc:  # SampleError and friends: skip and count
-            errors.record("bad_image", exc)
+        texts = read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
+        out = process_sample(inputs.ops, dict(sample), errors)  # undecodable: skipped and counted by kind
+        if out is None:
             continue
         if not texts:
             errors.record("empty_caption", ValueError(sample.get("__key__")))
             continue
-        images.append(transform(image))
+        images.append(out["image"])
         owner += [n_images] * len(texts)  # each caption's image index
         captions += texts
         n_images += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -18,7 +18,6 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from mmpretrain.data.ops import open_image
 from mmpretrain.types import SAMPLE_DIMS
 
 if TYPE_CHECKING:
@@ -30,29 +29,6 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet_simple": tuple(t(PLACEHOLDER) for t in SIMPLE_IMAGENET_TEMPLATES),
     "photo": ("a photo of a <>.",),
 }
-
-
-class EvalTransform:
-    """PIL image -> normalised (3, H, W) tensor with the model's evaluation preprocessing
-    (resize the short side, centre crop, normalise; sizes and statistics from the model).
-    Pickles small (the geometry only), so it can run in another process."""
-
-    def __init__(self, model):
-        ctx = model.data_context()
-        self.geometry = ctx.image
-        self._ops = None
-
-    def __getstate__(self) -> dict:
-        return {"geometry": self.geometry, "_ops": None}
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        from mmpretrain.config.schema import OpSpec
-        from mmpretrain.data.ops import OpContext, apply_ops, build_ops
-
-        if self._ops is None:
-            ctx = OpContext({"image": self.geometry})
-            self._ops = build_ops([OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")], ctx)
-        return apply_ops(self._ops, {"image": image})["image"]
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -155,27 +131,9 @@ class ZeroShotClassifier:
                 yield from self._batches(item)
 
     def _raw_batches(self, items: list) -> Iterator[dict[str, Tensor]]:
-        from mmpretrain.eval.inputs import Views, process_files
+        from mmpretrain.eval.inputs import EvalInput, Views
 
-        transform = EvalTransform(self.model) if self.modality == "image" else None
+        inputs = EvalInput(self.model, self.modality, self.views or Views())
         for i in tqdm(range(0, len(items), self.batch_size), desc="zero-shot", unit="batch",
                       disable=not self.progress or len(items) <= self.batch_size):
-            chunk = items[i : i + self.batch_size]
-            if transform is not None:  # images: PIL images or files, decoded with PIL
-                yield {"image": torch.stack([transform(_open_image(x)) for x in chunk])}
-            else:
-                yield process_files(self.model, self.modality, chunk, self.views or Views())
-
-
-def _open_image(x: Any) -> Image.Image:
-    if isinstance(x, Image.Image):
-        return x if x.mode == "RGB" else x.convert("RGB")  # convert() copies even when nothing changes
-    path = Path(x)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    return open_image(path)
-
-
-def zero_shot(templates: str | Sequence[str], classes: Iterable[str], *, model, **kwargs: Any) -> ZeroShotClassifier:
-    """Build a ``ZeroShotClassifier``; see the class for arguments."""
-    return ZeroShotClassifier(model, list(classes), templates, **kwargs)
+            yield inputs.batch(items[i : i + self.batch_size])
