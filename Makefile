@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index browser clean-runs
+.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -19,20 +19,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The browser test drives Debian's chromium (no browser download); install it when we can (root + apt).
-browser:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium for the browser test (apt-get) ..."; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
-		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
-		echo "warning: could not install chromium; the browser test will be skipped"; \
-	else echo "note: chromium missing (sudo apt-get install chromium); the browser test will be skipped"; fi
+# What the tests need beyond PyPI, from Debian when we can (root + apt), as the demo does:
+# chromium for the browser test (no browser download), rsvg-convert for the corpus rasterisers.
+SYSTEM_DEPS := 'chromium|chromium-browser:chromium' 'rsvg-convert:librsvg2-bin'
+system-deps:
+	@scripts/system_deps.sh $(SYSTEM_DEPS)
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) system-deps
 	$(PY) -m pytest -m '' $(PYTEST_ARGS)
 
 data/toy/shards/manifest.json:

@@ -1,15 +1,24 @@
-"""Named registries: the one way variants are dispatched (encoders, heads, losses, data ops).
+"""Named registries: the one way variants are dispatched (encoders, heads, losses, data ops, ...).
 
 A registry maps a name to a builder and, optionally, the frozen dataclass that types the
-builder's parameters. Looking up an unknown name fails with the valid names listed.
+builder's parameters, and an *example*: what the registry-generated tests need to exercise the
+entry (small params, the raw members a data op reads, a function writing a tiny checkpoint, ...),
+each registry defining its example's meaning. Looking up an unknown name fails with the valid
+names listed. Every registry is listed in ``REGISTRIES`` (by kind); ``load_all`` imports every
+module of the package that registers entries, so the lists are complete.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
+REGISTRIES: dict[str, "Registry"] = {}  # kind -> registry, filled as registries are created
+BUILT_INS = ("mmpretrain.data", "mmpretrain.data.shards", "mmpretrain.encoders", "mmpretrain.losses", "mmpretrain.models.pretrained",
+             "mmpretrain.eval.inputs", "mmpretrain.eval.datasets", "mmpretrain.corpora")
 
 
 class RegistryError(KeyError):
@@ -25,7 +34,10 @@ class Entry(Generic[T]):
     builder: Callable[..., T]
     config_cls: type | None = None
     doc: str = ""
-    example: dict | None = None  # small valid params: registry-generated tests build every entry with them
+    example: Any = None  # what the generated tests need (a value, or a zero-argument function making it)
+
+    def make_example(self) -> Any:
+        return self.example() if callable(self.example) else self.example
 
 
 class Registry(Generic[T]):
@@ -38,8 +50,11 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str):
+        if kind in REGISTRIES:
+            raise ValueError(f"a registry of {kind!r} exists already")
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        REGISTRIES[kind] = self
 
     def register(self, name: str, *, config: type | None = None, example: Any = None,
                  doc: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -51,6 +66,21 @@ class Registry(Generic[T]):
             return fn
 
         return deco
+
+    @contextlib.contextmanager
+    def temporary(self, name: str, builder: Callable[..., T], **kwargs: Any) -> Iterator[Entry[T]]:
+        """Register ``builder`` as ``name`` for the duration of a ``with`` block (tests, experiments);
+        an existing ``name`` is replaced (keeping its config, example and doc unless given) and restored."""
+        before = self._entries.pop(name, None)
+        if before is not None:
+            kwargs = {"config": before.config_cls, "example": before.example, "doc": before.doc, **kwargs}
+        self.register(name, **kwargs)(builder)
+        try:
+            yield self._entries[name]
+        finally:
+            del self._entries[name]
+            if before is not None:
+                self._entries[name] = before
 
     def get(self, name: str) -> Entry[T]:
         try:
@@ -72,6 +102,13 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def load_all() -> dict[str, Registry]:
+    """Import every module of the package that registers entries; returns ``REGISTRIES``."""
+    for module in BUILT_INS:
+        importlib.import_module(module)
+    return REGISTRIES
 
 
 def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:

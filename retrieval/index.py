@@ -30,7 +30,7 @@ from mmpretrain import api
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
-INDEX_TYPES = api.Registry("index type")  # name -> fn(n, d) -> IndexSpec
+INDEX_TYPES = api.Registry("index type")  # name -> fn(n, d) -> IndexSpec; example: the recall it must reach
 
 
 class IndexError_(RuntimeError):
@@ -85,19 +85,19 @@ def pq_m(d: int) -> int:
     return m
 
 
-@INDEX_TYPES.register("flat")
+@INDEX_TYPES.register("flat", example={"n": 20_000, "d": 32, "recall_floor": 1.0, "self_hit": 0.8})
 def flat(n: int, d: int) -> IndexSpec:
     """Exact search."""
     return IndexSpec("flat", "Flat", n * d * 4)
 
 
-@INDEX_TYPES.register("hnsw")
+@INDEX_TYPES.register("hnsw", example={"n": 20_000, "d": 32, "recall_floor": 0.95, "self_hit": 0.8})
 def hnsw(n: int, d: int) -> IndexSpec:
     """HNSW graph (M=32) over the raw vectors: fast and accurate, slow to build, all in RAM."""
     return IndexSpec("hnsw", "HNSW32", n * (d * 4 + 2 * 32 * 4 + 16), "efSearch", (16, 32, 64, 128, 256, 512, 1024, 2048))
 
 
-@INDEX_TYPES.register("ivf_flat")
+@INDEX_TYPES.register("ivf_flat", example={"n": 20_000, "d": 32, "recall_floor": 0.95, "self_hit": 0.8})
 def ivf_flat(n: int, d: int) -> IndexSpec:
     """Inverted file over raw vectors."""
     nlist = nlist_for(n)
@@ -105,7 +105,7 @@ def ivf_flat(n: int, d: int) -> IndexSpec:
                      probes(nlist), min(n, 50 * nlist), on_disk_ok=True)
 
 
-@INDEX_TYPES.register("ivf_pq_refine")
+@INDEX_TYPES.register("ivf_pq_refine", example={"n": 20_000, "d": 32, "recall_floor": 0.75, "self_hit": 0.8})
 def ivf_pq_refine(n: int, d: int) -> IndexSpec:
     """OPQ rotation + IVF-PQ (d/8 bytes) shortlist, re-ranked on 8-bit scalar-quantised vectors."""
     nlist, m = nlist_for(n), pq_m(d)
@@ -115,7 +115,7 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
                      param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)))  # shortlist k x f
 
 
-@INDEX_TYPES.register("ivf_pq")
+@INDEX_TYPES.register("ivf_pq", example={"n": 20_000, "d": 32, "recall_floor": 0.15, "self_hit": 0.2})
 def ivf_pq(n: int, d: int) -> IndexSpec:
     """OPQ + IVF-PQ alone: the smallest (d/8 bytes a vector); recall@10 tops out near 0.5."""
     nlist, m = nlist_for(n), pq_m(d)

@@ -33,16 +33,11 @@ SCRATCH_TEXT = ("model.towers.text={encoder: openclip_text, params: {text_cfg: {
 
 
 def ensure_rsvg() -> None:
-    """rsvg-convert rasterises the SVGs; install Debian's librsvg2-bin when we are root."""
-    if shutil.which("rsvg-convert"):
-        return
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("installing librsvg2-bin (rsvg-convert) with apt-get ...", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True)
-        if subprocess.run(["apt-get", "install", "-y", "-qq", "librsvg2-bin"], env=env, capture_output=True).returncode == 0:
-            return
-    sys.exit("error: rsvg-convert is needed to rasterise the emoji: install it with `sudo apt-get install librsvg2-bin`")
+    """rsvg-convert rasterises the SVGs: Debian's librsvg2-bin, installed when we are root (scripts/system_deps.sh)."""
+    if not shutil.which("rsvg-convert"):
+        subprocess.run([str(ROOT / "scripts" / "system_deps.sh"), "rsvg-convert:librsvg2-bin"], check=False)
+    if not shutil.which("rsvg-convert"):
+        sys.exit("error: rsvg-convert is needed to rasterise the emoji: install it with `sudo apt-get install librsvg2-bin`")
 
 
 def build_corpus(name: str, out: Path) -> dict:

@@ -136,3 +136,20 @@ def search_index(embedded, tmp_path_factory):
     out = tmp_path_factory.mktemp("ix") / "ix"
     build_index(embedded[0], out, BuildConfig(), progress=False)
     return out
+
+
+@pytest.fixture
+def raster_calls():
+    """A rasteriser "stub" (the package's placeholder, counting its calls) registered for one test; the
+    corpus tests' configs name it. Returns the list of PNGs it drew."""
+    from mmpretrain.corpora import RASTERIZERS
+    from mmpretrain.corpora.base import placeholder
+
+    calls = []
+
+    def stub(src: str, out, size: int) -> None:
+        calls.append(out)
+        placeholder(src, out, size)
+
+    with RASTERIZERS.temporary("stub", stub, doc="counts, then draws like the placeholder"):
+        yield calls

@@ -8,24 +8,32 @@ import pytest
 import torch
 
 from mmpretrain.config.schema import LossConfig, LossPair
+from mmpretrain.losses import LOSSES
 from mmpretrain.models import build_model
 from mmpretrain.training.task import ContrastiveTask
 
 
-def batch_for(model, n, seed):
+def batch_for(model, n, seed, views=1):
+    """n images and, per image, ``views`` captions (text (n, L), or (n, K, L) for MIL-NCE)."""
     g = torch.Generator().manual_seed(seed)
-    texts = [f"caption number {i} of {seed}" for i in range(n)]
-    return {"image": torch.randn(n, 3, 32, 32, generator=g), **model.tokenizer()(texts)}
+    tok = model.tokenizer()([f"caption number {i} take {j} of {seed}" for i in range(n) for j in range(views)])
+    if views > 1:
+        tok = {k: v.view(n, views, -1) for k, v in tok.items()}
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), **tok}
 
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind, bias", [("clip", None), ("siglip", -10.0)])
+@pytest.mark.parametrize("kind", LOSSES.names())
 @pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
-def test_accumulation_matches_large_batch(tiny_model_cfg, kind, bias, patch_dropout):
+def test_accumulation_matches_large_batch(tiny_model_cfg, kind, patch_dropout):
+    """Every registered loss kind (its example says its views and bias): K micro-batches equal one batch."""
     import dataclasses
+
+    example = LOSSES.get(kind).make_example()
+    bias, views = example["logit_bias"], example["views"]
 
     towers = dict(tiny_model_cfg.towers)
     image = towers["image"]
@@ -36,7 +44,7 @@ def test_accumulation_matches_large_batch(tiny_model_cfg, kind, bias, patch_drop
     model = build_model(cfg).train()
     other = copy.deepcopy(model)
     task = ContrastiveTask(LossConfig(pairs=[LossPair("image", "text", kind)]))
-    full = batch_for(model, 16, seed=1)
+    full = batch_for(model, 16, seed=1, views=views)
     micro = [{k: v[i : i + 4] for k, v in full.items()} for i in range(0, 16, 4)]
 
     # the large batch, with the same per-micro-batch RNG draws as the accumulated run

@@ -1,17 +1,13 @@
 """The emoji corpus builder on a committed fixture (12 concepts, 3 styles), without npm or apt."""
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 from PIL import Image
 
-import shutil
-
-from mmpretrain.corpora import RASTERIZERS, CorpusError, base, emoji
+from mmpretrain.corpora import CorpusError, base, emoji
 from mmpretrain.corpora.emoji import EmojiCorpusConfig, build_emoji_corpus
 from tests.conftest import ROOT
 
@@ -19,28 +15,17 @@ FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
 SOURCES = {name: FIXTURE / name for name in ("emojibase", "noto", "twemoji", "noto-v1")}
 CFG = EmojiCorpusConfig(train_styles=("noto",), rendition_styles=("twemoji",), sketch_styles=("noto-v1",),
                         concepts=None, unseen_fraction=0.25, size=32, rasterizer="stub", shard_count=5)
-CALLS = []
+pytestmark = pytest.mark.usefixtures("raster_calls")
 
 
-@RASTERIZERS.register("stub")
-def stub(svg: str, out: Path, size: int) -> None:
-    """Stands in for rsvg-convert (not installed on CI): a colour from the SVG's hash."""
-    CALLS.append(out)
-    colour = tuple(hashlib.sha256(svg.encode()).digest()[:3])
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    out.write_bytes(buf.getvalue())
-
-
-def test_build_from_fixture(tmp_path):
-    CALLS.clear()
+def test_build_from_fixture(tmp_path, raster_calls):
     m = build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
     assert len(m["concepts"]["seen"]) == 9 and len(m["concepts"]["unseen"]) == 3  # the flag was dropped
     assert not set(m["concepts"]["seen"]) & set(m["concepts"]["unseen"])
     assert m["counts"] == {"train_shards": 9, "train_styles_seen": 9, "rendition": 9, "sketch": 9, "unseen_concepts": 3}
     assert m["sources"]["noto"] == {"name": "@iconify-json/noto", "version": "1.2.9", "license": "Apache-2.0"}
     assert m["sources"]["emojibase"]["license"] == "MIT"
-    assert len(CALLS) == 36  # 12 concepts x 3 styles
+    assert len(raster_calls) == 36  # 12 concepts x 3 styles
     out = tmp_path / "out"
     assert json.loads((out / "manifest.json").read_text())["counts"] == m["counts"]
     unseen_folders = sorted(p.name for p in (out / "eval" / "unseen_concepts").iterdir())
@@ -55,11 +40,11 @@ def test_build_from_fixture(tmp_path):
     assert all(any(label in row.lower() for label in labels) for row in rows)
 
 
-def test_rebuild_reuses_the_raster_cache(tmp_path):
+def test_rebuild_reuses_the_raster_cache(tmp_path, raster_calls):
     build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
-    CALLS.clear()
+    raster_calls.clear()
     build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
-    assert CALLS == []
+    assert raster_calls == []
 
 
 def test_eval_splits_feed_the_evaluator(tmp_path, tiny_model_cfg):

@@ -13,7 +13,6 @@ from PIL import Image
 from mmpretrain.corpora import CORPORA, CorpusError, icons
 from mmpretrain.corpora.icons import IconCorpusConfig, build_icon_corpus, index_theme, merge_aliases
 from tests.conftest import ROOT
-from tests.test_corpus import stub  # noqa: F401  (registers the "stub" rasteriser)
 
 TANGO = ROOT / "tests" / "fixtures" / "icons" / "tango"
 CFG = IconCorpusConfig(families={"a": ("ThemeA",), "b": ("ThemeB", "ThemeB2"), "r": ("ThemeR",)},
@@ -71,7 +70,7 @@ def test_index_picks_the_largest_file_per_name_and_records_links(tmp_path):
     assert canon["computer-laptop"] == "computer-laptop"  # three themes draw it apart, one links it
 
 
-def test_build_from_fake_themes(tmp_path):
+def test_build_from_fake_themes(tmp_path, raster_calls):
     fake_themes(tmp_path / "src")
     m = build_icon_corpus(CFG, tmp_path / "cache", tmp_path / "out", roots={"tango-icon-theme": tmp_path / "src"})
     assert m["styles"]["train"] == ["ThemeA", "ThemeB", "ThemeB2"] and m["styles"]["rendition"] == ["ThemeR"]
@@ -90,11 +89,9 @@ def test_build_from_fake_themes(tmp_path):
         assert [p.name for p in (out / "sketch" / "printer").iterdir()] == ["ThemeA-symbolic.png"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == c
     # cached: the rebuild rasterises nothing
-    from tests.test_corpus import CALLS
-
-    CALLS.clear()
+    raster_calls.clear()
     build_icon_corpus(CFG, tmp_path / "cache", tmp_path / "out", roots={"tango-icon-theme": tmp_path / "src"})
-    assert CALLS == []
+    assert raster_calls == []
 
 
 def test_icon_corpus_is_registered_and_fails_clearly_without_apt(tmp_path, monkeypatch):
@@ -114,7 +111,7 @@ def test_rsvg_file_renders_a_tango_icon_and_png_sources(tmp_path):
     assert Image.open(tmp_path / "q.png").size == (24, 24)
 
 
-def test_hard_subset_holds_exactly_the_reference_mistakes(tmp_path, tiny_model_cfg):
+def test_hard_subset_holds_exactly_the_reference_mistakes(tmp_path, tiny_model_cfg, raster_calls):
     from mmpretrain import api
     from mmpretrain.eval.runner import EvalSet, embed_folder, hard_subset, predictions, zeroshot_metrics
 

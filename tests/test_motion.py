@@ -1,4 +1,4 @@
-"""The motion corpus (video-audio-text clips) on the emoji fixture, with espeak-ng stubbed out."""
+"""The motion corpus (video-audio-text clips) on the emoji fixture, with a tone for speech (no espeak-ng)."""
 from __future__ import annotations
 
 import io
@@ -10,28 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmpretrain.corpora import motion
 from mmpretrain.corpora.motion import MotionCorpusConfig, build_motion_corpus, captions_for, render_frames
 from tests.conftest import ROOT
-from tests.test_corpus import stub  # noqa: F401  (registers the "stub" rasterizer)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
 SOURCES = {name: FIXTURE / name for name in ("emojibase", "noto", "twemoji")}
 CFG = MotionCorpusConfig(styles=("noto", "twemoji"), concepts=None, unseen_fraction=0.25, size=32, frames=8, fps=8,
-                         sample_rate=8000, repeats=1, rasterizer="stub", shard_count=50,
+                         sample_rate=8000, repeats=1, rasterizer="stub", shard_count=50, speech="tone",
                          motions=("moving left", "moving right", "growing"))
 
 
-def fake_speak(cmd, text, voice, speed, rate):
-    """A tone whose pitch depends on the text (stands in for espeak-ng, not on CI)."""
-    t = np.arange(int(0.5 * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * (200 + 10 * (hash(text) % 50)) * t)).astype(np.float32)
-
-
-@pytest.fixture()
-def no_espeak(monkeypatch):
-    monkeypatch.setattr(motion, "speak", fake_speak)
-    monkeypatch.setattr(motion, "espeak_command", lambda cache: (["espeak-ng"], {}))
+pytestmark = pytest.mark.usefixtures("raster_calls")
 
 
 def test_render_frames_move_the_sprite():
@@ -51,7 +40,7 @@ def test_captions_name_concept_and_motion():
     assert all("dog face" in c for c in caps)
 
 
-def test_build_motion_corpus(tmp_path, no_espeak):
+def test_build_motion_corpus(tmp_path):
     m = build_motion_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
     seen, unseen = m["concepts"]["seen"], m["concepts"]["unseen"]
     assert seen and unseen and not set(seen) & set(unseen)

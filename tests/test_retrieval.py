@@ -101,16 +101,18 @@ def test_embed_refuses_another_model_in_the_same_folder(embedded, toy_shards, tm
         run_embed(EmbedConfig(model=f"local-dir:{other}", data=str(toy_shards), out=str(embedded[0])), progress=False)
 
 
-@pytest.mark.parametrize("name", INDEX_TYPES.names())
-def test_every_index_type_builds_and_reaches_its_recall(name, tmp_path):
-    emb = write_vectors(tmp_path / "v", clustered(20_000, 32, 200))
-    h = build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(index_type=name, queries=200), progress=False)
-    floor = {"flat": 1.0, "hnsw": 0.95, "ivf_flat": 0.95, "ivf_pq_refine": 0.75, "ivf_pq": 0.15}[name]  # PQ: 4 bytes at d=32
-    assert h["ntotal"] == emb.n and h["recall@10"] >= floor, h["tuning"]
+@pytest.mark.parametrize("entry", INDEX_TYPES.entries(), ids=INDEX_TYPES.names())
+def test_every_index_type_builds_and_reaches_its_recall(entry, tmp_path):
+    """Generated from the registry: each index type's example names the recall@10 it must reach on
+    clustered vectors and how often an item must find itself (PQ at d=32 keeps 4 bytes a vector)."""
+    ex = entry.make_example()
+    emb = write_vectors(tmp_path / "v", clustered(ex["n"], ex["d"], 200))
+    h = build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(index_type=entry.name, queries=200), progress=False)
+    assert h["ntotal"] == emb.n and h["recall@10"] >= ex["recall_floor"], h["tuning"]
     loaded = open_index(tmp_path / "ix")
     q = emb.take(np.arange(5))
     found = loaded.index.search(q, 10)[1]
-    assert (found == np.arange(5)[:, None]).any(1).mean() >= (0.8 if name != "ivf_pq" else 0.2)  # items find themselves
+    assert (found == np.arange(5)[:, None]).any(1).mean() >= ex["self_hit"]  # items find themselves
 
 
 def test_choice_follows_size_and_memory_budget():

@@ -60,7 +60,7 @@ def test_bad_captions_file(tmp_path):
     assert not list((tmp_path / "out").glob("*.tar"))  # nothing half-written
 
 
-def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_partial_shard(tmp_path):
     root = make_image_folder(tmp_path / "imgs", 12)
     import mmpretrain.data.shards as shards
 
@@ -73,11 +73,7 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, verify)
 
-    import dataclasses
-
-    entry = shards.SHARD_MEDIA.get("image")
-    monkeypatch.setitem(shards.SHARD_MEDIA._entries, "image", dataclasses.replace(entry, builder=flaky))
-    with pytest.raises(KeyboardInterrupt):
+    with shards.SHARD_MEDIA.temporary("image", flaky), pytest.raises(KeyboardInterrupt):
         make_shards(root, root / "captions.csv", tmp_path / "out", ShardWriterConfig(max_count=5), progress=False)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == ["shard-000000.tar"]  # the finished shard only; no temp file, no manifest

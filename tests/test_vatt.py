@@ -14,7 +14,7 @@ from mmpretrain.config.schema import LossConfig, LossPair, ModelConfig, TowerCon
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams
 from mmpretrain.types import ImageSpec
 from mmpretrain.data.ops import DATA_OPS, CaptionsParams, OpContext, SampleError
-from mmpretrain.losses import DistContext, clip_loss, milnce_loss, siglip_loss
+from mmpretrain.losses import LOSSES, DistContext, clip_loss, milnce_loss
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.training.task import ContrastiveTask
 from tests.conftest import ROOT
@@ -55,12 +55,15 @@ def test_milnce_prefers_matching_captions():
     assert milnce_loss(a, near, SCALE, None, DistContext()) < milnce_loss(a, near.roll(1, 0), SCALE, None, DistContext())
 
 
-@pytest.mark.parametrize("fn,views", [(clip_loss, 0), (siglip_loss, 0), (milnce_loss, 2)])
-def test_masked_loss_equals_loss_on_the_valid_subset(fn, views):
-    """Invalid samples are neither positives nor negatives: the loss is the one of the valid rows alone."""
-    a, b = emb(7, 8), emb(7, views, 8, seed=1) if views else emb(7, 8, seed=1)
+@pytest.mark.parametrize("entry", LOSSES.entries(), ids=LOSSES.names())
+def test_masked_loss_equals_loss_on_the_valid_subset(entry):
+    """Every registered loss: invalid samples are neither positives nor negatives, the loss is the one of
+    the valid rows alone (the example says how many captions a sample carries and the logit bias)."""
+    ex, fn = entry.make_example(), entry.builder
+    views = ex["views"]
+    a, b = emb(7, 8), emb(7, views, 8, seed=1) if views > 1 else emb(7, 8, seed=1)
     valid = torch.tensor([True, False, True, True, False, True, True])
-    bias = torch.tensor(-1.0) if fn is siglip_loss else None
+    bias = torch.tensor(ex["logit_bias"]) if ex["logit_bias"] is not None else None
     masked = fn(a, b, SCALE, bias, DistContext(), valid)
     subset = fn(a[valid], b[valid], SCALE, bias, DistContext())
     assert masked.item() == pytest.approx(subset.item(), rel=1e-5)

@@ -11,6 +11,7 @@ import io
 import random
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -44,7 +45,18 @@ def need_rsvg() -> None:
         raise CorpusError("rsvg-convert not found: install it with `apt-get install librsvg2-bin`")
 
 
-@RASTERIZERS.register("rsvg")
+@RASTERIZERS.register("placeholder", example={"source": "svg", "needs": ()})
+def placeholder(src: str, out: Path, size: int) -> None:
+    """A plain square whose colour follows ``src`` (no rsvg-convert): offline examples and tests."""
+    from PIL import Image
+
+    crc = zlib.crc32(src.encode())
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (crc & 255, (crc >> 8) & 255, (crc >> 16) & 255)).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+
+
+@RASTERIZERS.register("rsvg", example={"source": "svg", "needs": ("rsvg-convert",)})
 def rsvg(svg: str, out: Path, size: int) -> None:
     """librsvg's ``rsvg-convert`` on a white background (Debian: librsvg2-bin)."""
     need_rsvg()

@@ -154,7 +154,33 @@ def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Conce
     return write_corpus(out, train, splits, cfg.shard_count)
 
 
-@CORPORA.register("emoji", config=EmojiCorpusConfig)
+EXAMPLE_LABELS = ("dog face", "cat face", "red apple", "blue heart", "green tree", "sun", "crescent moon", "star")
+
+
+def example_sources(folder: Path, styles: tuple[str, ...] = ("s1", "s2", "s3")) -> dict[str, Path]:
+    """Synthetic offline sources (the registry's example): an emojibase ``data.json`` of 8 concepts and
+    each style's ``icons.json`` with a simple coloured shape per concept."""
+    folder = Path(folder)
+    (folder / "emojibase").mkdir(parents=True, exist_ok=True)
+    data = [{"label": label, "tags": [label.split()[-1]], "group": 0} for label in EXAMPLE_LABELS]
+    (folder / "emojibase" / "data.json").write_text(json.dumps(data))
+    (folder / "emojibase" / "package.json").write_text(json.dumps({"name": "emojibase-data", "version": "example"}))
+    for i, style in enumerate(styles):
+        icons = {slug(label): {"body": f'<rect x="{j}" width="{16 - j}" height="{8 + i}" fill="#{(40 * j) % 256:02x}'
+                                       f'{(90 * i) % 256:02x}80"/>'} for j, label in enumerate(EXAMPLE_LABELS)}
+        (folder / style).mkdir(parents=True, exist_ok=True)
+        (folder / style / "icons.json").write_text(json.dumps({"prefix": style, "width": 16, "height": 16, "icons": icons}))
+    return {name: folder / name for name in ("emojibase", *styles)}
+
+
+def _example() -> dict:
+    """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
+    return {"config": {"train_styles": ("s1",), "rendition_styles": ("s2",), "sketch_styles": ("s3",), "concepts": None,
+                       "unseen_fraction": 0.25, "size": 16, "rasterizer": "placeholder", "shard_count": 10},
+            "offline": lambda folder: {"sources": example_sources(folder)}}
+
+
+@CORPORA.register("emoji", config=EmojiCorpusConfig, example=_example)
 def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Path,
                        sources: dict[str, Path] | None = None) -> dict:
     """Fetch (or take) the sources, rasterise, split, and write shards + eval folders + manifest.json.

@@ -67,7 +67,7 @@ class ThemeIcons:
     real: set[str] = field(default_factory=set)  # names drawn by a file of their own (not a symlink)
 
 
-@RASTERIZERS.register("rsvg_file")
+@RASTERIZERS.register("rsvg_file", example={"source": "file", "needs": ("rsvg-convert",)})
 def rsvg_file(src: str, out: Path, size: int) -> None:
     """An SVG file via ``rsvg-convert`` or a PNG via PIL, on white, ``size`` x ``size``."""
     if src.endswith(".png"):
@@ -234,7 +234,32 @@ def rasterize_plan(cfg: IconCorpusConfig, cache: Path, plan: IconPlan) -> dict[t
     return {key: png for key, png in jobs.items() if png.is_file()}
 
 
-@CORPORA.register("icons", config=IconCorpusConfig)
+def example_roots(folder: Path) -> dict[str, Path]:
+    """Synthetic offline themes (the registry's example): three themes drawing 8 device icons as SVGs,
+    with ``-symbolic`` variants in the first, unpacked as one package ``example-icons``."""
+    icons = Path(folder) / "example-icons" / "usr" / "share" / "icons"
+    names = ("printer", "camera-photo", "computer", "phone", "battery", "keyboard", "mouse", "scanner")
+    for t, theme in enumerate(("ThemeA", "ThemeB", "ThemeR")):
+        devices = icons / theme / "scalable" / "devices"
+        devices.mkdir(parents=True, exist_ok=True)
+        for j, name in enumerate(names):
+            svg = f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle r="{4 + j % 4}" cx="8" cy="8" ' \
+                  f'fill="#{(30 * j) % 256:02x}{(80 * t) % 256:02x}40"/></svg>'
+            (devices / f"{name}.svg").write_text(svg)
+            if t == 0:
+                (devices / f"{name}-symbolic.svg").write_text(svg.replace('fill="#', 'fill="#0'))
+    return {"example-icons": Path(folder) / "example-icons"}
+
+
+def _example() -> dict:
+    """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
+    return {"config": {"packages": ("example-icons",), "families": {"a": ("ThemeA",), "b": ("ThemeB",), "r": ("ThemeR",)},
+                       "rendition_families": ("r",), "contexts": ("devices",), "min_train_themes": 2,
+                       "unseen_fraction": 0.25, "size": 16, "rasterizer": "placeholder", "shard_count": 10},
+            "offline": lambda folder: {"roots": example_roots(folder)}}
+
+
+@CORPORA.register("icons", config=IconCorpusConfig, example=_example)
 def build_icon_corpus(cfg: IconCorpusConfig, cache: str | Path, out: str | Path,
                       roots: dict[str, Path] | None = None) -> dict:
     """Fetch (or take ``roots``: package -> unpacked root), index, split, rasterise, write + manifest.json.

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class MotionCorpusConfig:
     seed: int = 0
     shard_count: int = 400
     rasterizer: str = "rsvg"
+    speech: str = "espeak-ng"  # espeak-ng, or "tone": a tone per name (no espeak-ng; offline examples and tests)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def make_clip(spec: ClipSpec, png: Path, cfg: MotionCorpusConfig, espeak) -> byt
         sprite = img.convert("RGB")
     video = render_frames(sprite, spec.motion, cfg, rng)
     seconds = cfg.frames / cfg.fps
-    speech = speak(espeak, spec.concept.label, spec.voice, rng.randint(150, 190), cfg.sample_rate)
+    speech = SPEECH[cfg.speech][1](espeak, spec.concept.label, spec.voice, rng.randint(150, 190), cfg.sample_rate)
     audio = np.zeros(int(seconds * cfg.sample_rate), np.float32)
     start = rng.randint(0, max(0, len(audio) - len(speech)))
     clip = speech[: len(audio) - start]
@@ -213,7 +215,28 @@ def select_concepts(cfg: MotionCorpusConfig, concepts: list[Concept], styles: di
                         key=lambda c: c.slug)
 
 
-@CORPORA.register("motion", config=MotionCorpusConfig)
+def tone(cmd: None, text: str, voice: str, speed: int, rate: int) -> np.ndarray:
+    """A stand-in for speech: half a second of a tone whose pitch follows the text and the voice."""
+    t = np.arange(int(0.5 * rate)) / rate
+    pitch = 200 + zlib.crc32(f"{text}|{voice}".encode()) % 400
+    return (0.3 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
+
+
+# cfg.speech -> (setup(cache) -> handle, speak(handle, text, voice, speed, rate) -> (S,) float32)
+SPEECH = {"espeak-ng": (espeak_command, speak), "tone": (lambda cache: None, tone)}
+
+
+def _example() -> dict:
+    """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
+    from mmpretrain.corpora.emoji import example_sources
+
+    return {"config": {"styles": ("s1", "s2"), "concepts": None, "unseen_fraction": 0.25, "size": 16, "frames": 4,
+                       "fps": 4, "sample_rate": 8000, "repeats": 1, "rasterizer": "placeholder", "shard_count": 20,
+                       "motions": ("moving left", "moving right", "growing"), "speech": "tone"},
+            "offline": lambda folder: {"sources": example_sources(folder, ("s1", "s2"))}}
+
+
+@CORPORA.register("motion", config=MotionCorpusConfig, example=_example)
 def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | Path,
                         sources: dict[str, Path] | None = None) -> dict:
     """Fetch (or take) the sources, render every split and write shards + manifest.json; ``out`` is rebuilt."""
@@ -226,7 +249,9 @@ def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | P
     if not seen:
         raise CorpusError("no concept with a short name is drawn in every configured style")
     pngs = rasterize_all(emoji_cfg, cache, styles, seen + unseen)
-    espeak = espeak_command(cache)
+    if cfg.speech not in SPEECH:
+        raise CorpusError(f"speech {cfg.speech!r}: one of {', '.join(SPEECH)}")
+    espeak = SPEECH[cfg.speech][0](cache)
     if out.exists():
         shutil.rmtree(out)
     counts = {}
@@ -235,7 +260,7 @@ def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | P
         counts[split] = write_split(split, clips, pngs, cfg, espeak, target)
     manifest = {"format": "mmpretrain-motion-corpus/1", "config": asdict(cfg), "counts": counts,
                 "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
-                "motions": list(cfg.motions), "sources": {**{name: s.package for name, s in styles.items()}, "espeak-ng": espeak_source(cache)},
+                "motions": list(cfg.motions), "sources": {**{name: s.package for name, s in styles.items()}, **({"espeak-ng": espeak_source(cache)} if cfg.speech == "espeak-ng" else {"speech": cfg.speech})},
                 "next": f"train with: mmpretrain train configs/experiment/motion_vat.yaml data.train={out}/shards   "
                         f"evaluate: mmpretrain eval media --model CKPT --modalities video audio "
                         f"--data heldout@shards:concept,motion={out}/eval/heldout_combos"}

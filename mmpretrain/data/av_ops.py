@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from mmpretrain.data.ops import DATA_OPS, Op, OpContext, Sample, SampleError
+from mmpretrain.data.ops import DATA_OPS, Op, OpContext, OpExample, Sample, SampleError
 from mmpretrain.types import valid_key
 
 VIDEO_KEYS = ("mp4", "webm", "avi", "mkv", "mov")
@@ -130,7 +130,9 @@ def _video_spec(p: DecodeVideoParams, ctx: OpContext) -> tuple[int, float, int, 
     return int(frames), float(fps), int(size), tuple(mean), tuple(std)
 
 
-@DATA_OPS.register("decode_video", config=DecodeVideoParams)
+@DATA_OPS.register("decode_video", config=DecodeVideoParams,
+                   example=OpExample(("mp4",), params={"frames": 4, "fps": 4, "size": 32}, produce=("video", "video_mask"),
+                                     corrupt=(b"\x00garbage", "bad_video")))
 def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
     """Decode T frames with decord -> ``video`` (T, 3, H, W) normalised + ``video_mask`` (T,); with
     ``clips * crops = V > 1`` views (evaluation) -> ``video`` (V, T, 3, H, W) + ``video_mask`` (V, T)."""
@@ -220,7 +222,9 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
     return torchaudio.functional.resample(wave, rate, sample_rate) if rate != sample_rate else wave
 
 
-@DATA_OPS.register("decode_audio", config=DecodeAudioParams)
+@DATA_OPS.register("decode_audio", config=DecodeAudioParams,
+                   example=OpExample(("wav",), params={"sample_rate": 8000, "seconds": 0.5},
+                                     produce=("audio", "audio_mask"), corrupt=(b"\x00garbage", "bad_audio")))
 def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
     """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,);
     with ``windows = V > 1`` (evaluation) -> ``audio`` (V, S) + ``audio_mask`` (V, S)."""

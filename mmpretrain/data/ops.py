@@ -63,6 +63,22 @@ class OpContext:
         return text.tokenizer if text is not None else None
 
 
+@dataclass(frozen=True)
+class OpExample:
+    """What the generated tests need to run a data op (each op registers one): the raw ``members`` of
+    an example sample (by member name: png, jpg, txt, json, mp4, wav; the tests make them), ``before``:
+    ops that run first with default params, ``params``, the keys it must ``produce``, the model
+    ``towers`` whose specs it reads, and ``corrupt``: a bad value of its first member and the
+    ``SampleError`` kind it must raise on it (None: nothing it reads can be bad)."""
+
+    members: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)
+    produce: tuple[str, ...] = ()
+    towers: tuple[str, ...] = ()
+    corrupt: tuple[bytes, str] | None = None
+
+
 def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
     from mmpretrain.config.strict import from_dict
 
@@ -140,7 +156,8 @@ class DecodeImageParams:
     max_pixels: int = 100_000_000  # refuse decompression bombs
 
 
-@DATA_OPS.register("decode_image", config=DecodeImageParams)
+@DATA_OPS.register("decode_image", config=DecodeImageParams,
+                   example=OpExample(("png",), produce=("image",), corrupt=(b"\x00garbage", "bad_image")))
 def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
     """Decode the first present image member to an RGB PIL image under ``"image"``."""
 
@@ -175,7 +192,8 @@ class RandomResizedCropParams:
     size: int | None = None  # None: the image tower's input size
 
 
-@DATA_OPS.register("random_resized_crop", config=RandomResizedCropParams)
+@DATA_OPS.register("random_resized_crop", config=RandomResizedCropParams,
+                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def random_resized_crop(p: RandomResizedCropParams, ctx: OpContext) -> Op:
     """Random area/aspect crop resized to the tower's input (CLIP's train augmentation)."""
     size = (p.size, p.size) if p.size else ctx.image.size
@@ -188,7 +206,8 @@ class ResizeCenterCropParams:
     size: int | None = None
 
 
-@DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams)
+@DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams,
+                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
     """Resize the short side, then centre-crop (deterministic evaluation transform)."""
     size = (p.size, p.size) if p.size else ctx.image.size
@@ -201,7 +220,8 @@ class HflipParams:
     p: float = 0.5
 
 
-@DATA_OPS.register("hflip", config=HflipParams)
+@DATA_OPS.register("hflip", config=HflipParams,
+                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def hflip(p: HflipParams, ctx: OpContext) -> Op:
     """Horizontal flip with probability ``p`` (beware captions that say left/right)."""
     return _image_op(T.RandomHorizontalFlip(p.p))
@@ -216,7 +236,8 @@ class ColorJitterParams:
     p: float = 0.8
 
 
-@DATA_OPS.register("color_jitter", config=ColorJitterParams)
+@DATA_OPS.register("color_jitter", config=ColorJitterParams,
+                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def color_jitter(p: ColorJitterParams, ctx: OpContext) -> Op:
     """Random colour jitter, applied with probability ``p``."""
     jitter = T.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)
@@ -229,7 +250,8 @@ class NormalizeParams:
     std: tuple[float, float, float] | None = None
 
 
-@DATA_OPS.register("to_tensor_normalize", config=NormalizeParams)
+@DATA_OPS.register("to_tensor_normalize", config=NormalizeParams,
+                   example=OpExample(("png",), ("decode_image", "resize_center_crop"), produce=("image",)))
 def to_tensor_normalize(p: NormalizeParams, ctx: OpContext) -> Op:
     """PIL -> float tensor (3, H, W), normalised with the tower's mean/std."""
     mean, std = list(p.mean or ctx.image.mean), list(p.std or ctx.image.std)
@@ -242,7 +264,8 @@ class CaptionParams:
     keys: tuple[str, ...] = ("txt", "json:caption")  # "json:field" reads a field of the json member
 
 
-@DATA_OPS.register("caption", config=CaptionParams)
+@DATA_OPS.register("caption", config=CaptionParams,
+                   example=OpExample(("txt",), produce=("caption",), corrupt=(b" \n ", "empty_caption")))
 def caption(p: CaptionParams, ctx: OpContext) -> Op:
     """Read the caption (first non-empty of ``keys``) into ``"caption"``; empty -> SampleError."""
 
@@ -264,7 +287,8 @@ class CaptionsParams:
     train: bool = True  # random draw; False: the first k (cycled)
 
 
-@DATA_OPS.register("captions", config=CaptionsParams)
+@DATA_OPS.register("captions", config=CaptionsParams,
+                   example=OpExample(("json",), params={"k": 2}, produce=("caption",), corrupt=(b"{not json", "bad_json")))
 def captions(p: CaptionsParams, ctx: OpContext) -> Op:
     """K captions of one sample into ``"caption"`` (a list), for MIL-NCE (``tokenize`` -> (K, L))."""
     if p.k < 1:
@@ -328,7 +352,7 @@ def _text_member(s: Sample, member: str, strict: bool) -> str:
         return raw.decode("utf-8", "replace").strip()
 
 
-@DATA_OPS.register("tokenize")
+@DATA_OPS.register("tokenize", example=OpExample(("txt",), ("caption",), produce=("text", "text_mask"), towers=("text",)))
 def tokenize(p: None, ctx: OpContext) -> Op:
     """Tokenise ``"caption"`` with the model's tokenizer into ``"text"`` (L,) and ``"text_mask"`` (L,);
     a list of K captions (the ``captions`` op) gives (K, L) and (K, L)."""

@@ -85,7 +85,7 @@ def _column(row: dict[str, Any], names: tuple[str, ...], what: str, path: Path) 
 SHARD_MEDIA: Registry = Registry("shard media")  # name -> fn(path, verify) -> (member extension, bytes)
 
 
-@SHARD_MEDIA.register("image")
+@SHARD_MEDIA.register("image", example={"member": "png"})
 def _encode(image_path: Path, verify: bool) -> tuple[str, bytes]:
     """(extension, bytes) for a shard member; formats other than jpg/png/webp become png."""
     data = image_path.read_bytes()
@@ -120,8 +120,10 @@ def _media_encoder(kind: str, exts: tuple[str, ...]):
     return encode
 
 
-SHARD_MEDIA.register("video")(_media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
-SHARD_MEDIA.register("audio")(_media_encoder("audio", ("wav", "flac", "mp3", "ogg")))
+SHARD_MEDIA.register("video", example={"member": "mp4"}, doc="a video file (mp4, webm, avi, mkv, mov), stored as it is")(
+    _media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
+SHARD_MEDIA.register("audio", example={"member": "wav"}, doc="an audio file (wav, flac, mp3, ogg), stored as it is")(
+    _media_encoder("audio", ("wav", "flac", "mp3", "ogg")))
 
 
 class _ShardSink:

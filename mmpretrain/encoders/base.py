@@ -54,19 +54,19 @@ def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> n
 HEADS: Registry[nn.Module] = Registry("projection head")
 
 
-@HEADS.register("linear")
+@HEADS.register("linear", example={"in_dim": 8, "out_dim": 8})
 def linear_head(in_dim: int, out_dim: int) -> nn.Module:
     """A bias-free linear projection, as CLIP."""
     return nn.Linear(in_dim, out_dim, bias=False)
 
 
-@HEADS.register("mlp")
+@HEADS.register("mlp", example={"in_dim": 8, "out_dim": 8})
 def mlp_head(in_dim: int, out_dim: int) -> nn.Module:
     """Linear -> GELU -> Linear, with the hidden width of the input."""
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
 
 
-@HEADS.register("none")
+@HEADS.register("none", example={"in_dim": 8, "out_dim": 8})
 def no_head(in_dim: int, out_dim: int) -> nn.Module:
     """Identity; the encoder's output must already be ``embed_dim`` wide."""
     if in_dim != out_dim:

@@ -56,20 +56,20 @@ def _imagenet_names() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-@LAYOUTS.register("imagenet")
+@LAYOUTS.register("imagenet", example={"folders": ("n01443537", "n15075141"), "classes": 1000})
 def imagenet_layout(root: Path | None = None) -> ClassMap:
     """1000 WordNet-id folders."""
     wnids = _timm_list("imagenet_synsets.txt")
     return ClassMap({w: i for i, w in enumerate(wnids)}, _imagenet_names())
 
 
-@LAYOUTS.register("imagenet-sketch")
+@LAYOUTS.register("imagenet-sketch", example={"folders": ("n01443537", "n15075141"), "classes": 1000})
 def imagenet_sketch_layout(root: Path | None = None) -> ClassMap:
     """ImageNet-Sketch: the 1000 WordNet-id folders of ImageNet."""
     return imagenet_layout()
 
 
-@LAYOUTS.register("imagenet-v2")
+@LAYOUTS.register("imagenet-v2", example={"folders": ("0", "999"), "classes": 1000})
 def imagenet_v2_layout(root: Path | None = None) -> ClassMap:
     """ImageNet-V2: folders named by class index 0..999."""
     return ClassMap({str(i): i for i in range(1000)}, _imagenet_names())
@@ -83,19 +83,19 @@ def _subset(synsets_file: str) -> ClassMap:
     return ClassMap({w: i for i, w in enumerate(subset)}, [names[index[w]] for w in subset])
 
 
-@LAYOUTS.register("imagenet-r")
+@LAYOUTS.register("imagenet-r", example={"folders": ("n01443537", "n12267677"), "classes": 200})
 def imagenet_r_layout(root: Path | None = None) -> ClassMap:
     """ImageNet-R: its 200 WordNet ids, evaluated over those 200 classes."""
     return _subset("imagenet_r_synsets.txt")
 
 
-@LAYOUTS.register("imagenet-a")
+@LAYOUTS.register("imagenet-a", example={"folders": ("n01498041", "n12267677"), "classes": 200})
 def imagenet_a_layout(root: Path | None = None) -> ClassMap:
     """ImageNet-A: its 200 WordNet ids, evaluated over those 200 classes."""
     return _subset("imagenet_a_synsets.txt")
 
 
-@LAYOUTS.register("folder")
+@LAYOUTS.register("folder", example={"folders": ("cat", "red_fox"), "classes": None})
 def folder_layout(root: Path | None = None) -> ClassMap:
     """Any ImageFolder: sorted folder names are the classes (underscores read as spaces)."""
     if root is None:

@@ -36,19 +36,19 @@ EVAL_INPUTS: Registry[Callable[[Views], list[OpSpec]]] = Registry("evaluation in
 MEDIA_KEYS = {"image": IMAGE_KEYS, "video": VIDEO_KEYS, "audio": AUDIO_KEYS}  # members (and file suffixes) by modality
 
 
-@EVAL_INPUTS.register("image")
+@EVAL_INPUTS.register("image", example={"member": "png", "views": {}, "view_count": 1})
 def image_inputs(views: Views) -> list[OpSpec]:
     """Decode, resize the short side, centre-crop, normalise -> (3, H, W)."""
     return [OpSpec("decode_image"), OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")]
 
 
-@EVAL_INPUTS.register("video")
+@EVAL_INPUTS.register("video", example={"member": "mp4", "views": {"clips": 2, "crops": 3}, "view_count": 6})
 def video_inputs(views: Views) -> list[OpSpec]:
     """``clips`` x ``crops`` deterministic views -> (T, 3, H, W), or (V, T, 3, H, W) when V > 1."""
     return [OpSpec("decode_video", {"train": False, "clips": views.clips, "crops": views.crops})]
 
 
-@EVAL_INPUTS.register("audio")
+@EVAL_INPUTS.register("audio", example={"member": "wav", "views": {"windows": 2}, "view_count": 2})
 def audio_inputs(views: Views) -> list[OpSpec]:
     """``windows`` evenly spread windows -> (S,), or (V, S) when V > 1."""
     return [OpSpec("decode_audio", {"train": False, "windows": views.windows})]

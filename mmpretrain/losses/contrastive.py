@@ -121,7 +121,7 @@ def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:
                          "several captions per sample (B, K, E) need kind 'milnce'")
 
 
-@LOSSES.register("clip")
+@LOSSES.register("clip", example={"views": 1, "logit_bias": None})
 def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
               valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE (CLIP): mean of cross-entropy a->b and b->a; positives on the diagonal."""
@@ -134,7 +134,7 @@ def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | No
     return 0.5 * (_masked_ce(logits_ab, labels, rows, cols, ctx) + _masked_ce(logits_ba, labels, rows, cols, ctx))
 
 
-@LOSSES.register("siglip")
+@LOSSES.register("siglip", example={"views": 1, "logit_bias": -10.0})
 def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
                 valid: Tensor | None = None) -> Tensor:
     """Sigmoid loss (SigLIP): -sum log sigmoid(+-(s * a.b + bias)) over all pairs, / rows."""
@@ -155,7 +155,7 @@ def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
     return _masked_mean((terms * col_ok[None, :]).sum(1), row_ok, col_ok, logits, ctx)
 
 
-@LOSSES.register("milnce")
+@LOSSES.register("milnce", example={"views": 2, "logit_bias": None})
 def milnce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
                 valid: Tensor | None = None) -> Tensor:
     """MIL-NCE (Miech et al. 2020) for K captions per clip: a (B, E) clips, b (B, K, E) captions.

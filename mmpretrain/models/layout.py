@@ -86,3 +86,9 @@ def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
     missing, unexpected = load_model(model, str(path), strict=strict)
     if missing or unexpected:
         log.warning("weights %s: missing %s, unexpected %s", path, missing[:5], unexpected[:5])
+
+
+def write_checksums(folder: Path, step: int) -> None:
+    """``checksums.json`` for ``FILES`` in ``folder`` (sha256 and size of each, as read back)."""
+    files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in FILES}
+    (folder / CHECKSUMS).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))

@@ -200,18 +200,65 @@ def _is_ours(path: Path) -> bool:
     return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
 
 
-def _register(name: str, detect, load, doc: str) -> None:
+def _register(name: str, detect, load, doc: str, example) -> None:
     """Formats' ``detect`` predicates are mutually exclusive (a Hugging Face folder has ``config.json``
-    and no ``config.yaml``; ours the reverse)."""
-    CHECKPOINT_FORMATS.register(name, doc=doc)(lambda: CheckpointFormat(detect, load))
+    and no ``config.yaml``; ours the reverse). ``example(folder) -> (reference, base ModelConfig or None)``
+    writes a tiny checkpoint of the format for the generated tests."""
+    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load))
 
 
-_register("hf_clip", _is_hf_clip, _load_hf_clip, "a Hugging Face CLIP or SigLIP folder (config.json + weights)")
-_register("mmpretrain", _is_ours, _load_ours, "our checkpoint folder (model.safetensors, config.yaml, checksums)")
+def tiny_model() -> ContrastiveModel:
+    """A tiny open_clip-architecture model (the encoders' registered examples), seeded."""
+    from mmpretrain.encoders.openclip import TINY_TEXT, TINY_VISION
+
+    torch.manual_seed(0)
+    return ContrastiveModel(model_config_from_tree({"embed_dim": 24, "towers": {
+        "image": {"encoder": "openclip_vision", "params": TINY_VISION},
+        "text": {"encoder": "openclip_text", "params": TINY_TEXT}}}))
+
+
+def _example_ours(folder: Path) -> tuple[Path, None]:
+    from safetensors.torch import save_model
+
+    from mmpretrain.config.strict import to_dict
+    from mmpretrain.models.layout import write_checksums
+
+    model, ckpt = tiny_model(), Path(folder) / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    torch.save({"format": "mmpretrain-checkpoint/1", "step": 1}, ckpt / "state.pt")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.cfg)}))
+    write_checksums(ckpt, 1)
+    return ckpt, None
+
+
+def _example_open_clip_dir(folder: Path) -> tuple[str, None]:
+    from mmpretrain.models.formats import export_open_clip
+
+    return f"{LOCAL_DIR}{export_open_clip(tiny_model(), Path(folder) / 'open_clip')}", None
+
+
+def _example_open_clip_file(folder: Path) -> tuple[Path, ModelConfig]:
+    from mmpretrain.models.formats import export_open_clip
+
+    model = tiny_model()
+    return export_open_clip(model, Path(folder) / "open_clip") / "open_clip_model.safetensors", model.cfg
+
+
+def _example_hf_clip(folder: Path) -> tuple[Path, None]:
+    from mmpretrain.encoders.hf_clip import tiny_folder
+
+    return Path(tiny_folder("clip")["path"]), None
+
+
+_register("hf_clip", _is_hf_clip, _load_hf_clip, "a Hugging Face CLIP or SigLIP folder (config.json + weights)",
+          _example_hf_clip)
+_register("mmpretrain", _is_ours, _load_ours, "our checkpoint folder (model.safetensors, config.yaml, checksums)",
+          _example_ours)
 _register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir,
-          "an open_clip folder (open_clip_config.json + weights), as our export writes it")
+          "an open_clip folder (open_clip_config.json + weights), as our export writes it", _example_open_clip_dir)
 _register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
-          _load_open_clip_file, "an open_clip weights file (needs the model it belongs to)")
+          _load_open_clip_file, "an open_clip weights file (needs the model it belongs to)", _example_open_clip_file)
 
 
 def detect_format(path: Path) -> str | None:

@@ -28,7 +28,8 @@ from safetensors.torch import save_model
 from torch import nn
 
 from mmpretrain.errors import CheckpointError
-from mmpretrain.models.layout import CHECKSUMS, FILES, FORMAT, checkpoint_dir, list_checkpoints, step_of, verify_checkpoint
+from mmpretrain.models.layout import (FORMAT, checkpoint_dir, list_checkpoints, step_of, verify_checkpoint,
+                                      write_checksums)
 from mmpretrain.utils.faults import crash_point
 from mmpretrain.utils.io import atomic_dir, remove_tree, sha256_file
 
@@ -53,8 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
         torch.save({"format": FORMAT, "step": step, **state}, tmp / "state.pt")
         crash_point("ckpt.state")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES}
-        (tmp / CHECKSUMS).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        write_checksums(tmp, step)
         crash_point("ckpt.checksums")
     crash_point("ckpt.renamed")
     problem = verify_checkpoint(final, deep=False)  # the hashes were computed from the files as read back

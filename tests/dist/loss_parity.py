@@ -12,21 +12,21 @@ import torch.distributed as dist
 
 from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.schema import LossConfig, LossPair
-from mmpretrain.losses import DistContext
+from mmpretrain.losses import LOSSES, DistContext
 from mmpretrain.models import build_model
 from mmpretrain.training.task import ContrastiveTask
 from tests.conftest import TINY_MODEL
 
 # (loss kind, gather_with_grad, local_loss, masked): masked batches lack images for some samples
 # (image_valid False), unevenly across the two ranks; milnce batches carry 2 captions per sample.
-MODES = [(kind, gwg, local, masked) for kind in ("clip", "siglip", "milnce") for masked in (False, True)
+MODES = [(kind, gwg, local, masked) for kind in LOSSES.names() for masked in (False, True)
          for gwg, local in ((True, False), (True, True), (False, False))]
 VALID = torch.tensor([True, False, True, True, False, False, False, True])  # rank 0: 3 of 4 valid, rank 1: 1 of 4
 
 
 def full_batch(model, kind: str, masked: bool, n=8):
     g = torch.Generator().manual_seed(123)
-    k = 2 if kind == "milnce" else 1
+    k = LOSSES.get(kind).make_example()["views"]
     tok = model.tokenizer()([f"caption {i} take {j}" for i in range(n) for j in range(k)])
     if k > 1:
         tok = {key: v.view(n, k, -1) for key, v in tok.items()}
@@ -44,7 +44,7 @@ def main(out_path: str) -> None:
     torch.set_default_dtype(torch.float64)
     report = {}
     for kind, gwg, local, masked in MODES:
-        tree = {"model": {**TINY_MODEL, "logit_bias_init": -10.0 if kind == "siglip" else None}}
+        tree = {"model": {**TINY_MODEL, "logit_bias_init": LOSSES.get(kind).make_example()["logit_bias"]}}
         torch.manual_seed(0)
         base = build_model(experiment_from_tree(tree).model)
         batch = full_batch(base, kind, masked)

@@ -1,0 +1,267 @@
+"""Generated from the registries: every entry of every registry carries an example, and each
+registry's contract is checked on every entry from that example. A new entry gets these tests
+for free; a new registry fails ``test_every_registry_has_a_contract`` until it is given one."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from mmpretrain.config.strict import ConfigError, from_dict
+from mmpretrain.registry import REGISTRIES, Registry, RegistryError, load_all
+from tests.conftest import ROOT, TINY_MODEL, png_bytes
+
+load_all()
+import retrieval.index  # noqa: E402,F401  (the index types register on import)
+
+ALL = [(kind, entry) for kind, reg in REGISTRIES.items() for entry in reg.entries()]
+IDS = [f"{kind}-{entry.name}" for kind, entry in ALL]
+# kind -> where its contract is tested (the generated tests of this file, or another file's)
+CONTRACTS = {
+    "data op": "test_data_op_contract", "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
+    "checkpoint format": "test_checkpoint_format_contract", "dataset layout": "test_layout_contract",
+    "evaluation input": "test_eval_input_contract", "shard media": "test_shard_media_contract",
+    "projection head": "test_head_contract", "rasterizer": "test_rasterizer_contract", "corpus": "test_corpus_contract",
+    "index type": "test_retrieval.test_every_index_type_builds_and_reaches_its_recall",
+    **{f"{m} encoder": "test_encoders" for m in ("image", "text", "video", "audio")},
+}
+
+
+def entries(kind: str):
+    reg = REGISTRIES[kind]
+    return pytest.mark.parametrize("entry", reg.entries(), ids=reg.names())
+
+
+def test_every_registry_has_a_contract():
+    assert set(REGISTRIES) == set(CONTRACTS), "a registry without contract tests (add it to CONTRACTS and test it)"
+
+
+@pytest.mark.parametrize("kind, entry", ALL, ids=IDS)
+def test_every_entry_has_an_example_and_a_doc(kind, entry):
+    assert entry.example is not None, f"{kind} {entry.name!r} registered without an example"
+    assert entry.doc.strip(), f"{kind} {entry.name!r} has no doc line (docstring or doc=)"
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRIES))
+def test_unknown_names_fail_listing_the_valid_ones(kind):
+    reg = REGISTRIES[kind]
+    wrong = reg.names()[0] + "x"
+    with pytest.raises(RegistryError, match=f"unknown {kind} '{wrong}'.*Did you mean"):
+        reg.get(wrong)
+
+
+@pytest.mark.parametrize("kind, entry", [(k, e) for k, e in ALL if e.config_cls], ids=[i for i, (k, e) in zip(IDS, ALL)
+                                                                                       if e.config_cls])
+def test_typed_params_refuse_unknown_keys(kind, entry):
+    with pytest.raises(ConfigError, match="no_such_key"):
+        from_dict(entry.config_cls, {"no_such_key": 1}, f"{kind}.{entry.name}")
+
+
+def test_registries_are_unique_and_temporary_entries_go_away():
+    reg = REGISTRIES["projection head"]
+    with pytest.raises(ValueError, match="exists already"):
+        Registry("projection head")
+    with reg.temporary("twice", lambda i, o: torch.nn.Identity(), example={"in_dim": 1, "out_dim": 1}):
+        assert "twice" in reg
+    assert "twice" not in reg
+    with reg.temporary("linear", lambda i, o: "swapped"):  # replaced, then restored with its example
+        assert reg.build("linear", 1, 1) == "swapped" and reg.get("linear").example
+    assert isinstance(reg.build("linear", 2, 3), torch.nn.Linear)
+
+
+# ---- members the data-op and shard-media examples name -------------------------------------------
+
+@pytest.fixture(scope="module")
+def members():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_toy_clips import make_clip
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes((np.sin(np.arange(8000) / 5) * 8000).astype(np.int16).tobytes())
+    jpg = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(jpg, format="JPEG")
+    return {"png": png_bytes(size=40), "jpg": jpg.getvalue(), "txt": b"a red square",
+            "json": json.dumps({"captions": ["a red square", "red", "a square"]}).encode(),
+            "mp4": make_clip(random.Random(0), size=40, n_frames=8, fps=8)[0], "wav": buf.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def av_model():
+    """A tiny model with a tower of every modality (each encoder's first registered example)."""
+    from mmpretrain.encoders import ENCODERS
+    from mmpretrain.models import build_model
+    from mmpretrain.training.validate import experiment_from_tree
+
+    towers = dict(TINY_MODEL["towers"])
+    for m in ("video", "audio"):
+        e = ENCODERS[m].entries()[-1]
+        towers[m] = {"encoder": e.name, "params": e.make_example()}
+    torch.manual_seed(0)
+    return build_model(experiment_from_tree({"model": {**TINY_MODEL, "towers": towers}}).model).eval()
+
+
+@entries("data op")
+def test_data_op_contract(entry, members, av_model):
+    """Run after its ``before`` ops on the example's members: it produces its keys; the example's bad
+    first member is a ``SampleError`` of the declared kind (the stream skips and counts it by that kind)."""
+    from mmpretrain.data.ops import DATA_OPS, OpContext
+
+    ex = entry.make_example()
+    ctx = OpContext({m: av_model.input_spec(m) for m in ex.towers}) if ex.towers else OpContext()
+
+    def op(name, params=None):
+        e = DATA_OPS.get(name)
+        return e.builder(from_dict(e.config_cls, params or {}) if e.config_cls else None, ctx)
+
+    chain = [op(name) for name in ex.before] + [op(entry.name, ex.params)]
+
+    def run(sample):
+        for f in chain:
+            sample = f(sample)
+        return sample
+
+    out = run({"__key__": "k", **{m: members[m] for m in ex.members}})
+    assert set(ex.produce) <= set(out), f"{entry.name} produced {sorted(out)}"
+    if ex.corrupt:
+        from mmpretrain.data.ops import SampleError
+
+        value, kind = ex.corrupt
+        with pytest.raises(SampleError) as info:
+            run({"__key__": "k", **{m: members[m] for m in ex.members}, ex.members[0]: value})
+        assert info.value.kind == kind
+
+
+@entries("loss kind")
+def test_loss_contract(entry):
+    """A finite scalar with gradients; aligned pairs cost less than shuffled ones."""
+    from mmpretrain.losses import DistContext
+
+    ex = entry.make_example()
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()
+    b = a.detach() + 0.05 * torch.randn(6, 8, generator=g)
+    if ex["views"] > 1:
+        b = b[:, None].expand(6, ex["views"], 8) + 0.05 * torch.randn(6, ex["views"], 8, generator=g)
+    b = torch.nn.functional.normalize(b, dim=-1)
+    scale, bias = torch.tensor(10.0), None if ex["logit_bias"] is None else torch.tensor(ex["logit_bias"])
+    loss = entry.builder(a, b, scale, bias, DistContext())
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    assert loss < entry.builder(a.detach(), b.roll(1, 0), scale, bias, DistContext())
+
+
+@entries("checkpoint format")
+def test_checkpoint_format_contract(entry, tmp_path):
+    """The example checkpoint resolves to exactly this format and loads to a model that encodes."""
+    from mmpretrain.models.pretrained import load_pretrained, resolve_checkpoint
+
+    ref, base = entry.example(tmp_path)  # the example writes a checkpoint into a folder
+    assert resolve_checkpoint(ref).format == entry.name
+    model = load_pretrained(ref, base).eval()
+    emb = model.encode("text", model.tokenizer()(["a red square", "a blue circle"]))
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
+
+
+@entries("dataset layout")
+def test_layout_contract(entry, tmp_path):
+    """Folders named as the layout names them are read as an image-folder dataset, each folder its own
+    class; the class count is the layout's."""
+    from mmpretrain.eval.datasets import ImageFolderSet
+
+    ex = entry.make_example()
+    for name in ex["folders"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(png_bytes())
+    ds = ImageFolderSet(tmp_path, entry.name, transform=lambda path: path)
+    assert len(ds.classes.names) == (ex["classes"] or len(ex["folders"]))
+    assert len({label for _, label in ds.samples}) == len(ex["folders"])
+    (tmp_path / "not-a-class-zz").mkdir()
+    if ex["classes"]:  # a fixed layout refuses folders that are not its classes
+        with pytest.raises(ValueError, match="not classes of layout"):
+            ImageFolderSet(tmp_path, entry.name, transform=lambda path: path)
+
+
+@entries("evaluation input")
+def test_eval_input_contract(entry, members, av_model):
+    """A model's evaluation input from bytes: deterministic, with the example's view count."""
+    from mmpretrain.eval.inputs import EvalInput, Views
+
+    ex = entry.make_example()
+    ev = EvalInput(av_model, entry.name, Views(**ex["views"]))
+    one = ev.batch([members[ex["member"]]])
+    torch.testing.assert_close(one[entry.name], ev.batch([members[ex["member"]]])[entry.name])
+    spec_dims = {"image": 3, "video": 4, "audio": 1}[entry.name]
+    views = one[entry.name].shape[1] if one[entry.name].dim() == spec_dims + 2 else 1
+    assert views == ex["view_count"]
+
+
+@entries("shard media")
+def test_shard_media_contract(entry, members, tmp_path):
+    """A file becomes a shard member of the example's extension; a broken one fails when verified."""
+    path = tmp_path / f"x.{ex_member(entry)}"
+    path.write_bytes(members[ex_member(entry)])
+    ext, data = entry.builder(path, True)
+    assert ext == ex_member(entry) and data
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(Exception):
+        entry.builder(path, True)
+
+
+def ex_member(entry) -> str:
+    return entry.make_example()["member"]
+
+
+@entries("projection head")
+def test_head_contract(entry):
+    ex = entry.make_example()
+    head = entry.builder(ex["in_dim"], ex["out_dim"])
+    assert head(torch.randn(3, ex["in_dim"])).shape == (3, ex["out_dim"])
+
+
+def _svg(tmp_path, source: str) -> str:
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle r="6" cx="8" cy="8" fill="#c03"/></svg>'
+    if source == "svg":
+        return svg
+    (tmp_path / "in.svg").write_text(svg)
+    return str(tmp_path / "in.svg")
+
+
+@entries("rasterizer")
+def test_rasterizer_contract(entry, tmp_path):
+    """A PNG of the requested size from the example's source kind (svg text or a file)."""
+    from PIL import Image
+
+    ex = entry.make_example()
+    missing = [tool for tool in ex["needs"] if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (make test installs it: apt-get install librsvg2-bin)")
+    entry.builder(_svg(tmp_path, ex["source"]), tmp_path / "out.png", 24)
+    assert Image.open(tmp_path / "out.png").size == (24, 24)
+
+
+@entries("corpus")
+def test_corpus_contract(entry, tmp_path):
+    """Built offline from its example: shards, evaluation folders and a manifest whose counts match."""
+    ex = entry.make_example()
+    cfg = from_dict(entry.config_cls, ex["config"], f"corpus.{entry.name}")
+    manifest = entry.builder(cfg, tmp_path / "cache", tmp_path / "out", **ex["offline"](tmp_path / "src"))
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["counts"] == json.loads(json.dumps(manifest["counts"]))
+    assert list((tmp_path / "out").rglob("*.tar")), "no shards written"
+    assert all(v for v in _leaves(manifest["counts"])), manifest["counts"]
+
+
+def _leaves(tree):
+    return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
