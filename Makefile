@@ -2,12 +2,13 @@
 #   make demo   create .venv if missing, install, build the emoji corpus, pre-train on CPU, evaluate, report
 #               (runs/demo/report.html); re-running reuses the corpus and the checkpoints
 #   make test   create .venv if missing, install, run the test suite
+#   make lint   ruff check + ruff format --check (CI runs both: .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +25,11 @@ install: $(STAMP)
 SYSTEM_DEPS := 'chromium|chromium-browser:chromium' 'rsvg-convert:librsvg2-bin'
 system-deps:
 	@scripts/system_deps.sh $(SYSTEM_DEPS)
+
+# ruff's lint and format checks (configured in pyproject.toml); `ruff format .` applies the format
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

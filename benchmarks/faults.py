@@ -160,9 +160,8 @@ def poison_cases() -> dict[str, tuple[list[tuple[str, bytes]] | str, str]]:
     """name -> (the poison sample's tar members, or a shard URL; the modality its ops decode).
     A name ending in "(cap off)" reads its case with ``data.max_member_bytes`` raised to 1 GiB: the
     contrast that shows what the cap saves."""
-    from PIL import Image
-
     from make_toy_clips import make_clip
+    from PIL import Image
 
     clip, _ = make_clip(random.Random(0), size=32, n_frames=16)
     wav = io.BytesIO()

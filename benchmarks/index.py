@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.cli import parse_bytes  # noqa: E402
 from retrieval.embed import write_vectors  # noqa: E402
-from retrieval.index import (INDEX_TYPES, BuildConfig, candidate_specs, exact_neighbours, sweep,  # noqa: E402
-                             train_and_add)
+from retrieval.index import INDEX_TYPES, BuildConfig, candidate_specs, exact_neighbours, sweep, train_and_add  # noqa: E402
 
 
 def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,12 @@ tokenise, batch) and through a plain webdataset pipeline doing the same work.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import itertools
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -168,8 +168,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="data workers for part 2")
     p.add_argument("--samples", type=int, default=2000, help="samples timed in part 2")
     args = p.parse_args()
-    from mmpretrain.training.validate import load_experiment as load_config
     from mmpretrain.models import build_model
+    from mmpretrain.training.validate import load_experiment as load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = toy_shards(Path(tmp), 1000)

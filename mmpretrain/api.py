@@ -8,27 +8,29 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from mmpretrain import files
 from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
-from mmpretrain.config.strict import ConfigError, from_dict
+from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
-from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_text, sha256_file
 
+# ``files``: durable atomic writes (mmpretrain.files); ``Registry``: the plugin mechanism, for tools
+# keeping registries of their own (retrieval's index types)
 __all__ = [
-    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "ImageTooLarge", "Manifest", "ModelConfig", "Registry",
-    "RegistryError", "ShardWriterConfig", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text",
-    "create_model", "encode", "encode_images", "encode_texts", "expand_sources", "export_open_clip", "image_transform",
-    "item_batches", "list_encoders", "load_checkpoint",
-    "load_config", "make_shards", "model_id", "open_image", "sha256_file", "tokenize", "train", "zero_shot",
+    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "ImageTooLarge", "Manifest", "ModelConfig",
+    "Registry", "RegistryError", "ShardWriterConfig", "create_model", "encode", "encode_images", "encode_texts",
+    "expand_sources", "export_open_clip", "files", "image_transform", "item_batches", "list_encoders",
+    "load_checkpoint", "load_config", "make_shards", "model_id", "open_image", "tokenize", "train", "zero_shot",
 ]
 
 
@@ -148,11 +150,6 @@ def list_encoders() -> dict[str, list[str]]:
     from mmpretrain.encoders import ENCODERS
 
     return {m: reg.names() for m, reg in ENCODERS.items()}
-
-
-def data_config(**fields: Any) -> DataConfig:
-    """A validated ``DataConfig`` from keyword fields."""
-    return from_dict(DataConfig, fields, "data")
 
 
 def expand_sources(spec: str) -> list[str]:

@@ -57,8 +57,17 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmpretrain.eval.runner import (EvalSet, embed_folder, folder_retrieval_eval, hard_subset, retrieval_eval,
-                                        robustness_eval, table, write_report, zeroshot_eval)
+    from mmpretrain.eval.runner import (
+        EvalSet,
+        embed_folder,
+        folder_retrieval_eval,
+        hard_subset,
+        retrieval_eval,
+        robustness_eval,
+        table,
+        write_report,
+        zeroshot_eval,
+    )
 
     model = _load_model(args)
     common = {"batch_size": args.batch_size, "progress": True}

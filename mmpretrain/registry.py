@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-REGISTRIES: dict[str, "Registry"] = {}  # kind -> registry, filled as registries are created
+REGISTRIES: dict[str, Registry] = {}  # kind -> registry, filled as registries are created
 BUILT_INS = ("mmpretrain.data", "mmpretrain.data.shards", "mmpretrain.encoders", "mmpretrain.losses", "mmpretrain.models.pretrained",
              "mmpretrain.eval.inputs", "mmpretrain.eval.datasets", "mmpretrain.corpora")
 

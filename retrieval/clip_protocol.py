@@ -30,7 +30,6 @@ from retrieval.search import QueryError
 CLIENT_KEYS = ("text", "image", "image_url", "embedding_input", "deduplicate", "use_safety_model",
                "use_violence_detector", "indice_name", "use_mclip", "aesthetic_score", "aesthetic_weight",
                "modality", "num_images", "num_result_ids")
-IGNORED = ("use_mclip", "use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
 DEDUP_THRESHOLD = 0.94
 
 

@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources:
                 raise EmbedError(f"{out} holds a job with a different {key} ({str(old.get(key))[:80]!r}); "
                                  f"use another --out or delete it")
         return
-    api.atomic_write_text(path, json.dumps(header, indent=2))
+    api.files.atomic_write_text(path, json.dumps(header, indent=2))
 
 
 PART_META = b"mmpretrain"  # parquet schema metadata key of a part's summary
@@ -114,7 +114,7 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict:
     if cfg.strict and (summary["skipped"] or not summary["complete"]):
         raise EmbedError(f"{source}: {json.dumps(summary['skipped'])} skipped (--strict); nothing written for it")
     if not summary["complete"]:
-        api.atomic_write_text(part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
+        api.files.atomic_write_text(part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
         return summary
     _write_part(part, np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.embed_dim), np.float32),
                 rows, b"".join(thumbs), cfg.dtype, summary)
@@ -127,14 +127,14 @@ def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: byte
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with api.atomic_open(part.with_suffix(".thumbs"), "wb") as f:
+    with api.files.atomic_open(part.with_suffix(".thumbs"), "wb") as f:
         f.write(thumbs)
-    with api.atomic_open(part.with_suffix(".npy"), "wb") as f:
+    with api.files.atomic_open(part.with_suffix(".npy"), "wb") as f:
         np.save(f, emb.astype(dtype))
     schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
                         ("modality", pa.string()), ("thumb_offset", pa.int64()), ("thumb_len", pa.int32())],
                        metadata={PART_META: json.dumps(summary).encode()})
-    with api.atomic_open(part.with_suffix(".parquet"), "wb") as f:
+    with api.files.atomic_open(part.with_suffix(".parquet"), "wb") as f:
         pq.write_table(pa.table(rows, schema=schema), f)
 
 
@@ -279,15 +279,15 @@ def write_vectors(folder: str | Path, vectors: np.ndarray, *, model: str = "exte
         v = np.asarray(vectors[a:b], dtype=np.float32)
         v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         part = folder / "parts" / part_name(j)
-        with api.atomic_open(part.with_suffix(".npy"), "wb") as f:
+        with api.files.atomic_open(part.with_suffix(".npy"), "wb") as f:
             np.save(f, v.astype(dtype))
-        api.atomic_write_bytes(part.with_suffix(".thumbs"), b"")
+        api.files.atomic_write_bytes(part.with_suffix(".thumbs"), b"")
         table = pa.table({"key": keys[a:b], "caption": captions[a:b], "source": [""] * (b - a),
                           "modality": ["vector"] * (b - a), "thumb_offset": pa.array([0] * (b - a), pa.int64()),
                           "thumb_len": pa.array([0] * (b - a), pa.int32())})
-        with api.atomic_open(part.with_suffix(".parquet"), "wb") as f:
+        with api.files.atomic_open(part.with_suffix(".parquet"), "wb") as f:
             pq.write_table(table, f)
     header = {"format": FORMAT, "model": model, "model_id": model_id, "dim": dim, "dtype": dtype, "modality": "vector",
               "data": "vectors", "sources": [f"vectors[{a}:{min(a + part_size, n)}]" for a in starts], "thumb_size": 0}
-    api.atomic_write_text(folder / "embeddings.json", json.dumps(header, indent=2))
+    api.files.atomic_write_text(folder / "embeddings.json", json.dumps(header, indent=2))
     return load_embeddings(folder)

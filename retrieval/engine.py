@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ class IndexEngine:
         scores, ids = (self.searcher.index.index.search(vectors[todo], max(queries[i].k for i in todo))
                        if todo else (None, None))
         empty = np.zeros(0, np.int64)
-        for i, q in enumerate(queries):
+        for i in range(len(queries)):
             if out[i] is None:
                 out[i] = Answer(lists.get(i, vectors[i]), empty, empty.astype(np.float32))
         for row, i in enumerate(todo):

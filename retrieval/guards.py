@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest

@@ -374,9 +374,9 @@ def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     faiss.write_index(index, str(tmp / "index.faiss"))
     pq.write_table(meta, tmp / "meta.parquet")
     files = ["index.faiss", "meta.parquet"] + (["index.ivfdata"] if (tmp / "index.ivfdata").exists() else [])
-    header["checksums"] = {f: api.sha256_file(tmp / f) for f in files}
+    header["checksums"] = {f: api.files.sha256_file(tmp / f) for f in files}
     header["bytes"] = {f: (tmp / f).stat().st_size for f in files}
-    api.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
+    api.files.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
 
 
 def build_index(embeddings: str | Path, out: str | Path, cfg: BuildConfig, *,
@@ -390,7 +390,7 @@ def build_index(embeddings: str | Path, out: str | Path, cfg: BuildConfig, *,
         raise IndexError_(f"{emb.folder}: no vectors to index")
     specs = candidate_specs(emb.n, emb.dim, cfg)
     q, truth, exclude = held_out_queries(emb, cfg, queries)
-    with api.atomic_dir(out) as tmp:
+    with api.files.atomic_dir(out) as tmp:
         tmp = Path(tmp)
         built = [_build_tuned(tmp, emb, spec, cfg, q, truth, exclude, progress) for spec in specs]
         index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2], cfg.recall_target))
@@ -454,7 +454,7 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
     for name, digest in header.get("checksums", {}).items():
         if not (folder / name).is_file():
             raise IndexError_(f"{folder}/{name} is missing")
-        if verify and api.sha256_file(folder / name) != digest:
+        if verify and api.files.sha256_file(folder / name) != digest:
             raise IndexError_(f"{folder}/{name} is corrupt (sha256 mismatch); rebuild the index")
     try:
         index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0)
@@ -490,7 +490,7 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
         index.add(vectors)
     meta = pa.concat_tables([loaded.meta, emb.meta()])
     h = {**h, "ntotal": int(index.ntotal), "embeddings": h["embeddings"] + [str(emb.folder.resolve())]}
-    with api.atomic_dir(folder) as tmp:
+    with api.files.atomic_dir(folder) as tmp:
         write_index_folder(Path(tmp), index, meta, h)
     log.info("added %d vectors to %s (now %d)", emb.n, folder, h["ntotal"])
     return h

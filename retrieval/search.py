@@ -6,17 +6,15 @@
 """
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from mmpretrain import api
 from retrieval.index import IndexError_, LoadedIndex, open_index
 
-log = logging.getLogger(__name__)
 MAX_K = 1000
 
 
@@ -65,7 +63,7 @@ class Searcher:
         self._embeddings = None  # opened on first use of vectors()
 
     @classmethod
-    def open(cls, index: str | Path, model: str | Path | None = None, **kwargs) -> "Searcher":
+    def open(cls, index: str | Path, model: str | Path | None = None, **kwargs) -> Searcher:
         """Open ``index`` with ``model`` (default: the checkpoint recorded in the index)."""
         loaded = open_index(index)
         return cls(api.load_checkpoint(model or loaded.header["model"]), loaded, **kwargs)

@@ -64,4 +64,4 @@ def test_accumulation_matches_large_batch(tiny_model_cfg, kind, patch_dropout):
     g_big, g_acc = grads(model), grads(other)
     assert set(g_big) == set(g_acc) and "logit_scale" in g_big
     for name in g_big:
-        torch.testing.assert_close(g_acc[name], g_big[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_acc[name], g_big[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams, frame_indices
-from mmpretrain.types import ImageSpec
 from mmpretrain.data.ops import DATA_OPS, OpContext, SampleError
+from mmpretrain.types import ImageSpec
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

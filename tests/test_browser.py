@@ -33,7 +33,7 @@ def server(search_index):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise AssertionError(f"server did not start:\n{proc.stdout.read()[-3000:]}")
+                raise AssertionError(f"server did not start:\n{proc.stdout.read()[-3000:]}") from None
             time.sleep(0.3)
     yield url
     proc.terminate()

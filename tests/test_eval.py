@@ -129,7 +129,6 @@ def test_one_evaluation_input_for_files_bytes_pil_and_uploads(tiny_ckpt, tmp_pat
     import pickle
 
     import torch
-
     from PIL import Image
 
     from mmpretrain import api

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.loader import ResumableLoader
-from mmpretrain.data.ops import OpContext, SampleError, open_image
+from mmpretrain.data.ops import SampleError, open_image
 from mmpretrain.data.stream import ErrorCounter, ReadLimits, read_samples
 from mmpretrain.errors import DataError
+from mmpretrain.training.validate import experiment_from_tree
 from tests.conftest import TINY_MODEL, png_bytes, write_shard
 
 DEEP_JSON = b"[" * 200_000 + b"]" * 200_000

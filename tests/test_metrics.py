@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from mmpretrain.eval.metrics import (effective_robustness, fit_logit_linear, image_text_recall,
-                                     mean_per_class_recall, recall_at_k, topk_accuracy, true_rank)
+from mmpretrain.eval.metrics import (
+    effective_robustness,
+    fit_logit_linear,
+    image_text_recall,
+    mean_per_class_recall,
+    recall_at_k,
+    topk_accuracy,
+    true_rank,
+)
 
 
 def test_topk_hand_computed():

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from mmpretrain import api
 from mmpretrain.config.loader import dump_config
-from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.models.layout import CHECKSUMS, find_latest, list_checkpoints, verify_checkpoint
 from mmpretrain.training.checkpoint import save_checkpoint
 from mmpretrain.training.metrics import read_jsonl, truncate_jsonl
 from mmpretrain.training.resume import plan_resume
+from mmpretrain.training.validate import experiment_from_tree
 from tests.conftest import ROOT, TINY_MODEL, experiment_tree
 
 

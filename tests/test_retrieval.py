@@ -9,8 +9,16 @@ import pytest
 
 from retrieval import embed as embed_mod
 from retrieval.embed import EmbedConfig, EmbedError, load_embeddings, run_embed, write_vectors
-from retrieval.index import (INDEX_TYPES, BuildConfig, IndexError_, add_to_index, build_index, choose_index,
-                             open_index, recall_at_k)
+from retrieval.index import (
+    INDEX_TYPES,
+    BuildConfig,
+    IndexError_,
+    add_to_index,
+    build_index,
+    choose_index,
+    open_index,
+    recall_at_k,
+)
 from retrieval.search import QueryError, Searcher
 from tests.conftest import TINY_MODEL, clustered, write_shard
 

@@ -171,7 +171,7 @@ def _raw(port: int, request: bytes, wait: float = 5.0) -> bytes:
                 if not chunk:
                     break
                 data += chunk
-        except socket.timeout:
+        except TimeoutError:
             pass
         return data
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.config.schema import DataConfig
+from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.data.loader import ResumableLoader, expand_shards
 from mmpretrain.data.stream import DataError
 from mmpretrain.models import build_model

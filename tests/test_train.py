@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import load_file
 
 from mmpretrain import api
-from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.models.layout import list_checkpoints
 from mmpretrain.training.checkpoint import load_state
 from mmpretrain.training.metrics import read_jsonl
+from mmpretrain.training.validate import experiment_from_tree
 from tests.conftest import ROOT, experiment_tree
 
 
@@ -111,7 +111,7 @@ def test_sigkill_then_resume_equals_uninterrupted(toy_shards, tmp_path):
     ref_w = load_file(tmp_path / "ref" / "checkpoints" / "step_00000020" / "model.safetensors")
     run_w = load_file(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors")
     for name, value in ref_w.items():
-        torch.testing.assert_close(run_w[name], value, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(run_w[name], value, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert steps == list(range(1, 21))  # records past the checkpoint were dropped on resume
 

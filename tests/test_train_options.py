@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from mmpretrain import api
-from mmpretrain.training.validate import experiment_from_tree
 from mmpretrain.training.metrics import read_jsonl
+from mmpretrain.training.validate import experiment_from_tree
 from tests.conftest import experiment_tree
 
 HF_TEXT = {"encoder": "hf_text", "params": {"model_type": "bert", "context_length": 12, "config": {

@@ -12,11 +12,11 @@ import torch
 
 from mmpretrain.config.schema import LossConfig, LossPair, ModelConfig, TowerConfig
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams
-from mmpretrain.types import ImageSpec
 from mmpretrain.data.ops import DATA_OPS, CaptionsParams, OpContext, SampleError
 from mmpretrain.losses import LOSSES, DistContext, clip_loss, milnce_loss
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.training.task import ContrastiveTask
+from mmpretrain.types import ImageSpec
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -272,8 +272,8 @@ def mixture_tree(toy_shards, clip_set, run_dir, **train):
 
 def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set, tmp_path):
     from mmpretrain import api
-    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.data.loader import build_loader
+    from mmpretrain.training.validate import experiment_from_tree
 
     cfg = experiment_from_tree(mixture_tree(toy_shards, clip_set, tmp_path / "run"))
     run = api.train(cfg)
@@ -295,8 +295,8 @@ def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set
 
 
 def test_mixture_config_is_checked(toy_shards, clip_set, tmp_path):
-    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.config.strict import ConfigError
+    from mmpretrain.training.validate import experiment_from_tree
 
     tree = mixture_tree(toy_shards, clip_set, tmp_path)
     tree["data"]["train"] = str(toy_shards)
@@ -324,8 +324,8 @@ def shared_cfg(**extra):
 def test_shared_backbone_is_one_trunk_that_trains_and_round_trips(tmp_path):
     from safetensors.torch import load_model, save_model
 
-    from mmpretrain.training.optim import param_groups
     from mmpretrain.config.schema import OptimConfig
+    from mmpretrain.training.optim import param_groups
 
     torch.manual_seed(0)
     m = ContrastiveModel(shared_cfg())
@@ -363,8 +363,8 @@ def dataclass_replace(obj, **kw):
 # ------------------------------------------------------------------ text -> video search through the FAISS index
 def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_path):
     from mmpretrain.config.loader import dump_config
-    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.training.checkpoint import save_checkpoint
+    from mmpretrain.training.validate import experiment_from_tree
     from retrieval.embed import EmbedConfig, load_embeddings, run_embed
     from retrieval.index import BuildConfig, build_index
     from retrieval.search import Searcher
@@ -402,12 +402,12 @@ def _first_clip(clip_set):
 
 def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
     """A fresh run starts its video tower from init_from; its resume reads its own checkpoint, not init_from."""
+    import copy
+
     from safetensors.torch import load_file, save_model
 
     from mmpretrain import api
     from mmpretrain.training.validate import experiment_from_tree
-
-    import copy
 
     marked = copy.deepcopy(model)
     with torch.no_grad():

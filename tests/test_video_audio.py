@@ -105,10 +105,10 @@ def test_init_from_inflates_a_trained_image_tower_into_a_fresh_runs_video_tower(
     resampled from a 64 px to a 32 px grid); a second init_from copies a same-modality tower."""
     from safetensors.torch import save_model
 
-    from mmpretrain.training.validate import experiment_from_tree
     from mmpretrain.config.strict import ConfigError
     from mmpretrain.models.contrastive import ContrastiveModel
     from mmpretrain.models.init import init_towers
+    from mmpretrain.training.validate import experiment_from_tree
 
     vit = {"model_name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"patch_size": 16, "depth": 2,
                                                                               "embed_dim": 32, "num_heads": 2}}

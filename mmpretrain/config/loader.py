@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 

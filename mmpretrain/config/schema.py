@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Modality = Literal["image", "video", "audio", "text"]
-
 
 @dataclass(frozen=True)
 class TowerConfig:

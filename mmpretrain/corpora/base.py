@@ -12,8 +12,9 @@ import random
 import shutil
 import subprocess
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text

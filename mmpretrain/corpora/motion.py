@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import random
 import shutil
@@ -38,11 +37,16 @@ import numpy as np
 from mmpretrain.corpora.av_encode import encode_mp4
 from mmpretrain.corpora.base import CORPORA, CorpusError, seeded_split
 from mmpretrain.corpora.debian import fetch_debs
-from mmpretrain.corpora.emoji import (Concept, EmojiCorpusConfig, load_concepts, load_style, rasterize_all,
-                                      resolve_sources)
+from mmpretrain.corpora.emoji import (
+    Concept,
+    EmojiCorpusConfig,
+    load_concepts,
+    load_style,
+    rasterize_all,
+    resolve_sources,
+)
 from mmpretrain.utils.io import atomic_write_text
 
-log = logging.getLogger(__name__)
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
 SYNONYMS = {"moving left": ("sliding to the left", "going left"), "moving right": ("sliding to the right", "going right"),
             "moving up": ("rising", "going up"), "moving down": ("falling", "going down"),

@@ -1,7 +1,6 @@
 """A resumable training loader over webdataset shards, tracking what was *consumed*."""
 from __future__ import annotations
 
-import logging
 import atexit
 import os
 import signal
@@ -17,8 +16,6 @@ from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import OpContext, build_ops
 from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
 from mmpretrain.utils.procs import kill_tree
-
-log = logging.getLogger(__name__)
 
 
 def expand_shards(spec: str) -> list[str]:

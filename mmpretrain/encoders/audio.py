@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.encoders.base import register_encoder
-from mmpretrain.types import Batch, AudioSpec
+from mmpretrain.types import AudioSpec, Batch
 
 
 @dataclass(frozen=True)

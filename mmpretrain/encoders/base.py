@@ -14,7 +14,8 @@ Text encoders (``TextEncoder``) also give ``tokenizer()``, a picklable ``list[st
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn

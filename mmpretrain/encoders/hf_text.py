@@ -17,7 +17,6 @@ from mmpretrain.encoders.base import TextEncoder, masked_mean, random_tokens, re
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
-
 # from_pretrained options that would fetch or execute code, or reach the network, if a config could set them
 CODE_LOADING_KEYS = frozenset({"trust_remote_code", "code_revision", "revision", "auto_map", "custom_pipelines",
                                "local_files_only", "force_download", "token", "use_auth_token", "cache_dir",

@@ -9,9 +9,10 @@ service's uploads go through it, so a modality is preprocessed the same way ever
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

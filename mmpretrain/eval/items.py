@@ -10,9 +10,10 @@ frame; none for audio). Bad items are skipped and counted, never fatal.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
@@ -36,7 +37,7 @@ class ItemBatch:
     skipped: dict[str, int] = field(default_factory=dict)
     complete: bool = True  # last batch: False when the source was not read to its end (see SHARD_ERRORS)
 
-    def finish(self, skipped: dict[str, int]) -> "ItemBatch":
+    def finish(self, skipped: dict[str, int]) -> ItemBatch:
         """Mark this as the source's last batch, with its skip counts."""
         from mmpretrain.data.stream import SHARD_ERRORS
 

@@ -15,8 +15,9 @@ Every recall has its chance level beside it (random ranking).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class ShardSet:
     spec: str
 
     @classmethod
-    def parse(cls, spec: str) -> "ShardSet":
+    def parse(cls, spec: str) -> ShardSet:
         """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g. ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
         head, sep, shards = spec.partition("=")
         name, _, layout = head.rpartition("@")

@@ -7,7 +7,7 @@ deterministic and independent of a top-k kernel's tie order.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

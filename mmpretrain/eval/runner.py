@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
 from mmpretrain.eval.inputs import EvalInput, embed_views
-from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.media import encode_texts
-from mmpretrain.eval.metrics import (chance_recall_at_k, effective_robustness, fit_logit_linear, image_text_recall,
-                                     mean_per_class_recall, topk_accuracy)
+from mmpretrain.eval.metrics import (
+    chance_recall_at_k,
+    effective_robustness,
+    fit_logit_linear,
+    image_text_recall,
+    mean_per_class_recall,
+    topk_accuracy,
+)
 from mmpretrain.eval.zeroshot import ZeroShotClassifier
 from mmpretrain.utils.io import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class EvalSet:
     root: Path
 
     @classmethod
-    def parse(cls, spec: str) -> "EvalSet":
+    def parse(cls, spec: str) -> EvalSet:
         """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``."""
         if "=" not in spec:
             raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")

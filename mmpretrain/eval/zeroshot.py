@@ -8,9 +8,10 @@ Class embeddings are the mean of each class's normalised prompt embeddings, reno
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -66,7 +67,7 @@ class ZeroShotClassifier:
 
     def __init__(self, model, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a <>.", *,
                  modality: str = "image", batch_size: int = 64, progress: bool = True,
-                 allow_duplicates: bool = False, views: "Views | None" = None):
+                 allow_duplicates: bool = False, views: Views | None = None):
         if "text" not in model.towers:
             raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
         if modality not in model.towers:

@@ -1,3 +1,2 @@
 """Contrastive losses, registered by kind; pairs of modalities are config data."""
-from mmpretrain.losses.contrastive import (LOSSES, DistContext, check_pairs, clip_loss, gather,  # noqa: F401
-                                          milnce_loss, siglip_loss)
+from mmpretrain.losses.contrastive import LOSSES, DistContext, check_pairs, clip_loss, gather, milnce_loss, siglip_loss  # noqa: F401

@@ -20,7 +20,6 @@ still touches the embeddings, so every rank runs the same collectives and backwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,6 @@ from torch import Tensor
 from mmpretrain.registry import Registry
 
 # A loss kind: fn(a (B, E), b (B, E) or (B, K, E), logit_scale (), logit_bias () | None, ctx, valid (B,) | None) -> ()
-LossFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "DistContext"], Tensor]
 LOSSES: Registry[Tensor] = Registry("loss kind")
 
 

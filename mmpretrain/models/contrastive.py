@@ -87,7 +87,7 @@ class ContrastiveModel(nn.Module):
             specs[modality] = self.towers[modality].input_spec()
         return specs[modality]
 
-    def data_context(self) -> "OpContext":
+    def data_context(self) -> OpContext:
         """What the data ops need from this model: every tower's input spec, by modality."""
         from mmpretrain.data.ops import OpContext
 

@@ -7,9 +7,10 @@ flattened text keys (``token_embedding``, ``transformer``, ``ln_final``, ...).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file

@@ -13,14 +13,12 @@ folder, with or without ``local-dir:``); loading, fine-tuning (``init_from``) an
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from dataclasses import dataclass
-from typing import Collection
-
 import yaml
 
 from mmpretrain.config.loader import load_config
@@ -28,8 +26,13 @@ from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError
 from mmpretrain.models.contrastive import ContrastiveModel, check_model
-from mmpretrain.models.formats import (CHECKPOINT_FORMATS, OPEN_CLIP_CONFIG, CheckpointFormat,
-                                       load_open_clip_state, open_clip_model_config)
+from mmpretrain.models.formats import (
+    CHECKPOINT_FORMATS,
+    OPEN_CLIP_CONFIG,
+    CheckpointFormat,
+    load_open_clip_state,
+    open_clip_model_config,
+)
 from mmpretrain.models.layout import find_latest, list_checkpoints, load_weights, verify_checkpoint
 
 LOCAL_DIR = "local-dir:"  # open_clip's spelling of "this folder"

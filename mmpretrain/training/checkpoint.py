@@ -14,7 +14,6 @@ before that write has succeeded.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -28,10 +27,16 @@ from safetensors.torch import save_model
 from torch import nn
 
 from mmpretrain.errors import CheckpointError
-from mmpretrain.models.layout import (FORMAT, checkpoint_dir, list_checkpoints, step_of, verify_checkpoint,
-                                      write_checksums)
+from mmpretrain.models.layout import (
+    FORMAT,
+    checkpoint_dir,
+    list_checkpoints,
+    step_of,
+    verify_checkpoint,
+    write_checksums,
+)
 from mmpretrain.utils.faults import crash_point
-from mmpretrain.utils.io import atomic_dir, remove_tree, sha256_file
+from mmpretrain.utils.io import atomic_dir, remove_tree
 
 log = logging.getLogger(__name__)
 STALE = re.compile(r"^\.step_\d{8}\..+")  # temp, moved-aside and being-deleted checkpoint folders

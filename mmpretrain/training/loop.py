@@ -9,9 +9,11 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,10 +23,10 @@ from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.data.loader import MixedLoader, ResumableLoader
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
-from mmpretrain.utils.faults import crash_point
 from mmpretrain.training.dist import DistInfo, all_gather_object, any_rank
 from mmpretrain.training.metrics import MetricsLogger, truncate_jsonl
 from mmpretrain.training.task import ContrastiveTask
+from mmpretrain.utils.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class Trainer:
         self.raw.clamp_logit_scale()
         return losses, grad_norm
 
-    def _metrics(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: "_Window") -> dict[str, Any]:
+    def _metrics(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: _Window) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         values: dict[str, Any] = {k: float(v) for k, v in losses.items()}
         values.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),

@@ -16,7 +16,7 @@ def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -
     mult = {m: t.lr_mult for m, t in model_cfg.towers.items()}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()  # a trunk shared by towers (model.shared_backbone) joins the first tower's group
-    for module_name, module in (("towers", getattr(model, "towers", {})), ("heads", getattr(model, "heads", {}))):
+    for module in (getattr(model, "towers", {}), getattr(model, "heads", {})):
         for modality, sub in module.items():
             for p in sub.parameters():
                 if p.requires_grad and id(p) not in seen:

@@ -11,7 +11,8 @@ every micro-step's loss contains the whole of it.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 from torch import Tensor, nn

@@ -3,8 +3,9 @@ those of the packages that own the registries it names (encoders, data ops, loss
 ``api.load_config`` and ``train`` go through here; ``config/`` itself imports nothing above it."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mmpretrain.config.loader import config_from_tree, load_config
 from mmpretrain.config.schema import ExperimentConfig
