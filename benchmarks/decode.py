@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Decoding throughput on the same synthetic MP4 clips (H.264 + AAC, PyAV-written):
 
-  video: our ``decode_video`` op (decord + resize/crop/normalise, T frames at an fps) vs a plain
-         decord loop (VideoReader + get_batch of the same indices, no transforms) vs PyAV
-         (decode every frame, keep the same indices);
-  audio: our ``decode_audio`` op (decord AudioReader, resampled, windowed, masked) vs plain
-         PyAV decoding + torchaudio resampling of the track.
+video: our ``decode_video`` op (decord + resize/crop/normalise, T frames at an fps) vs a plain
+       decord loop (VideoReader + get_batch of the same indices, no transforms) vs PyAV
+       (decode every frame, keep the same indices);
+audio: our ``decode_audio`` op (decord AudioReader, resampled, windowed, masked) vs plain
+       PyAV decoding + torchaudio resampling of the track.
 
-    python benchmarks/decode.py [--clips 100] [--size 112] [--frames 32]
+  python benchmarks/decode.py [--clips 100] [--size 112] [--frames 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,11 +91,15 @@ def main() -> int:
     ctx = OpContext({"image": ImageSpec(size=(args.size, args.size))})
     ours_v = DATA_OPS.get("decode_video").builder(DecodeVideoParams(frames=args.take, fps=4.0, train=False), ctx)
     ours_a = DATA_OPS.get("decode_audio").builder(DecodeAudioParams(sample_rate=16000, seconds=2.0, train=False), ctx)
-    v = {"ours (decode_video)": rate(lambda c: ours_v({"mp4": c}), clips),
-         "plain decord": rate(plain_decord(args.take, 4.0), clips),
-         "PyAV (all frames)": rate(plain_pyav(args.take, 4.0), clips)}
-    a = {"ours (decode_audio)": rate(lambda c: ours_a({"mp4": c}), clips),
-         "PyAV + torchaudio resample": rate(plain_audio(16000), clips)}
+    v = {
+        "ours (decode_video)": rate(lambda c: ours_v({"mp4": c}), clips),
+        "plain decord": rate(plain_decord(args.take, 4.0), clips),
+        "PyAV (all frames)": rate(plain_pyav(args.take, 4.0), clips),
+    }
+    a = {
+        "ours (decode_audio)": rate(lambda c: ours_a({"mp4": c}), clips),
+        "PyAV + torchaudio resample": rate(plain_audio(16000), clips),
+    }
     print(f"{args.clips} clips, {args.frames} frames of {args.size}x{args.size} at 8 fps + AAC audio; one thread")
     for name, r in v.items():
         print(f"  video {name:28s} {r:8.1f} clips/s   ({r / v['plain decord']:.2f}x plain decord)")

@@ -21,6 +21,7 @@ counts. Everything runs on CPU with real processes (the CLI, torchrun + gloo); n
                                 [--json OUT]
 Takes about 15 minutes on 2 cores; run it with nothing else on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-CRASH_POINTS = ["ckpt.weights:2", "ckpt.state:2", "ckpt.checksums:3", "atomic_dir.synced:2", "ckpt.renamed:3",
-                "remove_tree.renamed:1", "remove_tree.renamed:3", "train.step:9", "ckpt.weights:4", "ckpt.state:5",
-                "atomic_dir.synced:4", "ckpt.renamed:2"]
+CRASH_POINTS = [
+    "ckpt.weights:2",
+    "ckpt.state:2",
+    "ckpt.checksums:3",
+    "atomic_dir.synced:2",
+    "ckpt.renamed:3",
+    "remove_tree.renamed:1",
+    "remove_tree.renamed:3",
+    "train.step:9",
+    "ckpt.weights:4",
+    "ckpt.state:5",
+    "atomic_dir.synced:4",
+    "ckpt.renamed:2",
+]
 
 
 def say(*args) -> None:
@@ -58,25 +70,44 @@ def say(*args) -> None:
 def toy_shards(root: Path, count: int = 96) -> Path:
     from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
-    subprocess.run([PY, str(ROOT / "scripts/make_toy_images.py"), "--out", str(root), "--count", str(count)],
-                   check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [PY, str(ROOT / "scripts/make_toy_images.py"), "--out", str(root), "--count", str(count)],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     make_shards(root, root / "captions.csv", root / "shards", ShardWriterConfig(max_count=16), progress=False)
     return root / "shards"
 
 
 def config(shards: Path, run_dir: Path, path: Path, **train) -> Path:
-    tree = {"base": [str(ROOT / "configs/model/tiny.yaml")],
-            "data": {"train": str(shards), "batch_size": 8, "num_workers": 1, "shuffle_buffer": 32},
-            "optim": {"lr": 1e-3, "warmup_steps": 4},
-            "train": {"name": "f", "run_dir": str(run_dir), "progress": False, "threads": 1, "log_every": 1,
-                      "log_sample_keys": True, **train}}
+    tree = {
+        "base": [str(ROOT / "configs/model/tiny.yaml")],
+        "data": {"train": str(shards), "batch_size": 8, "num_workers": 1, "shuffle_buffer": 32},
+        "optim": {"lr": 1e-3, "warmup_steps": 4},
+        "train": {
+            "name": "f",
+            "run_dir": str(run_dir),
+            "progress": False,
+            "threads": 1,
+            "log_every": 1,
+            "log_sample_keys": True,
+            **train,
+        },
+    }
     path.write_text(yaml.safe_dump(tree))
     return path
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "mmpretrain.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**ENV, **(env or {})})
+    return subprocess.run(
+        [PY, "-m", "mmpretrain.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**ENV, **(env or {})},
+    )
 
 
 def weights(ckpt: Path) -> dict:
@@ -119,17 +150,33 @@ def kill_suite(work: Path, shards: Path, trials: int, seed: int) -> dict:
         valid, at = find_latest(run) is not None, last_step(run / "metrics.jsonl")
         done = cli("train", str(cfg), "train.resume=latest")
         same = done.returncode == 0 and identical(weights(checkpoint_dir(run, steps)), want)
-        rows.append({"trial": i, "kill": how, "killed": killed, "last_logged_step": at, "valid_checkpoint_left": valid,
-                     "identical": same})
+        rows.append(
+            {
+                "trial": i,
+                "kill": how,
+                "killed": killed,
+                "last_logged_step": at,
+                "valid_checkpoint_left": valid,
+                "identical": same,
+            }
+        )
         say(f"kill {i + 1}/{trials}: {how:22s} killed={killed} after step {at:2d}, valid_left={valid} identical={same}")
-    return {"trials": rows, "identical_pct": 100 * sum(r["identical"] for r in rows) / len(rows),
-            "no_valid_checkpoint": sum(not r["valid_checkpoint_left"] for r in rows),
-            "killed": sum(r["killed"] for r in rows)}
+    return {
+        "trials": rows,
+        "identical_pct": 100 * sum(r["identical"] for r in rows) / len(rows),
+        "no_valid_checkpoint": sum(not r["valid_checkpoint_left"] for r in rows),
+        "killed": sum(r["killed"] for r in rows),
+    }
 
 
 def _kill_at_random(cfg: Path, run: Path, rng: random.Random) -> bool:
-    proc = subprocess.Popen([PY, "-m", "mmpretrain.cli", "train", str(cfg)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-m", "mmpretrain.cli", "train", str(cfg)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while last_step(run / "metrics.jsonl") < 5 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)  # past the first checkpoint (step 4)
@@ -143,8 +190,12 @@ def _png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -188,7 +239,7 @@ def poison_cases() -> dict[str, tuple[list[tuple[str, bytes]] | str, str]]:
     }
 
 
-POISON_RUNNER = r'''
+POISON_RUNNER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from mmpretrain.training.validate import experiment_from_tree
@@ -209,7 +260,7 @@ for worker in loader.loader._iterator._workers:
         if line.startswith("VmHWM:"):
             peak = max(peak, int(line.split()[1]))
 print(json.dumps({"keys": keys, "counts": counts, "worker_rss_mb": peak / 1024}))
-'''
+"""
 
 MEDIA_OPS = {
     "image": [{"op": "decode_image"}, {"op": "resize_center_crop"}, {"op": "to_tensor_normalize"}],
@@ -221,14 +272,18 @@ MEDIA_OPS = {
 def poison_suite(work: Path) -> dict:
     from make_toy_clips import make_clip
 
-
     rows = {}
     for name, (members, modality) in poison_cases().items():
         rng = random.Random(1)
         good = []
         for i in range(4):
             data, caption = make_clip(rng, size=32, n_frames=16)
-            good += [(f"g{i}.mp4", data), (f"g{i}.wav", _wav(rng)), (f"g{i}.png", _png(rng)), (f"g{i}.txt", caption.encode())]
+            good += [
+                (f"g{i}.mp4", data),
+                (f"g{i}.wav", _wav(rng)),
+                (f"g{i}.png", _png(rng)),
+                (f"g{i}.txt", caption.encode()),
+            ]
         folder = work / f"poison{len(rows)}"
         folder.mkdir()
         urls = [str(_tar(folder / "good.tar", good))]
@@ -239,29 +294,50 @@ def poison_suite(work: Path) -> dict:
             urls.append(str(folder / "poison.tar"))
         elif isinstance(members, str):
             urls.append(members)
-        tree = {"model": yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())["model"],
-                "data": {"train": "::".join(urls), "batch_size": 2, "num_workers": 1, "shuffle_buffer": 0,
-                         "shuffle_shards": False, "stall_timeout_s": 5, "timeout_s": 60,
-                         "ops": MEDIA_OPS[modality] + [{"op": "caption"}, {"op": "tokenize"}]}}
+        tree = {
+            "model": yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())["model"],
+            "data": {
+                "train": "::".join(urls),
+                "batch_size": 2,
+                "num_workers": 1,
+                "shuffle_buffer": 0,
+                "shuffle_shards": False,
+                "stall_timeout_s": 5,
+                "timeout_s": 60,
+                "ops": MEDIA_OPS[modality] + [{"op": "caption"}, {"op": "tokenize"}],
+            },
+        }
         if name.endswith("(cap off)"):
             tree["data"]["max_member_bytes"] = 1 << 30
         rows[name] = _run_poison(tree, modality)
-        say(f"poison: {name:26s} {rows[name]['outcome']:22s} {rows[name]['counts']} "
-            f"worker peak RSS {rows[name]['worker_rss_mb']:.0f} MB")
+        say(
+            f"poison: {name:26s} {rows[name]['outcome']:22s} {rows[name]['counts']} "
+            f"worker peak RSS {rows[name]['worker_rss_mb']:.0f} MB"
+        )
     return rows
 
 
 def _run_poison(tree: dict, modality: str) -> dict:
     start = time.perf_counter()
     try:
-        proc = subprocess.run([PY, "-c", POISON_RUNNER, str(ROOT), json.dumps(tree), "4"], capture_output=True,
-                              text=True, timeout=180, env=ENV)
+        proc = subprocess.run(
+            [PY, "-c", POISON_RUNNER, str(ROOT), json.dumps(tree), "4"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=ENV,
+        )
     except subprocess.TimeoutExpired:
         return {"outcome": "hung", "counts": {}, "worker_rss_mb": float("nan"), "seconds": 180}
     seconds = round(time.perf_counter() - start, 1)
     if proc.returncode != 0:
-        return {"outcome": "crashed", "counts": {}, "worker_rss_mb": float("nan"), "seconds": seconds,
-                "error": proc.stderr.strip().splitlines()[-1][:200]}
+        return {
+            "outcome": "crashed",
+            "counts": {},
+            "worker_rss_mb": float("nan"),
+            "seconds": seconds,
+            "error": proc.stderr.strip().splitlines()[-1][:200],
+        }
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     good = sorted(set(out["keys"])) == [f"g{i}" for i in range(4)]
     counted = bool(out["counts"])
@@ -299,10 +375,23 @@ def free_port() -> int:
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.Popen:
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "mmpretrain.cli", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "mmpretrain.cli",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str]:
@@ -315,8 +404,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str]:
 
 
 def term_suite(work: Path, shards: Path, trials: int, seed: int, agent_trials: int = 4) -> dict:
-    ref_cfg = config(shards, work / "tref", work / "tref.yaml", steps=400, ckpt_every=1, keep_last=1000,
-                     stop_after=36)
+    ref_cfg = config(shards, work / "tref", work / "tref.yaml", steps=400, ckpt_every=1, keep_last=1000, stop_after=36)
     ref_code, err = _finish(torchrun("train", str(ref_cfg)), 300)
     assert ref_code == 0, err[-2000:]
     rng, rows = random.Random(seed), []
@@ -324,15 +412,22 @@ def term_suite(work: Path, shards: Path, trials: int, seed: int, agent_trials: i
         mode = "ranks" if i < trials else "agent"
         rows.append(_term_trial(work, shards, i, mode, rng))
         r = rows[-1]
-        say(f"term {i + 1}/{trials + agent_trials} ({mode}): skew {r['skew_ms']:4.1f} ms: exit {r['exit_code']} in "
+        say(
+            f"term {i + 1}/{trials + agent_trials} ({mode}): skew {r['skew_ms']:4.1f} ms: exit {r['exit_code']} in "
             f"{r['exit_s']:.1f} s, checkpoint step {r['step']}, ranks ended {r['rank_last_steps']}, "
-            f"exact resume {r['exact_resume']}")
+            f"exact resume {r['exact_resume']}"
+        )
     ranks = [r for r in rows if r["mode"] == "ranks"]
     agent = [r for r in rows if r["mode"] == "agent"]
     pct = lambda rs, k: 100 * sum(r[k] for r in rs) / max(1, len(rs))  # noqa: E731
-    return {"trials": rows, "same_step_pct": pct(ranks, "same_step"), "exact_resume_pct": pct(ranks, "exact_resume"),
-            "max_exit_s": max(r["exit_s"] for r in ranks), "agent_same_step_pct": pct(agent, "same_step"),
-            "agent_trials": len(agent)}
+    return {
+        "trials": rows,
+        "same_step_pct": pct(ranks, "same_step"),
+        "exact_resume_pct": pct(ranks, "exact_resume"),
+        "max_exit_s": max(r["exit_s"] for r in ranks),
+        "agent_same_step_pct": pct(agent, "same_step"),
+        "agent_trials": len(agent),
+    }
 
 
 def _term_trial(work: Path, shards: Path, i: int, mode: str, rng: random.Random) -> dict:
@@ -363,16 +458,27 @@ def _term_trial(work: Path, shards: Path, i: int, mode: str, rng: random.Random)
     step = int(load_state(ckpts[-1])["step"]) if ckpts else -1
     ends = [last_step(run / f"samples.rank{r}.jsonl") for r in (0, 1)]
     # torchrun's agent exits 1 after forwarding a SIGTERM to its ranks; the ranks themselves exit 0
-    same = (code == 0 or mode == "agent") and code is not None and len(ckpts) == 1 and ends == [step, step] \
-        and exit_s < 30
+    same = (
+        (code == 0 or mode == "agent") and code is not None and len(ckpts) == 1 and ends == [step, step] and exit_s < 30
+    )
     resumed = False
     if same and step + 3 <= 36:
         code2, _ = _finish(torchrun("train", str(cfg), "train.resume=latest", f"train.stop_after={step + 3}"), 240)
-        resumed = code2 == 0 and identical(weights(checkpoint_dir(run, step + 3)),
-                                           weights(checkpoint_dir(work / "tref", step + 3)))
-    return {"trial": i, "mode": mode, "skew_ms": round(1000 * skew, 1), "first": first, "exit_code": code,
-            "exit_s": round(exit_s, 2), "step": step, "rank_last_steps": ends, "same_step": same,
-            "exact_resume": resumed}
+        resumed = code2 == 0 and identical(
+            weights(checkpoint_dir(run, step + 3)), weights(checkpoint_dir(work / "tref", step + 3))
+        )
+    return {
+        "trial": i,
+        "mode": mode,
+        "skew_ms": round(1000 * skew, 1),
+        "first": first,
+        "exit_code": code,
+        "exit_s": round(exit_s, 2),
+        "step": step,
+        "rank_last_steps": ends,
+        "same_step": same,
+        "exact_resume": resumed,
+    }
 
 
 # ------------------------------------------------------------------ resume with a changed field
@@ -405,13 +511,21 @@ def resume_suite(work: Path, shards: Path) -> dict:
             proc = cli("train", str(base), *common, *overrides)
             code, err = proc.returncode, proc.stderr
             key = overrides[0].split("=")[0]
-            allowed_code = cli("train", str(base), *common, *overrides, f"train.resume_allow=[{key}]"
-                               ).returncode if code != 0 else None
+            allowed_code = (
+                cli("train", str(base), *common, *overrides, f"train.resume_allow=[{key}]").returncode
+                if code != 0
+                else None
+            )
         message = next((line for line in err.splitlines() if "cannot resume" in line), "")
-        rows[name] = {"outcome": "accepted" if code == 0 else "refused", "exit_code": code,
-                      "with_resume_allow": None if allowed_code is None else ("runs" if allowed_code == 0 else "fails"),
-                      "message": message.split("error: ")[-1][:400]}
-        say(f"resume: {name:26s} {rows[name]['outcome']:9s} allow-> {rows[name]['with_resume_allow']}  {message[-120:]}")
+        rows[name] = {
+            "outcome": "accepted" if code == 0 else "refused",
+            "exit_code": code,
+            "with_resume_allow": None if allowed_code is None else ("runs" if allowed_code == 0 else "fails"),
+            "message": message.split("error: ")[-1][:400],
+        }
+        say(
+            f"resume: {name:26s} {rows[name]['outcome']:9s} allow-> {rows[name]['with_resume_allow']}  {message[-120:]}"
+        )
     return rows
 
 
@@ -419,8 +533,10 @@ def resume_suite(work: Path, shards: Path) -> dict:
 def report(results: dict) -> None:
     if "kill" in results:
         k = results["kill"]
-        print(f"\nkill -9 ({len(k['trials'])} trials: {len(k['trials']) - len(k['trials']) // 2} at random times, "
-              f"{len(k['trials']) // 2} at crash points inside checkpoint writes and pruning)")
+        print(
+            f"\nkill -9 ({len(k['trials'])} trials: {len(k['trials']) - len(k['trials']) // 2} at random times, "
+            f"{len(k['trials']) // 2} at crash points inside checkpoint writes and pruning)"
+        )
         print(f"  resumed bit-identically to an uninterrupted run: {k['identical_pct']:.0f}%   (goal 100%)")
         print(f"  trials left with no valid checkpoint:            {k['no_valid_checkpoint']}   (goal 0)")
         print(f"  processes actually killed:                       {k['killed']}/{len(k['trials'])}")
@@ -429,16 +545,22 @@ def report(results: dict) -> None:
         base = next(iter(results["poison"].values()))["worker_rss_mb"]
         print(f"  {'poison':26s} {'outcome':22s} {'worker peak RSS':>15s} {'vs clean':>9s} {'s':>5s}  counted as")
         for name, r in results["poison"].items():
-            print(f"  {name:26s} {r['outcome']:22s} {r['worker_rss_mb']:12.0f} MB {r['worker_rss_mb'] - base:+6.0f} MB "
-                  f"{r['seconds']:5.1f}  {', '.join(f'{k}={v}' for k, v in r['counts'].items()) or '-'}")
+            print(
+                f"  {name:26s} {r['outcome']:22s} {r['worker_rss_mb']:12.0f} MB {r['worker_rss_mb'] - base:+6.0f} MB "
+                f"{r['seconds']:5.1f}  {', '.join(f'{k}={v}' for k, v in r['counts'].items()) or '-'}"
+            )
     if "term" in results:
         t = results["term"]
         print(f"\nSIGTERM to 2 gloo ranks, 0-50 ms skew ({len(t['trials']) - t['agent_trials']} trials)")
-        print(f"  both ranks checkpoint at the same step and exit 0 within 30 s: {t['same_step_pct']:.0f}%  (goal 100%)")
+        print(
+            f"  both ranks checkpoint at the same step and exit 0 within 30 s: {t['same_step_pct']:.0f}%  (goal 100%)"
+        )
         print(f"  slowest exit after the first SIGTERM:                          {t['max_exit_s']:.1f} s")
         print(f"  resumed run bit-identical to an uninterrupted one:             {t['exact_resume_pct']:.0f}%")
-        print(f"  SIGTERM to torchrun's agent only ({t['agent_trials']} trials), same step on both ranks: "
-              f"{t['agent_same_step_pct']:.0f}%")
+        print(
+            f"  SIGTERM to torchrun's agent only ({t['agent_trials']} trials), same step on both ranks: "
+            f"{t['agent_same_step_pct']:.0f}%"
+        )
     if "resume" in results:
         print("\nresume with one field changed (docs/training.md, 'Resume compatibility')")
         for name, r in results["resume"].items():
@@ -450,8 +572,12 @@ def report(results: dict) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=["kill", "poison", "term", "resume"],
-                   choices=["kill", "poison", "term", "resume"])
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["kill", "poison", "term", "resume"],
+        choices=["kill", "poison", "term", "resume"],
+    )
     p.add_argument("--kill-trials", type=int, default=24)
     p.add_argument("--term-trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ queries/s; then the speed-up over exact search at the smallest setting reaching 
 0.95, and which index the automatic choice takes under --memory. Writes JSON and a PNG
 (recall vs queries/s curves) to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray
                 x[a:b] = centres[rng.integers(0, 1000, b - a)] + rng.standard_normal((b - a, d), np.float32)
             return x
     else:
+
         def draw(m: int) -> np.ndarray:
             return rng.standard_normal((m, d), np.float32)
+
     x, q = draw(n), draw(nq)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -76,9 +79,19 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
     exact_qps = len(q) / min(times)
     cfg = BuildConfig(memory_bytes=args.memory)
     auto = [spec.type for spec in candidate_specs(n, args.dim, cfg)]
-    out = {"data": kind, "n": n, "dim": args.dim, "exact_qps": round(exact_qps, 1), "auto_candidates": auto, "types": {}}
-    print(f"\n== {kind}, n={n:,}, d={args.dim}: exact search {exact_qps:,.1f} queries/s; the builder under "
-          f"{args.memory / 2**30:.2f} GiB considers: {' and '.join(auto)}", flush=True)
+    out = {
+        "data": kind,
+        "n": n,
+        "dim": args.dim,
+        "exact_qps": round(exact_qps, 1),
+        "auto_candidates": auto,
+        "types": {},
+    }
+    print(
+        f"\n== {kind}, n={n:,}, d={args.dim}: exact search {exact_qps:,.1f} queries/s; the builder under "
+        f"{args.memory / 2**30:.2f} GiB considers: {' and '.join(auto)}",
+        flush=True,
+    )
     for name in args.types or candidates(n, cfg):
         spec = INDEX_TYPES.get(name).builder(n, args.dim)
         t0 = time.perf_counter()
@@ -87,15 +100,26 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
         table = sweep(index, spec, q, truth, stop_at=0.999)  # the curve up to (near) exact recall
         ok = [row for row in table if row["recall@10"] >= 0.95]
         best = max(ok, key=lambda row: row["qps"]) if ok else max(table, key=lambda row: row["recall@10"])
-        res = {"factory": spec.factory, "build_s": round(build_s, 1), "bytes": index_bytes(index), "curve": table,
-               "at_0.95": best if ok else None, "speedup_at_0.95": round(best["qps"] / exact_qps, 1) if ok else None,
-               "best_recall": max(row["recall@10"] for row in table)}
+        res = {
+            "factory": spec.factory,
+            "build_s": round(build_s, 1),
+            "bytes": index_bytes(index),
+            "curve": table,
+            "at_0.95": best if ok else None,
+            "speedup_at_0.95": round(best["qps"] / exact_qps, 1) if ok else None,
+            "best_recall": max(row["recall@10"] for row in table),
+        }
         out["types"][name] = res
         setting = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("recall@10", "qps"))
-        reach = (f"{res['speedup_at_0.95']}x exact at {setting} (recall {best['recall@10']:.3f})"
-                 if ok else f"never reaches 0.95 (best {res['best_recall']:.3f})")
-        print(f"  {name:14s} {spec.factory:38s} build {build_s:7.1f} s  {res['bytes'] / 2**20:8.1f} MiB  {reach}",
-              flush=True)
+        reach = (
+            f"{res['speedup_at_0.95']}x exact at {setting} (recall {best['recall@10']:.3f})"
+            if ok
+            else f"never reaches 0.95 (best {res['best_recall']:.3f})"
+        )
+        print(
+            f"  {name:14s} {spec.factory:38s} build {build_s:7.1f} s  {res['bytes'] / 2**20:8.1f} MiB  {reach}",
+            flush=True,
+        )
         print("      " + "  ".join(_row(row, spec.knob) for row in table), flush=True)
         del index
     auto_pick(out)
@@ -111,18 +135,38 @@ def auto_pick(out: dict) -> None:
     """What the automatic choice ends with: among its candidates, the fastest reaching 0.95 (as the builder)."""
     cands = [(name, out["types"][name]) for name in out["auto_candidates"] if name in out["types"]]
     if "flat" in out["auto_candidates"]:  # exact search, when it fits the budget, competes too
-        cands.append(("flat", {"at_0.95": {"qps": out["exact_qps"], "recall@10": 1.0}, "speedup_at_0.95": 1.0,
-                               "bytes": out["n"] * out["dim"] * 4, "best_recall": 1.0}))
+        cands.append(
+            (
+                "flat",
+                {
+                    "at_0.95": {"qps": out["exact_qps"], "recall@10": 1.0},
+                    "speedup_at_0.95": 1.0,
+                    "bytes": out["n"] * out["dim"] * 4,
+                    "best_recall": 1.0,
+                },
+            )
+        )
     if not cands:
         return
     reached = [(name, t) for name, t in cands if t["at_0.95"]]
-    name, t = (max(reached, key=lambda c: c[1]["at_0.95"]["qps"]) if reached
-               else max(cands, key=lambda c: c[1]["best_recall"]))
-    out["auto"] = {"type": name, "speedup_at_0.95": t["speedup_at_0.95"], "bytes": t["bytes"],
-                   "recall": t["at_0.95"]["recall@10"] if t["at_0.95"] else t["best_recall"]}
-    print(f"  -> automatic choice: {name}, {t['bytes'] / 2**30:.2f} GiB, "
-          + (f"{t['speedup_at_0.95']}x exact search at recall@10 {out['auto']['recall']:.3f}" if t["at_0.95"]
-             else f"best recall@10 {t['best_recall']:.3f} (0.95 out of reach)"), flush=True)
+    name, t = (
+        max(reached, key=lambda c: c[1]["at_0.95"]["qps"]) if reached else max(cands, key=lambda c: c[1]["best_recall"])
+    )
+    out["auto"] = {
+        "type": name,
+        "speedup_at_0.95": t["speedup_at_0.95"],
+        "bytes": t["bytes"],
+        "recall": t["at_0.95"]["recall@10"] if t["at_0.95"] else t["best_recall"],
+    }
+    print(
+        f"  -> automatic choice: {name}, {t['bytes'] / 2**30:.2f} GiB, "
+        + (
+            f"{t['speedup_at_0.95']}x exact search at recall@10 {out['auto']['recall']:.3f}"
+            if t["at_0.95"]
+            else f"best recall@10 {t['best_recall']:.3f} (0.95 out of reach)"
+        ),
+        flush=True,
+    )
 
 
 def summarize(results: list[dict], memory: int) -> int:
@@ -130,10 +174,17 @@ def summarize(results: list[dict], memory: int) -> int:
     for out in results:
         print(f"\n== {out['data']}, n={out['n']:,}, d={out['dim']}: exact search {out['exact_qps']:,.1f} queries/s")
         for name, t in out["types"].items():
-            reach = (f"{t['speedup_at_0.95']}x exact at recall {t['at_0.95']['recall@10']:.3f}" if t["at_0.95"]
-                     else f"never reaches 0.95 (best {t['best_recall']:.3f})")
-            print(f"  {name:14s} {t['factory']:38s} build {t['build_s']:7.1f} s  {t['bytes'] / 2**20:8.1f} MiB  {reach}")
-        out["auto_candidates"] = [spec.type for spec in candidate_specs(out["n"], out["dim"], BuildConfig(memory_bytes=memory))]
+            reach = (
+                f"{t['speedup_at_0.95']}x exact at recall {t['at_0.95']['recall@10']:.3f}"
+                if t["at_0.95"]
+                else f"never reaches 0.95 (best {t['best_recall']:.3f})"
+            )
+            print(
+                f"  {name:14s} {t['factory']:38s} build {t['build_s']:7.1f} s  {t['bytes'] / 2**20:8.1f} MiB  {reach}"
+            )
+        out["auto_candidates"] = [
+            spec.type for spec in candidate_specs(out["n"], out["dim"], BuildConfig(memory_bytes=memory))
+        ]
         auto_pick(out)
     return 0
 
@@ -147,12 +198,22 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results):
         for name, t in r["types"].items():
-            ax.plot([row["recall@10"] for row in t["curve"]], [row["qps"] for row in t["curve"]], "o-", ms=3,
-                    label=f"{name} ({t['bytes'] / 2**20:.0f} MiB)")
+            ax.plot(
+                [row["recall@10"] for row in t["curve"]],
+                [row["qps"] for row in t["curve"]],
+                "o-",
+                ms=3,
+                label=f"{name} ({t['bytes'] / 2**20:.0f} MiB)",
+            )
         ax.axhline(r["exact_qps"], color="gray", ls="--", lw=1, label="exact")
         ax.axvline(0.95, color="gray", ls=":", lw=1)
-        ax.set(xscale="linear", yscale="log", xlabel="recall@10", ylabel="queries/s (batch)",
-               title=f"{r['data']}, n={r['n']:,}")
+        ax.set(
+            xscale="linear",
+            yscale="log",
+            xlabel="recall@10",
+            ylabel="queries/s (batch)",
+            title=f"{r['data']}, n={r['n']:,}",
+        )
         ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

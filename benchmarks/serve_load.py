@@ -19,6 +19,7 @@ p99 <= 2x p50, 0 errors; at 128, overload answered by fast 503s with /health p99
 hostile load the normal p99 within 2x its unloaded value and /health never over 100 ms.
 Run it with nothing else on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("red blue green yellow small large smiling sad happy angry old new fast slow face heart car cat dog "
-         "tree house star moon sun fire water phone laptop camera clock music book rocket flag key lock cloud rain "
-         "snow storm bird fish flower hand eye person building computer printer envelope bell gift").split()
+WORDS = (
+    "red blue green yellow small large smiling sad happy angry old new fast slow face heart car cat dog "
+    "tree house star moon sun fire water phone laptop camera clock music book rocket flag key lock cloud rain "
+    "snow storm bird fish flower hand eye person building computer printer envelope bell gift"
+).split()
 
 
 def distinct_queries(seed: int):
@@ -63,8 +66,13 @@ def free_port() -> int:
 
 def start_server(index: str, port: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", index, "--port", str(port), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "serve", index, "--port", str(port), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -167,13 +175,16 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_load(port: int, clients: int, seconds: float, extra_threads: list[threading.Thread] = (),
-             server_pid: int | None = None) -> dict:
+def run_load(
+    port: int, clients: int, seconds: float, extra_threads: list[threading.Thread] = (), server_pid: int | None = None
+) -> dict:
     tally, health = Tally(), []
     cpu0 = (cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0)
     until = time.perf_counter() + seconds
-    threads = [threading.Thread(target=_clients, args=(port, until, clients, tally), daemon=True),
-               threading.Thread(target=health_prober, args=(port, until, health), daemon=True)]
+    threads = [
+        threading.Thread(target=_clients, args=(port, until, clients, tally), daemon=True),
+        threading.Thread(target=health_prober, args=(port, until, health), daemon=True),
+    ]
     for t in [*threads, *extra_threads]:
         t.start()
     start = time.perf_counter()
@@ -183,10 +194,21 @@ def run_load(port: int, clients: int, seconds: float, extra_threads: list[thread
     client_cpu = (cpu_seconds() - cpu0[0]) / wall
     server_cpu = (cpu_seconds(server_pid) - cpu0[1]) / wall if server_pid else float("nan")
     ms = lambda xs, p: 1000 * percentile(xs, p)  # noqa: E731
-    return {"clients": clients, "client_cores": client_cpu, "server_cores": server_cpu, "requests": len(tally.ok), "rps": len(tally.ok) / wall, "p50_ms": ms(tally.ok, 50),
-            "p99_ms": ms(tally.ok, 99), "busy_503": len(tally.busy), "busy_p99_ms": ms(tally.busy, 99),
-            "errors": len(tally.errors), "first_errors": [str(e)[:120] for e in tally.errors[:3]],
-            "health_p99_ms": ms(health, 99), "health_max_ms": 1000 * max(health, default=float("nan"))}
+    return {
+        "clients": clients,
+        "client_cores": client_cpu,
+        "server_cores": server_cpu,
+        "requests": len(tally.ok),
+        "rps": len(tally.ok) / wall,
+        "p50_ms": ms(tally.ok, 50),
+        "p99_ms": ms(tally.ok, 99),
+        "busy_503": len(tally.busy),
+        "busy_p99_ms": ms(tally.busy, 99),
+        "errors": len(tally.errors),
+        "first_errors": [str(e)[:120] for e in tally.errors[:3]],
+        "health_p99_ms": ms(health, 99),
+        "health_max_ms": 1000 * max(health, default=float("nan")),
+    }
 
 
 # ------------------------------------------------------------------ peers
@@ -229,9 +251,14 @@ def big_png() -> bytes:
 def classify_client(port: int, until: float, png: bytes, out: list) -> None:
     labels = "\n".join(f"{a} {b}" for a, b in zip(WORDS * 5, reversed(WORDS * 5)))[:4000].split("\n")[:200]
     boundary = "----mmpretrainbench"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="labels"\r\n\r\n{chr(10).join(labels)}\r\n'.encode(),
-             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
-             f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n", f"--{boundary}--\r\n".encode()]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="labels"\r\n\r\n{chr(10).join(labels)}\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png
+        + b"\r\n",
+        f"--{boundary}--\r\n".encode(),
+    ]
     body = b"".join(parts)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     while time.perf_counter() < until:
@@ -254,8 +281,10 @@ def huge_body_client(port: int, until: float, out: list) -> None:
         t0 = time.perf_counter()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 67108864\r\n\r\n")
+                sock.sendall(
+                    b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 67108864\r\n\r\n"
+                )
                 for _ in range(64):
                     sock.sendall(chunk)
                     if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
@@ -274,43 +303,64 @@ def hostile(port: int, seconds: float, clients: int = 8, parts: tuple[str, ...] 
     until = time.perf_counter() + seconds
     classify, huge, extra = [], [], []
     if "classify" in parts:
-        extra += [threading.Thread(target=classify_client, args=(port, until, png, classify), daemon=True) for _ in range(2)]
+        extra += [
+            threading.Thread(target=classify_client, args=(port, until, png, classify), daemon=True) for _ in range(2)
+        ]
     if "huge" in parts:
         extra.append(threading.Thread(target=huge_body_client, args=(port, until, huge), daemon=True))
     loaded = run_load(port, clients, seconds, extra)
     for t in extra:
         t.join(timeout=120)
     statuses = sorted({str(s) for s, _ in classify})
-    return {"png_bytes": len(png), "unloaded": baseline, "loaded": loaded, "classify_requests": len(classify),
-            "classify_statuses": statuses, "classify_p50_ms": 1000 * percentile([t for _, t in classify], 50),
-            "huge_bodies_sent": len(huge), "huge_body_p99_ms": 1000 * percentile(huge, 99)}
+    return {
+        "png_bytes": len(png),
+        "unloaded": baseline,
+        "loaded": loaded,
+        "classify_requests": len(classify),
+        "classify_statuses": statuses,
+        "classify_p50_ms": 1000 * percentile([t for _, t in classify], 50),
+        "huge_bodies_sent": len(huge),
+        "huge_body_p99_ms": 1000 * percentile(huge, 99),
+    }
 
 
 def report(result: dict) -> None:
     p = result["peers"]
-    print(f"\npeers (in process, same run): Searcher one query at a time {p['one_at_a_time_qps']:.1f} q/s; "
-          f"batched ceiling {p['batched_ceiling_qps']:.1f} q/s")
-    print(f"{'clients':>7} {'req/s':>7} {'x 1-at-a-time':>13} {'x ceiling':>9} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'p99/p50':>7} {'503s':>6} {'503 p99 ms':>10} {'errors':>6} {'/health p99':>11} {'max':>7} "
-          f"{'cores: server':>13} {'client':>6}")
+    print(
+        f"\npeers (in process, same run): Searcher one query at a time {p['one_at_a_time_qps']:.1f} q/s; "
+        f"batched ceiling {p['batched_ceiling_qps']:.1f} q/s"
+    )
+    print(
+        f"{'clients':>7} {'req/s':>7} {'x 1-at-a-time':>13} {'x ceiling':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'p99/p50':>7} {'503s':>6} {'503 p99 ms':>10} {'errors':>6} {'/health p99':>11} {'max':>7} "
+        f"{'cores: server':>13} {'client':>6}"
+    )
     for r in result["load"]:
-        print(f"{r['clients']:7d} {r['rps']:7.1f} {r['rps'] / p['one_at_a_time_qps']:13.1f} "
-              f"{r['rps'] / p['batched_ceiling_qps']:9.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
-              f"{r['p99_ms'] / r['p50_ms']:7.2f} {r['busy_503']:6d} {r['busy_p99_ms']:10.1f} {r['errors']:6d} "
-              f"{r['health_p99_ms']:11.1f} {r['health_max_ms']:7.1f} {r['server_cores']:13.2f} {r['client_cores']:6.2f}")
+        print(
+            f"{r['clients']:7d} {r['rps']:7.1f} {r['rps'] / p['one_at_a_time_qps']:13.1f} "
+            f"{r['rps'] / p['batched_ceiling_qps']:9.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
+            f"{r['p99_ms'] / r['p50_ms']:7.2f} {r['busy_503']:6d} {r['busy_p99_ms']:10.1f} {r['errors']:6d} "
+            f"{r['health_p99_ms']:11.1f} {r['health_max_ms']:7.1f} {r['server_cores']:13.2f} {r['client_cores']:6.2f}"
+        )
         if r["first_errors"]:
             print(f"        first errors: {r['first_errors']}")
     if "hostile" in result:
         h = result["hostile"]
         u, lo = h["unloaded"], h["loaded"]
-        print(f"\nhostile load ({h['png_bytes'] / 2**20:.1f} MB 16-megapixel PNG, 200 labels; a 64 MB JSON body looped):")
+        print(
+            f"\nhostile load ({h['png_bytes'] / 2**20:.1f} MB 16-megapixel PNG, 200 labels; a 64 MB JSON body looped):"
+        )
         print(f"  8 normal clients unloaded: p99 {u['p99_ms']:.1f} ms, {u['rps']:.1f} req/s")
-        print(f"  8 normal clients loaded:   p99 {lo['p99_ms']:.1f} ms ({lo['p99_ms'] / u['p99_ms']:.2f}x), "
-              f"{lo['rps']:.1f} req/s, errors {lo['errors']}, 503s {lo['busy_503']}")
+        print(
+            f"  8 normal clients loaded:   p99 {lo['p99_ms']:.1f} ms ({lo['p99_ms'] / u['p99_ms']:.2f}x), "
+            f"{lo['rps']:.1f} req/s, errors {lo['errors']}, 503s {lo['busy_503']}"
+        )
         print(f"  /health under load: p99 {lo['health_p99_ms']:.1f} ms, max {lo['health_max_ms']:.1f} ms")
-        print(f"  /classify: {h['classify_requests']} answered ({', '.join(h['classify_statuses'])}), "
-              f"p50 {h['classify_p50_ms']:.0f} ms; 64 MB bodies: {h['huge_bodies_sent']} refused, "
-              f"p99 {h['huge_body_p99_ms']:.1f} ms to refusal")
+        print(
+            f"  /classify: {h['classify_requests']} answered ({', '.join(h['classify_statuses'])}), "
+            f"p50 {h['classify_p50_ms']:.0f} ms; 64 MB bodies: {h['huge_bodies_sent']} refused, "
+            f"p99 {h['huge_body_p99_ms']:.1f} ms to refusal"
+        )
 
 
 def main() -> int:

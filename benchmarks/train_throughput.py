@@ -11,6 +11,7 @@ Checkpoint writes are excluded from our trainer's timing (the plain loop writes 
 Part 2 streams the same shards through our pipeline (decode, random crop, normalise,
 tokenise, batch) and through a plain webdataset pipeline doing the same work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def toy_shards(tmp: Path, count: int) -> Path:
     import subprocess
 
-    subprocess.run([sys.executable, str(ROOT / "scripts/make_toy_images.py"), "--out", str(tmp), "--count", str(count)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/make_toy_images.py"), "--out", str(tmp), "--count", str(count)],
+        check=True,
+        capture_output=True,
+    )
     from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
     make_shards(tmp, tmp / "captions.csv", tmp / "shards", ShardWriterConfig(max_count=100), progress=False)
@@ -63,7 +67,10 @@ def make_batches(model, n_batches: int, batch: int):
     out = []
     for i in range(n_batches):
         g = torch.Generator().manual_seed(i)
-        data = {"image": torch.randn(batch, 3, *size, generator=g), **tok([f"a photo of thing {i}-{j}" for j in range(batch)])}
+        data = {
+            "image": torch.randn(batch, 3, *size, generator=g),
+            **tok([f"a photo of thing {i}-{j}" for j in range(batch)]),
+        }
         out.append(WorkerBatch(data, [str(j) for j in range(batch)], 0, Position()))
     return out
 
@@ -90,14 +97,21 @@ def open_clip_loop(cfg, batches, steps: int, warmup: int) -> float:
     import open_clip
 
     towers = cfg.model.towers
-    model = open_clip.CLIP(cfg.model.embed_dim, vision_cfg=_open_clip_section(towers["image"].params, "vision_cfg"),
-                           text_cfg=_open_clip_section(towers["text"].params, "text_cfg"))
+    model = open_clip.CLIP(
+        cfg.model.embed_dim,
+        vision_cfg=_open_clip_section(towers["image"].params, "vision_cfg"),
+        text_cfg=_open_clip_section(towers["text"].params, "text_cfg"),
+    )
     loss_fn = open_clip.ClipLoss()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     o = cfg.optim
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=o.betas, eps=o.eps)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+    )
     model.train()
 
     def step(b):
@@ -144,12 +158,24 @@ def data_pipeline(cfg, shards: Path, samples: int) -> tuple[float, float]:
         n += len(next(it).keys)
     ours_sps = n / (time.perf_counter() - t0)
 
-    tf = T.Compose([T.RandomResizedCrop(ctx.image.size, scale=(0.9, 1.0), antialias=True), T.PILToTensor(),
-                    T.ToDtype(torch.float32, scale=True), T.Normalize(list(ctx.image.mean), list(ctx.image.std))])
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(ctx.image.size, scale=(0.9, 1.0), antialias=True),
+            T.PILToTensor(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(list(ctx.image.mean), list(ctx.image.std)),
+        ]
+    )
     tok = ctx.tokenizer
-    ds = (wds.WebDataset(cfg.data.train, shardshuffle=False, empty_check=False).shuffle(cfg.data.shuffle_buffer)
-          .decode("pil").to_tuple("png", "txt").map_tuple(tf, lambda t: tok([t])["text"][0])
-          .batched(cfg.data.batch_size).repeat())
+    ds = (
+        wds.WebDataset(cfg.data.train, shardshuffle=False, empty_check=False)
+        .shuffle(cfg.data.shuffle_buffer)
+        .decode("pil")
+        .to_tuple("png", "txt")
+        .map_tuple(tf, lambda t: tok([t])["text"][0])
+        .batched(cfg.data.batch_size)
+        .repeat()
+    )
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers)
     it = iter(dl)
     next(it)
@@ -173,27 +199,43 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = toy_shards(Path(tmp), 1000)
-        cfg = load_config(args.model, [f"data.train={shards}/shard-{{000000..000009}}.tar", f"data.batch_size={args.batch}",
-                                       f"data.num_workers={args.workers}", "train.progress=false", "train.log_every=1000", "train.threads=2",
-                                       f"train.steps={10 * args.steps * args.rounds}", f"train.run_dir={tmp}/run"])
+        cfg = load_config(
+            args.model,
+            [
+                f"data.train={shards}/shard-{{000000..000009}}.tar",
+                f"data.batch_size={args.batch}",
+                f"data.num_workers={args.workers}",
+                "train.progress=false",
+                "train.log_every=1000",
+                "train.threads=2",
+                f"train.steps={10 * args.steps * args.rounds}",
+                f"train.run_dir={tmp}/run",
+            ],
+        )
         torch.set_num_threads(2)
         model = build_model(cfg.model)
         batches = make_batches(model, 4, args.batch)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {Path(args.model).name}: {n_params / 1e6:.2f}M parameters, batch {args.batch}, "
-              f"{torch.get_num_threads()} threads, device cpu")
+        print(
+            f"model {Path(args.model).name}: {n_params / 1e6:.2f}M parameters, batch {args.batch}, "
+            f"{torch.get_num_threads()} threads, device cpu"
+        )
         a, b = [], []
         for r in range(args.rounds):  # alternate which goes first, to cancel order/allocator effects
-            for fn, out in ([(ours, a), (open_clip_loop, b)] if r % 2 == 0 else [(open_clip_loop, b), (ours, a)]):
+            for fn, out in [(ours, a), (open_clip_loop, b)] if r % 2 == 0 else [(open_clip_loop, b), (ours, a)]:
                 torch.set_num_threads(2)
                 out.append(fn(cfg, batches, args.steps, warmup=3))
             print(f"  round {r + 1}: ours {a[-1]:.2f} samples/s, open_clip {b[-1]:.2f} samples/s")
         ma, mb = statistics.median(a), statistics.median(b)
-        print(f"train step (median of {args.rounds}): ours {ma:.2f} samples/s | open_clip loop {mb:.2f} samples/s | "
-              f"ratio ours/open_clip {ma / mb:.3f}")
+        print(
+            f"train step (median of {args.rounds}): ours {ma:.2f} samples/s | open_clip loop {mb:.2f} samples/s | "
+            f"ratio ours/open_clip {ma / mb:.3f}"
+        )
         ours_d, wds_d = data_pipeline(cfg, shards, args.samples)
-        print(f"data pipeline ({args.workers} worker(s), 64 px PNG -> {model.towers['image'].image_size[0]} px): "
-              f"ours {ours_d:.0f} samples/s | plain webdataset {wds_d:.0f} samples/s | ratio {ours_d / wds_d:.3f}")
+        print(
+            f"data pipeline ({args.workers} worker(s), 64 px PNG -> {model.towers['image'].image_size[0]} px): "
+            f"ours {ours_d:.0f} samples/s | plain webdataset {wds_d:.0f} samples/s | ratio {ours_d / wds_d:.3f}"
+        )
     return 0
 
 

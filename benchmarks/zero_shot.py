@@ -9,6 +9,7 @@ file and loaded into ours). open_clip side: ``build_zero_shot_classifier`` + its
 transform + ``encode_image`` + matmul, as CLIP_benchmark does. Ours: ``zero_shot(...)`` then
 ``clf.logits(images)``. Prints images/s for both, the ratio, and the class-embedding time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ import open_clip
 import torch
 from PIL import Image
 
-TINY = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+TINY = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -58,13 +62,21 @@ def main() -> int:
     classes = [f"class number {i}" for i in range(args.classes)]
     templates = TEMPLATE_SETS["imagenet80"]
     pics = images(args.images)
-    print(f"model {args.model}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {args.images} images "
-          f"(320x256 -> {size}), {args.classes} classes x {len(templates)} templates, batch {args.batch}, 2 threads")
+    print(
+        f"model {args.model}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {args.images} images "
+        f"(320x256 -> {size}), {args.classes} classes x {len(templates)} templates, batch {args.batch}, 2 threads"
+    )
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        weights = open_clip.build_zero_shot_classifier(theirs, tokenizer, classes, [lambda c, t=t: t.replace("<>", c) for t in templates],
-                                                       num_classes_per_batch=max(1, args.batch // len(templates) or 1), use_tqdm=False)
+        weights = open_clip.build_zero_shot_classifier(
+            theirs,
+            tokenizer,
+            classes,
+            [lambda c, t=t: t.replace("<>", c) for t in templates],
+            num_classes_per_batch=max(1, args.batch // len(templates) or 1),
+            use_tqdm=False,
+        )
     t_cls_theirs = time.perf_counter() - t0
     t0 = time.perf_counter()
     clf = api.zero_shot(list(templates), classes, model=ours, batch_size=args.batch, progress=False)
@@ -84,14 +96,17 @@ def main() -> int:
 
     a, b = [], []
     for r in range(args.rounds):
-        for fn, acc in ([(run_ours, a), (run_theirs, b)] if r % 2 == 0 else [(run_theirs, b), (run_ours, a)]):
+        for fn, acc in [(run_ours, a), (run_theirs, b)] if r % 2 == 0 else [(run_theirs, b), (run_ours, a)]:
             t0 = time.perf_counter()
             fn()
             acc.append(len(pics) / (time.perf_counter() - t0))
     agree = (run_ours().argmax(1) == run_theirs().argmax(1)).float().mean().item()
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"class embeddings: ours {t_cls_ours:.2f} s | open_clip {t_cls_theirs:.2f} s")
-    print(f"zero-shot (median of {args.rounds}): ours {ma:.1f} images/s | open_clip {mb:.1f} images/s | ratio ours/open_clip {ma / mb:.3f}")
+    print(
+        f"zero-shot (median of {args.rounds}): ours {ma:.1f} images/s | open_clip {mb:.1f} images/s"
+        f" | ratio ours/open_clip {ma / mb:.3f}"
+    )
     print(f"top-1 agreement between the two: {100 * agree:.1f}%")
     return 0
 

@@ -2,6 +2,7 @@
 
 The public API is ``mmpretrain.api``.
 """
+
 __version__ = "0.1.0"
 
 

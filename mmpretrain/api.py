@@ -1,11 +1,12 @@
 """The public surface of mmpretrain. Everything else is internal and may change.
 
-    >>> from mmpretrain import api
-    >>> cfg = api.load_config("configs/experiment/smoke.yaml", ["train.steps=50"])
-    >>> run_dir = api.train(cfg)
-    >>> model = api.load_checkpoint(run_dir / "checkpoints")     # newest checkpoint
-    >>> emb = api.encode(model, "text", api.tokenize(model, ["a red circle"]))  # (1, E)
+>>> from mmpretrain import api
+>>> cfg = api.load_config("configs/experiment/smoke.yaml", ["train.steps=50"])
+>>> run_dir = api.train(cfg)
+>>> model = api.load_checkpoint(run_dir / "checkpoints")     # newest checkpoint
+>>> emb = api.encode(model, "text", api.tokenize(model, ["a red circle"]))  # (1, E)
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -27,14 +28,40 @@ from mmpretrain.types import Batch
 # ``files``: durable atomic writes (mmpretrain.files); ``Registry``: the plugin mechanism, for tools
 # keeping registries of their own (retrieval's index types)
 __all__ = [
-    "ConfigError", "ContrastiveModel", "DataConfig", "ExperimentConfig", "ImageTooLarge", "Manifest", "ModelConfig",
-    "Registry", "RegistryError", "ShardWriterConfig", "create_model", "encode", "encode_images", "encode_texts",
-    "expand_sources", "export_open_clip", "files", "image_transform", "item_batches", "list_encoders",
-    "load_checkpoint", "load_config", "make_shards", "model_id", "open_image", "tokenize", "train", "zero_shot",
+    "ConfigError",
+    "ContrastiveModel",
+    "DataConfig",
+    "ExperimentConfig",
+    "ImageTooLarge",
+    "Manifest",
+    "ModelConfig",
+    "Registry",
+    "RegistryError",
+    "ShardWriterConfig",
+    "create_model",
+    "encode",
+    "encode_images",
+    "encode_texts",
+    "expand_sources",
+    "export_open_clip",
+    "files",
+    "image_transform",
+    "item_batches",
+    "list_encoders",
+    "load_checkpoint",
+    "load_config",
+    "make_shards",
+    "model_id",
+    "open_image",
+    "tokenize",
+    "train",
+    "zero_shot",
 ]
 
 
-def create_model(name: ModelConfig | dict[str, Any] | str | Path, *, pretrained: str | Path | None = None) -> ContrastiveModel:
+def create_model(
+    name: ModelConfig | dict[str, Any] | str | Path, *, pretrained: str | Path | None = None
+) -> ContrastiveModel:
     """Build a model, optionally with pretrained weights, offline.
 
     ``name``: an open_clip model name (``"ViT-B-32"``), ``"local-dir:PATH"`` (an open_clip
@@ -62,8 +89,9 @@ def export_open_clip(model: ContrastiveModel, out_dir: str | Path) -> Path:
     return _export(model, out_dir)
 
 
-def zero_shot(templates: str | Sequence[str], classes: Iterable[str], *, model: ContrastiveModel | str | Path,
-              **kwargs: Any):
+def zero_shot(
+    templates: str | Sequence[str], classes: Iterable[str], *, model: ContrastiveModel | str | Path, **kwargs: Any
+):
     """A zero-shot classifier: ``clf.predict(images)``, ``clf.logits(...)``, ``clf.classes``,
     ``clf.weights``. ``templates``: ``"a photo of a <>"``, a list, or a named set (``"imagenet80"``).
     ``model``: a model or anything ``load_checkpoint`` takes."""
@@ -115,8 +143,12 @@ def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: i
     if not texts:
         raise ValueError("encode_texts: no texts given")
     trim = trim_padding if getattr(model.towers["text"], "variable_length", False) else (lambda b: b)
-    return torch.cat([encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
-                      for i in range(0, len(texts), batch_size)])
+    return torch.cat(
+        [
+            encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -126,8 +158,9 @@ def encode_images(model: ContrastiveModel, images: Sequence[Any], *, batch_size:
     transform, images = image_transform(model), list(images)
     if not images:
         raise ValueError("encode_images: no images given")
-    return torch.cat([encode(model, "image", transform.batch(images[i : i + batch_size]))
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [encode(model, "image", transform.batch(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -163,8 +196,9 @@ def expand_sources(spec: str) -> list[str]:
     return expand_shards(spec)
 
 
-def item_batches(model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128,
-                 modality: str = "image"):
+def item_batches(
+    model: ContrastiveModel, source: str, *, batch_size: int = 64, thumb_size: int = 128, modality: str = "image"
+):
     """Preprocessed batches of one source (``ItemBatch``: ``inputs={modality: (B, ...)}``, ``keys``,
     ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` and ``complete`` on the last batch): a
     shard, or a folder of files, of any modality, with the model's evaluation preprocessing."""

@@ -1,4 +1,5 @@
 """``mmpretrain`` command line. argparse lives here only; below it, typed configs."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ from mmpretrain.errors import CheckpointError, DataError
 def _setup_logging() -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -39,8 +41,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_shards_make(args: argparse.Namespace) -> int:
     from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
-    cfg = ShardWriterConfig(max_count=args.max_count, max_bytes=args.max_size, prefix=args.prefix,
-                            verify_images=not args.no_verify, media=args.media)
+    cfg = ShardWriterConfig(
+        max_count=args.max_count,
+        max_bytes=args.max_size,
+        prefix=args.prefix,
+        verify_images=not args.no_verify,
+        media=args.media,
+    )
     manifest = make_shards(args.images, args.captions, args.out, cfg)
     print(f"wrote {manifest.samples} samples in {len(manifest.shards)} shard(s) to {args.out}")
     if manifest.skipped:
@@ -52,7 +59,9 @@ def cmd_shards_make(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace):
     from mmpretrain import api
 
-    model = api.create_model(args.model, pretrained=args.pretrained) if args.pretrained else api.load_checkpoint(args.model)
+    model = (
+        api.create_model(args.model, pretrained=args.pretrained) if args.pretrained else api.load_checkpoint(args.model)
+    )
     return model.to(args.device)
 
 
@@ -72,29 +81,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load_model(args)
     common = {"batch_size": args.batch_size, "progress": True}
     if args.eval_cmd == "zeroshot":
-        reports = [zeroshot_eval(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
-                   for d in args.data]
+        reports = [
+            zeroshot_eval(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
+            for d in args.data
+        ]
         report: dict = {"zeroshot": reports}
         print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
     elif args.eval_cmd == "retrieval":  # shards with captions, or NAME@LAYOUT=DIR labelled folders
-        reports = [folder_retrieval_eval(model, EvalSet.parse(d), templates=args.templates, **common) if "=" in d
-                   else retrieval_eval(model, d, **common) for d in args.data]
+        reports = [
+            folder_retrieval_eval(model, EvalSet.parse(d), templates=args.templates, **common)
+            if "=" in d
+            else retrieval_eval(model, d, **common)
+            for d in args.data
+        ]
         report = {"retrieval": reports}
         keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
         print(table(reports, ["dataset", "images", *keys]))
     elif args.eval_cmd == "media":
         report = _eval_media(model, args)
     elif args.eval_cmd == "hard":
-        fes = [embed_folder(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
-               for d in args.data]
+        fes = [
+            embed_folder(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
+            for d in args.data
+        ]
         report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
         print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
-        print(f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
-              f"(evaluate with --data hard@folder={args.hard_out})")
+        print(
+            f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
+            f"(evaluate with --data hard@folder={args.hard_out})"
+        )
     else:
         baseline = json.loads(open(args.baseline).read()) if args.baseline else None
-        report = robustness_eval(model, EvalSet.parse(args.id), [EvalSet.parse(d) for d in args.ood], baseline=baseline,
-                                 templates=args.templates, workers=args.workers, **common)
+        report = robustness_eval(
+            model,
+            EvalSet.parse(args.id),
+            [EvalSet.parse(d) for d in args.ood],
+            baseline=baseline,
+            templates=args.templates,
+            workers=args.workers,
+            **common,
+        )
         rows = [{**report["in_distribution"], "drop_top1": 0.0}] + report["shifts"]
         print(table(rows, ["dataset", "n", "classes", "top1", "top5", "drop_top1", "effective_robustness"]))
     report["model"] = str(args.model)
@@ -109,14 +135,33 @@ def _eval_media(model, args: argparse.Namespace) -> dict:
     from mmpretrain.eval.runner import table
 
     views = Views(args.clips, args.crops, args.windows)
-    reports = [media_eval(model, ShardSet.parse(d), args.modalities, templates=args.templates, views=views,
-                          batch_size=args.batch_size) for d in args.data]
+    reports = [
+        media_eval(
+            model, ShardSet.parse(d), args.modalities, templates=args.templates, views=views, batch_size=args.batch_size
+        )
+        for d in args.data
+    ]
     for r in reports:
         print(f"{r['dataset']}: {r['samples']} samples, skipped {r['skipped'] or 'none'}, views {r['views']}")
         print(table(r["zeroshot"], ["dataset", "modality", "label", "n", "classes", "top1", "top5", "chance_top1"]))
         print()
-        print(table(r["retrieval"], ["dataset", "task", "queries", "items", "R@1", "R@1_chance", "R@5", "R@5_chance",
-                                     "R@10", "R@10_chance"]))
+        print(
+            table(
+                r["retrieval"],
+                [
+                    "dataset",
+                    "task",
+                    "queries",
+                    "items",
+                    "R@1",
+                    "R@1_chance",
+                    "R@5",
+                    "R@5_chance",
+                    "R@10",
+                    "R@10_chance",
+                ],
+            )
+        )
         print()
     if args.plot:
         from mmpretrain.eval.media import plot_media
@@ -152,8 +197,11 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.corpus} corpus in {out}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items()))
-    print(manifest.get("next") or f"train with: data.train={out}/shards   evaluate: mmpretrain eval zeroshot --data "
-          f"seen@folder={out}/eval/train_styles_seen unseen@folder={out}/eval/unseen_concepts ...")
+    print(
+        manifest.get("next")
+        or f"train with: data.train={out}/shards   evaluate: mmpretrain eval zeroshot --data "
+        f"seen@folder={out}/eval/train_styles_seen unseen@folder={out}/eval/unseen_concepts ..."
+    )
     return 0
 
 
@@ -173,9 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpretrain", description="Multimodal contrastive pre-training.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train or resume a model", description=(
-        "Train from a layered YAML config; key=value overrides apply last (e.g. train.steps=100 "
-        "train.resume=latest). Run under torchrun for several processes or nodes."))
+    t = sub.add_parser(
+        "train",
+        help="train or resume a model",
+        description=(
+            "Train from a layered YAML config; key=value overrides apply last (e.g. train.steps=100 "
+            "train.resume=latest). Run under torchrun for several processes or nodes."
+        ),
+    )
     t.add_argument("config", help="experiment YAML, e.g. configs/experiment/smoke.yaml")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     t.set_defaults(fn=cmd_train)
@@ -186,10 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_config)
 
     s = sub.add_parser("shards", help="webdataset shard tools").add_subparsers(dest="shards_cmd", required=True)
-    m = s.add_parser("make", help="write shards from an image folder + captions file", description=(
-        "Write img2dataset-style webdataset shards (jpg/png/webp + txt + json) and manifest.json. "
-        "Captions: CSV/TSV with a header or JSONL, with an image-path column (file/filepath/path/image) "
-        "relative to --images and a caption column (caption/text)."))
+    m = s.add_parser(
+        "make",
+        help="write shards from an image folder + captions file",
+        description=(
+            "Write img2dataset-style webdataset shards (jpg/png/webp + txt + json) and manifest.json. "
+            "Captions: CSV/TSV with a header or JSONL, with an image-path column (file/filepath/path/image) "
+            "relative to --images and a caption column (caption/text)."
+        ),
+    )
     m.add_argument("--images", required=True, help="image folder")
     m.add_argument("--captions", required=True, help="captions file (.csv, .tsv, .jsonl)")
     m.add_argument("--out", required=True, help="output folder")
@@ -198,33 +256,57 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
     m.add_argument("--no-verify", action="store_true", help="do not decode images/clips to check them")
     kind = m.add_mutually_exclusive_group()
-    kind.add_argument("--video", dest="media", action="store_const", const="video",
-                      help="the path column names video clips (mp4/webm/avi/mkv/mov), stored as they are")
-    kind.add_argument("--audio", dest="media", action="store_const", const="audio",
-                      help="the path column names audio files (wav/flac/mp3/ogg), stored as they are")
+    kind.add_argument(
+        "--video",
+        dest="media",
+        action="store_const",
+        const="video",
+        help="the path column names video clips (mp4/webm/avi/mkv/mov), stored as they are",
+    )
+    kind.add_argument(
+        "--audio",
+        dest="media",
+        action="store_const",
+        const="audio",
+        help="the path column names audio files (wav/flac/mp3/ogg), stored as they are",
+    )
     m.set_defaults(media="image")
     m.set_defaults(fn=cmd_shards_make)
 
     _add_eval(sub)
     d = sub.add_parser("data", help="benchmark corpora").add_subparsers(dest="data_cmd", required=True)
-    db = d.add_parser("build", help="build a benchmark corpus", description=(
-        "Fetch (emoji: npm; icons: Debian packages via apt-get download, no install), rasterise "
-        "(rsvg-convert) and split a benchmark corpus: training shards plus ImageFolder evaluation splits "
-        "(training styles, held-out rendition and sketch styles, unseen concepts) and manifest.json with "
-        "sources, versions and licences. `motion` renders video-audio-text clips (emoji in motion, spoken "
-        "names by espeak-ng) with video shards for every split. Cached and idempotent. See docs/corpus.md "
-        "and docs/video_audio.md."))
+    db = d.add_parser(
+        "build",
+        help="build a benchmark corpus",
+        description=(
+            "Fetch (emoji: npm; icons: Debian packages via apt-get download, no install), rasterise "
+            "(rsvg-convert) and split a benchmark corpus: training shards plus ImageFolder evaluation splits "
+            "(training styles, held-out rendition and sketch styles, unseen concepts) and manifest.json with "
+            "sources, versions and licences. `motion` renders video-audio-text clips (emoji in motion, spoken "
+            "names by espeak-ng) with video shards for every split. Cached and idempotent. See docs/corpus.md "
+            "and docs/video_audio.md."
+        ),
+    )
     db.add_argument("corpus", choices=["emoji", "icons", "motion"], help="which corpus")
     db.add_argument("--cache", default=None, help="download and raster cache (default .cache/mmpretrain/CORPUS)")
     db.add_argument("--out", default=None, help="output folder, rebuilt (default data/CORPUS)")
-    db.add_argument("--concepts", type=int, default=None,
-                    help="concepts to sample (0: all; default: emoji 300, icons all, motion 40)")
+    db.add_argument(
+        "--concepts",
+        type=int,
+        default=None,
+        help="concepts to sample (0: all; default: emoji 300, icons all, motion 40)",
+    )
     db.add_argument("--size", type=int, default=64, help="image (motion: video frame) side in pixels")
     db.add_argument("--seed", type=int, default=0)
     db.set_defaults(fn=cmd_data_build)
-    x = sub.add_parser("export", help="write a model as an open_clip checkpoint", description=(
-        "Write an image-text model as an open_clip local-dir checkpoint (open_clip_config.json + safetensors), "
-        "loadable by open_clip.create_model('local-dir:OUT') and CLIP_benchmark."))
+    x = sub.add_parser(
+        "export",
+        help="write a model as an open_clip checkpoint",
+        description=(
+            "Write an image-text model as an open_clip local-dir checkpoint (open_clip_config.json + safetensors), "
+            "loadable by open_clip.create_model('local-dir:OUT') and CLIP_benchmark."
+        ),
+    )
     _model_args(x)
     x.add_argument("--out", required=True, help="output folder")
     x.set_defaults(fn=cmd_export)
@@ -235,46 +317,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint dir, run dir, open_clip local-dir:PATH, or a model "
-                   "name/YAML together with --pretrained")
-    p.add_argument("--pretrained", help="weights for --model given as a name/YAML (e.g. --model ViT-B-32 --pretrained w.pt)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint dir, run dir, open_clip local-dir:PATH, or a model name/YAML together with --pretrained",
+    )
+    p.add_argument(
+        "--pretrained", help="weights for --model given as a name/YAML (e.g. --model ViT-B-32 --pretrained w.pt)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="zero-shot, retrieval and robustness evaluation").add_subparsers(
-        dest="eval_cmd", required=True)
-    z = e.add_parser("zeroshot", help="zero-shot classification on ImageFolder sets", description=(
-        "Top-1/top-5/mean per-class recall. Each --data is [NAME@]LAYOUT=DIR; layouts: folder (folder names are "
-        "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a."))
+        dest="eval_cmd", required=True
+    )
+    z = e.add_parser(
+        "zeroshot",
+        help="zero-shot classification on ImageFolder sets",
+        description=(
+            "Top-1/top-5/mean per-class recall. Each --data is [NAME@]LAYOUT=DIR; layouts: folder (folder names are "
+            "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a."
+        ),
+    )
     z.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR ...")
-    r = e.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on shards or labelled folders",
-                     description=("Recall@k both ways on webdataset shards (several captions per image via json "
-                                  "{'captions': [...]}), or text->image recall@k on a labelled folder given as "
-                                  "[NAME@]LAYOUT=DIR (each class prompt is a query; its images are the hits)."))
+    r = e.add_parser(
+        "retrieval",
+        help="image-text retrieval recall@1/5/10 on shards or labelled folders",
+        description=(
+            "Recall@k both ways on webdataset shards (several captions per image via json "
+            "{'captions': [...]}), or text->image recall@k on a labelled folder given as "
+            "[NAME@]LAYOUT=DIR (each class prompt is a query; its images are the hits)."
+        ),
+    )
     r.add_argument("--data", nargs="+", required=True, help="shard specs, or [NAME@]LAYOUT=DIR folders")
-    b = e.add_parser("robustness", help="accuracy under distribution shift, drop and effective robustness",
-                     description="Zero-shot accuracy on an in-distribution set and shifted sets ([NAME@]LAYOUT=DIR).")
+    b = e.add_parser(
+        "robustness",
+        help="accuracy under distribution shift, drop and effective robustness",
+        description="Zero-shot accuracy on an in-distribution set and shifted sets ([NAME@]LAYOUT=DIR).",
+    )
     b.add_argument("--id", required=True, help="in-distribution set, e.g. imagenet=/data/imagenet/val")
     b.add_argument("--ood", nargs="+", required=True, help="shifted sets, e.g. imagenet-r=/data/imagenet-r")
     b.add_argument("--baseline", help="JSON {set name or 'all': [[id_acc, ood_acc], ...]} for effective robustness")
-    h = e.add_parser("hard", help="build a hard subset (ImageNet-A analogue) from a reference model's mistakes",
-                     description=("Copy the images of the given labelled folders that --model (the reference) "
-                                  "misclassifies zero-shot into --hard-out/<class>/, keeping every class folder, with "
-                                  "hard_subset.json naming the reference. Evaluate other models on it with "
-                                  "`eval zeroshot --data hard@folder=DIR`."))
+    h = e.add_parser(
+        "hard",
+        help="build a hard subset (ImageNet-A analogue) from a reference model's mistakes",
+        description=(
+            "Copy the images of the given labelled folders that --model (the reference) "
+            "misclassifies zero-shot into --hard-out/<class>/, keeping every class folder, with "
+            "hard_subset.json naming the reference. Evaluate other models on it with "
+            "`eval zeroshot --data hard@folder=DIR`."
+        ),
+    )
     h.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR folders to filter")
     h.add_argument("--hard-out", required=True, help="output folder (rebuilt)")
     h.add_argument("--reference-name", help="how the report names the reference model (default: --model)")
-    md = e.add_parser("media", help="zero-shot and retrieval for video / audio (and image) on labelled shards",
-                      description=("Embed every sample's --modalities once (averaging --clips x --crops video views and "
-                                   "--windows audio windows), then report zero-shot top-1/top-5 per modality and json "
-                                   "label field, and recall@1/5/10 with chance for caption->m, class->m and m->m' "
-                                   "(e.g. video->audio). Each --data is [NAME@]shards[:FIELD,...]=SHARDS, e.g. "
-                                   "heldout@shards:concept,motion=data/motion/eval/heldout_combos."))
+    md = e.add_parser(
+        "media",
+        help="zero-shot and retrieval for video / audio (and image) on labelled shards",
+        description=(
+            "Embed every sample's --modalities once (averaging --clips x --crops video views and "
+            "--windows audio windows), then report zero-shot top-1/top-5 per modality and json "
+            "label field, and recall@1/5/10 with chance for caption->m, class->m and m->m' "
+            "(e.g. video->audio). Each --data is [NAME@]shards[:FIELD,...]=SHARDS, e.g. "
+            "heldout@shards:concept,motion=data/motion/eval/heldout_combos."
+        ),
+    )
     md.add_argument("--data", nargs="+", required=True, help="[NAME@]shards[:FIELD,...]=SHARDS ...")
-    md.add_argument("--modalities", nargs="+", default=["video"], choices=["video", "audio", "image"],
-                    help="what to embed from each sample (default video)")
+    md.add_argument(
+        "--modalities",
+        nargs="+",
+        default=["video"],
+        choices=["video", "audio", "image"],
+        help="what to embed from each sample (default video)",
+    )
     md.add_argument("--clips", type=int, default=1, help="video clips spread over each video (default 1)")
     md.add_argument("--crops", type=int, default=1, help="spatial crops per clip: 1 centre, 3 left/centre/right")
     md.add_argument("--windows", type=int, default=1, help="audio windows spread over each track (default 1)")
@@ -283,8 +399,11 @@ def _add_eval(sub) -> None:
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
-        p.add_argument("--templates", default="imagenet80", help="'a photo of a <>' or a named set (imagenet80, "
-                       "imagenet_simple, photo); default imagenet80")
+        p.add_argument(
+            "--templates",
+            default="imagenet80",
+            help="'a photo of a <>' or a named set (imagenet80, imagenet_simple, photo); default imagenet80",
+        )
         p.add_argument("--workers", type=int, default=0, help="image decoding processes")
         p.set_defaults(fn=cmd_eval)
     md.set_defaults(templates="<>")  # class names as they are: "a photo of" fits no video or sound

@@ -9,6 +9,7 @@ the folder: a crash or power cut leaves the old file or folder or the new one, n
     >>> with files.atomic_dir("out/index") as tmp:      # a whole folder appears at once
     ...     (tmp / "index.faiss").write_bytes(b"...")
 """
+
 from mmpretrain.utils.io import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_text, sha256_file
 
 __all__ = ["atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "sha256_file"]

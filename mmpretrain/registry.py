@@ -7,6 +7,7 @@ each registry defining its example's meaning. Looking up an unknown name fails w
 names listed. Every registry is listed in ``REGISTRIES`` (by kind); ``load_all`` imports every
 module of the package that registers entries, so the lists are complete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,16 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 REGISTRIES: dict[str, Registry] = {}  # kind -> registry, filled as registries are created
-BUILT_INS = ("mmpretrain.data", "mmpretrain.data.shards", "mmpretrain.encoders", "mmpretrain.losses", "mmpretrain.models.pretrained",
-             "mmpretrain.eval.inputs", "mmpretrain.eval.datasets", "mmpretrain.corpora")
+BUILT_INS = (
+    "mmpretrain.data",
+    "mmpretrain.data.shards",
+    "mmpretrain.encoders",
+    "mmpretrain.losses",
+    "mmpretrain.models.pretrained",
+    "mmpretrain.eval.inputs",
+    "mmpretrain.eval.datasets",
+    "mmpretrain.corpora",
+)
 
 
 class RegistryError(KeyError):
@@ -57,8 +66,9 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         REGISTRIES[kind] = self
 
-    def register(self, name: str, *, config: type | None = None, example: Any = None,
-                 doc: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, *, config: type | None = None, example: Any = None, doc: str | None = None
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")

@@ -22,6 +22,7 @@ Input specs: what each modality's tower takes (``ImageSpec``, ``TextSpec``, ``Vi
 modality, and the data ops read their sizes, rates, normalisation and tokenizer there. ``SPEC_TYPES``
 is the list of modalities: the encoder registries and ``MODALITIES`` come from it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

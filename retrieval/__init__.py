@@ -5,9 +5,25 @@ Uses only ``mmpretrain.api`` (and ``mmpretrain.types``), never mmpretrain's inte
     >>> from retrieval import Searcher
     >>> hits = Searcher.open("runs/index").search("a red bicycle", k=10)[0]
 """
+
 from retrieval.embed import EmbedConfig, Embeddings, load_embeddings, run_embed
 from retrieval.index import INDEX_TYPES, BuildConfig, IndexSpec, add_to_index, build_index, choose_index, open_index
 from retrieval.search import Hit, QueryError, Searcher, SearchLimits
 
-__all__ = ["INDEX_TYPES", "BuildConfig", "EmbedConfig", "Embeddings", "Hit", "IndexSpec", "QueryError", "SearchLimits",
-           "Searcher", "add_to_index", "build_index", "choose_index", "load_embeddings", "open_index", "run_embed"]
+__all__ = [
+    "INDEX_TYPES",
+    "BuildConfig",
+    "EmbedConfig",
+    "Embeddings",
+    "Hit",
+    "IndexSpec",
+    "QueryError",
+    "SearchLimits",
+    "Searcher",
+    "add_to_index",
+    "build_index",
+    "choose_index",
+    "load_embeddings",
+    "open_index",
+    "run_embed",
+]

@@ -1,11 +1,12 @@
 """``retrieval``: embed a collection, build/extend a FAISS index, search it, serve it.
 
-    retrieval embed --model CKPT --data 'shards/{000000..000099}.tar' --out emb/   (torchrun-able)
-    retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
-    retrieval index add index/ emb2/
-    retrieval search index/ "a red bicycle" -k 10
-    retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key KEY]
+retrieval embed --model CKPT --data 'shards/{000000..000099}.tar' --out emb/   (torchrun-able)
+retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
+retrieval index add index/ emb2/
+retrieval search index/ "a red bicycle" -k 10
+retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key KEY]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,18 @@ from retrieval.embed import EmbedError
 from retrieval.index import IndexError_
 from retrieval.search import QueryError
 
-UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "T": 2**40,
+    "TB": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -32,13 +44,25 @@ def parse_bytes(text: str) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from retrieval.embed import EmbedConfig, run_embed
 
-    cfg = EmbedConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      thumb_size=args.thumb_size, device=args.device, modality=args.modality, strict=args.strict)
+    cfg = EmbedConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        thumb_size=args.thumb_size,
+        device=args.device,
+        modality=args.modality,
+        strict=args.strict,
+    )
     stats = run_embed(cfg)
     print(json.dumps(stats))
     if stats["failed"]:
-        print(f"error: {len(stats['failed'])} source(s) could not be read to their end; their parts were not "
-              "written. Fix them (or wait for the store) and re-run the same command to retry.", file=sys.stderr)
+        print(
+            f"error: {len(stats['failed'])} source(s) could not be read to their end; their parts were not "
+            "written. Fix them (or wait for the store) and re-run the same command to retry.",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -48,13 +72,21 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     from retrieval.index import BuildConfig, build_index
 
-    cfg = BuildConfig(index_type=args.type, memory_bytes=args.memory, recall_target=args.recall, on_disk=args.on_disk,
-                      queries=args.queries, threads=args.threads)
+    cfg = BuildConfig(
+        index_type=args.type,
+        memory_bytes=args.memory,
+        recall_target=args.recall,
+        on_disk=args.on_disk,
+        queries=args.queries,
+        threads=args.threads,
+    )
     queries = np.load(args.queries_file) if args.queries_file else None
     h = build_index(args.embeddings, args.out, cfg, queries=queries)
-    print(f"{h['spec']['type']} ({h['spec']['factory']}) over {h['ntotal']:,} vectors: recall@10 {h['recall@10']:.3f} "
-          f"at {h['knob']}={h['knob_value']}, built in {h['build_seconds']:.1f} s, "
-          f"{sum(h['bytes'].values()) / 2**20:.1f} MiB -> {args.out}")
+    print(
+        f"{h['spec']['type']} ({h['spec']['factory']}) over {h['ntotal']:,} vectors: recall@10 {h['recall@10']:.3f} "
+        f"at {h['knob']}={h['knob_value']}, built in {h['build_seconds']:.1f} s, "
+        f"{sum(h['bytes'].values()) / 2**20:.1f} MiB -> {args.out}"
+    )
     return 0
 
 
@@ -105,27 +137,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             models[ref] = api.load_checkpoint(ref)
         searchers[name] = Searcher(models[ref], loaded)
-    cfg = ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload, api_key=args.api_key or
-                      os.environ.get("RETRIEVAL_API_KEY"), insecure=args.insecure, cors_origins=tuple(args.cors_origin),
-                      batch=BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue),
-                      request_timeout_s=args.timeout, concurrency=args.concurrency,
-                      knn=KnnLimits(image_url_hosts=tuple(args.image_url_host)))
+    cfg = ServeConfig(
+        host=args.host,
+        port=args.port,
+        max_upload_bytes=args.max_upload,
+        api_key=args.api_key or os.environ.get("RETRIEVAL_API_KEY"),
+        insecure=args.insecure,
+        cors_origins=tuple(args.cors_origin),
+        batch=BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue),
+        request_timeout_s=args.timeout,
+        concurrency=args.concurrency,
+        knn=KnnLimits(image_url_hosts=tuple(args.image_url_host)),
+    )
     total = sum(s.index.ntotal for s in searchers.values())
-    print(f"serving {', '.join(searchers)} ({total:,} items) on http://{args.host}:{args.port}/  (API docs: /docs)",
-          flush=True)
+    print(
+        f"serving {', '.join(searchers)} ({total:,} items) on http://{args.host}:{args.port}/  (API docs: /docs)",
+        flush=True,
+    )
     serve(searchers, cfg)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="retrieval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("embed", help="embed a collection (resumable; parallel under torchrun)", description=(
-        "Embed shards (img2dataset/webdataset, any mmpretrain shard spec; images, or video/audio with --modality) "
-        "or an image folder into DIR: one part "
-        "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Unreadable items are skipped and counted "
-        "in their part; a shard that cannot be read to its end gets no part (exit status 3). Re-running skips "
-        "finished parts and retries failed ones; under torchrun each rank takes every WORLD_SIZE-th shard."))
+    e = sub.add_parser(
+        "embed",
+        help="embed a collection (resumable; parallel under torchrun)",
+        description=(
+            "Embed shards (img2dataset/webdataset, any mmpretrain shard spec; images, or video/audio with --modality) "
+            "or an image folder into DIR: one part "
+            "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Unreadable items are skipped and counted "
+            "in their part; a shard that cannot be read to its end gets no part (exit status 3). Re-running skips "
+            "finished parts and retries failed ones; under torchrun each rank takes every WORLD_SIZE-th shard."
+        ),
+    )
     e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
     e.add_argument("--data", required=True, help="shard spec or image folder")
     e.add_argument("--out", required=True, help="output folder")
@@ -134,16 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (0: none)")
     e.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
     e.add_argument("--strict", action="store_true", help="stop at the first skipped item or unreadable shard")
-    e.add_argument("--modality", choices=["image", "video", "audio"], default="image",
-                   help="what to embed from each item (video/audio: shards; default image); text queries then "
-                        "search it (text->video, text->audio)")
+    e.add_argument(
+        "--modality",
+        choices=["image", "video", "audio"],
+        default="image",
+        help="what to embed from each item (video/audio: shards; default image); text queries then "
+        "search it (text->video, text->audio)",
+    )
     e.set_defaults(fn=cmd_embed)
 
     ix = sub.add_parser("index", help="build or extend an index").add_subparsers(dest="index_cmd", required=True)
-    b = ix.add_parser("build", help="build a FAISS index over an embedding folder", description=(
-        "Exact search below 20k vectors; else the first of HNSW (below 200k), IVF-Flat, OPQ+IVF-PQ+Refine(SQ8), "
-        "OPQ+IVF-PQ that fits --memory; the search parameter is tuned to --recall (recall@10 vs exact search on "
-        "held-out queries), which index.json records with a checksum of every file."))
+    b = ix.add_parser(
+        "build",
+        help="build a FAISS index over an embedding folder",
+        description=(
+            "Exact search below 20k vectors; else the first of HNSW (below 200k), IVF-Flat, OPQ+IVF-PQ+Refine(SQ8), "
+            "OPQ+IVF-PQ that fits --memory; the search parameter is tuned to --recall (recall@10 vs exact search on "
+            "held-out queries), which index.json records with a checksum of every file."
+        ),
+    )
     b.add_argument("embeddings", help="folder written by `retrieval embed`")
     b.add_argument("--out", required=True, help="index folder (replaced atomically)")
     b.add_argument("--type", default="auto", help="auto, flat, hnsw, ivf_flat, ivf_pq_refine, ivf_pq")
@@ -166,23 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
     s.set_defaults(fn=cmd_search)
 
-    v = sub.add_parser("serve", help="HTTP API + web page + clip-retrieval's protocol", description=(
-        "Serve one or more indexes (FastAPI + uvicorn): /search, /classify, /thumb/ID, a web page, "
-        "clip-retrieval's /knn-service, /metadata and /indices-list, /health, /info and Prometheus /metrics. "
-        "Queries are micro-batched per index; a full queue answers 503 with Retry-After. Binds to 127.0.0.1 "
-        "unless --host says otherwise; any other host needs --api-key (or --insecure)."))
-    v.add_argument("indexes", nargs="+", metavar="[NAME=]INDEX", help="index folders, optionally named (default "
-                   "name: the folder's); the first is the default")
+    v = sub.add_parser(
+        "serve",
+        help="HTTP API + web page + clip-retrieval's protocol",
+        description=(
+            "Serve one or more indexes (FastAPI + uvicorn): /search, /classify, /thumb/ID, a web page, "
+            "clip-retrieval's /knn-service, /metadata and /indices-list, /health, /info and Prometheus /metrics. "
+            "Queries are micro-batched per index; a full queue answers 503 with Retry-After. Binds to 127.0.0.1 "
+            "unless --host says otherwise; any other host needs --api-key (or --insecure)."
+        ),
+    )
+    v.add_argument(
+        "indexes",
+        nargs="+",
+        metavar="[NAME=]INDEX",
+        help="index folders, optionally named (default name: the folder's); the first is the default",
+    )
     v.add_argument("--model", help="query model for every index (default: the one recorded in each index)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload", type=parse_bytes, default=parse_bytes("8MB"), help="upload size limit (8MB)")
     v.add_argument("--api-key", help="required on every route but /health (also read from RETRIEVAL_API_KEY)")
     v.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    v.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any) to call the API")
-    v.add_argument("--image-url-host", action="append", default=[], metavar="HOST",
-                   help="hosts whose images /knn-service's image_url may fetch (default: none, image_url refused)")
+    v.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any) to call the API",
+    )
+    v.add_argument(
+        "--image-url-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="hosts whose images /knn-service's image_url may fetch (default: none, image_url refused)",
+    )
     v.add_argument("--max-batch", type=int, default=64, help="queries per encoder/search batch (64)")
     v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (2 ms)")
     v.add_argument("--max-queue", type=int, default=64, help="waiting queries (all indexes) before 503 (64)")

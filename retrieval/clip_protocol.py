@@ -17,6 +17,7 @@ best-ranked one. Options we cannot honour (``use_mclip``, the safety and violenc
 shifts) are accepted and ignored. ``image_url`` is refused unless its host is on the server's
 allow-list: the server never fetches arbitrary URLs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,9 +28,22 @@ from urllib.parse import urlsplit
 
 from retrieval.search import QueryError
 
-CLIENT_KEYS = ("text", "image", "image_url", "embedding_input", "deduplicate", "use_safety_model",
-               "use_violence_detector", "indice_name", "use_mclip", "aesthetic_score", "aesthetic_weight",
-               "modality", "num_images", "num_result_ids")
+CLIENT_KEYS = (
+    "text",
+    "image",
+    "image_url",
+    "embedding_input",
+    "deduplicate",
+    "use_safety_model",
+    "use_violence_detector",
+    "indice_name",
+    "use_mclip",
+    "aesthetic_score",
+    "aesthetic_weight",
+    "modality",
+    "num_images",
+    "num_result_ids",
+)
 DEDUP_THRESHOLD = 0.94
 
 
@@ -60,16 +74,25 @@ def parse_knn(body: Any, limits: KnnLimits) -> KnnRequest:
     if not isinstance(body, dict):
         raise QueryError("the body must be a JSON object")
     num_images = _int(body.get("num_images", 40), "num_images", 1, limits.max_images)
-    num_ids = _int(body.get("num_result_ids") if body.get("num_result_ids") is not None else num_images,
-                   "num_result_ids", 1, limits.max_result_ids)
+    num_ids = _int(
+        body.get("num_result_ids") if body.get("num_result_ids") is not None else num_images,
+        "num_result_ids",
+        1,
+        limits.max_result_ids,
+    )
     modality = body.get("modality") or "image"
     if not isinstance(modality, str):
         raise QueryError("modality must be a string")
     name = body.get("indice_name")
     if name is not None and not isinstance(name, str):
         raise QueryError("indice_name must be a string")
-    common = dict(indice_name=name, modality=modality, num_images=num_images, num_result_ids=max(num_ids, 1),
-                  deduplicate=bool(body.get("deduplicate") or False))
+    common = dict(
+        indice_name=name,
+        modality=modality,
+        num_images=num_images,
+        num_result_ids=max(num_ids, 1),
+        deduplicate=bool(body.get("deduplicate") or False),
+    )
     text, image, url, emb = (body.get(k) for k in ("text", "image", "image_url", "embedding_input"))
     if isinstance(text, str) and text.strip():
         return KnnRequest(**common, text=text)
@@ -112,8 +135,10 @@ def _allowed_url(url: Any, limits: KnnLimits) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise QueryError("image_url must be an http(s) URL")
     if parts.hostname.lower() not in {h.lower() for h in limits.image_url_hosts}:
-        raise QueryError("image_url is refused: this server fetches images only from the hosts on its allow-list "
-                         "(retrieval serve --image-url-host); send the image itself as base64 in 'image'")
+        raise QueryError(
+            "image_url is refused: this server fetches images only from the hosts on its allow-list "
+            "(retrieval serve --image-url-host); send the image itself as base64 in 'image'"
+        )
     return url
 
 

@@ -17,6 +17,7 @@ parquet. Under ``torchrun`` rank r embeds sources r, r + world, ... with no comm
 job re-run with the same arguments skips finished parts and retries failed ones. Every file is
 written to a temp name, fsynced and renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,15 +80,26 @@ def _device(cfg: EmbedConfig) -> str:
 
 
 def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources: list[str]) -> None:
-    header = {"format": FORMAT, "model": cfg.model, "model_id": model_id, "dim": dim, "dtype": cfg.dtype,
-              "modality": cfg.modality, "data": cfg.data, "sources": sources, "thumb_size": cfg.thumb_size}
+    header = {
+        "format": FORMAT,
+        "model": cfg.model,
+        "model_id": model_id,
+        "dim": dim,
+        "dtype": cfg.dtype,
+        "modality": cfg.modality,
+        "data": cfg.data,
+        "sources": sources,
+        "thumb_size": cfg.thumb_size,
+    }
     path = out / "embeddings.json"
     if path.is_file():
         old = json.loads(path.read_text())
         for key in ("model_id", "dtype", "sources"):
             if old.get(key) != header[key]:
-                raise EmbedError(f"{out} holds a job with a different {key} ({str(old.get(key))[:80]!r}); "
-                                 f"use another --out or delete it")
+                raise EmbedError(
+                    f"{out} holds a job with a different {key} ({str(old.get(key))[:80]!r}); "
+                    f"use another --out or delete it"
+                )
         return
     api.files.atomic_write_text(path, json.dumps(header, indent=2))
 
@@ -99,8 +111,9 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict:
     """Embed one source into ``part``.{npy,thumbs,parquet}; returns its summary (``items``,
     ``skipped`` by kind, ``complete``). An incomplete source writes ``part.failed.json`` instead."""
     vectors, rows, thumbs, offset, last = [], {c: [] for c in META_COLUMNS}, [], 0, None
-    for batch in api.item_batches(model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size,
-                                  modality=cfg.modality):
+    for batch in api.item_batches(
+        model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size, modality=cfg.modality
+    ):
         last = batch
         if not batch.keys:
             continue
@@ -116,8 +129,14 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict:
     if not summary["complete"]:
         api.files.atomic_write_text(part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
         return summary
-    _write_part(part, np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.embed_dim), np.float32),
-                rows, b"".join(thumbs), cfg.dtype, summary)
+    _write_part(
+        part,
+        np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.embed_dim), np.float32),
+        rows,
+        b"".join(thumbs),
+        cfg.dtype,
+        summary,
+    )
     part.with_suffix(".failed.json").unlink(missing_ok=True)
     return summary
 
@@ -131,9 +150,17 @@ def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: byte
         f.write(thumbs)
     with api.files.atomic_open(part.with_suffix(".npy"), "wb") as f:
         np.save(f, emb.astype(dtype))
-    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-                        ("modality", pa.string()), ("thumb_offset", pa.int64()), ("thumb_len", pa.int32())],
-                       metadata={PART_META: json.dumps(summary).encode()})
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("caption", pa.string()),
+            ("source", pa.string()),
+            ("modality", pa.string()),
+            ("thumb_offset", pa.int64()),
+            ("thumb_len", pa.int32()),
+        ],
+        metadata={PART_META: json.dumps(summary).encode()},
+    )
     with api.files.atomic_open(part.with_suffix(".parquet"), "wb") as f:
         pq.write_table(pa.table(rows, schema=schema), f)
 
@@ -162,15 +189,25 @@ def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
     _write_header(cfg, out, api.model_id(model), model.cfg.embed_dim, sources)
     mine = [i for i in range(len(sources)) if i % world == rank]
     todo = [i for i in mine if not (out / "parts" / f"{part_name(i)}.parquet").is_file()]
-    stats = {"rank": rank, "parts": len(mine), "skipped_parts": len(mine) - len(todo), "items": 0, "bad": {},
-             "failed": {}}
+    stats = {
+        "rank": rank,
+        "parts": len(mine),
+        "skipped_parts": len(mine) - len(todo),
+        "items": 0,
+        "bad": {},
+        "failed": {},
+    }
     start = time.perf_counter()
     for i in tqdm(todo, desc=f"embed (rank {rank})", unit="part", disable=not progress or rank != 0):
         summary = embed_part(model, cfg, sources[i], out / "parts" / part_name(i))
         if not summary["complete"]:
             stats["failed"][sources[i]] = summary["skipped"]
-            log.warning("%s was not read to its end (%s): part %s not written; re-run to retry", sources[i],
-                        json.dumps(summary["skipped"]), part_name(i))
+            log.warning(
+                "%s was not read to its end (%s): part %s not written; re-run to retry",
+                sources[i],
+                json.dumps(summary["skipped"]),
+                part_name(i),
+            )
     stats["seconds"] = round(time.perf_counter() - start, 2)
     for i in mine:
         part = out / "parts" / part_name(i)
@@ -228,7 +265,10 @@ class Embeddings:
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(p.with_suffix(".parquet")) for p in self.parts]
-        tables = [t.append_column("part", pa.array([str(p.resolve())] * t.num_rows, pa.string())) for t, p in zip(tables, self.parts)]
+        tables = [
+            t.append_column("part", pa.array([str(p.resolve())] * t.num_rows, pa.string()))
+            for t, p in zip(tables, self.parts)
+        ]
         return pa.concat_tables(tables) if tables else None
 
 
@@ -244,25 +284,43 @@ def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embed
     done = [folder / "parts" / n for n in names if (folder / "parts" / f"{n}.parquet").is_file()]
     if len(done) < len(names) and not allow_partial:
         failed = sorted((folder / "parts").glob("*.failed.json"))
-        why = (f"; {len(failed)} source(s) could not be read to their end (first: "
-               f"{json.loads(failed[0].read_text()).get('source')}, see {failed[0].name})") if failed else ""
-        raise EmbedError(f"{folder}: {len(names) - len(done)} of {len(names)} parts are not embedded yet{why}; re-run "
-                         f"`retrieval embed` with the same arguments to finish (finished parts are skipped, "
-                         f"failed ones retried)")
+        why = (
+            (
+                f"; {len(failed)} source(s) could not be read to their end (first: "
+                f"{json.loads(failed[0].read_text()).get('source')}, see {failed[0].name})"
+            )
+            if failed
+            else ""
+        )
+        raise EmbedError(
+            f"{folder}: {len(names) - len(done)} of {len(names)} parts are not embedded yet{why}; re-run "
+            f"`retrieval embed` with the same arguments to finish (finished parts are skipped, "
+            f"failed ones retried)"
+        )
     counts = []
     for part in done:
         n_vec = np.load(part.with_suffix(".npy"), mmap_mode="r").shape[0]
         n_rows = pq.ParquetFile(part.with_suffix(".parquet")).metadata.num_rows
         if n_vec != n_rows:
-            raise EmbedError(f"{part}: {n_vec} vectors but {n_rows} metadata rows (corrupt part: delete its files "
-                             f"and re-run the embedding job)")
+            raise EmbedError(
+                f"{part}: {n_vec} vectors but {n_rows} metadata rows (corrupt part: delete its files "
+                f"and re-run the embedding job)"
+            )
         counts.append(n_vec)
     return Embeddings(folder, header, done, counts)
 
 
-def write_vectors(folder: str | Path, vectors: np.ndarray, *, model: str = "external", model_id: str = "external",
-                  keys: list[str] | None = None, captions: list[str] | None = None, part_size: int = 100_000,
-                  dtype: str = "float32") -> Embeddings:
+def write_vectors(
+    folder: str | Path,
+    vectors: np.ndarray,
+    *,
+    model: str = "external",
+    model_id: str = "external",
+    keys: list[str] | None = None,
+    captions: list[str] | None = None,
+    part_size: int = 100_000,
+    dtype: str = "float32",
+) -> Embeddings:
     """Store vectors computed elsewhere (or synthetic ones) as an embedding job, so that
     ``retrieval index build`` can index them; rows are L2-normalised here."""
     import pyarrow as pa
@@ -282,12 +340,28 @@ def write_vectors(folder: str | Path, vectors: np.ndarray, *, model: str = "exte
         with api.files.atomic_open(part.with_suffix(".npy"), "wb") as f:
             np.save(f, v.astype(dtype))
         api.files.atomic_write_bytes(part.with_suffix(".thumbs"), b"")
-        table = pa.table({"key": keys[a:b], "caption": captions[a:b], "source": [""] * (b - a),
-                          "modality": ["vector"] * (b - a), "thumb_offset": pa.array([0] * (b - a), pa.int64()),
-                          "thumb_len": pa.array([0] * (b - a), pa.int32())})
+        table = pa.table(
+            {
+                "key": keys[a:b],
+                "caption": captions[a:b],
+                "source": [""] * (b - a),
+                "modality": ["vector"] * (b - a),
+                "thumb_offset": pa.array([0] * (b - a), pa.int64()),
+                "thumb_len": pa.array([0] * (b - a), pa.int32()),
+            }
+        )
         with api.files.atomic_open(part.with_suffix(".parquet"), "wb") as f:
             pq.write_table(table, f)
-    header = {"format": FORMAT, "model": model, "model_id": model_id, "dim": dim, "dtype": dtype, "modality": "vector",
-              "data": "vectors", "sources": [f"vectors[{a}:{min(a + part_size, n)}]" for a in starts], "thumb_size": 0}
+    header = {
+        "format": FORMAT,
+        "model": model,
+        "model_id": model_id,
+        "dim": dim,
+        "dtype": dtype,
+        "modality": "vector",
+        "data": "vectors",
+        "sources": [f"vectors[{a}:{min(a + part_size, n)}]" for a in starts],
+        "thumb_size": 0,
+    }
     api.files.atomic_write_text(folder / "embeddings.json", json.dumps(header, indent=2))
     return load_embeddings(folder)

@@ -6,6 +6,7 @@ all of them with the largest k asked (each query keeps its own k). Queries with 
 (zero-shot labels and the uploaded image of ``/classify``). Near-duplicate removal runs on the same
 worker, after the search. Label embeddings are cached (LRU by template and label).
 """
+
 from __future__ import annotations
 
 import threading
@@ -103,8 +104,9 @@ class IndexEngine:
             if idx:
                 vectors[idx] = encode([queries[i].value for i in idx])
         todo = [i for i, q in enumerate(queries) if q.k > 0 and out[i] is None]
-        scores, ids = (self.searcher.index.index.search(vectors[todo], max(queries[i].k for i in todo))
-                       if todo else (None, None))
+        scores, ids = (
+            self.searcher.index.index.search(vectors[todo], max(queries[i].k for i in todo)) if todo else (None, None)
+        )
         empty = np.zeros(0, np.int64)
         for i in range(len(queries)):
             if out[i] is None:
@@ -154,11 +156,20 @@ class Engines:
     """Every served index behind one ``MicroBatcher``: a batch holds the waiting queries of all indexes,
     and each index answers its share in one ``IndexEngine.run``. ``on_batch(index, size, seconds)``."""
 
-    def __init__(self, engines: dict[str, IndexEngine], cfg: BatchConfig = BatchConfig(), *, on_batch=None,
-                 thread: bool = True, before_batch=None, after_batch=None):
+    def __init__(
+        self,
+        engines: dict[str, IndexEngine],
+        cfg: BatchConfig = BatchConfig(),
+        *,
+        on_batch=None,
+        thread: bool = True,
+        before_batch=None,
+        after_batch=None,
+    ):
         self.engines, self.on_batch = engines, on_batch
-        self.batcher = MicroBatcher(self._run, cfg, name="queries", thread=thread, before_batch=before_batch,
-                                    after_batch=after_batch)
+        self.batcher = MicroBatcher(
+            self._run, cfg, name="queries", thread=thread, before_batch=before_batch, after_batch=after_batch
+        )
 
     def submit(self, engine: IndexEngine, query: Query) -> Future:
         return self.batcher.submit((engine, engine.check(query)))
@@ -191,8 +202,9 @@ def dedup_first(vectors: np.ndarray, threshold: float) -> np.ndarray:
     """
     import faiss
 
-    v = np.ascontiguousarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12),
-                             dtype=np.float32)
+    v = np.ascontiguousarray(
+        vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), dtype=np.float32
+    )
     flat = faiss.IndexFlatIP(v.shape[1])
     flat.add(v)
     lims, sims, nbrs = flat.range_search(v, np.nextafter(np.float32(threshold), np.float32(-1)))  # >= threshold

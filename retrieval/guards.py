@@ -6,6 +6,7 @@
 * ``Metrics``: Prometheus series (prometheus_client, one registry per app): requests by route,
   method and status, latency histograms, batch sizes and times, queue depth, index size, refusals.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -26,16 +27,30 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("retrieval_requests", "HTTP requests", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("retrieval_request_seconds", "HTTP request latency", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch_size = Histogram("retrieval_batch_size", "queries per encoder/search batch", ["index"],
-                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_seconds = Histogram("retrieval_batch_seconds", "time to run one batch", ["index"], registry=r,
-                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.latency = Histogram(
+            "retrieval_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_size = Histogram(
+            "retrieval_batch_size",
+            "queries per encoder/search batch",
+            ["index"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.batch_seconds = Histogram(
+            "retrieval_batch_seconds",
+            "time to run one batch",
+            ["index"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
         self.queue_depth = Gauge("retrieval_queue_depth", "queries waiting for a batch (all indexes)", registry=r)
         self.items = Gauge("retrieval_index_items", "items in the index", ["index"], registry=r)
-        self.refused = Counter("retrieval_refused", "queries refused before running", ["index", "reason"],
-                               registry=r)
+        self.refused = Counter("retrieval_refused", "queries refused before running", ["index", "reason"], registry=r)
 
     def on_batch(self, index: str, size: int, seconds: float) -> None:
         self.batch_size.labels(index).observe(size)
@@ -55,8 +70,15 @@ class BodyTooLarge(HTTPException):
 class Guard:
     """ASGI middleware: API key, body caps, metrics and access log (see the module docstring)."""
 
-    def __init__(self, app, *, metrics: Metrics, body_cap: Callable[[str], int], api_key: str | None = None,
-                 open_paths: tuple[str, ...] = ("/health",)):
+    def __init__(
+        self,
+        app,
+        *,
+        metrics: Metrics,
+        body_cap: Callable[[str], int],
+        api_key: str | None = None,
+        open_paths: tuple[str, ...] = ("/health",),
+    ):
         self.app, self.metrics, self.body_cap = app, metrics, body_cap
         self.api_key, self.open_paths = api_key, open_paths
 
@@ -86,8 +108,11 @@ class Guard:
 
     def _refusal(self, scope) -> tuple[int, str, dict] | None:
         if self.api_key and scope["path"] not in self.open_paths and not self._authorized(scope):
-            return 401, "missing or wrong API key (Authorization: Bearer KEY, X-API-Key, or ?api_key=)", \
-                {"www-authenticate": "Bearer"}
+            return (
+                401,
+                "missing or wrong API key (Authorization: Bearer KEY, X-API-Key, or ?api_key=)",
+                {"www-authenticate": "Bearer"},
+            )
         length = dict(scope["headers"]).get(b"content-length")
         cap = self.body_cap(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > cap):
@@ -124,16 +149,35 @@ class Guard:
         route = getattr(scope.get("route"), "path", None) or "other"
         self.metrics.requests.labels(route, scope["method"], str(state["status"])).inc()
         self.metrics.latency.labels(route).observe(seconds)
-        query = [(k, "***" if k == "api_key" else v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"))]
-        access_log.info(json.dumps({
-            "ts": round(time.time(), 3), "client": (scope.get("client") or ("", 0))[0], "method": scope["method"],
-            "path": scope["path"], "route": route, "query": dict(query), "status": state["status"],
-            "ms": round(1000 * seconds, 2), "bytes_in": state["received"], "bytes_out": state["sent"]}))
+        query = [
+            (k, "***" if k == "api_key" else v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+        ]
+        access_log.info(
+            json.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "client": (scope.get("client") or ("", 0))[0],
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "query": dict(query),
+                    "status": state["status"],
+                    "ms": round(1000 * seconds, 2),
+                    "bytes_in": state["received"],
+                    "bytes_out": state["sent"],
+                }
+            )
+        )
 
 
 async def _json(send, status: int, detail: str, headers: dict | None = None) -> None:
     body = json.dumps({"detail": detail, "message": detail}).encode()
     extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

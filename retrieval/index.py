@@ -14,6 +14,7 @@ budget; OPQ + IVF-PQ with a re-ranking stage (Refine(SQ8): 8-bit scalar-quantise
 d bytes each) below that, since PQ alone tops out near recall@10 0.5 on 512-d vectors.
 The search parameter (nprobe / efSearch) is tuned on held-out queries to the recall target.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,33 +95,54 @@ def flat(n: int, d: int) -> IndexSpec:
 @INDEX_TYPES.register("hnsw", example={"n": 20_000, "d": 32, "recall_floor": 0.95, "self_hit": 0.8})
 def hnsw(n: int, d: int) -> IndexSpec:
     """HNSW graph (M=32) over the raw vectors: fast and accurate, slow to build, all in RAM."""
-    return IndexSpec("hnsw", "HNSW32", n * (d * 4 + 2 * 32 * 4 + 16), "efSearch", (16, 32, 64, 128, 256, 512, 1024, 2048))
+    return IndexSpec(
+        "hnsw", "HNSW32", n * (d * 4 + 2 * 32 * 4 + 16), "efSearch", (16, 32, 64, 128, 256, 512, 1024, 2048)
+    )
 
 
 @INDEX_TYPES.register("ivf_flat", example={"n": 20_000, "d": 32, "recall_floor": 0.95, "self_hit": 0.8})
 def ivf_flat(n: int, d: int) -> IndexSpec:
     """Inverted file over raw vectors."""
     nlist = nlist_for(n)
-    return IndexSpec("ivf_flat", f"IVF{nlist},Flat", n * (d * 4 + 8) + nlist * d * 4, "nprobe",
-                     probes(nlist), min(n, 50 * nlist), on_disk_ok=True)
+    return IndexSpec(
+        "ivf_flat",
+        f"IVF{nlist},Flat",
+        n * (d * 4 + 8) + nlist * d * 4,
+        "nprobe",
+        probes(nlist),
+        min(n, 50 * nlist),
+        on_disk_ok=True,
+    )
 
 
 @INDEX_TYPES.register("ivf_pq_refine", example={"n": 20_000, "d": 32, "recall_floor": 0.75, "self_hit": 0.8})
 def ivf_pq_refine(n: int, d: int) -> IndexSpec:
     """OPQ rotation + IVF-PQ (d/8 bytes) shortlist, re-ranked on 8-bit scalar-quantised vectors."""
     nlist, m = nlist_for(n), pq_m(d)
-    return IndexSpec("ivf_pq_refine", f"OPQ{m}_{d},IVF{nlist},PQ{m}x8,Refine(SQ8)",
-                     n * (m + d + 8) + nlist * d * 4 + d * d * 4, "nprobe", probes(nlist),
-                     min(n, max(50 * nlist, 256 * 64)),
-                     param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)))  # shortlist k x f
+    return IndexSpec(
+        "ivf_pq_refine",
+        f"OPQ{m}_{d},IVF{nlist},PQ{m}x8,Refine(SQ8)",
+        n * (m + d + 8) + nlist * d * 4 + d * d * 4,
+        "nprobe",
+        probes(nlist),
+        min(n, max(50 * nlist, 256 * 64)),
+        param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)),
+    )  # shortlist k x f
 
 
 @INDEX_TYPES.register("ivf_pq", example={"n": 20_000, "d": 32, "recall_floor": 0.15, "self_hit": 0.2})
 def ivf_pq(n: int, d: int) -> IndexSpec:
     """OPQ + IVF-PQ alone: the smallest (d/8 bytes a vector); recall@10 tops out near 0.5."""
     nlist, m = nlist_for(n), pq_m(d)
-    return IndexSpec("ivf_pq", f"OPQ{m}_{d},IVF{nlist},PQ{m}x8", n * (m + 8) + nlist * d * 4 + d * d * 4, "nprobe",
-                     probes(nlist), min(n, max(50 * nlist, 256 * 64)), on_disk_ok=True)
+    return IndexSpec(
+        "ivf_pq",
+        f"OPQ{m}_{d},IVF{nlist},PQ{m}x8",
+        n * (m + 8) + nlist * d * 4 + d * d * 4,
+        "nprobe",
+        probes(nlist),
+        min(n, max(50 * nlist, 256 * 64)),
+        on_disk_ok=True,
+    )
 
 
 def candidate_specs(n: int, d: int, cfg: BuildConfig) -> list[IndexSpec]:
@@ -142,8 +164,10 @@ def candidate_specs(n: int, d: int, cfg: BuildConfig) -> list[IndexSpec]:
     specs = [INDEX_TYPES.get(name).builder(n, d) for name in order]
     fitting = [spec for spec in specs if spec.memory_bytes <= cfg.memory_bytes]
     if not fitting:
-        raise IndexError_(f"no index of {n:,} vectors (d={d}) fits {cfg.memory_bytes / 2**30:.2f} GiB: the smallest "
-                          f"(ivf_pq) needs {specs[-1].memory_bytes / 2**30:.2f} GiB; raise --memory or build --on-disk")
+        raise IndexError_(
+            f"no index of {n:,} vectors (d={d}) fits {cfg.memory_bytes / 2**30:.2f} GiB: the smallest "
+            f"(ivf_pq) needs {specs[-1].memory_bytes / 2**30:.2f} GiB; raise --memory or build --on-disk"
+        )
     chosen = fitting[:2] if fitting[0].type == "hnsw" and len(fitting) > 1 else fitting[:1]
     exact = flat(n, d)
     return chosen + ([exact] if exact.memory_bytes <= cfg.memory_bytes else [])
@@ -183,8 +207,14 @@ def set_knob(index, knob: str | None, value: int | None) -> None:
         faiss.ParameterSpace().set_index_parameter(index, knob, value)
 
 
-def sweep(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, exclude: np.ndarray | None = None,
-          stop_at: float | None = None) -> list[dict]:
+def sweep(
+    index,
+    spec: IndexSpec,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    exclude: np.ndarray | None = None,
+    stop_at: float | None = None,
+) -> list[dict]:
     """recall@10 and queries/s for each setting of ``spec.param_grid`` and each knob value in order.
 
     Along the knob, a setting stops once ``stop_at`` is reached or recall has stopped rising for
@@ -207,8 +237,9 @@ def sweep(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, exclud
     return table
 
 
-def tune(index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, target: float, exclude: np.ndarray | None = None
-         ) -> Tuning:
+def tune(
+    index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, target: float, exclude: np.ndarray | None = None
+) -> Tuning:
     """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
     table = sweep(index, spec, queries, truth, exclude, stop_at=target)
     reached = [row for row in table if row["recall@10"] >= target]
@@ -288,8 +319,9 @@ def train_and_add(spec: IndexSpec, emb, cfg: BuildConfig, *, progress: bool = Tr
     from tqdm import tqdm
 
     index = _trained_empty(spec, emb, cfg)
-    for _, vectors in tqdm(emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part",
-                           disable=not progress):
+    for _, vectors in tqdm(
+        emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part", disable=not progress
+    ):
         index.add(vectors)
     return index
 
@@ -306,8 +338,9 @@ def build_on_disk(spec: IndexSpec, emb, folder: Path, cfg: BuildConfig, *, progr
         raise IndexError_(f"index type {spec.type} cannot keep its lists on disk (use ivf_flat or ivf_pq)")
     empty = _trained_empty(spec, emb, cfg)
     names = []
-    for i, (start, vectors) in enumerate(tqdm(emb.chunks(), total=len(emb.parts), desc="add (on disk)",
-                                               unit="part", disable=not progress)):
+    for i, (start, vectors) in enumerate(
+        tqdm(emb.chunks(), total=len(emb.parts), desc="add (on disk)", unit="part", disable=not progress)
+    ):
         piece = faiss.clone_index(empty)
         piece.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
         names.append(str(folder / f"piece-{i:05d}.index"))
@@ -334,8 +367,9 @@ class LoadedIndex:
         return int(self.index.ntotal)
 
 
-def held_out_queries(emb, cfg: BuildConfig, queries: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def held_out_queries(
+    emb, cfg: BuildConfig, queries: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(queries, exact top-10 ids, ids to exclude). Given ``queries`` (e.g. caption embeddings) are
     used as they are; otherwise ``cfg.queries`` collection items are sampled and each one's own id
     is excluded from both the exact and the approximate results."""
@@ -379,8 +413,14 @@ def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     api.files.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
 
 
-def build_index(embeddings: str | Path, out: str | Path, cfg: BuildConfig, *,
-                queries: np.ndarray | None = None, progress: bool = True) -> dict:
+def build_index(
+    embeddings: str | Path,
+    out: str | Path,
+    cfg: BuildConfig,
+    *,
+    queries: np.ndarray | None = None,
+    progress: bool = True,
+) -> dict:
     """Choose, train, fill and tune an index over an embedding job folder; write it atomically to ``out``."""
     from retrieval.embed import load_embeddings
 
@@ -394,35 +434,58 @@ def build_index(embeddings: str | Path, out: str | Path, cfg: BuildConfig, *,
         tmp = Path(tmp)
         built = [_build_tuned(tmp, emb, spec, cfg, q, truth, exclude, progress) for spec in specs]
         index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2], cfg.recall_target))
-        header = {"format": FORMAT, "spec": spec_dict(spec), "knob": tuning.knob, "knob_value": tuning.value,
-                  "search_params": tuning.params,
-                  "recall@10": round(tuning.recall_at_10, 4), "recall_ntotal": int(index.ntotal),
-                  "recall_target": cfg.recall_target,
-                  "recall_queries": "given" if queries is not None else f"{len(q)} sampled items (self excluded)",
-                  "tuning": tuning.table, "considered": [_summary(b) for b in built], "ntotal": int(index.ntotal),
-                  "dim": emb.dim, "metric": "inner_product", "model": emb.header["model"],
-                  "model_id": emb.header["model_id"], "modality": emb.header["modality"],
-                  "embeddings": [str(emb.folder.resolve())], "parts": [p.name for p in emb.parts],
-                  "on_disk": cfg.on_disk, "build_seconds": round(sum(b[3] for b in built), 2),
-                  "build_config": asdict(cfg)}
+        header = {
+            "format": FORMAT,
+            "spec": spec_dict(spec),
+            "knob": tuning.knob,
+            "knob_value": tuning.value,
+            "search_params": tuning.params,
+            "recall@10": round(tuning.recall_at_10, 4),
+            "recall_ntotal": int(index.ntotal),
+            "recall_target": cfg.recall_target,
+            "recall_queries": "given" if queries is not None else f"{len(q)} sampled items (self excluded)",
+            "tuning": tuning.table,
+            "considered": [_summary(b) for b in built],
+            "ntotal": int(index.ntotal),
+            "dim": emb.dim,
+            "metric": "inner_product",
+            "model": emb.header["model"],
+            "model_id": emb.header["model_id"],
+            "modality": emb.header["modality"],
+            "embeddings": [str(emb.folder.resolve())],
+            "parts": [p.name for p in emb.parts],
+            "on_disk": cfg.on_disk,
+            "build_seconds": round(sum(b[3] for b in built), 2),
+            "build_config": asdict(cfg),
+        }
         if tuning.recall_at_10 < cfg.recall_target:
-            log.warning("%s reaches recall@10 %.3f < target %.2f at its largest %s", spec.type, tuning.recall_at_10,
-                        cfg.recall_target, spec.knob)
+            log.warning(
+                "%s reaches recall@10 %.3f < target %.2f at its largest %s",
+                spec.type,
+                tuning.recall_at_10,
+                cfg.recall_target,
+                spec.knob,
+            )
         write_index_folder(tmp, index, emb.meta(), header)
     return header
 
 
 def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, q, truth, exclude, progress: bool):
     start = time.perf_counter()
-    index = (build_on_disk(spec, emb, tmp, cfg, progress=progress) if cfg.on_disk
-             else train_and_add(spec, emb, cfg, progress=progress))
+    index = (
+        build_on_disk(spec, emb, tmp, cfg, progress=progress)
+        if cfg.on_disk
+        else train_and_add(spec, emb, cfg, progress=progress)
+    )
     build_s = time.perf_counter() - start
     return index, spec, tune(index, spec, q, truth, cfg.recall_target, exclude), build_s
 
 
 def _qps_at(t: Tuning) -> float:
     key = t.knob or "exact"
-    return next(row["qps"] for row in t.table if row[key] == t.value and all(row.get(k) == v for k, v in t.params.items()))
+    return next(
+        row["qps"] for row in t.table if row[key] == t.value and all(row.get(k) == v for k, v in t.params.items())
+    )
 
 
 def _merit(t: Tuning, target: float) -> tuple:
@@ -433,8 +496,13 @@ def _merit(t: Tuning, target: float) -> tuple:
 
 def _summary(built) -> dict:
     _, spec, t, build_s = built
-    return {"type": spec.type, "knob_value": t.value, "recall@10": t.recall_at_10, "qps": _qps_at(t),
-            "build_seconds": round(build_s, 2)}
+    return {
+        "type": spec.type,
+        "knob_value": t.value,
+        "recall@10": t.recall_at_10,
+        "qps": _qps_at(t),
+        "build_seconds": round(build_s, 2),
+    }
 
 
 def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
@@ -481,8 +549,10 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
         raise IndexError_("adding to an on-disk index is not supported: rebuild it over all embedding folders")
     emb = load_embeddings(embeddings)
     if emb.header["model_id"] != h["model_id"] or emb.dim != h["dim"]:
-        raise IndexError_(f"{embeddings} was embedded by model {emb.header['model_id']} (d={emb.dim}); the index "
-                          f"holds model {h['model_id']} (d={h['dim']})")
+        raise IndexError_(
+            f"{embeddings} was embedded by model {emb.header['model_id']} (d={emb.dim}); the index "
+            f"holds model {h['model_id']} (d={h['dim']})"
+        )
     if str(emb.folder.resolve()) in h["embeddings"]:
         raise IndexError_(f"{embeddings} is already in the index")
     index = faiss.clone_index(loaded.index)

@@ -1,5 +1,6 @@
 """What HTTP may show of an item's source: never a command line, a credential or an absolute server
 path (``public_source``), and the collection root that local paths are shown relative to."""
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def _relative(path: PurePosixPath, root: str | None) -> PurePosixPath | None:
 
 def collection_root(sources: list[str]) -> str | None:
     """The deepest folder holding every local absolute source (shards or image files)."""
-    folders = {str(PurePosixPath(s.rpartition("#")[0] or s).parent) for s in sources
-               if s.startswith("/") and not URL.match(s)}
+    folders = {
+        str(PurePosixPath(s.rpartition("#")[0] or s).parent) for s in sources if s.startswith("/") and not URL.match(s)
+    }
     return os.path.commonpath(sorted(folders)) if folders else None

@@ -1,9 +1,10 @@
 """Search an index with a model: text -> image (and image -> image), batched.
 
-    >>> from retrieval import Searcher
-    >>> s = Searcher.open("runs/index")                 # the model recorded in the index
-    >>> s.search("a red bicycle", k=10)[0][0].caption   # best hit of the first query
+>>> from retrieval import Searcher
+>>> s = Searcher.open("runs/index")                 # the model recorded in the index
+>>> s.search("a red bicycle", k=10)[0][0].caption   # best hit of the first query
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,17 +49,22 @@ class SearchLimits:
 class Searcher:
     """A model and an index built from that model's embeddings (checked by model id and dimension)."""
 
-    def __init__(self, model, index: LoadedIndex | str | Path, *, limits: SearchLimits = SearchLimits(),
-                 check_model: bool = True):
+    def __init__(
+        self, model, index: LoadedIndex | str | Path, *, limits: SearchLimits = SearchLimits(), check_model: bool = True
+    ):
         self.index = index if isinstance(index, LoadedIndex) else open_index(index)
         self.model, self.limits = model, limits
         h = self.index.header
         if model.cfg.embed_dim != h["dim"]:
-            raise IndexError_(f"the model embeds into {model.cfg.embed_dim} dimensions, the index holds {h['dim']}: "
-                              f"it was built by another model ({h['model']})")
+            raise IndexError_(
+                f"the model embeds into {model.cfg.embed_dim} dimensions, the index holds {h['dim']}: "
+                f"it was built by another model ({h['model']})"
+            )
         if check_model and api.model_id(model) != h["model_id"]:
-            raise IndexError_(f"the index was built by model {h['model_id']} ({h['model']}), not by this model "
-                              f"({api.model_id(model)}); pass the indexing model or rebuild the index")
+            raise IndexError_(
+                f"the index was built by model {h['model_id']} ({h['model']}), not by this model "
+                f"({api.model_id(model)}); pass the indexing model or rebuild the index"
+            )
         self._meta = {c: self.index.meta.column(c).to_pylist() for c in ("key", "caption", "source", "modality")}
         self._embeddings = None  # opened on first use of vectors()
 
@@ -106,8 +112,10 @@ class Searcher:
         """(Q, E) L2-normalised query vectors -> hits."""
         k = self.check_k(k)
         scores, ids = self.index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [[self._hit(r, int(i), float(s)) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
-                for row_i, row_s in zip(ids, scores)]
+        return [
+            [self._hit(r, int(i), float(s)) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
+            for row_i, row_s in zip(ids, scores)
+        ]
 
     def _hit(self, rank: int, i: int, score: float) -> Hit:
         m = self._meta
@@ -157,6 +165,14 @@ class Searcher:
 
     def info(self) -> dict:
         h = self.index.header
-        return {"ntotal": self.index.ntotal, "dim": h["dim"], "index_type": h["spec"]["type"],
-                "factory": h["spec"]["factory"], "search_params": {**({h["knob"]: h["knob_value"]} if h.get("knob") else {}), **h.get("search_params", {})},
-                "recall@10": h["recall@10"], "model": h["model"], "model_id": h["model_id"], "modality": h["modality"]}
+        return {
+            "ntotal": self.index.ntotal,
+            "dim": h["dim"],
+            "index_type": h["spec"]["type"],
+            "factory": h["spec"]["factory"],
+            "search_params": {**({h["knob"]: h["knob_value"]} if h.get("knob") else {}), **h.get("search_params", {})},
+            "recall@10": h["recall@10"],
+            "model": h["model"],
+            "model_id": h["model_id"],
+            "modality": h["modality"],
+        }

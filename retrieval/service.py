@@ -15,6 +15,7 @@ Retry-After at once; bodies are capped before they are read (``guards``). Respon
 command line, a credential or an absolute server path: a hit's ``source`` goes through
 ``public_source`` and ``/info`` leaves out the checkpoint path. Bad input is a 4xx with a ``detail``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -125,8 +126,14 @@ class Served:
         self.engines = {name: IndexEngine(name, s, label_cache=cfg.label_cache) for name, s in searchers.items()}
         self.decoder = Decoder(cfg.decode_workers)
         self.cpu = CpuShare(self.decoder)
-        self.queries = Engines(self.engines, cfg.batch, on_batch=self.metrics.on_batch, thread=worker_thread,
-                               before_batch=self.cpu.before, after_batch=self.cpu.after)
+        self.queries = Engines(
+            self.engines,
+            cfg.batch,
+            on_batch=self.metrics.on_batch,
+            thread=worker_thread,
+            before_batch=self.cpu.before,
+            after_batch=self.cpu.after,
+        )
         self.batcher = self.queries.batcher
         self.roots = {name: collection_root(s.index.meta.column("source").to_pylist()) for name, s in searchers.items()}
         self._shown: dict[str, dict[int, dict]] = {}  # index -> item id -> its public fields
@@ -168,9 +175,13 @@ class Served:
             item = shown.get(i)
             if item is None:
                 meta = engine.searcher.item(i)
-                item = shown[i] = {"key": meta["key"], "caption": meta["caption"], "modality": meta["modality"],
-                                   "source": public_source(meta["source"], self.roots[engine.name]),
-                                   "thumbnail": f"/thumb/{i}?index={engine.name}"}
+                item = shown[i] = {
+                    "key": meta["key"],
+                    "caption": meta["caption"],
+                    "modality": meta["modality"],
+                    "source": public_source(meta["source"], self.roots[engine.name]),
+                    "thumbnail": f"/thumb/{i}?index={engine.name}",
+                }
                 if len(shown) > 100_000:
                     shown.clear()
             out.append({"rank": rank, "id": i, "score": score, **item})
@@ -207,8 +218,9 @@ def body_cap(cfg: ServeConfig, path: str) -> int:
 
 
 # ---------------------------------------------------------------- the application
-def create_app(searchers: Searcher | dict[str, Searcher], cfg: ServeConfig = ServeConfig(), *,
-               worker_thread: bool = True) -> FastAPI:
+def create_app(
+    searchers: Searcher | dict[str, Searcher], cfg: ServeConfig = ServeConfig(), *, worker_thread: bool = True
+) -> FastAPI:
     """The FastAPI application serving ``searchers`` (one, or several by name). With
     ``worker_thread=False`` the caller runs ``app.state.served.batcher.run()`` (``serve`` does, on the
     main thread)."""
@@ -227,8 +239,9 @@ def create_app(searchers: Searcher | dict[str, Searcher], cfg: ServeConfig = Ser
     if cfg.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
     _errors(app)
     _page_routes(app, served)
     _search_routes(app, served)
@@ -243,8 +256,11 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy):
-        return JSONResponse({"detail": f"overloaded: {exc}", "message": f"overloaded: {exc}"}, status_code=503,
-                            headers={"Retry-After": str(int(exc.retry_after))})
+        return JSONResponse(
+            {"detail": f"overloaded: {exc}", "message": f"overloaded: {exc}"},
+            status_code=503,
+            headers={"Retry-After": str(int(exc.retry_after))},
+        )
 
 
 def _page_routes(app: FastAPI, served: Served) -> None:
@@ -292,21 +308,35 @@ def _search_routes(app: FastAPI, served: Served) -> None:
         return list(await asyncio.gather(*(served.ask(engine, q) for q in queries)))
 
     @app.get("/search", response_class=FastJSON)
-    async def search_get(request: Request, q: str = Query(..., description="the text query"), k: int = Query(10),
-                         index: str | None = None) -> FastJSON:
+    async def search_get(
+        request: Request,
+        q: str = Query(..., description="the text query"),
+        k: int = Query(10),
+        index: str | None = None,
+    ) -> FastJSON:
         check_utf8(request.scope.get("query_string", b""))
         engine, start = served.engine(index), time.perf_counter()
         text, k = engine.searcher.check_text([q])[0], engine.searcher.check_k(k)
         answer = (await run(engine, [EngineQuery("text", text, k)]))[0]
-        return FastJSON({"query": q, "k": k, "index": engine.name, "ms": 1000 * (time.perf_counter() - start),
-                         "results": served.hits_json(engine, answer)})
+        return FastJSON(
+            {
+                "query": q,
+                "k": k,
+                "index": engine.name,
+                "ms": 1000 * (time.perf_counter() - start),
+                "results": served.hits_json(engine, answer),
+            }
+        )
 
     @app.post("/search", response_class=FastJSON)
-    async def search_post(queries: list[str] | None = Body(None, embed=True),
-                          images: list[str] | None = Body(None, embed=True, description="base64 images"),
-                          embeddings: list[list[float]] | None = Body(None, embed=True),
-                          k: int = Body(10, embed=True), index: str | None = Body(None, embed=True),
-                          deduplicate: bool = Body(False, embed=True)) -> FastJSON:
+    async def search_post(
+        queries: list[str] | None = Body(None, embed=True),
+        images: list[str] | None = Body(None, embed=True, description="base64 images"),
+        embeddings: list[list[float]] | None = Body(None, embed=True),
+        k: int = Body(10, embed=True),
+        index: str | None = Body(None, embed=True),
+        deduplicate: bool = Body(False, embed=True),
+    ) -> FastJSON:
         engine, start = served.engine(index), time.perf_counter()
         k, dedup = engine.searcher.check_k(k), DEDUP_THRESHOLD if deduplicate else None
         given = [x for x in (queries, images, embeddings) if x is not None]
@@ -321,12 +351,23 @@ def _search_routes(app: FastAPI, served: Served) -> None:
         else:
             batch = [EngineQuery("vector", _vector(v, engine.dim), k, dedup) for v in embeddings]
         answers = await run(engine, batch)
-        return FastJSON({"k": k, "index": engine.name, "queries": queries, "ms": 1000 * (time.perf_counter() - start),
-                         "results": [served.hits_json(engine, a) for a in answers]})
+        return FastJSON(
+            {
+                "k": k,
+                "index": engine.name,
+                "queries": queries,
+                "ms": 1000 * (time.perf_counter() - start),
+                "results": [served.hits_json(engine, a) for a in answers],
+            }
+        )
 
     @app.post("/classify")
-    async def classify(image: UploadFile = File(...), labels: str = Form(...), template: str = Form("a photo of a <>"),
-                       index: str = Form(None)) -> dict:
+    async def classify(
+        image: UploadFile = File(...),
+        labels: str = Form(...),
+        template: str = Form("a photo of a <>"),
+        index: str = Form(None),
+    ) -> dict:
         engine, cfg = served.engine(index), served.cfg
         data = await image.read(cfg.max_upload_bytes + 1)
         if len(data) > cfg.max_upload_bytes:
@@ -342,7 +383,10 @@ def _search_routes(app: FastAPI, served: Served) -> None:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-probs)
-        return {"template": template, "predictions": [{"label": names[i], "probability": float(probs[i])} for i in order]}
+        return {
+            "template": template,
+            "predictions": [{"label": names[i], "probability": float(probs[i])} for i in order],
+        }
 
 
 async def _label_vectors(served: Served, engine: IndexEngine, template: str, names: list[str]) -> np.ndarray:
@@ -374,15 +418,19 @@ def _clip_routes(app: FastAPI, served: Served) -> None:
         req = parse_knn(await json_body(request), cfg.knn)
         engine = served.engine(req.indice_name)
         if req.modality not in ("image", engine.searcher.index.header["modality"]):
-            raise QueryError(f"index {engine.name!r} holds {engine.searcher.index.header['modality']} embeddings; "
-                             f"modality {req.modality!r} has no index here")
+            raise QueryError(
+                f"index {engine.name!r} holds {engine.searcher.index.header['modality']} embeddings; "
+                f"modality {req.modality!r} has no index here"
+            )
         dedup = DEDUP_THRESHOLD if req.deduplicate else None
         if req.text is not None:
             query = EngineQuery("text", engine.searcher.check_text([req.text])[0], req.num_result_ids, dedup)
         elif req.embedding is not None:
             query = EngineQuery("vector", _vector(req.embedding, engine.dim), req.num_result_ids, dedup)
         else:
-            data = req.image if req.image is not None else await anyio.to_thread.run_sync(fetch_image, req.image_url, cfg)
+            data = (
+                req.image if req.image is not None else await anyio.to_thread.run_sync(fetch_image, req.image_url, cfg)
+            )
             query = EngineQuery("image", await served.image_tensor(engine, data), req.num_result_ids, dedup)
         answer = await served.ask(engine, query)
         ids, scores = answer.ids, answer.scores
@@ -437,14 +485,25 @@ def serve(searchers: Searcher | dict[str, Searcher], cfg: ServeConfig) -> None:
 
     if cfg.host not in LOOPBACK and not cfg.api_key:
         if not cfg.insecure:
-            raise QueryError(f"serving on {cfg.host} (reachable from other machines) needs --api-key KEY, or "
-                             "--insecure to serve without authentication")
+            raise QueryError(
+                f"serving on {cfg.host} (reachable from other machines) needs --api-key KEY, or "
+                "--insecure to serve without authentication"
+            )
         log.warning("serving on %s without authentication (--insecure)", cfg.host)
     app = create_app(searchers, cfg, worker_thread=False)
     gc.collect()
     gc.freeze()  # the models' and indexes' objects never die: keep them out of every later collection
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
-                                           limit_concurrency=cfg.concurrency, timeout_keep_alive=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="info",
+            access_log=False,
+            limit_concurrency=cfg.concurrency,
+            timeout_keep_alive=5,
+        )
+    )
     batcher = app.state.served.batcher
 
     def stop(signum=None, frame=None) -> None:

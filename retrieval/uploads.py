@@ -13,6 +13,7 @@ preempted thread stalls every parallel op), while a one-thread team loses nothin
   clients looping 16-megapixel uploads beside 8 searching clients: search p99 1.8x its unloaded value
   (without this: 9x), uploads answered in ~0.7 s (docs/retrieval.md).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,8 +68,12 @@ class Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(self.nice,))
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.nice,),
+            )
         return self._pool
 
     def pids(self) -> list[int]:

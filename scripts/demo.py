@@ -11,6 +11,7 @@ split (zero-shot top-1 and text-to-image recall@10 vs chance), builds a hard sub
 held-out images the baseline gets wrong, an ImageNet-A analogue) and evaluates on it; writes
 ``runs/demo/report.html`` with PNGs, plus a one-screen summary on the console.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {"training styles, seen": "train_styles_seen", "rendition (held-out style)": "rendition",
-          "sketch (monochrome)": "sketch", "unseen concepts": "unseen_concepts",
-          "hard (baseline wrong)": "hard"}
-CORPORA = {"emoji": {"template": "a <> emoji", "styles": "rendition: openmoji; sketch: monochrome emoji styles"},
-           "icons": {"template": "a <> icon", "styles": "rendition: oxygen, breeze, Papirus; sketch: *-symbolic"}}
-SCRATCH_TEXT = ("model.towers.text={encoder: openclip_text, params: {text_cfg: {context_length: 32, "
-                "vocab_size: 49408, width: 256, heads: 4, layers: 4}}}")
+SPLITS = {
+    "training styles, seen": "train_styles_seen",
+    "rendition (held-out style)": "rendition",
+    "sketch (monochrome)": "sketch",
+    "unseen concepts": "unseen_concepts",
+    "hard (baseline wrong)": "hard",
+}
+CORPORA = {
+    "emoji": {"template": "a <> emoji", "styles": "rendition: openmoji; sketch: monochrome emoji styles"},
+    "icons": {"template": "a <> icon", "styles": "rendition: oxygen, breeze, Papirus; sketch: *-symbolic"},
+}
+SCRATCH_TEXT = (
+    "model.towers.text={encoder: openclip_text, params: {text_cfg: {context_length: 32, "
+    "vocab_size: 49408, width: 256, heads: 4, layers: 4}}}"
+)
 
 
 def ensure_rsvg() -> None:
@@ -37,7 +46,9 @@ def ensure_rsvg() -> None:
     if not shutil.which("rsvg-convert"):
         subprocess.run([str(ROOT / "scripts" / "system_deps.sh"), "rsvg-convert:librsvg2-bin"], check=False)
     if not shutil.which("rsvg-convert"):
-        sys.exit("error: rsvg-convert is needed to rasterise the emoji: install it with `sudo apt-get install librsvg2-bin`")
+        sys.exit(
+            "error: rsvg-convert is needed to rasterise the emoji: install it with `sudo apt-get install librsvg2-bin`"
+        )
 
 
 def build_corpus(name: str, out: Path) -> dict:
@@ -56,8 +67,13 @@ def build_corpus(name: str, out: Path) -> dict:
 def train(name: str, run_dir: Path, steps: int, corpus: Path, extra: list[str]) -> Path:
     from mmpretrain import api
 
-    overrides = [f"train.run_dir={run_dir / name}", f"train.steps={steps}", "train.resume=latest",
-                 f"data.train={corpus.relative_to(ROOT)}/shards", *extra]
+    overrides = [
+        f"train.run_dir={run_dir / name}",
+        f"train.steps={steps}",
+        "train.resume=latest",
+        f"data.train={corpus.relative_to(ROOT)}/shards",
+        *extra,
+    ]
     return api.train(ROOT / "configs/experiment/emoji_hybrid_lit.yaml", overrides)
 
 
@@ -79,18 +95,44 @@ def evaluate(models: dict, corpus: Path, template: str) -> dict:
             fe = embed_folder(model, EvalSet.parse(f"{split}@folder={root}"), templates=template, progress=False)
             embeddings[name][split] = fe
             z, r = zeroshot_metrics(fe), folder_retrieval_metrics(fe, ks=(10,))
-            out[name][title] = {"top1": z["top1"], "chance": z["chance_top1"], "n": z["n"], "classes": z["classes"],
-                                "t2i_R@10": r["text_to_image_R@10"], "t2i_R@10_chance": r["text_to_image_R@10_chance"]}
+            out[name][title] = {
+                "top1": z["top1"],
+                "chance": z["chance_top1"],
+                "n": z["n"],
+                "classes": z["classes"],
+                "t2i_R@10": r["text_to_image_R@10"],
+                "t2i_R@10_chance": r["text_to_image_R@10_chance"],
+            }
     return out
 
 
 def summary_rows(results: dict) -> list[list[str]]:
-    rows = [["split", "classes", "LiT top-1", "x chance", "scratch-text top-1", "chance", "LiT text->image R@10", "x chance"]]
+    rows = [
+        [
+            "split",
+            "classes",
+            "LiT top-1",
+            "x chance",
+            "scratch-text top-1",
+            "chance",
+            "LiT text->image R@10",
+            "x chance",
+        ]
+    ]
     for title in results["lit"]:
         a, b = results["lit"][title], results["scratch"][title]
-        rows.append([title, str(a["classes"]), f"{100 * a['top1']:.1f}%", f"{a['top1'] / a['chance']:.0f}x",
-                     f"{100 * b['top1']:.1f}%", f"{100 * a['chance']:.2f}%", f"{100 * a['t2i_R@10']:.1f}%",
-                     f"{a['t2i_R@10'] / a['t2i_R@10_chance']:.1f}x"])
+        rows.append(
+            [
+                title,
+                str(a["classes"]),
+                f"{100 * a['top1']:.1f}%",
+                f"{a['top1'] / a['chance']:.0f}x",
+                f"{100 * b['top1']:.1f}%",
+                f"{100 * a['chance']:.2f}%",
+                f"{100 * a['t2i_R@10']:.1f}%",
+                f"{a['t2i_R@10'] / a['t2i_R@10_chance']:.1f}x",
+            ]
+        )
     return rows
 
 
@@ -148,8 +190,9 @@ def examples(out: Path, model, ckpt: Path, corpus: Path, template: str) -> list[
     for ax, f, p in zip(axes.flat, sample, preds):
         truth, guess = f.parent.name.replace("_", " "), p[0][0]
         ax.imshow(Image.open(f)), ax.axis("off")
-        ax.set_title(f"{guess}\n({truth})" if guess != truth else guess, fontsize=7,
-                     color="green" if guess == truth else "red")
+        ax.set_title(
+            f"{guess}\n({truth})" if guess != truth else guess, fontsize=7, color="green" if guess == truth else "red"
+        )
     fig.suptitle("rendition split (held-out style): prediction (truth when wrong)"), fig.tight_layout()
     fig.savefig(out / "confusion_sample.png", dpi=110), plt.close(fig)
     return ["confusion_sample.png", search_grid(out, model, ckpt, folder, classes, template)]
@@ -177,26 +220,37 @@ def search_grid(out: Path, model, ckpt: Path, folder: Path, classes: list[str], 
             for spine in ax.spines.values():
                 spine.set_edgecolor("green" if hit else "lightgray"), spine.set_linewidth(3 if hit else 1)
         axes[row, 0].set_ylabel(query, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("text -> image search on the rendition split, FAISS index (top 5; green = the queried concept)",
-                 fontsize=9)
+    fig.suptitle(
+        "text -> image search on the rendition split, FAISS index (top 5; green = the queried concept)", fontsize=9
+    )
     fig.tight_layout(), fig.savefig(out / "search.png", dpi=110), plt.close(fig)
     return "search.png"
 
 
 def write_html(out: Path, corpus: str, rows: list[list[str]], images: list[str], manifest: dict, steps: int) -> Path:
-    table = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in r)
-                    + "</tr>" for i, r in enumerate(rows))
-    sources = "".join(f"<li>{html.escape(str(v.get('name')))} {html.escape(str(v.get('version')))} "
-                      f"({html.escape(str(v.get('license')))})</li>" for v in manifest["sources"].values())
+    table = "".join(
+        "<tr>"
+        + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in r)
+        + "</tr>"
+        for i, r in enumerate(rows)
+    )
+    sources = "".join(
+        f"<li>{html.escape(str(v.get('name')))} {html.escape(str(v.get('version')))} "
+        f"({html.escape(str(v.get('license')))})</li>"
+        for v in manifest["sources"].values()
+    )
     counts = ", ".join(f"{k}: {v}" for k, v in manifest["counts"].items())
-    body = (f"<h1>mmpretrain demo: zero-shot on the {corpus} corpus</h1><p>ResNet-ViT hybrid (64 px) with the "
-            f"pretrained MiniLM text tower locked (LiT), vs the same budget with a text tower trained from scratch; "
-            f"{steps} steps of batch 64 on the CPU each. Held-out styles: {CORPORA[corpus]['styles']}. The hard split "
-            f"(ImageNet-A analogue) holds the rendition and sketch images that the scratch-text baseline (the "
-            f"reference model) gets wrong, so that baseline scores 0 there by construction. Concepts: "
-            f"{len(manifest['concepts']['seen'])} seen, {len(manifest['concepts']['unseen'])} unseen. Images: {counts}."
-            f"</p><table border=1 cellpadding=4>{table}</table>" + "".join(f'<p><img src="{i}"></p>' for i in images)
-            + f"<h3>Sources</h3><ul>{sources}</ul>")
+    body = (
+        f"<h1>mmpretrain demo: zero-shot on the {corpus} corpus</h1><p>ResNet-ViT hybrid (64 px) with the "
+        f"pretrained MiniLM text tower locked (LiT), vs the same budget with a text tower trained from scratch; "
+        f"{steps} steps of batch 64 on the CPU each. Held-out styles: {CORPORA[corpus]['styles']}. The hard split "
+        f"(ImageNet-A analogue) holds the rendition and sketch images that the scratch-text baseline (the "
+        f"reference model) gets wrong, so that baseline scores 0 there by construction. Concepts: "
+        f"{len(manifest['concepts']['seen'])} seen, {len(manifest['concepts']['unseen'])} unseen. Images: {counts}."
+        f"</p><table border=1 cellpadding=4>{table}</table>"
+        + "".join(f'<p><img src="{i}"></p>' for i in images)
+        + f"<h3>Sources</h3><ul>{sources}</ul>"
+    )
     path = out / "report.html"
     path.write_text(f"<!doctype html><meta charset=utf-8><title>mmpretrain demo</title><body>{body}</body>")
     return path
@@ -216,8 +270,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus, template = ROOT / "data" / args.corpus, CORPORA[args.corpus]["template"]
     manifest = build_corpus(args.corpus, corpus)
-    runs = {"lit": train("lit", out, args.steps, corpus, ["train.progress=true"]),
-            "scratch": train("scratch", out, args.steps, corpus, [SCRATCH_TEXT])}
+    runs = {
+        "lit": train("lit", out, args.steps, corpus, ["train.progress=true"]),
+        "scratch": train("scratch", out, args.steps, corpus, [SCRATCH_TEXT]),
+    }
     from mmpretrain import api
 
     models = {name: api.load_checkpoint(run / "checkpoints") for name, run in runs.items()}

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Generate docs/config.md from the config schema and the registries.
 
-    python scripts/gen_config_docs.py            # rewrite docs/config.md
-    python scripts/gen_config_docs.py --check    # exit 1 if it is out of date (used by the tests)
+python scripts/gen_config_docs.py            # rewrite docs/config.md
+python scripts/gen_config_docs.py --check    # exit 1 if it is out of date (used by the tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,14 +99,23 @@ def render() -> str:
     from mmpretrain.config import schema as s
 
     parts = [HEADER]
-    for cls, title in ((s.ModelConfig, "model"), (s.TowerConfig, "model.towers.<modality>"),
-                       (s.DataConfig, "data"), (s.OpSpec, "data.ops[i]"),
-                       (s.LossConfig, "loss"), (s.LossPair, "loss.pairs[i]"), (s.OptimConfig, "optim"),
-                       (s.TrainConfig, "train"), (s.EvalConfig, "eval")):
+    for cls, title in (
+        (s.ModelConfig, "model"),
+        (s.TowerConfig, "model.towers.<modality>"),
+        (s.DataConfig, "data"),
+        (s.OpSpec, "data.ops[i]"),
+        (s.LossConfig, "loss"),
+        (s.LossPair, "loss.pairs[i]"),
+        (s.OptimConfig, "optim"),
+        (s.TrainConfig, "train"),
+        (s.EvalConfig, "eval"),
+    ):
         parts.append("\n".join(section(cls, title)))
-    parts.append("Default `data.ops`: `decode_image`, `random_resized_crop(scale=[0.9, 1.0])`, "
-                 "`to_tensor_normalize`, `caption`, `tokenize`. Default `loss.pairs`: "
-                 "`[{a: image, b: text, kind: clip, weight: 1.0}]`.\n")
+    parts.append(
+        "Default `data.ops`: `decode_image`, `random_resized_crop(scale=[0.9, 1.0])`, "
+        "`to_tensor_normalize`, `caption`, `tokenize`. Default `loss.pairs`: "
+        "`[{a: image, b: text, kind: clip, weight: 1.0}]`.\n"
+    )
     parts.append("\n".join(registries()))
     return "\n".join(parts)
 

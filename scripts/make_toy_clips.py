@@ -8,6 +8,7 @@ is a tone whose pitch names the colour and whose rhythm names the motion. Captio
     python scripts/make_toy_clips.py --out data/toy_clips --count 200
     mmpretrain shards make --video --images data/toy_clips --captions data/toy_clips/captions.csv --out ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def tone(color: str, motion: str, seconds: float, rate: int) -> np.ndarray:
     return (0.3 * env * np.sin(2 * np.pi * PITCH[color] * t)).astype(np.float32)
 
 
-def make_clip(rng: random.Random, *, size: int = 32, n_frames: int = 16, fps: int = 8, rate: int = 16000,
-              audio: bool = True) -> tuple[bytes, str]:
+def make_clip(
+    rng: random.Random, *, size: int = 32, n_frames: int = 16, fps: int = 8, rate: int = 16000, audio: bool = True
+) -> tuple[bytes, str]:
     color, shape, motion = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(MOTIONS)
     video = frames(color, shape, motion, n_frames, size, rng)
     sound = tone(color, motion, n_frames / fps, rate) if audio else None

@@ -6,6 +6,7 @@
 Writes ``OUT/images/*.png`` and ``OUT/captions.csv`` (columns: file, caption). The captions
 name the shape, colour and background, so a contrastive model has something to learn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 30),
-          "purple": (140, 50, 170), "orange": (250, 140, 20)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 170),
+    "orange": (250, 140, 20),
+}
 BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "cross")
 TEMPLATES = ("a {c} {s}", "a {c} {s} on a {b} background", "a photo of a {c} {s}", "{c} {s}, {b} background")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Screenshot the search page over an index (for docs/img/search_page.png), in headless chromium.
 
-    python scripts/screenshot.py runs/demo/index docs/img/search_page.png --query "a dog face emoji"
+python scripts/screenshot.py runs/demo/index docs/img/search_page.png --query "a dog face emoji"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", args.index, "--port", str(port)],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "serve", args.index, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):

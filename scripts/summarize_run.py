@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Summarise a run: print the first/last logged losses and throughput, and plot the curves.
 
-    python scripts/summarize_run.py runs/smoke     # writes runs/smoke/loss.png
+python scripts/summarize_run.py runs/smoke     # writes runs/smoke/loss.png
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model config and tiny shards written to tmp (no downloads)."""
+
 from __future__ import annotations
 
 import csv
@@ -18,10 +19,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 TINY_MODEL = {
     "embed_dim": 32,
     "towers": {
-        "image": {"encoder": "openclip_vision",
-                  "params": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}},
-        "text": {"encoder": "openclip_text",
-                 "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}},
+        "image": {
+            "encoder": "openclip_vision",
+            "params": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}},
+        },
+        "text": {
+            "encoder": "openclip_text",
+            "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+        },
     },
 }
 
@@ -82,20 +87,39 @@ def experiment_tree(shards: Path, run_dir: Path, **sections) -> dict:
 
     from mmpretrain.config.loader import deep_merge
 
-    tree = copy.deepcopy({
-        "model": TINY_MODEL,
-        "data": {"train": str(shards / "shard-{000000..000003}.tar"), "batch_size": 8, "num_workers": 0,
-                 "shuffle_buffer": 16},
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "train": {"name": "t", "run_dir": str(run_dir), "steps": 10, "log_every": 1, "ckpt_every": 5,
-                  "progress": False, "threads": 1},
-    })
+    tree = copy.deepcopy(
+        {
+            "model": TINY_MODEL,
+            "data": {
+                "train": str(shards / "shard-{000000..000003}.tar"),
+                "batch_size": 8,
+                "num_workers": 0,
+                "shuffle_buffer": 16,
+            },
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            "train": {
+                "name": "t",
+                "run_dir": str(run_dir),
+                "steps": 10,
+                "log_every": 1,
+                "ckpt_every": 5,
+                "progress": False,
+                "threads": 1,
+            },
+        }
+    )
     return deep_merge(tree, sections)
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpretrain.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpretrain.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 0.15) -> np.ndarray:

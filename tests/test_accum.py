@@ -1,4 +1,5 @@
 """Gradient accumulation equals one large batch for contrastive losses (exactly, to 1e-5)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,9 @@ def test_accumulation_matches_large_batch(tiny_model_cfg, kind, patch_dropout):
 
     towers = dict(tiny_model_cfg.towers)
     image = towers["image"]
-    towers["image"] = dataclasses.replace(image, params={**image.params, "vision_cfg": {
-        **image.params["vision_cfg"], "patch_dropout": patch_dropout}})
+    towers["image"] = dataclasses.replace(
+        image, params={**image.params, "vision_cfg": {**image.params["vision_cfg"], "patch_dropout": patch_dropout}}
+    )
     cfg = dataclasses.replace(tiny_model_cfg, towers=towers, logit_bias_init=bias)
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -64,4 +66,6 @@ def test_accumulation_matches_large_batch(tiny_model_cfg, kind, patch_dropout):
     g_big, g_acc = grads(model), grads(other)
     assert set(g_big) == set(g_acc) and "logit_scale" in g_big
     for name in g_big:
-        torch.testing.assert_close(g_acc[name], g_big[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g_acc[name], g_big[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -1,5 +1,6 @@
 """Video and audio decoding ops on synthetic clips (PyAV-written MP4, decord-read): shapes, masks,
 determinism at evaluation, and bad input as SampleError (skipped and counted by the stream)."""
+
 from __future__ import annotations
 
 import random
@@ -62,8 +63,9 @@ def test_decode_audio_from_the_video_track_and_from_wav(clip, tmp_path):
     wav = tmp_path / "t.wav"
     with av.open(str(wav), "w", format="wav") as c:
         st = c.add_stream("pcm_s16le", rate=16000)
-        frame = av.AudioFrame.from_ndarray((np.sin(np.arange(16000) / 5) * 8000).astype(np.int16)[None], format="s16",
-                                           layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            (np.sin(np.arange(16000) / 5) * 8000).astype(np.int16)[None], format="s16", layout="mono"
+        )
         frame.sample_rate = 16000
         for pkt in [*st.encode(frame), *st.encode()]:
             c.mux(pkt)
@@ -71,13 +73,16 @@ def test_decode_audio_from_the_video_track_and_from_wav(clip, tmp_path):
     assert s["audio"].shape == (8000,) and s["audio_mask"].all()  # resampled 16 kHz -> 8 kHz, 1 s window
 
 
-@pytest.mark.parametrize("member, op, kind", [
-    ({"mp4": b"not a video at all"}, "video", "bad_video"),
-    ({"txt": b"a caption"}, "video", "missing_video"),
-    ({"mp4": b""}, "video", "bad_video"),
-    ({"txt": b"a caption"}, "audio", "missing_audio"),
-    ({"wav": b"RIFF\x00\x00\x00\x00WAVE"}, "audio", "bad_audio"),
-])
+@pytest.mark.parametrize(
+    "member, op, kind",
+    [
+        ({"mp4": b"not a video at all"}, "video", "bad_video"),
+        ({"txt": b"a caption"}, "video", "missing_video"),
+        ({"mp4": b""}, "video", "bad_video"),
+        ({"txt": b"a caption"}, "audio", "missing_audio"),
+        ({"wav": b"RIFF\x00\x00\x00\x00WAVE"}, "audio", "bad_audio"),
+    ],
+)
 def test_bad_media_raise_sample_errors(member, op, kind):
     fn = video_op() if op == "video" else audio_op()
     with pytest.raises(SampleError) as err:
@@ -127,8 +132,13 @@ def test_video_shards_and_a_video_audio_text_training_step(tmp_path):
             w.writerow([f"clips/{i}.mp4", caption])
         (tmp_path / "clips" / "bad.mp4").write_bytes(b"broken")
         w.writerow(["clips/bad.mp4", "a broken clip"])
-    m = make_shards(tmp_path, tmp_path / "captions.csv", tmp_path / "shards",
-                    ShardWriterConfig(max_count=6, media="video"), progress=False)
+    m = make_shards(
+        tmp_path,
+        tmp_path / "captions.csv",
+        tmp_path / "shards",
+        ShardWriterConfig(max_count=6, media="video"),
+        progress=False,
+    )
     assert m.samples == 12 and m.skipped == {"bad_video": 1}
     cfg = yaml.safe_load((ROOT / "configs/experiment/vat_smoke.yaml").read_text())
     cfg["data"].update(train=str(tmp_path / "shards"), batch_size=4, num_workers=0, shuffle_buffer=4)
@@ -140,4 +150,6 @@ def test_video_shards_and_a_video_audio_text_training_step(tmp_path):
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "loss/video-text" in r)
-    assert "loss/video-audio" in step and all(map(lambda v: v == v, (step["loss/video-text"], step["loss/video-audio"])))
+    assert "loss/video-audio" in step and all(
+        map(lambda v: v == v, (step["loss/video-text"], step["loss/video-audio"]))
+    )

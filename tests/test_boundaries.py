@@ -1,4 +1,5 @@
 """Import boundaries: retrieval uses only mmpretrain.api / mmpretrain.types; mmpretrain never imports retrieval."""
+
 from __future__ import annotations
 
 import ast
@@ -33,8 +34,11 @@ def test_retrieval_uses_only_public_api():
 def test_no_torch_load_without_weights_only():
     for path in list((ROOT / "mmpretrain").rglob("*.py")) + list((ROOT / "retrieval").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load" \
-                    and getattr(node.func.value, "id", "") == "torch":
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "load"
+                and getattr(node.func.value, "id", "") == "torch"
+            ):
                 kws = {k.arg: k.value for k in node.keywords}
                 assert "weights_only" in kws and getattr(kws["weights_only"], "value", None) is True, path
 
@@ -74,7 +78,12 @@ def _module_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.startswith("mmpretrain")}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("mmpretrain"):
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.startswith("mmpretrain")
+            ):
                 modules = {f"{node.module}.{a.name}" for a in node.names}
                 targets |= {m for m in modules if _is_module(m)} or {node.module}
         graph[name] = targets

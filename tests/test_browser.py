@@ -1,5 +1,6 @@
 """The search page in a real headless browser: Debian's chromium driven by Playwright, against
 `retrieval serve` started as a subprocess. `make test` installs chromium when it is missing."""
+
 from __future__ import annotations
 
 import os
@@ -15,15 +16,22 @@ from tests.conftest import ROOT, png_bytes
 from tests.test_distributed import free_port
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it: apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (make test installs it: apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
 def server(search_index):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", str(search_index), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "serve", str(search_index), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -57,7 +65,9 @@ def test_typing_a_query_shows_results_with_thumbnails(server, page, tmp_path):
     page.press("#query", "Enter")
     page.wait_for_selector(".result img")
     assert page.locator(".result").count() == 20  # the page's default k
-    page.wait_for_function("[...document.querySelectorAll('.result img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.result img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)"
+    )
     assert "results in" in page.text_content("#status")
     shot = os.environ.get("MMPRETRAIN_SCREENSHOT")
     if shot:

@@ -1,4 +1,5 @@
 """The command line: every command has --help; errors are one clear line, before any work."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ def test_help(args):
 
 def test_shards_make_cli(tmp_path):
     root = make_image_folder(tmp_path / "imgs", 30)
-    proc = run_cli("shards", "make", "--images", str(root), "--captions", str(root / "captions.csv"),
-                   "--out", str(tmp_path / "out"), "--max-count", "12")
+    proc = run_cli(
+        "shards",
+        "make",
+        "--images",
+        str(root),
+        "--captions",
+        str(root / "captions.csv"),
+        "--out",
+        str(tmp_path / "out"),
+        "--max-count",
+        "12",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 30 samples in 3 shard(s)" in proc.stdout
     assert "shard-{000000..000002}.tar" in proc.stdout
@@ -26,19 +37,28 @@ def test_shards_make_cli(tmp_path):
 
 
 def test_unknown_model_fails_before_work(tmp_path):
-    bad = {"model": {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "image": {"encoder": "vit_huge_typo"}}},
-           "data": {"train": str(tmp_path / "nothing-{0..3}.tar")}, "train": {"run_dir": str(tmp_path / "run")}}
+    bad = {
+        "model": {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "image": {"encoder": "vit_huge_typo"}}},
+        "data": {"train": str(tmp_path / "nothing-{0..3}.tar")},
+        "train": {"run_dir": str(tmp_path / "run")},
+    }
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(bad))
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 2
-    assert "unknown image encoder 'vit_huge_typo'" in proc.stderr and "Valid: hf_clip_vision, openclip_vision, timm_vision" in proc.stderr
+    assert (
+        "unknown image encoder 'vit_huge_typo'" in proc.stderr
+        and "Valid: hf_clip_vision, openclip_vision, timm_vision" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_missing_dataset_fails_clearly(tmp_path):
-    tree = {"model": TINY_MODEL, "data": {"train": str(tmp_path / "nothing-{0..3}.tar")},
-            "train": {"run_dir": str(tmp_path / "run")}}
+    tree = {
+        "model": TINY_MODEL,
+        "data": {"train": str(tmp_path / "nothing-{0..3}.tar")},
+        "train": {"run_dir": str(tmp_path / "run")},
+    }
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     proc = run_cli("train", str(cfg))
@@ -54,4 +74,8 @@ def test_config_command_prints_resolved(tmp_path):
 
 def test_list_command():
     proc = run_cli("list")
-    assert proc.returncode == 0 and "image encoders: hf_clip_vision, openclip_vision, timm_vision" in proc.stdout and "siglip" in proc.stdout
+    assert (
+        proc.returncode == 0
+        and "image encoders: hf_clip_vision, openclip_vision, timm_vision" in proc.stdout
+        and "siglip" in proc.stdout
+    )

@@ -1,4 +1,5 @@
 """Strict, layered configs: unknown keys / wrong types fail with the valid choices named."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,14 +30,21 @@ def test_unknown_key_names_valid_keys_and_suggests():
     assert "optim.lrr" in msg and "Did you mean 'lr'" in msg and "weight_decay" in msg
 
 
-@pytest.mark.parametrize("section, value, fragment", [
-    ({"train": {"steps": "many"}}, None, "train.steps: expected int"),
-    ({"train": {"steps": 1.5}}, None, "train.steps: expected int"),
-    ({"train": {"compile": "yes"}}, None, "train.compile: expected bool"),
-    ({"train": {"precision": "fp16"}}, None, "'fp16' is not one of"),
-    ({"optim": {"betas": [0.9]}}, None, "optim.betas: expected 2 items"),
-    ({"data": {"ops": [{"op": "decode_image", "params": {"bogus": 1}}]}}, None, "unknown key 'data.ops[0].params.bogus'"),
-])
+@pytest.mark.parametrize(
+    "section, value, fragment",
+    [
+        ({"train": {"steps": "many"}}, None, "train.steps: expected int"),
+        ({"train": {"steps": 1.5}}, None, "train.steps: expected int"),
+        ({"train": {"compile": "yes"}}, None, "train.compile: expected bool"),
+        ({"train": {"precision": "fp16"}}, None, "'fp16' is not one of"),
+        ({"optim": {"betas": [0.9]}}, None, "optim.betas: expected 2 items"),
+        (
+            {"data": {"ops": [{"op": "decode_image", "params": {"bogus": 1}}]}},
+            None,
+            "unknown key 'data.ops[0].params.bogus'",
+        ),
+    ],
+)
 def test_wrong_types_fail(section, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         experiment_from_tree(tree(**section))
@@ -51,20 +59,31 @@ def test_unknown_encoder_lists_valid_names():
     bad = {"embed_dim": 8, "towers": {"image": {"encoder": "openclip_vison"}, "text": TINY_MODEL["towers"]["text"]}}
     with pytest.raises(ConfigError) as err:
         experiment_from_tree({"model": bad})
-    assert "Did you mean 'openclip_vision'" in str(err.value) and "Valid: hf_clip_vision, openclip_vision, timm_vision" in str(err.value)
+    assert "Did you mean 'openclip_vision'" in str(
+        err.value
+    ) and "Valid: hf_clip_vision, openclip_vision, timm_vision" in str(err.value)
 
 
 def test_unknown_modality_and_open_clip_model_name():
     with pytest.raises(ConfigError, match="unknown modality"):
         experiment_from_tree({"model": {"towers": {"smell": {"encoder": "x"}}}})
-    bad = {"towers": {"image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-Q-99"}},
-                      "text": TINY_MODEL["towers"]["text"]}}
-    with pytest.raises(ConfigError, match=r"model.towers.image.params.model_name: unknown open_clip model 'ViT-Q-99'.*ViT-B-32"):
+    bad = {
+        "towers": {
+            "image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-Q-99"}},
+            "text": TINY_MODEL["towers"]["text"],
+        }
+    }
+    with pytest.raises(
+        ConfigError, match=r"model.towers.image.params.model_name: unknown open_clip model 'ViT-Q-99'.*ViT-B-32"
+    ):
         experiment_from_tree({"model": bad})  # at load, before any model is built
     bad["towers"]["image"]["params"] = {"vision_cfg": {"widht": 3}}
     with pytest.raises(ConfigError, match="unknown open_clip field 'widht'"):
         experiment_from_tree({"model": bad})
-    bad["towers"] = {"image": TINY_MODEL["towers"]["image"], "text": {"encoder": "hf_text", "params": {"model_type": "bertt"}}}
+    bad["towers"] = {
+        "image": TINY_MODEL["towers"]["image"],
+        "text": {"encoder": "hf_text", "params": {"model_type": "bertt"}},
+    }
     with pytest.raises(ConfigError, match="unknown transformers model type 'bertt'; did you mean bert"):
         experiment_from_tree({"model": bad})
     bad["towers"]["text"]["params"] = {"path": "/nonexistent/model"}
@@ -87,8 +106,15 @@ def test_layering_order_and_overrides(tmp_path):
     (tmp_path / "exp.yaml").write_text("base: [model.yaml, data.yaml]\ntrain: {steps: 7}\n")
     cfg = load_config(tmp_path / "exp.yaml")
     assert (cfg.train.steps, cfg.train.seed, cfg.data.batch_size) == (7, 1, 4)
-    cfg = load_config(tmp_path / "exp.yaml", ["train.steps=8", "model.towers.image.params.vision_cfg.layers=1",
-                                              "optim.betas=[0.8, 0.9]", "train.resume=null"])
+    cfg = load_config(
+        tmp_path / "exp.yaml",
+        [
+            "train.steps=8",
+            "model.towers.image.params.vision_cfg.layers=1",
+            "optim.betas=[0.8, 0.9]",
+            "train.resume=null",
+        ],
+    )
     assert cfg.train.steps == 8 and cfg.optim.betas == (0.8, 0.9) and cfg.train.resume is None
     assert cfg.model.towers["image"].params["vision_cfg"]["layers"] == 1
     assert cfg.model.towers["image"].params["vision_cfg"]["width"] == 32  # siblings kept

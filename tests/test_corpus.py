@@ -1,4 +1,5 @@
 """The emoji corpus builder on a committed fixture (12 concepts, 3 styles), without npm or apt."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ from tests.conftest import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
 SOURCES = {name: FIXTURE / name for name in ("emojibase", "noto", "twemoji", "noto-v1")}
-CFG = EmojiCorpusConfig(train_styles=("noto",), rendition_styles=("twemoji",), sketch_styles=("noto-v1",),
-                        concepts=None, unseen_fraction=0.25, size=32, rasterizer="stub", shard_count=5)
+CFG = EmojiCorpusConfig(
+    train_styles=("noto",),
+    rendition_styles=("twemoji",),
+    sketch_styles=("noto-v1",),
+    concepts=None,
+    unseen_fraction=0.25,
+    size=32,
+    rasterizer="stub",
+    shard_count=5,
+)
 pytestmark = pytest.mark.usefixtures("raster_calls")
 
 
@@ -52,8 +61,12 @@ def test_eval_splits_feed_the_evaluator(tmp_path, tiny_model_cfg):
     from mmpretrain.eval.runner import EvalSet, zeroshot_eval
 
     build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
-    r = zeroshot_eval(api.create_model(tiny_model_cfg), EvalSet.parse(f"unseen@folder={tmp_path}/out/eval/unseen_concepts"),
-                      templates="a <> emoji", progress=False)
+    r = zeroshot_eval(
+        api.create_model(tiny_model_cfg),
+        EvalSet.parse(f"unseen@folder={tmp_path}/out/eval/unseen_concepts"),
+        templates="a <> emoji",
+        progress=False,
+    )
     assert r["n"] == 3 and r["classes"] == 3
 
 
@@ -65,8 +78,10 @@ def test_missing_tools_fail_with_what_to_install(tmp_path, monkeypatch):
         emoji.fetch_npm("@iconify-json/noto", tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("rsvg-convert") is None,
-                    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)")
+@pytest.mark.skipif(
+    shutil.which("rsvg-convert") is None,
+    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)",
+)
 def test_rsvg_renders_a_real_icon(tmp_path):
     style = emoji.load_style("noto", FIXTURE / "noto")
     base.rsvg(style.svgs["dog-face"], tmp_path / "dog.png", 64)

@@ -1,4 +1,5 @@
 """Distributed paths under ``torchrun --nproc_per_node 2`` with gloo on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,22 @@ def free_port() -> int:
 
 
 def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)  # its own process group: a hang is killed with every rank
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )  # its own process group: a hang is killed with every rank
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -56,8 +68,12 @@ def test_distributed_loss_and_grads_equal_single_process(tmp_path):
 
 
 def test_torchrun_training_and_resume(toy_shards, tmp_path):
-    tree = experiment_tree(toy_shards, tmp_path / "run", data={"num_workers": 1, "batch_size": 4},
-                           train={"steps": 8, "ckpt_every": 4, "stop_after": 4, "log_sample_keys": True})
+    tree = experiment_tree(
+        toy_shards,
+        tmp_path / "run",
+        data={"num_workers": 1, "batch_size": 4},
+        train={"steps": 8, "ckpt_every": 4, "stop_after": 4, "log_sample_keys": True},
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     first = torchrun("-m", "mmpretrain.cli", "train", str(cfg))
@@ -81,15 +97,33 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_p
     the same step, and exit 0."""
     import time
 
-    tree = experiment_tree(toy_shards, tmp_path / "run", data={"num_workers": 1, "batch_size": 4},
-                           train={"steps": 400, "ckpt_every": 1000, "log_sample_keys": True, "log_every": 1})
+    tree = experiment_tree(
+        toy_shards,
+        tmp_path / "run",
+        data={"num_workers": 1, "batch_size": 4},
+        train={"steps": 400, "ckpt_every": 1000, "log_sample_keys": True, "log_every": 1},
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "mmpretrain.cli", "train", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "mmpretrain.cli",
+        "train",
+        str(cfg),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         log = tmp_path / "run" / "samples.rank1.jsonl"
         deadline = time.time() + 120

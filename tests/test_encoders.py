@@ -1,5 +1,6 @@
 """Generated from the registries: every registered encoder and head gets shape,
 gradient-flow and NaN checks, built from the example params it registered with."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,9 @@ def test_encoder_shape_grad_nan(modality, entry):
         assert enc.output_dim == EMBED
     assert torch.isfinite(out).all()
     out.pow(2).sum().backward()
-    no_grad = [n for n, p in enc.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    no_grad = [
+        n for n, p in enc.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
     zero = [n for n, p in enc.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
     # token embeddings rows are sparse-ly touched but the table as a whole receives gradient
@@ -106,8 +109,14 @@ def test_hf_text_from_local_directory(tmp_path):
     """A transformers model saved to a directory loads offline, with its own tokenizer when present."""
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     ref = BertModel(cfg).eval()
     ref.save_pretrained(tmp_path)
     enc = build_encoder("text", "hf_text", {"path": str(tmp_path), "context_length": 12}, embed_dim=EMBED).eval()

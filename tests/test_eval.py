@@ -1,4 +1,5 @@
 """Evaluation: dataset layouts and class maps, the eval CLI on fixture folders, retrieval on shards."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def test_layouts_map_real_ids():
 def test_image_folder_set_labels_and_errors(tmp_path):
     ds = ImageFolderSet(make_folder(tmp_path / "r", [GOLDFISH, "n01484850"]), "imagenet-r", transform=lambda x: x)
     assert {ds.classes.names[label] for _, label in ds.samples} == {"goldfish", "great white shark"}
-    by_name = ImageFolderSet(make_folder(tmp_path / "names", ["goldfish", "great_white_shark"]), "imagenet-r",
-                             transform=lambda x: x)
+    by_name = ImageFolderSet(
+        make_folder(tmp_path / "names", ["goldfish", "great_white_shark"]), "imagenet-r", transform=lambda x: x
+    )
     assert sorted({label for _, label in by_name.samples}) == sorted({label for _, label in ds.samples})
     make_folder(tmp_path / "bad", ["not_a_wnid"])
     with pytest.raises(ValueError, match="not classes of layout 'imagenet'.*'not_a_wnid'"):
@@ -67,10 +69,25 @@ def test_eval_robustness_cli_on_fixture_layouts(tmp_path, tiny_model_cfg):
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"all": [[0.5, 0.2], [0.7, 0.35], [0.8, 0.5]]}))
     out = tmp_path / "report.json"
-    proc = run_cli("eval", "robustness", "--model", f"local-dir:{ckpt}", "--id", f"imagenet={tmp_path / 'imagenet'}",
-                   "--ood", f"imagenet-r={tmp_path / 'r'}", f"imagenet-a={tmp_path / 'a'}",
-                   f"imagenet-sketch={tmp_path / 'sketch'}", f"imagenet-v2={tmp_path / 'v2'}",
-                   "--templates", "a photo of a <>", "--baseline", str(baseline), "--out", str(out))
+    proc = run_cli(
+        "eval",
+        "robustness",
+        "--model",
+        f"local-dir:{ckpt}",
+        "--id",
+        f"imagenet={tmp_path / 'imagenet'}",
+        "--ood",
+        f"imagenet-r={tmp_path / 'r'}",
+        f"imagenet-a={tmp_path / 'a'}",
+        f"imagenet-sketch={tmp_path / 'sketch'}",
+        f"imagenet-v2={tmp_path / 'v2'}",
+        "--templates",
+        "a photo of a <>",
+        "--baseline",
+        str(baseline),
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective_robustness" in proc.stdout and "imagenet-sketch" in proc.stdout
     report = json.loads(out.read_text())
@@ -89,8 +106,14 @@ def test_eval_zeroshot_cli_errors_are_one_line(tmp_path):
 
 
 def test_retrieval_eval_several_captions(tmp_path, tiny_model_cfg):
-    samples = [{"__key__": f"{i:03d}", "png": png_bytes((30 * i, 0, 0)),
-                "json": json.dumps({"captions": [f"caption {i} a", f"caption {i} b"]}).encode()} for i in range(5)]
+    samples = [
+        {
+            "__key__": f"{i:03d}",
+            "png": png_bytes((30 * i, 0, 0)),
+            "json": json.dumps({"captions": [f"caption {i} a", f"caption {i} b"]}).encode(),
+        }
+        for i in range(5)
+    ]
     samples.append({"__key__": "x", "png": b"broken", "txt": b"broken"})
     write_shard(tmp_path / "s.tar", samples)
     r = retrieval_eval(api.create_model(tiny_model_cfg), str(tmp_path / "s.tar"), batch_size=2, progress=False)
@@ -104,8 +127,13 @@ def test_folder_retrieval_hand_checked(tmp_path, tiny_model_cfg):
     from mmpretrain.eval.runner import folder_retrieval_eval
 
     root = make_folder(tmp_path / "set", ["red_circle", "blue_square", "green_cross", "cat"], per_class=1)
-    r = folder_retrieval_eval(api.create_model(tiny_model_cfg), EvalSet.parse(f"toy@folder={root}"), templates="a <>",
-                              ks=(1, 4), progress=False)
+    r = folder_retrieval_eval(
+        api.create_model(tiny_model_cfg),
+        EvalSet.parse(f"toy@folder={root}"),
+        templates="a <>",
+        ks=(1, 4),
+        progress=False,
+    )
     assert r["images"] == 4 and r["queries"] == 4
     assert r["text_to_image_R@4"] == 1.0 and r["text_to_image_R@4_chance"] == 1.0  # k covers everything
     assert r["text_to_image_R@1_chance"] == pytest.approx(0.25)
@@ -117,8 +145,9 @@ def test_folder_retrieval_hand_checked(tmp_path, tiny_model_cfg):
 def test_eval_retrieval_cli_on_a_folder(tmp_path, tiny_model_cfg):
     ckpt = api.export_open_clip(api.create_model(tiny_model_cfg), tmp_path / "model")
     root = make_folder(tmp_path / "set", ["red_circle", "blue_square"], per_class=2)
-    proc = run_cli("eval", "retrieval", "--model", f"local-dir:{ckpt}", "--data", f"toy@folder={root}",
-                   "--templates", "a <>")
+    proc = run_cli(
+        "eval", "retrieval", "--model", f"local-dir:{ckpt}", "--data", f"toy@folder={root}", "--templates", "a <>"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "text_to_image_R@10" in proc.stdout and "toy" in proc.stdout
 
@@ -139,8 +168,10 @@ def test_one_evaluation_input_for_files_bytes_pil_and_uploads(tiny_ckpt, tmp_pat
     rgba = Image.new("RGBA", (50, 40), (10, 200, 30, 128))
     for name in ("a.png", "b.bmp", "c.gif", "d.jpg"):
         (rgba if name.endswith("png") else rgba.convert("RGB")).save(tmp_path / name)
-        by_hand = apply_ops(build_ops(EVAL_INPUTS.get("image").builder(Views()), model.data_context()),
-                            {name.split(".")[1]: (tmp_path / name).read_bytes()})["image"]
+        by_hand = apply_ops(
+            build_ops(EVAL_INPUTS.get("image").builder(Views()), model.data_context()),
+            {name.split(".")[1]: (tmp_path / name).read_bytes()},
+        )["image"]
         inputs = EvalInput(model, "image")
         for item in (tmp_path / name, (tmp_path / name).read_bytes(), open_image(tmp_path / name)):
             assert torch.equal(inputs(item), by_hand), name

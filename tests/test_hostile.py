@@ -1,6 +1,7 @@
 """Hostile input (issue 11): every bad sample or shard is a counted skip, never a crash or a hang;
 bounds on members, JSON, image formats, stalled pipes and stuck loaders; no secret or server path
 over HTTP; no code loading from a checkpoint's config."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,9 @@ DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
 def _loader(tmp_path, urls, **data):
     from mmpretrain.models import build_model
 
-    cfg = experiment_from_tree({"model": TINY_MODEL, "data": {"train": urls, "batch_size": 2, "num_workers": 0,
-                                                          "shuffle_buffer": 0, **data}})
+    cfg = experiment_from_tree(
+        {"model": TINY_MODEL, "data": {"train": urls, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 0, **data}}
+    )
     return ResumableLoader(cfg.data, build_model(cfg.model).data_context(), seed=0)
 
 
@@ -90,8 +92,17 @@ def test_embedding_job_and_media_eval_survive_hostile_json(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------- 8. bounds
 def test_oversized_members_are_skipped_without_being_read(tmp_path):
-    shard = _raw_tar(tmp_path / "s.tar", [("a.png", png_bytes()), ("a.txt", b"red"), ("big.png", b"\0" * 50_000),
-                                          ("big.txt", b"huge"), ("b.png", png_bytes()), ("b.txt", b"blue")])
+    shard = _raw_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.png", png_bytes()),
+            ("a.txt", b"red"),
+            ("big.png", b"\0" * 50_000),
+            ("big.txt", b"huge"),
+            ("b.png", png_bytes()),
+            ("b.txt", b"blue"),
+        ],
+    )
     errors = ErrorCounter("skip", None)
     samples = list(read_samples([str(shard)], errors.handler, ReadLimits(max_member_bytes=10_000)))
     assert [s["__key__"] for s in samples] == ["a", "big", "b"] and "png" not in samples[1]
@@ -99,8 +110,10 @@ def test_oversized_members_are_skipped_without_being_read(tmp_path):
 
 
 def test_member_names_with_dotdot_or_absolute_paths_are_skipped(tmp_path):
-    shard = _raw_tar(tmp_path / "s.tar", [("../evil.png", png_bytes()), ("ok.png", png_bytes()),
-                                          ("a/../../x.txt", b"x"), ("/etc/cron.txt", b"y")])
+    shard = _raw_tar(
+        tmp_path / "s.tar",
+        [("../evil.png", png_bytes()), ("ok.png", png_bytes()), ("a/../../x.txt", b"x"), ("/etc/cron.txt", b"y")],
+    )
     errors = ErrorCounter("skip", None)
     samples = list(read_samples([str(shard)], errors.handler))
     assert [s["__key__"] for s in samples] == ["ok"] and errors.counts == {"unsafe_name": 3}
@@ -128,8 +141,12 @@ def test_decompression_bomb_header_is_refused_before_decoding():
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     # a valid PNG header claiming 15000 x 12000 = 180 megapixels, with almost no data behind it
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
     t0 = time.perf_counter()
     with pytest.raises(SampleError, match="too large|cannot decode"):
         open_image(png)
@@ -150,16 +167,23 @@ def test_a_stalled_pipe_shard_is_abandoned_and_counted(tmp_path):
 @pytest.mark.timeout(90)
 def test_a_stuck_loader_worker_stops_the_run_naming_its_shard(tmp_path):
     good = write_shard(tmp_path / "good.tar", _good(2))
-    loader = _loader(tmp_path, f"{good}::pipe:sleep 80", num_workers=2, timeout_s=3, stall_timeout_s=0,
-                     shuffle_shards=False)
+    loader = _loader(
+        tmp_path, f"{good}::pipe:sleep 80", num_workers=2, timeout_s=3, stall_timeout_s=0, shuffle_shards=False
+    )
     with pytest.raises(DataError, match=r"no batch .* 3 s.*pipe:sleep 80"):
         _first_batches(loader, 4)
 
 
 def test_trust_remote_code_from_a_checkpoint_config_is_refused():
-    tree = {"model": {"embed_dim": 16, "towers": {
-        "image": TINY_MODEL["towers"]["image"],
-        "text": {"encoder": "hf_text", "params": {"model_type": "bert", "config": {"trust_remote_code": True}}}}}}
+    tree = {
+        "model": {
+            "embed_dim": 16,
+            "towers": {
+                "image": TINY_MODEL["towers"]["image"],
+                "text": {"encoder": "hf_text", "params": {"model_type": "bert", "config": {"trust_remote_code": True}}},
+            },
+        }
+    }
     with pytest.raises(ConfigError, match="trust_remote_code cannot be set"):
         experiment_from_tree(tree)
 

@@ -1,5 +1,6 @@
 """The icon-theme corpus builder on fake themes made from six committed Tango SVGs (no apt),
 and the hard subset (ImageNet-A analogue) built from a reference model's mistakes."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,15 @@ from mmpretrain.corpora.icons import IconCorpusConfig, build_icon_corpus, index_
 from tests.conftest import ROOT
 
 TANGO = ROOT / "tests" / "fixtures" / "icons" / "tango"
-CFG = IconCorpusConfig(families={"a": ("ThemeA",), "b": ("ThemeB", "ThemeB2"), "r": ("ThemeR",)},
-                       rendition_families=("r",), min_train_themes=2, unseen_fraction=0.2, size=32,
-                       rasterizer="stub", shard_count=4)
+CFG = IconCorpusConfig(
+    families={"a": ("ThemeA",), "b": ("ThemeB", "ThemeB2"), "r": ("ThemeR",)},
+    rendition_families=("r",),
+    min_train_themes=2,
+    unseen_fraction=0.2,
+    size=32,
+    rasterizer="stub",
+    shard_count=4,
+)
 
 
 def _put(theme: Path, rel: str, src: str) -> None:
@@ -36,17 +43,22 @@ def fake_themes(root: Path) -> Path:
     """Four themes in three folder layouts; ThemeB2 is a near-copy of ThemeB (same family)."""
     icons_dir = root / "usr" / "share" / "icons"
     a, b, b2, r = (icons_dir / n for n in ("ThemeA", "ThemeB", "ThemeB2", "ThemeR"))
-    for name, src, ctx in (("printer", "printer", "devices"), ("computer", "computer", "devices"),
-                           ("computer-laptop", "camera-photo", "devices"), ("user-trash", "user-trash", "places"),
-                           ("folder", "folder", "places"), ("battery-caution", "battery-caution", "status")):
-        _put(a, f"scalable/{ctx}/{name}.svg", src)            # <size>/<context>/
-        _put(b, f"{ctx}/64/{name}.svg", src)                   # <context>/<size>/
+    for name, src, ctx in (
+        ("printer", "printer", "devices"),
+        ("computer", "computer", "devices"),
+        ("computer-laptop", "camera-photo", "devices"),
+        ("user-trash", "user-trash", "places"),
+        ("folder", "folder", "places"),
+        ("battery-caution", "battery-caution", "status"),
+    ):
+        _put(a, f"scalable/{ctx}/{name}.svg", src)  # <size>/<context>/
+        _put(b, f"{ctx}/64/{name}.svg", src)  # <context>/<size>/
         _put(b2, f"48x48/{ctx}/{name}.svg", src)
-    _put(a, "16x16/devices/printer.svg", "computer")           # a smaller size loses to scalable
+    _put(a, "16x16/devices/printer.svg", "computer")  # a smaller size loses to scalable
     _put(a, "scalable/mimetypes/text-x-generic.svg", "folder")  # not a kept context
     _put(a, "symbolic/devices/printer-symbolic.svg", "printer")
-    _put(b, "devices/64/printer-rtl.svg", "printer")            # mirrored variant: dropped
-    _link(b, "devices/64/printer-laser.svg", "printer.svg")   # an alias nobody draws apart: merged
+    _put(b, "devices/64/printer-rtl.svg", "printer")  # mirrored variant: dropped
+    _link(b, "devices/64/printer-laser.svg", "printer.svg")  # an alias nobody draws apart: merged
     _link(r, "devices/48/computer-laptop.svg", "computer.svg")  # reuse of a picture: not merged
     _put(r, "devices/48/computer.svg", "computer")
     _put(r, "devices/48/printer.svg", "printer")
@@ -84,7 +96,8 @@ def test_build_from_fake_themes(tmp_path, raster_calls):
     assert c["unseen_concepts"] == 3
     out = tmp_path / "out" / "eval"
     assert sorted(p.name for p in (out / "rendition").iterdir()) == sorted(
-        x.replace(" ", "_") for x in ("computer", "computer laptop", "printer", "folder") if x in seen)
+        x.replace(" ", "_") for x in ("computer", "computer laptop", "printer", "folder") if x in seen
+    )
     if "printer" in seen:
         assert [p.name for p in (out / "sketch" / "printer").iterdir()] == ["ThemeA-symbolic.png"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == c
@@ -101,8 +114,10 @@ def test_icon_corpus_is_registered_and_fails_clearly_without_apt(tmp_path, monke
         icons.fetch_debs(("tango-icon-theme",), tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("rsvg-convert") is None,
-                    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)")
+@pytest.mark.skipif(
+    shutil.which("rsvg-convert") is None,
+    reason="rsvg-convert not installed (make test installs it: apt-get install librsvg2-bin)",
+)
 def test_rsvg_file_renders_a_tango_icon_and_png_sources(tmp_path):
     icons.rsvg_file(str(TANGO / "printer.svg"), tmp_path / "p.png", 48)
     img = Image.open(tmp_path / "p.png").convert("RGB")
@@ -119,14 +134,17 @@ def test_hard_subset_holds_exactly_the_reference_mistakes(tmp_path, tiny_model_c
     build_icon_corpus(CFG, tmp_path / "cache", tmp_path / "out", roots={"tango-icon-theme": tmp_path / "src"})
     model = api.create_model(tiny_model_cfg)  # untrained: mostly wrong, rarely all wrong
     eval_dir = tmp_path / "out" / "eval"
-    fes = [embed_folder(model, EvalSet.parse(f"{s}@folder={eval_dir / s}"), templates="a <> icon", progress=False)
-           for s in ("train_styles_seen", "rendition")]
+    fes = [
+        embed_folder(model, EvalSet.parse(f"{s}@folder={eval_dir / s}"), templates="a <> icon", progress=False)
+        for s in ("train_styles_seen", "rendition")
+    ]
     wrong = sum(int((predictions(fe) != fe.labels).sum()) for fe in fes)
     info = hard_subset(fes, tmp_path / "hard", reference="untrained tiny")
     assert info["hard"] == wrong and info["reference_model"] == "untrained tiny"
     assert json.loads((tmp_path / "hard" / "hard_subset.json").read_text())["hard"] == wrong
     assert info["classes"] == len(list((eval_dir / "train_styles_seen").iterdir()))  # every class folder kept
     if wrong:  # by construction the reference scores zero on its own hard subset
-        again = embed_folder(model, EvalSet.parse(f"hard@folder={tmp_path / 'hard'}"), templates="a <> icon",
-                             progress=False)
+        again = embed_folder(
+            model, EvalSet.parse(f"hard@folder={tmp_path / 'hard'}"), templates="a <> icon", progress=False
+        )
         assert zeroshot_metrics(again)["top1"] == 0.0 and len(again.labels) == wrong

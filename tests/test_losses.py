@@ -1,4 +1,5 @@
 """Loss values: hand-computed cases and parity with open_clip's ClipLoss / SigLipLoss."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,10 @@ def test_siglip_loss_hand_computed():
     b = a.clone()
     s, bias = torch.tensor(3.0), torch.tensor(-1.0)
     # diagonal logits 3-1=2 (positive), off-diagonal 0-1=-1 (negative)
-    expected = -(2 * math.log(torch.sigmoid(torch.tensor(2.0)).item()) + 2 * math.log(torch.sigmoid(torch.tensor(1.0)).item())) / 2
+    expected = (
+        -(2 * math.log(torch.sigmoid(torch.tensor(2.0)).item()) + 2 * math.log(torch.sigmoid(torch.tensor(1.0)).item()))
+        / 2
+    )
     assert siglip_loss(a, b, s, bias, DistContext()).item() == pytest.approx(expected, rel=1e-6)
 
 

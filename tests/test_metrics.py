@@ -1,4 +1,5 @@
 """Metric functions: hand-computed cases, and a numpy reference on random matrices with ties."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,13 @@ from mmpretrain.eval.metrics import (
 
 
 def test_topk_hand_computed():
-    scores = np.array([[0.9, 0.1, 0.0],   # true 0: rank 0
-                       [0.5, 0.4, 0.1],   # true 1: rank 1
-                       [0.3, 0.3, 0.3]])  # true 2: tied with 0 and 1, which have lower index: rank 2
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0],  # true 0: rank 0
+            [0.5, 0.4, 0.1],  # true 1: rank 1
+            [0.3, 0.3, 0.3],
+        ]
+    )  # true 2: tied with 0 and 1, which have lower index: rank 2
     labels = np.array([0, 1, 2])
     assert list(true_rank(scores, labels)) == [0, 1, 2]
     assert topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
@@ -29,18 +34,17 @@ def test_topk_hand_computed():
 
 def test_mean_per_class_recall_hand_computed():
     scores = np.eye(3)[[0, 0, 1, 2, 2]]  # predictions 0 0 1 2 2
-    labels = np.array([0, 1, 1, 2, 2])   # class 0: 1/1, class 1: 1/2, class 2: 2/2
+    labels = np.array([0, 1, 1, 2, 2])  # class 0: 1/1, class 1: 1/2, class 2: 2/2
     assert mean_per_class_recall(scores, labels) == pytest.approx((1 + 0.5 + 1) / 3)
     assert topk_accuracy(scores, labels) == pytest.approx(4 / 5)
 
 
 def test_retrieval_hand_computed():
     # 2 images, 4 captions: captions 0,1 -> image 0; 2,3 -> image 1
-    sim = np.array([[0.1, 0.9, 0.2, 0.3],
-                    [0.8, 0.0, 0.4, 0.1]])
+    sim = np.array([[0.1, 0.9, 0.2, 0.3], [0.8, 0.0, 0.4, 0.1]])
     r = image_text_recall(sim, [0, 0, 1, 1], ks=(1, 2))
-    assert r["image_to_text_R@1"] == 0.5       # image 0 top caption 1 (hit); image 1 top caption 0 (miss)
-    assert r["image_to_text_R@2"] == 1.0       # image 1's second best is caption 2 (hit)
+    assert r["image_to_text_R@1"] == 0.5  # image 0 top caption 1 (hit); image 1 top caption 0 (miss)
+    assert r["image_to_text_R@2"] == 1.0  # image 1's second best is caption 2 (hit)
     assert r["text_to_image_R@1"] == pytest.approx(2 / 4)  # captions 1 and 2 rank their image first
     assert r["text_to_image_R@2"] == 1.0
     with pytest.raises(ValueError, match="at least one positive"):
@@ -71,6 +75,6 @@ def test_effective_robustness():
     points = [(0.5, 0.3), (0.6, 0.38), (0.7, 0.48), (0.8, 0.6)]
     fit = fit_logit_linear(points)
     assert effective_robustness(0.7, 0.48, fit) == pytest.approx(0.0, abs=0.02)  # on the line
-    assert effective_robustness(0.7, 0.60, fit) > 0.1                           # above it
+    assert effective_robustness(0.7, 0.60, fit) > 0.1  # above it
     with pytest.raises(ValueError):
         fit_logit_linear([(0.5, 0.3)])

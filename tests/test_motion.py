@@ -1,4 +1,5 @@
 """The motion corpus (video-audio-text clips) on the emoji fixture, with a tone for speech (no espeak-ng)."""
+
 from __future__ import annotations
 
 import io
@@ -15,9 +16,20 @@ from tests.conftest import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji"
 SOURCES = {name: FIXTURE / name for name in ("emojibase", "noto", "twemoji")}
-CFG = MotionCorpusConfig(styles=("noto", "twemoji"), concepts=None, unseen_fraction=0.25, size=32, frames=8, fps=8,
-                         sample_rate=8000, repeats=1, rasterizer="stub", shard_count=50, speech="tone",
-                         motions=("moving left", "moving right", "growing"))
+CFG = MotionCorpusConfig(
+    styles=("noto", "twemoji"),
+    concepts=None,
+    unseen_fraction=0.25,
+    size=32,
+    frames=8,
+    fps=8,
+    sample_rate=8000,
+    repeats=1,
+    rasterizer="stub",
+    shard_count=50,
+    speech="tone",
+    motions=("moving left", "moving right", "growing"),
+)
 
 
 pytestmark = pytest.mark.usefixtures("raster_calls")
@@ -45,8 +57,12 @@ def test_build_motion_corpus(tmp_path):
     seen, unseen = m["concepts"]["seen"], m["concepts"]["unseen"]
     assert seen and unseen and not set(seen) & set(unseen)
     n_seen, n_m, n_s = len(seen), len(CFG.motions), len(CFG.styles)
-    assert m["counts"] == {"train": n_seen * (n_m - 1) * n_s, "seen": n_seen * (n_m - 1),
-                           "heldout_combos": n_seen * n_s, "unseen_concepts": len(unseen) * n_m}
+    assert m["counts"] == {
+        "train": n_seen * (n_m - 1) * n_s,
+        "seen": n_seen * (n_m - 1),
+        "heldout_combos": n_seen * n_s,
+        "unseen_concepts": len(unseen) * n_m,
+    }
     train = _samples(tmp_path / "out" / "shards")
     held = _samples(tmp_path / "out" / "eval" / "heldout_combos")
     train_combos = {(j["concept"], j["motion"]) for j in train}

@@ -1,4 +1,5 @@
 """Weight-decay groups, per-tower learning rates and the LR schedule."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,9 @@ def test_tower_lr_mult_and_freeze(tiny_model_cfg):
     cfg = dataclasses.replace(tiny_model_cfg, towers=towers)
     model = build_model(cfg)
     opt = build_optimizer(model, OptimConfig(), cfg)
-    assert not any(id(p) in {id(q) for q in model.towers["text"].parameters()} for g in opt.param_groups for p in g["params"])
+    assert not any(
+        id(p) in {id(q) for q in model.towers["text"].parameters()} for g in opt.param_groups for p in g["params"]
+    )
 
 
 def test_schedule_warmup_then_cosine():

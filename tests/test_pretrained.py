@@ -1,4 +1,5 @@
 """Loading open_clip checkpoints offline, exporting to open_clip, and zero-shot parity."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ from PIL import Image
 from mmpretrain import api
 from mmpretrain.models.formats import open_clip_model_config
 
-OC_CFG = {"embed_dim": 32,
-          "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-          "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+OC_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
 PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
 
 
@@ -60,7 +63,9 @@ def test_open_clip_file_loads_with_same_embeddings(oc_model, tmp_path, suffix):
 def test_open_clip_local_dir_with_preprocess_config(oc_model, tmp_path):
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in oc_model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in oc_model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors")
+    )
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_CFG, "preprocess_cfg": PRE}))
     ours = api.create_model(f"local-dir:{tmp_path}")
     assert_same_embeddings(ours, oc_model)
@@ -104,8 +109,14 @@ def test_zero_shot_equals_open_clip_classifier(oc_model, tmp_path):
     ours = api.create_model(open_clip_model_config(OC_CFG), pretrained=tmp_path / "w.safetensors")
     classes = ["cat", "dog", "bird", "fish", "horse"]
     templates = [lambda c: f"a photo of a {c}.", lambda c: f"a drawing of the {c}.", lambda c: f"{c}, up close"]
-    want = open_clip.build_zero_shot_classifier(oc_model, open_clip.tokenizer.SimpleTokenizer(context_length=12),
-                                                classes, templates, num_classes_per_batch=2, use_tqdm=False)
+    want = open_clip.build_zero_shot_classifier(
+        oc_model,
+        open_clip.tokenizer.SimpleTokenizer(context_length=12),
+        classes,
+        templates,
+        num_classes_per_batch=2,
+        use_tqdm=False,
+    )
     clf = api.zero_shot([t("<>") for t in templates], classes, model=ours, progress=False)
     assert (clf.weights.T - want).abs().max() < 1e-5
     images, _ = inputs()

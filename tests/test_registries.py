@@ -1,6 +1,7 @@
 """Generated from the registries: every entry of every registry carries an example, and each
 registry's contract is checked on every entry from that example. A new entry gets these tests
 for free; a new registry fails ``test_every_registry_has_a_contract`` until it is given one."""
+
 from __future__ import annotations
 
 import io
@@ -25,10 +26,15 @@ ALL = [(kind, entry) for kind, reg in REGISTRIES.items() for entry in reg.entrie
 IDS = [f"{kind}-{entry.name}" for kind, entry in ALL]
 # kind -> where its contract is tested (the generated tests of this file, or another file's)
 CONTRACTS = {
-    "data op": "test_data_op_contract", "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
-    "checkpoint format": "test_checkpoint_format_contract", "dataset layout": "test_layout_contract",
-    "evaluation input": "test_eval_input_contract", "shard media": "test_shard_media_contract",
-    "projection head": "test_head_contract", "rasterizer": "test_rasterizer_contract", "corpus": "test_corpus_contract",
+    "data op": "test_data_op_contract",
+    "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
+    "checkpoint format": "test_checkpoint_format_contract",
+    "dataset layout": "test_layout_contract",
+    "evaluation input": "test_eval_input_contract",
+    "shard media": "test_shard_media_contract",
+    "projection head": "test_head_contract",
+    "rasterizer": "test_rasterizer_contract",
+    "corpus": "test_corpus_contract",
     "index type": "test_retrieval.test_every_index_type_builds_and_reaches_its_recall",
     **{f"{m} encoder": "test_encoders" for m in ("image", "text", "video", "audio")},
 }
@@ -57,8 +63,9 @@ def test_unknown_names_fail_listing_the_valid_ones(kind):
         reg.get(wrong)
 
 
-@pytest.mark.parametrize("kind, entry", [(k, e) for k, e in ALL if e.config_cls], ids=[i for i, (k, e) in zip(IDS, ALL)
-                                                                                       if e.config_cls])
+@pytest.mark.parametrize(
+    "kind, entry", [(k, e) for k, e in ALL if e.config_cls], ids=[i for i, (k, e) in zip(IDS, ALL) if e.config_cls]
+)
 def test_typed_params_refuse_unknown_keys(kind, entry):
     with pytest.raises(ConfigError, match="no_such_key"):
         from_dict(entry.config_cls, {"no_such_key": 1}, f"{kind}.{entry.name}")
@@ -78,6 +85,7 @@ def test_registries_are_unique_and_temporary_entries_go_away():
 
 # ---- members the data-op and shard-media examples name -------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def members():
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -91,9 +99,14 @@ def members():
     from PIL import Image
 
     Image.new("RGB", (40, 30), (10, 200, 30)).save(jpg, format="JPEG")
-    return {"png": png_bytes(size=40), "jpg": jpg.getvalue(), "txt": b"a red square",
-            "json": json.dumps({"captions": ["a red square", "red", "a square"]}).encode(),
-            "mp4": make_clip(random.Random(0), size=40, n_frames=8, fps=8)[0], "wav": buf.getvalue()}
+    return {
+        "png": png_bytes(size=40),
+        "jpg": jpg.getvalue(),
+        "txt": b"a red square",
+        "json": json.dumps({"captions": ["a red square", "red", "a square"]}).encode(),
+        "mp4": make_clip(random.Random(0), size=40, n_frames=8, fps=8)[0],
+        "wav": buf.getvalue(),
+    }
 
 
 @pytest.fixture(scope="module")

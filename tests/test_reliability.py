@@ -1,5 +1,6 @@
 """Nothing lost, nothing hung (issue 11): run-folder identity, durable checksummed checkpoints,
 resume compatibility, kills inside checkpoint writes. Each test fails on the code before the fix."""
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ def test_resuming_an_older_checkpoint_of_the_run_needs_overwrite(toy_shards, tmp
     with pytest.raises(ConfigError, match="would branch off"):
         _train(toy_shards, tmp_path / "run", train={"steps": 6, "resume": older})
     with pytest.raises(ConfigError, match="data.batch_size"):  # refused resume: overwrite deletes nothing
-        _train(toy_shards, tmp_path / "run", train={"steps": 6, "resume": older, "overwrite": True},
-               data={"batch_size": 4})
+        _train(
+            toy_shards, tmp_path / "run", train={"steps": 6, "resume": older, "overwrite": True}, data={"batch_size": 4}
+        )
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003", "step_00000006"]
     _train(toy_shards, tmp_path / "run", train={"steps": 4, "resume": older, "overwrite": True})
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003", "step_00000004"]
@@ -123,8 +125,14 @@ def test_torn_jsonl_lines_are_dropped_on_resume(tmp_path):
 
 
 def _cli_train(config, *overrides, env=None):
-    return subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", str(config), *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "mmpretrain.cli", "train", str(config), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("point", ["ckpt.state:2", "atomic_dir.synced:2", "remove_tree.renamed:1"])
@@ -153,12 +161,15 @@ def _saved(toy_shards, tmp_path):
     return list_checkpoints(run)[-1]
 
 
-@pytest.mark.parametrize("change,refused", [
-    ({"data": {"batch_size": 4}}, "data.batch_size"),
-    ({"train": {"seed": 7}}, "train.seed"),
-    ({"data": {"shuffle_buffer": 0}}, "data.shuffle_buffer"),
-    ({"loss": {"local_loss": True}}, "loss.local_loss"),
-])
+@pytest.mark.parametrize(
+    "change,refused",
+    [
+        ({"data": {"batch_size": 4}}, "data.batch_size"),
+        ({"train": {"seed": 7}}, "train.seed"),
+        ({"data": {"shuffle_buffer": 0}}, "data.shuffle_buffer"),
+        ({"loss": {"local_loss": True}}, "loss.local_loss"),
+    ],
+)
 def test_resume_refuses_changes_that_break_exactness(toy_shards, tmp_path, change, refused):
     ckpt = _saved(toy_shards, tmp_path)
     cfg = experiment_from_tree(experiment_tree(toy_shards, tmp_path / "run", **change))
@@ -179,8 +190,9 @@ def test_resume_with_more_ranks_is_refused_with_a_clear_message(toy_shards, tmp_
 
 def test_resume_accepts_steps_and_lr_and_applies_the_new_lr(toy_shards, tmp_path):
     run = _train(toy_shards, tmp_path / "run", train={"steps": 4, "stop_after": 2}, optim={"schedule": "constant"})
-    again = _train(toy_shards, tmp_path / "run", train={"steps": 6, "resume": "latest"},
-                   optim={"schedule": "constant", "lr": 3e-4})
+    again = _train(
+        toy_shards, tmp_path / "run", train={"steps": 6, "resume": "latest"}, optim={"schedule": "constant", "lr": 3e-4}
+    )
     rows = read_jsonl(again / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[1]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] == pytest.approx(3e-4)  # not the saved 1e-3
@@ -189,8 +201,9 @@ def test_resume_accepts_steps_and_lr_and_applies_the_new_lr(toy_shards, tmp_path
 
 def test_allowed_seed_change_restarts_the_data_at_the_next_epoch(toy_shards, tmp_path):
     _train(toy_shards, tmp_path / "run", train={"steps": 2})
-    run = _train(toy_shards, tmp_path / "run", train={"steps": 4, "resume": "latest", "seed": 5,
-                                                       "resume_allow": ["train.seed"]})
+    run = _train(
+        toy_shards, tmp_path / "run", train={"steps": 4, "resume": "latest", "seed": 5, "resume_allow": ["train.seed"]}
+    )
     from mmpretrain.training.checkpoint import load_state
 
     positions = load_state(list_checkpoints(run)[-1])["data"][0]["positions"]

@@ -1,4 +1,5 @@
 """Embedding jobs, index building/choice/tuning, atomic + checked index files, Searcher."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def test_embed_ranks_split_the_sources(tiny_ckpt, toy_shards, tmp_path, monkeypa
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(tmp_path / "e"), batch_size=8),
-                          progress=False)
+        stats = run_embed(
+            EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(tmp_path / "e"), batch_size=8), progress=False
+        )
         assert stats["parts"] == 2 and stats["items"] == 32
     assert load_embeddings(tmp_path / "e").n == 64
 
@@ -66,8 +68,10 @@ def test_embed_skips_bad_images_but_never_marks_a_half_read_shard_done(tiny_ckpt
 
     data = tmp_path / "shards"
     shutil.copytree(toy_shards, data)
-    write_shard(data / "shard-000004.tar", [{"__key__": "ok", "png": png_bytes(), "txt": "red"},
-                                             {"__key__": "bad", "png": b"not a png", "txt": "broken"}])
+    write_shard(
+        data / "shard-000004.tar",
+        [{"__key__": "ok", "png": png_bytes(), "txt": "red"}, {"__key__": "bad", "png": b"not a png", "txt": "broken"}],
+    )
     (data / "shard-000005.tar").write_bytes((data / "shard-000000.tar").read_bytes()[:3000])  # truncated
     cfg = EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), batch_size=8)
     stats = run_embed(cfg, progress=False)
@@ -92,8 +96,10 @@ def test_embed_strict_stops_at_the_first_skip(tiny_ckpt, toy_shards, tmp_path):
 
     data = tmp_path / "shards"
     data.mkdir()
-    write_shard(data / "shard-000000.tar", [{"__key__": "ok", "png": png_bytes(), "txt": "red"},
-                                             {"__key__": "bad", "png": b"not a png", "txt": "broken"}])
+    write_shard(
+        data / "shard-000000.tar",
+        [{"__key__": "ok", "png": png_bytes(), "txt": "red"}, {"__key__": "bad", "png": b"not a png", "txt": "broken"}],
+    )
     with pytest.raises(EmbedError, match="bad_image.*--strict"):
         run_embed(EmbedConfig(model=tiny_ckpt, data=str(data), out=str(tmp_path / "e"), strict=True), progress=False)
     assert not list((tmp_path / "e" / "parts").glob("*.parquet"))
@@ -191,7 +197,10 @@ def test_failed_build_leaves_the_old_index(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(), progress=False)
     assert (tmp_path / "ix" / "index.json").read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == sorted(["v", "ix"]) or set(p.name for p in tmp_path.iterdir()) == {"v", "ix"}
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["v", "ix"]) or set(p.name for p in tmp_path.iterdir()) == {
+        "v",
+        "ix",
+    }
 
 
 def test_incremental_add(tmp_path):

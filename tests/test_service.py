@@ -1,4 +1,5 @@
 """The search service's HTTP API (FastAPI TestClient): results, limits and bad input as 4xx."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,25 +30,30 @@ def test_search_returns_ranked_hits_with_thumbnails(client):
     assert len(hits) == 5 and [h["rank"] for h in hits] == list(range(5))
     assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
     thumb = client.get(hits[0]["thumbnail"])
-    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    assert (
+        thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    )
     batch = client.post("/search", json={"queries": ["a red circle", "a green square"], "k": 3}).json()
     assert len(batch["results"]) == 2 and batch["results"][0] == hits[:3]
 
 
-@pytest.mark.parametrize("url, status, message", [
-    ("/search?q=&k=3", 400, "empty query"),
-    ("/search?q=%20%20&k=3", 400, "empty query"),
-    ("/search?q=%FF%FE&k=3", 400, "UTF-8"),
-    ("/search?q=x&k=100000", 400, "k must be"),
-    ("/search?q=x&k=0", 400, "k must be"),
-    ("/search?q=x&k=ten", 422, ""),
-    ("/search?q=" + "a" * 600, 400, "longer than"),
-    ("/search?k=3", 422, ""),
-    ("/thumb/64", 404, "no item"),
-    ("/thumb/-1", 404, "no item"),
-    ("/thumb/..%2F..%2Fetc%2Fpasswd", 404, ""),
-    ("/thumb/%2Fetc%2Fpasswd", 404, ""),
-])
+@pytest.mark.parametrize(
+    "url, status, message",
+    [
+        ("/search?q=&k=3", 400, "empty query"),
+        ("/search?q=%20%20&k=3", 400, "empty query"),
+        ("/search?q=%FF%FE&k=3", 400, "UTF-8"),
+        ("/search?q=x&k=100000", 400, "k must be"),
+        ("/search?q=x&k=0", 400, "k must be"),
+        ("/search?q=x&k=ten", 422, ""),
+        ("/search?q=" + "a" * 600, 400, "longer than"),
+        ("/search?k=3", 422, ""),
+        ("/thumb/64", 404, "no item"),
+        ("/thumb/-1", 404, "no item"),
+        ("/thumb/..%2F..%2Fetc%2Fpasswd", 404, ""),
+        ("/thumb/%2Fetc%2Fpasswd", 404, ""),
+    ],
+)
 def test_bad_requests_are_4xx_with_a_message(client, url, status, message):
     r = client.get(url)
     assert r.status_code == status, r.text
@@ -63,22 +69,28 @@ def test_bad_post_bodies(client):
 
 
 def test_classify_an_upload(client):
-    r = client.post("/classify", files={"image": ("x.png", png_bytes(), "image/png")},
-                    data={"labels": "red square, green circle\nblue triangle", "template": "a <>"})
+    r = client.post(
+        "/classify",
+        files={"image": ("x.png", png_bytes(), "image/png")},
+        data={"labels": "red square, green circle\nblue triangle", "template": "a <>"},
+    )
     preds = r.json()["predictions"]
     assert r.status_code == 200 and {p["label"] for p in preds} == {"red square", "green circle", "blue triangle"}
     assert abs(sum(p["probability"] for p in preds) - 1) < 1e-4
 
 
-@pytest.mark.parametrize("files, data, status, message", [
-    ({"image": ("x.png", b"not an image", "image/png")}, {"labels": "a"}, 400, "not a readable image"),
-    ({"image": ("x.png", b"", "image/png")}, {"labels": "a"}, 400, "empty upload"),
-    ({"image": ("x.png", b"\x89PNG" + b"0" * 60_000, "image/png")}, {"labels": "a"}, 413, "larger than"),
-    ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": " , \n"}, 400, "at least one label"),
-    ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": ",".join(map(str, range(300)))}, 400, "at most"),
-    ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": "a", "template": "no placeholder"}, 400, "<>"),
-    ({}, {"labels": "a"}, 422, ""),
-])
+@pytest.mark.parametrize(
+    "files, data, status, message",
+    [
+        ({"image": ("x.png", b"not an image", "image/png")}, {"labels": "a"}, 400, "not a readable image"),
+        ({"image": ("x.png", b"", "image/png")}, {"labels": "a"}, 400, "empty upload"),
+        ({"image": ("x.png", b"\x89PNG" + b"0" * 60_000, "image/png")}, {"labels": "a"}, 413, "larger than"),
+        ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": " , \n"}, 400, "at least one label"),
+        ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": ",".join(map(str, range(300)))}, 400, "at most"),
+        ({"image": ("x.png", png_bytes(), "image/png")}, {"labels": "a", "template": "no placeholder"}, 400, "<>"),
+        ({}, {"labels": "a"}, 422, ""),
+    ],
+)
 def test_bad_uploads_are_4xx(client, files, data, status, message):
     r = client.post("/classify", files=files, data=data)
     assert r.status_code == status, r.text

@@ -1,5 +1,6 @@
 """The service under load and speaking clip-retrieval's protocol (issue 12): micro-batching, 503s from
 a full queue, body caps that read nothing, the API-key rule, several indexes, dedup, /metrics."""
+
 from __future__ import annotations
 
 import base64
@@ -21,10 +22,22 @@ from retrieval.service import ServeConfig, create_app, serve
 from tests.conftest import png_bytes
 
 # what clip-retrieval's ClipClient(url, "toy").query(text="a red circle") posts, key for key (clip_client.py)
-CLIP_CLIENT_BODY = {"text": "a red circle", "image": None, "image_url": None, "embedding_input": None,
-                    "deduplicate": True, "use_safety_model": True, "use_violence_detector": True, "indice_name": "toy",
-                    "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image",
-                    "num_images": 5, "num_result_ids": 5}
+CLIP_CLIENT_BODY = {
+    "text": "a red circle",
+    "image": None,
+    "image_url": None,
+    "embedding_input": None,
+    "deduplicate": True,
+    "use_safety_model": True,
+    "use_violence_detector": True,
+    "indice_name": "toy",
+    "use_mclip": False,
+    "aesthetic_score": 9,
+    "aesthetic_weight": 0.5,
+    "modality": "image",
+    "num_images": 5,
+    "num_result_ids": 5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +67,22 @@ def test_clip_client_body_gets_clip_retrieval_response_shape(client):
 
 
 def test_web_front_end_body_more_ids_than_metadata_and_text_plain(client):
-    body = {**CLIP_CLIENT_BODY, "deduplicate": False, "num_images": 3, "num_result_ids": 3000,
-            "aesthetic_score": "", "aesthetic_weight": "0.5"}  # the front end's values, as strings
+    body = {
+        **CLIP_CLIENT_BODY,
+        "deduplicate": False,
+        "num_images": 3,
+        "num_result_ids": 3000,
+        "aesthetic_score": "",
+        "aesthetic_weight": "0.5",
+    }  # the front end's values, as strings
     r = client.post("/knn-service", content=json.dumps(body), headers={"content-type": "text/plain;charset=UTF-8"})
     items = r.json()
     assert r.status_code == 200 and len(items) == 64  # every item of the index, 3000 asked
     assert all("caption" in i for i in items[:3]) and all(set(i) == {"id", "similarity"} for i in items[3:])
     meta = client.post("/metadata", content=json.dumps({"ids": [items[3]["id"], items[4]["id"]], "indice_name": "toy"}))
-    assert [m["id"] for m in meta.json()] == [items[3]["id"], items[4]["id"]] and "caption" in meta.json()[0]["metadata"]
+    assert [m["id"] for m in meta.json()] == [items[3]["id"], items[4]["id"]] and "caption" in meta.json()[0][
+        "metadata"
+    ]
     assert client.post("/metadata", content=json.dumps({"ids": [], "indice_name": "toy"})).json() == []
     assert client.get("/indices-list").json() == ["toy"]
 
@@ -71,14 +92,18 @@ def test_image_and_embedding_queries_and_refused_image_url(client, searcher):
     by_image = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "image": image}))
     assert by_image.status_code == 200 and len(by_image.json()) >= 1
     vec = searcher.vectors(np.array([7]))[0].tolist()
-    by_vec = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "embedding_input": vec,
-                                                           "deduplicate": False}))
+    by_vec = client.post(
+        "/knn-service",
+        content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "embedding_input": vec, "deduplicate": False}),
+    )
     assert by_vec.json()[0]["id"] == 7 and by_vec.json()[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
     ours = client.post("/search", json={"embeddings": [vec], "k": 3}).json()["results"][0]
     assert ours[0]["id"] == 7
     assert client.post("/search", json={"images": [image], "k": 3}).status_code == 200
-    url = client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "text": None,
-                                                         "image_url": "http://169.254.169.254/latest/meta-data"}))
+    url = client.post(
+        "/knn-service",
+        content=json.dumps({**CLIP_CLIENT_BODY, "text": None, "image_url": "http://169.254.169.254/latest/meta-data"}),
+    )
     assert url.status_code == 400 and "allow-list" in url.json()["detail"]
     assert client.post("/knn-service", content=b"{not json").status_code == 400
     assert client.post("/knn-service", content=json.dumps({**CLIP_CLIENT_BODY, "modality": "text"})).status_code == 400
@@ -95,7 +120,9 @@ def test_dedup_collapses_near_duplicates_keeping_the_best_ranked():
 
 def test_deduplicate_removes_hits_whose_vectors_are_near_copies(client, searcher):
     plain = client.post("/search", json={"queries": ["a red circle"], "k": 20}).json()["results"][0]
-    dedup = client.post("/search", json={"queries": ["a red circle"], "k": 20, "deduplicate": True}).json()["results"][0]
+    dedup = client.post("/search", json={"queries": ["a red circle"], "k": 20, "deduplicate": True}).json()["results"][
+        0
+    ]
     ids = np.array([h["id"] for h in plain])
     keep = dedup_first(searcher.vectors(ids), 0.94)
     assert [h["id"] for h in dedup] == ids[keep].tolist() and len(dedup) <= len(plain)
@@ -129,10 +156,14 @@ def test_concurrent_requests_share_batches(searcher):
     app = create_app({"toy": searcher}, ServeConfig(batch=BatchConfig(max_batch=64, max_wait_ms=20)))
     with TestClient(app) as c:
         with ThreadPoolExecutor(16) as pool:
-            codes = list(pool.map(lambda i: c.get("/search", params={"q": f"query {i}", "k": 3}).status_code, range(32)))
+            codes = list(
+                pool.map(lambda i: c.get("/search", params={"q": f"query {i}", "k": 3}).status_code, range(32))
+            )
         metrics = c.get("/metrics").text
     assert codes == [200] * 32
-    count = float(next(x for x in metrics.splitlines() if x.startswith('retrieval_batch_size_count{index="toy"}')).split()[-1])
+    count = float(
+        next(x for x in metrics.splitlines() if x.startswith('retrieval_batch_size_count{index="toy"}')).split()[-1]
+    )
     assert count < 32  # fewer batches than queries: they were batched
 
 
@@ -145,8 +176,15 @@ def live_server(searcher):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app or create_app({"toy": searcher}, cfg), host="127.0.0.1", port=port,
-                                               log_level="warning", limit_concurrency=cfg.concurrency))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app or create_app({"toy": searcher}, cfg),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                limit_concurrency=cfg.concurrency,
+            )
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
@@ -179,12 +217,16 @@ def _raw(port: int, request: bytes, wait: float = 5.0) -> bytes:
 def test_a_body_over_the_cap_is_refused_before_it_is_read(live_server):
     port = live_server(ServeConfig())
     t0 = time.perf_counter()
-    head = (b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 67108864\r\n\r\n")  # claims 64 MB and sends none of it
+    head = (
+        b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 67108864\r\n\r\n"
+    )  # claims 64 MB and sends none of it
     reply = _raw(port, head + b'{"text": ')
     assert reply.startswith(b"HTTP/1.1 413") and time.perf_counter() - t0 < 2, reply[:200]
-    chunked = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-               + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13)  # 13 MB with no Content-Length: cut off at 12 MB
+    chunked = (
+        b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13
+    )  # 13 MB with no Content-Length: cut off at 12 MB
     assert _raw(port, chunked).startswith(b"HTTP/1.1 413")
 
 
@@ -250,9 +292,13 @@ def test_several_indexes_in_one_server(searcher, search_index):
 def test_metrics_in_prometheus_format(client):
     client.get("/search", params={"q": "a red circle", "k": 3})
     text = client.get("/metrics").text
-    for series in ('retrieval_requests_total{method="GET",route="/search",status="200"}',
-                   "retrieval_request_seconds_bucket", 'retrieval_batch_size_bucket{index="toy"',
-                   "retrieval_queue_depth ", 'retrieval_index_items{index="toy"} 64.0'):
+    for series in (
+        'retrieval_requests_total{method="GET",route="/search",status="200"}',
+        "retrieval_request_seconds_bucket",
+        'retrieval_batch_size_bucket{index="toy"',
+        "retrieval_queue_depth ",
+        'retrieval_index_items{index="toy"} 64.0',
+    ):
         assert series in text, series
 
 
@@ -307,17 +353,25 @@ def test_clip_retrievals_own_client_works_against_us(live_server, searcher, tmp_
     image.write_bytes(png_bytes())
     assert client.query(image=str(image))
     vec = searcher.vectors(np.array([5]))[0].tolist()
-    plain = cc.ClipClient(url=f"http://127.0.0.1:{port}/knn-service", indice_name="toy", num_images=3, deduplicate=False)
+    plain = cc.ClipClient(
+        url=f"http://127.0.0.1:{port}/knn-service", indice_name="toy", num_images=3, deduplicate=False
+    )
     assert plain.query(embedding_input=vec)[0]["id"] == 5
 
 
 def test_cors_lets_clip_retrievals_front_end_use_us_from_elsewhere(searcher):
     c = TestClient(create_app({"toy": searcher}, ServeConfig(cors_origins=("https://front.example",), api_key="k")))
-    pre = c.options("/knn-service", headers={"Origin": "https://front.example", "Access-Control-Request-Method": "POST"})
+    pre = c.options(
+        "/knn-service", headers={"Origin": "https://front.example", "Access-Control-Request-Method": "POST"}
+    )
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://front.example"
     r = c.get("/indices-list?api_key=k", headers={"Origin": "https://front.example"})
     assert r.json() == ["toy"] and r.headers["access-control-allow-origin"] == "https://front.example"
     other = c.get("/indices-list?api_key=k", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
-    assert "access-control-allow-origin" not in TestClient(create_app({"toy": searcher})).get(
-        "/indices-list", headers={"Origin": "https://front.example"}).headers  # off unless configured
+    assert (
+        "access-control-allow-origin"
+        not in TestClient(create_app({"toy": searcher}))
+        .get("/indices-list", headers={"Origin": "https://front.example"})
+        .headers
+    )  # off unless configured

@@ -1,4 +1,5 @@
 """The shard writer: CSV/TSV/JSONL captions, manifest, skipped rows, atomic output."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,12 @@ def test_make_shards_csv(tmp_path):
 def test_make_shards_jsonl_tsv_and_skips(tmp_path):
     root = make_image_folder(tmp_path / "imgs", 4)
     (root / "images" / "broken.jpg").write_bytes(b"not an image")
-    rows = [{"image": "images/0000.png", "text": "a shape", "license": "cc0"},
-            {"image": "images/0001.png", "text": "   "},
-            {"image": "images/missing.png", "text": "gone"},
-            {"image": "images/broken.jpg", "text": "broken"}]
+    rows = [
+        {"image": "images/0000.png", "text": "a shape", "license": "cc0"},
+        {"image": "images/0001.png", "text": "   "},
+        {"image": "images/missing.png", "text": "gone"},
+        {"image": "images/broken.jpg", "text": "broken"},
+    ]
     (root / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     m = make_shards(root, root / "c.jsonl", tmp_path / "o1", progress=False)
     assert m.samples == 1 and m.skipped == {"empty_caption": 1, "missing_image": 1, "bad_image": 1}

@@ -1,4 +1,5 @@
 """The streaming pipeline: determinism, rank/worker splits, exact resume, bad input."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,12 @@ def ctx(tiny_model_cfg):
 
 
 def data_cfg(shards, **kw):
-    fields = {"train": str(Path(shards) / "shard-{000000..000003}.tar"), "batch_size": 4, "num_workers": 0,
-              "shuffle_buffer": 8}
+    fields = {
+        "train": str(Path(shards) / "shard-{000000..000003}.tar"),
+        "batch_size": 4,
+        "num_workers": 0,
+        "shuffle_buffer": 8,
+    }
     fields.update(kw)
     return from_dict(DataConfig, fields)
 
@@ -104,11 +109,15 @@ def test_too_few_shards_for_workers(toy_shards, ctx):
 
 def bad_shards(tmp: Path) -> str:
     good = [{"__key__": f"g{i:03d}", "png": png_bytes(), "txt": f"good {i}".encode()} for i in range(8)]
-    write_shard(tmp / "a.tar", good[:4] + [
-        {"__key__": "corrupt", "png": b"\x89PNG garbage", "txt": b"corrupt image"},
-        {"__key__": "empty", "png": png_bytes(), "txt": b"   "},
-        {"__key__": "noimage", "txt": b"caption only"},
-    ])
+    write_shard(
+        tmp / "a.tar",
+        good[:4]
+        + [
+            {"__key__": "corrupt", "png": b"\x89PNG garbage", "txt": b"corrupt image"},
+            {"__key__": "empty", "png": png_bytes(), "txt": b"   "},
+            {"__key__": "noimage", "txt": b"caption only"},
+        ],
+    )
     write_shard(tmp / "b.tar", good[4:])
     data = (tmp / "b.tar").read_bytes()
     (tmp / "c.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
@@ -122,17 +131,24 @@ def test_bad_input_is_skipped_and_counted(tmp_path, ctx):
     got = [k for b in batches for k in b.keys]
     assert set(got) == {f"g{i:03d}" for i in range(8)} and len(got) == 10
     # the truncated shard counts once, and its cut-off last sample (no caption left) once more
-    assert loader.error_counts() == {"bad_image": 1, "empty_caption": 2, "missing_image": 1,
-                                     "corrupt_shard": 1, "missing_shard": 1}
+    assert loader.error_counts() == {
+        "bad_image": 1,
+        "empty_caption": 2,
+        "missing_image": 1,
+        "corrupt_shard": 1,
+        "missing_shard": 1,
+    }
 
 
 def test_bad_input_raises_when_configured(tmp_path, ctx):
-    cfg = data_cfg(tmp_path, train=bad_shards(tmp_path), batch_size=2, shuffle_buffer=0, shuffle_shards=False,
-                   on_error="raise")
+    cfg = data_cfg(
+        tmp_path, train=bad_shards(tmp_path), batch_size=2, shuffle_buffer=0, shuffle_shards=False, on_error="raise"
+    )
     with pytest.raises(DataError, match="bad_image"):
         take(ResumableLoader(cfg, ctx, seed=0), 8)
-    cfg = data_cfg(tmp_path, train=bad_shards(tmp_path), batch_size=2, shuffle_buffer=0, shuffle_shards=False,
-                   max_errors=2)
+    cfg = data_cfg(
+        tmp_path, train=bad_shards(tmp_path), batch_size=2, shuffle_buffer=0, shuffle_shards=False, max_errors=2
+    )
     with pytest.raises(DataError, match="max_errors=2"):
         take(ResumableLoader(cfg, ctx, seed=0), 8)
 

@@ -1,4 +1,5 @@
 """End to end: training runs, loss falls, checkpoints; SIGKILL + resume equals an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ from tests.conftest import ROOT, experiment_tree
 
 
 def test_training_loss_falls_and_writes_run(toy_shards, tmp_path):
-    tree = experiment_tree(toy_shards, tmp_path / "run", data={"batch_size": 16},
-                           train={"steps": 40, "ckpt_every": 15, "keep_last": 2}, optim={"lr": 2e-3, "warmup_steps": 5})
+    tree = experiment_tree(
+        toy_shards,
+        tmp_path / "run",
+        data={"batch_size": 16},
+        train={"steps": 40, "ckpt_every": 15, "keep_last": 2},
+        optim={"lr": 2e-3, "warmup_steps": 5},
+    )
     run_dir = api.train(experiment_from_tree(tree))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -50,8 +56,13 @@ def keys_by_step(run_dir: Path) -> dict[int, list[str]]:
 
 
 def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", str(config), *overrides],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpretrain.cli", "train", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -82,15 +93,22 @@ def test_sigkill_then_resume_equals_uninterrupted(toy_shards, tmp_path):
     batches after the checkpoint hold the same sample keys and the weights end up identical."""
     # ckpt_every=7: the resume point is an odd number of batches into a 2-worker round robin,
     # so the resumed loader must relabel its workers to continue in order
-    common = {"data": {"num_workers": 2, "batch_size": 8}, "train": {"steps": 400, "ckpt_every": 7,
-              "keep_last": 5, "log_sample_keys": True, "threads": 1}}
+    common = {
+        "data": {"num_workers": 2, "batch_size": 8},
+        "train": {"steps": 400, "ckpt_every": 7, "keep_last": 5, "log_sample_keys": True, "threads": 1},
+    }
     ref_cfg = write_config(tmp_path / "ref.yaml", experiment_tree(toy_shards, tmp_path / "ref", **common))
     done = train_cli(ref_cfg, "train.stop_after=20")
     assert done.returncode == 0, done.stderr[-3000:]
 
     cfg = write_config(tmp_path / "run.yaml", experiment_tree(toy_shards, tmp_path / "run", **common))
-    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_step(tmp_path / "run" / "samples.rank0.jsonl", 9, proc)  # past the step-7 checkpoint
     finally:
@@ -117,10 +135,16 @@ def test_sigkill_then_resume_equals_uninterrupted(toy_shards, tmp_path):
 
 
 def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", experiment_tree(toy_shards, tmp_path / "run",
-                                                          train={"steps": 400, "ckpt_every": 1000}))
-    proc = subprocess.Popen([sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cfg = write_config(
+        tmp_path / "c.yaml", experiment_tree(toy_shards, tmp_path / "run", train={"steps": 400, "ckpt_every": 1000})
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]

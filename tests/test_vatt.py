@@ -1,5 +1,6 @@
 """VATT pieces: MIL-NCE, per-sample masking of pairs, views (several captions / clips), multi-view
 evaluation ops, optional modalities, and the media evaluation on generated clips."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,8 @@ def emb(*shape, seed=0):
 def test_milnce_with_one_caption_is_clip():
     a, b = emb(6, 8), emb(6, 8, seed=1)
     assert milnce_loss(a, b[:, None], SCALE, None, DistContext()).item() == pytest.approx(
-        clip_loss(a, b, SCALE, None, DistContext()).item(), rel=1e-6)
+        clip_loss(a, b, SCALE, None, DistContext()).item(), rel=1e-6
+    )
 
 
 def test_milnce_hand_computed():
@@ -43,8 +45,13 @@ def test_milnce_hand_computed():
     logits = SCALE * a @ b.flatten(0, 1).T  # (3, 6)
     own = torch.arange(6).view(3, 2)
     v2t = torch.stack([logits[i].logsumexp(0) - logits[i, own[i]].logsumexp(0) for i in range(3)])
-    t2v = torch.nn.functional.cross_entropy(SCALE * b.flatten(0, 1) @ a.T, torch.arange(3).repeat_interleave(2),
-                                            reduction="none").view(3, 2).mean(1)
+    t2v = (
+        torch.nn.functional.cross_entropy(
+            SCALE * b.flatten(0, 1) @ a.T, torch.arange(3).repeat_interleave(2), reduction="none"
+        )
+        .view(3, 2)
+        .mean(1)
+    )
     expected = (0.5 * (v2t + t2v)).mean()
     assert milnce_loss(a, b, SCALE, None, DistContext()).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -52,7 +59,9 @@ def test_milnce_hand_computed():
 def test_milnce_prefers_matching_captions():
     a = emb(8, 16)
     near = torch.nn.functional.normalize(a[:, None] + 0.1 * emb(8, 3, 16, seed=2), dim=-1)
-    assert milnce_loss(a, near, SCALE, None, DistContext()) < milnce_loss(a, near.roll(1, 0), SCALE, None, DistContext())
+    assert milnce_loss(a, near, SCALE, None, DistContext()) < milnce_loss(
+        a, near.roll(1, 0), SCALE, None, DistContext()
+    )
 
 
 @pytest.mark.parametrize("entry", LOSSES.entries(), ids=LOSSES.names())
@@ -82,13 +91,42 @@ def test_clip_refuses_several_captions():
 
 
 # ------------------------------------------------------------------ model: views and masking
-TINY = ModelConfig(embed_dim=16, towers={
-    "video": TowerConfig("vivit_fe", {"frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2, "patch_size": 16,
-                                      "width": 32, "heads": 2, "spatial_layers": 1, "temporal_layers": 1}),
-    "audio": TowerConfig("ast", {"sample_rate": 8000, "seconds": 1.0, "n_mels": 32, "patch_freq": 16, "patch_time": 16,
-                                 "width": 32, "heads": 2, "layers": 1}),
-    "text": TowerConfig("openclip_text", {"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32,
-                                                       "heads": 2, "layers": 1}})})
+TINY = ModelConfig(
+    embed_dim=16,
+    towers={
+        "video": TowerConfig(
+            "vivit_fe",
+            {
+                "frames": 4,
+                "fps": 4.0,
+                "image_size": 32,
+                "tubelet_frames": 2,
+                "patch_size": 16,
+                "width": 32,
+                "heads": 2,
+                "spatial_layers": 1,
+                "temporal_layers": 1,
+            },
+        ),
+        "audio": TowerConfig(
+            "ast",
+            {
+                "sample_rate": 8000,
+                "seconds": 1.0,
+                "n_mels": 32,
+                "patch_freq": 16,
+                "patch_time": 16,
+                "width": 32,
+                "heads": 2,
+                "layers": 1,
+            },
+        ),
+        "text": TowerConfig(
+            "openclip_text",
+            {"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+        ),
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -201,13 +239,15 @@ def clip_set(tmp_path_factory):
         data, caption = make_clip(rng, size=32, n_frames=16, fps=8)
         (root / f"{i}.mp4").write_bytes(data)
         colour = caption.split()[1]
-        rows.append({"file": f"{i}.mp4", "caption": caption, "captions": [caption, f"{caption}, on video"],
-                     "colour": colour})
+        rows.append(
+            {"file": f"{i}.mp4", "caption": caption, "captions": [caption, f"{caption}, on video"], "colour": colour}
+        )
     (root / "bad.mp4").write_bytes(b"\x00" * 100)
     rows.append({"file": "bad.mp4", "caption": "broken", "colour": "red"})
     (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make_shards(root, root / "c.jsonl", root / "shards", ShardWriterConfig(media="video", verify_images=False),
-                progress=False)
+    make_shards(
+        root, root / "c.jsonl", root / "shards", ShardWriterConfig(media="video", verify_images=False), progress=False
+    )
     return root
 
 
@@ -256,17 +296,37 @@ def test_zero_shot_api_takes_video_and_audio_files(model, clip_set):
 def mixture_tree(toy_shards, clip_set, run_dir, **train):
     from tests.conftest import TINY_MODEL, experiment_tree
 
-    towers = {**TINY_MODEL["towers"], "video": {"encoder": "vivit_fe", "params": {
-        "frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2, "patch_size": 16, "width": 32, "heads": 2,
-        "spatial_layers": 1, "temporal_layers": 1}}}
+    towers = {
+        **TINY_MODEL["towers"],
+        "video": {
+            "encoder": "vivit_fe",
+            "params": {
+                "frames": 4,
+                "fps": 4.0,
+                "image_size": 32,
+                "tubelet_frames": 2,
+                "patch_size": 16,
+                "width": 32,
+                "heads": 2,
+                "spatial_layers": 1,
+                "temporal_layers": 1,
+            },
+        },
+    }
     video_ops = [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]
-    tree = experiment_tree(toy_shards, run_dir, model={"towers": towers},
-                           loss={"pairs": [{"a": "image", "b": "text"}, {"a": "video", "b": "text"}]},
-                           train={"steps": 8, "ckpt_every": 4, **train})
+    tree = experiment_tree(
+        toy_shards,
+        run_dir,
+        model={"towers": towers},
+        loss={"pairs": [{"a": "image", "b": "text"}, {"a": "video", "b": "text"}]},
+        train={"steps": 8, "ckpt_every": 4, **train},
+    )
     tree["data"].pop("train")
     tree["data"]["batch_size"] = 4
-    tree["data"]["sources"] = [{"train": str(toy_shards), "weight": 1.0},
-                               {"train": str(clip_set / "shards"), "weight": 1.0, "ops": video_ops}]
+    tree["data"]["sources"] = [
+        {"train": str(toy_shards), "weight": 1.0},
+        {"train": str(clip_set / "shards"), "weight": 1.0, "ops": video_ops},
+    ]
     return tree
 
 
@@ -289,8 +349,9 @@ def test_mixture_trains_both_pairs_and_resumes_its_sequence(toy_shards, clip_set
     assert first and {loader.source_of(i) for i in range(20)} == {0, 1}
     import dataclasses
 
-    other_rank = build_loader(dataclasses.replace(cfg.data, resampled=True), model.data_context(), seed=0, rank=1,
-                              world_size=2)
+    other_rank = build_loader(
+        dataclasses.replace(cfg.data, resampled=True), model.data_context(), seed=0, rank=1, world_size=2
+    )
     assert [other_rank.source_of(i) for i in range(20)] == [loader.source_of(i) for i in range(20)]
 
 
@@ -313,12 +374,35 @@ def shared_cfg(**extra):
     from mmpretrain.training.validate import experiment_from_tree
 
     common = {"width": 32, "heads": 2}
-    return experiment_from_tree({"model": {"embed_dim": 16, "shared_backbone": ["video", "audio", "text"], "towers": {
-        "video": {"encoder": "vivit_fe", "params": {"frames": 4, "fps": 4.0, "image_size": 32, "tubelet_frames": 2,
-                                                    "patch_size": 16, "spatial_layers": 2, "temporal_layers": 1, **common}},
-        "audio": {"encoder": "waveform", "params": {"sample_rate": 8000, "seconds": 0.5, "layers": 2, **common}},
-        "text": {"encoder": "vatt_text", "params": {"context_length": 12, "layers": 2, **common, **extra}}}},
-        "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]}}).model
+    return experiment_from_tree(
+        {
+            "model": {
+                "embed_dim": 16,
+                "shared_backbone": ["video", "audio", "text"],
+                "towers": {
+                    "video": {
+                        "encoder": "vivit_fe",
+                        "params": {
+                            "frames": 4,
+                            "fps": 4.0,
+                            "image_size": 32,
+                            "tubelet_frames": 2,
+                            "patch_size": 16,
+                            "spatial_layers": 2,
+                            "temporal_layers": 1,
+                            **common,
+                        },
+                    },
+                    "audio": {
+                        "encoder": "waveform",
+                        "params": {"sample_rate": 8000, "seconds": 0.5, "layers": 2, **common},
+                    },
+                    "text": {"encoder": "vatt_text", "params": {"context_length": 12, "layers": 2, **common, **extra}},
+                },
+            },
+            "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]},
+        }
+    ).model
 
 
 def test_shared_backbone_is_one_trunk_that_trains_and_round_trips(tmp_path):
@@ -335,10 +419,15 @@ def test_shared_backbone_is_one_trunk_that_trains_and_round_trips(tmp_path):
     assert n_shared < sum(p.numel() for p in separate.parameters())
     groups = param_groups(m, OptimConfig(), m.cfg)
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))  # no parameter twice
-    batch = {**m.towers["video"].example_batch(3), **m.towers["audio"].example_batch(3),
-             **m.towers["text"].example_batch(3)}
+    batch = {
+        **m.towers["video"].example_batch(3),
+        **m.towers["audio"].example_batch(3),
+        **m.towers["text"].example_batch(3),
+    }
     out = m(batch)
-    ContrastiveTask(LossConfig(pairs=[LossPair("video", "text"), LossPair("video", "audio")])).losses(out)["loss"].backward()
+    ContrastiveTask(LossConfig(pairs=[LossPair("video", "text"), LossPair("video", "audio")])).losses(out)[
+        "loss"
+    ].backward()
     assert m.towers["text"].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     save_model(m, str(tmp_path / "m.safetensors"))
     fresh = ContrastiveModel(shared_cfg())
@@ -369,25 +458,46 @@ def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_pat
     from retrieval.index import BuildConfig, build_index
     from retrieval.search import Searcher
 
-    tree = {"model": {"embed_dim": 16, "towers": {m: {"encoder": t.encoder, "params": t.params}
-                                                  for m, t in TINY.towers.items()}},
-            "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]}}
+    tree = {
+        "model": {
+            "embed_dim": 16,
+            "towers": {m: {"encoder": t.encoder, "params": t.params} for m, t in TINY.towers.items()},
+        },
+        "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]},
+    }
     ckpt = save_checkpoint(tmp_path / "run", 1, model, {}, dump_config(experiment_from_tree(tree)), keep_last=1)
-    stats = run_embed(EmbedConfig(model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "emb"),
-                                  modality="video", batch_size=4), progress=False)
+    stats = run_embed(
+        EmbedConfig(
+            model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "emb"), modality="video", batch_size=4
+        ),
+        progress=False,
+    )
     assert stats["items"] == 10 and stats["bad"] == {"bad_video": 1}
     emb = load_embeddings(tmp_path / "emb")
     meta = emb.meta()
     assert emb.header["modality"] == "video" and set(meta.column("modality").to_pylist()) == {"video"}
     assert all(n > 100 for n in meta.column("thumb_len").to_pylist())  # a JPEG of the middle frame each
-    expected = model.encode("video", {"video": torch.stack([build("decode_video", DecodeVideoParams(train=False),
-                                      model.data_context())(dict(s))["video"] for s in _first_clip(clip_set)])})
+    expected = model.encode(
+        "video",
+        {
+            "video": torch.stack(
+                [
+                    build("decode_video", DecodeVideoParams(train=False), model.data_context())(dict(s))["video"]
+                    for s in _first_clip(clip_set)
+                ]
+            )
+        },
+    )
     assert np.allclose(emb.array()[:1], expected.detach().numpy(), atol=2e-3)  # float16 storage
     build_index(tmp_path / "emb", tmp_path / "ix", BuildConfig(), progress=False)
     hits = Searcher.open(tmp_path / "ix").search(["a red circle moving left"], k=3)[0]
     assert len(hits) == 3 and all(h.modality == "video" for h in hits)
-    audio = run_embed(EmbedConfig(model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "aemb"),
-                                  modality="audio", batch_size=4), progress=False)
+    audio = run_embed(
+        EmbedConfig(
+            model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "aemb"), modality="audio", batch_size=4
+        ),
+        progress=False,
+    )
     assert audio["items"] == 10
 
 
@@ -415,11 +525,19 @@ def test_init_from_applies_to_fresh_runs_only(model, clip_set, tmp_path):
     save_model(marked, str(tmp_path / "start.safetensors"))
     towers = {m: {"encoder": t.encoder, "params": t.params} for m, t in TINY.towers.items() if m != "audio"}
     towers["video"]["init_from"] = str(tmp_path / "start.safetensors")
-    tree = {"model": {"embed_dim": 16, "towers": towers}, "loss": {"pairs": [{"a": "video", "b": "text"}]},
-            "data": {"train": str(clip_set / "shards"), "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
-                     "ops": [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]},
-            "optim": {"lr": 1e-9, "warmup_steps": 1},
-            "train": {"steps": 4, "stop_after": 2, "ckpt_every": 2, "run_dir": str(tmp_path / "run"), "progress": False}}
+    tree = {
+        "model": {"embed_dim": 16, "towers": towers},
+        "loss": {"pairs": [{"a": "video", "b": "text"}]},
+        "data": {
+            "train": str(clip_set / "shards"),
+            "batch_size": 4,
+            "num_workers": 0,
+            "shuffle_buffer": 4,
+            "ops": [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}],
+        },
+        "optim": {"lr": 1e-9, "warmup_steps": 1},
+        "train": {"steps": 4, "stop_after": 2, "ckpt_every": 2, "run_dir": str(tmp_path / "run"), "progress": False},
+    }
     run = api.train(experiment_from_tree(tree))
     saved = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
     start = marked.towers["video"].tubelet.weight
@@ -441,10 +559,13 @@ def test_stream_keeps_samples_without_optional_audio_and_counts_them(tmp_path):
         data, caption = make_clip(rng, size=32, n_frames=8, fps=8, audio=i % 2 == 0)
         samples.append({"__key__": f"{i:03d}", "mp4": data, "txt": caption.encode()})
     write_shard(tmp_path / "s.tar", samples)
-    ops = [OpSpec("decode_video", {"frames": 4, "fps": 4.0, "size": 32}),
-           OpSpec("decode_audio", {"sample_rate": 8000, "seconds": 0.5, "optional": True})]
-    cfg = DataConfig(train=str(tmp_path / "s.tar"), batch_size=4, num_workers=0, shuffle_buffer=0, ops=ops,
-                     max_errors=0)  # absent modalities are not errors: max_errors=0 must not trip
+    ops = [
+        OpSpec("decode_video", {"frames": 4, "fps": 4.0, "size": 32}),
+        OpSpec("decode_audio", {"sample_rate": 8000, "seconds": 0.5, "optional": True}),
+    ]
+    cfg = DataConfig(
+        train=str(tmp_path / "s.tar"), batch_size=4, num_workers=0, shuffle_buffer=0, ops=ops, max_errors=0
+    )  # absent modalities are not errors: max_errors=0 must not trip
     loader = ResumableLoader(cfg, CTX, seed=0)
     batch = next(iter(loader))
     valid = dict(zip(batch.keys, batch.data["audio_valid"].tolist()))

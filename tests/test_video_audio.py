@@ -1,5 +1,6 @@
 """Video and audio towers beyond the generated shape/gradient/NaN tests: image-weight inflation,
 DropToken, and padding masks that really mask."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ def video(variant: str, **over):
 def test_image_vit_weights_inflate_into_the_spatial_part():
     import timm
 
-    image = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
-                              num_heads=2, num_classes=0)
+    image = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=0
+    )
     enc = video("vivit_fe")
     loaded = enc.inflate_from_image(image.state_dict())
     assert "blocks.1.attn.qkv.weight" in loaded
@@ -43,8 +45,9 @@ def test_image_vit_weights_inflate_into_the_spatial_part():
 def test_inflation_refuses_mismatched_depth():
     import timm
 
-    image = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=1,
-                              num_heads=2, num_classes=0)
+    image = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=0
+    )
     with pytest.raises(ValueError, match="lack"):
         video("vivit_fe").inflate_from_image(image.state_dict())
 
@@ -73,8 +76,15 @@ def test_padded_audio_does_not_change_the_embedding(variant, example):
     torch.testing.assert_close(enc({"audio": wave, "audio_mask": mask}), enc({"audio": other, "audio_mask": mask}))
 
 
-@pytest.mark.parametrize("modality, name, example", [("video", "vivit_fe", VIDEO), ("video", "vivit_fsa", VIDEO),
-                                                     ("audio", "ast", EXAMPLE_AST), ("audio", "waveform", EXAMPLE_WAVE)])
+@pytest.mark.parametrize(
+    "modality, name, example",
+    [
+        ("video", "vivit_fe", VIDEO),
+        ("video", "vivit_fsa", VIDEO),
+        ("audio", "ast", EXAMPLE_AST),
+        ("audio", "waveform", EXAMPLE_WAVE),
+    ],
+)
 def test_drop_token_only_in_training(modality, name, example):
     enc = build_encoder(modality, name, {**example, "drop_token": 0.5}, embed_dim=16)
     batch = enc.example_batch(2)
@@ -110,17 +120,30 @@ def test_init_from_inflates_a_trained_image_tower_into_a_fresh_runs_video_tower(
     from mmpretrain.models.init import init_towers
     from mmpretrain.training.validate import experiment_from_tree
 
-    vit = {"model_name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"patch_size": 16, "depth": 2,
-                                                                              "embed_dim": 32, "num_heads": 2}}
-    text = {"encoder": "openclip_text", "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408,
-                                                                "width": 32, "heads": 2, "layers": 1}}}
-    image_model = ContrastiveModel(experiment_from_tree({"model": {"embed_dim": 16, "towers": {
-        "image": {"encoder": "timm_vision", "params": vit}, "text": text}}}).model)
+    vit = {
+        "model_name": "vit_tiny_patch16_224",
+        "image_size": 64,
+        "kwargs": {"patch_size": 16, "depth": 2, "embed_dim": 32, "num_heads": 2},
+    }
+    text = {
+        "encoder": "openclip_text",
+        "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    }
+    image_model = ContrastiveModel(
+        experiment_from_tree(
+            {"model": {"embed_dim": 16, "towers": {"image": {"encoder": "timm_vision", "params": vit}, "text": text}}}
+        ).model
+    )
     save_model(image_model, str(tmp_path / "image.safetensors"))
-    video_tower = {"encoder": "vivit_fe", "init_from": str(tmp_path / "image.safetensors"),
-                   "params": {**VIDEO, "image_size": 32, "patch_size": 16}}
-    tree = {"model": {"embed_dim": 16, "towers": {"video": video_tower, "text": text}},
-            "loss": {"pairs": [{"a": "video", "b": "text"}]}}
+    video_tower = {
+        "encoder": "vivit_fe",
+        "init_from": str(tmp_path / "image.safetensors"),
+        "params": {**VIDEO, "image_size": 32, "patch_size": 16},
+    }
+    tree = {
+        "model": {"embed_dim": 16, "towers": {"video": video_tower, "text": text}},
+        "loss": {"pairs": [{"a": "video", "b": "text"}]},
+    }
     model = ContrastiveModel(experiment_from_tree(tree).model)
     assert init_towers(model, model.cfg) == {"video": 4 + 2 * 12}  # proj w/b, cls, pos + 2 blocks x 12 tensors
     trunk = image_model.towers["image"].trunk

@@ -1,4 +1,5 @@
 """Typed, layered, strict experiment configuration (internal; use mmpretrain.api)."""
+
 from mmpretrain.config.schema import (  # noqa: F401
     DataConfig,
     EvalConfig,

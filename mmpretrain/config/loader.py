@@ -10,6 +10,7 @@ Mappings merge key by key; lists and scalars replace; a tower whose ``encoder`` 
 is replaced whole. The merged tree is converted
 strictly into ``ExperimentConfig`` and then checked against the registries.
 """
+
 from __future__ import annotations
 
 import copy
@@ -87,7 +88,11 @@ def deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     """
     for key, value in src.items():
         old = dst.get(key)
-        switched = isinstance(value, dict) and isinstance(old, dict) and value.get("encoder", old.get("encoder")) != old.get("encoder")
+        switched = (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("encoder", old.get("encoder")) != old.get("encoder")
+        )
         if isinstance(value, dict) and isinstance(old, dict) and not switched:
             deep_merge(dst[key], value)
         else:

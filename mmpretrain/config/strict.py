@@ -4,6 +4,7 @@ Unknown keys and wrong types raise ``ConfigError`` naming the dotted path and th
 choices. Supported annotations: bool, int, float, str, Any, Literal, Optional/union with
 None, list[X], tuple[X, ...], tuple[X, Y], dict[str, X] and nested dataclasses.
 """
+
 from __future__ import annotations
 
 import dataclasses

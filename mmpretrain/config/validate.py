@@ -3,6 +3,7 @@ agree with each other. Checks against the registries (encoders, data ops, losses
 belong to the packages that own them (``check_model``, ``check_ops``, ``check_pairs``,
 ``check_eval``); ``training.validate`` runs all of them. ``config/`` imports nothing above it.
 """
+
 from __future__ import annotations
 
 from mmpretrain.config.schema import ExperimentConfig, ModelConfig
@@ -21,8 +22,9 @@ def check_config(cfg: ExperimentConfig) -> None:
     for i, pair in enumerate(cfg.loss.pairs):
         for side in (pair.a, pair.b):
             if side not in cfg.model.towers:
-                raise ConfigError(f"loss.pairs[{i}]: modality {side!r} has no tower. Towers: "
-                                  f"{', '.join(cfg.model.towers)}")
+                raise ConfigError(
+                    f"loss.pairs[{i}]: modality {side!r} has no tower. Towers: {', '.join(cfg.model.towers)}"
+                )
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it gradients are wrong")
     _check_numbers(cfg)
@@ -37,8 +39,9 @@ def check_model_shape(model: ModelConfig) -> None:
             raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(MODALITIES))}")
     unknown = [m for m in model.shared_backbone if m not in model.towers]
     if unknown or len(model.shared_backbone) == 1:
-        raise ConfigError(f"model.shared_backbone {model.shared_backbone}: name two or more of the towers "
-                          f"({', '.join(model.towers)})")
+        raise ConfigError(
+            f"model.shared_backbone {model.shared_backbone}: name two or more of the towers ({', '.join(model.towers)})"
+        )
 
 
 def _check_numbers(cfg: ExperimentConfig) -> None:

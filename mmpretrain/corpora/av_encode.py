@@ -1,4 +1,5 @@
 """Writing clips: H.264 (+ AAC) MP4 bytes from frames and a waveform, with PyAV (for corpora and tests)."""
+
 from __future__ import annotations
 
 import io

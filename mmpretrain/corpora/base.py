@@ -4,6 +4,7 @@ seen/unseen split, the writer of training shards and evaluation folders, and the
 A corpus builder is ``build(cfg, cache, out, **offline_sources) -> manifest`` registered in
 ``CORPORA`` with its config dataclass; ``mmpretrain data build NAME`` runs it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,9 @@ class CorpusError(RuntimeError):
     """A source cannot be had; the message says what to install."""
 
 
-def seeded_split(items: Sequence[T], *, seed: int, limit: int | None, unseen_fraction: float,
-                 key: Callable[[T], Any] | None = None) -> tuple[list[T], list[T]]:
+def seeded_split(
+    items: Sequence[T], *, seed: int, limit: int | None, unseen_fraction: float, key: Callable[[T], Any] | None = None
+) -> tuple[list[T], list[T]]:
     """(seen, unseen): ``items`` shuffled by ``Random(seed)`` in the order given (not sorted here: the
     order is part of the seed's meaning), the first ``limit`` kept (None: all), the first
     ``round(n * unseen_fraction)`` unseen; each half sorted by ``key``."""
@@ -61,13 +63,18 @@ def placeholder(src: str, out: Path, size: int) -> None:
 def rsvg(svg: str, out: Path, size: int) -> None:
     """librsvg's ``rsvg-convert`` on a white background (Debian: librsvg2-bin)."""
     need_rsvg()
-    png = subprocess.run(["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white"], input=svg.encode(),
-                         capture_output=True, check=True).stdout
+    png = subprocess.run(
+        ["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white"],
+        input=svg.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
     atomic_write_bytes(out, png)
 
 
-def write_corpus(out: Path, train: list[tuple[Path, str, str]], splits: dict[str, list[tuple[Path, str, str]]],
-                 shard_count: int) -> dict[str, int]:
+def write_corpus(
+    out: Path, train: list[tuple[Path, str, str]], splits: dict[str, list[tuple[Path, str, str]]], shard_count: int
+) -> dict[str, int]:
     """Write training shards and evaluation ImageFolder splits; returns image counts per split.
 
     ``train``: (png, caption, file name) rows; ``splits[name]``: (png, concept label, file name) rows,
@@ -84,8 +91,9 @@ def write_corpus(out: Path, train: list[tuple[Path, str, str]], splits: dict[str
         shutil.copyfile(png, staging / name)
         rows.writerow([name, text])
     atomic_write_text(staging / "captions.csv", buf.getvalue())
-    manifest = make_shards(staging, staging / "captions.csv", out / "shards", ShardWriterConfig(max_count=shard_count),
-                           progress=False)
+    manifest = make_shards(
+        staging, staging / "captions.csv", out / "shards", ShardWriterConfig(max_count=shard_count), progress=False
+    )
     counts = {"train_shards": manifest.samples}
     for split, items in splits.items():
         for png, label, name in items:

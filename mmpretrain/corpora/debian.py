@@ -1,5 +1,6 @@
 """Debian packages as offline data sources: ``apt-get download`` (no root, nothing installed) and
 ``dpkg-deb -x`` into a cache, with the version and licence of each (the icon themes; espeak-ng)."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def _download_deb(pkg: str, deb_dir: Path) -> Path:
     proc = subprocess.run(["apt-get", "download", pkg], cwd=deb_dir, capture_output=True, text=True)
     have = sorted(deb_dir.glob(f"{pkg}_*.deb"))
     if proc.returncode != 0 or not have:
-        raise CorpusError(f"`apt-get download {pkg}` failed ({proc.stderr.strip()[-300:]}); run `apt-get update` "
-                          f"(as root) so apt knows the package, or drop it from the config's packages")
+        raise CorpusError(
+            f"`apt-get download {pkg}` failed ({proc.stderr.strip()[-300:]}); run `apt-get update` "
+            f"(as root) so apt knows the package, or drop it from the config's packages"
+        )
     return have[-1]
 
 

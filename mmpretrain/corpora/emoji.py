@@ -8,6 +8,7 @@ monochrome sketch styles (ImageNet-Sketch analogue); concepts never trained on (
 Output: training shards (via the shard writer) and each evaluation split as an ImageFolder
 tree (``<split>/<concept>/<style>.png``) for ``mmpretrain eval zeroshot --data NAME@folder=DIR``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ from pathlib import Path
 from mmpretrain.corpora.base import CORPORA, RASTERIZERS, CorpusError, seeded_split, write_corpus
 from mmpretrain.utils.io import atomic_write_text
 
-TEMPLATES = ("{label}", "a {label} emoji", "an icon of a {label}", "a drawing of a {label}", "{label}, {tag}",
-             "the {label} symbol")
+TEMPLATES = (
+    "{label}",
+    "a {label} emoji",
+    "an icon of a {label}",
+    "a drawing of a {label}",
+    "{label}, {tag}",
+    "the {label} symbol",
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,9 @@ def fetch_npm(package: str, cache: Path) -> Path:
     if shutil.which("npm") is None:
         raise CorpusError(f"npm not found, needed to fetch {package}: install Node.js and npm (apt-get install npm)")
     target.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["npm", "pack", package, "--silent", "--pack-destination", str(target)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["npm", "pack", package, "--silent", "--pack-destination", str(target)], capture_output=True, text=True
+    )
     tgz = sorted(target.glob("*.tgz"))
     if proc.returncode != 0 or not tgz:
         raise CorpusError(f"npm pack {package} failed: {proc.stderr.strip()[-500:]}")
@@ -77,7 +85,9 @@ def fetch_npm(package: str, cache: Path) -> Path:
 
 def load_concepts(emojibase: Path) -> list[Concept]:
     """Named, non-flag emoji concepts from emojibase (regional indicators and components dropped)."""
-    data = json.loads((emojibase / "en" / "data.json" if (emojibase / "en").is_dir() else emojibase / "data.json").read_text())
+    data = json.loads(
+        (emojibase / "en" / "data.json" if (emojibase / "en").is_dir() else emojibase / "data.json").read_text()
+    )
     out = {}
     for e in data:
         label = e.get("label", "")
@@ -111,14 +121,20 @@ def resolve_sources(cfg: EmojiCorpusConfig, cache: Path, sources: dict[str, Path
     return out
 
 
-def select(cfg: EmojiCorpusConfig, concepts: list[Concept], styles: dict[str, Style]) -> tuple[list[Concept], list[Concept]]:
+def select(
+    cfg: EmojiCorpusConfig, concepts: list[Concept], styles: dict[str, Style]
+) -> tuple[list[Concept], list[Concept]]:
     """(seen, unseen) concepts: drawn in >= 2 training styles and in every held-out style."""
     held_out = cfg.rendition_styles + cfg.sketch_styles
-    usable = [c for c in concepts
-              if sum(c.slug in styles[s].svgs for s in cfg.train_styles) >= min(2, len(cfg.train_styles))
-              and all(c.slug in styles[s].svgs for s in held_out)]
-    return seeded_split(usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction,
-                        key=lambda c: c.slug)
+    usable = [
+        c
+        for c in concepts
+        if sum(c.slug in styles[s].svgs for s in cfg.train_styles) >= min(2, len(cfg.train_styles))
+        and all(c.slug in styles[s].svgs for s in held_out)
+    ]
+    return seeded_split(
+        usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction, key=lambda c: c.slug
+    )
 
 
 def rasterize_all(cfg: EmojiCorpusConfig, cache: Path, styles: dict[str, Style], concepts: list[Concept]) -> dict:
@@ -145,12 +161,22 @@ def caption(concept: Concept, rng: random.Random) -> str:
 def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Concept], unseen: list[Concept]) -> dict:
     """Training shards (seen concepts x training styles) + the four evaluation splits."""
     rng = random.Random(cfg.seed + 1)
-    train = [(pngs[(s, c.slug)], caption(c, rng), f"{s}/{c.slug}.png")
-             for c in seen for s in cfg.train_styles if (s, c.slug) in pngs]
-    plan = {"train_styles_seen": (seen, cfg.train_styles), "rendition": (seen, cfg.rendition_styles),
-            "sketch": (seen, cfg.sketch_styles), "unseen_concepts": (unseen, cfg.train_styles)}
-    splits = {split: [(pngs[(s, c.slug)], c.label, f"{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs]
-              for split, (concepts, styles) in plan.items()}
+    train = [
+        (pngs[(s, c.slug)], caption(c, rng), f"{s}/{c.slug}.png")
+        for c in seen
+        for s in cfg.train_styles
+        if (s, c.slug) in pngs
+    ]
+    plan = {
+        "train_styles_seen": (seen, cfg.train_styles),
+        "rendition": (seen, cfg.rendition_styles),
+        "sketch": (seen, cfg.sketch_styles),
+        "unseen_concepts": (unseen, cfg.train_styles),
+    }
+    splits = {
+        split: [(pngs[(s, c.slug)], c.label, f"{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs]
+        for split, (concepts, styles) in plan.items()
+    }
     return write_corpus(out, train, splits, cfg.shard_count)
 
 
@@ -166,23 +192,41 @@ def example_sources(folder: Path, styles: tuple[str, ...] = ("s1", "s2", "s3")) 
     (folder / "emojibase" / "data.json").write_text(json.dumps(data))
     (folder / "emojibase" / "package.json").write_text(json.dumps({"name": "emojibase-data", "version": "example"}))
     for i, style in enumerate(styles):
-        icons = {slug(label): {"body": f'<rect x="{j}" width="{16 - j}" height="{8 + i}" fill="#{(40 * j) % 256:02x}'
-                                       f'{(90 * i) % 256:02x}80"/>'} for j, label in enumerate(EXAMPLE_LABELS)}
+        icons = {
+            slug(label): {
+                "body": f'<rect x="{j}" width="{16 - j}" height="{8 + i}" fill="#{(40 * j) % 256:02x}'
+                f'{(90 * i) % 256:02x}80"/>'
+            }
+            for j, label in enumerate(EXAMPLE_LABELS)
+        }
         (folder / style).mkdir(parents=True, exist_ok=True)
-        (folder / style / "icons.json").write_text(json.dumps({"prefix": style, "width": 16, "height": 16, "icons": icons}))
+        (folder / style / "icons.json").write_text(
+            json.dumps({"prefix": style, "width": 16, "height": 16, "icons": icons})
+        )
     return {name: folder / name for name in ("emojibase", *styles)}
 
 
 def _example() -> dict:
     """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
-    return {"config": {"train_styles": ("s1",), "rendition_styles": ("s2",), "sketch_styles": ("s3",), "concepts": None,
-                       "unseen_fraction": 0.25, "size": 16, "rasterizer": "placeholder", "shard_count": 10},
-            "offline": lambda folder: {"sources": example_sources(folder)}}
+    return {
+        "config": {
+            "train_styles": ("s1",),
+            "rendition_styles": ("s2",),
+            "sketch_styles": ("s3",),
+            "concepts": None,
+            "unseen_fraction": 0.25,
+            "size": 16,
+            "rasterizer": "placeholder",
+            "shard_count": 10,
+        },
+        "offline": lambda folder: {"sources": example_sources(folder)},
+    }
 
 
 @CORPORA.register("emoji", config=EmojiCorpusConfig, example=_example)
-def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Path,
-                       sources: dict[str, Path] | None = None) -> dict:
+def build_emoji_corpus(
+    cfg: EmojiCorpusConfig, cache: str | Path, out: str | Path, sources: dict[str, Path] | None = None
+) -> dict:
     """Fetch (or take) the sources, rasterise, split, and write shards + eval folders + manifest.json.
 
     Idempotent: fetched packages and rasterised icons are cached; ``out`` is rebuilt.
@@ -199,10 +243,14 @@ def build_emoji_corpus(cfg: EmojiCorpusConfig, cache: str | Path, out: str | Pat
     counts = write_splits(cfg, out, pngs, seen, unseen)
     emojibase_pkg = json.loads((folders["emojibase"] / "package.json").read_text())
     manifest = {
-        "format": "mmpretrain-emoji-corpus/1", "config": asdict(cfg), "counts": counts,
+        "format": "mmpretrain-emoji-corpus/1",
+        "config": asdict(cfg),
+        "counts": counts,
         "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
-        "sources": {"emojibase": {k: emojibase_pkg.get(k) for k in ("name", "version", "license")},
-                    **{name: s.package for name, s in styles.items()}},
+        "sources": {
+            "emojibase": {k: emojibase_pkg.get(k) for k in ("name", "version", "license")},
+            **{name: s.package for name, s in styles.items()},
+        },
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

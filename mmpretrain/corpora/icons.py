@@ -9,6 +9,7 @@ stay on the same side of a split. Splits: training families; held-out rendition 
 breeze, Papirus); ``*-symbolic`` monochrome versions (sketch); concepts never trained on (unseen).
 Output layout as the emoji corpus (``corpora.base.write_corpus``).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,16 +28,46 @@ from mmpretrain.corpora.debian import fetch_debs, licence
 from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
-PACKAGES = ("adwaita-icon-theme", "oxygen-icon-theme", "breeze-icon-theme", "papirus-icon-theme", "tango-icon-theme",
-            "elementary-icon-theme", "numix-icon-theme", "gnome-icon-theme", "faenza-icon-theme", "mate-icon-theme",
-            "lxde-icon-theme", "yaru-theme-icon", "suru-icon-theme", "elementary-xfce-icon-theme", "moka-icon-theme",
-            "paper-icon-theme")
-FAMILIES = {"adwaita": ("Adwaita",), "tango": ("Tango",), "gnome": ("gnome", "mate"), "paper": ("Paper", "Moka"),
-            "elementary": ("elementary", "elementary-xfce"), "yaru": ("Yaru", "suru"), "faenza": ("Faenza",),
-            "numix": ("Numix",), "lxde": ("nuoveXT2",), "oxygen": ("oxygen",), "breeze": ("breeze",),
-            "papirus": ("Papirus",)}
-TEMPLATES = ("{label}", "a {label} icon", "an icon of a {label}", "the {label} symbol", "a desktop icon of {label}",
-             "{label}, {context}")
+PACKAGES = (
+    "adwaita-icon-theme",
+    "oxygen-icon-theme",
+    "breeze-icon-theme",
+    "papirus-icon-theme",
+    "tango-icon-theme",
+    "elementary-icon-theme",
+    "numix-icon-theme",
+    "gnome-icon-theme",
+    "faenza-icon-theme",
+    "mate-icon-theme",
+    "lxde-icon-theme",
+    "yaru-theme-icon",
+    "suru-icon-theme",
+    "elementary-xfce-icon-theme",
+    "moka-icon-theme",
+    "paper-icon-theme",
+)
+FAMILIES = {
+    "adwaita": ("Adwaita",),
+    "tango": ("Tango",),
+    "gnome": ("gnome", "mate"),
+    "paper": ("Paper", "Moka"),
+    "elementary": ("elementary", "elementary-xfce"),
+    "yaru": ("Yaru", "suru"),
+    "faenza": ("Faenza",),
+    "numix": ("Numix",),
+    "lxde": ("nuoveXT2",),
+    "oxygen": ("oxygen",),
+    "breeze": ("breeze",),
+    "papirus": ("Papirus",),
+}
+TEMPLATES = (
+    "{label}",
+    "a {label} icon",
+    "an icon of a {label}",
+    "the {label} symbol",
+    "a desktop icon of {label}",
+    "{label}, {context}",
+)
 SUFFIXES = (".svg", ".png")
 
 
@@ -80,8 +111,9 @@ def rsvg_file(src: str, out: Path, size: int) -> None:
             path.replace(out)
         return
     need_rsvg()
-    png = subprocess.run(["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white", src],
-                         capture_output=True, check=True).stdout
+    png = subprocess.run(
+        ["rsvg-convert", "-w", str(size), "-h", str(size), "-b", "white", src], capture_output=True, check=True
+    ).stdout
     atomic_write_bytes(out, png)
 
 
@@ -171,7 +203,8 @@ def label_of(name: str) -> str:
 
 @dataclass
 class IconPlan:
-    """Which file draws each (style, concept): ``files[(style, concept)]``; styles are themes or ``<theme>-symbolic``."""
+    """Which file draws each (style, concept): ``files[(style, concept)]``; styles are themes or
+    ``<theme>-symbolic``."""
 
     seen: list[str]
     unseen: list[str]
@@ -243,8 +276,10 @@ def example_roots(folder: Path) -> dict[str, Path]:
         devices = icons / theme / "scalable" / "devices"
         devices.mkdir(parents=True, exist_ok=True)
         for j, name in enumerate(names):
-            svg = f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle r="{4 + j % 4}" cx="8" cy="8" ' \
-                  f'fill="#{(30 * j) % 256:02x}{(80 * t) % 256:02x}40"/></svg>'
+            svg = (
+                f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle r="{4 + j % 4}" cx="8" cy="8" '
+                f'fill="#{(30 * j) % 256:02x}{(80 * t) % 256:02x}40"/></svg>'
+            )
             (devices / f"{name}.svg").write_text(svg)
             if t == 0:
                 (devices / f"{name}-symbolic.svg").write_text(svg.replace('fill="#', 'fill="#0'))
@@ -253,15 +288,26 @@ def example_roots(folder: Path) -> dict[str, Path]:
 
 def _example() -> dict:
     """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
-    return {"config": {"packages": ("example-icons",), "families": {"a": ("ThemeA",), "b": ("ThemeB",), "r": ("ThemeR",)},
-                       "rendition_families": ("r",), "contexts": ("devices",), "min_train_themes": 2,
-                       "unseen_fraction": 0.25, "size": 16, "rasterizer": "placeholder", "shard_count": 10},
-            "offline": lambda folder: {"roots": example_roots(folder)}}
+    return {
+        "config": {
+            "packages": ("example-icons",),
+            "families": {"a": ("ThemeA",), "b": ("ThemeB",), "r": ("ThemeR",)},
+            "rendition_families": ("r",),
+            "contexts": ("devices",),
+            "min_train_themes": 2,
+            "unseen_fraction": 0.25,
+            "size": 16,
+            "rasterizer": "placeholder",
+            "shard_count": 10,
+        },
+        "offline": lambda folder: {"roots": example_roots(folder)},
+    }
 
 
 @CORPORA.register("icons", config=IconCorpusConfig, example=_example)
-def build_icon_corpus(cfg: IconCorpusConfig, cache: str | Path, out: str | Path,
-                      roots: dict[str, Path] | None = None) -> dict:
+def build_icon_corpus(
+    cfg: IconCorpusConfig, cache: str | Path, out: str | Path, roots: dict[str, Path] | None = None
+) -> dict:
     """Fetch (or take ``roots``: package -> unpacked root), index, split, rasterise, write + manifest.json.
 
     Idempotent: downloaded packages, unpacked trees and rasterised icons are cached; ``out`` is rebuilt.
@@ -273,8 +319,12 @@ def build_icon_corpus(cfg: IconCorpusConfig, cache: str | Path, out: str | Path,
     else:
         sources = {pkg: {"name": pkg, "version": "local", "license": licence(root, pkg)} for pkg, root in roots.items()}
     wanted = {t for members in cfg.families.values() for t in members}
-    themes = {d.name: index_theme(d, cfg.contexts) for root in roots.values()
-              for d in sorted((root / "usr" / "share" / "icons").glob("*")) if d.name in wanted and d.is_dir()}
+    themes = {
+        d.name: index_theme(d, cfg.contexts)
+        for root in roots.values()
+        for d in sorted((root / "usr" / "share" / "icons").glob("*"))
+        if d.name in wanted and d.is_dir()
+    }
     plan = plan_corpus(cfg, themes)
     if not plan.seen:
         raise CorpusError(f"no icon name is drawn by {cfg.min_train_themes} training themes")
@@ -290,12 +340,20 @@ def build_icon_corpus(cfg: IconCorpusConfig, cache: str | Path, out: str | Path,
         return [(pngs[(s, c)], label_of(c), f"{s}.png") for c in concepts for s in styles if (s, c) in pngs]
 
     train = [(pngs[(s, c)], caption(c), f"{s}/{c}.png") for c in plan.seen for s in plan.train_styles if (s, c) in pngs]
-    splits = {"train_styles_seen": rows(plan.seen, plan.train_styles), "rendition": rows(plan.seen, plan.rendition_styles),
-              "sketch": rows(plan.seen, plan.sketch_styles), "unseen_concepts": rows(plan.unseen, plan.train_styles)}
+    splits = {
+        "train_styles_seen": rows(plan.seen, plan.train_styles),
+        "rendition": rows(plan.seen, plan.rendition_styles),
+        "sketch": rows(plan.seen, plan.sketch_styles),
+        "unseen_concepts": rows(plan.unseen, plan.train_styles),
+    }
     counts = write_corpus(out, train, splits, cfg.shard_count)
-    manifest = {"format": "mmpretrain-icon-corpus/1", "config": asdict(cfg), "counts": counts,
-                "styles": {"train": plan.train_styles, "rendition": plan.rendition_styles, "sketch": plan.sketch_styles},
-                "concepts": {"seen": [label_of(c) for c in plan.seen], "unseen": [label_of(c) for c in plan.unseen]},
-                "sources": sources}
+    manifest = {
+        "format": "mmpretrain-icon-corpus/1",
+        "config": asdict(cfg),
+        "counts": counts,
+        "styles": {"train": plan.train_styles, "rendition": plan.rendition_styles, "sketch": plan.sketch_styles},
+        "concepts": {"seen": [label_of(c) for c in plan.seen], "unseen": [label_of(c) for c in plan.unseen]},
+        "sources": sources,
+    }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

@@ -18,6 +18,7 @@ Splits (all as webdataset shards; evaluation ones under ``eval/<split>/``):
                        spoken by held-out voices: the held-out split for zero-shot and retrieval;
     unseen_concepts    concepts never trained, every motion, held-out voices.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,9 +49,14 @@ from mmpretrain.corpora.emoji import (
 from mmpretrain.utils.io import atomic_write_text
 
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
-SYNONYMS = {"moving left": ("sliding to the left", "going left"), "moving right": ("sliding to the right", "going right"),
-            "moving up": ("rising", "going up"), "moving down": ("falling", "going down"),
-            "growing": ("getting bigger", "zooming in"), "shrinking": ("getting smaller", "zooming out")}
+SYNONYMS = {
+    "moving left": ("sliding to the left", "going left"),
+    "moving right": ("sliding to the right", "going right"),
+    "moving up": ("rising", "going up"),
+    "moving down": ("falling", "going down"),
+    "growing": ("getting bigger", "zooming in"),
+    "shrinking": ("getting smaller", "zooming out"),
+}
 ESPEAK_PACKAGES = ("espeak-ng", "espeak-ng-data", "libespeak-ng1", "libpcaudio0", "libsonic0")
 
 
@@ -102,9 +108,14 @@ def espeak_command(cache: Path) -> tuple[list[str], dict[str, str]]:
     data = next((d for d in libs if (Path(d) / "espeak-ng-data").is_dir()), None)
     binary = roots[0] / "usr" / "bin" / "espeak-ng"
     if not binary.is_file() or data is None:
-        raise CorpusError("espeak-ng could not be unpacked from Debian packages; install it (apt-get install espeak-ng)")
-    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(libs + [os.environ.get("LD_LIBRARY_PATH", "")]),
-           "ESPEAK_DATA_PATH": data}
+        raise CorpusError(
+            "espeak-ng could not be unpacked from Debian packages; install it (apt-get install espeak-ng)"
+        )
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": ":".join(libs + [os.environ.get("LD_LIBRARY_PATH", "")]),
+        "ESPEAK_DATA_PATH": data,
+    }
     return [str(binary)], env
 
 
@@ -138,8 +149,9 @@ def render_frames(sprite, motion: str, cfg: MotionCorpusConfig, rng: random.Rand
         scale = {"growing": 1 + 1.2 * f, "shrinking": 1 - 1.2 * f}.get(motion, 1.0)
         side = max(4, int(round(base * scale)))
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        canvas.paste(sprite.resize((side, side), Image.BICUBIC),
-                     (int(round(cx + dx - side / 2)), int(round(cy + dy - side / 2))))
+        canvas.paste(
+            sprite.resize((side, side), Image.BICUBIC), (int(round(cx + dx - side / 2)), int(round(cy + dy - side / 2)))
+        )
         out[t] = np.asarray(canvas)
     return out
 
@@ -147,8 +159,12 @@ def render_frames(sprite, motion: str, cfg: MotionCorpusConfig, rng: random.Rand
 def captions_for(label: str, motion: str) -> list[str]:
     """Several captions of one clip (for MIL-NCE); the first is the canonical one."""
     syn = SYNONYMS.get(motion, ())
-    return [f"a {label} {motion}", *(f"the {label} emoji {s}" for s in syn), f"a video of a {label} {motion}",
-            f"{label}, {motion}"]
+    return [
+        f"a {label} {motion}",
+        *(f"the {label} emoji {s}" for s in syn),
+        f"a video of a {label} {motion}",
+        f"{label}, {motion}",
+    ]
 
 
 def make_clip(spec: ClipSpec, png: Path, cfg: MotionCorpusConfig, espeak) -> bytes:
@@ -202,21 +218,38 @@ def write_split(name: str, clips: list[ClipSpec], pngs: dict, cfg: MotionCorpusC
             rel = f"{i:06d}.mp4"
             (Path(tmp) / rel).write_bytes(make_clip(spec, pngs[(spec.style, spec.concept.slug)], cfg, espeak))
             caps = captions_for(spec.concept.label, spec.motion)
-            rows.append({"file": rel, "caption": caps[0], "captions": caps, "concept": spec.concept.label,
-                         "motion": spec.motion, "voice": spec.voice, "style": spec.style})
+            rows.append(
+                {
+                    "file": rel,
+                    "caption": caps[0],
+                    "captions": caps,
+                    "concept": spec.concept.label,
+                    "motion": spec.motion,
+                    "voice": spec.voice,
+                    "style": spec.style,
+                }
+            )
         (Path(tmp) / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        manifest = make_shards(tmp, Path(tmp) / "captions.jsonl", out,
-                               ShardWriterConfig(max_count=cfg.shard_count, media="video", prefix=name), progress=False)
+        manifest = make_shards(
+            tmp,
+            Path(tmp) / "captions.jsonl",
+            out,
+            ShardWriterConfig(max_count=cfg.shard_count, media="video", prefix=name),
+            progress=False,
+        )
     if manifest.skipped:
         raise CorpusError(f"{name}: {manifest.skipped} clips could not be written")
     return manifest.samples
 
 
-def select_concepts(cfg: MotionCorpusConfig, concepts: list[Concept], styles: dict) -> tuple[list[Concept], list[Concept]]:
+def select_concepts(
+    cfg: MotionCorpusConfig, concepts: list[Concept], styles: dict
+) -> tuple[list[Concept], list[Concept]]:
     """(seen, unseen): short names (<= 3 words, so the speech fits the clip) drawn in every style."""
     usable = [c for c in concepts if len(c.label.split()) <= 3 and all(c.slug in styles[s].svgs for s in cfg.styles)]
-    return seeded_split(usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction,
-                        key=lambda c: c.slug)
+    return seeded_split(
+        usable, seed=cfg.seed, limit=cfg.concepts, unseen_fraction=cfg.unseen_fraction, key=lambda c: c.slug
+    )
 
 
 def tone(cmd: None, text: str, voice: str, speed: int, rate: int) -> np.ndarray:
@@ -234,19 +267,34 @@ def _example() -> dict:
     """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
     from mmpretrain.corpora.emoji import example_sources
 
-    return {"config": {"styles": ("s1", "s2"), "concepts": None, "unseen_fraction": 0.25, "size": 16, "frames": 4,
-                       "fps": 4, "sample_rate": 8000, "repeats": 1, "rasterizer": "placeholder", "shard_count": 20,
-                       "motions": ("moving left", "moving right", "growing"), "speech": "tone"},
-            "offline": lambda folder: {"sources": example_sources(folder, ("s1", "s2"))}}
+    return {
+        "config": {
+            "styles": ("s1", "s2"),
+            "concepts": None,
+            "unseen_fraction": 0.25,
+            "size": 16,
+            "frames": 4,
+            "fps": 4,
+            "sample_rate": 8000,
+            "repeats": 1,
+            "rasterizer": "placeholder",
+            "shard_count": 20,
+            "motions": ("moving left", "moving right", "growing"),
+            "speech": "tone",
+        },
+        "offline": lambda folder: {"sources": example_sources(folder, ("s1", "s2"))},
+    }
 
 
 @CORPORA.register("motion", config=MotionCorpusConfig, example=_example)
-def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | Path,
-                        sources: dict[str, Path] | None = None) -> dict:
+def build_motion_corpus(
+    cfg: MotionCorpusConfig, cache: str | Path, out: str | Path, sources: dict[str, Path] | None = None
+) -> dict:
     """Fetch (or take) the sources, render every split and write shards + manifest.json; ``out`` is rebuilt."""
     cache, out = Path(cache), Path(out)
-    emoji_cfg = EmojiCorpusConfig(train_styles=cfg.styles, rendition_styles=(), sketch_styles=(), size=cfg.size,
-                                  rasterizer=cfg.rasterizer)
+    emoji_cfg = EmojiCorpusConfig(
+        train_styles=cfg.styles, rendition_styles=(), sketch_styles=(), size=cfg.size, rasterizer=cfg.rasterizer
+    )
     folders = resolve_sources(emoji_cfg, cache, sources)
     styles = {name: load_style(name, folders[name]) for name in folders if name != "emojibase"}
     seen, unseen = select_concepts(cfg, load_concepts(folders["emojibase"]), styles)
@@ -262,11 +310,19 @@ def build_motion_corpus(cfg: MotionCorpusConfig, cache: str | Path, out: str | P
     for split, clips in plan_clips(cfg, seen, unseen).items():
         target = out / "shards" if split == "train" else out / "eval" / split
         counts[split] = write_split(split, clips, pngs, cfg, espeak, target)
-    manifest = {"format": "mmpretrain-motion-corpus/1", "config": asdict(cfg), "counts": counts,
-                "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
-                "motions": list(cfg.motions), "sources": {**{name: s.package for name, s in styles.items()}, **({"espeak-ng": espeak_source(cache)} if cfg.speech == "espeak-ng" else {"speech": cfg.speech})},
-                "next": f"train with: mmpretrain train configs/experiment/motion_vat.yaml data.train={out}/shards   "
-                        f"evaluate: mmpretrain eval media --model CKPT --modalities video audio "
-                        f"--data heldout@shards:concept,motion={out}/eval/heldout_combos"}
+    manifest = {
+        "format": "mmpretrain-motion-corpus/1",
+        "config": asdict(cfg),
+        "counts": counts,
+        "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
+        "motions": list(cfg.motions),
+        "sources": {
+            **{name: s.package for name, s in styles.items()},
+            **({"espeak-ng": espeak_source(cache)} if cfg.speech == "espeak-ng" else {"speech": cfg.speech}),
+        },
+        "next": f"train with: mmpretrain train configs/experiment/motion_vat.yaml data.train={out}/shards   "
+        f"evaluate: mmpretrain eval media --model CKPT --modalities video audio "
+        f"--data heldout@shards:concept,motion={out}/eval/heldout_combos",
+    }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

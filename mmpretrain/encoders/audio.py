@@ -10,6 +10,7 @@ attention.
     ``waveform`` VATT's raw-audio variant: 1-D patches of ``patch_samples`` samples.
 DropToken (VATT): in training each clip keeps a random ``1 - drop_token`` fraction of its patches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class AudioTransformer(nn.Module):
 
             win, hop = int(p.sample_rate * p.win_ms / 1000), int(p.sample_rate * p.hop_ms / 1000)
             self.hop = hop
-            self.mel = torchaudio.transforms.MelSpectrogram(p.sample_rate, n_fft=win, win_length=win, hop_length=hop,
-                                                            n_mels=p.n_mels, center=False)
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                p.sample_rate, n_fft=win, win_length=win, hop_length=hop, n_mels=p.n_mels, center=False
+            )
             for module in self.mel.modules():  # window and filterbank follow from the config: not saved
                 module._non_persistent_buffers_set.update(name for name, _ in module.named_buffers(recurse=False))
             frames = (p.samples - win) // hop + 1
@@ -134,13 +136,24 @@ class AudioTransformer(nn.Module):
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], 1)
         attn = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), keep], 1)[:, None, None, :]
         for block in self.blocks:
-            x = checkpoint(block, x, attn, use_reentrant=False) if self.grad_checkpointing and self.training \
+            x = (
+                checkpoint(block, x, attn, use_reentrant=False)
+                if self.grad_checkpointing and self.training
                 else block(x, attn_mask=attn)
+            )
         return self.norm(x[:, 0])
 
 
-EXAMPLE_AST = {"sample_rate": 8000, "seconds": 1.0, "n_mels": 32, "patch_freq": 16, "patch_time": 16, "width": 32,
-               "heads": 2, "layers": 2}
+EXAMPLE_AST = {
+    "sample_rate": 8000,
+    "seconds": 1.0,
+    "n_mels": 32,
+    "patch_freq": 16,
+    "patch_time": 16,
+    "width": 32,
+    "heads": 2,
+    "layers": 2,
+}
 EXAMPLE_WAVE = {"sample_rate": 8000, "seconds": 0.5, "patch_samples": 256, "width": 32, "heads": 2, "layers": 2}
 
 

@@ -12,6 +12,7 @@ An encoder is an ``nn.Module`` with:
     ``set_grad_checkpointing(enable)``.
 Text encoders (``TextEncoder``) also give ``tokenizer()``, a picklable ``list[str] -> Batch``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,7 +48,9 @@ def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> n
     from mmpretrain.config.strict import from_dict
 
     entry = ENCODERS[modality].get(name)
-    typed = from_dict(entry.config_cls, params, f"model.towers.{modality}.params") if isinstance(params, dict) else params
+    typed = (
+        from_dict(entry.config_cls, params, f"model.towers.{modality}.params") if isinstance(params, dict) else params
+    )
     return entry.builder(typed, embed_dim=embed_dim)
 
 
@@ -84,8 +87,9 @@ class ImageEncoder(nn.Module):
         return {"image": torch.randn(batch_size, 3, *self.image_size)}
 
     def input_spec(self) -> ImageSpec:
-        return ImageSpec(tuple(self.image_size), tuple(self.mean), tuple(self.std),
-                         getattr(self, "interpolation", "bicubic"))
+        return ImageSpec(
+            tuple(self.image_size), tuple(self.mean), tuple(self.std), getattr(self, "interpolation", "bicubic")
+        )
 
 
 class TextEncoder(nn.Module):

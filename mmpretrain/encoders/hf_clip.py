@@ -5,6 +5,7 @@ embeddings are exactly ``get_image_features`` / ``get_text_features``. Image siz
 come from the folder's ``config.json`` / ``preprocessor_config.json``; the tokenizer is the
 folder's own.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ class HfClipParams:
     def __post_init__(self) -> None:
         model_type = hf_model_type(Path(self.path))
         if model_type not in FAMILIES:
-            raise ConfigError(f"path: {self.path!r} holds a {model_type!r} model; expected one of {', '.join(FAMILIES)}")
+            raise ConfigError(
+                f"path: {self.path!r} holds a {model_type!r} model; expected one of {', '.join(FAMILIES)}"
+            )
 
 
 def hf_model_type(path: Path) -> str:
@@ -54,8 +57,9 @@ def _load(path: str, which: int) -> tuple[nn.Module, str, object]:
     sub = full.vision_config if which == 0 else full.text_config
     if getattr(full, "projection_dim", None) is not None:
         sub.projection_dim = full.projection_dim  # lives on the parent config; the sub-config's default is 512
-    model = getattr(transformers, family[which]).from_pretrained(path, config=sub, local_files_only=True,
-                                                                     trust_remote_code=False)
+    model = getattr(transformers, family[which]).from_pretrained(
+        path, config=sub, local_files_only=True, trust_remote_code=False
+    )
     return model, family[2][which], full
 
 
@@ -122,10 +126,22 @@ def tiny_folder(model_type: str = "clip") -> dict[str, str]:
 
         import transformers
 
-        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "image_size": 32, "patch_size": 8}
-        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "vocab_size": 1000, "max_position_embeddings": 16}
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        }
+        text = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": 1000,
+            "max_position_embeddings": 16,
+        }
         if model_type == "clip":
             cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
             model = transformers.CLIPModel(cfg)

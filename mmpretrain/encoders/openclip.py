@@ -3,6 +3,7 @@ ResNet-ViT hybrids) and open_clip's text transformer, built from an open_clip mo
 name and/or explicit ``CLIPVisionCfg``/``CLIPTextCfg`` fields. Their state dicts are
 open_clip's own (``visual.*``/text tower keys), which keeps checkpoint conversion trivial.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,9 @@ def _check_open_clip(cfg_cls: type, model_name: str | None, section: str, overri
     import open_clip
 
     if model_name is not None and open_clip.get_model_config(model_name) is None:
-        raise ConfigError(f"model_name: unknown open_clip model {model_name!r}. Valid: {', '.join(open_clip.list_models())}")
+        raise ConfigError(
+            f"model_name: unknown open_clip model {model_name!r}. Valid: {', '.join(open_clip.list_models())}"
+        )
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(overrides) - valid)
     if unknown:

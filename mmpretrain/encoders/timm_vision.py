@@ -4,6 +4,7 @@
 open_clip's timm wrapper keeps timm's default input size (224 px); this one passes
 ``img_size`` so a ViT can be trained on 64 px images. Random init only (no hub downloads).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ class TimmVisionParams:
 
         if not timm.is_model(self.model_name):
             close = timm.list_models(f"*{self.model_name.split('_')[0]}*")[:8]
-            raise ConfigError(f"model_name: unknown timm model {self.model_name!r}"
-                              + (f"; e.g. {', '.join(close)}" if close else ""))
+            raise ConfigError(
+                f"model_name: unknown timm model {self.model_name!r}" + (f"; e.g. {', '.join(close)}" if close else "")
+            )
 
 
 class TimmVision(ImageEncoder):
@@ -62,8 +64,9 @@ class TimmVision(ImageEncoder):
         self.trunk.set_grad_checkpointing(enable)
 
 
-@register_encoder("image", "timm_vision", config=TimmVisionParams,
-                  example={"model_name": "vit_tiny_r_s16_p8_224", "image_size": 64})
+@register_encoder(
+    "image", "timm_vision", config=TimmVisionParams, example={"model_name": "vit_tiny_r_s16_p8_224", "image_size": 64}
+)
 def build_timm_vision(params: TimmVisionParams, *, embed_dim: int) -> nn.Module:
     """A timm image model (ViT, ResNet-ViT hybrid, ConvNet) at any input size, random init."""
     return TimmVision(params)

@@ -5,6 +5,7 @@ Input ``batch["text"]``: (B, L) BPE ids (open_clip's tokenizer, shipped in its w
 ``batch["text_mask"]``: (B, L) bool, **True = a real token**. Bidirectional attention over real
 tokens; the output is the masked mean of the final tokens, (B, width).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,13 +62,17 @@ class VattText(TextEncoder):
         x = self.embed(ids) + self.pos_embed[:, : ids.shape[1]]
         attn = mask[:, None, None, :]
         for block in self.blocks:
-            x = checkpoint(block, x, attn, use_reentrant=False) if self.grad_checkpointing and self.training \
+            x = (
+                checkpoint(block, x, attn, use_reentrant=False)
+                if self.grad_checkpointing and self.training
                 else block(x, attn_mask=attn)
+            )
         return masked_mean(self.norm(x), mask)
 
 
-@register_encoder("text", "vatt_text", config=VattTextParams,
-                  example={"context_length": 12, "width": 32, "heads": 2, "layers": 2})
+@register_encoder(
+    "text", "vatt_text", config=VattTextParams, example={"context_length": 12, "width": 32, "heads": 2, "layers": 2}
+)
 def vatt_text(params: VattTextParams, *, embed_dim: int) -> VattText:
     """Word embeddings + a timm-Block transformer, masked-mean pooled (VATT's text tower)."""
     return VattText(params)

@@ -15,6 +15,7 @@ CLS token and spatial position embedding copy over, and the 2-D patch embedding 
 the tubelet (repeated over its t frames and divided by t), so image pre-training carries over.
 In a config: ``model.towers.video.init_from: <checkpoint with a timm ViT image tower>``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class ViViT(nn.Module):
             return pos
         from timm.layers import resample_abs_pos_embed
 
-        old, new = round((pos.shape[1] - 1) ** 0.5), round(self.n_space ** 0.5)
+        old, new = round((pos.shape[1] - 1) ** 0.5), round(self.n_space**0.5)
         return resample_abs_pos_embed(pos, (new, new), (old, old), num_prefix_tokens=1)
 
     @torch.no_grad()
@@ -161,7 +162,7 @@ class ViViT(nn.Module):
         """Load a timm-style ViT's ``patch_embed.proj``, ``cls_token``, ``pos_embed`` (resampled to this
         grid if the image size differs) and ``blocks.*`` into the spatial part; returns the keys loaded.
         Widths, heads and patch size must match."""
-        get = {k[len(prefix):]: v for k, v in image_state.items() if k.startswith(prefix)}
+        get = {k[len(prefix) :]: v for k, v in image_state.items() if k.startswith(prefix)}
         w2d = get["patch_embed.proj.weight"]  # (D, 3, p, p)
         t = self.p.tubelet_frames
         self.tubelet.weight.copy_(w2d.unsqueeze(2).repeat(1, 1, t, 1, 1) / t)
@@ -170,7 +171,7 @@ class ViViT(nn.Module):
         if self.cls_token is not None:
             self.cls_token.copy_(get["cls_token"])
         self.pos_embed.copy_(self._resampled_positions(get["pos_embed"]))
-        blocks = {k[len("blocks."):]: v for k, v in get.items() if k.startswith("blocks.")}
+        blocks = {k[len("blocks.") :]: v for k, v in get.items() if k.startswith("blocks.")}
         own = {k: v for k, v in blocks.items() if int(k.split(".")[0]) < len(self.blocks)}
         missing, _ = self.blocks.load_state_dict(own, strict=False)
         if missing:
@@ -184,8 +185,16 @@ def _key_mask(keep: Tensor) -> Tensor:
     return keep[:, None, None, :]
 
 
-EXAMPLE = {"frames": 4, "image_size": 32, "tubelet_frames": 2, "patch_size": 16, "width": 32, "heads": 2,
-           "spatial_layers": 2, "temporal_layers": 1}
+EXAMPLE = {
+    "frames": 4,
+    "image_size": 32,
+    "tubelet_frames": 2,
+    "patch_size": 16,
+    "width": 32,
+    "heads": 2,
+    "spatial_layers": 2,
+    "temporal_layers": 1,
+}
 
 
 @register_encoder("video", "vivit_fe", config=ViViTParams, example=EXAMPLE)

@@ -1,5 +1,6 @@
 """Checks of the evaluation settings (``eval.*``), run before training starts (``training.validate``):
 an evaluation set that cannot be read fails at load, not at the first evaluation hours into a run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,10 @@ def check_eval(cfg: EvalConfig) -> None:
         head, sep, root = spec.partition("=")
         layout = head.rpartition("@")[2]
         if not sep or layout not in LAYOUTS:
-            raise ConfigError(f"eval.zeroshot[{i}]: {spec!r} must be [NAME@]LAYOUT=DIR with LAYOUT one of "
-                              f"{', '.join(LAYOUTS.names())}")
+            raise ConfigError(
+                f"eval.zeroshot[{i}]: {spec!r} must be [NAME@]LAYOUT=DIR with LAYOUT one of "
+                f"{', '.join(LAYOUTS.names())}"
+            )
         if not Path(root).is_dir():
             raise ConfigError(f"eval.zeroshot[{i}]: folder not found: {root}")
     if cfg.zeroshot:

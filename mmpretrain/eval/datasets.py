@@ -12,6 +12,7 @@ WordNet ids come from timm's shipped lists, names from open_clip's ``IMAGENET_CL
 nothing is downloaded. The subsets are evaluated over their 200 classes only, as in the
 ImageNet-R/-A papers and CLIP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,11 +122,15 @@ class ImageFolderSet(Dataset):
             if label is None:
                 unknown.append(folder.name)
                 continue
-            self.samples += [(f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower().lstrip(".") in IMAGE_KEYS]
+            self.samples += [
+                (f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower().lstrip(".") in IMAGE_KEYS
+            ]
         if unknown:
             example = next(iter(self.classes.folders))
-            raise ValueError(f"{self.root}: {len(unknown)} folder(s) are not classes of layout {layout!r} "
-                             f"(first: {unknown[0]!r}; expected names like {example!r})")
+            raise ValueError(
+                f"{self.root}: {len(unknown)} folder(s) are not classes of layout {layout!r} "
+                f"(first: {unknown[0]!r}; expected names like {example!r})"
+            )
         if not self.samples:
             raise ValueError(f"{self.root}: no images found in class folders")
         self.transform = transform
@@ -148,5 +153,9 @@ def collate_skip(items):
     if not good:
         empty = torch.empty(0, dtype=torch.long)
         return {"image": torch.empty(0), "label": empty, "index": empty, "skipped": torch.tensor(len(items))}
-    return {"image": torch.stack([x[0] for x in good]), "label": torch.tensor([x[1] for x in good]),
-            "index": torch.tensor([x[2] for x in good]), "skipped": torch.tensor(len(items) - len(good))}
+    return {
+        "image": torch.stack([x[0] for x in good]),
+        "label": torch.tensor([x[1] for x in good]),
+        "index": torch.tensor([x[2] for x in good]),
+        "skipped": torch.tensor(len(items) - len(good)),
+    }

@@ -7,6 +7,7 @@ audio, which ``embed_views`` averages (multi-clip / multi-crop evaluation, as Vi
 report). ``EvalInput`` applies it; every evaluation, embedding job, zero-shot call and the search
 service's uploads go through it, so a modality is preprocessed the same way everywhere.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -108,8 +109,9 @@ class EvalInput:
             try:
                 samples.append(apply_ops(self.ops, self.sample(item)))
             except SampleError as exc:
-                raise ValueError(f"cannot use {item if not isinstance(item, bytes) else 'the bytes given'} as "
-                                 f"{self.modality}: {exc}") from None
+                raise ValueError(
+                    f"cannot use {item if not isinstance(item, bytes) else 'the bytes given'} as {self.modality}: {exc}"
+                ) from None
         return collate(samples, [self.modality])
 
 
@@ -140,5 +142,3 @@ def embed_views(model, modality: str, batch: dict[str, Tensor]) -> Tensor:
     device = next(model.parameters()).device
     emb = model.encode(modality, {k: v.to(device) for k, v in batch.items()})
     return F.normalize(emb.mean(1), dim=-1) if emb.dim() == 3 else emb
-
-

@@ -7,6 +7,7 @@ Each item keeps its key, caption, where it came from (the JSON's ``url`` or ``so
 or ``shard#key``) and a small JPEG thumbnail for search pages (an image's own; a clip's middle
 frame; none for audio). Bad items are skipped and counted, never fatal.
 """
+
 from __future__ import annotations
 
 import io
@@ -77,8 +78,9 @@ def source_samples(source: str, modality: str, errors: ErrorCounter) -> Iterator
         yield sample
 
 
-def item_batches(model, source: str, modality: str = "image", *, batch_size: int = 64, thumb_size: int = 128,
-                 views: Views = Views()) -> Iterator[ItemBatch]:
+def item_batches(
+    model, source: str, modality: str = "image", *, batch_size: int = 64, thumb_size: int = 128, views: Views = Views()
+) -> Iterator[ItemBatch]:
     """Batches of ``{modality: (B, ...)}`` (and its mask) with the model's evaluation preprocessing,
     plus metadata; several views per item are averaged when embedded. The last batch's ``skipped``
     holds the counts of unusable items and ``complete`` whether the source was read to its end."""

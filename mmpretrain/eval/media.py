@@ -13,6 +13,7 @@ audio, image), captions (``json["captions"]`` or ``txt``) and labels in ``json[F
     m -> m'         each sample's m embedding finds its own m' (video -> audio: the clip's soundtrack).
 Every recall has its chance level beside it (random ranking).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,7 +39,8 @@ class ShardSet:
 
     @classmethod
     def parse(cls, spec: str) -> ShardSet:
-        """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g. ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
+        """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g.
+        ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
         head, sep, shards = spec.partition("=")
         name, _, layout = head.rpartition("@")
         kind, _, fields = layout.partition(":")
@@ -68,8 +70,15 @@ def sample_meta(sample: dict) -> dict:
         return {}
 
 
-def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: Views = Views(),
-                    batch_size: int = 32, progress: bool = True) -> ShardEmbeddings:
+def embed_shard_set(
+    model,
+    data: ShardSet,
+    modalities: Sequence[str],
+    *,
+    views: Views = Views(),
+    batch_size: int = 32,
+    progress: bool = True,
+) -> ShardEmbeddings:
     """One pass over ``data``: every modality's embedding (views averaged); bad samples skipped and counted."""
     from mmpretrain.data.loader import expand_shards
     from mmpretrain.data.stream import ErrorCounter, read_samples
@@ -84,8 +93,12 @@ def embed_shard_set(model, data: ShardSet, modalities: Sequence[str], *, views: 
             chunks[m].append(embed_views(model, m, collate(pending, [m])).float().cpu())
         pending.clear()
 
-    for sample in tqdm(read_samples(expand_shards(data.spec), errors.handler), desc=f"embed {data.name}",
-                       unit="sample", disable=not progress):
+    for sample in tqdm(
+        read_samples(expand_shards(data.spec), errors.handler),
+        desc=f"embed {data.name}",
+        unit="sample",
+        disable=not progress,
+    ):
         meta, texts = sample_meta(sample), read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
         missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
         if missing:
@@ -129,9 +142,17 @@ def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, tem
     y = torch.tensor([classes.index(v) for v in se.labels[label]])
     scores = se.emb[modality] @ clf.weights.float().cpu().T
     c = len(classes)
-    return {"dataset": se.data.name, "modality": modality, "label": label, "n": len(y), "classes": c,
-            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, c)),
-            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / c}
+    return {
+        "dataset": se.data.name,
+        "modality": modality,
+        "label": label,
+        "n": len(y),
+        "classes": c,
+        "top1": topk_accuracy(scores, y, 1),
+        "top5": topk_accuracy(scores, y, min(5, c)),
+        "mean_per_class_recall": mean_per_class_recall(scores, y),
+        "chance_top1": 1.0 / c,
+    }
 
 
 def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
@@ -147,7 +168,10 @@ def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[
 def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """(N, E) normalised text embeddings."""
     tok = model.tokenizer()
-    out = [embed_views(model, "text", tok(texts[i : i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+    out = [
+        embed_views(model, "text", tok(texts[i : i + batch_size])).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -170,17 +194,34 @@ def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1
     for i, a in enumerate(mods):
         for b in mods[i + 1 :]:
             eye = np.eye(len(se.captions), dtype=bool)
-            rows.append({"dataset": se.data.name, **_recall_row(f"{a}->{b}", (se.emb[a] @ se.emb[b].T).numpy(), eye, ks)})
+            rows.append(
+                {"dataset": se.data.name, **_recall_row(f"{a}->{b}", (se.emb[a] @ se.emb[b].T).numpy(), eye, ks)}
+            )
     return rows
 
 
-def media_eval(model, data: ShardSet, modalities: Sequence[str], *, templates="<>", views: Views = Views(),
-               batch_size: int = 32, ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, Any]:
+def media_eval(
+    model,
+    data: ShardSet,
+    modalities: Sequence[str],
+    *,
+    templates="<>",
+    views: Views = Views(),
+    batch_size: int = 32,
+    ks: Sequence[int] = (1, 5, 10),
+    progress: bool = True,
+) -> dict[str, Any]:
     """Zero-shot (every modality x label field) and retrieval rows for one labelled shard set."""
     se = embed_shard_set(model, data, modalities, views=views, batch_size=batch_size, progress=progress)
     zeroshot = [zeroshot_by_label(model, se, m, f, templates) for m in modalities for f in data.fields]
-    return {"dataset": data.name, "samples": len(se.captions), "skipped": se.skipped, "views": asdict(views),
-            "zeroshot": zeroshot, "retrieval": retrieval_rows(model, se, templates, ks)}
+    return {
+        "dataset": data.name,
+        "samples": len(se.captions),
+        "skipped": se.skipped,
+        "views": asdict(views),
+        "zeroshot": zeroshot,
+        "retrieval": retrieval_rows(model, se, templates, ks),
+    }
 
 
 def plot_media(reports: list[dict[str, Any]], path, k: int = 5) -> None:
@@ -190,10 +231,14 @@ def plot_media(reports: list[dict[str, Any]], path, k: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{r['dataset']}\n{z['modality']} {z['label']}", z["top1"], z["chance_top1"]) for r in reports
-            for z in r["zeroshot"]]
-    rows += [(f"{r['dataset']}\n{t['task']} R@{k}", t[f"R@{k}"], t[f"R@{k}_chance"]) for r in reports
-             for t in r["retrieval"]]
+    rows = [
+        (f"{r['dataset']}\n{z['modality']} {z['label']}", z["top1"], z["chance_top1"])
+        for r in reports
+        for z in r["zeroshot"]
+    ]
+    rows += [
+        (f"{r['dataset']}\n{t['task']} R@{k}", t[f"R@{k}"], t[f"R@{k}_chance"]) for r in reports for t in r["retrieval"]
+    ]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows)), 4.2))
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [100 * v for _, v, _ in rows], 0.4, label="model")

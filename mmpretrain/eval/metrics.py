@@ -4,6 +4,7 @@ Ties: a score equal to the true item's ranks *ahead* of it only if its index is 
 ranks follow a stable descending sort (``np.argsort(-s, kind="stable")``). So results are
 deterministic and independent of a top-k kernel's tie order.
 """
+
 from __future__ import annotations
 
 import math

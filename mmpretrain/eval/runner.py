@@ -1,4 +1,5 @@
 """Evaluation jobs: zero-shot classification, image-text retrieval, robustness reports."""
+
 from __future__ import annotations
 
 import json
@@ -59,12 +60,20 @@ class FolderEmbeddings:
     paths: list[Path]
 
 
-def embed_folder(model, data: EvalSet, *, templates: str | Sequence[str] = "imagenet80", batch_size: int = 64,
-                 workers: int = 0, progress: bool = True) -> FolderEmbeddings:
+def embed_folder(
+    model,
+    data: EvalSet,
+    *,
+    templates: str | Sequence[str] = "imagenet80",
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
+) -> FolderEmbeddings:
     """Encode every image of ``data`` once; unreadable images are skipped and counted."""
     ds = ImageFolderSet(data.root, data.layout, EvalInput(model, "image"))
-    clf = ZeroShotClassifier(model, ds.classes.names, templates, batch_size=batch_size, progress=progress,
-                             allow_duplicates=True)  # labels are indices; CLIP's ImageNet names repeat two
+    clf = ZeroShotClassifier(
+        model, ds.classes.names, templates, batch_size=batch_size, progress=progress, allow_duplicates=True
+    )  # labels are indices; CLIP's ImageNet names repeat two
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
     emb, labels, paths, skipped = [], [], [], 0
     for batch in tqdm(loader, desc=f"embed {data.name}", unit="batch", disable=not progress):
@@ -87,9 +96,17 @@ def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
     """Top-1, top-5 and mean per-class recall of zero-shot classification."""
     y, n_classes = fe.labels, len(fe.clf.classes)
     scores = fe.clf.model.logit_scale.exp().detach().cpu() * fe.images @ _weights(fe).T  # (N, C), as clf.logits
-    return {"dataset": fe.data.name, "layout": fe.data.layout, "n": len(y), "skipped": fe.skipped, "classes": n_classes,
-            "top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, min(5, n_classes)),
-            "mean_per_class_recall": mean_per_class_recall(scores, y), "chance_top1": 1.0 / n_classes}
+    return {
+        "dataset": fe.data.name,
+        "layout": fe.data.layout,
+        "n": len(y),
+        "skipped": fe.skipped,
+        "classes": n_classes,
+        "top1": topk_accuracy(scores, y, 1),
+        "top5": topk_accuracy(scores, y, min(5, n_classes)),
+        "mean_per_class_recall": mean_per_class_recall(scores, y),
+        "chance_top1": 1.0 / n_classes,
+    }
 
 
 def predictions(fe: FolderEmbeddings) -> torch.Tensor:
@@ -116,9 +133,13 @@ def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str
             src = fe.paths[i]
             shutil.copyfile(src, out / src.parent.name / f"{fe.data.name}__{src.name}")
         per_split[fe.data.name] = {"images": len(fe.labels), "hard": len(wrong)}
-    info = {"reference_model": reference, "sources": {fe.data.name: str(fe.data.root) for fe in fes},
-            "counts": per_split, "hard": sum(v["hard"] for v in per_split.values()),
-            "classes": len({p.name for p in out.iterdir() if p.is_dir()})}
+    info = {
+        "reference_model": reference,
+        "sources": {fe.data.name: str(fe.data.root) for fe in fes},
+        "counts": per_split,
+        "hard": sum(v["hard"] for v in per_split.values()),
+        "classes": len({p.name for p in out.iterdir() if p.is_dir()}),
+    }
     atomic_write_text(out / "hard_subset.json", json.dumps(info, indent=2))
     return info
 
@@ -128,8 +149,9 @@ def zeroshot_eval(model, data: EvalSet, **kwargs: Any) -> dict[str, Any]:
     return zeroshot_metrics(embed_folder(model, data, **kwargs))
 
 
-def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
-                   progress: bool = True) -> dict[str, Any]:
+def retrieval_eval(
+    model, shards: str, *, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), progress: bool = True
+) -> dict[str, Any]:
     """Image<->text recall@k over shards; an image's captions are ``json["captions"]`` if present, else ``txt``."""
     from mmpretrain.data.loader import expand_shards
     from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
@@ -138,7 +160,9 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
     errors = ErrorCounter("skip", None)
     images, captions, owner = [], [], []
     img_emb, n_images = [], 0
-    for sample in tqdm(read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress):
+    for sample in tqdm(
+        read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress
+    ):
         texts = read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
         out = process_sample(inputs.ops, dict(sample), errors)  # undecodable: skipped and counted by kind
         if out is None:
@@ -159,8 +183,13 @@ def retrieval_eval(model, shards: str, *, batch_size: int = 64, ks: Sequence[int
         raise ValueError(f"no usable image-caption pairs in {shards}")
     txt_emb = encode_texts(model, captions, batch_size)
     sim = torch.cat(img_emb) @ txt_emb.T
-    return {"dataset": shards, "images": sim.shape[0], "captions": sim.shape[1], "skipped": dict(errors.counts),
-            **image_text_recall(sim, owner, ks)}
+    return {
+        "dataset": shards,
+        "images": sim.shape[0],
+        "captions": sim.shape[1],
+        "skipped": dict(errors.counts),
+        **image_text_recall(sim, owner, ks),
+    }
 
 
 def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
@@ -191,8 +220,9 @@ def _encode(model, modality: str, batch: dict) -> torch.Tensor:
     return embed_views(model, modality, batch).float().cpu()
 
 
-def robustness_eval(model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None,
-                    **kwargs: Any) -> dict[str, Any]:
+def robustness_eval(
+    model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None, **kwargs: Any
+) -> dict[str, Any]:
     """Accuracy on the in-distribution set and each shifted set, the drop, and effective robustness.
 
     ``baseline``: ``{"<set name>" or "all": [[id_acc, ood_acc], ...]}`` of reference models; the
@@ -204,13 +234,16 @@ def robustness_eval(model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, base
         r = zeroshot_eval(model, s, **kwargs)
         r["drop_top1"] = id_result["top1"] - r["top1"]
         points = (baseline or {}).get(s.name) or (baseline or {}).get("all")
-        r["effective_robustness"] = effective_robustness(id_result["top1"], r["top1"], fit_logit_linear(points)) if points else None
+        r["effective_robustness"] = (
+            effective_robustness(id_result["top1"], r["top1"], fit_logit_linear(points)) if points else None
+        )
         rows.append(r)
     return {"in_distribution": id_result, "shifts": rows}
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """A plain-text table of ``columns`` for ``rows`` (floats as percentages)."""
+
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{100 * v:.2f}" if isinstance(v, float) else str(v))
 
@@ -232,7 +265,9 @@ def periodic_eval(model, cfg) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         for spec in cfg.zeroshot:
-            r = zeroshot_eval(model, EvalSet.parse(spec), templates=cfg.templates, batch_size=cfg.batch_size, progress=False)
+            r = zeroshot_eval(
+                model, EvalSet.parse(spec), templates=cfg.templates, batch_size=cfg.batch_size, progress=False
+            )
             out.update({f"eval/{r['dataset']}/{k}": r[k] for k in ("top1", "top5", "mean_per_class_recall")})
         for i, shards in enumerate(cfg.retrieval):
             r = retrieval_eval(model, shards, batch_size=cfg.batch_size, progress=False)

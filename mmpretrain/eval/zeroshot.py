@@ -6,6 +6,7 @@
 Class embeddings are the mean of each class's normalised prompt embeddings, renormalised
 (as CLIP and open_clip's ``build_zero_shot_classifier``), computed once and cached.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -43,8 +44,10 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError("no templates given")
     bad = [t for t in templates if PLACEHOLDER not in t]
     if bad:
-        raise ValueError(f"template {bad[0]!r} has no '<>' placeholder for the class name; write e.g. "
-                         f"'a photo of a <>', or use a named set: {', '.join(TEMPLATE_SETS)}")
+        raise ValueError(
+            f"template {bad[0]!r} has no '<>' placeholder for the class name; write e.g. "
+            f"'a photo of a <>', or use a named set: {', '.join(TEMPLATE_SETS)}"
+        )
     return templates
 
 
@@ -65,9 +68,18 @@ def check_classes(classes: Sequence[str], *, allow_duplicates: bool = False) -> 
 class ZeroShotClassifier:
     """Classifies ``modality`` inputs into ``classes`` by similarity to prompt embeddings."""
 
-    def __init__(self, model, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a <>.", *,
-                 modality: str = "image", batch_size: int = 64, progress: bool = True,
-                 allow_duplicates: bool = False, views: Views | None = None):
+    def __init__(
+        self,
+        model,
+        classes: Sequence[str],
+        templates: str | Sequence[str] = "a photo of a <>.",
+        *,
+        modality: str = "image",
+        batch_size: int = 64,
+        progress: bool = True,
+        allow_duplicates: bool = False,
+        views: Views | None = None,
+    ):
         if "text" not in model.towers:
             raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
         if modality not in model.towers:
@@ -87,8 +99,12 @@ class ZeroShotClassifier:
         tok = self.model.tokenizer()
         chunks = []
         with torch.no_grad():
-            for i in tqdm(range(0, len(prompts), self.batch_size), desc="class prompts", unit="batch",
-                          disable=not self.progress or len(prompts) <= self.batch_size):
+            for i in tqdm(
+                range(0, len(prompts), self.batch_size),
+                desc="class prompts",
+                unit="batch",
+                disable=not self.progress or len(prompts) <= self.batch_size,
+            ):
                 batch = {k: v.to(self.device) for k, v in tok(prompts[i : i + self.batch_size]).items()}
                 chunks.append(self.model.encode("text", batch))
         per_prompt = torch.cat(chunks).view(len(self.classes), len(self.templates), -1)
@@ -135,6 +151,10 @@ class ZeroShotClassifier:
         from mmpretrain.eval.inputs import EvalInput, Views
 
         inputs = EvalInput(self.model, self.modality, self.views or Views())
-        for i in tqdm(range(0, len(items), self.batch_size), desc="zero-shot", unit="batch",
-                      disable=not self.progress or len(items) <= self.batch_size):
+        for i in tqdm(
+            range(0, len(items), self.batch_size),
+            desc="zero-shot",
+            unit="batch",
+            disable=not self.progress or len(items) <= self.batch_size,
+        ):
             yield inputs.batch(items[i : i + self.batch_size])

@@ -1,2 +1,3 @@
 """Contrastive losses, registered by kind; pairs of modalities are config data."""
+
 from mmpretrain.losses.contrastive import LOSSES, DistContext, check_pairs, clip_loss, gather, milnce_loss, siglip_loss  # noqa: F401

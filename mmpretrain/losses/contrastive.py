@@ -17,6 +17,7 @@ Invalid samples are neither positives nor negatives: their rows leave the mean a
 columns are masked out of every softmax. A batch with no valid pair gives a zero loss that
 still touches the embeddings, so every rank runs the same collectives and backward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,13 +116,16 @@ def _masked_mean(values: Tensor, rows: Tensor, cols: Tensor, anchor: Tensor, ctx
 
 def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"loss {kind!r} takes (B, E) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}; "
-                         "several captions per sample (B, K, E) need kind 'milnce'")
+        raise ValueError(
+            f"loss {kind!r} takes (B, E) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}; "
+            "several captions per sample (B, K, E) need kind 'milnce'"
+        )
 
 
 @LOSSES.register("clip", example={"views": 1, "logit_bias": None})
-def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
-              valid: Tensor | None = None) -> Tensor:
+def clip_loss(
+    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext, valid: Tensor | None = None
+) -> Tensor:
     """Symmetric InfoNCE (CLIP): mean of cross-entropy a->b and b->a; positives on the diagonal."""
     _check_flat("clip", a, b)
     logits_ab, logits_ba, offset = _pair_logits(a, b, logit_scale, ctx)
@@ -133,8 +137,9 @@ def clip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | No
 
 
 @LOSSES.register("siglip", example={"views": 1, "logit_bias": -10.0})
-def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
-                valid: Tensor | None = None) -> Tensor:
+def siglip_loss(
+    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext, valid: Tensor | None = None
+) -> Tensor:
     """Sigmoid loss (SigLIP): -sum log sigmoid(+-(s * a.b + bias)) over all pairs, / rows."""
     _check_flat("siglip", a, b)
     all_b = gather(b, ctx)
@@ -154,8 +159,9 @@ def siglip_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | 
 
 
 @LOSSES.register("milnce", example={"views": 2, "logit_bias": None})
-def milnce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext,
-                valid: Tensor | None = None) -> Tensor:
+def milnce_loss(
+    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext, valid: Tensor | None = None
+) -> Tensor:
     """MIL-NCE (Miech et al. 2020) for K captions per clip: a (B, E) clips, b (B, K, E) captions.
 
     clip -> captions: -log(sum of exp over its own K captions / sum over all captions);

@@ -1,5 +1,6 @@
 """A contrastive model: one encoder + projection head per modality, a learnable temperature
 (and a bias for SigLIP). It knows nothing of losses or of which modalities pair up."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ class ContrastiveModel(nn.Module):
             self.towers[modality] = encoder
             self.heads[modality] = HEADS.build(_head_name(tower_cfg, encoder), encoder.output_dim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        self.logit_bias = None if cfg.logit_bias_init is None else nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        self.logit_bias = (
+            None if cfg.logit_bias_init is None else nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        )
         share_trunk(self.towers, cfg.shared_backbone)
         for modality, tower_cfg in cfg.towers.items():
             if tower_cfg.freeze:
@@ -50,8 +53,10 @@ class ContrastiveModel(nn.Module):
         x = batch[modality]
         extra = x.dim() - 1 - SAMPLE_DIMS[modality]
         if extra not in (0, 1):
-            raise ValueError(f"{modality} batch has shape {tuple(x.shape)}: expected {SAMPLE_DIMS[modality]} sample "
-                             "dims after the batch axis, plus at most one views axis")
+            raise ValueError(
+                f"{modality} batch has shape {tuple(x.shape)}: expected {SAMPLE_DIMS[modality]} sample "
+                "dims after the batch axis, plus at most one views axis"
+            )
         if extra:
             b, v = x.shape[:2]
             mask = batch.get(mask_key(modality))
@@ -114,14 +119,18 @@ def share_trunk(towers: nn.ModuleDict, modalities: list[str]) -> None:
     trunks = {m: getattr(towers[m], "blocks", None) for m in modalities}
     bad = [m for m, t in trunks.items() if not isinstance(t, nn.ModuleList)]
     if bad:
-        raise ConfigError(f"model.shared_backbone: the {bad[0]} tower has no shareable 'blocks' trunk "
-                          "(use vivit_fe/vivit_fsa, ast/waveform, vatt_text)")
+        raise ConfigError(
+            f"model.shared_backbone: the {bad[0]} tower has no shareable 'blocks' trunk "
+            "(use vivit_fe/vivit_fsa, ast/waveform, vatt_text)"
+        )
     ref = trunks[modalities[0]]
     shapes = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
     for m in modalities[1:]:
         if [(k, tuple(v.shape)) for k, v in trunks[m].state_dict().items()] != shapes:
-            raise ConfigError(f"model.shared_backbone: the {m} tower's blocks differ from the {modalities[0]} "
-                              "tower's; give them the same width, heads, mlp_ratio and depth")
+            raise ConfigError(
+                f"model.shared_backbone: the {m} tower's blocks differ from the {modalities[0]} "
+                "tower's; give them the same width, heads, mlp_ratio and depth"
+            )
         towers[m].blocks = ref
 
 

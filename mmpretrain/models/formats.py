@@ -4,6 +4,7 @@ Our open_clip towers keep open_clip's module names, so the state-dict mapping is
 ``towers.image.visual.*`` <-> ``visual.*`` and ``towers.text.text.*`` <-> open_clip's
 flattened text keys (``token_embedding``, ``transformer``, ``ln_final``, ...).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,20 +36,28 @@ CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
 def open_clip_model_config(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) as our ``model:`` tree."""
     if model_cfg.get("custom_text") or model_cfg.get("text_cfg", {}).get("hf_model_name"):
-        raise ConfigError("open_clip models with a Hugging Face text tower are not supported yet; "
-                          "use a model with open_clip's own text transformer")
+        raise ConfigError(
+            "open_clip models with a Hugging Face text tower are not supported yet; "
+            "use a model with open_clip's own text transformer"
+        )
     if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
-        raise ConfigError(f"this open_clip model uses the Hugging Face tokenizer "
-                          f"{model_cfg['text_cfg']['hf_tokenizer_name']!r}, which is not available offline")
+        raise ConfigError(
+            f"this open_clip model uses the Hugging Face tokenizer "
+            f"{model_cfg['text_cfg']['hf_tokenizer_name']!r}, which is not available offline"
+        )
     pre = preprocess_cfg or {}
     quick = bool(model_cfg.get("quick_gelu", False))
     image: dict[str, Any] = {"vision_cfg": model_cfg["vision_cfg"], "quick_gelu": quick}
     for key in ("mean", "std", "interpolation"):
         if key in pre:
             image[key] = pre[key]
-    tree: dict[str, Any] = {"embed_dim": model_cfg["embed_dim"], "towers": {
-        "image": {"encoder": "openclip_vision", "params": image},
-        "text": {"encoder": "openclip_text", "params": {"text_cfg": model_cfg["text_cfg"], "quick_gelu": quick}}}}
+    tree: dict[str, Any] = {
+        "embed_dim": model_cfg["embed_dim"],
+        "towers": {
+            "image": {"encoder": "openclip_vision", "params": image},
+            "text": {"encoder": "openclip_text", "params": {"text_cfg": model_cfg["text_cfg"], "quick_gelu": quick}},
+        },
+    }
     if model_cfg.get("init_logit_bias") is not None:
         tree["logit_bias_init"] = float(model_cfg["init_logit_bias"])
     return tree
@@ -70,9 +79,9 @@ def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out = {}
     for key, value in state.items():
         if key.startswith(IMAGE_PREFIX):
-            out[key[len(IMAGE_PREFIX):]] = value
+            out[key[len(IMAGE_PREFIX) :]] = value
         elif key.startswith(TEXT_PREFIX):
-            out[key[len(TEXT_PREFIX):]] = value
+            out[key[len(TEXT_PREFIX) :]] = value
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value
         else:
@@ -95,23 +104,37 @@ def load_open_clip_state(model, path: Path) -> None:
 def export_open_clip(model, out_dir: str | Path) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` checkpoint (config JSON + safetensors)."""
     towers = model.cfg.towers
-    if set(towers) != {"image", "text"} or towers["image"].encoder != "openclip_vision" \
-            or towers["text"].encoder != "openclip_text":
+    if (
+        set(towers) != {"image", "text"}
+        or towers["image"].encoder != "openclip_vision"
+        or towers["text"].encoder != "openclip_text"
+    ):
         raise ValueError("export to open_clip needs an openclip_vision image tower and an openclip_text text tower")
     image = model.towers["image"]
     vision_cfg = {**_named(towers["image"].params, "vision_cfg"), **towers["image"].params.get("vision_cfg", {})}
     text_cfg = {**_named(towers["text"].params, "text_cfg"), **towers["text"].params.get("text_cfg", {})}
-    model_cfg = {"embed_dim": model.cfg.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg,
-                 "quick_gelu": bool(towers["image"].params.get("quick_gelu", False))}
+    model_cfg = {
+        "embed_dim": model.cfg.embed_dim,
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+        "quick_gelu": bool(towers["image"].params.get("quick_gelu", False)),
+    }
     if model.logit_bias is not None:
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
-    preprocess = {"mean": list(image.mean), "std": list(image.std), "interpolation": image.interpolation,
-                  "resize_mode": "shortest", "size": list(image.image_size)}
+    preprocess = {
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "interpolation": image.interpolation,
+        "resize_mode": "shortest",
+        "size": list(image.image_size),
+    }
     state = {k: v.detach().contiguous().clone() for k, v in to_open_clip_state(model.state_dict()).items()}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / OPEN_CLIP_WEIGHTS))
-        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+        (tmp / OPEN_CLIP_CONFIG).write_text(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2)
+        )
     return out
 
 

@@ -6,6 +6,7 @@ image tower (``ViViT.inflate_from_image``: patch embedding -> tubelet, CLS, posi
 the new grid, spatial blocks). Heads are not copied. A resumed run or a loaded model never
 reads ``init_from``: their own checkpoint holds the weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def weights_file(source: str | Path) -> Path:
     try:
         return resolve_checkpoint(source, formats={"mmpretrain"}).path / "model.safetensors"
     except (FileNotFoundError, CheckpointError, ConfigError) as exc:
-        raise ConfigError(f"init_from {source}: no model.safetensors there ({exc}); give a checkpoint directory, "
-                          "a run's checkpoints/ folder, or a .safetensors file") from None
+        raise ConfigError(
+            f"init_from {source}: no model.safetensors there ({exc}); give a checkpoint directory, "
+            "a run's checkpoints/ folder, or a .safetensors file"
+        ) from None
 
 
 def init_tower(model: nn.Module, modality: str, source: str | Path) -> list[str]:
@@ -41,19 +44,23 @@ def init_tower(model: nn.Module, modality: str, source: str | Path) -> list[str]
 
     state = load_file(str(weights_file(source)))
     tower, own = model.towers[modality], f"towers.{modality}."
-    same = {k[len(own):]: v for k, v in state.items() if k.startswith(own)}
+    same = {k[len(own) :]: v for k, v in state.items() if k.startswith(own)}
     if same:
         tower.load_state_dict(same, strict=True)
         return sorted(same)
     inflate = getattr(tower, "inflate_from_image", None)
     if inflate is None or not any(k.startswith(IMAGE_TRUNK) for k in state):
-        raise ConfigError(f"model.towers.{modality}.init_from {source}: the checkpoint has no {modality} tower"
-                          + (" and no timm ViT image tower to inflate" if inflate is not None else ""))
+        raise ConfigError(
+            f"model.towers.{modality}.init_from {source}: the checkpoint has no {modality} tower"
+            + (" and no timm ViT image tower to inflate" if inflate is not None else "")
+        )
     try:
         return inflate(state, IMAGE_TRUNK)
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"model.towers.{modality}.init_from {source}: cannot inflate its image tower into this "
-                          f"video tower ({exc}); widths, heads and patch size must match") from None
+        raise ConfigError(
+            f"model.towers.{modality}.init_from {source}: cannot inflate its image tower into this "
+            f"video tower ({exc}); widths, heads and patch size must match"
+        ) from None
 
 
 def init_towers(model: nn.Module, cfg: ModelConfig) -> dict[str, int]:

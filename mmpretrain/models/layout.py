@@ -5,6 +5,7 @@ them is ``training.checkpoint``.
 ``<run>/checkpoints/step_XXXXXXXX/`` holds ``model.safetensors``, ``state.pt``, ``config.yaml`` and
 ``checksums.json`` (sha256 and size of the other three, written last).
 """
+
 from __future__ import annotations
 
 import json

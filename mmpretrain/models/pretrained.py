@@ -10,6 +10,7 @@ own config. No network.
 folder, its ``checkpoints/``, a ``step_*`` folder, an open_clip file or folder, a Hugging Face
 folder, with or without ``local-dir:``); loading, fine-tuning (``init_from``) and resuming use it.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ LOCAL_DIR = "local-dir:"  # open_clip's spelling of "this folder"
 def local_dir(ref: Any) -> Path | None:
     """The folder of a ``local-dir:PATH`` reference, or None when ``ref`` has no such prefix."""
     text = str(ref)
-    return Path(text[len(LOCAL_DIR):]) if text.startswith(LOCAL_DIR) else None
+    return Path(text[len(LOCAL_DIR) :]) if text.startswith(LOCAL_DIR) else None
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
     """
     path = local_dir(ref) or Path(ref)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected one of our checkpoints or checkpoints/step_*, "
-                                "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)")
+        raise FileNotFoundError(
+            f"no checkpoint at {path} (expected one of our checkpoints or checkpoints/step_*, "
+            "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)"
+        )
     name = detect_format(path)
     if name == "mmpretrain":
         problem = verify_checkpoint(path)
@@ -76,8 +79,9 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
         if latest is None:
             if list_checkpoints(run):
                 raise CheckpointError(f"{run}: none of its checkpoints passes its checksums")
-            raise FileNotFoundError(f"no checkpoint at {path} (not a known checkpoint format, and no "
-                                    "checkpoints/step_* under it)")
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (not a known checkpoint format, and no checkpoints/step_* under it)"
+            )
         name, path = "mmpretrain", latest
     if formats is not None and name not in formats:
         raise ConfigError(f"{ref}: a {name} checkpoint; expected {' or '.join(sorted(formats))}")
@@ -101,8 +105,10 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
 
     named = open_clip.get_model_config(text)
     if named is None:
-        raise ConfigError(f"unknown model {text!r}: not a YAML file, 'local-dir:' folder or open_clip model. "
-                          f"open_clip models: {', '.join(open_clip.list_models())}")
+        raise ConfigError(
+            f"unknown model {text!r}: not a YAML file, 'local-dir:' folder or open_clip model. "
+            f"open_clip models: {', '.join(open_clip.list_models())}"
+        )
     return model_config_from_tree(open_clip_model_config(named))
 
 
@@ -127,7 +133,9 @@ def _open_clip_dir_weights(path: Path) -> Path:
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin"):
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"no open_clip weights (open_clip_model.safetensors / open_clip_pytorch_model.bin) in {path}")
+    raise FileNotFoundError(
+        f"no open_clip weights (open_clip_model.safetensors / open_clip_pytorch_model.bin) in {path}"
+    )
 
 
 def _load_ours(path: Path, base: ModelConfig | None) -> ContrastiveModel:
@@ -149,8 +157,10 @@ def _load_open_clip_dir(path: Path, base: ModelConfig | None) -> ContrastiveMode
 
 def _load_open_clip_file(path: Path, base: ModelConfig | None) -> ContrastiveModel:
     if base is None:
-        raise ConfigError(f"{path}: an open_clip weights file needs the model it belongs to, "
-                          "e.g. create_model('ViT-B-32', pretrained=PATH)")
+        raise ConfigError(
+            f"{path}: an open_clip weights file needs the model it belongs to, "
+            "e.g. create_model('ViT-B-32', pretrained=PATH)"
+        )
     model = ContrastiveModel(base)
     load_open_clip_state(model, path)
     return model
@@ -166,8 +176,12 @@ def _hf_clip_config(path: Path) -> ModelConfig:
         embed = cfg.get("text_config", {}).get("hidden_size", 768)
     scale, bias = _hf_scalars(path)
     tower = {"params": {"path": str(path)}, "head": "none"}
-    tree = {"embed_dim": embed, "logit_scale_init": scale, "logit_scale_max": max(100.0, float(torch.tensor(scale).exp())),
-            "towers": {"image": {"encoder": "hf_clip_vision", **tower}, "text": {"encoder": "hf_clip_text", **tower}}}
+    tree = {
+        "embed_dim": embed,
+        "logit_scale_init": scale,
+        "logit_scale_max": max(100.0, float(torch.tensor(scale).exp())),
+        "towers": {"image": {"encoder": "hf_clip_vision", **tower}, "text": {"encoder": "hf_clip_text", **tower}},
+    }
     if bias is not None:
         tree["logit_bias_init"] = bias
     return model_config_from_tree(tree)
@@ -184,7 +198,9 @@ def _hf_scalars(path: Path) -> tuple[float, float | None]:
             scale = float(get("logit_scale")) if "logit_scale" in keys else 2.6592
             return scale, float(get("logit_bias")) if "logit_bias" in keys else None
     state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return float(state.get("logit_scale", torch.tensor(2.6592))), (float(state["logit_bias"]) if "logit_bias" in state else None)
+    return float(state.get("logit_scale", torch.tensor(2.6592))), (
+        float(state["logit_bias"]) if "logit_bias" in state else None
+    )
 
 
 def _load_hf_clip(path: Path, base: ModelConfig | None) -> ContrastiveModel:
@@ -215,9 +231,17 @@ def tiny_model() -> ContrastiveModel:
     from mmpretrain.encoders.openclip import TINY_TEXT, TINY_VISION
 
     torch.manual_seed(0)
-    return ContrastiveModel(model_config_from_tree({"embed_dim": 24, "towers": {
-        "image": {"encoder": "openclip_vision", "params": TINY_VISION},
-        "text": {"encoder": "openclip_text", "params": TINY_TEXT}}}))
+    return ContrastiveModel(
+        model_config_from_tree(
+            {
+                "embed_dim": 24,
+                "towers": {
+                    "image": {"encoder": "openclip_vision", "params": TINY_VISION},
+                    "text": {"encoder": "openclip_text", "params": TINY_TEXT},
+                },
+            }
+        )
+    )
 
 
 def _example_ours(folder: Path) -> tuple[Path, None]:
@@ -254,14 +278,34 @@ def _example_hf_clip(folder: Path) -> tuple[Path, None]:
     return Path(tiny_folder("clip")["path"]), None
 
 
-_register("hf_clip", _is_hf_clip, _load_hf_clip, "a Hugging Face CLIP or SigLIP folder (config.json + weights)",
-          _example_hf_clip)
-_register("mmpretrain", _is_ours, _load_ours, "our checkpoint folder (model.safetensors, config.yaml, checksums)",
-          _example_ours)
-_register("open_clip_dir", lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(), _load_open_clip_dir,
-          "an open_clip folder (open_clip_config.json + weights), as our export writes it", _example_open_clip_dir)
-_register("open_clip_file", lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
-          _load_open_clip_file, "an open_clip weights file (needs the model it belongs to)", _example_open_clip_file)
+_register(
+    "hf_clip",
+    _is_hf_clip,
+    _load_hf_clip,
+    "a Hugging Face CLIP or SigLIP folder (config.json + weights)",
+    _example_hf_clip,
+)
+_register(
+    "mmpretrain",
+    _is_ours,
+    _load_ours,
+    "our checkpoint folder (model.safetensors, config.yaml, checksums)",
+    _example_ours,
+)
+_register(
+    "open_clip_dir",
+    lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(),
+    _load_open_clip_dir,
+    "an open_clip folder (open_clip_config.json + weights), as our export writes it",
+    _example_open_clip_dir,
+)
+_register(
+    "open_clip_file",
+    lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
+    _load_open_clip_file,
+    "an open_clip weights file (needs the model it belongs to)",
+    _example_open_clip_file,
+)
 
 
 def detect_format(path: Path) -> str | None:
@@ -275,8 +319,9 @@ def load_pretrained(ref: str | Path, base: ModelConfig | None = None) -> Contras
     return CHECKPOINT_FORMATS.get(resolved.format).builder().load(resolved.path, base)
 
 
-def create_model(name: ModelConfig | dict[str, Any] | str | Path, pretrained: str | Path | None = None
-                 ) -> ContrastiveModel:
+def create_model(
+    name: ModelConfig | dict[str, Any] | str | Path, pretrained: str | Path | None = None
+) -> ContrastiveModel:
     """``name``'s architecture (see ``model_config``), with ``pretrained``'s weights when given; a
     ``local-dir:`` name carries both."""
     if pretrained is None and local_dir(name) is not None:

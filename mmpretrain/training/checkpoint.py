@@ -12,6 +12,7 @@ verified, so a killed run or a power cut never leaves a half-written checkpoint 
 which newer ones it skipped; pruning keeps the one just written (verified) and never deletes
 before that write has succeeded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 STALE = re.compile(r"^\.step_\d{8}\..+")  # temp, moved-aside and being-deleted checkpoint folders
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
-                    *, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str, *, keep_last: int
+) -> Path:
     """Write one checkpoint atomically and durably, verify it, then prune older ones.
 
     The checksums are computed by reading the written files back. A valid checkpoint already at
@@ -102,8 +104,12 @@ def rng_state() -> dict[str, Any]:
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "python": [py_version, list(py_internal), py_gauss],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -1,4 +1,5 @@
 """Process-group setup for ``torchrun`` (single process when WORLD_SIZE is unset)."""
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 
 It knows nothing of modalities or losses (the task does); it is the same for CLIP and VATT.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,13 @@ class Trainer:
         keys_log = self._keys_log()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         data = iter(self.loader)
-        bar = tqdm(total=stop, initial=self.step, unit="step", disable=not (tc.progress and self.info.is_main),
-                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs to files: a line per 30 s
+        bar = tqdm(
+            total=stop,
+            initial=self.step,
+            unit="step",
+            disable=not (tc.progress and self.info.is_main),
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        )  # logs to files: a line per 30 s
         window = _Window(time.perf_counter())
         stopping = False
         try:
@@ -98,11 +104,13 @@ class Trainer:
         device = self.info.device
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
         no_sync = getattr(self.model, "no_sync", None)
-        losses = self.task.forward_backward(self.model, micro, autocast=self.autocast,
-                                            **({"no_sync": no_sync} if no_sync else {}))
+        losses = self.task.forward_backward(
+            self.model, micro, autocast=self.autocast, **({"no_sync": no_sync} if no_sync else {})
+        )
         if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"loss is {losses['loss'].item()} at step {self.step + 1}; "
-                                     "lower optim.lr or raise optim.warmup_steps")
+            raise FloatingPointError(
+                f"loss is {losses['loss'].item()} at step {self.step + 1}; lower optim.lr or raise optim.warmup_steps"
+            )
         clip = self.cfg.optim.grad_clip_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
@@ -115,9 +123,13 @@ class Trainer:
     def _metrics(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: _Window) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         values: dict[str, Any] = {k: float(v) for k, v in losses.items()}
-        values.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
-                      logit_scale=float(self.raw.logit_scale.detach().exp()), samples_per_s=window.samples / elapsed,
-                      data_wait_frac=window.data_time / elapsed)
+        values.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm),
+            logit_scale=float(self.raw.logit_scale.detach().exp()),
+            samples_per_s=window.samples / elapsed,
+            data_wait_frac=window.data_time / elapsed,
+        )
         for kind, n in self.loader.error_counts().items():
             values[f"data/skipped_{kind}"] = n
         return values
@@ -137,9 +149,15 @@ class Trainer:
         """Gather every rank's data position and RNG state; the main rank writes the checkpoint."""
         per_rank = all_gather_object({"data": self.loader.state_dict(), "rng": rng_state()}, self.info)
         if self.info.is_main:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank]}
-            save_checkpoint(self.run_dir, self.step, self.raw, state, self.config_yaml, keep_last=self.cfg.train.keep_last)
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "data": [r["data"] for r in per_rank],
+                "rng": [r["rng"] for r in per_rank],
+            }
+            save_checkpoint(
+                self.run_dir, self.step, self.raw, state, self.config_yaml, keep_last=self.cfg.train.keep_last
+            )
         if self.info.world_size > 1:
             torch.distributed.barrier()
 

@@ -1,4 +1,5 @@
 """Metrics sinks: JSONL (one object per log step) and TensorBoard, on the main rank only."""
+
 from __future__ import annotations
 
 import json

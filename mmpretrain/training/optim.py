@@ -1,4 +1,5 @@
 """AdamW with weight-decay groups and per-tower learning rates; warm-up + cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,8 @@ def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -
             groups.setdefault((1.0, p.ndim >= 2), []).append(p)
     return [
         {"params": ps, "lr": optim.lr * m, "lr_mult": m, "weight_decay": optim.weight_decay if decay else 0.0}
-        for (m, decay), ps in sorted(groups.items(), key=lambda kv: kv[0]) if m > 0
+        for (m, decay), ps in sorted(groups.items(), key=lambda kv: kv[0])
+        if m > 0
     ]
 
 
@@ -47,7 +49,9 @@ def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    opt: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, optim=optim, total_steps=total_steps))
 
 

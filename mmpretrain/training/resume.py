@@ -10,6 +10,7 @@ seed, data, ops, model, loss, world size, ...) are refused with the list of fiel
 ``train.resume_allow``. When an allowed change makes the saved data positions meaningless (other
 shards, seed, workers or ranks), every stream restarts at the start of the next epoch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,15 +31,46 @@ log = logging.getLogger(__name__)
 WORLD_SIZE = "world_size"  # not a config field: the number of ranks, stored with the checkpoint
 
 # Accepted on resume (logged): they change what happens next, not what the saved state means.
-ACCEPTED = ("train.steps", "train.stop_after", "train.log_every", "train.ckpt_every", "train.keep_last",
-            "train.resume", "train.progress", "train.threads", "train.log_sample_keys", "train.compile",
-            "train.grad_checkpointing", "train.precision", "train.device", "train.dist_backend",
-            "train.overwrite", "train.resume_allow", "train.name", "train.run_dir", "optim", "eval",
-            "data.on_error", "data.max_errors", "data.prefetch_factor", "data.timeout_s", "data.stall_timeout_s",
-            "data.max_member_bytes", "data.eval_ops")
+ACCEPTED = (
+    "train.steps",
+    "train.stop_after",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.resume",
+    "train.progress",
+    "train.threads",
+    "train.log_sample_keys",
+    "train.compile",
+    "train.grad_checkpointing",
+    "train.precision",
+    "train.device",
+    "train.dist_backend",
+    "train.overwrite",
+    "train.resume_allow",
+    "train.name",
+    "train.run_dir",
+    "optim",
+    "eval",
+    "data.on_error",
+    "data.max_errors",
+    "data.prefetch_factor",
+    "data.timeout_s",
+    "data.stall_timeout_s",
+    "data.max_member_bytes",
+    "data.eval_ops",
+)
 # Allowed only through train.resume_allow; these also restart the data streams at the next epoch.
-RESTARTS_DATA = ("data.train", "data.sources", "data.num_workers", "data.shuffle_buffer", "data.shuffle_shards",
-                 "data.resampled", "train.seed", WORLD_SIZE)
+RESTARTS_DATA = (
+    "data.train",
+    "data.sources",
+    "data.num_workers",
+    "data.shuffle_buffer",
+    "data.shuffle_shards",
+    "data.resampled",
+    "train.seed",
+    WORLD_SIZE,
+)
 
 
 @dataclass(frozen=True)
@@ -95,14 +127,18 @@ def plan_resume(cfg: ExperimentConfig, ckpt: Path, saved_world_size: int, world_
         raise ConfigError(
             f"cannot resume {ckpt} exactly: {detail}. Undo the change(s), start a new run (another train.name, or "
             f"train.overwrite=true), or accept an inexact continuation with "
-            f"train.resume_allow=[{','.join(refused)}]")
+            f"train.resume_allow=[{','.join(refused)}]"
+        )
     for key in accepted:
         log.info("resume: %s changed since the checkpoint (accepted)", key)
     allowed = tuple(rest)
     restart = any(_matches(k, RESTARTS_DATA) for k in allowed)
     for key in allowed:
-        log.warning("resume: %s changed since the checkpoint (train.resume_allow): the continuation is not exact%s",
-                    key, "; data streams restart at the next epoch" if restart else "")
+        log.warning(
+            "resume: %s changed since the checkpoint (train.resume_allow): the continuation is not exact%s",
+            key,
+            "; data streams restart at the next epoch" if restart else "",
+        )
     return ResumePlan(accepted, allowed, restart)
 
 
@@ -137,7 +173,8 @@ def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> StartDecision:
             raise ConfigError(
                 f"{run_dir} already holds checkpoints of an earlier run{broken} (newest: {existing[-1].name}). "
                 f"Continue it with train.resume=latest, start over with train.overwrite=true (deletes its "
-                f"checkpoints and logs), or choose another train.name")
+                f"checkpoints and logs), or choose another train.name"
+            )
         return StartDecision(None, start_over=True)
     newer: list[Path] = []
     if ckpt is not None and _inside(ckpt, run_dir):  # broken newer ones are not a branch: they get rewritten
@@ -146,7 +183,8 @@ def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> StartDecision:
             raise ConfigError(
                 f"resuming {ckpt.name} would branch off {run_dir}, which has newer checkpoints "
                 f"({', '.join(c.name for c in newer)}); resume=latest continues from the newest, or set "
-                f"train.overwrite=true to delete the newer ones and continue from {ckpt.name}")
+                f"train.overwrite=true to delete the newer ones and continue from {ckpt.name}"
+            )
     return StartDecision(str(ckpt) if ckpt is not None else None, drop=tuple(map(str, newer)))
 
 

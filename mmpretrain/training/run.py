@@ -1,4 +1,5 @@
 """Build everything a run needs from a config, resume if asked, and train."""
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,14 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
-def restore_state(cfg: ExperimentConfig, info: DistInfo, state: dict | None, plan: ResumePlan | None,
-                  optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
+def restore_state(
+    cfg: ExperimentConfig,
+    info: DistInfo,
+    state: dict | None,
+    plan: ResumePlan | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+) -> dict | None:
     """Optimizer, schedule and RNG from a checkpoint's ``state`` (or fresh seeds); returns this rank's
     data-stream state for the loader (None: a fresh stream)."""
     tc = cfg.train
@@ -134,23 +141,52 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
     data_state = restore_state(cfg, info, state, plan, optimizer, scheduler)
-    loader = build_loader(cfg.data, model.data_context(), seed=tc.seed, rank=info.rank, world_size=info.world_size,
-                          state=data_state, group=tc.accum_steps)
+    loader = build_loader(
+        cfg.data,
+        model.data_context(),
+        seed=tc.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        state=data_state,
+        group=tc.accum_steps,
+    )
     wrapped = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
         # a mixture's steps may leave a tower unused (an image-text batch has no video)
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                            find_unused_parameters=bool(cfg.data.sources))
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=bool(cfg.data.sources)
+        )
     if tc.compile:
         wrapped = torch.compile(wrapped)
-    task = ContrastiveTask(cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss))
-    log.info("run %s: %d rank(s), device %s, %d thread(s), resume from %s", run_dir, info.world_size,
-             info.device, threads, ckpt)
+    task = ContrastiveTask(
+        cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss)
+    )
+    log.info(
+        "run %s: %d rank(s), device %s, %d thread(s), resume from %s",
+        run_dir,
+        info.world_size,
+        info.device,
+        threads,
+        ckpt,
+    )
     evaluate = None
     if cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval):
         from mmpretrain.eval.runner import periodic_eval
 
         evaluate = partial(periodic_eval, cfg=cfg.eval)
-    return Trainer(cfg, info, wrapped, model, optimizer, scheduler, task, loader, run_dir, dump_config(cfg),
-                   autocast_factory(tc, info.device), evaluate=evaluate, step=int(state["step"]) if state else 0)
+    return Trainer(
+        cfg,
+        info,
+        wrapped,
+        model,
+        optimizer,
+        scheduler,
+        task,
+        loader,
+        run_dir,
+        dump_config(cfg),
+        autocast_factory(tc, info.device),
+        evaluate=evaluate,
+        step=int(state["step"]) if state else 0,
+    )

@@ -8,6 +8,7 @@ one large batch (tested): each re-encode replays the RNG state of its first pass
 gradient of the shared temperature/bias is divided by the number of micro-batches, since
 every micro-step's loss contains the whole of it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,14 @@ class ContrastiveTask:
         for pair, fn in self.terms:
             if pair.a not in out or pair.b not in out:
                 continue
-            value = fn(out[pair.a], out[pair.b], out["logit_scale"], out.get("logit_bias"), self.dist,
-                       pair_valid(out, pair.a, pair.b))
+            value = fn(
+                out[pair.a],
+                out[pair.b],
+                out["logit_scale"],
+                out.get("logit_bias"),
+                self.dist,
+                pair_valid(out, pair.a, pair.b),
+            )
             metrics[f"loss/{pair.a}-{pair.b}"] = value.detach()
             total = pair.weight * value if total is None else total + pair.weight * value
         if total is None:
@@ -50,8 +57,14 @@ class ContrastiveTask:
             raise ValueError(f"batch has none of the loss pairs' modalities; has {sorted(out)}, pairs use {wanted}")
         return {"loss": total, **metrics}
 
-    def forward_backward(self, model: nn.Module, micro: list[Batch], *, autocast: Callable[[], ContextManager],
-                         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Tensor]:
+    def forward_backward(
+        self,
+        model: nn.Module,
+        micro: list[Batch],
+        *,
+        autocast: Callable[[], ContextManager],
+        no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+    ) -> dict[str, Tensor]:
         """Backpropagate the loss of ``micro`` (one or more micro-batches); returns detached losses."""
         if len(micro) == 1:
             with autocast():
@@ -70,8 +83,9 @@ class ContrastiveTask:
             with no_sync() if i < n - 1 else contextlib.nullcontext():
                 with autocast():
                     out = model(batch)
-                    merged = {m: torch.cat([out[m] if j == i else c[m] for j, c in enumerate(cached)])
-                              for m in cached[i]}
+                    merged = {
+                        m: torch.cat([out[m] if j == i else c[m] for j, c in enumerate(cached)]) for m in cached[i]
+                    }
                     merged.update({k: scale_grad(out[k], 1.0 / n) for k in SHARED if k in out})
                     losses = self.losses(merged)
                 losses["loss"].backward()

@@ -1,6 +1,7 @@
 """A whole experiment checked before any work: the config's own checks (``config.validate``) and
 those of the packages that own the registries it names (encoders, data ops, losses, evaluation sets).
 ``api.load_config`` and ``train`` go through here; ``config/`` itself imports nothing above it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

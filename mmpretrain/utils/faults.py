@@ -7,6 +7,7 @@ Points: ``ckpt.weights``, ``ckpt.state``, ``ckpt.checksums`` (inside a checkpoin
 ``atomic_dir.synced`` (before the rename), ``ckpt.renamed`` (after it, before pruning),
 ``remove_tree.renamed`` (pruning, between rename and delete), ``train.step`` (after a step).
 """
+
 from __future__ import annotations
 
 import os

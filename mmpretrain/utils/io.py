@@ -2,6 +2,7 @@
 rename into place, fsync the directory. A crash (or power cut) at any point leaves either the old
 file or folder or the new one, never a torn one under the final name.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Process trees from /proc (Linux): killing a ``pipe:`` command with everything it started, and
 finding torchrun's rank processes (for fault tests). Elsewhere they see no children."""
+
 from __future__ import annotations
 
 import contextlib
