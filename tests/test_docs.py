@@ -24,6 +24,7 @@ def test_docs_pages_exist():
         "zero_shot.md",
         "pretrained.md",
         "evaluation.md",
+        "architecture.md",
     ):
         assert (ROOT / "docs" / page).is_file(), page
     readme = (ROOT / "README.md").read_text()
