@@ -82,11 +82,12 @@ def load_checkpoint(path: str | Path) -> ContrastiveModel:
     return load_pretrained(path).eval()
 
 
-def export_open_clip(model: ContrastiveModel, out_dir: str | Path) -> Path:
-    """Write ``model`` as an open_clip ``local-dir:`` checkpoint that open_clip and CLIP_benchmark load."""
+def export_open_clip(model: ContrastiveModel, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` checkpoint that open_clip and CLIP_benchmark load.
+    An earlier export in ``out_dir`` is replaced; any other existing folder only with ``overwrite``."""
     from mmpretrain.models.formats import export_open_clip as _export
 
-    return _export(model, out_dir)
+    return _export(model, out_dir, overwrite=overwrite)
 
 
 def zero_shot(

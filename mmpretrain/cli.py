@@ -32,9 +32,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from mmpretrain.config.loader import dump_config
+    from mmpretrain.data.loader import check_shards
     from mmpretrain.training.validate import load_experiment
 
-    print(dump_config(load_experiment(args.config, args.overrides)), end="")
+    cfg = load_experiment(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    try:
+        check_shards(cfg.data)
+    except ConfigError as exc:  # the config is valid; this machine lacks its data
+        print(f"warning: {exc}", file=sys.stderr)
     return 0
 
 
@@ -78,32 +84,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         zeroshot_eval,
     )
 
+    sets = _parse_sets(args)  # a typo in --data fails here, before the model loads
     model = _load_model(args)
     common = {"batch_size": args.batch_size, "progress": True}
     if args.eval_cmd == "zeroshot":
         reports = [
-            zeroshot_eval(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
-            for d in args.data
+            zeroshot_eval(model, d, templates=args.templates, workers=args.workers, **common) for d in sets["data"]
         ]
         report: dict = {"zeroshot": reports}
         print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
     elif args.eval_cmd == "retrieval":  # shards with captions, or NAME@LAYOUT=DIR labelled folders
         reports = [
-            folder_retrieval_eval(model, EvalSet.parse(d), templates=args.templates, **common)
-            if "=" in d
+            folder_retrieval_eval(model, d, templates=args.templates, **common)
+            if isinstance(d, EvalSet)
             else retrieval_eval(model, d, **common)
-            for d in args.data
+            for d in sets["data"]
         ]
         report = {"retrieval": reports}
         keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
         print(table(reports, ["dataset", "images", *keys]))
     elif args.eval_cmd == "media":
-        report = _eval_media(model, args)
+        report = _eval_media(model, args, sets["data"])
     elif args.eval_cmd == "hard":
-        fes = [
-            embed_folder(model, EvalSet.parse(d), templates=args.templates, workers=args.workers, **common)
-            for d in args.data
-        ]
+        fes = [embed_folder(model, d, templates=args.templates, workers=args.workers, **common) for d in sets["data"]]
         report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
         print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
         print(
@@ -114,8 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline = json.loads(open(args.baseline).read()) if args.baseline else None
         report = robustness_eval(
             model,
-            EvalSet.parse(args.id),
-            [EvalSet.parse(d) for d in args.ood],
+            sets["id"],
+            sets["ood"],
             baseline=baseline,
             templates=args.templates,
             workers=args.workers,
@@ -129,17 +132,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_media(model, args: argparse.Namespace) -> dict:
+def _parse_sets(args: argparse.Namespace) -> dict:
+    """Every ``--data`` / ``--id`` / ``--ood`` spec parsed and checked (layout, folder) up front."""
+    from mmpretrain.eval.media import ShardSet
+    from mmpretrain.eval.runner import EvalSet
+
+    if args.eval_cmd == "robustness":
+        return {"id": EvalSet.parse(args.id, check=True), "ood": [EvalSet.parse(d, check=True) for d in args.ood]}
+    if args.eval_cmd == "media":
+        return {"data": [ShardSet.parse(d) for d in args.data]}
+    folders_only = args.eval_cmd != "retrieval"  # retrieval also takes shards with captions
+    return {"data": [EvalSet.parse(d, check=True) if folders_only or "=" in d else d for d in args.data]}
+
+
+def _eval_media(model, args: argparse.Namespace, sets: list) -> dict:
     from mmpretrain.eval.inputs import Views
-    from mmpretrain.eval.media import ShardSet, media_eval
+    from mmpretrain.eval.media import media_eval
     from mmpretrain.eval.runner import table
 
     views = Views(args.clips, args.crops, args.windows)
     reports = [
-        media_eval(
-            model, ShardSet.parse(d), args.modalities, templates=args.templates, views=views, batch_size=args.batch_size
-        )
-        for d in args.data
+        media_eval(model, d, args.modalities, templates=args.templates, views=views, batch_size=args.batch_size)
+        for d in sets
     ]
     for r in reports:
         print(f"{r['dataset']}: {r['samples']} samples, skipped {r['skipped'] or 'none'}, views {r['views']}")
@@ -174,7 +188,7 @@ def _eval_media(model, args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     from mmpretrain import api
 
-    out = api.export_open_clip(_load_model(args), args.out)
+    out = api.export_open_clip(_load_model(args), args.out, overwrite=args.overwrite)
     print(f"wrote open_clip checkpoint {out} (load with open_clip.create_model('local-dir:{out}'))")
     return 0
 
@@ -308,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _model_args(x)
-    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--out", required=True, help="output folder (an earlier export there is replaced)")
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace --out even when it holds other files (they are deleted)"
+    )
     x.set_defaults(fn=cmd_export)
 
     ls = sub.add_parser("list", help="list registered encoders, heads, losses, data ops")
@@ -414,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, DataError, CheckpointError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError, DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -259,17 +259,27 @@ class Embeddings:
     def array(self) -> np.ndarray:
         return np.concatenate([c for _, c in self.chunks()]) if self.parts else np.zeros((0, self.dim), np.float32)
 
-    def meta(self):
-        """pyarrow.Table of META_COLUMNS + ``part`` (the part path the thumbnails live in)."""
+    def meta(self, relative_to: Path | None = None):
+        """pyarrow.Table of META_COLUMNS + ``part`` (the part the thumbnails live in: its absolute path, or
+        relative to ``relative_to``, as an index stores it so the two folders can move together)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(p.with_suffix(".parquet")) for p in self.parts]
         tables = [
-            t.append_column("part", pa.array([str(p.resolve())] * t.num_rows, pa.string()))
+            t.append_column("part", pa.array([relative_path(p, relative_to)] * t.num_rows, pa.string()))
             for t, p in zip(tables, self.parts)
         ]
         return pa.concat_tables(tables) if tables else None
+
+
+def relative_path(path: Path, folder: Path | None) -> str:
+    """``path`` relative to ``folder`` (``..`` allowed), or absolute when ``folder`` is None."""
+    return (
+        os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+        if folder is not None
+        else str(Path(path).resolve())
+    )
 
 
 def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embeddings:

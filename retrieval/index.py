@@ -422,7 +422,7 @@ def build_index(
     progress: bool = True,
 ) -> dict:
     """Choose, train, fill and tune an index over an embedding job folder; write it atomically to ``out``."""
-    from retrieval.embed import load_embeddings
+    from retrieval.embed import load_embeddings, relative_path
 
     _threads(cfg)
     emb = load_embeddings(embeddings)
@@ -452,7 +452,7 @@ def build_index(
             "model": emb.header["model"],
             "model_id": emb.header["model_id"],
             "modality": emb.header["modality"],
-            "embeddings": [str(emb.folder.resolve())],
+            "embeddings": [relative_path(emb.folder, out)],  # relative to the index: the folders can move
             "parts": [p.name for p in emb.parts],
             "on_disk": cfg.on_disk,
             "build_seconds": round(sum(b[3] for b in built), 2),
@@ -466,7 +466,7 @@ def build_index(
                 cfg.recall_target,
                 spec.knob,
             )
-        write_index_folder(tmp, index, emb.meta(), header)
+        write_index_folder(tmp, index, emb.meta(relative_to=out), header)
     return header
 
 
@@ -541,7 +541,7 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
     import faiss
     import pyarrow as pa
 
-    from retrieval.embed import load_embeddings
+    from retrieval.embed import load_embeddings, relative_path
 
     loaded = open_index(folder)
     h = loaded.header
@@ -553,13 +553,14 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
             f"{embeddings} was embedded by model {emb.header['model_id']} (d={emb.dim}); the index "
             f"holds model {h['model_id']} (d={h['dim']})"
         )
-    if str(emb.folder.resolve()) in h["embeddings"]:
+    here = relative_path(emb.folder, loaded.folder)
+    if any((loaded.folder / e).resolve() == emb.folder.resolve() for e in h["embeddings"]):
         raise IndexError_(f"{embeddings} is already in the index")
     index = faiss.clone_index(loaded.index)
     for _, vectors in emb.chunks():
         index.add(vectors)
-    meta = pa.concat_tables([loaded.meta, emb.meta()])
-    h = {**h, "ntotal": int(index.ntotal), "embeddings": h["embeddings"] + [str(emb.folder.resolve())]}
+    meta = pa.concat_tables([loaded.meta, emb.meta(relative_to=loaded.folder)])
+    h = {**h, "ntotal": int(index.ntotal), "embeddings": h["embeddings"] + [here]}
     with api.files.atomic_dir(folder) as tmp:
         write_index_folder(Path(tmp), index, meta, h)
     log.info("added %d vectors to %s (now %d)", emb.n, folder, h["ntotal"])

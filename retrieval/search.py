@@ -137,7 +137,8 @@ class Searcher:
             from retrieval.embed import EmbedError, load_embeddings
 
             try:
-                self._embeddings = [load_embeddings(f) for f in self.index.header.get("embeddings", [])]
+                folders = self.index.header.get("embeddings", [])  # relative to the index (absolute before)
+                self._embeddings = [load_embeddings(self.index.folder / f) for f in folders]
             except (EmbedError, OSError):
                 self._embeddings = []
             if sum(e.n for e in self._embeddings) != self.index.ntotal:
@@ -159,7 +160,7 @@ class Searcher:
         row = self.index.meta.slice(i, 1).to_pylist()[0]
         if not row["thumb_len"]:
             return b""
-        with open(Path(row["part"]).with_suffix(".thumbs"), "rb") as f:
+        with open((self.index.folder / row["part"]).with_suffix(".thumbs"), "rb") as f:
             f.seek(row["thumb_offset"])
             return f.read(row["thumb_len"])
 

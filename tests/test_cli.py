@@ -54,16 +54,24 @@ def test_unknown_model_fails_before_work(tmp_path):
 
 
 def test_missing_dataset_fails_clearly(tmp_path):
-    tree = {
-        "model": TINY_MODEL,
-        "data": {"train": str(tmp_path / "nothing-{0..3}.tar")},
-        "train": {"run_dir": str(tmp_path / "run")},
-    }
+    (tmp_path / "s-1.tar").write_bytes(b"")  # one of four exists: still a typo'd pattern
+    pattern = str(tmp_path / "s-{0..3}.tar")
+    tree = {"model": TINY_MODEL, "data": {"train": pattern}, "train": {"run_dir": str(tmp_path / "run")}}
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     proc = run_cli("train", str(cfg))
-    assert proc.returncode == 2 and "none of the 4 shard path(s) exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and f"data.train: {pattern!r} matches no file for 3 of its 4" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    proc = run_cli("config", str(cfg))  # the config is fine; this machine lacks its data: a warning
+    assert proc.returncode == 0 and "warning: data.train" in proc.stderr and yaml.safe_load(proc.stdout)["data"]
+
+
+def test_eval_data_typos_fail_in_one_line_before_the_model_loads(tmp_path):
+    proc = run_cli("eval", "zeroshot", "--model", str(tmp_path / "no-model"), "--data", f"toy@foldr={tmp_path}")
+    assert proc.returncode == 2 and "unknown dataset layout 'foldr'. Did you mean 'folder'?" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("eval", "zeroshot", "--model", str(tmp_path / "no-model"), "--data", f"toy@folder={tmp_path}/x")
+    assert proc.returncode == 2 and "no folder" in proc.stderr
 
 
 def test_config_command_prints_resolved(tmp_path):

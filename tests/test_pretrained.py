@@ -192,3 +192,19 @@ def test_model_id_is_stable():
 
     torch.manual_seed(0)
     assert api.model_id(api.create_model(TINY_MODEL)) == "ae29f05e276fed09"
+
+
+def test_export_replaces_an_export_and_refuses_other_folders(tmp_path, tiny_model_cfg):
+    model = api.create_model(tiny_model_cfg)
+    out = api.export_open_clip(model, tmp_path / "e")
+    api.export_open_clip(model, out)  # an earlier export: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier open_clip export"):
+        api.export_open_clip(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    api.export_open_clip(model, tmp_path / "mine", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]

@@ -242,3 +242,19 @@ def test_searcher_text_and_image_queries(embedded, tiny_ckpt, tmp_path):
     other = api.create_model(s.model.cfg)  # same architecture, other weights
     with pytest.raises(IndexError_, match="not by this model"):
         Searcher(other, tmp_path / "ix")
+
+
+def test_an_index_and_its_embeddings_move_together(embedded, tmp_path):
+    """The index stores the embedding folder and parts relative to itself: moved together, thumbnails
+    and stored vectors still come from the embedding parts."""
+    import shutil
+
+    shutil.copytree(embedded[0], tmp_path / "a" / "emb")
+    build_index(tmp_path / "a" / "emb", tmp_path / "a" / "ix", BuildConfig(index_type="flat"), progress=False)
+    header = json.loads((tmp_path / "a" / "ix" / "index.json").read_text())
+    assert header["embeddings"] == ["../emb"]
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    s = Searcher.open(tmp_path / "b" / "ix")
+    assert s.thumbnail(7)[:2] == b"\xff\xd8"
+    np.testing.assert_array_equal(s.vectors(np.array([3])), load_embeddings(tmp_path / "b" / "emb").take(np.array([3])))
+    assert s._embeddings, "vectors came from FAISS, not the moved embedding folder"

@@ -152,6 +152,48 @@ def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
     assert len(ckpts) == 1 and int(ckpts[0].name.split("_")[1]) >= 3
 
 
+def test_ctrl_c_checkpoints_and_resume_is_exact(toy_shards, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group, loader workers included) saves after the
+    step and exits 0; the resumed run equals an uninterrupted one; a second Ctrl-C aborts."""
+    import os
+
+    common = {"data": {"num_workers": 2}, "train": {"steps": 400, "ckpt_every": 1000, "log_sample_keys": True}}
+    ref = write_config(tmp_path / "ref.yaml", experiment_tree(toy_shards, tmp_path / "ref", **common))
+    assert train_cli(ref, "train.stop_after=12").returncode == 0
+    cfg = write_config(tmp_path / "c.yaml", experiment_tree(toy_shards, tmp_path / "run", **common))
+    cmd = [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    assert "Ctrl-C: checkpointing" in proc.stderr.read()
+    stopped = int(list_checkpoints(tmp_path / "run")[-1].name.split("_")[1])
+    assert 3 <= stopped < 12
+    assert train_cli(cfg, "train.resume=latest", "train.stop_after=12").returncode == 0
+    ref_w = load_file(tmp_path / "ref" / "checkpoints" / "step_00000012" / "model.safetensors")
+    run_w = load_file(tmp_path / "run" / "checkpoints" / "step_00000012" / "model.safetensors")
+    for name, value in ref_w.items():
+        torch.testing.assert_close(run_w[name], value, atol=0, rtol=0)
+
+
+def test_a_second_ctrl_c_aborts():
+    from types import SimpleNamespace
+
+    from mmpretrain.training.loop import Trainer
+
+    trainer = SimpleNamespace(step=5, _stop_signal=False)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        Trainer._on_stop(trainer, signal.SIGINT, None)
+        assert trainer._stop_signal
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            Trainer._on_stop(trainer, signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_resume_latest_without_checkpoint_starts_fresh(toy_shards, tmp_path):
     tree = experiment_tree(toy_shards, tmp_path / "run", train={"steps": 2, "resume": "latest"})
     api.train(experiment_from_tree(tree))

@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Load a layered experiment config, apply ``key.sub=value`` overrides, and validate."""
+    return config_from_tree(load_tree(path, overrides))
+
+
+def load_tree(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The merged tree of a layered experiment config with ``key.sub=value`` overrides applied."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = load_yaml_tree(Path(path))
     for item in overrides:
         apply_override(tree, item)
-    return config_from_tree(tree)
+    return tree
 
 
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:

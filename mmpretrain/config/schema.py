@@ -22,7 +22,7 @@ class TowerConfig:
     head: Literal["auto", "linear", "mlp", "none"] = "auto"  # auto: none if the encoder projects itself
     lr_mult: float = 1.0  # learning-rate multiplier for this tower and its head (0 leaves it out)
     freeze: bool = False  # no gradient for the encoder (LiT: a locked, pretrained text tower)
-    init_from: str | None = None  # a fresh run starts this tower from a checkpoint: its same-modality tower, or (video) its timm ViT image tower, inflated
+    init_from: str | None = None  # a fresh run starts this tower from a checkpoint (any format model.pretrained takes, or a timm weights file for a timm tower): its same-modality tower, or (video) a timm ViT image tower, inflated
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class ModelConfig:
     logit_scale_max: float = 100.0  # exp(logit_scale) is clamped to this, as CLIP
     logit_bias_init: float | None = None  # SigLIP uses -10 (with logit_scale_init log(10))
     shared_backbone: list[str] = field(default_factory=list)  # modalities whose towers share one transformer trunk (VATT-MA); each keeps its own embedding and head
+    pretrained: str | None = None  # a fresh run starts the whole model from this checkpoint: ours, an open_clip folder (local-dir:) or weights file, a Hugging Face CLIP/SigLIP folder; its towers, temperature, bias and preprocessing become the model's, under what this config sets
+    architecture: str | None = None  # the model an open_clip weights file in pretrained belongs to: an open_clip name (ViT-B-32) or a model YAML
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream,
 from mmpretrain.utils.procs import kill_tree
 
 
-def expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str, where: str = "data.train") -> list[str]:
     """Expand a shard spec: brace patterns, ``::``-joined lists, ``pipe:``/``s3://`` URLs.
 
-    Local paths are checked up front so a typo fails before any work, with the pattern named.
-    A directory expands to its ``*.tar`` files.
+    Local paths are checked up front so a typo fails before any work, naming ``where`` and the
+    pattern (any local path that does not exist is an error). A directory expands to its ``*.tar``.
     """
     if not spec:
-        raise ConfigError("data.train is empty: give shard paths, e.g. data/shards/shard-{000000..000009}.tar")
+        raise ConfigError(f"{where} is empty: give shard paths, e.g. data/shards/shard-{{000000..000009}}.tar")
     urls: list[str] = []
     for url in expand_urls(spec):
         if os.path.isdir(url):
@@ -33,12 +33,24 @@ def expand_shards(spec: str) -> list[str]:
         else:
             urls.append(url)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if local and not any(os.path.exists(u) for u in local):
-        raise ConfigError(f"data.train: none of the {len(local)} shard path(s) exist (first: {local[0]!r}); "
-                          "check the path or brace pattern")
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        raise ConfigError(
+            f"{where}: {spec!r} matches no file for {len(missing)} of its {len(local)} local shard path(s) "
+            f"(first: {missing[0]!r}); check the path or brace pattern"
+        )
     if not urls:
-        raise ConfigError(f"data.train: {spec!r} expands to no shards")
+        raise ConfigError(f"{where}: {spec!r} expands to no shards (an empty folder?)")
     return urls
+
+
+def check_shards(cfg: DataConfig) -> None:
+    """Every local shard that ``data.train`` or a mixture's sources name exists (``ConfigError`` naming the
+    field and the pattern otherwise): checked before any work (``train``, ``mmpretrain config``)."""
+    for j, src in enumerate(cfg.sources):
+        expand_shards(src.train, f"data.sources[{j}].train")
+    if not cfg.sources:
+        expand_shards(cfg.train)
 
 
 class ResumableLoader:
@@ -220,6 +232,7 @@ def _worker_init(_: int, status: WorkerStatus | None = None) -> None:
 
     torch.set_num_threads(1)  # workers decode; compute threads belong to the main process
     signal.signal(signal.SIGTERM, partial(_worker_sigterm, status))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: the main process decides
     # a pipe: shard's command still running when the worker ends would outlive it (and hold its stdout)
     Finalize(None, kill_tree, args=(os.getpid(),), kwargs={"keep_root": True}, exitpriority=10)
 

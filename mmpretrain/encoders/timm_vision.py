@@ -8,6 +8,7 @@ open_clip's timm wrapper keeps timm's default input size (224 px); this one pass
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -53,6 +54,7 @@ class TimmVision(ImageEncoder):
             self.trunk = timm.create_model(params.model_name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"model.towers.image.params: {params.model_name} does not take {exc}") from None
+        self.model_name = params.model_name
         self.output_dim = int(self.trunk.num_features)
         self.image_size = (params.image_size, params.image_size)
         self.mean, self.std, self.interpolation = params.mean, params.std, params.interpolation
@@ -62,6 +64,24 @@ class TimmVision(ImageEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
+
+    def load_weights_file(self, path: Path) -> list[str]:
+        """A timm weights file (``.safetensors``, ``.pth``, ``.bin``; timm's own loader, ``weights_only``) into
+        the trunk (``towers.image.init_from``); its classifier, which this tower does not have, is left out.
+        Returns the tensor names loaded."""
+        from timm.models import load_state_dict
+
+        state = load_state_dict(str(path), weights_only=True)
+        classifier = self.trunk.pretrained_cfg.get("classifier") or "head"
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in heads))}
+        missing, unexpected = self.trunk.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"towers.image.init_from {path}: not weights of {self.model_name} "
+                f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
+        return sorted(state)
 
 
 @register_encoder(

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.datasets import ImageFolderSet, collate_skip
+from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet, collate_skip
 from mmpretrain.eval.inputs import EvalInput, embed_views
 from mmpretrain.eval.media import encode_texts
 from mmpretrain.eval.metrics import (
@@ -26,6 +26,7 @@ from mmpretrain.eval.metrics import (
     topk_accuracy,
 )
 from mmpretrain.eval.zeroshot import ZeroShotClassifier
+from mmpretrain.registry import unknown_name_message
 from mmpretrain.utils.io import atomic_write_text
 
 
@@ -38,12 +39,17 @@ class EvalSet:
     root: Path
 
     @classmethod
-    def parse(cls, spec: str) -> EvalSet:
-        """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``."""
+    def parse(cls, spec: str, *, check: bool = False) -> EvalSet:
+        """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``.
+        ``check``: the layout is registered (``ValueError`` with the closest name) and the folder exists."""
         if "=" not in spec:
             raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")
         head, root = spec.split("=", 1)
         name, _, layout = head.rpartition("@")
+        if check and layout not in LAYOUTS:
+            raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, LAYOUTS.names()))
+        if check and not Path(root).is_dir():
+            raise FileNotFoundError(f"{spec}: no folder {root}")
         return cls(name or layout, layout, Path(root))
 
 

@@ -28,6 +28,7 @@ OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.
 class CheckpointFormat:
     detect: Callable[[Path], bool]
     load: Callable[[Path, Any], Any]  # (path, base model config or None) -> ContrastiveModel
+    config: Callable[[Path], Any]  # path -> the ModelConfig it holds, or None (a bare weights file)
 
 
 CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
@@ -101,8 +102,16 @@ def load_open_clip_state(model, path: Path) -> None:
         raise ValueError(f"{path}: does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def export_open_clip(model, out_dir: str | Path) -> Path:
-    """Write ``model`` as an open_clip ``local-dir:`` checkpoint (config JSON + safetensors)."""
+def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` checkpoint (config JSON + safetensors), atomically.
+    An existing folder is replaced only when it is an earlier export (nothing but its two files) or
+    ``overwrite``; any other folder is refused (``FileExistsError``) and left as it is."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite and not _is_export(out):
+        raise FileExistsError(
+            f"{out} exists and is not an earlier open_clip export; its files would be deleted: "
+            "choose another folder or pass overwrite (--overwrite)"
+        )
     towers = model.cfg.towers
     if (
         set(towers) != {"image", "text"}
@@ -129,13 +138,17 @@ def export_open_clip(model, out_dir: str | Path) -> Path:
         "size": list(image.image_size),
     }
     state = {k: v.detach().contiguous().clone() for k, v in to_open_clip_state(model.state_dict()).items()}
-    out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / OPEN_CLIP_WEIGHTS))
         (tmp / OPEN_CLIP_CONFIG).write_text(
             json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2)
         )
     return out
+
+
+def _is_export(folder: Path) -> bool:
+    """An earlier export: a folder holding only ``open_clip_config.json`` and its weights (or nothing)."""
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS}
 
 
 def _named(params: dict[str, Any], section: str) -> dict[str, Any]:

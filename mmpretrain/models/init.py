@@ -1,49 +1,73 @@
-"""Starting towers from other checkpoints (``model.towers.<m>.init_from``), at the start of a fresh run.
+"""Starting a fresh run from pretrained weights: the whole model (``model.pretrained``) and single
+towers (``model.towers.<m>.init_from``), once, at the start of a fresh run.
 
-For each tower with ``init_from``: when the checkpoint has a tower of the same modality, its
-weights are copied (strict); otherwise a video tower is inflated from the checkpoint's timm ViT
-image tower (``ViViT.inflate_from_image``: patch embedding -> tubelet, CLS, positions resampled to
-the new grid, spatial blocks). Heads are not copied. A resumed run or a loaded model never
-reads ``init_from``: their own checkpoint holds the weights.
+``model.pretrained``: any checkpoint ``resolve_checkpoint`` knows (ours, an open_clip folder or
+weights file, a Hugging Face CLIP/SigLIP folder) is loaded in its format and its whole state
+(towers, heads, temperature, SigLIP bias) copied into the model, strictly: ``with_pretrained`` made
+the config's architecture the checkpoint's, so only a config that changed the architecture fails.
+
+``init_from``: the checkpoint's tower of the same modality is copied (strict); a tower that reads
+foreign weights files itself (``load_weights_file``: timm towers read timm files) takes a file the
+formats do not claim; otherwise a video tower is inflated from the checkpoint's timm ViT image tower
+(``ViViT.inflate_from_image``: patch embedding -> tubelet, CLS, positions resampled to the new grid,
+spatial blocks). Heads are not copied. A resumed run or a loaded model reads neither: their own
+checkpoint holds the weights.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our checkpoints
 
 
-def weights_file(source: str | Path) -> Path:
-    """``model.safetensors`` of our checkpoint ``source`` (as ``resolve_checkpoint`` reads it: a step
-    folder, or a run's newest valid checkpoint), or a ``.safetensors`` file given directly."""
-    from mmpretrain.errors import CheckpointError
-    from mmpretrain.models.pretrained import resolve_checkpoint
-
-    if Path(source).is_file():
-        return Path(source)
-    try:
-        return resolve_checkpoint(source, formats={"mmpretrain"}).path / "model.safetensors"
-    except (FileNotFoundError, CheckpointError, ConfigError) as exc:
-        raise ConfigError(
-            f"init_from {source}: no model.safetensors there ({exc}); give a checkpoint directory, "
-            "a run's checkpoints/ folder, or a .safetensors file"
-        ) from None
-
-
-def init_tower(model: nn.Module, modality: str, source: str | Path) -> list[str]:
-    """Initialise ``model.towers[modality]`` from ``source``; returns the tensor names loaded."""
+def _our_state(source: str | Path) -> dict[str, Tensor] | None:
+    """The weights of our checkpoint (or of one of our ``model.safetensors`` files) ``source``; None
+    when it is another format."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(str(weights_file(source)))
+    from mmpretrain.models.pretrained import resolve_checkpoint
+
+    path = Path(str(source).removeprefix("local-dir:"))
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            return None
+        with safe_open(str(path), "pt") as f:
+            ours = any(k.startswith("towers.") for k in f.keys())
+        return load_file(str(path)) if ours else None
+    resolved = resolve_checkpoint(source)
+    return load_file(str(resolved.path / "model.safetensors")) if resolved.format == "mmpretrain" else None
+
+
+def _foreign_state(model: nn.Module, source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
+    """Any other format, loaded as a model (an open_clip weights file as this config's architecture)."""
+    from mmpretrain.models.pretrained import load_pretrained
+
+    return load_pretrained(source, replace(cfg, pretrained=None)).state_dict()
+
+
+def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelConfig) -> list[str]:
+    """Initialise ``model.towers[modality]`` from ``source``; returns the tensor names loaded."""
     tower, own = model.towers[modality], f"towers.{modality}."
+    try:
+        state = _our_state(source)
+        loader = getattr(tower, "load_weights_file", None)
+        if state is None and loader is not None and Path(source).is_file():
+            return loader(Path(source))
+        if state is None:
+            state = _foreign_state(model, source, cfg)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ConfigError(f"model.towers.{modality}.init_from {source}: {exc}") from None
     same = {k[len(own) :]: v for k, v in state.items() if k.startswith(own)}
     if same:
         tower.load_state_dict(same, strict=True)
@@ -63,11 +87,47 @@ def init_tower(model: nn.Module, modality: str, source: str | Path) -> list[str]
         ) from None
 
 
+def init_pretrained(model: nn.Module, cfg: ModelConfig) -> int:
+    """Copy ``cfg.pretrained``'s whole state into ``model`` (strict); returns the number of tensors."""
+    from mmpretrain.models.pretrained import load_pretrained
+
+    try:
+        state = load_pretrained(cfg.pretrained, replace(cfg, pretrained=None)).state_dict()
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ConfigError(f"model.pretrained {cfg.pretrained}: {exc}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = f"missing {missing[:4]}, unexpected {unexpected[:4]}" if missing or unexpected else None
+    except RuntimeError as exc:  # shapes differ
+        problem = str(exc).splitlines()[-1].strip()
+    if problem:
+        raise ConfigError(
+            f"model.pretrained {cfg.pretrained}: the model this config describes differs from the checkpoint's "
+            f"({problem}); leave the architecture to the checkpoint"
+        )
+    image = model.data_context().spec("image")
+    if image is not None:
+        log.info(
+            "model.pretrained %s: image preprocessing size %s, mean %s, std %s, %s (from the checkpoint unless "
+            "the config sets them)",
+            cfg.pretrained,
+            image.size,
+            image.mean,
+            image.std,
+            image.interpolation,
+        )
+    return len(state)
+
+
 def init_towers(model: nn.Module, cfg: ModelConfig) -> dict[str, int]:
-    """Apply every tower's ``init_from``; returns the number of tensors loaded per modality."""
+    """Apply ``pretrained`` (under ``"model"``), then every tower's ``init_from``; returns the number of
+    tensors loaded for each."""
     done = {}
+    if cfg.pretrained:
+        done["model"] = init_pretrained(model, cfg)
+        log.info("model: %d tensors from %s", done["model"], cfg.pretrained)
     for modality, tower_cfg in cfg.towers.items():
         if tower_cfg.init_from:
-            done[modality] = len(init_tower(model, modality, tower_cfg.init_from))
+            done[modality] = len(init_tower(model, modality, tower_cfg.init_from, cfg))
             log.info("tower %s: %d tensors from %s", modality, done[modality], tower_cfg.init_from)
     return done

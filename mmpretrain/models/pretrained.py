@@ -121,6 +121,41 @@ def model_config_from_tree(tree: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _our_config(path: Path) -> ModelConfig:
+    """The model section of our checkpoint's config (only the model: its data and evaluation settings
+    may name folders long gone)."""
+    tree = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    return model_config_from_tree(tree.get("model", {}))
+
+
+def with_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree whose ``model.pretrained`` names a checkpoint gets that checkpoint's model section
+    (towers, embedding width, temperature, bias, preprocessing) with the tree's own ``model`` keys merged
+    over it, so ``towers.image.freeze=true`` or another image size still apply. An open_clip weights
+    file holds no architecture: ``model.architecture`` names it (or the tree gives the towers)."""
+    from mmpretrain.config.loader import deep_merge
+    from mmpretrain.config.strict import to_dict
+
+    model = tree.get("model") or {}
+    ref = model.get("pretrained")
+    if not ref:
+        return tree
+    if model.get("architecture"):
+        base = model_config(model["architecture"])
+    else:
+        resolved = resolve_checkpoint(ref)
+        base = CHECKPOINT_FORMATS.build(resolved.format).config(resolved.path)
+        if base is None:
+            if model.get("towers"):
+                return tree
+            raise ConfigError(
+                f"model.pretrained {ref}: a {resolved.format} holds no architecture; set model.architecture "
+                "(an open_clip model name such as ViT-B-32, or a model YAML) or give model.towers"
+            )
+    merged = deep_merge(to_dict(base), model)
+    return {**tree, "model": merged}
+
+
 def _open_clip_dir_config(path: Path) -> ModelConfig:
     cfg_file = path / OPEN_CLIP_CONFIG
     if not cfg_file.is_file():
@@ -141,10 +176,7 @@ def _open_clip_dir_weights(path: Path) -> Path:
 def _load_ours(path: Path, base: ModelConfig | None) -> ContrastiveModel:
     """Our checkpoint (verified by ``resolve_checkpoint``): the model section of its config, its weights.
     Only the model is read: the run's data or evaluation settings (folders long gone) do not matter here."""
-    if base is None:
-        tree = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-        base = model_config_from_tree(tree.get("model", {}))
-    model = ContrastiveModel(base)
+    model = ContrastiveModel(base or _our_config(path))
     load_weights(model, path)
     return model
 
@@ -219,11 +251,12 @@ def _is_ours(path: Path) -> bool:
     return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
 
 
-def _register(name: str, detect, load, doc: str, example) -> None:
+def _register(name: str, detect, load, config, doc: str, example) -> None:
     """Formats' ``detect`` predicates are mutually exclusive (a Hugging Face folder has ``config.json``
-    and no ``config.yaml``; ours the reverse). ``example(folder) -> (reference, base ModelConfig or None)``
-    writes a tiny checkpoint of the format for the generated tests."""
-    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load))
+    and no ``config.yaml``; ours the reverse). ``config(path)``: the architecture it holds (or None).
+    ``example(folder) -> (reference, base ModelConfig or None)`` writes a tiny checkpoint of the format
+    for the generated tests."""
+    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config))
 
 
 def tiny_model() -> ContrastiveModel:
@@ -282,6 +315,7 @@ _register(
     "hf_clip",
     _is_hf_clip,
     _load_hf_clip,
+    _hf_clip_config,
     "a Hugging Face CLIP or SigLIP folder (config.json + weights)",
     _example_hf_clip,
 )
@@ -289,6 +323,7 @@ _register(
     "mmpretrain",
     _is_ours,
     _load_ours,
+    _our_config,
     "our checkpoint folder (model.safetensors, config.yaml, checksums)",
     _example_ours,
 )
@@ -296,6 +331,7 @@ _register(
     "open_clip_dir",
     lambda p: p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file(),
     _load_open_clip_dir,
+    _open_clip_dir_config,
     "an open_clip folder (open_clip_config.json + weights), as our export writes it",
     _example_open_clip_dir,
 )
@@ -303,6 +339,7 @@ _register(
     "open_clip_file",
     lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors"),
     _load_open_clip_file,
+    lambda path: None,
     "an open_clip weights file (needs the model it belongs to)",
     _example_open_clip_file,
 )

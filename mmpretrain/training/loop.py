@@ -55,7 +55,7 @@ class Trainer:
         stop = min(tc.stop_after or tc.steps, tc.steps)
         logger = MetricsLogger(self.run_dir, enabled=self.info.is_main, resume_step=self.step)
         keys_log = self._keys_log()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        previous = self._catch_stops() if _main_thread() else None
         data = iter(self.loader)
         bar = tqdm(
             total=stop,
@@ -95,8 +95,8 @@ class Trainer:
             logger.close()
             if keys_log is not None:
                 keys_log.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in (previous or {}).items():
+                signal.signal(signum, handler)
         return self.step
 
     def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -168,8 +168,18 @@ class Trainer:
         truncate_jsonl(path, self.step)
         return open(path, "a", encoding="utf-8")
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: checkpointing after step %d and stopping", self.step + 1)
+    def _catch_stops(self) -> dict[int, Any]:
+        """SIGTERM (preemption) and a first Ctrl-C stop the run after this step with a checkpoint; a
+        second Ctrl-C aborts. Returns the handlers to restore."""
+        return {s: signal.signal(s, self._on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._stop_signal:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: aborting without a checkpoint")
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        hint = " (Ctrl-C again aborts)" if signum == signal.SIGINT else ""
+        log.warning("%s: checkpointing after step %d and stopping%s", name, self.step + 1, hint)
         self._stop_signal = True
 
 

@@ -16,7 +16,7 @@ import torch
 from mmpretrain.config.loader import dump_config, save_resolved
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.data.loader import build_loader, restart_state
+from mmpretrain.data.loader import build_loader, check_shards, restart_state
 from mmpretrain.data.stream import derive_seed
 from mmpretrain.errors import CheckpointError
 from mmpretrain.losses import DistContext
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 def train(cfg: ExperimentConfig) -> Path:
     """Train (or resume) the run described by ``cfg``; returns its run directory."""
     validate_experiment(cfg)  # a hand-built config is checked too, before any rank starts work
+    check_shards(cfg.data)  # a shard pattern that matches no file fails now, not after the model is built
     info = init_distributed(cfg.train)
     trainer = None
     try:

@@ -8,13 +8,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.config.loader import config_from_tree, load_config
+from mmpretrain.config.loader import config_from_tree, load_tree
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.config.validate import check_config
 from mmpretrain.data.ops import check_ops
 from mmpretrain.eval.checks import check_eval
 from mmpretrain.losses import check_pairs
 from mmpretrain.models.contrastive import check_model
+from mmpretrain.models.pretrained import with_pretrained
 
 
 def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -30,10 +31,11 @@ def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def experiment_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
-    """A merged config tree -> a fully checked ``ExperimentConfig``."""
-    return validate_experiment(config_from_tree(tree))
+    """A merged config tree -> a fully checked ``ExperimentConfig``; a ``model.pretrained`` checkpoint
+    supplies the model section under what the tree sets (``models.pretrained.with_pretrained``)."""
+    return validate_experiment(config_from_tree(with_pretrained(tree)))
 
 
 def load_experiment(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """A layered YAML config with ``key=value`` overrides -> a fully checked ``ExperimentConfig``."""
-    return validate_experiment(load_config(path, overrides))
+    return experiment_from_tree(load_tree(path, overrides))

@@ -1,0 +1,170 @@
+"""Fine-tuning from pretrained weights: ``model.pretrained`` (open_clip file and folder, Hugging Face
+CLIP folder) and ``towers.<m>.init_from`` (a timm weights file for a timm tower); step-0 embeddings
+equal the source's, a few steps train, the result exports and loads back in open_clip; LiT with a
+locked pretrained image tower leaves that tower untouched."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mmpretrain import api
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.models import build_model
+from mmpretrain.models.formats import open_clip_model_config
+from mmpretrain.models.init import init_towers
+from mmpretrain.training.validate import experiment_from_tree
+from tests.conftest import experiment_tree
+from tests.test_pretrained import OC_CFG, PRE, assert_same_embeddings
+
+
+@pytest.fixture
+def oc_model():
+    torch.manual_seed(0)
+    model = open_clip.CLIP(OC_CFG["embed_dim"], OC_CFG["vision_cfg"], OC_CFG["text_cfg"]).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    return model
+
+
+def oc_folder(model, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_CFG, "preprocess_cfg": PRE}))
+    return folder
+
+
+def start(tree: dict):
+    """The model a fresh run starts from (what ``train`` builds before step 1)."""
+    cfg = experiment_from_tree(tree)
+    model = build_model(cfg.model)
+    init_towers(model, cfg.model)
+    return cfg, model.eval()
+
+
+def train_from(tree: dict, toy_shards, tmp_path, steps: int = 3):
+    tree = {
+        **experiment_tree(toy_shards, tmp_path / "runs", train={"steps": steps, "ckpt_every": steps}),
+        "model": tree["model"],
+    }
+    run = api.train(experiment_from_tree(tree))
+    return api.load_checkpoint(run / "checkpoints"), run
+
+
+def test_from_an_open_clip_folder_trains_and_goes_back_to_open_clip(oc_model, toy_shards, tmp_path):
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    tree = {"model": {"pretrained": f"local-dir:{folder}"}}
+    cfg, model = start(tree)
+    assert_same_embeddings(model, oc_model)  # step 0 is open_clip's model
+    assert model.logit_scale.item() == pytest.approx(3.0)
+    image = model.data_context().image  # its preprocessing, not our defaults
+    assert image.mean == tuple(PRE["mean"]) and image.interpolation == "bilinear" and image.size == (32, 32)
+    trained, run = train_from(tree, toy_shards, tmp_path)
+    resolved = yaml.safe_load((run / "resolved.yaml").read_text())["model"]
+    assert (
+        resolved["pretrained"] == f"local-dir:{folder}" and resolved["towers"]["image"]["encoder"] == "openclip_vision"
+    )
+    before, after = model.state_dict(), trained.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training changed nothing"
+    out = api.export_open_clip(trained, tmp_path / "export")
+    back = open_clip.create_model(f"local-dir:{out}").eval()
+    assert_same_embeddings(trained, back)
+
+
+def test_from_an_open_clip_weights_file_with_its_architecture(oc_model, toy_shards, tmp_path):
+    save_file({k: v.contiguous() for k, v in oc_model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(yaml.safe_dump({"model": open_clip_model_config(OC_CFG)}))
+    tree = {"model": {"pretrained": str(tmp_path / "w.safetensors"), "architecture": str(arch)}}
+    _, model = start(tree)
+    assert_same_embeddings(model, oc_model)
+    trained, _ = train_from(tree, toy_shards, tmp_path)
+    back = open_clip.create_model(f"local-dir:{api.export_open_clip(trained, tmp_path / 'export')}").eval()
+    assert_same_embeddings(trained, back)
+    with pytest.raises(ConfigError, match="holds no architecture; set model.architecture"):
+        experiment_from_tree({"model": {"pretrained": str(tmp_path / "w.safetensors")}})
+
+
+def test_a_changed_architecture_is_refused_clearly(oc_model, tmp_path):
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    tree = {"model": {"pretrained": f"local-dir:{folder}", "embed_dim": 16}}
+    with pytest.raises(ConfigError, match="differs from the checkpoint's"):
+        start(tree)
+
+
+def test_from_a_hugging_face_clip_folder(toy_shards, tmp_path):
+    from mmpretrain.encoders.hf_clip import tiny_folder
+
+    path = tiny_folder("clip")["path"]
+    tree = {"model": {"pretrained": path}}
+    _, model = start(tree)
+    ref = api.load_checkpoint(path)  # parity with transformers' CLIPModel: test_pretrained
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(api.encode(model, "image", batch), api.encode(ref, "image", batch))
+    trained, _ = train_from(tree, toy_shards, tmp_path, steps=2)
+    assert trained.logit_scale.item() == pytest.approx(ref.logit_scale.item(), abs=0.05)
+
+
+def test_lit_with_a_locked_pretrained_image_tower(oc_model, toy_shards, tmp_path):
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    tree = {"model": {"pretrained": f"local-dir:{folder}", "towers": {"image": {"freeze": True}}}}
+    _, model = start(tree)
+    trained, _ = train_from(tree, toy_shards, tmp_path)
+    for name, value in model.towers["image"].state_dict().items():
+        assert torch.equal(trained.towers["image"].state_dict()[name], value), name
+    assert any(
+        not torch.equal(v, trained.towers["text"].state_dict()[k]) for k, v in model.towers["text"].state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_tower_from_a_timm_weights_file(tmp_path, suffix):
+    import timm
+
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64)  # with its classifier
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    image = {
+        "encoder": "timm_vision",
+        "params": {"model_name": "vit_tiny_r_s16_p8_224", "image_size": 64},
+        "init_from": str(path),
+    }
+    tree = {"model": {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "image": image}}}
+    _, model = start(tree)
+    trunk = model.towers["image"].trunk.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(trunk[name], value), name
+    other = tmp_path / f"other{suffix}"
+    torch.save({"foo": torch.zeros(1)}, other) if suffix == ".pth" else save_file({"foo": torch.zeros(1)}, str(other))
+    image["init_from"] = str(other)
+    with pytest.raises(ConfigError, match="not weights of vit_tiny_r_s16_p8_224"):
+        start(tree)
+
+
+def test_a_resumed_run_reads_its_own_checkpoint_not_pretrained(oc_model, toy_shards, tmp_path):
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    tree = {
+        **experiment_tree(toy_shards, tmp_path / "runs", train={"steps": 4, "ckpt_every": 2, "stop_after": 2}),
+        "model": {"pretrained": f"local-dir:{folder}"},
+    }
+    run = api.train(experiment_from_tree(tree))
+    first = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    (folder / "open_clip_model.safetensors").unlink()  # the source is gone: a resume must not need it
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_CFG, "preprocess_cfg": PRE}))
+    tree["train"] = {**tree["train"], "resume": "latest", "stop_after": None}
+    api.train(experiment_from_tree(tree))
+    last = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    assert set(first) == set(last) and any(not torch.equal(first[k], last[k]) for k in first)
