@@ -232,6 +232,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmpretrain.data.shards import CAPTION_COLUMNS, PATH_COLUMNS
+
     p = argparse.ArgumentParser(prog="mmpretrain", description="Multimodal contrastive pre-training.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -258,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write shards from an image folder + captions file",
         description=(
             "Write img2dataset-style webdataset shards (jpg/png/webp + txt + json) and manifest.json. "
-            "Captions: CSV/TSV with a header or JSONL, with an image-path column (file/filepath/path/image) "
-            "relative to --images and a caption column (caption/text)."
+            f"Captions: CSV/TSV with a header, or JSONL, with an image-path column ({'/'.join(PATH_COLUMNS)}) "
+            f"relative to --images and a caption column ({'/'.join(CAPTION_COLUMNS)}); every other column "
+            "goes into each sample's json member."
         ),
     )
     m.add_argument("--images", required=True, help="image folder")

@@ -72,7 +72,7 @@ class Registry(Generic[T]):
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            first = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
             self._entries[name] = Entry(name, fn, config, doc if doc is not None else first, example)
             return fn
 

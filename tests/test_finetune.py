@@ -168,3 +168,25 @@ def test_a_resumed_run_reads_its_own_checkpoint_not_pretrained(oc_model, toy_sha
     api.train(experiment_from_tree(tree))
     last = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"))
     assert set(first) == set(last) and any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_the_documented_fine_tuning_config_runs(oc_model, toy_shards, tmp_path):
+    from mmpretrain.training.validate import load_experiment
+    from tests.conftest import ROOT
+
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    cfg = load_experiment(
+        ROOT / "configs/experiment/finetune_open_clip.yaml",
+        [
+            f"model.pretrained=local-dir:{folder}",
+            f"data.train={toy_shards}",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "train.steps=2",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.progress=false",
+        ],
+    )
+    assert cfg.model.towers["image"].lr_mult == 0.1 and cfg.model.towers["image"].encoder == "openclip_vision"
+    run = api.train(cfg)
+    assert (run / "checkpoints").is_dir()

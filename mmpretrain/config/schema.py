@@ -142,12 +142,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch intra-op threads; None: cores // ranks - data workers, min 1
     log_every: int = 10  # steps between metrics records (JSONL + TensorBoard)
-    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end and on SIGTERM)
+    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end, on SIGTERM and on Ctrl-C)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     resume: str | None = None  # "latest" (the newest valid checkpoint of this run) or a checkpoint directory
     overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the logs); or resume an older checkpoint, deleting newer ones
     resume_allow: list[str] = field(default_factory=list)  # fields (e.g. data.batch_size, train.seed, world_size) that may differ from the checkpoint's config; the continuation is then not exact
-    log_sample_keys: bool = False  # write each step's sample keys to samples.jsonl (for audits/tests)
+    log_sample_keys: bool = False  # write each step's sample keys to samples.rank{N}.jsonl, one file per rank (for audits/tests)
     progress: bool = True  # tqdm progress bar with samples/s
 
 

@@ -41,11 +41,13 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably (``atomic_open``)."""
     with atomic_open(path, "w") as f:
         f.write(text)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (``atomic_open``)."""
     with atomic_open(path, "wb") as f:
         f.write(data)
 
