@@ -30,7 +30,12 @@ def test_docs_pages_exist():
         "pretrained.md",
         "evaluation.md",
         "architecture.md",
+        "cluster.md",
+        "migrating.md",
+        "troubleshooting.md",
+        "api.md",
     ):
+        assert f"docs/{page}" in (ROOT / "README.md").read_text(), f"README does not link docs/{page}"
         assert (ROOT / "docs" / page).is_file(), page
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
