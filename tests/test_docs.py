@@ -16,7 +16,9 @@ def test_config_reference_is_current():
 
 
 def test_api_reference_is_current():
-    proc = subprocess.run([sys.executable, "scripts/gen_api_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "scripts/gen_api_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -96,7 +98,7 @@ def schema_has(parts: list[str]) -> bool:
     from mmpretrain.config.schema import ExperimentConfig
 
     kind: typing.Any = ExperimentConfig
-    for i, part in enumerate(parts):
+    for part in parts:
         origin = typing.get_origin(kind)
         if origin is dict:
             kind = typing.get_args(kind)[1]  # the key is free (a modality, a param name)
