@@ -190,3 +190,22 @@ def test_the_documented_fine_tuning_config_runs(oc_model, toy_shards, tmp_path):
     assert cfg.model.towers["image"].lr_mult == 0.1 and cfg.model.towers["image"].encoder == "openclip_vision"
     run = api.train(cfg)
     assert (run / "checkpoints").is_dir()
+
+
+def test_partial_unfreezing_of_a_pretrained_tower(oc_model, toy_shards, tmp_path):
+    """towers.image.trainable_layers=2 (open_clip's lock(unlocked_groups=2)): only the projection and the
+    last block with the final norm of the pretrained image tower train; the rest stays as loaded."""
+    folder = oc_folder(oc_model, tmp_path / "oc")
+    tree = {"model": {"pretrained": f"local-dir:{folder}", "towers": {"image": {"trainable_layers": 2}}}}
+    _, model = start(tree)
+    trainable = {n for n, p in model.towers["image"].named_parameters() if p.requires_grad}
+    assert "visual.proj" in trainable and {"visual.ln_post.weight", "visual.ln_post.bias"} <= trainable
+    assert {n.split(".")[3] for n in trainable if "resblocks" in n} == {"1"}  # the last of 2 blocks
+    trained, _ = train_from(tree, toy_shards, tmp_path)
+    before, after = model.towers["image"].state_dict(), trained.towers["image"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "resblocks.0." in k or "conv1" in k)
+    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+    timm_tower = {"encoder": "timm_vision", "params": {"model_name": "vit_tiny_r_s16_p8_224", "image_size": 64}}
+    text = open_clip_model_config(OC_CFG)["towers"]["text"]
+    with pytest.raises(ConfigError, match="vit_tiny_r_s16_p8_224 has 12 blocks to unfreeze"):
+        start({"model": {"embed_dim": 32, "towers": {"image": {**timm_tower, "trainable_layers": 99}, "text": text}}})

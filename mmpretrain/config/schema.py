@@ -22,6 +22,7 @@ class TowerConfig:
     head: Literal["auto", "linear", "mlp", "none"] = "auto"  # auto: none if the encoder projects itself
     lr_mult: float = 1.0  # learning-rate multiplier for this tower and its head (0 leaves it out)
     freeze: bool = False  # no gradient for the encoder (LiT: a locked, pretrained text tower)
+    trainable_layers: int | None = None  # partial unfreezing: only the encoder's top N layers train (open_clip's lock(unlocked_groups) for its towers); None: all, or none with freeze
     init_from: str | None = None  # a fresh run starts this tower from a checkpoint (any format model.pretrained takes, or a timm weights file for a timm tower): its same-modality tower, or (video) a timm ViT image tower, inflated
 
 

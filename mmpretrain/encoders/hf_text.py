@@ -152,6 +152,10 @@ class HfText(TextEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)
 
+    def train_top_layers(self, n: int) -> None:
+        """Partial unfreezing (``towers.text.trainable_layers``): only the top ``n`` layers train."""
+        unfreeze_top_layers(self.model, n)
+
 
 def unfreeze_top_layers(model: nn.Module, n: int) -> None:
     """Freeze ``model`` except its last ``n`` transformer layers (the ModuleList of

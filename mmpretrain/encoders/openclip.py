@@ -80,6 +80,12 @@ class OpenClipVision(ImageEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
 
+    def train_top_layers(self, n: int) -> None:
+        """Partial unfreezing (``towers.image.trainable_layers``): open_clip's ``lock(unlocked_groups=n)``;
+        from the top, the groups are the projection, the last block with the final norm, each other block,
+        and the embeddings."""
+        self.visual.lock(unlocked_groups=n)
+
 
 TINY_VISION = {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}
 TINY_TEXT = {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
@@ -148,6 +154,11 @@ class OpenClipText(TextEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
+
+    def train_top_layers(self, n: int) -> None:
+        """Partial unfreezing (``towers.text.trainable_layers``): open_clip's ``lock(unlocked_layers=n)``
+        (the last n blocks train; embeddings and the final norm stay locked)."""
+        self.text.lock(unlocked_layers=n, freeze_layer_norm=True)
 
 
 @register_encoder("text", "openclip_text", config=OpenClipTextParams, example=TINY_TEXT)

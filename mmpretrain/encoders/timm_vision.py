@@ -65,6 +65,21 @@ class TimmVision(ImageEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
+    def train_top_layers(self, n: int) -> None:
+        """Partial unfreezing (``towers.image.trainable_layers``): the last ``n`` of the trunk's ``blocks``
+        and the final norm train; a trunk without ``blocks`` (a ConvNet) is refused."""
+        blocks = getattr(self.trunk, "blocks", None)
+        if blocks is None or not 0 <= n <= len(blocks):
+            raise ConfigError(f"trainable_layers: {self.model_name} has {len(blocks or [])} blocks to unfreeze")
+        self.trunk.requires_grad_(False)
+        for part in [
+            *list(blocks)[len(blocks) - n :],
+            getattr(self.trunk, "norm", None),
+            getattr(self.trunk, "fc_norm", None),
+        ]:
+            if part is not None and n:
+                part.requires_grad_(True)
+
     def load_weights_file(self, path: Path) -> list[str]:
         """A timm weights file (``.safetensors``, ``.pth``, ``.bin``; timm's own loader, ``weights_only``) into
         the trunk (``towers.image.init_from``); its classifier, which this tower does not have, is left out.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig, TowerConfig
+from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
 
@@ -43,6 +44,14 @@ class ContrastiveModel(nn.Module):
         for modality, tower_cfg in cfg.towers.items():
             if tower_cfg.freeze:
                 self.towers[modality].requires_grad_(False)
+            elif tower_cfg.trainable_layers is not None:
+                unlock = getattr(self.towers[modality], "train_top_layers", None)
+                if unlock is None:
+                    raise ConfigError(
+                        f"model.towers.{modality}.trainable_layers: the {tower_cfg.encoder} encoder cannot be "
+                        "partially unfrozen (use freeze, or lr_mult)"
+                    )
+                unlock(tower_cfg.trainable_layers)
 
     @property
     def modalities(self) -> list[str]:
