@@ -41,13 +41,19 @@ SCRATCH_TEXT = (
 )
 
 
-def ensure_rsvg() -> None:
-    """rsvg-convert rasterises the SVGs: Debian's librsvg2-bin, installed when we are root (scripts/system_deps.sh)."""
-    if not shutil.which("rsvg-convert"):
-        subprocess.run([str(ROOT / "scripts" / "system_deps.sh"), "rsvg-convert:librsvg2-bin"], check=False)
-    if not shutil.which("rsvg-convert"):
+TOOLS = {"rsvg-convert": "librsvg2-bin", "npm": "npm"}  # rasterise the SVGs; fetch the emoji sets
+
+
+def ensure_tools() -> None:
+    """The corpus build's tools, from Debian (scripts/system_deps.sh) when missing and we are root."""
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        subprocess.run([str(ROOT / "scripts" / "system_deps.sh"), *(f"{t}:{TOOLS[t]}" for t in missing)], check=False)
+    still = [tool for tool in TOOLS if not shutil.which(tool)]
+    if still:
         sys.exit(
-            "error: rsvg-convert is needed to rasterise the emoji: install it with `sudo apt-get install librsvg2-bin`"
+            f"error: the emoji corpus needs {', '.join(still)}: "
+            f"sudo apt-get install {' '.join(TOOLS[t] for t in still)}"
         )
 
 
@@ -56,7 +62,7 @@ def build_corpus(name: str, out: Path) -> dict:
 
     if (out / "manifest.json").is_file():
         return json.loads((out / "manifest.json").read_text())
-    ensure_rsvg()
+    ensure_tools()
     entry = CORPORA.get(name)
     try:
         return entry.builder(entry.config_cls(), ROOT / ".cache/mmpretrain" / name, out)

@@ -162,10 +162,12 @@ def test_a_resumed_run_reads_its_own_checkpoint_not_pretrained(oc_model, toy_sha
     }
     run = api.train(experiment_from_tree(tree))
     first = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"))
-    (folder / "open_clip_model.safetensors").unlink()  # the source is gone: a resume must not need it
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_CFG, "preprocess_cfg": PRE}))
-    tree["train"] = {**tree["train"], "resume": "latest", "stop_after": None}
-    api.train(experiment_from_tree(tree))
+    import shutil
+
+    shutil.rmtree(folder)  # the source is gone: a resume from the run's resolved.yaml must not need it
+    resolved = yaml.safe_load((run / "resolved.yaml").read_text())
+    resolved["train"] = {**resolved["train"], "resume": "latest", "stop_after": None}
+    api.train(experiment_from_tree(resolved))
     last = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"))
     assert set(first) == set(last) and any(not torch.equal(first[k], last[k]) for k in first)
 
@@ -209,3 +211,8 @@ def test_partial_unfreezing_of_a_pretrained_tower(oc_model, toy_shards, tmp_path
     text = open_clip_model_config(OC_CFG)["towers"]["text"]
     with pytest.raises(ConfigError, match="vit_tiny_r_s16_p8_224 has 12 blocks to unfreeze"):
         start({"model": {"embed_dim": 32, "towers": {"image": {**timm_tower, "trainable_layers": 99}, "text": text}}})
+
+
+def test_a_missing_pretrained_reference_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.pretrained: no checkpoint at .*resolved.yaml"):
+        experiment_from_tree({"model": {"pretrained": f"local-dir:{tmp_path / 'gone'}"}})

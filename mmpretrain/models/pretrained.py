@@ -143,7 +143,16 @@ def with_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
     if model.get("architecture"):
         base = model_config(model["architecture"])
     else:
-        resolved = resolve_checkpoint(ref)
+        try:
+            resolved = resolve_checkpoint(ref)
+        except (FileNotFoundError, CheckpointError) as exc:
+            towers = model.get("towers") or {}
+            if towers and all(isinstance(t, dict) and t.get("encoder") for t in towers.values()):
+                return tree  # a resolved config (resolved.yaml) holds the architecture already
+            raise ConfigError(
+                f"model.pretrained: {exc}. (Its architecture is read at every start; a run whose source is "
+                "gone resumes from its own resolved.yaml, which holds the towers.)"
+            ) from None
         base = CHECKPOINT_FORMATS.build(resolved.format).config(resolved.path)
         if base is None:
             if model.get("towers"):
