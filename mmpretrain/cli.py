@@ -220,14 +220,10 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mmpretrain.data.ops import DATA_OPS
-    from mmpretrain.encoders import ENCODERS, HEADS
-    from mmpretrain.losses import LOSSES
+    from mmpretrain.registry import load_all
 
-    for modality, reg in ENCODERS.items():
-        print(f"{modality} encoders: {', '.join(reg.names()) or '(none yet)'}")
-    for title, reg in (("heads", HEADS), ("losses", LOSSES), ("data ops", DATA_OPS)):
-        print(f"{title}: {', '.join(reg.names())}")
+    for kind, reg in load_all().items():  # every registry: encoders, heads, losses, ops, formats, layouts, ...
+        print(f"{kind}: {', '.join(reg.names()) or '(none yet)'}")
     return 0
 
 
@@ -331,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.set_defaults(fn=cmd_export)
 
-    ls = sub.add_parser("list", help="list registered encoders, heads, losses, data ops")
+    ls = sub.add_parser(
+        "list", help="list every registry's names: encoders, heads, losses, data ops, formats, layouts, ..."
+    )
     ls.set_defaults(fn=cmd_list)
     return p
 
@@ -434,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, DataError, CheckpointError, ValueError) as exc:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        DataError,
+        CheckpointError,
+        ValueError,
+        FloatingPointError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

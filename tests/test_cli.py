@@ -84,6 +84,6 @@ def test_list_command():
     proc = run_cli("list")
     assert (
         proc.returncode == 0
-        and "image encoders: hf_clip_vision, openclip_vision, timm_vision" in proc.stdout
+        and "image encoder: hf_clip_vision, openclip_vision, timm_vision" in proc.stdout
         and "siglip" in proc.stdout
     )

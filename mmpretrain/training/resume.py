@@ -169,9 +169,14 @@ def choose_checkpoint(tc: TrainConfig, run_dir: Path) -> StartDecision:
     ckpt = _resume_target(tc, run_dir)
     if ckpt is None and existing:
         if not tc.overwrite:
-            broken = "" if find_latest(run_dir) else " (none of them passes its checksums)"
+            if find_latest(run_dir) is None:
+                raise ConfigError(
+                    f"{run_dir} holds checkpoints, but none of them passes its checksums (newest: "
+                    f"{existing[-1].name}; the log says why each was skipped). Restore one from a copy, start over "
+                    "with train.overwrite=true (deletes them and the logs), or choose another train.name"
+                )
             raise ConfigError(
-                f"{run_dir} already holds checkpoints of an earlier run{broken} (newest: {existing[-1].name}). "
+                f"{run_dir} already holds checkpoints of an earlier run (newest: {existing[-1].name}). "
                 f"Continue it with train.resume=latest, start over with train.overwrite=true (deletes its "
                 f"checkpoints and logs), or choose another train.name"
             )
