@@ -98,15 +98,21 @@ def test_a_changed_architecture_is_refused_clearly(oc_model, tmp_path):
         start(tree)
 
 
-def test_from_a_hugging_face_clip_folder(toy_shards, tmp_path):
+@pytest.mark.parametrize("model_type", ["clip", "siglip"])
+def test_from_a_hugging_face_folder(model_type, toy_shards, tmp_path):
+    """Temperature and (SigLIP) bias come along; a CLIP folder also trains a few steps."""
     from mmpretrain.encoders.hf_clip import tiny_folder
 
-    path = tiny_folder("clip")["path"]
+    path = tiny_folder(model_type)["path"]
     tree = {"model": {"pretrained": path}}
     _, model = start(tree)
-    ref = api.load_checkpoint(path)  # parity with transformers' CLIPModel: test_pretrained
+    ref = api.load_checkpoint(path)  # parity with transformers' CLIPModel / SiglipModel: test_pretrained
     batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
     torch.testing.assert_close(api.encode(model, "image", batch), api.encode(ref, "image", batch))
+    assert model.logit_scale.item() == pytest.approx(ref.logit_scale.item())
+    if model_type == "siglip":
+        assert model.logit_bias is not None and model.logit_bias.item() == pytest.approx(ref.logit_bias.item())
+        return
     trained, _ = train_from(tree, toy_shards, tmp_path, steps=2)
     assert trained.logit_scale.item() == pytest.approx(ref.logit_scale.item(), abs=0.05)
 
