@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from mmpretrain.losses import LOSSES
@@ -142,3 +143,61 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_p
     state = load_state(ckpts[-1])
     last = [max(r["step"] for r in read_jsonl(tmp_path / "run" / f"samples.rank{i}.jsonl")) for i in (0, 1)]
     assert len(ckpts) == 1 and last == [state["step"], state["step"]] and len(state["data"]) == 2
+
+
+def test_torchrun_elastic_restart_resumes_exactly(toy_shards, tmp_path):
+    """torchrun --max-restarts 1 with train.resume=latest: a rank killed mid-run (SIGKILL, after the
+    step-4 checkpoint) makes torchrun restart the group, which resumes from that checkpoint and ends
+    bit-identical to an uninterrupted run (docs/cluster.md, "Elastic restarts")."""
+    import time
+
+    from safetensors.torch import load_file
+
+    common = {"data": {"num_workers": 1, "batch_size": 4}, "train": {"steps": 12, "ckpt_every": 4, "log_every": 1}}
+    ref = tmp_path / "ref.yaml"
+    ref.write_text(yaml.safe_dump(experiment_tree(toy_shards, tmp_path / "ref", **common)))
+    assert torchrun("-m", "mmpretrain.cli", "train", str(ref)).returncode == 0
+    tree = experiment_tree(toy_shards, tmp_path / "run", **common)
+    tree["train"].update(resume="latest", log_sample_keys=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "mmpretrain.cli",
+        "train",
+        str(cfg),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
+    try:
+        log = tmp_path / "run" / "samples.rank1.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 6):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    assert "restart" in err.lower() or "Restarting" in err, err[-2000:]
+    final = "checkpoints/step_00000012/model.safetensors"
+    ref_w, run_w = load_file(tmp_path / "ref" / final), load_file(tmp_path / "run" / final)
+    for name, value in ref_w.items():
+        assert torch.equal(run_w[name], value), name
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == list(range(1, 13))  # the records past the checkpoint were dropped on the restart
