@@ -38,9 +38,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config, args.overrides)
     print(dump_config(cfg), end="")
     try:
-        check_shards(cfg.data)
+        problems = check_shards(cfg.data)
     except ConfigError as exc:  # the config is valid; this machine lacks its data
-        print(f"warning: {exc}", file=sys.stderr)
+        problems = [str(exc)]
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -93,8 +93,11 @@ def test_shard_specs(toy_shards, ctx):
     assert len(expand_shards(str(toy_shards))) == 4  # a directory
     joined = f"{toy_shards}/shard-000000.tar::{toy_shards}/shard-000001.tar"
     assert len(expand_shards(joined)) == 2
-    with pytest.raises(ConfigError, match="none of the 2 shard path"):
+    with pytest.raises(ConfigError, match=r"'/nonexistent/shard-\{0..1\}.tar' matches no file \(2 local shard"):
         expand_shards("/nonexistent/shard-{0..1}.tar")
+    problems = []  # a pattern with some shards missing is reported; they are skipped and counted when read
+    assert len(expand_shards(f"{toy_shards}/shard-{{000002..000005}}.tar", problems=problems)) == 4
+    assert problems and "misses 2 of its 4 shards" in problems[0]
     pipe = f"pipe:cat {toy_shards}/shard-000000.tar::pipe:cat {toy_shards}/shard-000001.tar"
     batches = take(ResumableLoader(data_cfg(toy_shards, train=pipe), ctx, seed=0), 8)
     assert len({k for b in batches for k in b.keys}) == 32

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 from functools import partial
@@ -17,40 +18,62 @@ from mmpretrain.data.ops import OpContext, build_ops
 from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
 from mmpretrain.utils.procs import kill_tree
 
+log = logging.getLogger(__name__)
 
-def expand_shards(spec: str, where: str = "data.train") -> list[str]:
-    """Expand a shard spec: brace patterns, ``::``-joined lists, ``pipe:``/``s3://`` URLs.
 
-    Local paths are checked up front so a typo fails before any work, naming ``where`` and the
-    pattern (any local path that does not exist is an error). A directory expands to its ``*.tar``.
+def expand_shards(spec: str, where: str = "data.train", problems: list[str] | None = None) -> list[str]:
+    """Expand a shard spec: brace patterns, ``::``-joined lists, ``pipe:``/``s3://`` URLs; a directory
+    expands to its ``*.tar``.
+
+    Local paths are checked up front, naming ``where`` and each pattern (``::`` part) with missing
+    files: when no local path exists at all, a typo, it is a ``ConfigError`` (before any work);
+    otherwise each such pattern is reported (logged, and appended to ``problems``) and its missing
+    shards are skipped and counted when read.
     """
     if not spec:
         raise ConfigError(f"{where} is empty: give shard paths, e.g. data/shards/shard-{{000000..000009}}.tar")
     urls: list[str] = []
-    for url in expand_urls(spec):
-        if os.path.isdir(url):
-            urls.extend(sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar")))
-        else:
-            urls.append(url)
+    notes: list[str] = []
+    for part in spec.split("::"):
+        found = _expand_part(part)
+        local = [u for u in found if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not os.path.exists(u)]
+        if missing:
+            what = "matches no file" if len(missing) == len(local) else f"misses {len(missing)} of its {len(local)} shards"
+            notes.append(f"{where}: {part!r} {what} ({len(local)} local shard path(s), first missing: {missing[0]!r})")
+        urls.extend(found)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.exists(u)]
-    if missing:
-        raise ConfigError(
-            f"{where}: {spec!r} matches no file for {len(missing)} of its {len(local)} local shard path(s) "
-            f"(first: {missing[0]!r}); check the path or brace pattern"
-        )
+    if local and not any(os.path.exists(u) for u in local):
+        raise ConfigError(f"{notes[0]}; check the path or brace pattern")
+    for note in notes:  # some shards exist: the missing ones are skipped and counted when read
+        log.warning("%s; those shards will be skipped and counted", note)
+        if problems is not None:
+            problems.append(note)
     if not urls:
         raise ConfigError(f"{where}: {spec!r} expands to no shards (an empty folder?)")
     return urls
 
 
-def check_shards(cfg: DataConfig) -> None:
-    """Every local shard that ``data.train`` or a mixture's sources name exists (``ConfigError`` naming the
-    field and the pattern otherwise): checked before any work (``train``, ``mmpretrain config``)."""
+def _expand_part(part: str) -> list[str]:
+    out: list[str] = []
+    for url in expand_urls(part):
+        if os.path.isdir(url):
+            out.extend(sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar")))
+        else:
+            out.append(url)
+    return out
+
+
+def check_shards(cfg: DataConfig) -> list[str]:
+    """The shards ``data.train`` or a mixture's sources name, checked before any work (``train``,
+    ``mmpretrain config``): a pattern that matches no file raises ``ConfigError``; returns the
+    reports of patterns with some files missing."""
+    problems: list[str] = []
     for j, src in enumerate(cfg.sources):
-        expand_shards(src.train, f"data.sources[{j}].train")
+        expand_shards(src.train, f"data.sources[{j}].train", problems)
     if not cfg.sources:
-        expand_shards(cfg.train)
+        expand_shards(cfg.train, "data.train", problems)
+    return problems
 
 
 class ResumableLoader:
