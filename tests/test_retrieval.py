@@ -16,6 +16,7 @@ from retrieval.index import (
     IndexError_,
     add_to_index,
     build_index,
+    candidate_specs,
     choose_index,
     open_index,
     recall_at_k,
@@ -134,13 +135,15 @@ def test_choice_follows_size_and_memory_budget():
     assert choose_index(5_000, 512, BuildConfig()).type == "flat"
     assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
-    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq_refine"
+    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pqfs_refine"
+    both = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))]
+    assert both == ["ivf_pqfs_refine", "ivf_pq_refine"]  # compressed: the faster at the target is measured
     assert choose_index(10_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq"
     with pytest.raises(IndexError_, match="fits"):
         choose_index(100_000_000, 512, BuildConfig(memory_bytes=1 * gb))
     assert choose_index(1_000_000, 512, BuildConfig(on_disk=True, memory_bytes=1 * gb)).type == "ivf_flat"
     spec = choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))
-    assert spec.factory == "OPQ64_512,IVF4096,PQ64x8,Refine(SQ8)" and spec.memory_bytes < 1 * gb
+    assert spec.factory == "IVF4096,PQ128x4fs,Refine(SQ8)" and spec.memory_bytes < 0.6 * gb
 
 
 def test_candidates_are_measured_and_the_fastest_at_the_target_kept(tmp_path):
