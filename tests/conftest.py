@@ -31,6 +31,27 @@ TINY_MODEL = {
 }
 
 
+# a tiny open_clip architecture (open_clip.CLIP's own config) for parity and fine-tuning tests
+OC_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture
+def oc_model():
+    """A tiny open_clip.CLIP, seeded, with logit_scale 3.0 (not CLIP's init, so a copy is visible)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(OC_CFG["embed_dim"], OC_CFG["vision_cfg"], OC_CFG["text_cfg"]).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    return model
+
+
 def make_image_folder(root: Path, count: int, *, size: int = 32, seed: int = 0) -> Path:
     """``count`` coloured-shape PNGs + captions.csv under ``root``."""
     from make_toy_images import BACKGROUNDS, COLORS, SHAPES, draw

@@ -29,30 +29,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *args,
-    ]
+def torchrun_popen(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """torchrun with 2 local ranks on CPU/gloo (``launcher``: more torchrun flags) in its own process
+    group, so a hang is killed with every rank."""
+    rendezvous = (
+        () if "--rdzv-backend" in launcher else ("--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *rendezvous, *launcher, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
-    )  # its own process group: a hang is killed with every rank
+    )
+
+
+def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = torchrun_popen(*args)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"torchrun did not finish in {timeout}s; stderr tail:\n{err[-4000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for_lines(path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``path`` (a rank's samples log) has ``lines`` lines; fails if training exits first."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= lines):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
 
 
 def test_distributed_loss_and_grads_equal_single_process(tmp_path):
@@ -106,31 +114,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_p
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "mmpretrain.cli",
-        "train",
-        str(cfg),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
-    )
+    proc = torchrun_popen("-m", "mmpretrain.cli", "train", str(cfg))
     try:
-        log = tmp_path / "run" / "samples.rank1.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
+        wait_for_lines(tmp_path / "run" / "samples.rank1.jsonl", 3, proc)
         os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
         t0 = time.time()
         _, err = proc.communicate(timeout=60)
@@ -150,7 +136,6 @@ def test_torchrun_elastic_restart_resumes_exactly(toy_shards, tmp_path):
     """torchrun --max-restarts 1 with train.resume=latest: a rank killed mid-run (SIGKILL, after the
     step-4 checkpoint) makes torchrun restart the group, which resumes from that checkpoint and ends
     bit-identical to an uninterrupted run (docs/cluster.md, "Elastic restarts")."""
-    import time
 
     from safetensors.torch import load_file
 
@@ -162,12 +147,7 @@ def test_torchrun_elastic_restart_resumes_exactly(toy_shards, tmp_path):
     tree["train"].update(resume="latest", log_sample_keys=True)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tree))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
+    launcher = (
         "--max-restarts",
         "1",
         "--rdzv-backend",
@@ -176,21 +156,10 @@ def test_torchrun_elastic_restart_resumes_exactly(toy_shards, tmp_path):
         f"127.0.0.1:{free_port()}",
         "--rdzv-id",
         "elastic-test",
-        "-m",
-        "mmpretrain.cli",
-        "train",
-        str(cfg),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
     )
+    proc = torchrun_popen("-m", "mmpretrain.cli", "train", str(cfg), launcher=launcher)
     try:
-        log = tmp_path / "run" / "samples.rank1.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 6):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
+        wait_for_lines(tmp_path / "run" / "samples.rank1.jsonl", 6, proc)
         os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
         _, err = proc.communicate(timeout=150)
     finally:

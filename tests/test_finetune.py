@@ -19,17 +19,8 @@ from mmpretrain.models import build_model
 from mmpretrain.models.formats import open_clip_model_config
 from mmpretrain.models.init import init_towers
 from mmpretrain.training.validate import experiment_from_tree
-from tests.conftest import experiment_tree
-from tests.test_pretrained import OC_CFG, PRE, assert_same_embeddings
-
-
-@pytest.fixture
-def oc_model():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(OC_CFG["embed_dim"], OC_CFG["vision_cfg"], OC_CFG["text_cfg"]).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(3.0)
-    return model
+from tests.conftest import OC_CFG, experiment_tree
+from tests.test_pretrained import PRE, assert_same_embeddings
 
 
 def oc_folder(model, folder):

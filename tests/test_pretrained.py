@@ -11,22 +11,9 @@ from PIL import Image
 
 from mmpretrain import api
 from mmpretrain.models.formats import open_clip_model_config
+from tests.conftest import OC_CFG
 
-OC_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
-
-
-@pytest.fixture
-def oc_model():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(OC_CFG["embed_dim"], OC_CFG["vision_cfg"], OC_CFG["text_cfg"]).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(3.0)
-    return model
 
 
 def inputs():

@@ -65,6 +65,19 @@ def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess
     )
 
 
+def train_popen(config: Path, *overrides: str) -> subprocess.Popen:
+    """``mmpretrain train`` in the background, in its own process group (a terminal's Ctrl-C reaches
+    the whole group: ``os.killpg``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmpretrain.cli", "train", str(config), *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -102,13 +115,7 @@ def test_sigkill_then_resume_equals_uninterrupted(toy_shards, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     cfg = write_config(tmp_path / "run.yaml", experiment_tree(toy_shards, tmp_path / "run", **common))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = train_popen(cfg)
     try:
         wait_for_step(tmp_path / "run" / "samples.rank0.jsonl", 9, proc)  # past the step-7 checkpoint
     finally:
@@ -138,13 +145,7 @@ def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
     cfg = write_config(
         tmp_path / "c.yaml", experiment_tree(toy_shards, tmp_path / "run", train={"steps": 400, "ckpt_every": 1000})
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = train_popen(cfg)
     wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
@@ -154,17 +155,14 @@ def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
 
 def test_ctrl_c_checkpoints_and_resume_is_exact(toy_shards, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the whole process group, loader workers included) saves after the
-    step and exits 0; the resumed run equals an uninterrupted one; a second Ctrl-C aborts."""
+    step and exits 0; the resumed run equals an uninterrupted one."""
     import os
 
     common = {"data": {"num_workers": 2}, "train": {"steps": 400, "ckpt_every": 1000, "log_sample_keys": True}}
     ref = write_config(tmp_path / "ref.yaml", experiment_tree(toy_shards, tmp_path / "ref", **common))
     assert train_cli(ref, "train.stop_after=12").returncode == 0
     cfg = write_config(tmp_path / "c.yaml", experiment_tree(toy_shards, tmp_path / "run", **common))
-    cmd = [sys.executable, "-m", "mmpretrain.cli", "train", str(cfg)]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = train_popen(cfg)
     wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
