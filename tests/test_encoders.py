@@ -177,3 +177,10 @@ def test_variable_length_text_towers_ignore_padding(modality, entry):
     assert trimmed["text"].shape[1] < batch["text"].shape[1]
     with torch.no_grad():
         torch.testing.assert_close(enc(trimmed), enc(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_timm_convnets_build_at_any_size():
+    """A ConvNet takes no img_size: image_size then sets only the preprocessing (was a TypeError)."""
+    enc = build_encoder("image", "timm_vision", {"model_name": "resnet18", "image_size": 64}, embed_dim=EMBED)
+    assert enc.input_spec().size == (64, 64)
+    assert enc({"image": torch.randn(2, 3, 64, 64)}).shape == (2, enc.output_dim)

@@ -53,7 +53,10 @@ class TimmVision(ImageEncoder):
         try:
             self.trunk = timm.create_model(params.model_name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as exc:
-            raise ConfigError(f"model.towers.image.params: {params.model_name} does not take {exc}") from None
+            if "img_size" not in str(exc) or "img_size" in params.kwargs:
+                raise ConfigError(f"model.towers.image.params: {params.model_name} does not take {exc}") from None
+            kwargs.pop("img_size")  # a ConvNet takes any input size: image_size sets only the preprocessing
+            self.trunk = timm.create_model(params.model_name, pretrained=False, num_classes=0, **kwargs)
         self.model_name = params.model_name
         self.output_dim = int(self.trunk.num_features)
         self.image_size = (params.image_size, params.image_size)
