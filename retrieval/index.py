@@ -78,6 +78,10 @@ def nlist_for(n: int) -> int:
     return int(nlist)
 
 
+# the refine stages' shortlist factor (k x f candidates re-ranked), tuned with the search parameter
+REFINE_GRID = tuple((("k_factor_rf", f),) for f in (16, 64, 256))
+
+
 def pq_m(d: int) -> int:
     """PQ sub-quantizers: d/8 bytes a vector (64 for 512-d), a divisor of d."""
     m = max(d // 8, 1)
@@ -126,8 +130,8 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
         "nprobe",
         probes(nlist),
         min(n, max(50 * nlist, 256 * 64)),
-        param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)),
-    )  # shortlist k x f
+        param_grid=REFINE_GRID,
+    )
 
 
 @INDEX_TYPES.register("ivf_pqfs_refine", example={"n": 20_000, "d": 32, "recall_floor": 0.75, "self_hit": 0.8})
@@ -144,8 +148,8 @@ def ivf_pqfs_refine(n: int, d: int) -> IndexSpec:
         "nprobe",
         probes(nlist),
         min(n, max(50 * nlist, 256 * 64)),
-        param_grid=((("k_factor_rf", 16),), (("k_factor_rf", 64),), (("k_factor_rf", 256),)),
-    )  # shortlist k x f
+        param_grid=REFINE_GRID,
+    )
 
 
 @INDEX_TYPES.register("ivf_pq", example={"n": 20_000, "d": 32, "recall_floor": 0.15, "self_hit": 0.2})

@@ -7,7 +7,6 @@ signatures and docstrings; ``--check`` exits 1 when the page is out of date (tes
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from pathlib import Path
@@ -69,18 +68,9 @@ def render() -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description="Generate docs/api.md from mmpretrain.api's docstrings.")
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/api.md is out of date")
-    args = p.parse_args()
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print("docs/api.md is out of date: run python scripts/gen_api_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    from gen_config_docs import generate  # scripts/ is on the path when this runs as a script
+
+    return generate(OUT, render, "Generate docs/api.md from mmpretrain.api's docstrings.", "scripts/gen_api_docs.py")
 
 
 if __name__ == "__main__":

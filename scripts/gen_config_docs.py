@@ -120,20 +120,27 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description="Generate docs/config.md from the schema and registries.")
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/config.md is out of date")
+def generate(out: Path, render_page, description: str, script: str) -> int:
+    """The CLI of a generated docs page: write ``out``, or with ``--check`` exit 1 when it is stale."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--check", action="store_true", help=f"exit 1 if {out.relative_to(ROOT)} is out of date")
     args = p.parse_args()
-    text = render()
+    text = render_page()
     if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print("docs/config.md is out of date: run python scripts/gen_config_docs.py", file=sys.stderr)
+        if not out.exists() or out.read_text() != text:
+            print(f"{out.relative_to(ROOT)} is out of date: run python {script}", file=sys.stderr)
             return 1
         return 0
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
     return 0
+
+
+def main() -> int:
+    return generate(
+        OUT, render, "Generate docs/config.md from the schema and registries.", "scripts/gen_config_docs.py"
+    )
 
 
 if __name__ == "__main__":

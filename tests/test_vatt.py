@@ -91,22 +91,24 @@ def test_clip_refuses_several_captions():
 
 
 # ------------------------------------------------------------------ model: views and masking
+# a tiny ViViT (factorised encoder) on 4 frames of 32 px
+VIVIT = {
+    "frames": 4,
+    "fps": 4.0,
+    "image_size": 32,
+    "tubelet_frames": 2,
+    "patch_size": 16,
+    "width": 32,
+    "heads": 2,
+    "spatial_layers": 1,
+    "temporal_layers": 1,
+}
 TINY = ModelConfig(
     embed_dim=16,
     towers={
         "video": TowerConfig(
             "vivit_fe",
-            {
-                "frames": 4,
-                "fps": 4.0,
-                "image_size": 32,
-                "tubelet_frames": 2,
-                "patch_size": 16,
-                "width": 32,
-                "heads": 2,
-                "spatial_layers": 1,
-                "temporal_layers": 1,
-            },
+            VIVIT,
         ),
         "audio": TowerConfig(
             "ast",
@@ -300,17 +302,7 @@ def mixture_tree(toy_shards, clip_set, run_dir, **train):
         **TINY_MODEL["towers"],
         "video": {
             "encoder": "vivit_fe",
-            "params": {
-                "frames": 4,
-                "fps": 4.0,
-                "image_size": 32,
-                "tubelet_frames": 2,
-                "patch_size": 16,
-                "width": 32,
-                "heads": 2,
-                "spatial_layers": 1,
-                "temporal_layers": 1,
-            },
+            "params": VIVIT,
         },
     }
     video_ops = [{"op": "decode_video"}, {"op": "caption"}, {"op": "tokenize"}]

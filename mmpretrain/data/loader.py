@@ -27,27 +27,29 @@ def expand_shards(spec: str, where: str = "data.train", problems: list[str] | No
 
     Local paths are checked up front, naming ``where`` and each pattern (``::`` part) with missing
     files: when no local path exists at all, a typo, it is a ``ConfigError`` (before any work);
-    otherwise each such pattern is reported (logged, and appended to ``problems``) and its missing
-    shards are skipped and counted when read.
+    otherwise each such pattern is reported (appended to ``problems`` when given, else logged) and its
+    missing shards are skipped and counted when read.
     """
     if not spec:
         raise ConfigError(f"{where} is empty: give shard paths, e.g. data/shards/shard-{{000000..000009}}.tar")
     urls: list[str] = []
     notes: list[str] = []
+    local = missing = 0
     for part in spec.split("::"):
         found = _expand_part(part)
-        local = [u for u in found if "://" not in u and not u.startswith("pipe:")]
-        missing = [u for u in local if not os.path.exists(u)]
-        if missing:
-            what = "matches no file" if len(missing) == len(local) else f"misses {len(missing)} of its {len(local)} shards"
-            notes.append(f"{where}: {part!r} {what} ({len(local)} local shard path(s), first missing: {missing[0]!r})")
+        paths = [u for u in found if "://" not in u and not u.startswith("pipe:")]
+        absent = [u for u in paths if not os.path.exists(u)]
+        local, missing = local + len(paths), missing + len(absent)
+        if absent:
+            what = "matches no file" if len(absent) == len(paths) else f"misses {len(absent)} of its {len(paths)} shards"
+            notes.append(f"{where}: {part!r} {what} ({len(paths)} local shard path(s), first missing: {absent[0]!r})")
         urls.extend(found)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if local and not any(os.path.exists(u) for u in local):
+    if local and missing == local:
         raise ConfigError(f"{notes[0]}; check the path or brace pattern")
     for note in notes:  # some shards exist: the missing ones are skipped and counted when read
-        log.warning("%s; those shards will be skipped and counted", note)
-        if problems is not None:
+        if problems is None:
+            log.warning("%s; those shards will be skipped and counted", note)
+        else:
             problems.append(note)
     if not urls:
         raise ConfigError(f"{where}: {spec!r} expands to no shards (an empty folder?)")
@@ -67,7 +69,7 @@ def _expand_part(part: str) -> list[str]:
 def check_shards(cfg: DataConfig) -> list[str]:
     """The shards ``data.train`` or a mixture's sources name, checked before any work (``train``,
     ``mmpretrain config``): a pattern that matches no file raises ``ConfigError``; returns the
-    reports of patterns with some files missing."""
+    reports of patterns with some files missing (not logged here: the loader logs them once)."""
     problems: list[str] = []
     for j, src in enumerate(cfg.sources):
         expand_shards(src.train, f"data.sources[{j}].train", problems)

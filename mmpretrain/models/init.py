@@ -30,15 +30,14 @@ log = logging.getLogger(__name__)
 IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our checkpoints
 
 
-def _our_state(source: str | Path) -> dict[str, Tensor] | None:
-    """The weights of our checkpoint (or of one of our ``model.safetensors`` files) ``source``; None
-    when it is another format."""
+def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
+    """The weights of our checkpoint (or of one of our ``model.safetensors`` files) ``source`` (at
+    ``path``); None when it is another format."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from mmpretrain.models.pretrained import resolve_checkpoint
 
-    path = Path(str(source).removeprefix("local-dir:"))
     if path.is_file():
         if path.suffix != ".safetensors":
             return None
@@ -49,8 +48,8 @@ def _our_state(source: str | Path) -> dict[str, Tensor] | None:
     return load_file(str(resolved.path / "model.safetensors")) if resolved.format == "mmpretrain" else None
 
 
-def _foreign_state(model: nn.Module, source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Any other format, loaded as a model (an open_clip weights file as this config's architecture)."""
+def _loaded_state(source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
+    """``source`` in any format, loaded as a model (an open_clip weights file as this config's architecture)."""
     from mmpretrain.models.pretrained import load_pretrained
 
     return load_pretrained(source, replace(cfg, pretrained=None)).state_dict()
@@ -58,14 +57,17 @@ def _foreign_state(model: nn.Module, source: str | Path, cfg: ModelConfig) -> di
 
 def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelConfig) -> list[str]:
     """Initialise ``model.towers[modality]`` from ``source``; returns the tensor names loaded."""
+    from mmpretrain.models.pretrained import local_dir
+
     tower, own = model.towers[modality], f"towers.{modality}."
+    path = local_dir(source) or Path(source)
     try:
-        state = _our_state(source)
+        state = _our_state(source, path)
         loader = getattr(tower, "load_weights_file", None)
-        if state is None and loader is not None and Path(source).is_file():
-            return loader(Path(source))
+        if state is None and loader is not None and path.is_file():
+            return loader(path)
         if state is None:
-            state = _foreign_state(model, source, cfg)
+            state = _loaded_state(source, cfg)
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.towers.{modality}.init_from {source}: {exc}") from None
     same = {k[len(own) :]: v for k, v in state.items() if k.startswith(own)}
@@ -89,10 +91,8 @@ def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelCo
 
 def init_pretrained(model: nn.Module, cfg: ModelConfig) -> int:
     """Copy ``cfg.pretrained``'s whole state into ``model`` (strict); returns the number of tensors."""
-    from mmpretrain.models.pretrained import load_pretrained
-
     try:
-        state = load_pretrained(cfg.pretrained, replace(cfg, pretrained=None)).state_dict()
+        state = _loaded_state(cfg.pretrained, cfg)
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.pretrained {cfg.pretrained}: {exc}") from None
     try:
