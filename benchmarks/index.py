@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.cli import parse_bytes  # noqa: E402
 from retrieval.embed import write_vectors  # noqa: E402
-from retrieval.index import INDEX_TYPES, BuildConfig, candidate_specs, exact_neighbours, sweep, train_and_add  # noqa: E402
+from retrieval.index import INDEX_TYPES, BuildConfig, build, candidate_specs, exact_neighbours, sweep  # noqa: E402
 
 
 def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +95,7 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
     for name in args.types or candidates(n, cfg):
         spec = INDEX_TYPES.get(name).builder(n, args.dim)
         t0 = time.perf_counter()
-        index = train_and_add(spec, emb, cfg, progress=False)
+        index = build(spec, emb, workdir, cfg, progress=False)
         build_s = time.perf_counter() - t0
         table = sweep(index, spec, q, truth, stop_at=0.999)  # the curve up to (near) exact recall
         ok = [row for row in table if row["recall@10"] >= 0.95]

@@ -42,10 +42,12 @@ __all__ = [
     "encode",
     "encode_images",
     "encode_texts",
+    "eval_input",
     "expand_sources",
     "export_open_clip",
     "files",
     "image_transform",
+    "input_batches",
     "item_batches",
     "list_encoders",
     "load_checkpoint",
@@ -123,9 +125,24 @@ def encode(model: ContrastiveModel, modality: str, batch: Batch, *, normalize: b
 def image_transform(model: ContrastiveModel):
     """The model's evaluation preprocessing of images (``eval.inputs.EvalInput``): a PIL image, image
     bytes or file -> normalised (3, H, W) tensor. Picklable, so it can run in another process."""
+    return eval_input(model, "image")
+
+
+def eval_input(model: ContrastiveModel, modality: str = "image"):
+    """``modality``'s evaluation preprocessing for ``model`` (``eval.inputs.EvalInput``): raw samples,
+    files, bytes or PIL images -> the tower's input. Picklable and small (no weights): send it to
+    the processes that decode (``input_batches``)."""
     from mmpretrain.eval.inputs import EvalInput
 
-    return EvalInput(model, "image")
+    return EvalInput(model, modality)
+
+
+def input_batches(inputs, source: str, *, batch_size: int = 64, thumb_size: int = 128):
+    """``item_batches`` driven by an ``eval_input`` instead of a model: what a process holding no
+    weights (a Ray task decoding for model actors) runs; the batches are the same."""
+    from mmpretrain.eval.items import input_batches as _input_batches
+
+    return _input_batches(inputs, source, batch_size=batch_size, thumb_size=thumb_size)
 
 
 def trim_padding(batch: Batch) -> Batch:

@@ -35,6 +35,8 @@ from mmpretrain import api
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-embeddings/1"
 META_COLUMNS = ("key", "caption", "source", "modality", "thumb_offset", "thumb_len")
+# name -> fn(cfg, progress) -> stats; "local" here, "ray" in retrieval.ray_engine. Example: the extra it needs.
+EMBED_ENGINES = api.Registry("embed engine")
 
 
 class EmbedError(RuntimeError):
@@ -52,6 +54,11 @@ class EmbedConfig:
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     modality: str = "image"
     strict: bool = False  # any skipped item or unreadable source stops the job (EmbedError)
+    engine: str = "local"  # local (this process; torchrun ranks split the sources) | ray (see retrieval.ray_engine)
+    address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
+    actors: int = 0  # ray: model actors (0: one per GPU of the cluster, else one CPU actor)
+    actor_cpus: int = 1  # ray: CPUs (torch threads) per CPU model actor
+    retries: int = 3  # ray: times a task whose worker died, or an actor call, is retried
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
@@ -60,6 +67,10 @@ class EmbedConfig:
             raise EmbedError("batch_size must be >= 1")
         if self.modality not in ("image", "video", "audio"):
             raise EmbedError(f"modality {self.modality!r}: collections of image, video or audio can be embedded")
+        if self.engine not in EMBED_ENGINES:
+            raise EmbedError(f"engine {self.engine!r}: one of {', '.join(EMBED_ENGINES.names())}")
+        if self.actors < 0 or self.actor_cpus < 1 or self.retries < 0:
+            raise EmbedError("actors must be >= 0, actor_cpus >= 1 and retries >= 0")
 
 
 def part_name(i: int) -> str:
@@ -107,38 +118,60 @@ def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources:
 PART_META = b"mmpretrain"  # parquet schema metadata key of a part's summary
 
 
-def embed_part(model, cfg: EmbedConfig, source: str, part: Path) -> dict:
+class PartWriter:
+    """One part's rows, thumbnails and vectors as its batches are embedded (in source order), then
+    its files: the part, or ``part.failed.json`` when the source was not read to its end."""
+
+    def __init__(self, cfg: EmbedConfig, source: str, part: Path, dim: int):
+        self.cfg, self.source, self.part, self.dim = cfg, source, part, dim
+        self.vectors: list[np.ndarray] = []
+        self.rows: dict[str, list] = {c: [] for c in META_COLUMNS}
+        self.thumbs: list[bytes] = []
+        self.offset = 0
+
+    @property
+    def items(self) -> int:
+        return len(self.rows["key"])
+
+    def add(self, batch, vectors: np.ndarray) -> None:
+        """A batch (``ItemBatch``) and its (B, E) embeddings."""
+        self.vectors.append(vectors)
+        for key, caption, src, thumb in zip(batch.keys, batch.captions, batch.sources, batch.thumbnails):
+            for col, val in zip(META_COLUMNS, (key, caption, src, self.cfg.modality, self.offset, len(thumb))):
+                self.rows[col].append(val)
+            self.thumbs.append(thumb)
+            self.offset += len(thumb)
+
+    def finish(self, last) -> dict:
+        """Write the part (``last``: the source's last batch, with its counts); returns its summary."""
+        summary = {"source": self.source, "items": self.items, "skipped": dict(last.skipped), "complete": last.complete}
+        if self.cfg.strict and (summary["skipped"] or not summary["complete"]):
+            raise EmbedError(
+                f"{self.source}: {json.dumps(summary['skipped'])} skipped (--strict); nothing written for it"
+            )
+        if not summary["complete"]:
+            api.files.atomic_write_text(self.part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
+            return summary
+        emb = np.concatenate(self.vectors) if self.vectors else np.zeros((0, self.dim), np.float32)
+        _write_part(self.part, emb, self.rows, b"".join(self.thumbs), self.cfg.dtype, summary)
+        self.part.with_suffix(".failed.json").unlink(missing_ok=True)
+        return summary
+
+
+def embed_part(model, cfg: EmbedConfig, source: str, part: Path, on_batch=None) -> dict:
     """Embed one source into ``part``.{npy,thumbs,parquet}; returns its summary (``items``,
-    ``skipped`` by kind, ``complete``). An incomplete source writes ``part.failed.json`` instead."""
-    vectors, rows, thumbs, offset, last = [], {c: [] for c in META_COLUMNS}, [], 0, None
+    ``skipped`` by kind, ``complete``). An incomplete source writes ``part.failed.json`` instead.
+    ``on_batch(n)`` is called with each batch's item count (a progress bar's ``update``)."""
+    writer, last = PartWriter(cfg, source, part, model.cfg.embed_dim), None
     for batch in api.item_batches(
         model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size, modality=cfg.modality
     ):
         last = batch
-        if not batch.keys:
-            continue
-        vectors.append(api.encode(model, cfg.modality, batch.inputs).float().cpu().numpy())
-        for key, caption, src, thumb in zip(batch.keys, batch.captions, batch.sources, batch.thumbnails):
-            for col, val in zip(META_COLUMNS, (key, caption, src, cfg.modality, offset, len(thumb))):
-                rows[col].append(val)
-            thumbs.append(thumb)
-            offset += len(thumb)
-    summary = {"source": source, "items": len(rows["key"]), "skipped": dict(last.skipped), "complete": last.complete}
-    if cfg.strict and (summary["skipped"] or not summary["complete"]):
-        raise EmbedError(f"{source}: {json.dumps(summary['skipped'])} skipped (--strict); nothing written for it")
-    if not summary["complete"]:
-        api.files.atomic_write_text(part.with_suffix(".failed.json"), json.dumps(summary, indent=1))
-        return summary
-    _write_part(
-        part,
-        np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.embed_dim), np.float32),
-        rows,
-        b"".join(thumbs),
-        cfg.dtype,
-        summary,
-    )
-    part.with_suffix(".failed.json").unlink(missing_ok=True)
-    return summary
+        if batch.keys:
+            writer.add(batch, api.encode(model, cfg.modality, batch.inputs).float().cpu().numpy())
+            if on_batch is not None:
+                on_batch(len(batch.keys))
+    return writer.finish(last)
 
 
 def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: bytes, dtype: str, summary: dict) -> None:
@@ -174,51 +207,98 @@ def part_summary(part: Path) -> dict:
 
 
 def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> dict:
-    """Embed this rank's share of ``cfg.data`` into ``cfg.out``, skipping finished parts and retrying
-    failed ones. Returns counts over all of this rank's finished parts (``bad``: skipped items by
-    kind) and the sources that could not be read to their end (``failed``)."""
-    from tqdm import tqdm
+    """Embed ``cfg.data`` into ``cfg.out`` with ``cfg.engine``, skipping finished parts and retrying
+    failed ones. Returns counts over the finished parts of this process's share (``items``; ``bad``:
+    skipped items by kind), the sources that could not be read to their end (``failed``), and this
+    run's ``embedded`` items, ``seconds`` and ``items_per_s``."""
+    return EMBED_ENGINES.get(cfg.engine).builder(cfg, progress)
 
-    rank, world = rank_world()
+
+@dataclass
+class Job:
+    """An embedding job opened for writing: its folder, sources, and what the header records."""
+
+    out: Path
+    sources: list[str]
+    model_id: str
+    dim: int
+
+    def part(self, i: int) -> Path:
+        return self.out / "parts" / part_name(i)
+
+    def todo(self, mine: list[int]) -> list[int]:
+        """The parts of ``mine`` not finished yet (no parquet)."""
+        return [i for i in mine if not self.part(i).with_suffix(".parquet").is_file()]
+
+
+def open_job(cfg: EmbedConfig, model) -> Job:
+    """Create (or check, when resuming) ``cfg.out`` for ``model``'s embeddings of ``cfg.data``."""
+    if cfg.modality not in model.modalities:
+        raise EmbedError(f"{cfg.model} has no {cfg.modality} tower (towers: {', '.join(model.modalities)})")
     out = Path(cfg.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     sources = api.expand_sources(cfg.data)
-    model = api.load_checkpoint(cfg.model).to(_device(cfg))
-    if cfg.modality not in model.modalities:
-        raise EmbedError(f"{cfg.model} has no {cfg.modality} tower (towers: {', '.join(model.modalities)})")
-    _write_header(cfg, out, api.model_id(model), model.cfg.embed_dim, sources)
-    mine = [i for i in range(len(sources)) if i % world == rank]
-    todo = [i for i in mine if not (out / "parts" / f"{part_name(i)}.parquet").is_file()]
-    stats = {
-        "rank": rank,
+    job = Job(out, sources, api.model_id(model), model.cfg.embed_dim)
+    _write_header(cfg, out, job.model_id, job.dim, sources)
+    return job
+
+
+def note_part(stats: dict, job: Job, i: int, summary: dict) -> None:
+    """Count a part just embedded; a source not read to its end is logged and listed in ``failed``."""
+    stats["embedded"] += summary["items"]
+    if not summary["complete"]:
+        stats["failed"][job.sources[i]] = summary["skipped"]
+        log.warning(
+            "%s was not read to its end (%s): part %s not written; re-run to retry",
+            job.sources[i],
+            json.dumps(summary["skipped"]),
+            part_name(i),
+        )
+
+
+def job_stats(job: Job, mine: list[int], todo: list[int], **extra) -> dict:
+    return {
+        **extra,
         "parts": len(mine),
         "skipped_parts": len(mine) - len(todo),
         "items": 0,
+        "embedded": 0,
         "bad": {},
         "failed": {},
     }
-    start = time.perf_counter()
-    for i in tqdm(todo, desc=f"embed (rank {rank})", unit="part", disable=not progress or rank != 0):
-        summary = embed_part(model, cfg, sources[i], out / "parts" / part_name(i))
-        if not summary["complete"]:
-            stats["failed"][sources[i]] = summary["skipped"]
-            log.warning(
-                "%s was not read to its end (%s): part %s not written; re-run to retry",
-                sources[i],
-                json.dumps(summary["skipped"]),
-                part_name(i),
-            )
-    stats["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def finish_stats(stats: dict, job: Job, mine: list[int], seconds: float) -> dict:
+    """Totals over the finished parts of ``mine`` (from their parquet metadata) and this run's rate."""
+    stats["seconds"] = round(seconds, 2)
     for i in mine:
-        part = out / "parts" / part_name(i)
-        if part.with_suffix(".parquet").is_file():
-            summary = part_summary(part)
+        if job.part(i).with_suffix(".parquet").is_file():
+            summary = part_summary(job.part(i))
             stats["items"] += summary.get("items", 0)
             for kind, n in summary.get("skipped", {}).items():
                 stats["bad"][kind] = stats["bad"].get(kind, 0) + n
-    stats["items_per_s"] = round(stats["items"] / max(stats["seconds"], 1e-9), 1)
+    stats["items_per_s"] = round(stats["embedded"] / max(seconds, 1e-9), 1)
     log.info("embedded %s", json.dumps(stats))
     return stats
+
+
+@EMBED_ENGINES.register("local", example={"extra": None})
+def embed_local(cfg: EmbedConfig, progress: bool = True) -> dict:
+    """This process (one device); under ``torchrun`` rank r takes sources r, r + world, ... with no
+    communication."""
+    from tqdm import tqdm
+
+    rank, world = rank_world()
+    model = api.load_checkpoint(cfg.model).to(_device(cfg))
+    job = open_job(cfg, model)
+    mine = [i for i in range(len(job.sources)) if i % world == rank]
+    todo = job.todo(mine)
+    stats, start = job_stats(job, mine, todo, rank=rank), time.perf_counter()
+    bar = tqdm(total=None, desc=f"embed (rank {rank})", unit="item", disable=not progress or rank != 0)
+    for i in todo:
+        note_part(stats, job, i, embed_part(model, cfg, job.sources[i], job.part(i), on_batch=bar.update))
+    bar.close()
+    return finish_stats(stats, job, mine, time.perf_counter() - start)
 
 
 @dataclass

@@ -32,6 +32,9 @@ from mmpretrain import api
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
 INDEX_TYPES = api.Registry("index type")  # name -> fn(n, d) -> IndexSpec; example: the recall it must reach
+# name -> fn(spec, empty, emb, folder, cfg, progress) -> the filled index: how the vectors are added to the
+# trained index ("local" here, "ray" in retrieval.ray_engine). Example: the extra it needs.
+FILL_ENGINES = api.Registry("index engine")
 
 
 class IndexError_(RuntimeError):
@@ -63,6 +66,12 @@ class BuildConfig:
     on_disk: bool = False  # IVF inverted lists in index.ivfdata, built part by part and merged
     seed: int = 0
     threads: int = 0  # FAISS OpenMP threads (0: FAISS's default)
+    engine: str = "local"  # who adds the vectors: local (this process) | ray (parallel tasks, pieces merged)
+    address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
+
+    def __post_init__(self) -> None:
+        if self.engine not in FILL_ENGINES:
+            raise IndexError_(f"engine {self.engine!r}: one of {', '.join(FILL_ENGINES.names())}")
 
 
 def probes(nlist: int) -> tuple[int, ...]:
@@ -338,40 +347,70 @@ def _fast_training(index) -> None:
         ivf.do_polysemous_training = False
 
 
-def train_and_add(spec: IndexSpec, emb, cfg: BuildConfig, *, progress: bool = True):
-    """Build ``spec`` in RAM from an ``Embeddings``: train on a sample, add part by part."""
-    from tqdm import tqdm
-
-    index = _trained_empty(spec, emb, cfg)
-    for _, vectors in tqdm(
-        emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part", disable=not progress
-    ):
-        index.add(vectors)
-    return index
-
-
-def build_on_disk(spec: IndexSpec, emb, folder: Path, cfg: BuildConfig, *, progress: bool = True):
-    """IVF with inverted lists in ``folder/index.ivfdata``, for collections larger than RAM: trained
-    once, each embedding part added to its own piece (written, then freed), pieces merged with
-    ``faiss.contrib.ondisk.merge_ondisk``. Only one part's vectors are in RAM at a time."""
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
-    from tqdm import tqdm
-
-    if not spec.on_disk_ok:
+def build(spec: IndexSpec, emb, folder: Path, cfg: BuildConfig, *, progress: bool = True):
+    """Train ``spec`` once on a sample of ``emb``, then fill it with ``cfg.engine``: in RAM, or (``cfg.on_disk``)
+    IVF with its inverted lists in ``folder/index.ivfdata``, for collections larger than RAM."""
+    if cfg.on_disk and not spec.on_disk_ok:
         raise IndexError_(f"index type {spec.type} cannot keep its lists on disk (use ivf_flat or ivf_pq)")
-    empty = _trained_empty(spec, emb, cfg)
+    return FILL_ENGINES.get(cfg.engine).builder(spec, _trained_empty(spec, emb, cfg), emb, folder, cfg, progress)
+
+
+@FILL_ENGINES.register("local", example={"extra": None})
+def fill_local(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progress: bool = True):
+    """This process, part by part. On disk: each part is added to its own piece (written, then freed)
+    and the pieces are merged with ``faiss.contrib.ondisk.merge_ondisk``: one part's vectors in RAM at a time."""
+    import faiss
+    from tqdm import tqdm
+
+    chunks = tqdm(emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part", disable=not progress)
+    if not cfg.on_disk:
+        index = faiss.clone_index(empty)
+        for _, vectors in chunks:
+            index.add(vectors)
+        return index
     names = []
-    for i, (start, vectors) in enumerate(
-        tqdm(emb.chunks(), total=len(emb.parts), desc="add (on disk)", unit="part", disable=not progress)
-    ):
-        piece = faiss.clone_index(empty)
-        piece.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+    for i, (start, vectors) in enumerate(chunks):
         names.append(str(folder / f"piece-{i:05d}.index"))
-        faiss.write_index(piece, names[-1])
-        del piece
+        faiss.write_index(make_piece(empty, vectors, start), names[-1])
+    return merge_pieces(empty, names, [], folder, on_disk=True)
+
+
+def make_piece(empty, vectors: np.ndarray, start: int):
+    """A copy of the trained ``empty`` index holding ``vectors``, ids ``start ...`` where the index can
+    store ids (IVF), else in order (a re-ranking index: placed by ``merge_pieces``)."""
+    import faiss
+
+    piece = faiss.clone_index(empty)
+    if _is_refine(piece):
+        piece.add(vectors)
+    else:
+        piece.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+    return piece
+
+
+def _is_refine(index) -> bool:
+    return hasattr(index, "refine_index")  # faiss returns indexes as their own class
+
+
+def merge_pieces(empty, names: list[str], starts: list[int], folder: Path, *, on_disk: bool):
+    """One index from piece files (in id order; ``starts``: each piece's first id): IVF lists merged
+    into ``folder/index.ivfdata`` (on disk), or appended in RAM. The piece files are removed."""
+    import faiss
+
     index = faiss.clone_index(empty)
-    merge_ondisk(index, names, str(folder / "index.ivfdata"))
+    if on_disk:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(index, names, str(folder / "index.ivfdata"))
+    elif _is_refine(index):
+        for name, start in zip(names, starts):
+            piece = faiss.read_index(name)
+            index.base_index.merge_from(piece.base_index, start)  # the shortlist's ids shift by the piece's start
+            index.refine_index.merge_from(piece.refine_index, 0)  # the re-ranking codes are appended in id order
+            index.ntotal = index.base_index.ntotal
+    else:
+        for name in names:
+            index.merge_from(faiss.read_index(name), 0)
     for name in names:
         os.unlink(name)
     return index
@@ -496,11 +535,7 @@ def build_index(
 
 def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, q, truth, exclude, progress: bool):
     start = time.perf_counter()
-    index = (
-        build_on_disk(spec, emb, tmp, cfg, progress=progress)
-        if cfg.on_disk
-        else train_and_add(spec, emb, cfg, progress=progress)
-    )
+    index = build(spec, emb, tmp, cfg, progress=progress)
     build_s = time.perf_counter() - start
     return index, spec, tune(index, spec, q, truth, cfg.recall_target, exclude), build_s
 

@@ -36,6 +36,8 @@ CONTRACTS = {
     "rasterizer": "test_rasterizer_contract",
     "corpus": "test_corpus_contract",
     "index type": "test_retrieval.test_every_index_type_builds_and_reaches_its_recall",
+    "embed engine": "test_scaleout.test_every_embed_engine_writes_what_the_local_job_writes",
+    "index engine": "test_scaleout.test_every_index_engine_answers_as_the_local_build",
     **{f"{m} encoder": "test_encoders" for m in ("image", "text", "video", "audio")},
 }
 

@@ -84,7 +84,15 @@ def item_batches(
     """Batches of ``{modality: (B, ...)}`` (and its mask) with the model's evaluation preprocessing,
     plus metadata; several views per item are averaged when embedded. The last batch's ``skipped``
     holds the counts of unusable items and ``complete`` whether the source was read to its end."""
-    inputs, errors = EvalInput(model, modality, views), ErrorCounter("skip", None)
+    return input_batches(EvalInput(model, modality, views), source, batch_size=batch_size, thumb_size=thumb_size)
+
+
+def input_batches(
+    inputs: EvalInput, source: str, *, batch_size: int = 64, thumb_size: int = 128
+) -> Iterator[ItemBatch]:
+    """``item_batches`` from an ``EvalInput`` alone (picklable, no weights): what a decoding process
+    that holds no model (a DataLoader worker, a Ray task) runs."""
+    modality, errors = inputs.modality, ErrorCounter("skip", None)
     decode, rest = inputs.ops[:1], inputs.ops[1:]  # the decode op, then the transforms
     cur, pending, video_spec = ItemBatch({}, [], [], [], []), [], inputs.ctx.spec("video")
     for sample in source_samples(source, modality, errors):
