@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	@# clip-retrieval's own client, for the protocol test (its package pulls a second torch stack: no deps)
 	$(PY) -m pip install -q --no-deps 'clip-retrieval==2.45.0'
 	@touch $(STAMP)

@@ -54,6 +54,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         modality=args.modality,
         strict=args.strict,
+        engine=args.engine,
+        address=args.address,
+        actors=args.actors,
+        actor_cpus=args.actor_cpus,
+        actor_threads=args.actor_threads,
+        decoders=args.decoders,
+        retries=args.retries,
     )
     stats = run_embed(cfg)
     print(json.dumps(stats))
@@ -79,6 +86,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         on_disk=args.on_disk,
         queries=args.queries,
         threads=args.threads,
+        engine=args.engine,
+        address=args.address,
     )
     queries = np.load(args.queries_file) if args.queries_file else None
     h = build_index(args.embeddings, args.out, cfg, queries=queries)
@@ -158,6 +167,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        help="local: this process (default, needs nothing running); ray: a Ray cluster (pip install -e '.[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        help="ray: the cluster to use (auto: the one `ray start` runs here; ray://HEAD:10001); default: start a "
+        "local one for the job",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="retrieval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
             "or an image folder into DIR: one part "
             "per shard (.npy vectors, .parquet metadata, .thumbs JPEGs). Unreadable items are skipped and counted "
             "in their part; a shard that cannot be read to its end gets no part (exit status 3). Re-running skips "
-            "finished parts and retries failed ones; under torchrun each rank takes every WORLD_SIZE-th shard."
+            "finished parts and retries failed ones; under torchrun each rank takes every WORLD_SIZE-th shard. "
+            "--engine ray runs it on a Ray cluster: shards decoded in CPU tasks, embedded by model actors (one per "
+            "GPU), tasks retried when a worker dies (docs/scale_out.md)."
         ),
     )
     e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
@@ -189,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to embed from each item (video/audio: shards; default image); text queries then "
         "search it (text->video, text->audio)",
     )
+    add_engine_args(e)
+    e.add_argument("--actors", type=int, default=0, help="ray: model actors (0: one per GPU, else one CPU actor)")
+    e.add_argument("--actor-cpus", type=int, default=1, help="ray: CPUs reserved per CPU model actor (1)")
+    e.add_argument(
+        "--actor-threads",
+        type=int,
+        default=0,
+        help="ray: torch threads per CPU model actor (0: its node's cores, shared by the actors on it)",
+    )
+    e.add_argument(
+        "--decoders", type=int, default=0, help="ray: decoding tasks in flight (0: the CPUs the actors leave, >= 2)"
+    )
+    e.add_argument("--retries", type=int, default=3, help="ray: retries of a task or actor call whose worker died (3)")
     e.set_defaults(fn=cmd_embed)
 
     ix = sub.add_parser("index", help="build or extend an index").add_subparsers(dest="index_cmd", required=True)
@@ -210,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
+    add_engine_args(b)
     b.set_defaults(fn=cmd_index_build)
     a = ix.add_parser("add", help="add a new embedding folder (same model) to an index")
     a.add_argument("index")

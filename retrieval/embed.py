@@ -57,7 +57,9 @@ class EmbedConfig:
     engine: str = "local"  # local (this process; torchrun ranks split the sources) | ray (see retrieval.ray_engine)
     address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
     actors: int = 0  # ray: model actors (0: one per GPU of the cluster, else one CPU actor)
-    actor_cpus: int = 1  # ray: CPUs (torch threads) per CPU model actor
+    actor_cpus: int = 1  # ray: CPUs reserved per CPU model actor
+    actor_threads: int = 0  # ray: torch threads per CPU model actor (0: its node's cores shared by its actors)
+    decoders: int = 0  # ray: decoding tasks in flight (0: the cluster's CPUs left by the actors, at least 2)
     retries: int = 3  # ray: times a task whose worker died, or an actor call, is retried
 
     def __post_init__(self) -> None:
@@ -69,8 +71,8 @@ class EmbedConfig:
             raise EmbedError(f"modality {self.modality!r}: collections of image, video or audio can be embedded")
         if self.engine not in EMBED_ENGINES:
             raise EmbedError(f"engine {self.engine!r}: one of {', '.join(EMBED_ENGINES.names())}")
-        if self.actors < 0 or self.actor_cpus < 1 or self.retries < 0:
-            raise EmbedError("actors must be >= 0, actor_cpus >= 1 and retries >= 0")
+        if min(self.actors, self.actor_threads, self.decoders, self.retries) < 0 or self.actor_cpus < 1:
+            raise EmbedError("actors, actor_threads, decoders and retries must be >= 0, actor_cpus >= 1")
 
 
 def part_name(i: int) -> str:

@@ -10,7 +10,8 @@ the part when its whole source was read: the same files ``embed_part`` writes, e
 parquet (the "done" marker) last. So a re-run skips finished parts whichever engine wrote them, and
 a source read only in part leaves no parquet. Ray retries a task whose worker died
 (``max_retries``) and restarts a dead actor, retrying its calls (``max_restarts`` /
-``max_task_retries``); the driver keeps at most two tasks per CPU in flight (backpressure) and
+``max_task_retries``); the driver keeps as many tasks in flight as the actors leave CPUs (at least
+two: one starts decoding while another finishes its part), the rest wait (backpressure), and
 shows a progress bar over items with the rate.
 
 Indexing (autofaiss's / the FAISS wiki's distributed pattern). The quantizer is trained once on a
@@ -49,7 +50,6 @@ from retrieval.index import FILL_ENGINES, BuildConfig, IndexSpec, fill_local, ma
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches a decoding task keeps at the model actors (decode the next while one is embedded)
-TASKS_PER_CPU = 2  # tasks the driver keeps submitted per cluster CPU (the rest wait: backpressure)
 
 
 def _ray():
@@ -132,14 +132,31 @@ class Progress:
         return sum(self.items.values())
 
 
-def _actors(ray, cfg: EmbedConfig, job) -> list:
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+def _actors(ray, cfg: EmbedConfig, job) -> tuple[list, int]:
+    """The model actors, and how many decoding tasks to keep in flight beside them."""
+    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
     n = cfg.actors or max(gpus, 1)
-    opts = {"num_gpus": 1, "num_cpus": 1} if gpus and cfg.device in ("auto", "cuda") else {"num_cpus": cfg.actor_cpus}
+    opts = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": cfg.actor_cpus}
+    if cpus - n * opts["num_cpus"] < 1:
+        raise EmbedError(
+            f"{n} model actor(s) of {opts['num_cpus']} CPU(s) take all {cpus} CPUs of the cluster: none is left to "
+            f"decode (lower --actors / --actor-cpus; --actor-threads sets the actors' torch threads apart)"
+        )
     actor = ray.remote(max_restarts=cfg.retries, max_task_retries=cfg.retries, **opts)(Encoder)
-    device = "cuda" if "num_gpus" in opts else ("cpu" if cfg.device == "auto" else cfg.device)
-    log.info("%d model actor(s), each with %s", n, json.dumps(opts))
-    return [actor.remote(cfg.model, job.model_id, cfg.modality, device, cfg.actor_cpus) for _ in range(n)]
+    device = "cuda" if on_gpu else ("cpu" if cfg.device == "auto" else cfg.device)
+    threads = cfg.actor_threads or (1 if on_gpu else _cpu_threads(ray, n))
+    decoders = cfg.decoders or max(2, cpus - n * opts["num_cpus"])
+    log.info("%d model actor(s) (%s, %d threads), %d decoding tasks", n, json.dumps(opts), threads, decoders)
+    return [actor.remote(cfg.model, job.model_id, cfg.modality, device, threads) for _ in range(n)], decoders
+
+
+def _cpu_threads(ray, actors: int) -> int:
+    """Torch threads of a CPU actor by default: its node's cores shared by the actors on it (measured on
+    2 cores: 0.51x the local job with 1 thread, 0.8x with 2, the decoding tasks taking their turns)."""
+    nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")]
+    per_node = max(1, -(-actors // max(1, len(nodes))))
+    return max(1, int(min(nodes or [1])) // per_node)
 
 
 @EMBED_ENGINES.register("ray", example={"extra": "ray"})
@@ -152,23 +169,23 @@ def embed_ray(cfg: EmbedConfig, progress: bool = True) -> dict:
     stats = job_stats(job, mine, list(todo), engine="ray")
     with ray_session(cfg.address) as ray:
         start = time.perf_counter()
-        actors = _actors(ray, cfg, job)
+        actors, decoders = _actors(ray, cfg, job)
         tracker = ray.remote(num_cpus=0)(Progress).remote()
         try:
-            _run_tasks(ray, cfg, job, model, actors, tracker, todo, stats, progress)
+            _run_tasks(ray, cfg, job, model, actors, tracker, todo, stats, progress, decoders)
         finally:  # free the actors' CPUs/GPUs now, not when the handles are collected (a session may go on)
             for handle in [*actors, tracker]:
                 ray.kill(handle)
         return finish_stats(stats, job, mine, time.perf_counter() - start)
 
 
-def _run_tasks(ray, cfg: EmbedConfig, job, model, actors: list, tracker, todo: deque, stats: dict, progress: bool):
-    """Submit a task per part of ``todo``, at most ``TASKS_PER_CPU`` per cluster CPU at a time."""
+def _run_tasks(ray, cfg: EmbedConfig, job, model, actors: list, tracker, todo: deque, stats: dict, progress, limit):
+    """Submit a task per part of ``todo``, ``limit`` at a time (each decodes a source; a task waiting on
+    the actors frees its CPU, so more would start processes that then compete with the actors)."""
     from tqdm import tqdm
 
     task = ray.remote(num_cpus=1, max_retries=cfg.retries)(_embed_source)
     inputs = ray.put(api.eval_input(model, cfg.modality))
-    limit = max(2, TASKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     running: dict = {}
     with tqdm(total=None, desc="embed (ray)", unit="item", disable=not progress) as bar:
         while todo or running:
