@@ -33,6 +33,7 @@ def test_docs_pages_exist():
         "evaluation.md",
         "architecture.md",
         "cluster.md",
+        "scale_out.md",
         "migrating.md",
         "troubleshooting.md",
         "api.md",
