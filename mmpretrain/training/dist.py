@@ -44,9 +44,19 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=attempt_store(), rank=rank, world_size=world)
         log.info("rank %d/%d on %s (%s)", rank, world, device, backend)
     return DistInfo(rank, world, local_rank, device)
+
+
+def attempt_store() -> dist.Store:
+    """The launcher's store (``env://``), under a prefix of this restart attempt
+    (``TORCHELASTIC_RESTART_COUNT``). torchrun's c10d rendezvous shares one store across restarts
+    with no per-attempt prefix (torch 2.11), so the group restarted after a rank died could read the
+    dead group's keys (gloo's peer addresses: "connectFullMesh ... Connection refused"), depending
+    on which rank wrote first: a restart failed about half the time without this."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"mmpretrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
