@@ -232,11 +232,6 @@ def model_id(model: ContrastiveModel) -> str:
     preprocessing (size, mean, std, interpolation). The same weights loaded from our checkpoint
     or from an open_clip export give the same id; embeddings and indexes record it, so a query
     model that differs from the indexing model is caught."""
-    import hashlib
+    from mmpretrain.models.contrastive import model_id as _model_id
 
-    image = model.data_context().image
-    h = hashlib.sha256(repr((image.size, image.mean, image.std, image.interpolation)).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _model_id(model)

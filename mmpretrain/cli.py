@@ -74,88 +74,135 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmpretrain.eval.runner import (
-        EvalSet,
-        embed_folder,
-        folder_retrieval_eval,
-        hard_subset,
-        retrieval_eval,
-        robustness_eval,
-        table,
-        write_report,
-        zeroshot_eval,
-    )
-
     sets = _parse_sets(args)  # a typo in --data fails here, before the model loads
+    if args.format == "clip_benchmark" and (not args.out or args.eval_cmd in ("hard", "media")):
+        raise ValueError(
+            "--format clip_benchmark needs --out (a folder or a file-name template) and a zeroshot, "
+            "retrieval, robustness or linear-probe evaluation"
+        )
     model = _load_model(args)
-    common = {"batch_size": args.batch_size, "progress": True}
-    if args.eval_cmd == "zeroshot":
-        reports = [
-            zeroshot_eval(model, d, templates=args.templates, workers=args.workers, **common) for d in sets["data"]
-        ]
-        report: dict = {"zeroshot": reports}
-        print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
-    elif args.eval_cmd == "retrieval":  # shards with captions, or NAME@LAYOUT=DIR labelled folders
-        reports = [
-            folder_retrieval_eval(model, d, templates=args.templates, **common)
-            if isinstance(d, EvalSet)
-            else retrieval_eval(model, d, **common)
-            for d in sets["data"]
-        ]
-        report = {"retrieval": reports}
-        keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
-        print(table(reports, ["dataset", "images", *keys]))
-    elif args.eval_cmd == "media":
-        report = _eval_media(model, args, sets["data"])
-    elif args.eval_cmd == "hard":
-        fes = [embed_folder(model, d, templates=args.templates, workers=args.workers, **common) for d in sets["data"]]
-        report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
-        print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
-        print(
-            f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
-            f"(evaluate with --data hard@folder={args.hard_out})"
-        )
-    else:
-        baseline = json.loads(open(args.baseline).read()) if args.baseline else None
-        report = robustness_eval(
-            model,
-            sets["id"],
-            sets["ood"],
-            baseline=baseline,
-            templates=args.templates,
-            workers=args.workers,
-            **common,
-        )
-        rows = [{**report["in_distribution"], "drop_top1": 0.0}] + report["shifts"]
-        print(table(rows, ["dataset", "n", "classes", "top1", "top5", "drop_top1", "effective_robustness"]))
+    report, clip_benchmark_records = args.job(model, args, sets)
     report["model"] = str(args.model)
-    if args.out:
+    if args.format == "clip_benchmark":
+        from mmpretrain.eval.clip_benchmark import write_records
+
+        paths = write_records(clip_benchmark_records(model="mmpretrain", pretrained=str(args.model)), args.out)
+        more = " ..." if len(paths) > 4 else ""
+        print(f"{len(paths)} CLIP_benchmark result file(s): {', '.join(str(p) for p in paths[:4])}{more}")
+    elif args.out:
+        from mmpretrain.eval.runner import write_report
+
         print(f"report: {write_report(report, args.out)}")
     return 0
 
 
+def _eval_zeroshot(model, args: argparse.Namespace, sets: dict):
+    from mmpretrain.eval.clip_benchmark import zeroshot_record
+    from mmpretrain.eval.runner import table, zeroshot_eval
+
+    common = {"batch_size": args.batch_size, "templates": args.templates, "workers": args.workers}
+    reports = [zeroshot_eval(model, d, **common) for d in sets["data"]]
+    print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
+    return {"zeroshot": reports}, lambda **who: [zeroshot_record(r, **who) for r in reports]
+
+
+def _eval_retrieval(model, args: argparse.Namespace, sets: dict):
+    """Shards with captions (a spec, or a CLIP_benchmark retrieval folder), or labelled sets."""
+    from mmpretrain.eval.clip_benchmark import retrieval_record
+    from mmpretrain.eval.runner import set_retrieval_eval, table
+
+    reports = [set_retrieval_eval(model, d, templates=args.templates, batch_size=args.batch_size) for d in sets["data"]]
+    keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
+    print(table(reports, ["dataset", "images", *keys]))
+    return {"retrieval": reports}, lambda **who: [retrieval_record(r, **who) for r in reports]
+
+
+def _eval_hard(model, args: argparse.Namespace, sets: dict):
+    from mmpretrain.eval.runner import embed_folder, hard_subset, table
+
+    common = {"batch_size": args.batch_size, "templates": args.templates, "workers": args.workers}
+    fes = [embed_folder(model, d, **common) for d in sets["data"]]
+    report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
+    print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
+    print(
+        f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
+        f"(evaluate with --data hard@folder={args.hard_out})"
+    )
+    return report, None
+
+
+def _eval_robustness(model, args: argparse.Namespace, sets: dict):
+    from mmpretrain.eval.clip_benchmark import zeroshot_record
+    from mmpretrain.eval.runner import robustness_eval, table
+
+    baseline = json.loads(open(args.baseline).read()) if args.baseline else None
+    report = robustness_eval(
+        model,
+        sets["id"],
+        sets["ood"],
+        baseline=baseline,
+        templates=args.templates,
+        workers=args.workers,
+        batch_size=args.batch_size,
+    )
+    rows = [{**report["in_distribution"], "drop_top1": 0.0}] + report["shifts"]
+    print(table(rows, ["dataset", "n", "classes", "top1", "top5", "drop_top1", "effective_robustness"]))
+    return report, lambda **who: [zeroshot_record(r, **who) for r in rows]
+
+
+def _eval_linear_probe(model, args: argparse.Namespace, sets: dict):
+    from mmpretrain.eval.clip_benchmark import probe_records
+    from mmpretrain.eval.inputs import Views
+    from mmpretrain.eval.probe import ProbeConfig, linear_probe, plot_probe, probe_table_rows, set_features
+    from mmpretrain.eval.runner import table
+    from mmpretrain.models.contrastive import model_id
+
+    cfg = ProbeConfig(tuple(args.shots), tuple(args.seeds), args.val_proportion, args.max_iter, args.allow_fewer)
+    common = {
+        "modality": args.modality,
+        "views": Views(args.clips, args.crops, args.windows),
+        "cache": None if args.feature_cache.lower() == "none" else args.feature_cache,
+        "model_key": model_id(model),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+    }
+    train = set_features(model, sets["train"], **common)
+    tests = [set_features(model, d, **common) for d in sets["test"]]
+    report = linear_probe(model, train, tests, cfg, templates=args.templates, device=args.device)
+    columns = ["dataset", "method", "top1", "top1_std", "top5", "mean_per_class_recall", "chance_top1", "train_items"]
+    print(table(probe_table_rows(report), columns))
+    if args.plot:
+        print(f"plot: {plot_probe(report, args.plot)}")
+    return {"linear_probe": report}, lambda **who: probe_records(report, **who)
+
+
 def _parse_sets(args: argparse.Namespace) -> dict:
-    """Every ``--data`` / ``--id`` / ``--ood`` spec parsed and checked (layout, folder) up front."""
-    from mmpretrain.eval.media import ShardSet
-    from mmpretrain.eval.runner import EvalSet
+    """Every ``--data`` / ``--id`` / ``--ood`` / ``--train`` / ``--test`` spec parsed and checked up front."""
+    from mmpretrain.eval.sets import ShardSet, parse_set
 
     if args.eval_cmd == "robustness":
-        return {"id": EvalSet.parse(args.id, check=True), "ood": [EvalSet.parse(d, check=True) for d in args.ood]}
+        return {"id": parse_set(args.id, check=True), "ood": [parse_set(d, check=True) for d in args.ood]}
+    if args.eval_cmd == "linear-probe":
+        return {
+            "train": parse_set(args.train, check=True, split="train"),
+            "test": [parse_set(d, check=True) for d in args.test],
+        }
     if args.eval_cmd == "media":
         return {"data": [ShardSet.parse(d) for d in args.data]}
-    folders_only = args.eval_cmd != "retrieval"  # retrieval also takes shards with captions
-    return {"data": [EvalSet.parse(d, check=True) if folders_only or "=" in d else d for d in args.data]}
+    shards_too = args.eval_cmd == "retrieval"  # retrieval also takes shard specs with captions
+    return {"data": [parse_set(d, check=True) if "=" in d or not shards_too else d for d in args.data]}
 
 
-def _eval_media(model, args: argparse.Namespace, sets: list) -> dict:
+def _eval_media(model, args: argparse.Namespace, sets: dict):
     from mmpretrain.eval.inputs import Views
     from mmpretrain.eval.media import media_eval
     from mmpretrain.eval.runner import table
 
     views = Views(args.clips, args.crops, args.windows)
+    templates = args.templates if args.templates is not None else "<>"  # class names as they are
     reports = [
-        media_eval(model, d, args.modalities, templates=args.templates, views=views, batch_size=args.batch_size)
-        for d in sets
+        media_eval(model, d, args.modalities, templates=templates, views=views, batch_size=args.batch_size)
+        for d in sets["data"]
     ]
     for r in reports:
         print(f"{r['dataset']}: {r['samples']} samples, skipped {r['skipped'] or 'none'}, views {r['views']}")
@@ -184,7 +231,7 @@ def _eval_media(model, args: argparse.Namespace, sets: list) -> dict:
 
         plot_media(reports, args.plot)
         print(f"plot: {args.plot}")
-    return {"media": reports}
+    return {"media": reports}, None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -357,17 +404,20 @@ def _add_eval(sub) -> None:
         help="zero-shot classification on ImageFolder sets",
         description=(
             "Top-1/top-5/mean per-class recall. Each --data is [NAME@]LAYOUT=DIR; layouts: folder (folder names are "
-            "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a."
+            "classes), imagenet, imagenet-sketch, imagenet-v2, imagenet-r, imagenet-a; or NAME@wds[:SPLIT]=DIR, a "
+            "CLIP_benchmark webdataset folder (its classnames.txt and templates, SPLIT/N.tar; split test); or "
+            "NAME@shards:FIELD=SHARDS (labels in json[FIELD])."
         ),
     )
-    z.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR ...")
+    z.add_argument("--data", nargs="+", required=True, help="[NAME@]LAYOUT=DIR, NAME@wds=DIR, NAME@shards:F=S ...")
     r = e.add_parser(
         "retrieval",
         help="image-text retrieval recall@1/5/10 on shards or labelled folders",
         description=(
             "Recall@k both ways on webdataset shards (several captions per image via json "
             "{'captions': [...]}), or text->image recall@k on a labelled folder given as "
-            "[NAME@]LAYOUT=DIR (each class prompt is a query; its images are the hits)."
+            "[NAME@]LAYOUT=DIR (each class prompt is a query; its images are the hits), or a CLIP_benchmark "
+            "webdataset folder NAME@wds=DIR (retrieval sets: several txt captions per image)."
         ),
     )
     r.add_argument("--data", nargs="+", required=True, help="shard specs, or [NAME@]LAYOUT=DIR folders")
@@ -415,18 +465,58 @@ def _add_eval(sub) -> None:
     md.add_argument("--crops", type=int, default=1, help="spatial crops per clip: 1 centre, 3 left/centre/right")
     md.add_argument("--windows", type=int, default=1, help="audio windows spread over each track (default 1)")
     md.add_argument("--plot", help="write a PNG of every figure beside its chance level")
-    for p in (z, r, b, h, md):
+    lp = _add_linear_probe(e)
+    jobs = {z: _eval_zeroshot, r: _eval_retrieval, b: _eval_robustness, h: _eval_hard, md: _eval_media}
+    for p, job in {**jobs, lp: _eval_linear_probe}.items():
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
         p.add_argument(
             "--templates",
-            default="imagenet80",
-            help="'a photo of a <>' or a named set (imagenet80, imagenet_simple, photo); default imagenet80",
+            default=None,
+            help="'a photo of a <>' or a named set (imagenet80, imagenet_simple, photo); default: a wds set's own "
+            "templates, else imagenet80 (media: the class names as they are)",
         )
         p.add_argument("--workers", type=int, default=0, help="image decoding processes")
-        p.set_defaults(fn=cmd_eval)
-    md.set_defaults(templates="<>")  # class names as they are: "a photo of" fits no video or sound
+        p.add_argument(
+            "--format",
+            choices=["mmpretrain", "clip_benchmark"],
+            default="mmpretrain",
+            help="clip_benchmark: --out is a folder (or a {dataset}/{task}/... template) of one JSON per dataset "
+            "and task in CLIP_benchmark's schema, which `clip_benchmark build` reads",
+        )
+        p.set_defaults(fn=cmd_eval, job=job)
+
+
+def _add_linear_probe(e) -> argparse.ArgumentParser:
+    lp = e.add_parser(
+        "linear-probe",
+        help="linear probe and few-shot probes on frozen embeddings, beside zero-shot",
+        description=(
+            "Embed --train and every --test set once (cached under --feature-cache by model id), fit a "
+            "multinomial logistic regression with its L2 strength C chosen on a validation split of --train "
+            "(97 values over 1e-6..1e6, CLIP_benchmark's bisection), refit on train+validation, and report "
+            "top-1/top-5/mean per-class recall on each --test set next to zero-shot on the same embeddings. "
+            "--shots K ... adds K-shot probes (K images per class, drawn per --seeds). Sets as in `eval zeroshot` "
+            "(a wds set's --train reads its train split); video/audio with --modality and NAME@shards:FIELD=SHARDS."
+        ),
+    )
+    lp.add_argument("--train", required=True, help="training set, e.g. seen@folder=DIR or cifar10@wds=DIR")
+    lp.add_argument("--test", nargs="+", required=True, help="test sets, e.g. rendition@folder=DIR")
+    lp.add_argument("--shots", type=int, nargs="*", default=[], help="K-shot probes to add, e.g. 1 2 4 8 16")
+    lp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="validation split and shot draws (0 1 2)")
+    lp.add_argument("--val-proportion", type=float, default=0.2, help="of --train, to choose C on (0.2)")
+    lp.add_argument("--allow-fewer", action="store_true", help="a class with fewer than K items gives all it has")
+    lp.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit (500)")
+    lp.add_argument("--modality", choices=["image", "video", "audio"], default="image")
+    lp.add_argument("--clips", type=int, default=1, help="video clips averaged per item (1)")
+    lp.add_argument("--crops", type=int, default=1, help="spatial crops per clip (1)")
+    lp.add_argument("--windows", type=int, default=1, help="audio windows averaged per item (1)")
+    lp.add_argument(
+        "--feature-cache", default=".cache/mmpretrain/features", help="feature cache folder ('none': no cache)"
+    )
+    lp.add_argument("--plot", help="write the few-shot curves (PNG) with the full probe and zero-shot")
+    return lp
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,7 +254,7 @@ def clip_set(tmp_path_factory):
 
 
 def test_shard_set_parse():
-    from mmpretrain.eval.media import ShardSet
+    from mmpretrain.eval.sets import ShardSet
 
     assert ShardSet.parse("held@shards:concept,motion=data/x") == ShardSet("held", ("concept", "motion"), "data/x")
     with pytest.raises(ValueError, match="shards"):
@@ -263,7 +263,8 @@ def test_shard_set_parse():
 
 def test_media_eval_reports_zero_shot_and_retrieval(model, clip_set):
     from mmpretrain.eval.inputs import Views
-    from mmpretrain.eval.media import ShardSet, media_eval
+    from mmpretrain.eval.media import media_eval
+    from mmpretrain.eval.sets import ShardSet
 
     data = ShardSet.parse(f"toy@shards:colour={clip_set / 'shards'}")
     r = media_eval(model, data, ["video", "audio"], views=Views(clips=2, crops=1, windows=2), progress=False)

@@ -22,7 +22,7 @@ from PIL import Image
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, Sample, read_captions
 from mmpretrain.data.stream import ErrorCounter, ReadLimits, process_sample, read_samples
 from mmpretrain.eval.inputs import MEDIA_KEYS, EvalInput, Views, collate, file_sample
-from mmpretrain.eval.media import sample_meta
+from mmpretrain.eval.sets import sample_meta
 from mmpretrain.types import Batch
 
 

@@ -27,26 +27,7 @@ from tqdm import tqdm
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
 from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """A labelled shard set: a display name, the json label fields and a shard spec."""
-
-    name: str
-    fields: tuple[str, ...]
-    spec: str
-
-    @classmethod
-    def parse(cls, spec: str) -> ShardSet:
-        """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g.
-        ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
-        head, sep, shards = spec.partition("=")
-        name, _, layout = head.rpartition("@")
-        kind, _, fields = layout.partition(":")
-        if not sep or kind != "shards":
-            raise ValueError(f"shard set {spec!r} must look like [NAME@]shards[:FIELD,...]=SHARDS")
-        return cls(name or "shards", tuple(f for f in fields.split(",") if f), shards)
+from mmpretrain.eval.sets import ShardSet, sample_meta
 
 
 @dataclass
@@ -58,16 +39,6 @@ class ShardEmbeddings:
     captions: list[list[str]]
     labels: dict[str, list[str]]
     skipped: dict[str, int] = field(default_factory=dict)
-
-
-def sample_meta(sample: dict) -> dict:
-    """The json member as a dict; ``{}`` when absent or unusable (too large, too deep, not an object)."""
-    from mmpretrain.data.ops import SampleError, json_member
-
-    try:
-        return json_member(sample)
-    except SampleError:
-        return {}
 
 
 def embed_shard_set(

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet, collate_skip
 from mmpretrain.eval.inputs import EvalInput, embed_views
 from mmpretrain.eval.media import encode_texts
 from mmpretrain.eval.metrics import (
@@ -25,72 +23,46 @@ from mmpretrain.eval.metrics import (
     mean_per_class_recall,
     topk_accuracy,
 )
+from mmpretrain.eval.sets import EvalSet, parse_set  # noqa: F401  (EvalSet: re-exported)
 from mmpretrain.eval.zeroshot import ZeroShotClassifier
-from mmpretrain.registry import unknown_name_message
 from mmpretrain.utils.io import atomic_write_text
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One labelled image set: a display name, a layout (see ``datasets.LAYOUTS``) and a folder."""
-
-    name: str
-    layout: str
-    root: Path
-
-    @classmethod
-    def parse(cls, spec: str, *, check: bool = False) -> EvalSet:
-        """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``.
-        ``check``: the layout is registered (``ValueError`` with the closest name) and the folder exists."""
-        if "=" not in spec:
-            raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")
-        head, root = spec.split("=", 1)
-        name, _, layout = head.rpartition("@")
-        if check and layout not in LAYOUTS:
-            raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, LAYOUTS.names()))
-        if check and not Path(root).is_dir():
-            raise FileNotFoundError(f"{spec}: no folder {root}")
-        return cls(name or layout, layout, Path(root))
 
 
 @dataclass
 class FolderEmbeddings:
-    """One pass over a labelled folder: the classifier, image embeddings (N, E), labels (N,) and
-    the N image files (unreadable ones skipped and counted)."""
+    """One pass over a labelled set: the classifier, image embeddings (N, E), labels (N,) and where
+    the N images came from (files, or ``shard#key``; unreadable ones skipped and counted)."""
 
-    data: EvalSet
+    data: Any  # a labelled set (sets.parse_set)
     clf: ZeroShotClassifier
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
-    paths: list[Path]
+    paths: list[str]
 
 
 def embed_folder(
     model,
-    data: EvalSet,
+    data,
     *,
-    templates: str | Sequence[str] = "imagenet80",
+    templates: str | Sequence[str] | None = None,
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
 ) -> FolderEmbeddings:
-    """Encode every image of ``data`` once; unreadable images are skipped and counted."""
-    ds = ImageFolderSet(data.root, data.layout, EvalInput(model, "image"))
+    """Encode every image of a labelled set (``sets.parse_set``: a folder layout, a CLIP_benchmark
+    ``wds`` folder, labelled shards) once; unreadable images are skipped and counted. ``templates``:
+    None takes the set's own (a ``wds`` folder's), else ``imagenet80``."""
+    lab = data.embed(model, "image", batch_size=batch_size, workers=workers, progress=progress)
     clf = ZeroShotClassifier(
-        model, ds.classes.names, templates, batch_size=batch_size, progress=progress, allow_duplicates=True
+        model,
+        lab.classes,
+        templates if templates is not None else (lab.templates or "imagenet80"),
+        batch_size=batch_size,
+        progress=progress,
+        allow_duplicates=True,
     )  # labels are indices; CLIP's ImageNet names repeat two
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-    emb, labels, paths, skipped = [], [], [], 0
-    for batch in tqdm(loader, desc=f"embed {data.name}", unit="batch", disable=not progress):
-        skipped += int(batch["skipped"])
-        if len(batch["label"]):
-            emb.append(clf.embed({"image": batch["image"]}).float().cpu())  # metrics on CPU, any model device
-            labels.append(batch["label"])
-            paths += [ds.samples[i][0] for i in batch["index"].tolist()]
-    if not emb:
-        raise ValueError(f"{data.root}: no readable image ({skipped} skipped)")
-    return FolderEmbeddings(data, clf, torch.cat(emb), torch.cat(labels), skipped, paths)
+    return FolderEmbeddings(data, clf, lab.emb, lab.labels, sum(lab.skipped.values()), lab.refs)
 
 
 def _weights(fe: FolderEmbeddings) -> torch.Tensor:
@@ -128,6 +100,9 @@ def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str
     Writes ``out/hard_subset.json`` naming ``reference``; the subset is only meaningful with it.
     """
     out = Path(out)
+    no_files = [fe.data.name for fe in fes if not fe.data.has_files]
+    if no_files:
+        raise ValueError(f"a hard subset copies image files: {', '.join(no_files)} is not an image folder")
     if out.exists():
         shutil.rmtree(out)
     per_split = {}
@@ -136,7 +111,7 @@ def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str
         for folder in (p for p in fe.data.root.iterdir() if p.is_dir()):
             (out / folder.name).mkdir(parents=True, exist_ok=True)
         for i in wrong:
-            src = fe.paths[i]
+            src = Path(fe.paths[i])
             shutil.copyfile(src, out / src.parent.name / f"{fe.data.name}__{src.name}")
         per_split[fe.data.name] = {"images": len(fe.labels), "hard": len(wrong)}
     info = {
@@ -150,26 +125,34 @@ def hard_subset(fes: Sequence[FolderEmbeddings], out: str | Path, reference: str
     return info
 
 
-def zeroshot_eval(model, data: EvalSet, **kwargs: Any) -> dict[str, Any]:
+def zeroshot_eval(model, data, **kwargs: Any) -> dict[str, Any]:
     """Zero-shot metrics on ``data`` (keyword arguments as ``embed_folder``)."""
     return zeroshot_metrics(embed_folder(model, data, **kwargs))
 
 
 def retrieval_eval(
-    model, shards: str, *, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), progress: bool = True
+    model,
+    shards: str | list[str],
+    *,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    progress: bool = True,
+    captions=None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Image<->text recall@k over shards; an image's captions are ``json["captions"]`` if present, else ``txt``."""
+    """Image<->text recall@k over shards (a spec or a list); an image's captions are ``captions(sample)``,
+    by default ``json["captions"]`` if present, else ``txt``."""
     from mmpretrain.data.loader import expand_shards
     from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
 
+    urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+    read = captions or (lambda sample: read_captions(sample, EVAL_CAPTION_KEYS, strict=False))
     inputs = EvalInput(model, "image")
     errors = ErrorCounter("skip", None)
     images, captions, owner = [], [], []
     img_emb, n_images = [], 0
-    for sample in tqdm(
-        read_samples(expand_shards(shards), errors.handler), desc="retrieval", unit="img", disable=not progress
-    ):
-        texts = read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
+    for sample in tqdm(read_samples(urls, errors.handler), desc="retrieval", unit="img", disable=not progress):
+        texts = read(sample)
         out = process_sample(inputs.ops, dict(sample), errors)  # undecodable: skipped and counted by kind
         if out is None:
             continue
@@ -190,7 +173,7 @@ def retrieval_eval(
     txt_emb = encode_texts(model, captions, batch_size)
     sim = torch.cat(img_emb) @ txt_emb.T
     return {
-        "dataset": shards,
+        "dataset": name or shards,
         "images": sim.shape[0],
         "captions": sim.shape[1],
         "skipped": dict(errors.counts),
@@ -216,9 +199,20 @@ def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10
     return out
 
 
-def folder_retrieval_eval(model, data: EvalSet, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
+def folder_retrieval_eval(model, data, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
     """Text->image recall@k on ``data`` (keyword arguments as ``embed_folder``)."""
     return folder_retrieval_metrics(embed_folder(model, data, **kwargs), ks)
+
+
+def set_retrieval_eval(model, data, *, templates=None, **kwargs: Any) -> dict[str, Any]:
+    """Recall@k on any set: shards with captions (a spec, or a set whose ``caption_source`` gives
+    shards and a caption reader: a CLIP_benchmark retrieval folder) both ways; a labelled set
+    text->image with class prompts as the queries (``folder_retrieval_eval``)."""
+    source = data.caption_source() if not isinstance(data, str) else (data, None)
+    if source is not None:
+        shards, captions = source
+        return retrieval_eval(model, shards, captions=captions, name=getattr(data, "name", None), **kwargs)
+    return folder_retrieval_eval(model, data, templates=templates, **kwargs)
 
 
 def _encode(model, modality: str, batch: dict) -> torch.Tensor:
@@ -227,7 +221,7 @@ def _encode(model, modality: str, batch: dict) -> torch.Tensor:
 
 
 def robustness_eval(
-    model, id_set: EvalSet, ood_sets: Sequence[EvalSet], *, baseline: dict | None = None, **kwargs: Any
+    model, id_set, ood_sets: Sequence, *, baseline: dict | None = None, **kwargs: Any
 ) -> dict[str, Any]:
     """Accuracy on the in-distribution set and each shifted set, the drop, and effective robustness.
 
@@ -272,7 +266,7 @@ def periodic_eval(model, cfg) -> dict[str, float]:
     try:
         for spec in cfg.zeroshot:
             r = zeroshot_eval(
-                model, EvalSet.parse(spec), templates=cfg.templates, batch_size=cfg.batch_size, progress=False
+                model, parse_set(spec), templates=cfg.templates, batch_size=cfg.batch_size, progress=False
             )
             out.update({f"eval/{r['dataset']}/{k}": r[k] for k in ("top1", "top5", "mean_per_class_recall")})
         for i, shards in enumerate(cfg.retrieval):

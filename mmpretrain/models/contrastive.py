@@ -163,3 +163,15 @@ def check_model(model: ModelConfig) -> None:
         if modality not in ENCODERS:
             raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
         check_params(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")
+
+
+def model_id(model: ContrastiveModel) -> str:
+    """16 hex digits over the weights and the image preprocessing (``api.model_id``)."""
+    import hashlib
+
+    image = model.data_context().image
+    h = hashlib.sha256(repr((image.size, image.mean, image.std, image.interpolation)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
