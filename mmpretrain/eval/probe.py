@@ -275,7 +275,8 @@ def summarise(runs: list[dict], i: int) -> dict[str, Any]:
         values = np.array([r["tests"][i][key] for r in runs])
         out[key], out[f"{key}_std"] = float(values.mean()), float(values.std())
     out["C"] = [r["C"] for r in runs]
-    out["train_items"] = float(np.mean([r["train_items"] for r in runs]))
+    items = np.mean([r["train_items"] for r in runs])
+    out["train_items"] = int(items) if items == int(items) else round(float(items), 1)
     out["seeds"] = [r["seed"] for r in runs]
     return out
 

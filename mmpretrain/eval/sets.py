@@ -217,6 +217,7 @@ class WdsSet:
     root: Path
     split: str
     has_files = False
+    layout = "wds"
 
     @property
     def kind(self) -> str:
@@ -323,6 +324,7 @@ class ShardSet:
     fields: tuple[str, ...]
     spec: str
     has_files = False
+    layout = "shards"
 
     @classmethod
     def parse(cls, spec: str) -> ShardSet:
