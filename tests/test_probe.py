@@ -46,9 +46,8 @@ def sklearn_fit(x, y, c):
 def test_logistic_regression_equals_scikit_learn(c):
     """Same objective as scikit-learn's LogisticRegression(C): the same test accuracy (to 1e-3) and
     nearly the same coefficients."""
-    from tests.conftest import clustered
-
     from mmpretrain.eval.probe import accuracy, fit_logistic
+    from tests.conftest import clustered
 
     x = clustered(600, 16, 6, seed=1, spread=0.6)
     y = np.argmax(x @ np.random.default_rng(2).standard_normal((16, 6)), axis=1)
@@ -62,9 +61,8 @@ def test_logistic_regression_equals_scikit_learn(c):
 
 def test_the_parity_check_can_fail():
     """A different C gives a different classifier: the comparison above is not vacuous."""
-    from tests.conftest import clustered
-
     from mmpretrain.eval.probe import fit_logistic
+    from tests.conftest import clustered
 
     x = clustered(300, 16, 6, seed=1, spread=0.6)
     y = np.argmax(x @ np.random.default_rng(2).standard_normal((16, 6)), axis=1)
@@ -88,9 +86,8 @@ def test_fewshot_sampler_is_deterministic_per_seed():
 
 
 def test_c_sweep_bisects_to_the_best_validation_accuracy():
-    from tests.conftest import clustered
-
     from mmpretrain.eval.probe import C_GRID, sweep_c
+    from tests.conftest import clustered
 
     x = clustered(300, 8, 4, seed=3, spread=0.9)
     y = np.argmax(x @ np.random.default_rng(4).standard_normal((8, 4)), axis=1)
