@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,ray]'
-	@# clip-retrieval's own client, for the protocol test (its package pulls a second torch stack: no deps)
-	$(PY) -m pip install -q --no-deps 'clip-retrieval==2.45.0'
+	@# clip-retrieval's own client (protocol test) and CLIP_benchmark's converter and build (format tests): their
+	@# packages pull a second torch stack or Java tools, so no deps
+	$(PY) -m pip install -q --no-deps 'clip-retrieval==2.45.0' 'clip-benchmark==1.6.2'
 	@touch $(STAMP)
 
 install: $(STAMP)

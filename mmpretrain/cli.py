@@ -64,6 +64,19 @@ def cmd_shards_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_filter(args: argparse.Namespace) -> int:
+    from mmpretrain.data.shards import ShardWriterConfig, filter_shards
+
+    cfg = ShardWriterConfig(max_count=args.max_count, max_bytes=args.max_size, prefix=args.prefix)
+    manifest = filter_shards(args.shards, args.keep, args.out, cfg)
+    print(f"kept {manifest.samples} samples in {len(manifest.shards)} shard(s) in {args.out}")
+    print(f"dropped or skipped: {json.dumps(manifest.skipped)}")
+    if manifest.skipped.get("missing"):
+        print(f"warning: {manifest.skipped['missing']} keep-list entries are in none of the shards", file=sys.stderr)
+    print(f"train with: data.train={os.path.join(args.out, manifest.pattern) if manifest.shards else args.out}")
+    return 0
+
+
 def _load_model(args: argparse.Namespace):
     from mmpretrain import api
 
@@ -334,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.set_defaults(media="image")
     m.set_defaults(fn=cmd_shards_make)
+    f = s.add_parser(
+        "filter",
+        help="write new shards holding only a keep-list's samples",
+        description=(
+            "Copy the samples that a keep-list parquet names (retrieval dedup / retrieval filter: its 'shard' and "
+            "'key' columns; 'key' alone when keys are unique) from SHARDS into new shards, every member unchanged, "
+            "each shard atomic, manifest.json last. An earlier filter output in --out is replaced; another "
+            "non-empty folder is refused."
+        ),
+    )
+    f.add_argument("shards", help="shard spec: folder of .tar, brace pattern, :: list, pipe: URLs")
+    f.add_argument("--keep", required=True, help="keep-list parquet")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    f.add_argument("--max-size", type=int, default=1_000_000_000, help="bytes per shard (default 1e9)")
+    f.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    f.set_defaults(fn=cmd_shards_filter)
 
     _add_eval(sub)
     d = sub.add_parser("data", help="benchmark corpora").add_subparsers(dest="data_cmd", required=True)

@@ -27,6 +27,7 @@ BUILT_INS = (
     "mmpretrain.models.pretrained",
     "mmpretrain.eval.inputs",
     "mmpretrain.eval.datasets",
+    "mmpretrain.eval.sets",
     "mmpretrain.corpora",
 )
 

@@ -4,6 +4,8 @@ retrieval embed --model CKPT --data 'shards/{000000..000099}.tar' --out emb/   (
 retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
 retrieval index add index/ emb2/
 retrieval search index/ "a red bicycle" -k 10
+retrieval dedup emb/ --out keep.parquet [--threshold 0.94] [--index index/]
+retrieval filter emb/ --out keep.parquet [--min-score 0.28] [--exclude "a watermark"]
 retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key KEY]
 """
 
@@ -14,6 +16,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 
 from retrieval.embed import EmbedError
 from retrieval.index import IndexError_
@@ -115,6 +118,38 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"# {query}")
         for h in hits:
             print(f"{h.rank + 1:3d}  {h.score:.4f}  {h.key}  {h.caption[:60]!r}  {h.source}")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from retrieval.curate import DedupConfig, dedup, report_path
+
+    cfg = DedupConfig(threshold=args.threshold, keep=args.keep, index=args.index, k=args.k)
+    r = dedup(args.embeddings, args.out, cfg)
+    print(
+        f"{r['items']:,} items: {r['groups']:,} near-duplicate groups, {r['removed']:,} removed, {r['kept']:,} kept "
+        f"({r['method']}, threshold {r['threshold']}, {r['seconds']:.1f} s) -> {args.out}"
+    )
+    print(f"group sizes: {json.dumps(r['group_sizes'])}; report: {report_path(Path(args.out))}")
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from retrieval.curate import FilterConfig, filter_items, report_path
+
+    cfg = FilterConfig(
+        min_score=args.min_score,
+        exclude=tuple(args.exclude),
+        exclude_threshold=args.exclude_threshold,
+        model=args.model,
+        device=args.device,
+    )
+    r = filter_items(args.embeddings, args.out, cfg)
+    print(
+        f"{r['items']:,} items: {r['kept']:,} kept; {r['below_min_score']:,} below {r['min_score']}, "
+        f"{r['excluded']:,} excluded, {r['no_caption']:,} without a caption -> {args.out}"
+    )
+    print(f"histogram: {r['histogram']}; report: {report_path(Path(args.out))}")
     return 0
 
 
@@ -253,6 +288,43 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("index")
     a.add_argument("embeddings")
     a.set_defaults(fn=cmd_index_add)
+
+    d = sub.add_parser(
+        "dedup",
+        help="near-duplicate groups -> a keep-list (one keeper per group)",
+        description=(
+            "Pairs with cosine similarity >= --threshold (exact range search, or each item's --k nearest "
+            "neighbours on --index, an index over the same embeddings: any type, on-disk too); groups are their "
+            "connected components; one keeper per group (--keep first: first in source order; resolution: most "
+            "pixels). Writes the keep-list parquet (id, key, shard, source, caption, group_size) and "
+            "OUT.report.json with the group sizes; `mmpretrain shards filter` applies it."
+        ),
+    )
+    d.add_argument("embeddings", help="folder written by `retrieval embed`")
+    d.add_argument("--out", required=True, help="keep-list parquet to write")
+    d.add_argument("--threshold", type=float, default=0.94, help="cosine similarity of near-duplicates (0.94)")
+    d.add_argument("--keep", choices=["first", "resolution"], default="first", help="which item of a group stays")
+    d.add_argument("--index", help="index folder over these embeddings: search its kNN instead of every pair")
+    d.add_argument("-k", type=int, default=32, help="neighbours per item with --index (32)")
+    d.set_defaults(fn=cmd_dedup)
+    f = sub.add_parser(
+        "filter",
+        help="CLIP-score filtering (+ text-query exclusions) -> a keep-list and a score histogram",
+        description=(
+            "An item's CLIP score is the cosine similarity of its embedding and its caption's, under the model that "
+            "embedded it (LAION kept >= 0.28 with ViT-B/32). Keeps items at or above --min-score that no --exclude "
+            "query matches (similarity >= --exclude-threshold); items without a caption are dropped. Writes the "
+            "keep-list parquet (with clip_score), OUT.report.json and OUT.hist.png."
+        ),
+    )
+    f.add_argument("embeddings", help="folder written by `retrieval embed`")
+    f.add_argument("--out", required=True, help="keep-list parquet to write")
+    f.add_argument("--min-score", type=float, default=0.28, help="lowest CLIP score kept (0.28)")
+    f.add_argument("--exclude", action="append", default=[], metavar="TEXT", help="drop items matching this query")
+    f.add_argument("--exclude-threshold", type=float, default=0.25, help="similarity to an --exclude query (0.25)")
+    f.add_argument("--model", help="scoring model (default: the one the embeddings record; its id must match)")
+    f.add_argument("--device", default="cpu", help="torch device for the text encoder (cpu)")
+    f.set_defaults(fn=cmd_filter)
 
     s = sub.add_parser("search", help="text -> items from the command line")
     s.add_argument("index")

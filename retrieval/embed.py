@@ -5,7 +5,8 @@ Output folder::
     embeddings.json            model id, dimension, dtype, modality, the sources (one per part)
     parts/part-00042.npy       (n, E) float16/float32, L2-normalised, for source 42
     parts/part-00042.thumbs    concatenated JPEG thumbnails
-    parts/part-00042.parquet   key, caption, source, modality, thumb_offset, thumb_len (written last:
+    parts/part-00042.parquet   key, caption, source, modality, thumb_offset, thumb_len, width, height
+                               (an image's decoded size; 0 for video and audio; written last:
                                the part's "done" marker); its schema metadata ``mmpretrain`` holds
                                the part's source, item count and skipped-item counts by kind
     parts/part-00042.failed.json  a source that could not be read to its end (missing, truncated,
@@ -34,7 +35,7 @@ from mmpretrain import api
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-embeddings/1"
-META_COLUMNS = ("key", "caption", "source", "modality", "thumb_offset", "thumb_len")
+META_COLUMNS = ("key", "caption", "source", "modality", "thumb_offset", "thumb_len", "width", "height")
 # name -> fn(cfg, progress) -> stats; "local" here, "ray" in retrieval.ray_engine. Example: the extra it needs.
 EMBED_ENGINES = api.Registry("embed engine")
 
@@ -138,8 +139,10 @@ class PartWriter:
     def add(self, batch, vectors: np.ndarray) -> None:
         """A batch (``ItemBatch``) and its (B, E) embeddings."""
         self.vectors.append(vectors)
-        for key, caption, src, thumb in zip(batch.keys, batch.captions, batch.sources, batch.thumbnails):
-            for col, val in zip(META_COLUMNS, (key, caption, src, self.cfg.modality, self.offset, len(thumb))):
+        sizes = batch.sizes or [(0, 0)] * len(batch.keys)
+        for key, caption, src, thumb, (w, h) in zip(batch.keys, batch.captions, batch.sources, batch.thumbnails, sizes):
+            values = (key, caption, src, self.cfg.modality, self.offset, len(thumb), w, h)
+            for col, val in zip(META_COLUMNS, values):
                 self.rows[col].append(val)
             self.thumbs.append(thumb)
             self.offset += len(thumb)
@@ -193,6 +196,8 @@ def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: byte
             ("modality", pa.string()),
             ("thumb_offset", pa.int64()),
             ("thumb_len", pa.int32()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
         ],
         metadata={PART_META: json.dumps(summary).encode()},
     )
@@ -352,7 +357,7 @@ class Embeddings:
             t.append_column("part", pa.array([relative_path(p, relative_to)] * t.num_rows, pa.string()))
             for t, p in zip(tables, self.parts)
         ]
-        return pa.concat_tables(tables) if tables else None
+        return pa.concat_tables(tables, promote_options="default") if tables else None  # older parts: no width/height
 
 
 def relative_path(path: Path, folder: Path | None) -> str:
@@ -440,6 +445,8 @@ def write_vectors(
                 "modality": ["vector"] * (b - a),
                 "thumb_offset": pa.array([0] * (b - a), pa.int64()),
                 "thumb_len": pa.array([0] * (b - a), pa.int32()),
+                "width": pa.array([0] * (b - a), pa.int32()),
+                "height": pa.array([0] * (b - a), pa.int32()),
             }
         )
         with api.files.atomic_open(part.with_suffix(".parquet"), "wb") as f:

@@ -618,7 +618,7 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
     index = faiss.clone_index(loaded.index)
     for _, vectors in emb.chunks():
         index.add(vectors)
-    meta = pa.concat_tables([loaded.meta, emb.meta(relative_to=loaded.folder)])
+    meta = pa.concat_tables([loaded.meta, emb.meta(relative_to=loaded.folder)], promote_options="default")
     h = {**h, "ntotal": int(index.ntotal), "embeddings": h["embeddings"] + [here]}
     with api.files.atomic_dir(folder) as tmp:
         write_index_folder(Path(tmp), index, meta, h)

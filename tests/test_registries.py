@@ -20,6 +20,7 @@ from mmpretrain.registry import REGISTRIES, Registry, RegistryError, load_all
 from tests.conftest import ROOT, TINY_MODEL, png_bytes
 
 load_all()
+import retrieval.curate  # noqa: E402,F401  (the dedup keep rules register on import)
 import retrieval.index  # noqa: E402,F401  (the index types register on import)
 
 ALL = [(kind, entry) for kind, reg in REGISTRIES.items() for entry in reg.entries()]
@@ -30,6 +31,8 @@ CONTRACTS = {
     "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
     "checkpoint format": "test_checkpoint_format_contract",
     "dataset layout": "test_layout_contract",
+    "evaluation set kind": "test_eval_set_kind_contract",
+    "dedup keep rule": "test_keep_rule_contract",
     "evaluation input": "test_eval_input_contract",
     "shard media": "test_shard_media_contract",
     "projection head": "test_head_contract",
@@ -206,6 +209,36 @@ def test_layout_contract(entry, tmp_path):
     if ex["classes"]:  # a fixed layout refuses folders that are not its classes
         with pytest.raises(ValueError, match="not classes of layout"):
             ImageFolderSet(tmp_path, entry.name, transform=lambda path: path)
+
+
+@entries("evaluation set kind")
+def test_eval_set_kind_contract(entry, tmp_path):
+    """The example's set parses from its spec, embeds every item with a label among its classes
+    (through the evaluation-input path), and keeps the same fingerprint until its files change."""
+    from mmpretrain import api
+    from mmpretrain.eval.sets import parse_set
+    from mmpretrain.training.validate import experiment_from_tree
+
+    spec, items, classes = entry.example(tmp_path / "set")
+    data = parse_set(spec, check=True)
+    torch.manual_seed(0)
+    model = api.create_model(experiment_from_tree({"model": TINY_MODEL}).model)
+    lab = data.embed(model, "image", batch_size=4, progress=False)
+    assert lab.emb.shape == (items, 32) and len(lab.refs) == items and len(lab.classes) == classes
+    assert (
+        lab.labels.min() >= 0 and lab.labels.max() < classes and torch.allclose(lab.emb.norm(dim=1), torch.ones(items))
+    )
+    assert data.fingerprint() == parse_set(spec).fingerprint()
+
+
+@entries("dedup keep rule")
+def test_keep_rule_contract(entry):
+    """A rule picks one member of the group it is given: the example's."""
+    ex = entry.make_example()
+    meta = {"width": np.zeros(10, np.int32), "height": np.zeros(10, np.int32)}
+    for i, w, h in zip(ex["group"], ex["width"], ex["height"]):
+        meta["width"][i], meta["height"][i] = w, h
+    assert entry.builder(np.array(ex["group"]), meta) == ex["keeps"]
 
 
 @entries("evaluation input")

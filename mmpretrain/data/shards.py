@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -215,3 +216,84 @@ def _add_row(row: dict[str, Any], images: Path, captions: Path, sink: _ShardSink
 def load_manifest(out_dir: str | Path) -> Manifest:
     with open(Path(out_dir) / MANIFEST, encoding="utf-8") as f:
         return Manifest(**json.load(f))
+
+
+SHARD_NAME = re.compile(r"[^/\s]+\.tar\b")
+
+
+def shard_name(url: str) -> str:
+    """A shard's identity across spellings: its ``*.tar`` file name (``/data/s/shard-000003.tar``,
+    ``pipe:aws s3 cp s3://b/shard-000003.tar -`` -> ``shard-000003.tar``); the URL itself otherwise."""
+    found = SHARD_NAME.findall(str(url))
+    return found[-1] if found else str(url)
+
+
+def read_keep_list(path: str | Path) -> tuple[set, bool]:
+    """A keep-list parquet (``retrieval dedup`` / ``retrieval filter``) -> (wanted, by_shard): the
+    ``(shard name, key)`` pairs when it has a ``shard`` column, else its keys (which must be unique)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "key" not in table.column_names:
+        raise ValueError(f"{path}: a keep-list needs a 'key' column (have {', '.join(table.column_names)})")
+    keys = [str(k) for k in table.column("key").to_pylist()]
+    if "shard" in table.column_names:
+        return {(shard_name(s), k) for s, k in zip(table.column("shard").to_pylist(), keys)}, True
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path}: keys repeat and there is no 'shard' column to tell them apart")
+    return set(keys), False
+
+
+def filter_shards(spec: str, keep: str | Path, out_dir: str | Path, cfg: ShardWriterConfig = ShardWriterConfig(),
+                  *, progress: bool = True) -> Manifest:
+    """Copy the samples of ``spec`` that the keep-list names, every member unchanged, into new shards
+    (each atomic) and ``manifest.json`` (written last: the folder's done marker). Kept entries that no
+    shard holds are counted (``missing``); unreadable shards and unsafe members are skipped and counted."""
+    from tqdm import tqdm
+
+    from mmpretrain.data.loader import expand_shards
+    from mmpretrain.data.stream import ErrorCounter, read_samples
+
+    wanted, by_shard = read_keep_list(keep)
+    out_dir = Path(out_dir)
+    _clear_filtered(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(source={"shards": spec, "keep": str(keep)})
+    errors, sink, found = ErrorCounter("skip", None), _ShardSink(out_dir, cfg), set()
+    try:
+        samples = read_samples(expand_shards(spec, "shards"), errors.handler)
+        for sample in tqdm(samples, desc="filter", unit="sample", disable=not progress):
+            ident = (shard_name(sample.get("__url__", "")), sample["__key__"]) if by_shard else sample["__key__"]
+            if ident not in wanted or ident in found:
+                errors.note("not_kept" if ident not in wanted else "repeated_key")
+                continue
+            found.add(ident)
+            members = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            sink.write(members, sum(len(v) for v in members.values() if isinstance(v, bytes)) + 1536)
+            manifest.samples += 1
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    manifest.skipped.update(errors.counts)
+    if len(found) < len(wanted):
+        manifest.skipped["missing"] = len(wanted) - len(found)
+    manifest.shards, manifest.created = sink.shards, time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(asdict(manifest), indent=2))
+    return manifest
+
+
+def _clear_filtered(out_dir: Path) -> None:
+    """An earlier ``filter_shards`` output is replaced (manifest first: the folder stops being done);
+    any other non-empty folder is refused, untouched."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    try:
+        old = load_manifest(out_dir)
+    except (OSError, ValueError, TypeError):
+        old = None
+    if old is None or "keep" not in old.source:
+        raise FileExistsError(f"{out_dir} is not empty and not an earlier `shards filter` output; choose another --out")
+    (out_dir / MANIFEST).unlink()
+    for shard in old.shards:
+        (out_dir / shard["name"]).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ class ItemBatch:
     captions: list[str]
     sources: list[str]
     thumbnails: list[bytes]
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) as decoded; (0, 0): not an image
     skipped: dict[str, int] = field(default_factory=dict)
     complete: bool = True  # last batch: False when the source was not read to its end (see SHARD_ERRORS)
 
@@ -105,6 +106,7 @@ def input_batches(
         cur.keys.append(sample["__key__"]), cur.captions.append(caps[0] if caps else "")
         cur.sources.append(str(meta.get("url") or meta.get("source") or sample["__source__"]))
         cur.thumbnails.append(_thumb(decoded[modality], video_spec, thumb_size))
+        cur.sizes.append(decoded[modality].size if isinstance(decoded[modality], Image.Image) else (0, 0))
         if len(pending) == batch_size:
             cur.inputs = collate(pending, [modality])
             yield cur
