@@ -3,8 +3,9 @@
 Both read an embedding folder (``retrieval embed``) and write a *keep-list*: a parquet of the items
 to keep (``id``, ``key``, ``shard`` (the source the item was embedded from), ``source``,
 ``caption``, and the job's own columns), which ``mmpretrain shards filter SHARDS --keep KEEP``
-applies to write cleaned shards. Beside it go ``<keep>.report.json`` (counts, settings, timing)
-and, for filtering, a histogram of the scores (PNG) with the threshold drawn.
+applies to write cleaned shards. Beside it go ``<keep>.report.json`` (counts, settings, timing),
+for dedup ``<keep>.groups.parquet`` (every member of a group: id, key, shard, group, kept), and for
+filtering ``<keep>.hist.png``, a histogram of the scores with the threshold drawn.
 
     dedup    near-duplicate pairs are the pairs with cosine similarity >= ``threshold`` (clip-retrieval's
              0.94): found by exact range search (FAISS ``IndexFlatIP``, every pair) or, with an index
@@ -113,7 +114,8 @@ def exact_pairs(emb, threshold: float, batch: int, bar) -> tuple[np.ndarray, np.
         upper = ids > owner
         rows.append(owner[upper]), cols.append(ids[upper])
         bar.update(len(q))
-    return np.concatenate(rows), np.concatenate(cols)
+    none = [np.zeros(0, np.int64)]  # an empty collection has no pairs
+    return np.concatenate(none + rows), np.concatenate(none + cols)
 
 
 def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +138,8 @@ def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> 
             hit = (sims >= threshold) & (ids >= 0) & (ids != owner)
             rows.append(np.minimum(owner, ids)[hit]), cols.append(np.maximum(owner, ids)[hit])
             bar.update(len(q))
-    return np.concatenate(rows), np.concatenate(cols)
+    none = [np.zeros(0, np.int64)]  # an empty collection has no pairs
+    return np.concatenate(none + rows), np.concatenate(none + cols)
 
 
 def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -190,7 +193,26 @@ def dedup(embeddings: str | Path, out: str | Path, cfg: DedupConfig = DedupConfi
         "search_seconds": round(search_s, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    write_groups(table, labels, sizes, keep, groups_path(out))
     return write_keep(table, ids, out, {"group_size": sizes[labels[ids]].astype(np.int32)}, report)
+
+
+def groups_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.groups.parquet")
+
+
+def write_groups(table, labels: np.ndarray, sizes: np.ndarray, keep: np.ndarray, path: Path) -> None:
+    """Every item of a near-duplicate group (size > 1): id, key, shard, group, kept: what to inspect."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    grouped = np.nonzero(sizes[labels] > 1)[0]
+    rows = table.select(["id", "key", "shard"]).take(pa.array(grouped))
+    rows = rows.append_column("group", pa.array(labels[grouped].astype(np.int64)))
+    rows = rows.append_column("kept", pa.array(keep[grouped]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with api.files.atomic_open(path, "wb") as f:
+        pq.write_table(rows, f)
 
 
 @dataclass(frozen=True)

@@ -246,9 +246,10 @@ def metrics(scores: torch.Tensor, y: np.ndarray, n_classes: int) -> dict[str, fl
     }
 
 
-def probe_runs(x, y, tests: Sequence[tuple[Any, np.ndarray]], n_classes: int, k: int | None, cfg: ProbeConfig, device):
+def probe_runs(x, y, tests: Sequence[tuple[Any, np.ndarray]], n_classes: int, k: int | None, cfg: ProbeConfig, device,
+               on_seed=None):  # fmt: skip
     """One probe (full: ``k`` None; else K-shot) per seed, evaluated on every test set: a list per seed
-    of ``{"C", "train_items", "val_top1", "tests": [metrics per test set]}``."""
+    of ``{"C", "train_items", "val_top1", "tests": [metrics per test set]}``; ``on_seed()`` after each."""
     runs = []
     for seed in cfg.seeds:
         tr, val = stratified_split(y, cfg.val_proportion, seed)
@@ -265,6 +266,8 @@ def probe_runs(x, y, tests: Sequence[tuple[Any, np.ndarray]], n_classes: int, k:
                 "tests": [metrics(model.scores(tx).cpu(), ty, n_classes) for tx, ty in tests],
             }
         )
+        if on_seed is not None:
+            on_seed()
     return runs
 
 
@@ -310,8 +313,13 @@ def linear_probe(
     x, test_sets = np.asarray(train.x), [(np.asarray(t.x), ty) for t, ty in zip(tests, test_ys)]
     plans = [None, *cfg.shots]
     results = {}
-    for k in tqdm(plans, desc="probes", unit="probe", disable=not progress):
-        results["full" if k is None else k] = probe_runs(x, y, test_sets, len(classes), k, cfg, device)
+    with tqdm(
+        total=len(plans) * len(cfg.seeds), desc="probes (C sweep + refit)", unit="probe", disable=not progress
+    ) as bar:
+        for k in plans:
+            results["full" if k is None else k] = probe_runs(
+                x, y, test_sets, len(classes), k, cfg, device, on_seed=lambda: bar.update(1)
+            )
     zs = zeroshot_on_features(
         model, classes, templates if templates is not None else (train.templates or "imagenet80"), test_sets,
         progress=progress,
