@@ -95,7 +95,7 @@ class LossPair:
 
     a: str  # modality whose embeddings are the rows
     b: str  # modality whose embeddings are the columns
-    kind: str = "clip"  # registered loss kind: clip | siglip | milnce
+    kind: str = "clip"  # registered loss kind: clip | siglip | milnce | clip_blockwise | siglip_chunked
     weight: float = 1.0  # this term's weight in the total loss
 
 
@@ -110,6 +110,7 @@ class LossConfig:
     pairs: list[LossPair] = field(default_factory=_default_pairs)  # the loss graph, as data
     gather_with_grad: bool = True  # all-gather negatives with gradient (exact DDP gradients)
     local_loss: bool = False  # each rank scores only its own rows against all columns
+    block_size: int = 4096  # logits block side of clip_blockwise / siglip_chunked (memory O(block^2), not O(B^2))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ def check_config(cfg: ExperimentConfig) -> None:
                 raise ConfigError(
                     f"loss.pairs[{i}]: modality {side!r} has no tower. Towers: {', '.join(cfg.model.towers)}"
                 )
+    if cfg.loss.block_size < 1:
+        raise ConfigError(f"loss.block_size must be >= 1, not {cfg.loss.block_size}")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it gradients are wrong")
     _check_numbers(cfg)

@@ -39,6 +39,7 @@ class DistContext:
     world_size: int = 1
     gather_with_grad: bool = True
     local_loss: bool = False
+    block: int = 4096  # logits block side of the memory-efficient kinds (clip_blockwise, siglip_chunked)
 
 
 class _ScaleGrad(torch.autograd.Function):

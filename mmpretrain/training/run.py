@@ -161,7 +161,8 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     if tc.compile:
         wrapped = torch.compile(wrapped)
     task = ContrastiveTask(
-        cfg.loss, DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss)
+        cfg.loss,
+        DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss, cfg.loss.block_size),
     )
     log.info(
         "run %s: %d rank(s), device %s, %d thread(s), resume from %s",

@@ -52,7 +52,7 @@ def main(out_path: str) -> None:
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
         pairs = [LossPair("image", "text", kind)]
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-        loss = ContrastiveTask(LossConfig(pairs=pairs), DistContext(rank, world, gwg, local)).losses(ddp(mine))["loss"]
+        loss = ContrastiveTask(LossConfig(pairs=pairs), DistContext(rank, world, gwg, local, block=3)).losses(ddp(mine))["loss"]
         loss.backward()
         losses = [torch.zeros(()) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
