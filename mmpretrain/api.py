@@ -38,6 +38,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "ShardWriterConfig",
+    "convert_checkpoint",
     "create_model",
     "encode",
     "encode_images",
@@ -90,6 +91,15 @@ def export_open_clip(model: ContrastiveModel, out_dir: str | Path, *, overwrite:
     from mmpretrain.models.formats import export_open_clip as _export
 
     return _export(model, out_dir, overwrite=overwrite)
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, *, to: str) -> Path:
+    """Rewrite our checkpoint ``src`` in the format of ``train.strategy`` ``to``: ``ddp``
+    (``model.safetensors``) or ``fsdp`` (``sharded/``, torch.distributed.checkpoint), into the new
+    folder ``out``. Weights, optimizer state, schedule and data positions carry over unchanged."""
+    from mmpretrain.training.convert import convert_checkpoint as _convert
+
+    return _convert(src, out, to)
 
 
 def zero_shot(

@@ -255,6 +255,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
+    from mmpretrain import api
+
+    out = api.convert_checkpoint(args.checkpoint, args.out, to=args.to)
+    print(f"wrote {out} ({args.to} format); resume with train.resume={out}")
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -405,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out even when it holds other files (they are deleted)"
     )
     x.set_defaults(fn=cmd_export)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_cmd", required=True)
+    cv = ck.add_parser(
+        "convert",
+        help="rewrite a checkpoint in the ddp or fsdp format",
+        description=(
+            "Rewrite one of our checkpoints in the format train.strategy=TO writes: ddp (model.safetensors, "
+            "optimizer in state.pt) or fsdp (sharded/, torch.distributed.checkpoint). Weights, optimizer state, "
+            "schedule, RNG and data positions carry over unchanged. Training reads either format anyway; this is "
+            "for tools that want one."
+        ),
+    )
+    cv.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint folder")
+    cv.add_argument("--to", required=True, choices=["ddp", "fsdp"], help="the target format")
+    cv.add_argument("--out", required=True, help="a new folder (e.g. another run's checkpoints/step_XXXXXXXX)")
+    cv.set_defaults(fn=cmd_checkpoint_convert)
 
     ls = sub.add_parser(
         "list", help="list every registry's names: encoders, heads, losses, data ops, formats, layouts, ..."

@@ -29,6 +29,7 @@ BUILT_INS = (
     "mmpretrain.eval.datasets",
     "mmpretrain.eval.sets",
     "mmpretrain.corpora",
+    "mmpretrain.training.strategy",
 )
 
 

@@ -41,6 +41,7 @@ CONTRACTS = {
     "index type": "test_retrieval.test_every_index_type_builds_and_reaches_its_recall",
     "embed engine": "test_scaleout.test_every_embed_engine_writes_what_the_local_job_writes",
     "index engine": "test_scaleout.test_every_index_engine_answers_as_the_local_build",
+    "training strategy": "test_distributed.test_fsdp_trains_resumes_exactly_and_reads_and_converts_ddp_checkpoints",
     **{f"{m} encoder": "test_encoders" for m in ("image", "text", "video", "audio")},
 }
 

@@ -18,7 +18,7 @@ from mmpretrain import api
 from mmpretrain.config.loader import dump_config
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.models.layout import CHECKSUMS, find_latest, list_checkpoints, verify_checkpoint
-from mmpretrain.training.checkpoint import save_checkpoint
+from mmpretrain.training.checkpoint import save_checkpoint, weights_only
 from mmpretrain.training.metrics import read_jsonl, truncate_jsonl
 from mmpretrain.training.resume import plan_resume
 from mmpretrain.training.validate import experiment_from_tree
@@ -60,18 +60,20 @@ def test_overwrite_starts_over_and_the_new_checkpoint_is_the_latest(toy_shards, 
 
 def test_the_checkpoint_just_written_is_never_pruned(tmp_path):
     model = _tiny_model()
-    save_checkpoint(tmp_path, 10, model, {}, "x: 1\n", keep_last=1)
-    save_checkpoint(tmp_path, 5, model, {}, "x: 1\n", keep_last=1)  # e.g. a branch resumed from an older step
+    save_checkpoint(tmp_path, 10, weights_only(model), {}, "x: 1\n", keep_last=1)
+    save_checkpoint(
+        tmp_path, 5, weights_only(model), {}, "x: 1\n", keep_last=1
+    )  # e.g. a branch resumed from an older step
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000010"]
 
 
 def test_a_same_step_checkpoint_is_not_deleted_before_its_replacement_is_written(tmp_path, monkeypatch):
     model = _tiny_model()
-    old = save_checkpoint(tmp_path, 5, model, {}, "x: 1\n", keep_last=3)
+    old = save_checkpoint(tmp_path, 5, weights_only(model), {}, "x: 1\n", keep_last=3)
     _corrupt(old / "model.safetensors")
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, 5, model, {}, "x: 1\n", keep_last=3)
+        save_checkpoint(tmp_path, 5, weights_only(model), {}, "x: 1\n", keep_last=3)
     assert (old / "model.safetensors").is_file() and (old / "state.pt").is_file()  # still there, as it was
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
 
@@ -94,7 +96,7 @@ def test_resuming_an_older_checkpoint_of_the_run_needs_overwrite(toy_shards, tmp
 def test_every_checkpoint_file_and_folder_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     synced, real = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
-    final = save_checkpoint(tmp_path, 1, _tiny_model(), {}, "x: 1\n", keep_last=1)
+    final = save_checkpoint(tmp_path, 1, weights_only(_tiny_model()), {}, "x: 1\n", keep_last=1)
     names = {os.path.basename(p) for p in synced}
     assert {"model.safetensors", "state.pt", "config.yaml", CHECKSUMS} <= names
     assert any(p.endswith(".tmp") and "step_00000001" in p for p in synced)  # the folder, before its rename

@@ -445,7 +445,7 @@ def dataclass_replace(obj, **kw):
 # ------------------------------------------------------------------ text -> video search through the FAISS index
 def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_path):
     from mmpretrain.config.loader import dump_config
-    from mmpretrain.training.checkpoint import save_checkpoint
+    from mmpretrain.training.checkpoint import save_checkpoint, weights_only
     from mmpretrain.training.validate import experiment_from_tree
     from retrieval.embed import EmbedConfig, load_embeddings, run_embed
     from retrieval.index import BuildConfig, build_index
@@ -458,7 +458,9 @@ def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_pat
         },
         "loss": {"pairs": [{"a": "video", "b": "text"}, {"a": "video", "b": "audio"}]},
     }
-    ckpt = save_checkpoint(tmp_path / "run", 1, model, {}, dump_config(experiment_from_tree(tree)), keep_last=1)
+    ckpt = save_checkpoint(
+        tmp_path / "run", 1, weights_only(model), {}, dump_config(experiment_from_tree(tree)), keep_last=1
+    )
     stats = run_embed(
         EmbedConfig(
             model=str(ckpt), data=str(clip_set / "shards"), out=str(tmp_path / "emb"), modality="video", batch_size=4

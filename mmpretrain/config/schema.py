@@ -128,6 +128,16 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class FsdpConfig:
+    """FSDP2 settings (``train.strategy: fsdp``): parameters, gradients and optimizer state sharded over ranks."""
+
+    reshard_after_forward: bool = True  # free gathered block weights after forward (less memory, one more all-gather in backward)
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype of gathered weights; auto: bfloat16 when the run is bf16 on CUDA
+    reduce_dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # gradient reduce-scatter dtype; auto: param_dtype
+    cpu_offload: bool = False  # keep sharded parameters and optimizer state in (pinned) CPU memory; CUDA only
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Run length, devices, precision, logging and checkpoints."""
 
@@ -142,6 +152,8 @@ class TrainConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     compile: bool = False  # torch.compile the model
+    strategy: str = "ddp"  # how ranks share the model: ddp (replicated) or fsdp (sharded, FSDP2); see docs/training.md
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # used when strategy is fsdp
     threads: int | None = None  # torch intra-op threads; None: cores // ranks - data workers, min 1
     log_every: int = 10  # steps between metrics records (JSONL + TensorBoard)
     ckpt_every: int = 500  # steps between checkpoints (one is also written at the end, on SIGTERM and on Ctrl-C)

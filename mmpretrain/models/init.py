@@ -36,6 +36,7 @@ def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from mmpretrain.models.layout import read_weights
     from mmpretrain.models.pretrained import resolve_checkpoint
 
     if path.is_file():
@@ -45,7 +46,7 @@ def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
             ours = any(k.startswith("towers.") for k in f.keys())
         return load_file(str(path)) if ours else None
     resolved = resolve_checkpoint(source)
-    return load_file(str(resolved.path / "model.safetensors")) if resolved.format == "mmpretrain" else None
+    return read_weights(resolved.path) if resolved.format == "mmpretrain" else None
 
 
 def _loaded_state(source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:

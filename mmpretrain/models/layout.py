@@ -2,8 +2,12 @@
 loading (``models.pretrained``), fine-tuning (``models.init``) and resuming (``training``). Writing
 them is ``training.checkpoint``.
 
-``<run>/checkpoints/step_XXXXXXXX/`` holds ``model.safetensors``, ``state.pt``, ``config.yaml`` and
-``checksums.json`` (sha256 and size of the other three, written last).
+``<run>/checkpoints/step_XXXXXXXX/`` holds the weights, ``state.pt``, ``config.yaml`` and
+``checksums.json`` (sha256 and size of every other file, written last). The weights are either
+``model.safetensors`` (``train.strategy: ddp``: the whole model, the optimizer's moments in
+``state.pt``) or ``sharded/`` (``fsdp``: a ``torch.distributed.checkpoint`` folder of each rank's
+shards of the model, under ``model.``, and of the optimizer state, under ``optim.``). Either loads
+into any strategy at any world size, and ``read_weights`` gives the whole model of both.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 
-from safetensors.torch import load_model
-from torch import nn
+from safetensors.torch import load_file, load_model
+from torch import Tensor, nn
 
 from mmpretrain.utils.io import sha256_file
 
@@ -22,7 +27,9 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FORMAT = "mmpretrain-checkpoint/1"
 CHECKSUMS = "checksums.json"
-FILES = ("model.safetensors", "state.pt", "config.yaml")
+FILES = ("state.pt", "config.yaml")  # in every checkpoint, beside one of WEIGHTS
+WEIGHTS = ("model.safetensors", "sharded/.metadata")
+SHARDED = "sharded"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -49,6 +56,8 @@ def verify_checkpoint(ckpt: Path, *, deep: bool = True) -> str | None:
     A checkpoint written before checksums existed (no ``checksums.json``) passes if its files exist."""
     ckpt = Path(ckpt)
     missing = [f for f in FILES if not (ckpt / f).is_file()]
+    if not has_weights(ckpt):
+        missing.insert(0, "model.safetensors")
     if missing:
         return f"missing {', '.join(missing)}"
     if not (ckpt / CHECKSUMS).is_file():
@@ -80,8 +89,20 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
+def has_weights(ckpt: Path) -> bool:
+    return any((Path(ckpt) / w).is_file() for w in WEIGHTS)
+
+
 def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
-    path = Path(ckpt) / "model.safetensors" if Path(ckpt).is_dir() else Path(ckpt)
+    """``model``'s weights from a checkpoint folder (either weights format) or a ``.safetensors`` file."""
+    ckpt = Path(ckpt)
+    if ckpt.is_dir() and not (ckpt / "model.safetensors").is_file() and (ckpt / SHARDED).is_dir():
+        missing, unexpected = model.load_state_dict(read_sharded(ckpt / SHARDED, "model."), strict=False)
+        missing = [k for k in missing if k not in _aliases(model)]  # a shared trunk is saved under one name
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"sharded weights {ckpt}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return
+    path = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path}")
     missing, unexpected = load_model(model, str(path), strict=strict)
@@ -89,7 +110,56 @@ def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
         log.warning("weights %s: missing %s, unexpected %s", path, missing[:5], unexpected[:5])
 
 
+def read_weights(ckpt: Path) -> dict[str, Tensor]:
+    """The whole model's state of a checkpoint folder (either weights format), on the CPU."""
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").is_file():
+        return load_file(str(ckpt / "model.safetensors"))
+    if (ckpt / SHARDED).is_dir():
+        return read_sharded(ckpt / SHARDED, "model.")
+    raise FileNotFoundError(f"no model weights in {ckpt} (model.safetensors or {SHARDED}/)")
+
+
+def read_sharded(folder: Path, prefix: str) -> dict[str, Tensor]:
+    """Every tensor under ``prefix`` of a ``torch.distributed.checkpoint`` folder, whole (shards from
+    any number of ranks joined), read in this process alone (no process group), keys without ``prefix``."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    load_sharded(state, folder, no_dist=True)
+    return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def load_sharded(state: dict, folder: Path, *, no_dist: bool) -> None:
+    """``torch.distributed.checkpoint.load`` into ``state`` (in place); ``no_dist``: this process reads
+    what it needs alone, else every rank of the group takes part."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    """State keys that name a tensor already named earlier (a trunk shared by towers)."""
+    seen, aliases = set(), set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            aliases.add(key)
+        seen.add(id(value))
+    return aliases
+
+
 def write_checksums(folder: Path, step: int) -> None:
-    """``checksums.json`` for ``FILES`` in ``folder`` (sha256 and size of each, as read back)."""
-    files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in FILES}
+    """``checksums.json`` for every file in ``folder`` (sha256 and size of each, as read back)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+    names = [n for n in names if n != CHECKSUMS]
+    files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in names}
     (folder / CHECKSUMS).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))

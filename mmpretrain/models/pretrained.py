@@ -34,7 +34,7 @@ from mmpretrain.models.formats import (
     load_open_clip_state,
     open_clip_model_config,
 )
-from mmpretrain.models.layout import find_latest, list_checkpoints, load_weights, verify_checkpoint
+from mmpretrain.models.layout import find_latest, has_weights, list_checkpoints, load_weights, verify_checkpoint
 
 LOCAL_DIR = "local-dir:"  # open_clip's spelling of "this folder"
 
@@ -257,7 +257,7 @@ def _is_hf_clip(path: Path) -> bool:
 
 
 def _is_ours(path: Path) -> bool:
-    return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
+    return path.is_dir() and has_weights(path) and (path / "config.yaml").is_file()
 
 
 def _register(name: str, detect, load, config, doc: str, example) -> None:

@@ -1,10 +1,12 @@
 """Checkpoints: ``<run>/checkpoints/step_XXXXXXXX/`` holding
 
-    model.safetensors   weights (safetensors, loadable without pickle)
-    state.pt            optimizer, scheduler, step, RNG states, data-stream positions of
+    model.safetensors   weights (safetensors, loadable without pickle); with train.strategy=fsdp
+      or sharded/       a torch.distributed.checkpoint folder of the model's and the optimizer's
+                        shards, written by every rank (see ``models.layout``, ``training.strategy``)
+    state.pt            optimizer (DDP), scheduler, step, RNG states, data-stream positions of
                         every rank/worker (``torch.load(weights_only=True)``-safe)
     config.yaml         the resolved experiment config (so the checkpoint stands alone)
-    checksums.json      sha256 and size of the three files above (written last)
+    checksums.json      sha256 and size of every file above (written last)
 
 Each checkpoint is written into a temp folder, every file fsynced, then renamed into place and
 verified, so a killed run or a power cut never leaves a half-written checkpoint under a
@@ -15,10 +17,12 @@ before that write has succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from mmpretrain.models.layout import (
     verify_checkpoint,
     write_checksums,
 )
+from mmpretrain.training.dist import DistInfo, barrier, broadcast_object
 from mmpretrain.utils.faults import crash_point
 from mmpretrain.utils.io import atomic_dir, remove_tree
 
@@ -44,32 +49,58 @@ STALE = re.compile(r"^\.step_\d{8}\..+")  # temp, moved-aside and being-deleted 
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str, *, keep_last: int
+    run_dir: Path,
+    step: int,
+    write_weights: Callable[[Path | None], dict[str, Any]],
+    state: dict[str, Any] | None,
+    config_yaml: str,
+    *,
+    keep_last: int,
+    info: DistInfo = DistInfo(),
 ) -> Path:
-    """Write one checkpoint atomically and durably, verify it, then prune older ones.
+    """Write one checkpoint atomically and durably, verify it, then prune older ones. Called on every
+    rank: the main rank owns the temp folder, ``state`` and the rename; ``write_weights(folder)`` runs
+    on every rank (``folder`` is None on the others) and returns what ``state.pt`` adds, so a sharded
+    strategy's ranks can all write into the one temp folder.
 
     The checksums are computed by reading the written files back. A valid checkpoint already at
     ``step`` (a resumed run stopped before its first step) is kept as it is; a broken one is replaced
     only once the new one is complete."""
     final = checkpoint_dir(run_dir, step)
-    if final.exists() and verify_checkpoint(final) is None:
+    if broadcast_object(info.is_main and final.exists() and verify_checkpoint(final) is None, info):
         log.info("checkpoint %s already saved", final)
         return final
-    with atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final)) if info.is_main else None
+        extra = write_weights(tmp)
         crash_point("ckpt.weights")
-        torch.save({"format": FORMAT, "step": step, **state}, tmp / "state.pt")
-        crash_point("ckpt.state")
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        write_checksums(tmp, step)
-        crash_point("ckpt.checksums")
-    crash_point("ckpt.renamed")
-    problem = verify_checkpoint(final, deep=False)  # the hashes were computed from the files as read back
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {final} failed verification right after it was written: {problem}")
-    prune_checkpoints(run_dir, final, keep_last)
-    log.info("saved checkpoint %s", final)
+        barrier(info)  # every rank's shards are on disk before the main rank seals the folder
+        if tmp is not None:
+            torch.save({"format": FORMAT, "step": step, **state, **extra}, tmp / "state.pt")
+            crash_point("ckpt.state")
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            write_checksums(tmp, step)
+            crash_point("ckpt.checksums")
+    if info.is_main:
+        crash_point("ckpt.renamed")
+        problem = verify_checkpoint(final, deep=False)  # the hashes were computed from the files as read back
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {final} failed verification right after it was written: {problem}")
+        prune_checkpoints(run_dir, final, keep_last)
+        log.info("saved checkpoint %s", final)
+    barrier(info)
     return final
+
+
+def weights_only(model: nn.Module) -> Callable[[Path | None], dict[str, Any]]:
+    """A ``write_weights`` for one process: the model as ``model.safetensors``, nothing added to the state."""
+
+    def write(folder: Path | None) -> dict[str, Any]:
+        if folder is not None:
+            save_model(model, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+        return {}
+
+    return write
 
 
 def prune_checkpoints(run_dir: Path, newest: Path, keep_last: int) -> None:

@@ -26,6 +26,7 @@ from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
 from mmpretrain.training.dist import DistInfo, all_gather_object, any_rank
 from mmpretrain.training.metrics import MetricsLogger, truncate_jsonl
+from mmpretrain.training.strategy import Strategy
 from mmpretrain.training.task import ContrastiveTask
 from mmpretrain.utils.faults import crash_point
 
@@ -41,6 +42,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     task: ContrastiveTask
+    strategy: Strategy  # how the ranks share the model: sync, clipping, checkpoint weights
     loader: ResumableLoader | MixedLoader
     run_dir: Path
     config_yaml: str
@@ -103,7 +105,7 @@ class Trainer:
         self.model.train()
         device = self.info.device
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
-        no_sync = getattr(self.model, "no_sync", None)
+        no_sync = self.strategy.no_sync(self.model)
         losses = self.task.forward_backward(
             self.model, micro, autocast=self.autocast, **({"no_sync": no_sync} if no_sync else {})
         )
@@ -111,9 +113,8 @@ class Trainer:
             raise FloatingPointError(
                 f"loss is {losses['loss'].item()} at step {self.step + 1}; lower optim.lr or raise optim.warmup_steps"
             )
-        clip = self.cfg.optim.grad_clip_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        grad_norm = self.strategy.clip_grad_norm(self.raw, params, self.cfg.optim.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -139,27 +140,33 @@ class Trainer:
         return self.evaluate is not None and every > 0 and (self.step % every == 0 or self.step == stop)
 
     def _run_eval(self, logger: MetricsLogger) -> None:
+        model = self.strategy.eval_model(self.raw)  # every rank: a sharded model is gathered for the main one
         if self.info.is_main:
             with torch.no_grad():
-                logger.log(self.step, self.evaluate(self.raw))
+                logger.log(self.step, self.evaluate(model))
         if self.info.world_size > 1:
             torch.distributed.barrier()
 
     def save(self) -> None:
-        """Gather every rank's data position and RNG state; the main rank writes the checkpoint."""
+        """Gather every rank's data position and RNG state; the main rank writes the checkpoint, with the
+        weights written as the strategy says (by the main rank, or a shard by every rank)."""
         per_rank = all_gather_object({"data": self.loader.state_dict(), "rng": rng_state()}, self.info)
+        state = None
         if self.info.is_main:
             state = {
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": [r["data"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],
             }
-            save_checkpoint(
-                self.run_dir, self.step, self.raw, state, self.config_yaml, keep_last=self.cfg.train.keep_last
-            )
-        if self.info.world_size > 1:
-            torch.distributed.barrier()
+        save_checkpoint(
+            self.run_dir,
+            self.step,
+            lambda folder: self.strategy.write_weights(folder, self.raw, self.optimizer),
+            state,
+            self.config_yaml,
+            keep_last=self.cfg.train.keep_last,
+            info=self.info,
+        )
 
     def _keys_log(self):
         if not self.cfg.train.log_sample_keys:

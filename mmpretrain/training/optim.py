@@ -55,13 +55,19 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, optim=optim, total_steps=total_steps))
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Load the optimizer's moments and the schedule's position from a checkpoint ``state`` while
+def restore_optimizer(
+    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, state: dict, load_moments=None
+) -> None:
+    """Load the optimizer's moments (``load_moments()``; default: ``state["optimizer"]``, the DDP
+    format) and the schedule's position from a checkpoint ``state`` while
     keeping the hyperparameters of this run's config (lr, betas, weight decay, schedule): loaded as
     is, torch would silently restore the checkpoint's. With an unchanged config the result is the
     same as a plain load (the LR is recomputed by the same formula)."""
     configured = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(state["optimizer"])
+    if load_moments is None:
+        opt.load_state_dict(state["optimizer"])
+    else:
+        load_moments()
     for group, hyper in zip(opt.param_groups, configured):
         group.update(hyper)
     sched.load_state_dict(state["scheduler"])

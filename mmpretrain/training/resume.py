@@ -42,6 +42,8 @@ ACCEPTED = (
     "train.threads",
     "train.log_sample_keys",
     "train.compile",
+    "train.strategy",  # either strategy reads either checkpoint format
+    "train.fsdp",
     "train.grad_checkpointing",
     "train.precision",
     "train.device",

@@ -27,6 +27,7 @@ from mmpretrain.training.dist import DistInfo, broadcast_object, init_distribute
 from mmpretrain.training.loop import Trainer
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
 from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
+from mmpretrain.training.strategy import build_strategy
 from mmpretrain.training.task import ContrastiveTask
 from mmpretrain.training.validate import validate_experiment
 
@@ -103,14 +104,16 @@ def restore_state(
     plan: ResumePlan | None,
     optimizer: torch.optim.Optimizer,
     scheduler,
+    load_moments,
 ) -> dict | None:
-    """Optimizer, schedule and RNG from a checkpoint's ``state`` (or fresh seeds); returns this rank's
-    data-stream state for the loader (None: a fresh stream)."""
+    """Optimizer (``load_moments()``: the strategy's reader of either checkpoint format), schedule and
+    RNG from a checkpoint's ``state`` (or fresh seeds); returns this rank's data-stream state for the
+    loader (None: a fresh stream)."""
     tc = cfg.train
     if state is None:
         seed_everything(tc.seed + 1000 * info.rank)
         return None
-    restore_optimizer(optimizer, scheduler, state)
+    restore_optimizer(optimizer, scheduler, state, load_moments)
     if plan.restart_data:  # an allowed change (seed, shards, workers, ranks) voids the saved positions
         seed_everything(derive_seed(tc.seed, "restart", info.rank, int(state["step"])) % 2**32)
         return restart_state(state["data"], cfg.data, info.world_size)
@@ -139,9 +142,12 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         init_towers(model, cfg.model)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    strategy = build_strategy(cfg, info)
+    wrapped = strategy.wrap(model)  # before the optimizer: FSDP replaces the parameters with shards
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-    data_state = restore_state(cfg, info, state, plan, optimizer, scheduler)
+    moments = lambda: strategy.load_moments(model, optimizer, ckpt, state)  # noqa: E731
+    data_state = restore_state(cfg, info, state, plan, optimizer, scheduler, moments)
     loader = build_loader(
         cfg.data,
         model.data_context(),
@@ -151,13 +157,6 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         state=data_state,
         group=tc.accum_steps,
     )
-    wrapped = model
-    if info.world_size > 1:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        # a mixture's steps may leave a tower unused (an image-text batch has no video)
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=bool(cfg.data.sources)
-        )
     if tc.compile:
         wrapped = torch.compile(wrapped)
     task = ContrastiveTask(
@@ -185,6 +184,7 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         optimizer,
         scheduler,
         task,
+        strategy,
         loader,
         run_dir,
         dump_config(cfg),

@@ -27,7 +27,19 @@ def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         check_ops(src.ops or [], f"data.sources[{j}].ops")
     check_pairs(cfg.loss)
     check_eval(cfg.eval)
+    check_strategy(cfg.train.strategy)
     return cfg
+
+
+def check_strategy(name: str) -> None:
+    from mmpretrain.config.strict import ConfigError
+    from mmpretrain.registry import RegistryError
+    from mmpretrain.training.strategy import STRATEGIES
+
+    try:
+        STRATEGIES.get(name)
+    except RegistryError as exc:
+        raise ConfigError(f"train.strategy: {exc}") from None
 
 
 def experiment_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
