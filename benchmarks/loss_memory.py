@@ -62,7 +62,9 @@ def measure(kind: str, batch: int, world: int, dim: int, block: int) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not rows:
-        return {"kind": kind, "batch": batch, "world": world, "error": proc.stderr.strip().splitlines()[-1:]}
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        cause = next((x for x in reversed(lines) if "Error" in x), lines[-1])
+        return {"kind": kind, "batch": batch, "world": world, "error": cause.strip()}
     return {**rows[0], "peak_mib": max(r["peak_mib"] for r in rows), "seconds": max(r["seconds"] for r in rows)}
 
 
@@ -90,7 +92,8 @@ def main() -> None:
                 results.append(r)
                 done[kind] = r
                 dense = next((done.get(d) for d, e in PAIRS.items() if e == kind), None)
-                ratio = f"{dense['peak_mib'] / r['peak_mib']:.1f}x less memory" if dense and "error" not in r else ""
+                ok = dense and "error" not in r and "error" not in dense
+                ratio = f"{dense['peak_mib'] / r['peak_mib']:.1f}x less memory" if ok else ""
                 if "error" in r:
                     print(f"{kind:<16} {batch:>9} {world:>5}  failed: {r['error']}")
                 else:

@@ -28,6 +28,7 @@ IDS = [f"{kind}-{entry.name}" for kind, entry in ALL]
 # kind -> where its contract is tested (the generated tests of this file, or another file's)
 CONTRACTS = {
     "data op": "test_data_op_contract",
+    "device data op": "test_device_op_contract (and test_device_data)",
     "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
     "checkpoint format": "test_checkpoint_format_contract",
     "dataset layout": "test_layout_contract",
@@ -159,6 +160,31 @@ def test_data_op_contract(entry, members, av_model):
         with pytest.raises(SampleError) as info:
             run({"__key__": "k", **{m: members[m] for m in ex.members}, ex.members[0]: value})
         assert info.value.kind == kind
+
+
+@entries("device data op")
+def test_device_op_contract(entry, members, av_model):
+    """Fed by its CPU ops (default params) on two samples of the example members, collated and moved
+    through a CPU ``DeviceFeed``: it produces its keys and leaves no host-only key behind."""
+    from mmpretrain.config.schema import OpSpec
+    from mmpretrain.data.device import HOST_KEYS, DeviceFeed, build_device_ops
+    from mmpretrain.data.ops import DATA_OPS, OpContext
+    from mmpretrain.data.stream import Position, ShardStream
+
+    ex = entry.make_example()
+    ctx = OpContext({"image": av_model.input_spec("image")})
+    cpu = [DATA_OPS.get(n).builder(from_dict(DATA_OPS.get(n).config_cls, {}), ctx) for n in ex.fed_by]
+    samples = []
+    for i in range(2):
+        s = {"__key__": str(i), "jpg": members["jpg"], "png": members["png"]}
+        for f in cpu:
+            s = f(s)
+        samples.append(s)
+    batch = ShardStream._collate(samples, 0, Position())
+    ops = build_device_ops([OpSpec(entry.name, ex.params)], ctx)
+    (out,) = DeviceFeed(iter([batch]), torch.device("cpu"), ops, seed=0, rank=0)
+    assert set(ex.produce) <= set(out.data) and not set(HOST_KEYS) & set(out.data)
+    assert all(len(v) == 2 for v in out.data.values())
 
 
 @entries("loss kind")

@@ -86,6 +86,7 @@ class DataConfig:
     stall_timeout_s: float = 120.0  # a pipe: shard that sends no bytes for this long is abandoned and counted (stalled_shard); 0: off
     drop_last: bool = True  # batches are always full (ranks must agree on batch size)
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
+    device_ops: list[OpSpec] = field(default_factory=list)  # batch ops on the training device after the copy: [{op: decode_jpeg}] decodes the jpeg_bytes op's output with nvjpeg on CUDA
     sources: list[SourceConfig] = field(default_factory=list)  # a mixture instead of data.train: each step's batch comes from one source, drawn by weight (the same on every rank)
 
 

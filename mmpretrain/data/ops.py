@@ -177,6 +177,61 @@ def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
     return op
 
 
+# Variable-length members a batch carries concatenated (``key`` (N,)) with ``offsets`` (B + 1,).
+RAGGED_KEYS = {"image_jpeg": "image_jpeg_offsets"}
+JPEG_END = b"\xff\xd9"  # the end-of-image marker; a file without it was cut short
+
+
+@dataclass(frozen=True)
+class JpegBytesParams:
+    keys: tuple[str, ...] = IMAGE_KEYS
+    max_pixels: int = 100_000_000  # refuse decompression bombs (from the header, nothing decoded)
+    transcode: bool = True  # a PNG/WebP/... member (or a JPEG without its end marker that PIL reads) is
+    #                         decoded here and re-encoded as JPEG; False: it is skipped as not_jpeg
+    quality: int = 95  # of a transcoded image
+
+
+@DATA_OPS.register("jpeg_bytes", config=JpegBytesParams,
+                   example=OpExample(("jpg",), produce=("image_jpeg",), corrupt=(b"\x00garbage", "bad_image")))
+def jpeg_bytes(p: JpegBytesParams, ctx: OpContext) -> Op:
+    """The image member's JPEG bytes, checked but not decoded, as ``"image_jpeg"`` (N,) uint8, for
+    the ``decode_jpeg`` device op (nvjpeg on the GPU). The header is parsed (format, pixel count)
+    and the end marker checked on the CPU; other formats are transcoded to JPEG (``transcode``)."""
+
+    def op(s: Sample) -> Sample:
+        key = next((k for k in p.keys if k in s), None)
+        if key is None:
+            raise SampleError("missing_image", f"{s.get('__key__')}: no image member among {p.keys}")
+        raw = bytes(s[key])
+        try:
+            s["image_jpeg"] = torch.frombuffer(bytearray(_checked_jpeg(raw, p)), dtype=torch.uint8)
+        except SampleError as exc:
+            raise SampleError(exc.kind, f"{s.get('__key__')}.{key}: {exc}") from None
+        return s
+
+    return op
+
+
+def _checked_jpeg(raw: bytes, p: JpegBytesParams) -> bytes:
+    try:
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as img:
+            fmt, pixels, size = img.format, img.width * img.height, f"{img.width}x{img.height}"
+    except Exception as exc:  # PIL raises many types for corrupt or refused data
+        raise SampleError("bad_image", f"not a {'/'.join(IMAGE_FORMATS)} image: {type(exc).__name__}: {exc}") from None
+    if pixels > p.max_pixels:
+        raise ImageTooLarge("bad_image", f"{size} pixels is too large (max_pixels={p.max_pixels})")
+    complete = raw.rstrip(b"\x00").endswith(JPEG_END)
+    if fmt == "JPEG" and complete:
+        return raw
+    if not p.transcode:
+        if fmt == "JPEG":
+            raise SampleError("bad_image", "a JPEG without its end marker (cut short?)")
+        raise SampleError("not_jpeg", f"a {fmt} image (jpeg_bytes.transcode is off)")
+    out = io.BytesIO()
+    open_image(raw, max_pixels=p.max_pixels).save(out, format="JPEG", quality=p.quality)
+    return out.getvalue()
+
+
 def _image_op(transform: Callable) -> Op:
     def op(s: Sample) -> Sample:
         s["image"] = transform(s["image"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import random
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, url_opener
 
-from mmpretrain.data.ops import Op, Sample, SampleError, apply_ops
+from mmpretrain.data.ops import RAGGED_KEYS, Op, Sample, SampleError, apply_ops
 from mmpretrain.errors import DataError
 from mmpretrain.utils.procs import kill_tree
 
@@ -390,7 +391,11 @@ class ShardStream(IterableDataset):
     @staticmethod
     def _collate(samples: list[Sample], worker: int, position: Position) -> WorkerBatch:
         keys = [k for k, v in samples[0].items() if isinstance(v, torch.Tensor)]
-        data = {k: torch.stack([s[k] for s in samples]) for k in keys}
+        data = {k: torch.stack([s[k] for s in samples]) for k in keys if k not in RAGGED_KEYS}
+        for k in set(keys) & set(RAGGED_KEYS):  # variable length: concatenated, with offsets (B + 1,)
+            parts = [s[k] for s in samples]
+            data[k] = torch.cat(parts)
+            data[RAGGED_KEYS[k]] = torch.tensor([0, *itertools.accumulate(len(x) for x in parts)])
         return WorkerBatch(data, [s["__key__"] for s in samples], worker, position)
 
 

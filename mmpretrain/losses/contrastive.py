@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.functional)
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.data.device import BatchOp, DeviceFeed
 from mmpretrain.data.loader import MixedLoader, ResumableLoader
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
@@ -48,6 +49,7 @@ class Trainer:
     config_yaml: str
     autocast: Callable[[], ContextManager]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # periodic evaluation hook (main rank)
+    device_ops: list[BatchOp] = field(default_factory=list)  # data.device_ops, built
     step: int = 0
     _stop_signal: bool = field(default=False, repr=False)
 
@@ -58,7 +60,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, enabled=self.info.is_main, resume_step=self.step)
         keys_log = self._keys_log()
         previous = self._catch_stops() if _main_thread() else None
-        data = iter(self.loader)
+        data = DeviceFeed(iter(self.loader), self.info.device, self.device_ops, seed=tc.seed, rank=self.info.rank)
         bar = tqdm(
             total=stop,
             initial=self.step,
@@ -104,7 +106,7 @@ class Trainer:
     def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         self.model.train()
         device = self.info.device
-        micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
+        micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]  # DeviceFeed moved them
         no_sync = self.strategy.no_sync(self.model)
         losses = self.task.forward_backward(
             self.model, micro, autocast=self.autocast, **({"no_sync": no_sync} if no_sync else {})

@@ -16,6 +16,7 @@ import torch
 from mmpretrain.config.loader import dump_config, save_resolved
 from mmpretrain.config.schema import ExperimentConfig, TrainConfig
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.data.device import build_device_ops
 from mmpretrain.data.loader import build_loader, check_shards, restart_state
 from mmpretrain.data.stream import derive_seed
 from mmpretrain.errors import CheckpointError
@@ -191,4 +192,5 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         autocast_factory(tc, info.device),
         evaluate=evaluate,
         step=int(state["step"]) if state else 0,
+        device_ops=build_device_ops(cfg.data.device_ops, model.data_context()),
     )

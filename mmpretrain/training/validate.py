@@ -11,6 +11,7 @@ from typing import Any
 from mmpretrain.config.loader import config_from_tree, load_tree
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.config.validate import check_config
+from mmpretrain.data.device import check_device_ops
 from mmpretrain.data.ops import check_ops
 from mmpretrain.eval.checks import check_eval
 from mmpretrain.losses import check_pairs
@@ -25,6 +26,7 @@ def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     check_ops(cfg.data.ops, "data.ops")
     for j, src in enumerate(cfg.data.sources):
         check_ops(src.ops or [], f"data.sources[{j}].ops")
+    check_device_ops(cfg.data.device_ops, [cfg.data.ops, *(src.ops or [] for src in cfg.data.sources)])
     check_pairs(cfg.loss)
     check_eval(cfg.eval)
     check_strategy(cfg.train.strategy)
