@@ -91,6 +91,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         threads=args.threads,
         engine=args.engine,
         address=args.address,
+        device=args.device,
     )
     queries = np.load(args.queries_file) if args.queries_file else None
     h = build_index(args.embeddings, args.out, cfg, queries=queries)
@@ -113,7 +114,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval.search import Searcher
 
-    searcher = Searcher.open(args.index, args.model)
+    searcher = Searcher.open(args.index, args.model, device=args.device)
     for query, hits in zip(args.query, searcher.search(args.query, args.k)):
         print(f"# {query}")
         for h in hits:
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="IVF training k-means on the GPUs with faiss-gpu (auto: when one is visible)")
     add_engine_args(b)
     b.set_defaults(fn=cmd_index_build)
     a = ix.add_parser("add", help="add a new embedding folder (same model) to an index")
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("query", nargs="+", help="one or more text queries")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="search a GPU copy of the index with faiss-gpu where it has the index's type")
     s.set_defaults(fn=cmd_search)
 
     v = sub.add_parser(

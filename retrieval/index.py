@@ -68,10 +68,15 @@ class BuildConfig:
     threads: int = 0  # FAISS OpenMP threads (0: FAISS's default)
     engine: str = "local"  # who adds the vectors: local (this process) | ray (parallel tasks, pieces merged)
     address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
+    device: str = "auto"  # IVF training k-means on the GPUs: auto (when faiss-gpu sees one) | cpu | cuda
 
     def __post_init__(self) -> None:
+        from retrieval.gpu import DEVICES
+
         if self.engine not in FILL_ENGINES:
             raise IndexError_(f"engine {self.engine!r}: one of {', '.join(FILL_ENGINES.names())}")
+        if self.device not in DEVICES:
+            raise IndexError_(f"device {self.device!r}: one of {', '.join(DEVICES)}")
 
 
 def probes(nlist: int) -> tuple[int, ...]:
@@ -317,11 +322,14 @@ def _trained_empty(spec: IndexSpec, emb, cfg: BuildConfig):
     """The index of ``spec``, trained on a seeded sample of ``emb`` (untrained types as they are)."""
     import faiss
 
+    from retrieval.gpu import gpu_training, use_gpu
+
     index = faiss.index_factory(emb.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         _fast_training(index)
         rng = np.random.default_rng(cfg.seed)
-        index.train(emb.take(np.sort(rng.choice(emb.n, min(emb.n, spec.train_size), replace=False))))
+        with gpu_training(index, use_gpu(cfg.device)):
+            index.train(emb.take(np.sort(rng.choice(emb.n, min(emb.n, spec.train_size), replace=False))))
     return index
 
 

@@ -69,9 +69,14 @@ class Searcher:
         self._embeddings = None  # opened on first use of vectors()
 
     @classmethod
-    def open(cls, index: str | Path, model: str | Path | None = None, **kwargs) -> Searcher:
-        """Open ``index`` with ``model`` (default: the checkpoint recorded in the index)."""
+    def open(cls, index: str | Path, model: str | Path | None = None, *, device: str = "cpu", **kwargs) -> Searcher:
+        """Open ``index`` with ``model`` (default: the checkpoint recorded in the index); ``device``
+        ``auto``/``cuda`` searches a GPU copy where faiss-gpu has the index's type (``retrieval.gpu``)."""
+        from retrieval.gpu import to_gpu, use_gpu
+
         loaded = open_index(index)
+        if not loaded.header["on_disk"]:  # lists on disk stay there: a GPU copy would read them all into memory
+            loaded.index = to_gpu(loaded.index, use_gpu(device))
         return cls(api.load_checkpoint(model or loaded.header["model"]), loaded, **kwargs)
 
     def check_text(self, queries: Sequence[str]) -> list[str]:
