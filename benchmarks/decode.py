@@ -124,20 +124,30 @@ def main() -> int:
     ctx = OpContext({"image": ImageSpec(size=(args.size, args.size))})
     ours_v = DATA_OPS.get("decode_video").builder(DecodeVideoParams(frames=args.take, fps=4.0, train=False), ctx)
     ours_a = DATA_OPS.get("decode_audio").builder(DecodeAudioParams(sample_rate=16000, seconds=2.0, train=False), ctx)
-    v = rates({
-        "ours (decode_video)": lambda c: ours_v({"mp4": c}),
-        "decord + torchvision resize": plain_decord_transformed(args.take, 4.0, args.size, False),
-        "decord resizing (dims known)": plain_decord_transformed(args.take, 4.0, args.size, True),
-        "decord, no transforms": plain_decord(args.take, 4.0),
-        "PyAV (all frames)": plain_pyav(args.take, 4.0),
-    }, clips, args.rounds)
+    v = rates(
+        {
+            "ours (decode_video)": lambda c: ours_v({"mp4": c}),
+            "decord + torchvision resize": plain_decord_transformed(args.take, 4.0, args.size, False),
+            "decord resizing (dims known)": plain_decord_transformed(args.take, 4.0, args.size, True),
+            "decord, no transforms": plain_decord(args.take, 4.0),
+            "PyAV (all frames)": plain_pyav(args.take, 4.0),
+        },
+        clips,
+        args.rounds,
+    )
     base = "decord + torchvision resize"
-    a = rates({
-        "ours (decode_audio)": lambda c: ours_a({"mp4": c}),
-        "PyAV + torchaudio resample": plain_audio(16000),
-    }, clips, args.rounds)
-    print(f"{args.clips} clips, {args.frames} frames of {args.src_size}x{args.src_size} at 8 fps + AAC audio, "
-          f"{args.take} frames sampled at 4 fps -> {args.size} px; one thread, best of {args.rounds} interleaved rounds")
+    a = rates(
+        {
+            "ours (decode_audio)": lambda c: ours_a({"mp4": c}),
+            "PyAV + torchaudio resample": plain_audio(16000),
+        },
+        clips,
+        args.rounds,
+    )
+    print(
+        f"{args.clips} clips, {args.frames} frames of {args.src_size}x{args.src_size} at 8 fps + AAC audio, "
+        f"{args.take} frames sampled at 4 fps -> {args.size} px; one thread, best of {args.rounds} interleaved rounds"
+    )
     for name, r in v.items():
         print(f"  video {name:30s} {r:8.1f} clips/s   ({r / v[base]:.2f}x {base})")
     for name, r in a.items():

@@ -283,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="IVF training k-means on the GPUs with faiss-gpu (auto: when one is visible)")
+    b.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="IVF training k-means on the GPUs with faiss-gpu (auto: when one is visible)",
+    )
     add_engine_args(b)
     b.set_defaults(fn=cmd_index_build)
     a = ix.add_parser("add", help="add a new embedding folder (same model) to an index")
@@ -334,8 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("query", nargs="+", help="one or more text queries")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
-                   help="search a GPU copy of the index with faiss-gpu where it has the index's type")
+    s.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="search a GPU copy of the index with faiss-gpu where it has the index's type",
+    )
     s.set_defaults(fn=cmd_search)
 
     v = sub.add_parser(

@@ -33,8 +33,10 @@ def use_gpu(device: str) -> bool:
         raise IndexError_(f"device {device!r}: one of {', '.join(DEVICES)}")
     n = 0 if device == "cpu" else gpu_count()
     if device == "cuda" and n == 0:
-        raise IndexError_("device cuda: this faiss sees no GPU (faiss-cpu, or no CUDA device); install the gpu "
-                          "extra on a CUDA machine: pip install -e '.[gpu]'")
+        raise IndexError_(
+            "device cuda: this faiss sees no GPU (faiss-cpu, or no CUDA device); install the gpu "
+            "extra on a CUDA machine: pip install -e '.[gpu]'"
+        )
     return n > 0
 
 

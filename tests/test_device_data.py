@@ -107,13 +107,15 @@ def test_a_batch_the_jpeg_decoder_refuses_falls_back_image_by_image():
     assert [tuple(i.shape) for i in images] == [(3, 12, 16), (3, 12, 16)] and images[1][1].min() == 255
     bad = torch.tensor(list(b"\xff\xd8\x00garbage\xff\xd9"), dtype=torch.uint8)
     with pytest.raises(DataError, match="cannot be decoded"):
-        decode_batch(torch.cat([parts[0], bad]), torch.tensor([0, len(parts[0]), len(parts[0]) + len(bad)]),
-                     torch.device("cpu"))
+        decode_batch(
+            torch.cat([parts[0], bad]), torch.tensor([0, len(parts[0]), len(parts[0]) + len(bad)]), torch.device("cpu")
+        )
 
 
 def _feed(batches, specs, ctx, seed=0):
-    return DeviceFeed(iter(batches), torch.device("cpu"), build_device_ops([OpSpec(**s) for s in specs], ctx),
-                      seed=seed, rank=0)
+    return DeviceFeed(
+        iter(batches), torch.device("cpu"), build_device_ops([OpSpec(**s) for s in specs], ctx), seed=seed, rank=0
+    )
 
 
 def test_device_decode_matches_the_cpu_path_and_its_crops_are_seeded_per_batch(tiny_model_cfg):
@@ -151,8 +153,12 @@ def test_config_names_the_missing_half_of_the_gpu_path(toy_shards, tmp_path):
 
 
 def test_training_on_device_decoded_jpegs_resumes_exactly(jpeg_shards, tmp_path):
-    data = {"train": str(jpeg_shards), "ops": GPU_OPS, "batch_size": 4,
-            "device_ops": [{"op": "decode_jpeg", "params": {"scale": [0.5, 1.0], "hflip": 0.5}}]}
+    data = {
+        "train": str(jpeg_shards),
+        "ops": GPU_OPS,
+        "batch_size": 4,
+        "device_ops": [{"op": "decode_jpeg", "params": {"scale": [0.5, 1.0], "hflip": 0.5}}],
+    }
 
     def run(name, **train):
         tree = experiment_tree(jpeg_shards, tmp_path / name, data=data, train={"steps": 8, "ckpt_every": 4, **train})
