@@ -45,6 +45,15 @@ def test_decode_video_shapes_and_mask(clip):
     assert long["video_mask"].sum() == 16 and (long["video"][~long["video_mask"]] == 0).all()
 
 
+@pytest.mark.parametrize("src", [40, 64, 100])
+def test_decode_video_resizes_any_source_size(src):
+    """Regression: decord's own resize (VideoReader(width=, height=)) failed for 64 px -> 48 px."""
+    data = make_clip(random.Random(2), size=src, n_frames=8, fps=8)[0]
+    for train in (True, False):
+        s = video_op(size=48, frames=4, train=train)({"__key__": "k", "mp4": data})
+        assert s["video"].shape == (4, 3, 48, 48) and s["video_mask"].all()
+
+
 def test_evaluation_decoding_is_deterministic(clip):
     op = video_op(train=False)
     torch.testing.assert_close(op({"mp4": clip})["video"], op({"mp4": clip})["video"])

@@ -219,3 +219,23 @@ def test_fsdp_trains_resumes_exactly_and_reads_and_converts_ddp_checkpoints(toy_
     model = api.load_checkpoint(tmp_path / "fsdp")
     assert max_diff(final(fsdp), model.state_dict()) == 0.0
     assert (api.export_open_clip(model, tmp_path / "oc") / "open_clip_model.safetensors").is_file()
+
+
+def test_fsdp_runs_in_one_process_without_torchrun(toy_shards, tmp_path, monkeypatch):
+    """One GPU with CPU offload is an FSDP use: a single process gets a private group (HashStore),
+    trains as DDP does, and leaves no group behind."""
+    from mmpretrain import api
+    from mmpretrain.models.pretrained import load_pretrained
+    from mmpretrain.training.validate import experiment_from_tree
+
+    for var in ("MASTER_ADDR", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        tree = experiment_tree(
+            toy_shards, tmp_path / strategy, train={"steps": 3, "ckpt_every": 3, "strategy": strategy}
+        )
+        runs[strategy] = api.train(experiment_from_tree(tree))
+        assert not torch.distributed.is_initialized()
+    a, b = (load_pretrained(list_checkpoints(d)[-1]).state_dict() for d in runs.values())
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5

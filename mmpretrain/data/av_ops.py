@@ -19,6 +19,7 @@ ignore it (counted as ``absent_<m>``). Decoding has a wall-clock limit
 per sample (``timeout_s``), enforced with a timer signal where the pipeline runs in a process's
 main thread (DataLoader workers, single-process loading).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -130,9 +131,16 @@ def _video_spec(p: DecodeVideoParams, ctx: OpContext) -> tuple[int, float, int, 
     return int(frames), float(fps), int(size), tuple(mean), tuple(std)
 
 
-@DATA_OPS.register("decode_video", config=DecodeVideoParams,
-                   example=OpExample(("mp4",), params={"frames": 4, "fps": 4, "size": 32}, produce=("video", "video_mask"),
-                                     corrupt=(b"\x00garbage", "bad_video")))
+@DATA_OPS.register(
+    "decode_video",
+    config=DecodeVideoParams,
+    example=OpExample(
+        ("mp4",),
+        params={"frames": 4, "fps": 4, "size": 32},
+        produce=("video", "video_mask"),
+        corrupt=(b"\x00garbage", "bad_video"),
+    ),
+)
 def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
     """Decode T frames with decord -> ``video`` (T, 3, H, W) normalised + ``video_mask`` (T,); with
     ``clips * crops = V > 1`` views (evaluation) -> ``video`` (V, T, 3, H, W) + ``video_mask`` (V, T)."""
@@ -149,8 +157,9 @@ def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
                 w, h = video_size(data)  # from the header: nothing decoded yet
                 if h * w > p.max_pixels or min(h, w) < 8:
                     raise SampleError("bad_video", f"{s.get('__key__')}: {w}x{h} video")
-                # decoded straight to the short side ``size``: swscale resizes in its YUV -> RGB pass
-                vr = decord.VideoReader(io.BytesIO(data), num_threads=1, **scaled(w, h, size))
+                # decord's own resize (width=, height=) fails on some sizes (its batch copy checks the
+                # unscaled size: 64 px -> 48 px raises), so frames are resized after decoding
+                vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
                 if not len(vr):
                     raise SampleError("bad_video", f"{s.get('__key__')}: no frames")
                 starts = [float(torch.rand(()))] if p.train else view_fractions(p.clips)
@@ -161,7 +170,7 @@ def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
             raise
         except (DecodeTimeout, Exception) as exc:  # decord raises DECORDError and others on corrupt data
             raise SampleError("bad_video", f"{s.get('__key__')}: cannot decode {key}: {exc}") from None
-        x = raw.permute(0, 3, 1, 2).float().div_(255)
+        x = _resize(raw.permute(0, 3, 1, 2), size).float().div_(255)
         crops = [_crop(x, size, None if p.train else f) for f in view_fractions(p.crops)]
         clips = [c.view(p.clips, frames, 3, size, size) for c in crops]  # per crop: (clips, T, 3, S, S)
         video = torch.stack(clips, 1).flatten(0, 1)  # (V, T, 3, S, S), clip-major
@@ -186,18 +195,22 @@ def video_size(data: bytes) -> tuple[int, int]:
         return int(ctx.width or 0), int(ctx.height or 0)
 
 
-def scaled(w: int, h: int, size: int) -> dict[str, int]:
-    """decord's ``width``/``height`` that make the short side ``size``, keeping the aspect ratio."""
-    short = min(w, h)
-    return {"width": max(size, round(w * size / short)), "height": max(size, round(h * size / short))}
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> short side ``size`` (antialiased)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, size, antialias=True)
 
 
 def _crop(x: torch.Tensor, size: int, fraction: float | None) -> torch.Tensor:
     """A ``size`` square of (N, 3, H, W): at ``fraction`` along the long side (0 left/top, 0.5 centre,
     1 right/bottom), or random when ``fraction`` is None; the same window for all N frames."""
     h, w = x.shape[-2:]
-    frac_y, frac_x = (float(torch.rand(())), float(torch.rand(()))) if fraction is None else (
-        fraction if h > w else 0.5, fraction if w >= h else 0.5)
+    frac_y, frac_x = (
+        (float(torch.rand(())), float(torch.rand(())))
+        if fraction is None
+        else (fraction if h > w else 0.5, fraction if w >= h else 0.5)
+    )
     top, left = round((h - size) * frac_y), round((w - size) * frac_x)
     return x[..., top : top + size, left : left + size]
 
@@ -224,7 +237,9 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
-        chunks = [f.to_ndarray().reshape(len(f.layout.channels), -1).astype(np.float32) for f in container.decode(stream)]
+        chunks = [
+            f.to_ndarray().reshape(len(f.layout.channels), -1).astype(np.float32) for f in container.decode(stream)
+        ]
         rate = stream.rate
     if not chunks:
         raise ValueError("no audio frames")
@@ -236,9 +251,16 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
     return torchaudio.functional.resample(wave, rate, sample_rate) if rate != sample_rate else wave
 
 
-@DATA_OPS.register("decode_audio", config=DecodeAudioParams,
-                   example=OpExample(("wav",), params={"sample_rate": 8000, "seconds": 0.5},
-                                     produce=("audio", "audio_mask"), corrupt=(b"\x00garbage", "bad_audio")))
+@DATA_OPS.register(
+    "decode_audio",
+    config=DecodeAudioParams,
+    example=OpExample(
+        ("wav",),
+        params={"sample_rate": 8000, "seconds": 0.5},
+        produce=("audio", "audio_mask"),
+        corrupt=(b"\x00garbage", "bad_audio"),
+    ),
+)
 def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
     """Decode (PyAV) and resample (torchaudio) mono audio -> ``audio`` (S,) + ``audio_mask`` (S,);
     with ``windows = V > 1`` (evaluation) -> ``audio`` (V, S) + ``audio_mask`` (V, S)."""
@@ -246,8 +268,9 @@ def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
     rate = p.sample_rate or (audio and audio.sample_rate)
     seconds = p.seconds or (audio and audio.seconds)
     if not rate or not seconds:
-        raise ValueError("decode_audio needs sample_rate and seconds: set them in its params or give the model "
-                         "an audio tower")
+        raise ValueError(
+            "decode_audio needs sample_rate and seconds: set them in its params or give the model an audio tower"
+        )
     if p.train and p.windows > 1:
         raise ValueError("decode_audio: windows > 1 are evaluation views; set train: false")
     n = int(round(rate * seconds))
@@ -262,7 +285,9 @@ def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
         if wave.numel() < p.min_seconds * rate or not torch.isfinite(wave).all():
             raise SampleError("bad_audio", f"{s.get('__key__')}: {wave.numel()} samples of audio")
         slack = max(0, wave.numel() - n)
-        starts = [int(slack * float(torch.rand(())))] if p.train else [round(slack * f) for f in view_fractions(p.windows)]
+        starts = (
+            [int(slack * float(torch.rand(())))] if p.train else [round(slack * f) for f in view_fractions(p.windows)]
+        )
         audio, mask = torch.zeros(len(starts), n), torch.zeros(len(starts), n, dtype=torch.bool)
         for i, start in enumerate(starts):
             clip = wave[start : start + n]

@@ -40,11 +40,13 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
+    # FSDP needs a group even in one process (one GPU with CPU offload): a private in-memory store then
+    if (world > 1 or cfg.strategy == "fsdp") and not dist.is_initialized():
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, store=attempt_store(), rank=rank, world_size=world)
+        store = attempt_store() if "MASTER_ADDR" in os.environ else dist.HashStore()
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         log.info("rank %d/%d on %s (%s)", rank, world, device, backend)
     return DistInfo(rank, world, local_rank, device)
 

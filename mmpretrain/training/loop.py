@@ -133,6 +133,9 @@ class Trainer:
             samples_per_s=window.samples / elapsed,
             data_wait_frac=window.data_time / elapsed,
         )
+        if self.info.device.type == "cuda":  # peak since the last log line, then reset
+            values["cuda_max_mem_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.info.device)
         for kind, n in self.loader.error_counts().items():
             values[f"data/skipped_{kind}"] = n
         return values
