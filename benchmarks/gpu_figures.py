@@ -136,7 +136,7 @@ def open_clip_loop(shards: Path, args) -> dict:
     loss_fn = open_clip.ClipLoss()
     ds = (
         wds.WebDataset(
-            str(shards / "shard-{%06d..%06d}.tar" % (0, len(list(shards.glob("*.tar"))) - 1)),
+            sorted(str(f) for f in shards.glob("*.tar")),
             shardshuffle=False,
             empty_check=False,
         )
@@ -234,7 +234,8 @@ def section_vatt(args, work: Path) -> list[dict]:
 
 
 def section_fsdp(args, work: Path) -> list[dict]:
-    shards = work / "jpeg" if (work / "jpeg").is_dir() else jpeg_shards(work / "jpeg", args.images, 256)
+    if not (work / "jpeg").is_dir():  # the children read the train section's shards
+        jpeg_shards(work / "jpeg", args.images, 64 if args.smoke else 256)
     rows = []
     for name, train in (
         ("ddp", {"strategy": "ddp"}),
