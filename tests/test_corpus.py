@@ -31,7 +31,12 @@ def test_build_from_fixture(tmp_path, raster_calls):
     m = build_emoji_corpus(CFG, tmp_path / "cache", tmp_path / "out", sources=SOURCES)
     assert len(m["concepts"]["seen"]) == 9 and len(m["concepts"]["unseen"]) == 3  # the flag was dropped
     assert not set(m["concepts"]["seen"]) & set(m["concepts"]["unseen"])
-    assert m["counts"] == {"train_shards": 9, "train_styles_seen": 9, "rendition": 9, "sketch": 9, "unseen_concepts": 3}
+    groups = {f"groups_{split}": 9 for split in ("train_styles_seen", "rendition", "sketch")}
+    assert m["counts"] == {
+        "train_shards": 9,
+        **{"train_styles_seen": 9, "rendition": 9, "sketch": 9, "unseen_concepts": 3},
+        **groups,
+    }
     assert m["sources"]["noto"] == {"name": "@iconify-json/noto", "version": "1.2.9", "license": "Apache-2.0"}
     assert m["sources"]["emojibase"]["license"] == "MIT"
     assert len(raster_calls) == 36  # 12 concepts x 3 styles
@@ -39,6 +44,10 @@ def test_build_from_fixture(tmp_path, raster_calls):
     assert json.loads((out / "manifest.json").read_text())["counts"] == m["counts"]
     unseen_folders = sorted(p.name for p in (out / "eval" / "unseen_concepts").iterdir())
     assert [f.replace("_", " ") for f in unseen_folders] == sorted(m["concepts"]["unseen"])
+    # the coarse task: the seen concepts' images again, by Unicode emoji group
+    by_group = {p.parent.name for p in (out / "eval" / "groups_train_styles_seen").glob("*/*.png")}
+    assert by_group <= {"smileys_and_emotion", "animals_and_nature", "food_and_drink", "travel_and_places", "objects"}
+    assert len(by_group) >= 3
     # the shards hold captions that name the concept
     from mmpretrain.data.shards import load_manifest
 

@@ -7,6 +7,10 @@ styles; a held-out rendition style (ImageNet-R analogue); held-out
 monochrome sketch styles (ImageNet-Sketch analogue); concepts never trained on (unseen).
 Output: training shards (via the shard writer) and each evaluation split as an ImageFolder
 tree (``<split>/<concept>/<style>.png``) for ``mmpretrain eval zeroshot --data NAME@folder=DIR``.
+The same images are also labelled by their Unicode emoji group (``groups_<split>/<group>/
+<concept>-<style>.png``: "food and drink", "animals and nature", ...): a coarse task with dozens
+to hundreds of images a class, where 8- and 16-shot probes can be drawn (a concept has at most
+one image per style).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Concept:
     slug: str
     label: str
     tags: tuple[str, ...] = ()
+    group: str = ""  # the Unicode emoji group ("food and drink"); "" when the source has no group names
 
 
 @dataclass
@@ -83,17 +88,29 @@ def fetch_npm(package: str, cache: Path) -> Path:
     return target / "package"
 
 
+def load_groups(emojibase: Path) -> dict[int, str]:
+    """emojibase's group ids -> Unicode group names (``meta/groups.json``: "food-drink" -> "food and
+    drink", as Unicode's "Food & Drink"); {} when the package has no such file."""
+    path = emojibase / "meta" / "groups.json"
+    if not path.is_file():
+        return {}
+    groups = json.loads(path.read_text()).get("groups", {})
+    return {int(k): v.replace("-", " and ") for k, v in groups.items()}
+
+
 def load_concepts(emojibase: Path) -> list[Concept]:
     """Named, non-flag emoji concepts from emojibase (regional indicators and components dropped)."""
     data = json.loads(
         (emojibase / "en" / "data.json" if (emojibase / "en").is_dir() else emojibase / "data.json").read_text()
     )
+    groups = load_groups(emojibase)
     out = {}
     for e in data:
         label = e.get("label", "")
         if e.get("group") in (None, 2, 9) or not label or label.startswith("regional indicator"):
             continue  # 2: components (skin tones, hair), 9: flags
-        out.setdefault(slug(label), Concept(slug(label), label, tuple(e.get("tags", ()))))
+        concept = Concept(slug(label), label, tuple(e.get("tags", ())), groups.get(e["group"], ""))
+        out.setdefault(concept.slug, concept)
     return list(out.values())
 
 
@@ -177,6 +194,12 @@ def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Conce
         split: [(pngs[(s, c.slug)], c.label, f"{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs]
         for split, (concepts, styles) in plan.items()
     }
+    if all(c.group for c in seen):  # the coarse task: the seen concepts' images by emoji group
+        for split in ("train_styles_seen", "rendition", "sketch"):
+            concepts, styles = plan[split]
+            splits[f"groups_{split}"] = [
+                (pngs[(s, c.slug)], c.group, f"{c.slug}-{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs
+            ]
     return write_corpus(out, train, splits, cfg.shard_count)
 
 
