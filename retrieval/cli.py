@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from retrieval.embed import EmbedError
-from retrieval.index import IndexError_
+from retrieval.index import INDEX_TYPES, IndexError_
 from retrieval.search import QueryError
 
 UNITS = {
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("embeddings", help="folder written by `retrieval embed`")
     b.add_argument("--out", required=True, help="index folder (replaced atomically)")
-    b.add_argument("--type", default="auto", help="auto, flat, hnsw, ivf_flat, ivf_pq_refine, ivf_pq")
+    b.add_argument("--type", default="auto", help="auto or an index type: " + ", ".join(INDEX_TYPES.names()))
     b.add_argument("--memory", type=parse_bytes, default=parse_bytes("4GB"), help="RAM budget for the index (4GB)")
     b.add_argument("--recall", type=float, default=0.95, help="recall@10 target (0.95)")
     b.add_argument("--queries", type=int, default=500, help="held-out queries sampled for tuning (500)")

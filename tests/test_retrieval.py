@@ -135,15 +135,17 @@ def test_choice_follows_size_and_memory_budget():
     assert choose_index(5_000, 512, BuildConfig()).type == "flat"
     assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
-    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pqfs_refine"
+    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_rabitq_refine"
     both = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))]
-    assert both == ["ivf_pqfs_refine", "ivf_pq_refine"]  # compressed: the faster at the target is measured
+    assert both == ["ivf_rabitq_refine", "ivf_pqfs_refine"]  # compressed: the faster at the target is measured
     assert choose_index(10_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq"
     with pytest.raises(IndexError_, match="fits"):
         choose_index(100_000_000, 512, BuildConfig(memory_bytes=1 * gb))
     assert choose_index(1_000_000, 512, BuildConfig(on_disk=True, memory_bytes=1 * gb)).type == "ivf_flat"
     spec = choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))
-    assert spec.factory == "IVF4096,PQ128x4fs,Refine(SQ8)" and spec.memory_bytes < 0.6 * gb
+    assert spec.factory == "IVF4096,RaBitQ,Refine(SQ8)" and spec.memory_bytes < 0.6 * gb
+    fastscan = INDEX_TYPES.get("ivf_pqfs_refine").builder(1_000_000, 512)
+    assert fastscan.factory == "IVF4096,PQ128x4fsr,Refine(SQ8)" and fastscan.memory_bytes < 0.6 * gb
 
 
 def test_candidates_are_measured_and_the_fastest_at_the_target_kept(tmp_path):
