@@ -130,20 +130,30 @@ def test_every_index_type_builds_and_reaches_its_recall(entry, tmp_path):
     assert (found == np.arange(5)[:, None]).any(1).mean() >= ex["self_hit"]  # items find themselves
 
 
+def ivf_sq8_bytes(n: int, d: int) -> int:
+    return INDEX_TYPES.get("ivf_sq8").builder(n, d).memory_bytes
+
+
 def test_choice_follows_size_and_memory_budget():
     gb = 2**30
     assert choose_index(5_000, 512, BuildConfig()).type == "flat"
     assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
-    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_rabitq_refine"
-    both = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))]
-    assert both == ["ivf_rabitq_refine", "ivf_pqfs_refine"]  # compressed: the faster at the target is measured
+    big = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb)))]
+    assert big == ["ivf_flat", "ivf_sq8", "flat"]  # measured side by side (and exact search, which fits): IVF-SQ8 is faster below its recall ceiling
+    assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_sq8"
+    assert [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))] == ["ivf_sq8"]
+    # the re-ranked shortlists hold IVF-SQ8's codes and more: never the automatic choice
+    for name in ("ivf_rabitq_refine", "ivf_pqfs_refine", "ivf_pq_refine"):
+        assert INDEX_TYPES.get(name).builder(1_000_000, 512).memory_bytes > ivf_sq8_bytes(1_000_000, 512)
     assert choose_index(10_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq"
     with pytest.raises(IndexError_, match="fits"):
         choose_index(100_000_000, 512, BuildConfig(memory_bytes=1 * gb))
     assert choose_index(1_000_000, 512, BuildConfig(on_disk=True, memory_bytes=1 * gb)).type == "ivf_flat"
     spec = choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))
-    assert spec.factory == "IVF4096,RaBitQ,Refine(SQ8)" and spec.memory_bytes < 0.6 * gb
+    assert spec.factory == "IVF4096,SQ8" and spec.memory_bytes < 0.5 * gb
+    rabitq = INDEX_TYPES.get("ivf_rabitq_refine").builder(1_000_000, 512)
+    assert rabitq.factory == "IVF4096,RaBitQ,Refine(SQ8)" and rabitq.memory_bytes < 0.6 * gb
     fastscan = INDEX_TYPES.get("ivf_pqfs_refine").builder(1_000_000, 512)
     assert fastscan.factory == "IVF4096,PQ128x4fsr,Refine(SQ8)" and fastscan.memory_bytes < 0.6 * gb
 
