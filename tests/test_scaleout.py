@@ -144,8 +144,11 @@ CASES = [
     ("ivf_flat", False),
     ("ivf_flat", True),
     ("ivf_pq", True),
+    ("ivf_sq8", False),
+    ("ivf_sq8", True),
     ("ivf_pq_refine", False),
     ("ivf_pqfs_refine", False),
+    ("ivf_rabitq_refine", False),
 ]
 
 
