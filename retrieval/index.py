@@ -222,15 +222,25 @@ def ivf_pq(n: int, d: int) -> IndexSpec:
     )
 
 
+# measured beside the first fitting type, when they fit too, and the fastest at the target kept:
+# HNSW or IVF-Flat (which wins depends on the data); IVF-Flat or IVF-SQ8 (a quarter of the memory and
+# faster, but recall tops out near 0.98); IVF-SQ8 or a compressed shortlist re-ranked on the same
+# 8-bit codes (more memory; it scans 1-bit / 4-bit codes, so it can win where many lists are probed)
+RIVALS = {
+    "hnsw": ("ivf_flat",),
+    "ivf_flat": ("ivf_sq8",),
+    "ivf_sq8": ("ivf_rabitq_refine", "ivf_pqfs_refine"),
+}
+
+
 def candidate_specs(n: int, d: int, cfg: BuildConfig) -> list[IndexSpec]:
     """The indexes worth building for ``n`` vectors of dimension ``d`` under ``cfg`` (see module doc).
 
-    The first fitting approximate index; below ``cfg.hnsw_below`` vectors, when both fit, HNSW
-    and IVF-Flat, since which is faster at the recall target depends on the data (IVF-Flat on
-    well-clustered embeddings, HNSW on diffuse ones); above it IVF-Flat and IVF-SQ8 when both fit
-    (IVF-SQ8 is faster, but cannot reach a target above its ~0.98 ceiling). Exact search joins them when it fits the
-    budget: on diffuse, high-dimensional data no approximate index beats brute force at high
-    recall, and the builder keeps whichever measures fastest at the target.
+    The first fitting approximate index and its ``RIVALS`` that fit too: below ``cfg.hnsw_below``
+    vectors HNSW and IVF-Flat, since which is faster at the recall target depends on the data
+    (IVF-Flat on well-clustered embeddings, HNSW on diffuse ones). Exact search joins them when it
+    fits the budget: on diffuse, high-dimensional data no approximate index beats brute force at
+    high recall, and the builder keeps whichever measures fastest at the target.
     """
     if cfg.index_type != "auto":
         return [INDEX_TYPES.get(cfg.index_type).builder(n, d)]
@@ -238,10 +248,7 @@ def candidate_specs(n: int, d: int, cfg: BuildConfig) -> list[IndexSpec]:
         return [ivf_flat(n, d) if n >= cfg.flat_below else flat(n, d)]
     if n < cfg.flat_below:
         return [flat(n, d)]
-    # the re-ranked shortlists (ivf_rabitq_refine, ivf_pqfs_refine, ivf_pq_refine) hold IVF-SQ8's codes
-    # and more, and were slower than it at recall 0.95 (benchmarks/index.py): chosen only by --type
-    order = ["ivf_flat", "ivf_sq8", "ivf_pq"]
-    order = (["hnsw"] if n < cfg.hnsw_below else []) + order
+    order = (["hnsw"] if n < cfg.hnsw_below else []) + ["ivf_flat", "ivf_sq8", "ivf_pq"]
     specs = [INDEX_TYPES.get(name).builder(n, d) for name in order]
     fitting = [spec for spec in specs if spec.memory_bytes <= cfg.memory_bytes]
     if not fitting:
@@ -249,11 +256,8 @@ def candidate_specs(n: int, d: int, cfg: BuildConfig) -> list[IndexSpec]:
             f"no index of {n:,} vectors (d={d}) fits {cfg.memory_bytes / 2**30:.2f} GiB: the smallest "
             f"(ivf_pq) needs {specs[-1].memory_bytes / 2**30:.2f} GiB; raise --memory or build --on-disk"
         )
-    # which of each pair is faster at the target is measured: HNSW or IVF-Flat (depends on the data);
-    # IVF-Flat or IVF-SQ8 (a quarter of the memory and faster, but its recall tops out near 0.98)
-    pairs = {"hnsw": "ivf_flat", "ivf_flat": "ivf_sq8"}
-    both = len(fitting) > 1 and pairs.get(fitting[0].type) == fitting[1].type
-    chosen = fitting[:2] if both else fitting[:1]
+    rivals = [INDEX_TYPES.get(name).builder(n, d) for name in RIVALS.get(fitting[0].type, ())]
+    chosen = fitting[:1] + [spec for spec in rivals if spec.memory_bytes <= cfg.memory_bytes]
     exact = flat(n, d)
     return chosen + ([exact] if exact.memory_bytes <= cfg.memory_bytes else [])
 

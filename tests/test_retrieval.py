@@ -140,10 +140,13 @@ def test_choice_follows_size_and_memory_budget():
     assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
     big = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb)))]
-    assert big == ["ivf_flat", "ivf_sq8", "flat"]  # measured side by side (and exact search, which fits): IVF-SQ8 is faster below its recall ceiling
+    assert big == ["ivf_flat", "ivf_sq8", "flat"]  # measured side by side (exact search fits too)
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_sq8"
-    assert [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))] == ["ivf_sq8"]
-    # the re-ranked shortlists hold IVF-SQ8's codes and more: never the automatic choice
+    compressed = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))]
+    assert compressed == ["ivf_sq8", "ivf_rabitq_refine", "ivf_pqfs_refine"]  # the fastest at the target is kept
+    # the re-ranked shortlists hold IVF-SQ8's codes and more: measured only when they fit as well
+    tight = BuildConfig(memory_bytes=int(0.53 * gb))
+    assert [s.type for s in candidate_specs(1_000_000, 512, tight)] == ["ivf_sq8"]
     for name in ("ivf_rabitq_refine", "ivf_pqfs_refine", "ivf_pq_refine"):
         assert INDEX_TYPES.get(name).builder(1_000_000, 512).memory_bytes > ivf_sq8_bytes(1_000_000, 512)
     assert choose_index(10_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_pq"

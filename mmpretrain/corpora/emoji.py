@@ -197,9 +197,8 @@ def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Conce
     if all(c.group for c in seen):  # the coarse task: the seen concepts' images by emoji group
         for split in ("train_styles_seen", "rendition", "sketch"):
             concepts, styles = plan[split]
-            splits[f"groups_{split}"] = [
-                (pngs[(s, c.slug)], c.group, f"{c.slug}-{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs
-            ]
+            rows = [(pngs.get((s, c.slug)), c.group, f"{c.slug}-{s}.png") for c in concepts for s in styles]
+            splits[f"groups_{split}"] = [row for row in rows if row[0] is not None]
     return write_corpus(out, train, splits, cfg.shard_count)
 
 
