@@ -156,7 +156,7 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
 def ivf_sq8(n: int, d: int) -> IndexSpec:
     """Inverted file over 8-bit scalar-quantised residuals (d bytes a vector, a quarter of IVF-Flat):
     the lists are scanned in order, so it is faster than a shortlist re-ranked by random access
-    into the same 8-bit codes, and smaller (1M x 512 clustered: ~120x exact search at recall@10
+    into the same 8-bit codes, and smaller (1M x 512 clustered: 99-122x exact search at recall@10
     0.97 in 0.49 GiB; benchmarks/index.py). Recall tops out near 0.98 (the 8-bit rounding)."""
     nlist = nlist_for(n)
     return IndexSpec(
@@ -174,8 +174,8 @@ def ivf_sq8(n: int, d: int) -> IndexSpec:
 def ivf_rabitq_refine(n: int, d: int) -> IndexSpec:
     """IVF with RaBitQ codes (1 bit a dimension of the residual, plus two floats: d/8 + 8 bytes a
     vector; its distance estimates have a bounded error, so a short shortlist suffices) re-ranked on
-    8-bit scalar-quantised vectors: the fastest compressed index at recall@10 0.95 (1M x 512
-    clustered: ~57x exact search in 0.56 GiB, vs fast-scan PQ's ~45x; benchmarks/index.py)."""
+    8-bit scalar-quantised vectors: the fastest re-ranked shortlist at recall@10 0.95 (1M x 512
+    clustered: 49-55x exact search in 0.56 GiB, fast-scan PQ 45x in the same runs; benchmarks/index.py)."""
     nlist = nlist_for(n)
     return IndexSpec(
         "ivf_rabitq_refine",
