@@ -1,7 +1,7 @@
 """``retrieval``: embed a collection, build/extend a FAISS index, search it, serve it.
 
 retrieval embed --model CKPT --data 'shards/{000000..000099}.tar' --out emb/   (torchrun-able)
-retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk]
+retrieval index build emb/ --out index/ [--memory 2GB] [--recall 0.95] [--type auto] [--on-disk | --shards N]
 retrieval index add index/ emb2/
 retrieval search index/ "a red bicycle" -k 10
 retrieval dedup emb/ --out keep.parquet [--threshold 0.94] [--index index/]
@@ -92,6 +92,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         engine=args.engine,
         address=args.address,
         device=args.device,
+        shards=args.shards,
     )
     queries = np.load(args.queries_file) if args.queries_file else None
     h = build_index(args.embeddings, args.out, cfg, queries=queries)
@@ -282,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries", type=int, default=500, help="held-out queries sampled for tuning (500)")
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
+    b.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="keep N shard files over consecutive parts, searched together, instead of one merged index (1)",
+    )
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
     b.add_argument(
         "--device",

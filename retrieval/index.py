@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
+from retrieval import shards
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
@@ -71,9 +72,15 @@ class BuildConfig:
     engine: str = "local"  # who adds the vectors: local (this process) | ray (parallel tasks, pieces merged)
     address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
     device: str = "auto"  # IVF training k-means on the GPUs: auto (when faiss-gpu sees one) | cpu | cuda
+    shards: int = 1  # > 1: keep this many shard files, searched together (retrieval.shards), instead of merging
 
     def __post_init__(self) -> None:
         from retrieval.gpu import DEVICES
+
+        if self.shards < 1:
+            raise IndexError_(f"shards must be >= 1, got {self.shards}")
+        if self.shards > 1 and self.on_disk:
+            raise IndexError_("an on-disk index is one merged IVF: use --on-disk or --shards, not both")
 
         if self.engine not in FILL_ENGINES:
             raise IndexError_(f"engine {self.engine!r}: one of {', '.join(FILL_ENGINES.names())}")
@@ -422,6 +429,8 @@ def fill_local(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, prog
     from tqdm import tqdm
 
     chunks = tqdm(emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part", disable=not progress)
+    if cfg.shards > 1:
+        return shards.combine(shards.fill_shards(empty, chunks, emb.counts, cfg.shards), emb.dim)
     if not cfg.on_disk:
         index = faiss.clone_index(empty)
         for _, vectors in chunks:
@@ -434,13 +443,13 @@ def fill_local(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, prog
     return merge_pieces(empty, names, [], folder, on_disk=True)
 
 
-def make_piece(empty, vectors: np.ndarray, start: int):
+def make_piece(empty, vectors: np.ndarray, start: int, *, positional: bool = False):
     """A copy of the trained ``empty`` index holding ``vectors``, ids ``start ...`` where the index can
-    store ids (IVF), else in order (a re-ranking index: placed by ``merge_pieces``)."""
+    store ids (IVF), else (or ``positional``: a shard) in order (a re-ranking index: placed by ``merge_pieces``)."""
     import faiss
 
     piece = faiss.clone_index(empty)
-    if _is_refine(piece):
+    if positional or _is_refine(piece):
         piece.add(vectors)
     else:
         piece.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
@@ -523,13 +532,18 @@ def _exact(emb, vectors: np.ndarray | None, q: np.ndarray, k: int) -> np.ndarray
 
 
 def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
-    """Write index.faiss, meta.parquet and index.json (with the files' sha256) into ``tmp``."""
+    """Write index.faiss (or, sharded, shard-*.faiss), meta.parquet and index.json (with the files'
+    sha256) into ``tmp``."""
     import faiss
     import pyarrow.parquet as pq
 
-    faiss.write_index(index, str(tmp / "index.faiss"))
+    if header.get("shards", 1) > 1:
+        header["shard_files"] = names = shards.write_shards(index, tmp)
+    else:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        names = ["index.faiss"]
     pq.write_table(meta, tmp / "meta.parquet")
-    files = ["index.faiss", "meta.parquet"] + (["index.ivfdata"] if (tmp / "index.ivfdata").exists() else [])
+    files = names + ["meta.parquet"] + (["index.ivfdata"] if (tmp / "index.ivfdata").exists() else [])
     header["checksums"] = {f: api.files.sha256_file(tmp / f) for f in files}
     header["bytes"] = {f: (tmp / f).stat().st_size for f in files}
     api.files.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
@@ -577,6 +591,7 @@ def build_index(
             "embeddings": [relative_path(emb.folder, out)],  # relative to the index: the folders can move
             "parts": [p.name for p in emb.parts],
             "on_disk": cfg.on_disk,
+            "shards": cfg.shards,
             "build_seconds": round(sum(b[3] for b in built), 2),
             "build_config": asdict(cfg),
         }
@@ -643,9 +658,14 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
         if verify and api.files.sha256_file(folder / name) != digest:
             raise IndexError_(f"{folder}/{name} is corrupt (sha256 mismatch); rebuild the index")
     try:
-        index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0)
+        if header.get("shard_files"):
+            index = shards.read_shards(folder, header["shard_files"], header["dim"])
+        else:
+            index = faiss.read_index(
+                str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR if header["on_disk"] else 0
+            )
     except RuntimeError as exc:
-        raise IndexError_(f"{folder}/index.faiss cannot be read: {str(exc).splitlines()[0][:200]}") from None
+        raise IndexError_(f"{folder}: an index file cannot be read: {str(exc).splitlines()[0][:200]}") from None
     for name, value in header.get("search_params", {}).items():
         set_knob(index, name, value)
     set_knob(index, header.get("knob"), header.get("knob_value"))
@@ -663,8 +683,11 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
 
     loaded = open_index(folder)
     h = loaded.header
-    if h["on_disk"]:
-        raise IndexError_("adding to an on-disk index is not supported: rebuild it over all embedding folders")
+    if h["on_disk"] or h.get("shard_files"):
+        raise IndexError_(
+            f"adding to an {'on-disk' if h['on_disk'] else 'sharded'} index is not supported: rebuild it over all "
+            "embedding folders"
+        )
     emb = load_embeddings(embeddings)
     if emb.header["model_id"] != h["model_id"] or emb.dim != h["dim"]:
         raise IndexError_(

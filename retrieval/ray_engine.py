@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
+from retrieval import shards
 from retrieval.embed import (
     EMBED_ENGINES,
     EmbedConfig,
@@ -213,49 +214,40 @@ def _result(ray, ref, source: str) -> dict:
         raise EmbedError(f"{source}: failed after retries: {str(exc).splitlines()[0]}") from None
 
 
-def _add_piece(empty: np.ndarray, parts: list[tuple[str, int]], name: str) -> str:
+def _add_piece(empty: np.ndarray, parts: list[tuple[str, int]], name: str, positional: bool = False) -> str:
     """A Ray task: the serialised trained ``empty`` index plus the vectors of ``parts`` ((.npy path, first
-    id) in id order), written atomically to ``name``."""
+    id) in id order), written atomically to ``name``; ``positional``: a shard (ids from 0)."""
     import faiss
 
     vectors = np.concatenate([np.load(path, mmap_mode="r") for path, _ in parts]).astype(np.float32)
-    piece = make_piece(faiss.deserialize_index(empty), vectors, parts[0][1])
+    piece = make_piece(faiss.deserialize_index(empty), vectors, parts[0][1], positional=positional)
     tmp = f"{name}.tmp-{os.getpid()}"
     faiss.write_index(piece, tmp)
     os.replace(tmp, name)
     return name
 
 
-def _groups(counts: list[int], n_groups: int) -> list[list[int]]:
-    """Runs of consecutive part numbers, about ``n_groups`` of them, balanced by vector count."""
-    total, groups, cur, acc = sum(counts), [], [], 0
-    for j, c in enumerate(counts):
-        cur.append(j)
-        acc += c
-        if acc >= total * (len(groups) + 1) / n_groups and len(groups) < n_groups - 1:
-            groups.append(cur)
-            cur = []
-    return groups + ([cur] if cur else [])
-
-
 @FILL_ENGINES.register("ray", example={"extra": "ray"})
 def fill_ray(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progress: bool = True):
     """Ray: runs of parts added to copies of the trained index in parallel tasks, the pieces merged in
-    id order (IVF types; others are filled here)."""
+    id order (IVF types; others are filled here), or kept as the index's shards (``cfg.shards``)."""
     import faiss
     from tqdm import tqdm
 
-    if not _mergeable(empty):
+    if not _mergeable(empty) and cfg.shards == 1:
         log.info("%s cannot be merged from pieces: filled in this process", spec.type)
         return fill_local(spec, empty, emb, folder, cfg, progress)
     starts = np.cumsum([0, *emb.counts])
     with ray_session(cfg.address) as ray:
-        groups = _groups(emb.counts, max(1, 2 * int(ray.cluster_resources().get("CPU", 1))))
+        n_groups = cfg.shards if cfg.shards > 1 else max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        groups = shards.groups(emb.counts, n_groups)
         ref = ray.put(faiss.serialize_index(empty))
         task = ray.remote(num_cpus=1, max_retries=3)(_add_piece)
         names = [str(folder / f"piece-{g:05d}.index") for g in range(len(groups))]
         pending = [
-            task.remote(ref, [(str(emb.parts[j].with_suffix(".npy")), int(starts[j])) for j in group], name)
+            task.remote(
+                ref, [(str(emb.parts[j].with_suffix(".npy")), int(starts[j])) for j in group], name, cfg.shards > 1
+            )
             for group, name in zip(groups, names)
         ]
         with tqdm(total=len(pending), desc=f"add ({spec.type}, ray)", unit="piece", disable=not progress) as bar:
@@ -263,6 +255,11 @@ def fill_ray(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progre
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
                 bar.update(len(done))
+    if cfg.shards > 1:
+        pieces = [faiss.read_index(name) for name in names]
+        for name in names:
+            os.unlink(name)
+        return shards.combine(pieces, emb.dim)
     return merge_pieces(empty, names, [int(starts[g[0]]) for g in groups], folder, on_disk=cfg.on_disk)
 
 

@@ -75,7 +75,8 @@ class Searcher:
         from retrieval.gpu import to_gpu, use_gpu
 
         loaded = open_index(index)
-        if not loaded.header["on_disk"]:  # lists on disk stay there: a GPU copy would read them all into memory
+        # lists on disk stay there (a GPU copy would read them all into memory); shards are searched on the CPU
+        if not loaded.header["on_disk"] and not loaded.header.get("shard_files"):
             loaded.index = to_gpu(loaded.index, use_gpu(device))
         return cls(api.load_checkpoint(model or loaded.header["model"]), loaded, **kwargs)
 

@@ -166,6 +166,49 @@ def test_every_index_engine_answers_as_the_local_build(entry, index_type, on_dis
     assert_same_answers(open_index(tmp_path / "local"), open_index(tmp_path / "other"), q)
 
 
+SHARDED = ["ivf_sq8", "ivf_rabitq_refine", "hnsw"]
+
+
+@pytest.mark.parametrize("entry", FILL_ENGINES.entries(), ids=FILL_ENGINES.names())
+@pytest.mark.parametrize("index_type", SHARDED)
+def test_a_sharded_index_is_searched_as_one(entry, index_type, request, clustered_job, tmp_path):
+    """--shards 3: three shard files over consecutive parts, no merged index, the collection's ids;
+    an IVF index answers as its merged build (the shards share the trained quantizer), any type
+    reaches the recall target or the merged build's recall; the files are checksummed, and adding to it is refused."""
+    from retrieval.index import IndexError_, add_to_index
+
+    _engine_fixture(entry, request)
+    folder, q = clustered_job
+    common = {"index_type": index_type, "queries": 200}
+    merged = build_index(folder, tmp_path / "merged", BuildConfig(**common), progress=False)
+    h = build_index(folder, tmp_path / "sharded", BuildConfig(**common, shards=3, engine=entry.name), progress=False)
+    assert h["shard_files"] == ["shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]
+    assert not (tmp_path / "sharded" / "index.faiss").exists() and not list((tmp_path / "sharded").glob("piece-*"))
+    assert h["ntotal"] == 30_000 and h["recall@10"] >= min(0.95, merged["recall@10"] - 0.01)  # SQ8 tops out low at d=32
+    loaded = open_index(tmp_path / "sharded")
+    assert [loaded.index.at(i).ntotal for i in range(3)] == [13_500, 9_000, 7_500]  # runs of 3, 2, 2 parts
+    if index_type == "ivf_sq8":
+        assert (h["knob_value"], h["recall@10"]) == (merged["knob_value"], merged["recall@10"])
+        assert_same_answers(open_index(tmp_path / "merged"), loaded, q)
+    _, ids = loaded.index.search(q, 10)
+    assert ids.min() >= 0 and ids.max() < 30_000
+    with pytest.raises(IndexError_, match="sharded index is not supported"):
+        add_to_index(tmp_path / "sharded", folder, progress=False)
+    shard = tmp_path / "sharded" / "shard-00001.faiss"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(IndexError_, match="shard-00001.faiss is corrupt"):
+        open_index(tmp_path / "sharded")
+
+
+def test_shards_and_on_disk_are_exclusive():
+    from retrieval.index import IndexError_
+
+    with pytest.raises(IndexError_, match="--on-disk or --shards"):
+        BuildConfig(shards=2, on_disk=True)
+    with pytest.raises(IndexError_, match="shards must be >= 1"):
+        BuildConfig(shards=0)
+
+
 def test_the_ray_engine_fills_graphs_and_exact_search_itself(ray_cluster, clustered_job, tmp_path):
     folder, q = clustered_job
     h = build_index(folder, tmp_path / "ix", BuildConfig(index_type="hnsw", engine="ray", queries=100), progress=False)
