@@ -115,6 +115,36 @@ def pq_m(d: int) -> int:
     return m
 
 
+def _ivf(
+    name: str,
+    n: int,
+    d: int,
+    codes: str,
+    code_bytes: int,
+    *,
+    pre: str = "",
+    extra_bytes: int = 0,
+    min_train: int = 0,
+    **kw,
+) -> IndexSpec:
+    """An IVF spec: ``{pre}IVF{nlist},{codes}``, ``code_bytes`` + an 8-byte id a vector plus the
+    centroids (and ``extra_bytes``), nprobe tuned over ``probes``, trained on 50 vectors a cell
+    (at least ``min_train``)."""
+    nlist = nlist_for(n)
+    return IndexSpec(
+        name,
+        f"{pre}IVF{nlist},{codes}",
+        n * (code_bytes + 8) + nlist * d * 4 + extra_bytes,
+        "nprobe",
+        probes(nlist),
+        min(n, max(50 * nlist, min_train)),
+        **kw,
+    )
+
+
+PQ_TRAIN = 256 * 64  # product quantizers want >= 256 points a centroid of 64 sub-quantizers
+
+
 @INDEX_TYPES.register("flat", example={"n": 20_000, "d": 32, "recall_floor": 1.0, "self_hit": 0.8})
 def flat(n: int, d: int) -> IndexSpec:
     """Exact search."""
@@ -132,29 +162,22 @@ def hnsw(n: int, d: int) -> IndexSpec:
 @INDEX_TYPES.register("ivf_flat", example={"n": 20_000, "d": 32, "recall_floor": 0.95, "self_hit": 0.8})
 def ivf_flat(n: int, d: int) -> IndexSpec:
     """Inverted file over raw vectors."""
-    nlist = nlist_for(n)
-    return IndexSpec(
-        "ivf_flat",
-        f"IVF{nlist},Flat",
-        n * (d * 4 + 8) + nlist * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, 50 * nlist),
-        on_disk_ok=True,
-    )
+    return _ivf("ivf_flat", n, d, "Flat", 4 * d, on_disk_ok=True)
 
 
 @INDEX_TYPES.register("ivf_pq_refine", example={"n": 20_000, "d": 32, "recall_floor": 0.75, "self_hit": 0.8})
 def ivf_pq_refine(n: int, d: int) -> IndexSpec:
     """OPQ rotation + IVF-PQ (d/8 bytes) shortlist, re-ranked on 8-bit scalar-quantised vectors."""
-    nlist, m = nlist_for(n), pq_m(d)
-    return IndexSpec(
+    m = pq_m(d)
+    return _ivf(
         "ivf_pq_refine",
-        f"OPQ{m}_{d},IVF{nlist},PQ{m}x8,Refine(SQ8)",
-        n * (m + d + 8) + nlist * d * 4 + d * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, max(50 * nlist, 256 * 64)),
+        n,
+        d,
+        f"PQ{m}x8,Refine(SQ8)",
+        m + d,
+        pre=f"OPQ{m}_{d},",
+        extra_bytes=d * d * 4,
+        min_train=PQ_TRAIN,
         param_grid=REFINE_GRID,
     )
 
@@ -165,16 +188,7 @@ def ivf_sq8(n: int, d: int) -> IndexSpec:
     the lists are scanned in order, so it is faster than a shortlist re-ranked by random access
     into the same 8-bit codes, and smaller (1M x 512 clustered: 99-122x exact search at recall@10
     0.97 in 0.49 GiB; benchmarks/index.py). Recall tops out near 0.98 (the 8-bit rounding)."""
-    nlist = nlist_for(n)
-    return IndexSpec(
-        "ivf_sq8",
-        f"IVF{nlist},SQ8",
-        n * (d + 8) + nlist * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, 50 * nlist),
-        on_disk_ok=True,
-    )
+    return _ivf("ivf_sq8", n, d, "SQ8", d, on_disk_ok=True)
 
 
 @INDEX_TYPES.register("ivf_rabitq_refine", example={"n": 20_000, "d": 32, "recall_floor": 0.75, "self_hit": 0.8})
@@ -183,15 +197,8 @@ def ivf_rabitq_refine(n: int, d: int) -> IndexSpec:
     vector; its distance estimates have a bounded error, so a short shortlist suffices) re-ranked on
     8-bit scalar-quantised vectors: the fastest re-ranked shortlist at recall@10 0.95 (1M x 512
     clustered: 49-55x exact search in 0.56 GiB, fast-scan PQ 45x in the same runs; benchmarks/index.py)."""
-    nlist = nlist_for(n)
-    return IndexSpec(
-        "ivf_rabitq_refine",
-        f"IVF{nlist},RaBitQ,Refine(SQ8)",
-        n * (d // 8 + 8 + d + 8) + nlist * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, max(50 * nlist, 256 * 64)),
-        param_grid=REFINE_GRID,
+    return _ivf(
+        "ivf_rabitq_refine", n, d, "RaBitQ,Refine(SQ8)", d // 8 + 8 + d, min_train=PQ_TRAIN, param_grid=REFINE_GRID
     )
 
 
@@ -200,32 +207,20 @@ def ivf_pqfs_refine(n: int, d: int) -> IndexSpec:
     """IVF with fast-scan PQ of the residuals (d/4 sub-quantizers of 4 bits, scanned with SIMD: d/8
     bytes a vector) as the shortlist, re-ranked on 8-bit scalar-quantised vectors: the same memory as
     ``ivf_pq_refine``. ``x4fsr``: residual codes (``x4fs`` codes the raw vectors, recall@10 0.01 lower)."""
-    nlist, m = nlist_for(n), max(2, (d // 4) - (d // 4) % 2)
+    m = max(2, (d // 4) - (d // 4) % 2)
     while d % m:
         m -= 2
-    return IndexSpec(
-        "ivf_pqfs_refine",
-        f"IVF{nlist},PQ{m}x4fsr,Refine(SQ8)",
-        n * (m // 2 + d + 8) + nlist * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, max(50 * nlist, 256 * 64)),
-        param_grid=REFINE_GRID,
+    return _ivf(
+        "ivf_pqfs_refine", n, d, f"PQ{m}x4fsr,Refine(SQ8)", m // 2 + d, min_train=PQ_TRAIN, param_grid=REFINE_GRID
     )
 
 
 @INDEX_TYPES.register("ivf_pq", example={"n": 20_000, "d": 32, "recall_floor": 0.15, "self_hit": 0.2})
 def ivf_pq(n: int, d: int) -> IndexSpec:
     """OPQ + IVF-PQ alone: the smallest (d/8 bytes a vector); recall@10 tops out low (0.27 at 1M clustered, d=512)."""
-    nlist, m = nlist_for(n), pq_m(d)
-    return IndexSpec(
-        "ivf_pq",
-        f"OPQ{m}_{d},IVF{nlist},PQ{m}x8",
-        n * (m + 8) + nlist * d * 4 + d * d * 4,
-        "nprobe",
-        probes(nlist),
-        min(n, max(50 * nlist, 256 * 64)),
-        on_disk_ok=True,
+    m = pq_m(d)
+    return _ivf(
+        "ivf_pq", n, d, f"PQ{m}x8", m, pre=f"OPQ{m}_{d},", extra_bytes=d * d * 4, min_train=PQ_TRAIN, on_disk_ok=True
     )
 
 
@@ -537,7 +532,7 @@ def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     import faiss
     import pyarrow.parquet as pq
 
-    if header.get("shards", 1) > 1:
+    if header["build_config"].get("shards", 1) > 1:
         header["shard_files"] = names = shards.write_shards(index, tmp)
     else:
         faiss.write_index(index, str(tmp / "index.faiss"))
@@ -591,7 +586,6 @@ def build_index(
             "embeddings": [relative_path(emb.folder, out)],  # relative to the index: the folders can move
             "parts": [p.name for p in emb.parts],
             "on_disk": cfg.on_disk,
-            "shards": cfg.shards,
             "build_seconds": round(sum(b[3] for b in built), 2),
             "build_config": asdict(cfg),
         }

@@ -190,15 +190,20 @@ def write_splits(cfg: EmojiCorpusConfig, out: Path, pngs: dict, seen: list[Conce
         "sketch": (seen, cfg.sketch_styles),
         "unseen_concepts": (unseen, cfg.train_styles),
     }
-    splits = {
-        split: [(pngs[(s, c.slug)], c.label, f"{s}.png") for c in concepts for s in styles if (s, c.slug) in pngs]
-        for split, (concepts, styles) in plan.items()
-    }
+
+    def rows(concepts: list[Concept], styles: tuple[str, ...], by_group: bool) -> list[tuple[Path, str, str]]:
+        """(png, class label, file name) of each drawn (concept, style): by concept, or by emoji group."""
+        return [
+            (pngs[(s, c.slug)], c.group, f"{c.slug}-{s}.png") if by_group else (pngs[(s, c.slug)], c.label, f"{s}.png")
+            for c in concepts
+            for s in styles
+            if (s, c.slug) in pngs
+        ]
+
+    splits = {split: rows(concepts, styles, False) for split, (concepts, styles) in plan.items()}
     if all(c.group for c in seen):  # the coarse task: the seen concepts' images by emoji group
         for split in ("train_styles_seen", "rendition", "sketch"):
-            concepts, styles = plan[split]
-            rows = [(pngs.get((s, c.slug)), c.group, f"{c.slug}-{s}.png") for c in concepts for s in styles]
-            splits[f"groups_{split}"] = [row for row in rows if row[0] is not None]
+            splits[f"groups_{split}"] = rows(*plan[split], True)
     return write_corpus(out, train, splits, cfg.shard_count)
 
 
