@@ -9,9 +9,9 @@ timeout. The event loop only awaits the futures.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,17 +29,27 @@ class Overloaded(RuntimeError):
         self.retry_after = retry_after
 
 
+class ClientOverloaded(Overloaded):
+    """This client already holds its share of the queue (the service answers 429): others still get in."""
+
+
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch: int = 64  # items encoded and searched together
+    max_batch: int = 64  # cost (texts, images, vectors) encoded and searched together
     max_wait_ms: float = 2.0  # how long the worker waits for more items once one is there
-    max_queue: int = 64  # waiting items; beyond this, submit() raises Overloaded
+    max_queue: int = 64  # waiting cost; beyond this, submit() raises Overloaded (503)
+    max_queue_per_client: int = 32  # waiting cost of one client; beyond this, ClientOverloaded (429)
 
 
 class MicroBatcher(Generic[T]):
-    """``submit(item) -> Future``; ``fn(items) -> results`` runs on one worker, one batch at a time. A
-    result that is an ``Exception`` fails only its own future; an exception raised by ``fn`` fails the
-    whole batch. ``on_batch(size, seconds)`` is called after each batch (metrics).
+    """``submit(item, cost=, client=) -> Future``; ``fn(items) -> results`` runs on one worker, one batch
+    at a time. A result that is an ``Exception`` fails only its own future; an exception raised by
+    ``fn`` fails the whole batch. ``on_batch(size, seconds)`` is called after each batch (metrics).
+
+    Fairness: every item has a ``cost`` (a list of 200 labels costs 200, not 1) and a ``client``. The
+    queue bound and each client's share are counted in cost, and a batch is filled round-robin over
+    the clients that are waiting (one item from each in turn, starting after the client served first
+    last time), so a client that keeps the queue full gets its turn and no more.
 
     The worker is a thread of its own (``thread=True``), or whichever thread calls ``run()``: the
     service runs it on the process's main thread, where torch's OpenMP team runs small batches 1.5-2.5x
@@ -58,46 +68,88 @@ class MicroBatcher(Generic[T]):
     ):
         self.fn, self.cfg, self.name, self.on_batch = fn, cfg, name, on_batch
         self.before_batch, self.after_batch = before_batch, after_batch
-        self._queue: queue.Queue = queue.Queue()  # bounded in submit(), so close() can always enqueue its stop
-        self._seconds_per_item = 0.01  # running estimate, for Retry-After
+        self._cond = threading.Condition()
+        self._lanes: OrderedDict[str, deque[tuple[T, Future, int]]] = OrderedDict()  # client -> waiting items
+        self._cost, self._client_cost, self._closed = 0, {}, False
+        self._seconds_per_item = 0.01  # running estimate (per unit of cost), for Retry-After
         self._thread = threading.Thread(target=self.run, name=name, daemon=True) if thread else None
         if self._thread is not None:
             self._thread.start()
 
-    def submit(self, item: T) -> Future:
+    def submit(self, item: T, *, cost: int = 1, client: str = "") -> Future:
         future: Future = Future()
-        waiting = self._queue.qsize()
-        if waiting >= self.cfg.max_queue:
-            wait = max(1.0, round(waiting * self._seconds_per_item + 0.5))
-            raise Overloaded(f"{self.name}: {waiting} requests are waiting; try again shortly", retry_after=wait)
-        self._queue.put_nowait((item, future))
+        with self._cond:
+            if self._closed:
+                raise Overloaded(f"{self.name}: shutting down", retry_after=5)
+            mine = self._client_cost.get(client, 0)
+            if self._cost and self._cost + cost > self.cfg.max_queue:
+                raise Overloaded(f"{self.name}: {self._cost} queries are waiting; try again shortly", self._wait())
+            if mine and mine + cost > self.cfg.max_queue_per_client:
+                raise ClientOverloaded(f"{self.name}: {mine} of your queries are waiting; try again shortly", 1)
+            self._lanes.setdefault(client, deque()).append((item, future, cost))
+            self._cost += cost
+            self._client_cost[client] = mine + cost
+            self._cond.notify()
         return future
 
+    def _wait(self) -> float:
+        return max(1.0, round(self._cost * self._seconds_per_item + 0.5))
+
     def depth(self) -> int:
-        """Items waiting (not counting the batch being run)."""
-        return self._queue.qsize()
+        """Cost waiting (not counting the batch being run)."""
+        return self._cost
 
     def close(self) -> None:
-        """Stop the worker after the batch it is running (from any thread)."""
-        self._queue.put((None, None))
+        """Stop the worker after the batch it is running (from any thread); what still waits is refused."""
+        with self._cond:
+            self._closed = True
+            left = [fut for lane in self._lanes.values() for _, fut, _ in lane]
+            self._lanes.clear()
+            self._cost, self._client_cost = 0, {}
+            self._cond.notify_all()
+        for fut in left:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(Overloaded(f"{self.name}: shutting down", retry_after=5))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     def _take(self) -> list[tuple[T, Future]] | None:
-        first = self._queue.get()
-        if first[1] is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.cfg.max_wait_ms / 1000
-        while len(batch) < self.cfg.max_batch:
-            try:
-                wait = deadline - time.monotonic()
-                item = self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait)
-            except queue.Empty:
+        """The next batch: wait for a first item, then up to ``max_wait_ms`` for more (or a full batch),
+        then take round-robin over the waiting clients up to ``max_batch`` cost."""
+        with self._cond:
+            while not self._cost and not self._closed:
+                self._cond.wait()
+            deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+            while not self._closed and self._cost < self.cfg.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if self._closed:
+                return None
+            return self._round_robin()
+
+    def _round_robin(self) -> list[tuple[T, Future]]:
+        batch, cost, served = [], 0, []
+        while self._lanes:
+            took = False
+            for client in list(self._lanes):
+                lane = self._lanes[client]
+                if batch and cost + lane[0][2] > self.cfg.max_batch:
+                    continue
+                item, fut, c = lane.popleft()
+                batch.append((item, fut))
+                cost += c
+                self._client_cost[client] -= c
+                took = True
+                if client not in served:
+                    served.append(client)
+                if not lane:
+                    del self._lanes[client]
+                    del self._client_cost[client]
+            if not took or cost >= self.cfg.max_batch:
                 break
-            if item[1] is None:  # close(): finish this batch, then stop
-                self._queue.put(item)
-                break
-            batch.append(item)
+        for client in served:  # the next batch starts with the clients not served first this time
+            if client in self._lanes:
+                self._lanes.move_to_end(client)
+        self._cost -= cost
         return batch
 
     def run(self) -> None:

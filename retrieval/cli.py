@@ -6,7 +6,7 @@ retrieval index add index/ emb2/
 retrieval search index/ "a red bicycle" -k 10
 retrieval dedup emb/ --out keep.parquet [--threshold 0.94] [--index index/]
 retrieval filter emb/ --out keep.parquet [--min-score 0.28] [--exclude "a watermark"]
-retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key KEY]
+retrieval serve [NAME=]index/ [NAME2=index2/ ...] [--port 8000] [--api-key-file FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 from retrieval.embed import EmbedError
 from retrieval.index import INDEX_TYPES, IndexError_
 from retrieval.search import QueryError
+
+log = logging.getLogger(__name__)
 
 UNITS = {
     "": 1,
@@ -155,13 +158,26 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, RETRIEVAL_API_KEY or --api-key (which ``ps`` shows: warned)."""
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise QueryError(f"{args.api_key_file} is empty")
+        return key
+    if os.environ.get("RETRIEVAL_API_KEY"):
+        return os.environ["RETRIEVAL_API_KEY"]
+    if args.api_key:
+        log.warning("--api-key is visible to every user of this machine (ps); use --api-key-file or RETRIEVAL_API_KEY")
+    return args.api_key
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from retrieval.batcher import BatchConfig
-    from retrieval.clip_protocol import KnnLimits
+    from retrieval.connections import ConnectionLimits
+    from retrieval.fetch import FetchPolicy
     from retrieval.search import Searcher
     from retrieval.service import ServeConfig, serve
 
@@ -187,17 +203,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_upload_bytes=args.max_upload,
-        api_key=args.api_key or os.environ.get("RETRIEVAL_API_KEY"),
+        api_key=read_api_key(args),
         insecure=args.insecure,
         cors_origins=tuple(args.cors_origin),
-        batch=BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue),
+        allowed_hosts=tuple(args.allowed_host),
+        docs=args.docs,
+        batch=BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.max_queue_per_client),
         request_timeout_s=args.timeout,
         concurrency=args.concurrency,
-        knn=KnnLimits(image_url_hosts=tuple(args.image_url_host)),
+        per_client=args.per_client,
+        fetch=FetchPolicy(hosts=tuple(args.image_url_host), allow_private=args.image_url_private),
+        connections=ConnectionLimits(
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            max_connections=args.max_connections,
+            max_per_client=args.max_connections_per_client,
+        ),
     )
     total = sum(s.index.ntotal for s in searchers.values())
     print(
-        f"serving {', '.join(searchers)} ({total:,} items) on http://{args.host}:{args.port}/  (API docs: /docs)",
+        f"serving {', '.join(searchers)} ({total:,} items) on http://{args.host}:{args.port}/"
+        + ("  (API docs: /docs)" if args.docs else ""),
         flush=True,
     )
     serve(searchers, cfg)
@@ -373,27 +399,58 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload", type=parse_bytes, default=parse_bytes("8MB"), help="upload size limit (8MB)")
-    v.add_argument("--api-key", help="required on every route but /health (also read from RETRIEVAL_API_KEY)")
-    v.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    v.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the API key (>= 16 characters), required on every route but /health, / and /login; "
+        "or set RETRIEVAL_API_KEY (docs/security.md)",
+    )
+    v.add_argument("--api-key", help="the API key itself: visible to every user in `ps`; prefer --api-key-file")
+    v.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host, --cors-origin '*' and proxied (forwarded) requests without an API key",
+    )
+    v.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name clients use (besides loopback's and --host's; '*': any); DNS rebinding defence",
+    )
     v.add_argument(
         "--cors-origin",
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any) to call the API",
+        help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any, needs a key) to call the API",
     )
     v.add_argument(
         "--image-url-host",
         action="append",
         default=[],
-        metavar="HOST",
-        help="hosts whose images /knn-service's image_url may fetch (default: none, image_url refused)",
+        metavar="HOST[:PORT]",
+        help="hosts whose images /knn-service's image_url may fetch (ports 80/443 unless named; default: none)",
     )
+    v.add_argument(
+        "--image-url-private",
+        action="store_true",
+        help="let image_url hosts resolve to private/loopback addresses (an internal deployment)",
+    )
+    v.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (Swagger loads JS from a CDN)")
     v.add_argument("--max-batch", type=int, default=64, help="queries per encoder/search batch (64)")
     v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (2 ms)")
-    v.add_argument("--max-queue", type=int, default=64, help="waiting queries (all indexes) before 503 (64)")
+    v.add_argument(
+        "--max-queue", type=int, default=64, help="waiting queries, texts counted (all indexes) before 503 (64)"
+    )
+    v.add_argument("--max-queue-per-client", type=int, default=32, help="one client's waiting queries before 429 (32)")
     v.add_argument("--timeout", type=float, default=30.0, help="seconds a query may wait for its answer (30)")
-    v.add_argument("--concurrency", type=int, default=256, help="open connections before uvicorn answers 503 (256)")
+    v.add_argument("--concurrency", type=int, default=256, help="requests in flight before 503 (256)")
+    v.add_argument("--per-client", type=int, default=32, help="requests in flight from one address before 429 (32)")
+    v.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
+    v.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (30)")
+    v.add_argument("--max-connections", type=int, default=1000, help="open connections in all (1000)")
+    v.add_argument("--max-connections-per-client", type=int, default=64, help="open connections from one address (64)")
     v.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
     v.set_defaults(fn=cmd_serve)
     return p

@@ -15,17 +15,23 @@ non-empty ``text``, then ``image``, then ``image_url``, then ``embedding_input``
 collapses hits whose stored vectors have cosine >= 0.94 (clip-retrieval's threshold), keeping the
 best-ranked one. Options we cannot honour (``use_mclip``, the safety and violence models, aesthetic
 shifts) are accepted and ignored. ``image_url`` is refused unless its host is on the server's
-allow-list: the server never fetches arbitrary URLs.
+allow-list: the server never fetches arbitrary URLs (``fetch``: every redirect hop re-checked, resolved
+addresses checked and pinned).
+
+Bounds: ``num_result_ids`` and ``num_images`` are clamped to ``max_result_ids`` (1,000) and
+``max_images`` (the front end asks for 3,000 ids, its download button for 10,000: they get 1,000, not
+an error); ``/metadata`` takes at most 500 ids (the front end asks for 40 at a time).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from retrieval.fetch import FetchError, FetchPolicy, check_url
 from retrieval.search import QueryError
 
 CLIENT_KEYS = (
@@ -49,9 +55,8 @@ DEDUP_THRESHOLD = 0.94
 
 @dataclass(frozen=True)
 class KnnLimits:
-    max_images: int = 1000  # results with metadata (and thumbnails)
-    max_result_ids: int = 10_000  # results in all
-    image_url_hosts: tuple[str, ...] = ()  # hosts image_url may name (empty: image_url refused)
+    max_images: int = 1000  # results with metadata (and thumbnails): more asked is clamped to this
+    max_result_ids: int = 1000  # results in all: more asked is clamped to this
 
 
 @dataclass(frozen=True)
@@ -69,17 +74,13 @@ class KnnRequest:
     embedding: list[float] | None = None
 
 
-def parse_knn(body: Any, limits: KnnLimits) -> KnnRequest:
+def parse_knn(body: Any, limits: KnnLimits, fetch_policy: FetchPolicy = FetchPolicy()) -> KnnRequest:
     """Validate a ``/knn-service`` body (already JSON-decoded); ``QueryError`` says what is wrong."""
     if not isinstance(body, dict):
         raise QueryError("the body must be a JSON object")
-    num_images = _int(body.get("num_images", 40), "num_images", 1, limits.max_images)
-    num_ids = _int(
-        body.get("num_result_ids") if body.get("num_result_ids") is not None else num_images,
-        "num_result_ids",
-        1,
-        limits.max_result_ids,
-    )
+    num_images = min(_int(body.get("num_images", 40), "num_images"), limits.max_images)
+    asked = body.get("num_result_ids")
+    num_ids = min(_int(asked, "num_result_ids") if asked is not None else num_images, limits.max_result_ids)
     modality = body.get("modality") or "image"
     if not isinstance(modality, str):
         raise QueryError("modality must be a string")
@@ -97,9 +98,9 @@ def parse_knn(body: Any, limits: KnnLimits) -> KnnRequest:
     if isinstance(text, str) and text.strip():
         return KnnRequest(**common, text=text)
     if image is not None:
-        return KnnRequest(**common, image=_b64(image))
+        return KnnRequest(**common, image=b64_image(image))
     if url is not None:
-        return KnnRequest(**common, image_url=_allowed_url(url, limits))
+        return KnnRequest(**common, image_url=_allowed_url(url, fetch_policy))
     if emb is not None:
         if not isinstance(emb, list) or not emb or not all(isinstance(x, (int, float)) for x in emb):
             raise QueryError("embedding_input must be a non-empty list of numbers")
@@ -107,38 +108,41 @@ def parse_knn(body: Any, limits: KnnLimits) -> KnnRequest:
     raise QueryError("give one of text, image (base64), image_url or embedding_input")
 
 
-def _int(value: Any, name: str, low: int, high: int) -> int:
+def _int(value: Any, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise QueryError(f"{name} must be an integer")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's Infinity and NaN (Python's parser takes them)
+        raise QueryError(f"{name} must be a finite integer")
     try:
         n = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise QueryError(f"{name} must be an integer") from None
-    if not low <= n <= high:
-        raise QueryError(f"{name} must be between {low} and {high}, got {n}")
+    if n < low:
+        raise QueryError(f"{name} must be at least {low}, got {n}")
     return n
 
 
-def _b64(text: Any) -> bytes:
+def b64_image(text: Any) -> bytes:
+    """A base64 image (bare, or a ``data:`` URL): the one decoder of the service and clip's protocol."""
     if not isinstance(text, str):
-        raise QueryError("image must be a base64 string")
+        raise QueryError("an image must be a base64 string")
     try:
         return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
-    except (binascii.Error, ValueError):
-        raise QueryError("image is not valid base64") from None
+    except (binascii.Error, ValueError, TypeError):
+        raise QueryError("an image is not valid base64") from None
 
 
-def _allowed_url(url: Any, limits: KnnLimits) -> str:
+def _allowed_url(url: Any, policy: FetchPolicy) -> str:
+    """The client's own URL checked against the allow-list (the message names no network detail)."""
     if not isinstance(url, str):
         raise QueryError("image_url must be a string")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise QueryError("image_url must be an http(s) URL")
-    if parts.hostname.lower() not in {h.lower() for h in limits.image_url_hosts}:
+    try:
+        check_url(url, policy)
+    except FetchError as exc:
         raise QueryError(
-            "image_url is refused: this server fetches images only from the hosts on its allow-list "
+            f"image_url is refused ({exc}): this server fetches images only from the hosts on its allow-list "
             "(retrieval serve --image-url-host); send the image itself as base64 in 'image'"
-        )
+        ) from None
     return url
 
 

@@ -1,10 +1,12 @@
 """One served index: its model, FAISS index and metadata behind a micro-batcher.
 
 Concurrent queries (texts, preprocessed images, raw vectors) are gathered into one batch: one text
-encoder call for all the texts, one image encoder call for all the images, then one FAISS search for
-all of them with the largest k asked (each query keeps its own k). Queries with ``k = 0`` only embed
-(zero-shot labels and the uploaded image of ``/classify``). Near-duplicate removal runs on the same
-worker, after the search. Label embeddings are cached (LRU by template and label).
+encoder call for all the texts, one image encoder call for all the images, then one FAISS search per
+k asked (a query asking for 1,000 hits does not make every query of its batch search for 1,000).
+Queries with ``k = 0`` only embed (zero-shot labels and the uploaded image of ``/classify``).
+Near-duplicate removal runs on the same worker, after the search, as connected components over
+FAISS's range search (vectorised; a cap on the pairs). One query's failure (its dedup, its stored
+vectors) fails that query only. Label embeddings are cached (LRU by template and label).
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 from mmpretrain import api
 from retrieval.batcher import BatchConfig, MicroBatcher
 from retrieval.search import QueryError, Searcher
 
 KINDS = ("text", "image", "vector")
+MAX_DEDUP_PAIRS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,11 @@ class Query:
     value: Any  # a text query may also be a list of texts (k = 0): its answer's vector is then (N, E)
     k: int = 0
     dedup: float | None = None
+
+    @property
+    def cost(self) -> int:
+        """What the query weighs in the batcher's queue and batches: one per text, image or vector."""
+        return len(self.value) if isinstance(self.value, list) else 1
 
 
 @dataclass(frozen=True)
@@ -103,22 +114,30 @@ class IndexEngine:
             idx = [i for i, q in enumerate(queries) if q.kind == kind]
             if idx:
                 vectors[idx] = encode([queries[i].value for i in idx])
-        todo = [i for i, q in enumerate(queries) if q.k > 0 and out[i] is None]
-        scores, ids = (
-            self.searcher.index.index.search(vectors[todo], max(queries[i].k for i in todo)) if todo else (None, None)
-        )
         empty = np.zeros(0, np.int64)
         for i in range(len(queries)):
             if out[i] is None:
                 out[i] = Answer(lists.get(i, vectors[i]), empty, empty.astype(np.float32))
-        for row, i in enumerate(todo):
-            keep = ids[row][: queries[i].k] >= 0
-            hit_ids, hit_scores = ids[row][: queries[i].k][keep], scores[row][: queries[i].k][keep]
-            if queries[i].dedup is not None and len(hit_ids) > 1:
-                first = dedup_first(self.searcher.vectors(hit_ids), queries[i].dedup)
-                hit_ids, hit_scores = hit_ids[first], hit_scores[first]
-            out[i] = Answer(vectors[i], hit_ids, hit_scores)
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            if q.k > 0 and not isinstance(out[i], Exception):
+                groups.setdefault(q.k, []).append(i)
+        for k, todo in groups.items():
+            scores, ids = self.searcher.index.index.search(vectors[todo], k)
+            for row, i in enumerate(todo):
+                try:
+                    out[i] = self._hits(queries[i], vectors[i], ids[row], scores[row])
+                except Exception as exc:  # this query's dedup or stored vectors failed: its answer only
+                    out[i] = exc
         return out
+
+    def _hits(self, query: Query, vector: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> Answer:
+        keep = ids[: query.k] >= 0
+        hit_ids, hit_scores = ids[: query.k][keep], scores[: query.k][keep]
+        if query.dedup is not None and len(hit_ids) > 1:
+            first = dedup_first(self.searcher.vectors(hit_ids), query.dedup)
+            hit_ids, hit_scores = hit_ids[first], hit_scores[first]
+        return Answer(vector, hit_ids, hit_scores)
 
     def _encode_texts(self, queries: list[Query], vectors: np.ndarray, out: list) -> dict[int, np.ndarray]:
         """All texts of the batch (single queries and label lists) in one encoder call; fills ``vectors``
@@ -171,8 +190,9 @@ class Engines:
             self._run, cfg, name="queries", thread=thread, before_batch=before_batch, after_batch=after_batch
         )
 
-    def submit(self, engine: IndexEngine, query: Query) -> Future:
-        return self.batcher.submit((engine, engine.check(query)))
+    def submit(self, engine: IndexEngine, query: Query, client: str = "") -> Future:
+        """Queue ``query`` for ``engine``, counted as its cost against ``client``'s share of the queue."""
+        return self.batcher.submit((engine, engine.check(query)), cost=query.cost, client=client)
 
     def _run(self, items: list[tuple[IndexEngine, Query]]) -> list[Answer | Exception]:
         import time
@@ -192,33 +212,24 @@ class Engines:
         return out
 
 
-def dedup_first(vectors: np.ndarray, threshold: float) -> np.ndarray:
+def dedup_first(vectors: np.ndarray, threshold: float, *, max_pairs: int = MAX_DEDUP_PAIRS) -> np.ndarray:
     """Indices (ascending) of the rows to keep when rows whose cosine similarity is >= ``threshold``
     are near-duplicates: duplicates chain (connected components, as clip-retrieval's
     ``get_non_uniques``), and each group keeps its first row (the best-ranked hit).
 
     Args:
         vectors: (N, E) the hits' stored vectors, best hit first (normalised here).
+        max_pairs: the most (i, j) pairs at or over ``threshold`` worked on; more is a ``QueryError``
+            (N hits make at most N^2: 1,000 hits fit the default).
     """
-    import faiss
-
     v = np.ascontiguousarray(
         vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), dtype=np.float32
     )
     flat = faiss.IndexFlatIP(v.shape[1])
     flat.add(v)
-    lims, sims, nbrs = flat.range_search(v, np.nextafter(np.float32(threshold), np.float32(-1)))  # >= threshold
-    parent = list(range(len(v)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(v)):
-        for j in nbrs[lims[i] : lims[i + 1]]:
-            a, b = root(i), root(int(j))
-            if a != b:
-                parent[max(a, b)] = min(a, b)  # the group's root is its best-ranked member
-    return np.array([i for i in range(len(v)) if root(i) == i], dtype=np.int64)
+    lims, _, nbrs = flat.range_search(v, np.nextafter(np.float32(threshold), np.float32(-1)))  # >= threshold
+    if lims[-1] > max_pairs:
+        raise QueryError(f"too many near-duplicate pairs ({lims[-1]}) to collapse; ask for fewer results")
+    graph = csr_matrix((np.ones(len(nbrs), np.int8), nbrs, lims), shape=(len(v), len(v)))
+    _, labels = connected_components(graph, directed=False)
+    return np.sort(np.unique(labels, return_index=True)[1]).astype(np.int64)  # each group's first row

@@ -6,7 +6,10 @@ cores torch's two-thread team loses ~40% of its rate to *any* other busy process
 preempted thread stalls every parallel op), while a one-thread team loses nothing. So:
 
 * ``Decoder``: uploads are decoded and preprocessed in a separate process at the lowest priority
-  (nice 19); a crashed decoder is replaced; at most ``max_pending`` uploads wait, beyond that 503.
+  (nice 19), under an address-space limit (its size once started plus ``memory_mb``: an upload that
+  needs more fails with ``MemoryError``, answered 400, and the server's memory is never at stake);
+  each process is replaced after ``recycle_after`` uploads, and a crashed one at once; at most
+  ``max_pending`` uploads wait, beyond that 503.
 * ``CpuShare``: searches first. While uploads are being decoded, the decoder is paused (SIGSTOP) during
   two of every three search batches, which run with all compute threads; during the third it runs beside
   a batch that uses one thread. Uploads also get every idle gap between batches. Measured with 2
@@ -17,26 +20,45 @@ preempted thread stalls every parallel op), while a one-thread team loses nothin
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import resource
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from mmpretrain import api
 from retrieval.search import QueryError
 
 
 class Busy(Exception):
-    """Too much is waiting: the service answers 503 with ``retry_after``."""
+    """Too much is waiting: the service answers ``status`` (503; 429 when it is this client's share) with
+    ``retry_after``."""
 
-    def __init__(self, detail: str, retry_after: float):
+    def __init__(self, detail: str, retry_after: float, *, status: int = 503):
         super().__init__(detail)
-        self.retry_after = retry_after
+        self.retry_after, self.status = retry_after, status
 
 
-def _worker_init(nice: int) -> None:
+def _worker_init(nice: int, memory_mb: int) -> None:
     import torch
+
+    import mmpretrain.eval.inputs  # noqa: F401  (what decoding needs, loaded before the limit is measured)
 
     os.nice(nice)  # uploads get the CPU the searches leave over
     torch.set_num_threads(1)
+    if memory_mb > 0 and _address_space():
+        limit = _address_space() + (memory_mb << 20)  # torch maps GBs of libraries: the budget is on top
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _address_space() -> int:
+    """This process's virtual size in bytes (``VmSize``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) << 10
+    return 0
 
 
 def read_image(data: bytes, max_pixels: int):
@@ -53,26 +75,31 @@ def read_image(data: bytes, max_pixels: int):
 
 
 def _decode(transform, data: bytes, max_pixels: int):
-    return transform(read_image(data, max_pixels))
+    try:
+        return transform(read_image(data, max_pixels))
+    except MemoryError:
+        raise QueryError("the image needs more memory to decode than an upload may use") from None
 
 
 class Decoder:
-    """``await decoder(transform, data, max_pixels)`` -> the preprocessed (3, H, W) tensor."""
+    """``await decoder(transform, data, max_pixels)`` -> the preprocessed (3, H, W) tensor; an image
+    that cannot be decoded within the limits raises ``QueryError`` (400), a full queue ``Busy``."""
 
-    def __init__(self, workers: int = 1, max_pending: int = 8, nice: int = 19):
+    def __init__(
+        self, workers: int = 1, max_pending: int = 8, nice: int = 19, *, memory_mb: int = 1024, recycle_after: int = 200
+    ):
         self.workers, self.max_pending, self.nice = workers, max_pending, nice
+        self.memory_mb, self.recycle_after = memory_mb, recycle_after
         self.pending, self._pool = 0, None  # pending: changed on the event loop only
 
     def _executor(self):
         if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init,
-                initargs=(self.nice,),
+                initargs=(self.nice, self.memory_mb),
+                max_tasks_per_child=self.recycle_after or None,
             )
         return self._pool
 
@@ -81,8 +108,6 @@ class Decoder:
         return list(getattr(self._pool, "_processes", None) or {}) if self._pool is not None else []
 
     async def __call__(self, transform, data: bytes, max_pixels: int):
-        from concurrent.futures.process import BrokenProcessPool
-
         if self.pending >= self.max_pending:
             raise Busy(f"{self.pending} uploads are being decoded", 2)
         self.pending += 1

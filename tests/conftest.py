@@ -69,6 +69,14 @@ def make_image_folder(root: Path, count: int, *, size: int = 32, seed: int = 0) 
     return root
 
 
+def api_client(app, **kwargs):
+    """A TestClient of the search service, addressed as a browser on this machine would (``Host:
+    127.0.0.1``: the service serves only the host names it knows, and TestClient's ``testserver`` is none)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1", **kwargs)
+
+
 def png_bytes(color=(200, 20, 20), size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")

@@ -19,7 +19,7 @@ from mmpretrain.data.ops import SampleError, open_image
 from mmpretrain.data.stream import ErrorCounter, ReadLimits, read_samples
 from mmpretrain.errors import DataError
 from mmpretrain.training.validate import experiment_from_tree
-from tests.conftest import TINY_MODEL, png_bytes, write_shard
+from tests.conftest import TINY_MODEL, api_client, png_bytes, write_shard
 
 DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
 
@@ -190,8 +190,6 @@ def test_trust_remote_code_from_a_checkpoint_config_is_refused():
 
 # ---------------------------------------------------------------- 7. nothing secret over HTTP
 def test_http_never_shows_commands_credentials_or_server_paths(tiny_ckpt, toy_shards, tmp_path):
-    from fastapi.testclient import TestClient
-
     from retrieval.embed import EmbedConfig, run_embed
     from retrieval.index import BuildConfig, build_index
     from retrieval.search import Searcher
@@ -201,7 +199,7 @@ def test_http_never_shows_commands_credentials_or_server_paths(tiny_ckpt, toy_sh
     data = f"pipe:TOKEN='Authorization: Bearer s3cr3t' cat {shard}::{toy_shards / 'shard-000001.tar'}"
     run_embed(EmbedConfig(model=tiny_ckpt, data=data, out=str(tmp_path / "e"), batch_size=16), progress=False)
     build_index(tmp_path / "e", tmp_path / "ix", BuildConfig(), progress=False)
-    client = TestClient(create_app(Searcher.open(tmp_path / "ix")))
+    client = api_client(create_app(Searcher.open(tmp_path / "ix")))
     body = json.dumps(client.get("/search", params={"q": "a red circle", "k": 32}).json())
     body += json.dumps(client.post("/search", json={"queries": ["a blue square"], "k": 32}).json())
     info = client.get("/info").json()

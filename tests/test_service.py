@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from retrieval.search import Searcher
 from retrieval.service import ServeConfig, create_app
-from tests.conftest import png_bytes
+from tests.conftest import api_client, png_bytes
 
 
 @pytest.fixture(scope="module")
 def client(search_index):
-    return TestClient(create_app(Searcher.open(search_index), ServeConfig(max_upload_bytes=50_000)))
+    return api_client(create_app(Searcher.open(search_index), ServeConfig(max_upload_bytes=50_000)))
 
 
-def test_health_info_page_and_openapi(client):
-    assert client.get("/health").json() == {"status": "ok", "ntotal": 64}
+def test_health_info_page_and_openapi(client, search_index):
+    assert client.get("/health").json() == {"status": "ok"}  # nothing about the index without a key
     info = client.get("/info").json()
     assert info["ntotal"] == 64 and info["index_type"] == "flat" and info["recall@10"] == 1.0
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text
-    assert "/search" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/openapi.json").status_code == 404 and client.get("/docs").status_code == 404  # off by default
+    docs = api_client(create_app(Searcher.open(search_index), ServeConfig(docs=True)))
+    assert "/search" in docs.get("/openapi.json").json()["paths"] and docs.get("/docs").status_code == 200
 
 
 def test_search_returns_ranked_hits_with_thumbnails(client):

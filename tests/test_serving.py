@@ -9,17 +9,17 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from retrieval.batcher import BatchConfig, MicroBatcher, Overloaded
 from retrieval.clip_protocol import CLIENT_KEYS
 from retrieval.engine import dedup_first
 from retrieval.search import QueryError, Searcher
-from retrieval.service import ServeConfig, create_app, serve
-from tests.conftest import png_bytes
+from retrieval.service import ServeConfig, create_app, serve, uvicorn_config
+from tests.conftest import api_client, png_bytes
 
 # what clip-retrieval's ClipClient(url, "toy").query(text="a red circle") posts, key for key (clip_client.py)
 CLIP_CLIENT_BODY = {
@@ -47,7 +47,7 @@ def searcher(search_index):
 
 @pytest.fixture(scope="module")
 def client(searcher):
-    return TestClient(create_app({"toy": searcher}))
+    return api_client(create_app({"toy": searcher}))
 
 
 # ---------------------------------------------------------------- clip-retrieval's protocol
@@ -154,7 +154,7 @@ def test_the_batcher_batches_waiting_items_and_fails_fast_when_full():
 
 def test_concurrent_requests_share_batches(searcher):
     app = create_app({"toy": searcher}, ServeConfig(batch=BatchConfig(max_batch=64, max_wait_ms=20)))
-    with TestClient(app) as c:
+    with api_client(app) as c:
         with ThreadPoolExecutor(16) as pool:
             codes = list(
                 pool.map(lambda i: c.get("/search", params={"q": f"query {i}", "k": 3}).status_code, range(32))
@@ -176,15 +176,9 @@ def live_server(searcher):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app or create_app({"toy": searcher}, cfg),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                limit_concurrency=cfg.concurrency,
-            )
-        )
+        config = uvicorn_config(app or create_app({"toy": searcher}, cfg), replace(cfg, port=port))
+        config.log_level = "warning"
+        server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
@@ -218,13 +212,13 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(live_server):
     port = live_server(ServeConfig())
     t0 = time.perf_counter()
     head = (
-        b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 67108864\r\n\r\n"
     )  # claims 64 MB and sends none of it
     reply = _raw(port, head + b'{"text": ')
     assert reply.startswith(b"HTTP/1.1 413") and time.perf_counter() - t0 < 2, reply[:200]
     chunked = (
-        b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13
     )  # 13 MB with no Content-Length: cut off at 12 MB
     assert _raw(port, chunked).startswith(b"HTTP/1.1 413")
@@ -259,18 +253,42 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(live_server, searcher
 
 
 # ---------------------------------------------------------------- access
+KEY = "k" * 8 + "0123456789abcdef"
+
+
 def test_api_key_is_required_on_every_route_but_health(searcher):
-    c = TestClient(create_app({"toy": searcher}, ServeConfig(api_key="s3cret")))
-    assert c.get("/health").status_code == 200
-    for url in ("/", "/search?q=a", "/info", "/metrics", "/indices-list", "/thumb/0", "/docs"):
+    c = api_client(create_app({"toy": searcher}, ServeConfig(api_key=KEY)))
+    assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # the page is static: it logs in
+    for url in ("/search?q=a", "/info", "/metrics", "/indices-list", "/thumb/0"):
         assert c.get(url).status_code == 401, url
     assert c.post("/knn-service", content=json.dumps(CLIP_CLIENT_BODY)).status_code == 401
-    assert c.get("/search?q=a", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert c.get("/search?q=a", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/search?q=a", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert c.get("/search?q=a", headers={"X-API-Key": KEY}).status_code == 200
     assert c.get("/search?q=a", headers={"X-API-Key": "wrong"}).status_code == 401
-    assert c.post("/knn-service?api_key=s3cret", content=json.dumps(CLIP_CLIENT_BODY)).status_code == 200  # ClipClient
-    page = c.get("/?api_key=s3cret")
-    assert page.status_code == 200 and c.get("/info").status_code == 200  # the page's cookie
+    assert c.post(f"/knn-service?api_key={KEY}", content=json.dumps(CLIP_CLIENT_BODY)).status_code == 200  # ClipClient
+    assert c.get(f"/search?q=a&api_key={KEY}").status_code == 401  # in a URL only where ClipClient needs it
+
+
+def test_the_page_logs_in_with_a_cookie_that_is_not_the_key(searcher):
+    c = api_client(create_app({"toy": searcher}, ServeConfig(api_key=KEY)))
+    assert c.post("/login", data={"key": "wrong"}, follow_redirects=False).status_code == 401
+    login = c.post("/login", data={"key": KEY}, follow_redirects=False)
+    cookie = login.headers["set-cookie"]
+    assert login.status_code == 303 and KEY not in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert c.get("/info").status_code == 200  # the cookie stands for the key
+    tls = api_client(create_app({"toy": searcher}, ServeConfig(api_key=KEY)))
+    tls.base_url = tls.base_url.copy_with(scheme="https")
+    secure = tls.post("/login", data={"key": KEY}, follow_redirects=False).headers["set-cookie"]
+    assert secure.startswith("__Host-") and "Secure" in secure and "Domain" not in secure
+
+
+def test_short_keys_and_open_cors_without_a_key_are_refused(searcher):
+    with pytest.raises(QueryError, match="16 characters"):
+        create_app({"toy": searcher}, ServeConfig(api_key="s3cret"))
+    with pytest.raises(QueryError, match="API key"):
+        create_app({"toy": searcher}, ServeConfig(cors_origins=("*",)))
+    assert create_app({"toy": searcher}, ServeConfig(cors_origins=("*",), api_key=KEY))
+    assert create_app({"toy": searcher}, ServeConfig(cors_origins=("*",), insecure=True))
 
 
 def test_a_public_address_needs_an_api_key_or_insecure(searcher):
@@ -281,7 +299,7 @@ def test_a_public_address_needs_an_api_key_or_insecure(searcher):
 # ---------------------------------------------------------------- several indexes, metrics, per-call costs
 def test_several_indexes_in_one_server(searcher, search_index):
     other = Searcher(searcher.model, search_index)
-    c = TestClient(create_app({"shapes": searcher, "copy": other}))
+    c = api_client(create_app({"shapes": searcher, "copy": other}))
     assert c.get("/indices-list").json() == ["shapes", "copy"]
     a = c.get("/search", params={"q": "a red circle", "k": 3, "index": "copy"}).json()
     assert a["index"] == "copy" and len(a["results"]) == 3
@@ -308,7 +326,7 @@ def test_classify_caches_label_embeddings(searcher, monkeypatch):
     encoded = []
     real = engine._texts
     monkeypatch.setattr(engine, "_texts", lambda texts: encoded.append(len(texts)) or real(texts))
-    c = TestClient(app)
+    c = api_client(app)
     form = {"labels": "red square, green circle, blue triangle", "template": "a <>"}
     first = c.post("/classify", files={"image": ("x.png", png_bytes(), "image/png")}, data=form).json()
     second = c.post("/classify", files={"image": ("x.png", png_bytes(), "image/png")}, data=form).json()
@@ -360,18 +378,18 @@ def test_clip_retrievals_own_client_works_against_us(live_server, searcher, tmp_
 
 
 def test_cors_lets_clip_retrievals_front_end_use_us_from_elsewhere(searcher):
-    c = TestClient(create_app({"toy": searcher}, ServeConfig(cors_origins=("https://front.example",), api_key="k")))
+    c = api_client(create_app({"toy": searcher}, ServeConfig(cors_origins=("https://front.example",), api_key=KEY)))
     pre = c.options(
         "/knn-service", headers={"Origin": "https://front.example", "Access-Control-Request-Method": "POST"}
     )
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://front.example"
-    r = c.get("/indices-list?api_key=k", headers={"Origin": "https://front.example"})
+    r = c.get(f"/indices-list?api_key={KEY}", headers={"Origin": "https://front.example"})
     assert r.json() == ["toy"] and r.headers["access-control-allow-origin"] == "https://front.example"
-    other = c.get("/indices-list?api_key=k", headers={"Origin": "https://evil.example"})
+    other = c.get(f"/indices-list?api_key={KEY}", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     assert (
         "access-control-allow-origin"
-        not in TestClient(create_app({"toy": searcher}))
+        not in api_client(create_app({"toy": searcher}))
         .get("/indices-list", headers={"Origin": "https://front.example"})
         .headers
     )  # off unless configured

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from mmpretrain.data.ops import DATA_OPS, Op, OpContext, OpExample, Sample, SampleError
+from mmpretrain.data.ops import DATA_OPS, Op, OpContext, OpExample, Sample, SampleError, aspect_capped
 from mmpretrain.types import valid_key
 
 VIDEO_KEYS = ("mp4", "webm", "avi", "mkv", "mov")
@@ -196,10 +196,11 @@ def video_size(data: bytes) -> tuple[int, int]:
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> short side ``size`` (antialiased)."""
+    """(N, 3, H, W) uint8 -> short side ``size`` (antialiased), the long side first cut (centred) to
+    ``MAX_RESIZE_ASPECT`` times the short one: a 8 x 5,000,000 video resized whole is a resize bomb."""
     from torchvision.transforms.v2 import functional as TF
 
-    return TF.resize(x, size, antialias=True)
+    return TF.resize(aspect_capped(x), size, antialias=True)
 
 
 def _crop(x: torch.Tensor, size: int, fraction: float | None) -> torch.Tensor:
@@ -224,12 +225,17 @@ class DecodeAudioParams:
     optional: bool = False  # a sample without usable audio is kept, with zeros and audio_valid=False
     keys: tuple[str, ...] = AUDIO_KEYS + VIDEO_KEYS  # a video member's audio track is used when no audio member
     min_seconds: float = 0.05  # shorter audio is refused (zero-length, clicks)
+    max_seconds: float = 600.0  # longer audio is refused: from the header, and counted while decoding
+    max_channels: int = 8
     timeout_s: float = 10.0
 
 
-def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
+def read_audio(data: bytes, sample_rate: int, *, max_seconds: float = 600.0, max_channels: int = 8) -> torch.Tensor:
     """The first audio stream of a media file as mono float32 (S,) at ``sample_rate``: PyAV decodes
-    (3.6x faster here than decord's AudioReader: benchmarks/decode.py), torchaudio resamples."""
+    (3.6x faster here than decord's AudioReader: benchmarks/decode.py), torchaudio resamples. Audio
+    longer than ``max_seconds`` or with more than ``max_channels`` channels is refused from its header,
+    and the samples are counted as they decode (a header may lie); channels are averaged per frame,
+    so memory holds the mono signal only."""
     import av
     import torchaudio
 
@@ -237,16 +243,31 @@ def read_audio(data: bytes, sample_rate: int) -> torch.Tensor:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
-        chunks = [
-            f.to_ndarray().reshape(len(f.layout.channels), -1).astype(np.float32) for f in container.decode(stream)
-        ]
-        rate = stream.rate
+        rate, channels = stream.rate or 0, stream.codec_context.channels or 0
+        if not 0 < channels <= max_channels or rate <= 0:
+            raise ValueError(f"{channels} channels at {rate} Hz (at most {max_channels} channels)")
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+        if declared > max_seconds or (container.duration or 0) / 1e6 > max_seconds:
+            raise ValueError(
+                f"{max(declared, (container.duration or 0) / 1e6):.0f} s of audio (at most {max_seconds:g})"
+            )
+        chunks, total, limit = [], 0, int(max_seconds * rate) + rate
+        for frame in container.decode(stream):
+            raw, n = frame.to_ndarray(), len(frame.layout.channels)  # planar: (C, S); packed: (1, S * C) interleaved
+            samples = (
+                (raw.reshape(n, -1) if frame.format.is_planar else raw.reshape(-1, n).T).astype(np.float32).mean(0)
+            )
+            total += samples.size
+            if total > limit:
+                raise ValueError(f"more than {max_seconds:g} s of audio")
+            chunks.append(samples)
+        fmt = stream.format.name
     if not chunks:
         raise ValueError("no audio frames")
-    wave = torch.from_numpy(np.concatenate(chunks, axis=1).mean(0))
-    if stream.format.name.startswith("s16"):
+    wave = torch.from_numpy(np.concatenate(chunks))
+    if fmt.startswith("s16"):
         wave = wave / 32768.0
-    elif stream.format.name.startswith("s32"):
+    elif fmt.startswith("s32"):
         wave = wave / 2147483648.0
     return torchaudio.functional.resample(wave, rate, sample_rate) if rate != sample_rate else wave
 
@@ -279,7 +300,7 @@ def decode_audio(p: DecodeAudioParams, ctx: OpContext) -> Op:
         key, data = _member(s, p.keys, "audio")
         try:
             with time_limit(p.timeout_s):
-                wave = read_audio(data, rate)
+                wave = read_audio(data, rate, max_seconds=p.max_seconds, max_channels=p.max_channels)
         except (DecodeTimeout, Exception) as exc:  # no audio track, corrupt data
             raise SampleError("bad_audio", f"{s.get('__key__')}: cannot decode audio of {key}: {exc}") from None
         if wave.numel() < p.min_seconds * rate or not torch.isfinite(wave).all():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mmpretrain.config.schema import OpSpec
-from mmpretrain.data.ops import OpContext, SampleError, open_image
+from mmpretrain.data.ops import MAX_RESIZE_ASPECT, OpContext, SampleError, aspect_capped, open_image
 from mmpretrain.data.stream import DataError, WorkerBatch, derive_seed
 from mmpretrain.registry import Registry
 
@@ -97,6 +97,7 @@ def decode_jpeg(p: DecodeJpegParams, ctx: OpContext) -> BatchOp:
     mode = T.InterpolationMode(ctx.image.interpolation)
     mean, std = list(p.mean or ctx.image.mean), list(p.std or ctx.image.std)
     crop = T.RandomResizedCrop(size, scale=p.scale, ratio=p.ratio)
+    cap = max(MAX_RESIZE_ASPECT, 2 * max(size) / min(size))  # as resize_center_crop's
 
     def one(img: Tensor, flip: bool) -> Tensor:
         if p.train:
@@ -104,7 +105,7 @@ def decode_jpeg(p: DecodeJpegParams, ctx: OpContext) -> BatchOp:
             out = TF.resized_crop(img, params["top"], params["left"], params["height"], params["width"], size,
                                   interpolation=mode, antialias=True)
             return TF.horizontal_flip(out) if flip else out
-        out = TF.resize(img, min(size), interpolation=mode, antialias=True)
+        out = TF.resize(aspect_capped(img, cap), min(size), interpolation=mode, antialias=True)  # bounded
         return TF.center_crop(out, size)
 
     def op(batch: Batch, gen: torch.Generator, device: torch.device) -> Batch:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -31,6 +33,10 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 MAX_JSON_BYTES = 1 << 20  # a json member larger than this is refused (bad_json)
 MAX_TEXT_BYTES = 64 << 10  # a caption larger than this is refused (bad_caption): tokenizers read it whole
 EVAL_CAPTION_KEYS = ("json:captions", "json:caption", "txt")  # where evaluation and embedding jobs look, in order
+# Resizing the short side of a 2,000,000 x 20 image to 224 asks for ~5 G pixels (a 4.9 KB PNG, under
+# any pixel cap): before a short-side resize the long side is cut to this many times the short one,
+# centred. A centre crop keeps less than that anyway, so images up to 4:1 are resized exactly as before.
+MAX_RESIZE_ASPECT = 4.0
 
 
 class SampleError(ValueError):
@@ -232,6 +238,21 @@ def _checked_jpeg(raw: bytes, p: JpegBytesParams) -> bytes:
     return out.getvalue()
 
 
+def aspect_capped(image: Image.Image | torch.Tensor, max_aspect: float = MAX_RESIZE_ASPECT):
+    """``image`` (PIL, or a tensor (..., H, W)) with its long side cut, centred, to at most
+    ``max_aspect`` times its short side, so that resizing the short side to S makes at most
+    ``max_aspect * S * S`` pixels; an image within the ratio is returned as it is."""
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+    keep = math.ceil(max_aspect * min(w, h))
+    if max(w, h) <= keep:
+        return image
+    left, top = (w - keep) // 2 if w > h else 0, (h - keep) // 2 if h > w else 0
+    width, height = (keep, h) if w > h else (w, keep)
+    if isinstance(image, Image.Image):
+        return image.crop((left, top, left + width, top + height))
+    return image[..., top : top + height, left : left + width]
+
+
 def _image_op(transform: Callable) -> Op:
     def op(s: Sample) -> Sample:
         s["image"] = transform(s["image"])
@@ -264,10 +285,14 @@ class ResizeCenterCropParams:
 @DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams,
                    example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
-    """Resize the short side, then centre-crop (deterministic evaluation transform)."""
+    """Resize the short side, then centre-crop (deterministic evaluation transform). An image longer
+    than ``MAX_RESIZE_ASPECT`` (or the crop's own ratio, if wider) is first cut to it, centred: the
+    resize's output stays bounded whatever the image's shape (a resize bomb is a thin image)."""
     size = (p.size, p.size) if p.size else ctx.image.size
     mode = T.InterpolationMode(ctx.image.interpolation)
-    return _image_op(T.Compose([T.Resize(min(size), interpolation=mode, antialias=True), T.CenterCrop(size)]))
+    cap = max(MAX_RESIZE_ASPECT, 2 * max(size) / min(size))
+    resize = T.Resize(min(size), interpolation=mode, antialias=True)
+    return _image_op(T.Compose([partial(aspect_capped, max_aspect=cap), resize, T.CenterCrop(size)]))
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,31 @@ def _classify(exc: BaseException) -> str:
 SHARD_ERRORS = ("missing_shard", "corrupt_shard", "read_error", "stalled_shard")  # a source not read to its end
 
 
+MAX_TAR_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header larger than this ends the shard (corrupt_shard)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """``tarfile`` reads a pax or GNU long-name header's payload whole, whatever size it declares (a
+    shard could claim gigabytes): here it is capped, and sparse members (never in a webdataset shard,
+    and read entry by entry) are refused."""
+
+    def _proc_gnulong(self, tarfile_):
+        _check_header_size(self)
+        return super()._proc_gnulong(tarfile_)
+
+    def _proc_pax(self, tarfile_):
+        _check_header_size(self)
+        return super()._proc_pax(tarfile_)
+
+    def _proc_sparse(self, tarfile_):
+        raise tarfile.ReadError(f"sparse member {self.name[:200]!r}: not read")
+
+
+def _check_header_size(info: tarfile.TarInfo) -> None:
+    if info.size > MAX_TAR_HEADER_BYTES:
+        raise tarfile.ReadError(f"a {info.size}-byte extended header (at most {MAX_TAR_HEADER_BYTES})")
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """Bounds on what one shard may make a reader do."""
@@ -195,7 +220,7 @@ def _shard_members(source: dict, handler: Callable[[BaseException], bool], limit
     url = source["url"]
     reader = _TailReader(source["stream"], url, limits.stall_timeout_s)
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|*")
+        tar = tarfile.open(fileobj=reader, mode="r|", tarinfo=_CappedTarInfo)  # raw tar: no decompression bombs
         for info in tar:
             if not info.isreg() or PurePosixPath(info.name).name.startswith("__"):
                 continue

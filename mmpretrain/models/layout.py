@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import warnings
 from pathlib import Path
 
+import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, load_model
 from torch import Tensor, nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from mmpretrain.utils.io import sha256_file
 
@@ -122,29 +128,103 @@ def read_weights(ckpt: Path) -> dict[str, Tensor]:
 
 def read_sharded(folder: Path, prefix: str) -> dict[str, Tensor]:
     """Every tensor under ``prefix`` of a ``torch.distributed.checkpoint`` folder, whole (shards from
-    any number of ranks joined), read in this process alone (no process group), keys without ``prefix``."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    any number of ranks joined), read in this process alone (no process group), keys without ``prefix``.
+    Nothing but tensors is read (no pickled payloads): see ``SafeReader`` and ``SafePlanner``."""
+    meta = SafeReader(str(folder)).read_metadata().state_dict_metadata
     state = {
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.items()
         if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
     }
-    load_sharded(state, folder, no_dist=True)
+    load_sharded(state, folder, no_dist=True, objects=False)
     return {k[len(prefix) :]: v for k, v in state.items()}
 
 
-def load_sharded(state: dict, folder: Path, *, no_dist: bool) -> None:
+def load_sharded(state: dict, folder: Path, *, no_dist: bool, objects: bool = True) -> None:
     """``torch.distributed.checkpoint.load`` into ``state`` (in place); ``no_dist``: this process reads
-    what it needs alone, else every rank of the group takes part."""
-    import torch.distributed.checkpoint as dcp
-
+    what it needs alone, else every rank of the group takes part. The metadata is unpickled by
+    ``SafeReader``; non-tensor values (``objects``: an optimizer's param groups) by
+    ``torch.load(weights_only=True)``, or refused when ``objects`` is False (model weights)."""
     with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": the intent
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+        dcp.load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner(objects=objects), no_dist=no_dist)
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A sharded checkpoint's metadata names something other than the classes DCP writes."""
+
+
+# What DCP's ``.metadata`` pickle may name (checked with torch 2.11's writer); anything else (os.system,
+# builtins.eval, ...) is refused before it is called: checkpoints are trusted data, never code.
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"sharded checkpoint metadata names {module}.{name}, which DCP never writes: refused")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with its ``.metadata`` unpickled through an allow-list of DCP's own classes."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except UnsafeCheckpoint:
+                raise
+            except Exception as exc:  # truncated or corrupt pickle
+                raise UnsafeCheckpoint(f"unreadable sharded checkpoint metadata {path}: {exc}") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor values read by ``torch.load(weights_only=True)`` (DCP's own
+    uses ``weights_only=False``), or refused (``objects=False``)."""
+
+    def __init__(self, *, objects: bool):
+        super().__init__()
+        self.objects = objects
+
+    def load_bytes(self, read_item, value) -> None:
+        if not self.objects:
+            raise UnsafeCheckpoint(f"{read_item.dest_index.fqn}: a non-tensor value where only weights are read")
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _aliases(model: nn.Module) -> set[str]:
