@@ -128,6 +128,8 @@ def _get(target: Target, address: str, policy: FetchPolicy, deadline: float) -> 
     conn = (_PinnedHTTPS if target.scheme == "https" else _PinnedHTTP)(address, target, left)
     try:
         conn.request("GET", target.path, headers={"User-Agent": "mmpretrain-retrieval", "Accept": "image/*"})
+        sock = conn.sock  # http.client lets go of it once the response says it will close
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         resp = conn.getresponse()
         if resp.status in REDIRECTS:
             return resp.status, resp.getheader("Location"), b""
@@ -136,7 +138,7 @@ def _get(target: Target, address: str, policy: FetchPolicy, deadline: float) -> 
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FetchError("deadline passed while reading")
-            conn.sock.settimeout(left)
+            sock.settimeout(left)
             chunk = resp.read1(64 << 10)
             if not chunk:
                 break
@@ -145,6 +147,8 @@ def _get(target: Target, address: str, policy: FetchPolicy, deadline: float) -> 
                 raise FetchError(f"more than {policy.max_bytes} bytes")
             chunks.append(chunk)
         return resp.status, None, b"".join(chunks)
+    except TimeoutError:
+        raise FetchError(f"{target.host}:{target.port}: the deadline passed") from None
     except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
         raise FetchError(f"{target.host}:{target.port}: {type(exc).__name__}: {exc}") from None
     finally:

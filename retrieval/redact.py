@@ -44,8 +44,10 @@ def _relative(path: PurePosixPath, root: str | None) -> PurePosixPath | None:
 
 
 def collection_root(sources: list[str]) -> str | None:
-    """The deepest folder holding every local absolute source (shards or image files)."""
+    """The deepest folder holding every local absolute source (shards or image files); None when that
+    is ``/`` (one item at the top would otherwise show every other item's whole path): file names then."""
     folders = {
         str(PurePosixPath(s.rpartition("#")[0] or s).parent) for s in sources if s.startswith("/") and not URL.match(s)
     }
-    return os.path.commonpath(sorted(folders)) if folders else None
+    root = os.path.commonpath(sorted(folders)) if folders else None
+    return root if root and root != "/" else None

@@ -90,7 +90,7 @@ class Decoder:
     ):
         self.workers, self.max_pending, self.nice = workers, max_pending, nice
         self.memory_mb, self.recycle_after = memory_mb, recycle_after
-        self.pending, self._pool = 0, None  # pending: changed on the event loop only
+        self.pending, self._pool, self._done = 0, None, 0  # changed on the event loop only
 
     def _executor(self):
         if self._pool is None:
@@ -99,8 +99,8 @@ class Decoder:
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init,
                 initargs=(self.nice, self.memory_mb),
-                max_tasks_per_child=self.recycle_after or None,
             )
+            self._done = 0
         return self._pool
 
     def pids(self) -> list[int]:
@@ -118,6 +118,17 @@ class Decoder:
             raise QueryError("the upload could not be decoded") from None
         finally:
             self.pending -= 1
+            self._recycle()
+
+    def _recycle(self) -> None:
+        """After ``recycle_after`` uploads, once none is in flight, the next upload gets fresh processes
+        (whatever a decoder library leaked or fragmented goes with the old ones)."""
+        if self._pool is None:
+            return
+        self._done += 1
+        if self.recycle_after and self._done >= self.recycle_after and not self.pending:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

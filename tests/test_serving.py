@@ -218,8 +218,8 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(live_server):
     reply = _raw(port, head + b'{"text": ')
     assert reply.startswith(b"HTTP/1.1 413") and time.perf_counter() - t0 < 2, reply[:200]
     chunked = (
-        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + (b"100000\r\n" + b" " * 0x100000 + b"\r\n") * 13
     )  # 13 MB with no Content-Length: cut off at 12 MB
     assert _raw(port, chunked).startswith(b"HTTP/1.1 413")
 

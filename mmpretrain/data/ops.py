@@ -127,7 +127,7 @@ def open_image(src: bytes | str | Path, *, max_pixels: int = 100_000_000) -> Ima
             if img.width * img.height > max_pixels:
                 raise ImageTooLarge("bad_image", f"{img.width}x{img.height} pixels is too large (max_pixels={max_pixels})")
             return img.convert("RGB")
-    except SampleError:
+    except (SampleError, MemoryError):  # MemoryError: a limit the caller set (the service's decoder) was hit
         raise
     except Exception as exc:  # PIL raises many types for corrupt or refused data
         raise SampleError("bad_image", f"cannot decode the image as {'/'.join(IMAGE_FORMATS)}: "
