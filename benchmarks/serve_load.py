@@ -107,7 +107,7 @@ class Tally:
 
 async def _request(reader, writer, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
     """One HTTP/1.1 request on a kept-alive connection: (status, body)."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     writer.write(head + body)
     status_line = await reader.readline()
     length = 0
@@ -282,7 +282,7 @@ def huge_body_client(port: int, until: float, out: list) -> None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
                 sock.sendall(
-                    b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 67108864\r\n\r\n"
                 )
                 for _ in range(64):

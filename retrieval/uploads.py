@@ -42,8 +42,7 @@ class Busy(Exception):
 
 def _worker_init(nice: int, memory_mb: int) -> None:
     import torch
-
-    import mmpretrain.eval.inputs  # noqa: F401  (what decoding needs, loaded before the limit is measured)
+    import torchvision.transforms.v2  # noqa: F401  (what decoding maps, loaded before the limit is measured)
 
     os.nice(nice)  # uploads get the CPU the searches leave over
     torch.set_num_threads(1)

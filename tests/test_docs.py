@@ -37,11 +37,24 @@ def test_docs_pages_exist():
         "migrating.md",
         "troubleshooting.md",
         "api.md",
+        "security.md",
     ):
         assert f"docs/{page}" in (ROOT / "README.md").read_text(), f"README does not link docs/{page}"
         assert (ROOT / "docs" / page).is_file(), page
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+    assert "(security.md)" in (ROOT / "docs" / "retrieval.md").read_text()
+
+
+def test_every_control_in_the_threat_model_names_a_test_that_exists():
+    """docs/security.md names the test of each control; each must be a test function in tests/."""
+    import re
+
+    named = set(re.findall(r"`(test_\w+)`", (ROOT / "docs" / "security.md").read_text()))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", path.read_text(), re.M))
+    assert len(named) >= 25 and named <= defined, sorted(named - defined)
 
 
 # ---------------------------------------------------------------- docs that stay true

@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+"""The service against a hostile client (issue 27; docs/security.md): every attack of the threat model,
+bounded in count and time, loopback only, against ``retrieval serve`` while 8 normal clients search.
+
+    python benchmarks/attack.py [INDEX] [--seconds 8] [--log benchmarks/results/attack_DATE.log]
+
+INDEX defaults to the demo's rendition index (``make demo`` writes it). The server runs as a user would
+start it on loopback (no key: where a loopback service is most exposed), plus a second, keyed one for
+the key attacks. The attackers connect from 127.0.0.2 (another machine, as far as the server can tell)
+in processes of their own, so their CPU never slows the normal clients' clock. Per attack, a row:
+
+    outcome      the status codes the attacker got (count by code), or what happened
+    verdict      refused / served within bounds (the attack's own check), or FAIL and why
+    rss          the server's and the decoder's peak RSS growth over the unloaded baseline (MB)
+    health p99   /health probed every 50 ms during the attack
+    normal p99   the 8 normal clients' p99 during the attack / unloaded
+    5xx          responses >= 500 other than 503 (normal clients and attacker together)
+
+Goals: every attack refused or served within its bounds; peak RSS growth <= 500 MB; /health p99 <=
+100 ms; normal p99 <= 2x unloaded; no 5xx but 503 under overload; the server never restarts (same pid,
+alive at the end). Run it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import http.server
+import io
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+from serve_load import ROOT, WORDS, free_port
+from watch import Watch, request, start
+
+ATTACKER = "127.0.0.2"
+KEY = "bench-" + "k" * 26
+GOALS = {"rss_mb": 500, "health_p99_ms": 100, "normal_ratio": 2.0}
+
+
+# ------------------------------------------------------------------ the attacks (each in a process of its own)
+def bomb_png(width: int = 2_000_000, height: int = 20) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 40, 40)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def small_png(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (seed % 256, 80, 160)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, dict]:
+    b = "----mmpretrain-attack"
+    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    head = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png'
+    parts.append(f"{head}\r\n\r\n".encode() + image + b"\r\n")
+    return b"".join(parts) + f"--{b}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={b}"}
+
+
+def attack_resize_bomb(port: int, until: float, ctx: dict) -> dict:
+    """A 2,000,000 x 20 PNG (a few KB, under the 40 MP cap) to /classify, /knn-service and POST /search."""
+    png = bomb_png()
+    b64 = base64.b64encode(png).decode()
+    body, headers = multipart({"labels": "cat, dog"}, png)
+    codes, slowest, i = Counter(), 0.0, 0
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        route = i % 3
+        if route == 0:
+            code = request(port, "POST", "/classify", body, headers, ATTACKER)[0]
+        elif route == 1:
+            code = request(
+                port, "POST", "/knn-service", json.dumps({"image": b64, "num_images": 5}).encode(), {}, ATTACKER
+            )[0]
+        else:
+            code = request(port, "POST", "/search", json.dumps({"images": [b64], "k": 5}).encode(),
+                           {"Content-Type": "application/json"}, ATTACKER)[0]  # fmt: skip
+        codes[code] += 1
+        slowest, i = max(slowest, time.perf_counter() - t0), i + 1
+    ok = set(codes) <= {200, 503} and slowest < 5
+    return {"codes": codes, "ok": ok, "detail": f"{len(png):,} B PNG; slowest answer {slowest:.2f} s (bound 5 s)"}
+
+
+def attack_slowloris(port: int, until: float, ctx: dict) -> dict:
+    """300 connections from one address that never finish their headers, re-opened as they are closed."""
+    socks, codes = [], Counter()
+
+    def fresh():
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(ATTACKER, 0))
+            s.sendall(b"GET /search?q=slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            s.setblocking(False)
+            return s
+        except OSError:
+            codes["connect failed"] += 1
+            return None
+
+    socks = [fresh() for _ in range(300)]
+    while time.perf_counter() < until:
+        for i, s in enumerate(socks):
+            if s is None:
+                continue
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            codes[data.split(b" ")[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"] += 1
+            s.close()
+            socks[i] = fresh()
+        time.sleep(0.2)
+    held = sum(s is not None for s in socks)
+    for s in socks:
+        if s is not None:
+            s.close()
+    ok = set(codes) <= {"503", "408", "closed"} and codes["503"] > 0
+    return {"codes": codes, "ok": ok, "detail": f"{held} sockets open at the end; 503 = over the per-address cap"}
+
+
+def attack_ssrf(port: int, until: float, ctx: dict) -> dict:
+    """image_url redirects to a private port, the metadata address and ftp; credentials; a private port."""
+    origin, private = ctx["origin_port"], ctx["private_port"]
+    urls = [
+        f"http://127.0.0.1:{origin}/to-private",
+        f"http://127.0.0.1:{origin}/to-metadata",
+        f"http://127.0.0.1:{origin}/to-ftp",
+        f"http://user:pw@127.0.0.1:{origin}/img.png",
+        f"http://127.0.0.1:{private}/secret",
+        "http://169.254.169.254/latest/meta-data/",
+    ]
+    codes, leaks, i = Counter(), 0, 0
+    while time.perf_counter() < until:
+        body = json.dumps({"image_url": urls[i % len(urls)], "num_images": 3}).encode()
+        code, data, _ = request(port, "POST", "/knn-service", body, {}, ATTACKER)
+        codes[code] += 1
+        leaks += any(w in data for w in (b"Connection refused", b"timed out", str(private).encode(), b"Errno"))
+        i += 1
+    good = request(
+        port, "POST", "/knn-service", json.dumps({"image_url": f"http://127.0.0.1:{origin}/img.png"}).encode()
+    )
+    ok = set(codes) == {400} and leaks == 0 and good[0] == 200
+    return {
+        "codes": codes,
+        "ok": ok,
+        "detail": f"error texts leaking network detail: {leaks}; allowed image: {good[0]}",
+    }
+
+
+def attack_boundary(port: int, until: float, ctx: dict) -> dict:
+    """DNS rebinding (a foreign Host), cross-site text/plain and form POSTs, a key-less proxy."""
+    png = small_png(1)
+    form, form_headers = multipart({"labels": "cat, dog"}, png)
+    knn = json.dumps({"text": "a cat", "num_images": 3}).encode()
+    tries = [
+        ("GET", "/search?q=cat", b"", {"Host": "rebind.attacker.example"}, 400),
+        ("POST", "/knn-service", knn, {"Origin": "https://attacker.example", "Content-Type": "text/plain"}, 403),
+        ("POST", "/classify", form, {**form_headers, "Origin": "https://attacker.example"}, 403),
+        ("GET", "/info", b"", {"X-Forwarded-For": "203.0.113.9"}, 403),
+    ]
+    codes, wrong, i = Counter(), 0, 0
+    while time.perf_counter() < until:
+        method, path, body, headers, want = tries[i % len(tries)]
+        code = request(port, method, path, body, headers, ATTACKER)[0]
+        codes[code] += 1
+        wrong += code != want
+        i += 1
+    return {"codes": codes, "ok": wrong == 0, "detail": f"{wrong} not refused as expected"}
+
+
+def attack_cost(port: int, until: float, ctx: dict) -> dict:
+    """num_result_ids 10,000 with dedup, /metadata with 10,000 and 500 ids, 256 queries at k=100."""
+    json_h = {"Content-Type": "application/json"}
+    codes, biggest, most, i = Counter(), 0, 0, 0
+    while time.perf_counter() < until:
+        kind = i % 4
+        if kind == 0:
+            body = {"text": f"a cat {i}", "num_result_ids": 10_000, "num_images": 10_000, "deduplicate": True}
+            code, data, _ = request(port, "POST", "/knn-service", json.dumps(body).encode(), {}, ATTACKER)
+            most = max(most, len(json.loads(data)) if code == 200 else 0)
+        elif kind == 1:
+            body = {"ids": list(range(10_000)), "indice_name": "demo"}
+            code, data, _ = request(port, "POST", "/metadata", json.dumps(body).encode(), {}, ATTACKER)
+        elif kind == 2:
+            body = {"ids": [j % ctx["ntotal"] for j in range(500)], "indice_name": "demo"}
+            code, data, _ = request(port, "POST", "/metadata", json.dumps(body).encode(), {}, ATTACKER)
+        else:
+            body = {"queries": [f"q {i} {j}" for j in range(256)], "k": 100, "deduplicate": True}
+            code, data, _ = request(port, "POST", "/search", json.dumps(body).encode(), json_h, ATTACKER)
+        codes[code] += 1
+        biggest, i = max(biggest, len(data)), i + 1
+    ok = most <= 1000 and biggest <= 20 << 20 and not any(c >= 500 and c != 503 for c in codes)
+    return {
+        "codes": codes,
+        "ok": ok,
+        "detail": f"most results {most} (cap 1000); largest answer {biggest / 1e6:.1f} MB",
+    }
+
+
+def _flood_one(port: int, until: float, seed: int, codes: Counter) -> None:
+    labels = "\n".join(f"{WORDS[(seed + j) % len(WORDS)]} thing {seed}-{j}" for j in range(200))
+    images = [base64.b64encode(small_png(seed + j)).decode() for j in range(16)]
+    n = 0
+    while time.perf_counter() < until:
+        n += 1
+        if n % 2:
+            body, headers = multipart({"labels": labels.replace("thing", f"thing{n}")}, small_png(n))
+            code = request(port, "POST", "/classify", body, headers, ATTACKER)[0]
+        else:
+            body = json.dumps({"images": images, "k": 10}).encode()
+            code = request(port, "POST", "/search", body, {"Content-Type": "application/json"}, ATTACKER)[0]
+        codes[code] += 1
+        if code in (429, 503):
+            time.sleep(0.01)
+
+
+def attack_flood(port: int, until: float, ctx: dict) -> dict:
+    """One client, 64 requests at a time: /classify with 200 new labels, POST /search with 16 images."""
+    codes: Counter = Counter()
+    threads = [threading.Thread(target=_flood_one, args=(port, until, s, codes)) for s in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = not any(c >= 500 and c not in (503,) for c in codes) and (codes[429] + codes[503]) > 0
+    return {"codes": codes, "ok": ok, "detail": "429: over the client's share; 503: over the whole queue"}
+
+
+def attack_odd_bodies(port: int, until: float, ctx: dict) -> dict:
+    """Bodies that were 500s: indice_name [], Infinity, NaN, a huge k, two <>, 17 images, unknown index."""
+    png = base64.b64encode(small_png(3)).decode()
+    form, form_headers = multipart({"labels": "a, b", "template": "<> and <>"}, small_png(4))
+    tries = [
+        ("POST", "/metadata", b'{"ids": [1], "indice_name": []}', {}),
+        ("POST", "/knn-service", b'{"text": "x", "num_images": Infinity}', {}),
+        ("POST", "/knn-service", b'{"text": "x", "num_result_ids": NaN}', {}),
+        ("POST", "/knn-service", b'{"text": "x", "indice_name": {"a": 1}}', {}),
+        ("GET", "/search?q=x&k=1000000000", b"", {}),
+        ("POST", "/classify", form, form_headers),
+        ("POST", "/search", json.dumps({"images": [png] * 17}).encode(), {"Content-Type": "application/json"}),
+    ]
+    codes, i = Counter(), 0
+    while time.perf_counter() < until and i < 20 * len(tries):
+        method, path, body, headers = tries[i % len(tries)]
+        codes[request(port, method, path, body, headers, ATTACKER)[0]] += 1
+        i += 1
+    return {"codes": codes, "ok": all(400 <= c < 500 for c in codes), "detail": "every one a 4xx"}
+
+
+def attack_keys(port: int, until: float, ctx: dict) -> dict:
+    """Against the keyed server: guessed keys, the key in a URL where only ClipClient may put it, the
+    page's cookie, what /health and /docs show, the security headers."""
+    kport, codes, problems = ctx["keyed_port"], Counter(), []
+    for i in range(50):
+        code, _, headers = request(kport, "GET", "/info", b"", {"X-API-Key": f"guess-{i:020d}"}, ATTACKER)
+        codes[code] += 1
+        if headers.get("connection") != "close":
+            problems.append("a 401 kept the connection")
+    code = request(kport, "GET", f"/search?q=cat&api_key={KEY}", b"", {}, ATTACKER)[0]
+    codes[code] += 1
+    problems += [] if code == 401 else [f"?api_key= on /search: {code}"]
+    body = urllib.parse.urlencode({"key": KEY}).encode()
+    _, _, headers = request(kport, "POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded"})
+    cookie = headers.get("set-cookie", "")
+    problems += [] if cookie and KEY not in cookie and "HttpOnly" in cookie else [f"cookie: {cookie!r}"]
+    health = request(kport, "GET", "/health", source=ATTACKER)[1]
+    problems += [] if b"ntotal" not in health else ["/health shows the index size"]
+    code, _, headers = request(kport, "GET", "/docs", b"", {"X-API-Key": KEY})
+    problems += [] if code == 404 else [f"/docs: {code}"]
+    problems += [] if headers.get("x-content-type-options") == "nosniff" else ["no nosniff"]
+    ok = set(codes) == {401} and not problems
+    return {"codes": codes, "ok": ok, "detail": "; ".join(problems) or "50 guesses, URL key, cookie, /health, /docs"}
+
+
+def attack_files(port: int, until: float, ctx: dict) -> dict:
+    """What is not HTTP: a sharded checkpoint whose .metadata runs a command, a shard with a 10 MB pax
+    header, a gzip-compressed shard, an hour of audio (loads torch here, in this process only)."""
+    import gzip
+    import pickle
+    import tarfile
+    import tempfile
+
+    from mmpretrain import api
+    from mmpretrain.data.av_ops import read_audio
+    from mmpretrain.data.stream import read_samples
+    from mmpretrain.models.layout import write_checksums
+
+    results, tmp = {}, Path(tempfile.mkdtemp(prefix="attack-"))
+    sharded = api.convert_checkpoint(ctx["checkpoint"], tmp / "checkpoints" / "step_00000001", to="fsdp")
+    marker = tmp / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (sharded / "sharded" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    write_checksums(sharded, 1)
+    try:
+        api.load_checkpoint(sharded)
+        results["dcp_pickle"] = "LOADED"
+    except Exception as exc:  # the refusal
+        results["dcp_pickle"] = "refused" if "refused" in str(exc) else f"error {type(exc).__name__}"
+    results["dcp_pickle"] += ", command ran" if marker.exists() else ", command never ran"
+    info = tarfile.TarInfo("a.txt")
+    info.size, info.pax_headers = 2, {"comment": "x" * (10 << 20)}
+    with tarfile.open(tmp / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"hi"))
+    (tmp / "z.tar.gz").write_bytes(gzip.compress((tmp / "pax.tar").read_bytes()))
+    for name in ("pax.tar", "z.tar.gz"):
+        problems: list = []
+        samples = list(read_samples([str(tmp / name)], lambda e, seen=problems: seen.append(e) or True))
+        results[name] = f"{len(samples)} samples, skipped as {[p.kind for p in problems]}"
+    wav = io.BytesIO()
+    import wave
+
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 8000 * 3600)
+    try:
+        read_audio(wav.getvalue(), 8000)
+        results["audio_1h"] = "DECODED"
+    except ValueError as exc:
+        results["audio_1h"] = f"refused ({exc})"
+    ok = (
+        results["dcp_pickle"] == "refused, command never ran"
+        and all("0 samples, skipped as ['corrupt_shard']" == results[n] for n in ("pax.tar", "z.tar.gz"))
+        and results["audio_1h"].startswith("refused")
+    )
+    return {
+        "codes": Counter({"refused": 4} if ok else {}),
+        "ok": ok,
+        "detail": "; ".join(f"{k}: {v}" for k, v in results.items()),
+    }
+
+
+ATTACKS = {
+    "resize bomb": (attack_resize_bomb, 1.0),
+    "slowloris x300": (attack_slowloris, 1.75),
+    "SSRF via image_url": (attack_ssrf, 1.0),
+    "rebinding/CSRF/proxy": (attack_boundary, 1.0),
+    "cost amplification": (attack_cost, 1.0),
+    "flood, 64 in flight": (attack_flood, 1.0),
+    "odd bodies": (attack_odd_bodies, 0.5),
+    "keys (keyed server)": (attack_keys, 0.5),
+    "files: ckpt/tar/audio": (attack_files, 0.5),
+}
+
+
+def _child(name: str, port: int, until: float, ctx: dict, out) -> None:
+    try:
+        out.put(ATTACKS[name][0](port, until, ctx))
+    except Exception as exc:  # a crashed attack is a FAIL row, not a crashed benchmark
+        out.put({"codes": Counter(), "ok": False, "detail": f"attack crashed: {type(exc).__name__}: {exc}"})
+
+
+# ------------------------------------------------------------------ the run
+class _Origin(http.server.BaseHTTPRequestHandler):
+    """The allowed image host (redirects to where it must not lead) and a private service that counts hits."""
+
+    private_hits: list = []
+    png = b""
+    private_port = 0
+
+    def do_GET(self):  # noqa: N802
+        if self.server.server_port == self.private_port:
+            self.private_hits.append(self.path)
+        to = {
+            "/to-private": f"http://127.0.0.1:{self.private_port}/secret",
+            "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+            "/to-ftp": "ftp://127.0.0.1/etc/passwd",
+        }.get(self.path)
+        body = self.png if self.path == "/img.png" else b"private data"
+        self.send_response(302 if to else 200)
+        if to:
+            self.send_header("Location", to)
+        self.send_header("Content-Length", str(0 if to else len(body)))
+        self.end_headers()
+        self.wfile.write(b"" if to else body)
+
+    def log_message(self, *args):
+        pass
+
+
+def origin_servers() -> tuple[int, int]:
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Origin) for _ in range(2)]
+    _Origin.private_port, _Origin.png = servers[1].server_port, small_png(7)
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    return servers[0].server_port, servers[1].server_port
+
+
+def run_attack(name: str, port: int, seconds: float, ctx: dict, watch: Watch) -> dict:
+    mp = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    t0 = time.perf_counter()
+    proc = mp.Process(target=_child, args=(name, port, t0 + seconds * ATTACKS[name][1], ctx, out))
+    proc.start()
+    try:
+        result = out.get(timeout=seconds * ATTACKS[name][1] + 300)
+    except Exception:  # queue.Empty: the attack hung
+        result = {"codes": Counter(), "ok": False, "detail": "attack did not finish"}
+    proc.join(30)
+    time.sleep(0.5)  # the server's answers to the last attack requests land in this window
+    return {**result, **watch.window(t0, time.perf_counter())}
+
+
+def verdict(row: dict, base: dict) -> list[str]:
+    """What missed a goal in this row (empty: met)."""
+    misses = [] if row["ok"] else ["attack not bounded"]
+    growth = max(row["server_mb"] - base["server_mb"], row["decoder_mb"] - base["decoder_mb"])
+    if growth > GOALS["rss_mb"]:
+        misses.append(f"RSS +{growth:.0f} MB")
+    if row["health_p99"] * 1000 > GOALS["health_p99_ms"]:
+        misses.append(f"/health p99 {1000 * row['health_p99']:.0f} ms")
+    if row["normal_p99"] > GOALS["normal_ratio"] * base["normal_p99"]:
+        misses.append(f"normal p99 {row['normal_p99'] / base['normal_p99']:.1f}x")
+    if row["normal_5xx"] or any(isinstance(c, int) and c >= 500 and c != 503 for c in row["codes"]):
+        misses.append("5xx")
+    return misses
+
+
+def table(rows: dict, base: dict) -> list[str]:
+    cols = "{:<22} {:<34} {:>16} {:>10} {:>22} {:>4}  {}"
+    lines = [cols.format("attack", "outcome (code: count)", "RSS +MB srv/dec", "health p99", "normal p99 (x base)",
+                         "5xx", "verdict")]  # fmt: skip
+    mb = f"{base['server_mb']:.0f}/{base['decoder_mb']:.0f} base"
+    ms = lambda s: f"{1000 * s:.1f} ms"  # noqa: E731
+    lines.append(cols.format("(unloaded)", "-", mb, ms(base["health_p99"]), ms(base["normal_p99"]), 0, ""))
+    for name, r in rows.items():
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items(), key=lambda kv: str(kv[0])))
+        rss = f"{r['server_mb'] - base['server_mb']:+.0f}/{r['decoder_mb'] - base['decoder_mb']:+.0f}"
+        normal = f"{ms(r['normal_p99'])} ({r['normal_p99'] / base['normal_p99']:.1f}x)"
+        misses = verdict(r, base)
+        status = "met" if not misses else "MISSED: " + ", ".join(misses)
+        lines.append(cols.format(name, codes[:34], rss, ms(r["health_p99"]), normal, r["normal_5xx"], status))
+        lines.append(f"{'':<22}   {r['detail']}")
+    return lines
+
+
+def default_index() -> str:
+    found = sorted((ROOT / "runs" / "demo").glob("*/index/index.json"))
+    if not found:
+        raise SystemExit("no demo index: run `make demo` first, or give an INDEX")
+    return str(found[-1].parent)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index", nargs="?", help="index folder (default: the demo's, after `make demo`)")
+    p.add_argument("--seconds", type=float, default=8.0, help="per attack (slowloris gets 1.75x)")
+    p.add_argument("--only", nargs="+", choices=list(ATTACKS), help="run these attacks only")
+    p.add_argument("--log", help="write the table here (first line: the command and the commit)")
+    args = p.parse_args()
+    index = args.index or default_index()
+    header = json.loads((Path(index) / "index.json").read_text())
+    origin, private = origin_servers()
+    port, kport = free_port(), free_port()
+    common = ["--image-url-host", f"127.0.0.1:{origin}", "--image-url-private"]
+    server = start(index, port, common)
+    keyed = start(index, kport, [], {"RETRIEVAL_API_KEY": KEY})
+    ctx = {"origin_port": origin, "private_port": private, "keyed_port": kport, "ntotal": header["ntotal"],
+           "checkpoint": header["model"]}  # fmt: skip
+    watch = Watch(port, server.pid)
+    try:
+        body, headers = multipart({"labels": "cat, dog"}, small_png(0))
+        request(port, "POST", "/classify", body, headers)  # the decoder process starts on the first upload
+        watch.start()
+        time.sleep(3)  # warm-up
+        t0 = time.perf_counter()
+        time.sleep(args.seconds * 1.5)
+        base = watch.window(t0, time.perf_counter())
+        rows = {name: run_attack(name, port, args.seconds, ctx, watch) for name in (args.only or ATTACKS)}
+        alive = server.poll() is None and keyed.poll() is None
+    finally:
+        watch.stop.set()
+        server.terminate(), keyed.terminate()
+        server.wait(30), keyed.wait(30)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    lines = [
+        f"# python benchmarks/attack.py {' '.join(sys.argv[1:])}   ({date.today()}, {os.cpu_count()} CPU cores, "
+        f"commit {commit.strip()})",
+        f"index: {index} ({header['ntotal']} items); server pid {server.pid}, never restarted: {alive}; "
+        f"private service hits: {len(_Origin.private_hits)}",
+        *table(rows, base),
+    ]
+    misses = [n for n, r in rows.items() if verdict(r, base)] + ([] if alive else ["server restarted"])
+    lines.append(f"goals: {'all met' if not misses else 'missed in ' + ', '.join(misses)} "
+                 f"(RSS +{GOALS['rss_mb']} MB, /health p99 {GOALS['health_p99_ms']} ms, normal p99 "
+                 f"{GOALS['normal_ratio']}x, no 5xx but 503, no restart)")  # fmt: skip
+    print("\n".join(lines))
+    if args.log:
+        Path(args.log).write_text("\n".join(lines) + "\n")
+    return 0 if not misses else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

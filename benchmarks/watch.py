@@ -1,0 +1,126 @@
+"""What a service benchmark watches while it loads the service: normal clients searching, /health probed,
+the server's and its decoder's RSS sampled; and the helpers to start ``retrieval serve`` and ask it."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve_load import ROOT, distinct_queries, percentile
+
+
+def start(index: str, port: int, extra: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "retrieval.cli", "serve", f"demo={index}", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if request(port, "GET", "/health")[0] == 200:
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def request(port, method, path, body=b"", headers=None, source="127.0.0.1", timeout=30) -> tuple[int, bytes, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request(method, path, body, headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ what runs throughout
+@dataclass
+class Watch:
+    """Normal clients, the /health prober and the RSS sampler, appending (time, value) throughout."""
+
+    port: int
+    pid: int
+    normal: list = field(default_factory=list)  # (t, seconds, status)
+    health: list = field(default_factory=list)  # (t, seconds)
+    rss: list = field(default_factory=list)  # (t, server MB, decoder MB)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, clients: int = 8) -> None:
+        for i in range(clients):
+            threading.Thread(target=self._client, args=(i,), daemon=True).start()
+        threading.Thread(target=self._prober, daemon=True).start()
+        threading.Thread(target=self._sampler, daemon=True).start()
+
+    def _client(self, seed: int) -> None:
+        queries, conn = distinct_queries(seed), None
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.request("GET", f"/search?q={urllib.parse.quote(next(queries))}&k=10")
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                status, conn = -1, None
+            self.normal.append((t0, time.perf_counter() - t0, status))
+
+    def _prober(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                status = request(self.port, "GET", "/health", timeout=10)[0]
+            except OSError:
+                status = -1
+            self.health.append((t0, time.perf_counter() - t0 if status == 200 else 10.0))
+            time.sleep(0.05)
+
+    def _sampler(self) -> None:
+        while not self.stop.is_set():
+            decoders = children(self.pid)
+            self.rss.append((time.perf_counter(), rss_mb(self.pid), max([rss_mb(p) for p in decoders] or [0.0])))
+            time.sleep(0.1)
+
+    def window(self, t0: float, t1: float) -> dict:
+        normal = [s for t, s, code in self.normal if t0 <= t < t1 and code == 200]
+        errors = [code for t, _, code in self.normal if t0 <= t < t1 and (code >= 500 and code != 503 or code < 0)]
+        rss = [(a, b) for t, a, b in self.rss if t0 <= t < t1]
+        return {
+            "normal_p50": percentile(normal, 50),
+            "normal_p99": percentile(normal, 99),
+            "normal_n": len(normal),
+            "normal_5xx": len(errors),
+            "health_p99": percentile([s for t, s in self.health if t0 <= t < t1], 99),
+            "server_mb": max((a for a, _ in rss), default=0.0),
+            "decoder_mb": max((b for _, b in rss), default=0.0),
+        }
