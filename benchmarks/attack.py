@@ -151,7 +151,7 @@ def attack_ssrf(port: int, until: float, ctx: dict) -> dict:
         body = json.dumps({"image_url": urls[i % len(urls)], "num_images": 3}).encode()
         code, data, _ = request(port, "POST", "/knn-service", body, {}, ATTACKER)
         codes[code] += 1
-        leaks += any(w in data for w in (b"Connection refused", b"timed out", str(private).encode(), b"Errno"))
+        leaks += any(w in data for w in (b"refused by peer", b"Connection refused", b"timed out", b"Errno", b"resolve"))
         i += 1
     good = request(
         port, "POST", "/knn-service", json.dumps({"image_url": f"http://127.0.0.1:{origin}/img.png"}).encode()
@@ -406,7 +406,7 @@ def origin_servers() -> tuple[int, int]:
 
 
 def run_attack(name: str, port: int, seconds: float, ctx: dict, watch: Watch) -> dict:
-    mp = multiprocessing.get_context("fork")
+    mp = multiprocessing.get_context("spawn")
     out = mp.Queue()
     t0 = time.perf_counter()
     proc = mp.Process(target=_child, args=(name, port, t0 + seconds * ATTACKS[name][1], ctx, out))
@@ -486,6 +486,10 @@ def main() -> int:
         time.sleep(args.seconds * 1.5)
         base = watch.window(t0, time.perf_counter())
         rows = {name: run_attack(name, port, args.seconds, ctx, watch) for name in (args.only or ATTACKS)}
+        if "SSRF via image_url" in rows and _Origin.private_hits:
+            rows["SSRF via image_url"].update(
+                ok=False, detail=f"the private service was reached: {_Origin.private_hits}"
+            )
         alive = server.poll() is None and keyed.poll() is None
     finally:
         watch.stop.set()

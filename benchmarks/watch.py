@@ -44,10 +44,15 @@ def rss_mb(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """``pid``'s child processes, started by any of its threads (the decoder is started from the event
+    loop's thread, not the main one)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 def request(port, method, path, body=b"", headers=None, source="127.0.0.1", timeout=30) -> tuple[int, bytes, dict]:

@@ -46,10 +46,10 @@ class MicroBatcher(Generic[T]):
     at a time. A result that is an ``Exception`` fails only its own future; an exception raised by
     ``fn`` fails the whole batch. ``on_batch(size, seconds)`` is called after each batch (metrics).
 
-    Fairness: every item has a ``cost`` (a list of 200 labels costs 200, not 1) and a ``client``. The
-    queue bound and each client's share are counted in cost, and a batch is filled round-robin over
-    the clients that are waiting (one item from each in turn, starting after the client served first
-    last time), so a client that keeps the queue full gets its turn and no more.
+    Fairness: every item has a ``cost`` (a list of 32 labels costs 32, not 1) and a ``client``. The
+    queue bound and each client's share are counted in cost, and a batch is filled by deficit round
+    robin over the clients that are waiting (``_round_robin``), so a client that keeps the queue full
+    gets its share of each batch and no more.
 
     The worker is a thread of its own (``thread=True``), or whichever thread calls ``run()``: the
     service runs it on the process's main thread, where torch's OpenMP team runs small batches 1.5-2.5x
@@ -70,7 +70,7 @@ class MicroBatcher(Generic[T]):
         self.before_batch, self.after_batch = before_batch, after_batch
         self._cond = threading.Condition()
         self._lanes: OrderedDict[str, deque[tuple[T, Future, int]]] = OrderedDict()  # client -> waiting items
-        self._cost, self._client_cost, self._closed = 0, {}, False
+        self._cost, self._client_cost, self._credit, self._closed = 0, {}, {}, False
         self._seconds_per_item = 0.01  # running estimate (per unit of cost), for Retry-After
         self._thread = threading.Thread(target=self.run, name=name, daemon=True) if thread else None
         if self._thread is not None:
@@ -105,7 +105,7 @@ class MicroBatcher(Generic[T]):
             self._closed = True
             left = [fut for lane in self._lanes.values() for _, fut, _ in lane]
             self._lanes.clear()
-            self._cost, self._client_cost = 0, {}
+            self._cost, self._client_cost, self._credit = 0, {}, {}
             self._cond.notify_all()
         for fut in left:
             if fut.set_running_or_notify_cancel():
@@ -127,28 +127,37 @@ class MicroBatcher(Generic[T]):
             return self._round_robin()
 
     def _round_robin(self) -> list[tuple[T, Future]]:
-        batch, cost, served = [], 0, []
-        while self._lanes:
-            took = False
+        """Deficit round robin (Shreedhar and Varghese's, as network schedulers share a link) over the
+        waiting clients, by cost: each round, every client whose next item fits the batch earns one
+        unit of credit and takes its item once the credit covers its cost (unused credit carries to the
+        next batch while it waits). With several clients waiting, the batch ends with the round in which
+        one of them runs out: a client with many or heavy items adds about as much to a batch as the
+        lightest one does, so it cannot make others' batches much slower. A client alone fills the batch."""
+        batch, cost = [], 0
+        several = len(self._lanes) > 1
+        while self._lanes and cost < self.cfg.max_batch:
+            fits, emptied = False, False
             for client in list(self._lanes):
                 lane = self._lanes[client]
-                if batch and cost + lane[0][2] > self.cfg.max_batch:
+                head = lane[0][2]
+                if batch and cost + head > self.cfg.max_batch:
+                    continue
+                fits = True
+                credit = self._credit.get(client, 0) + 1
+                if credit < head:
+                    self._credit[client] = credit
                     continue
                 item, fut, c = lane.popleft()
                 batch.append((item, fut))
                 cost += c
+                self._credit[client] = credit - c
                 self._client_cost[client] -= c
-                took = True
-                if client not in served:
-                    served.append(client)
+                self._lanes.move_to_end(client)  # the next round, and the next batch, start after it
                 if not lane:
-                    del self._lanes[client]
-                    del self._client_cost[client]
-            if not took or cost >= self.cfg.max_batch:
+                    del self._lanes[client], self._client_cost[client], self._credit[client]
+                    emptied = True
+            if not fits or (several and emptied):
                 break
-        for client in served:  # the next batch starts with the clients not served first this time
-            if client in self._lanes:
-                self._lanes.move_to_end(client)
         self._cost -= cost
         return batch
 

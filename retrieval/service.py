@@ -394,7 +394,7 @@ def serve(searchers: Searcher | dict[str, Searcher], cfg: ServeConfig) -> None:
     """Run the service (blocking): uvicorn's event loop on a thread, the query batcher on this (main)
     thread, where torch computes fastest. SIGINT/SIGTERM stop both. ``check_config`` says what a
     public host needs."""
-    app = create_app(searchers, check_config(cfg), worker_thread=False)
+    app = create_app(searchers, cfg, worker_thread=False)
     gc.collect()
     gc.freeze()  # the models' and indexes' objects never die: keep them out of every later collection
     server = uvicorn.Server(uvicorn_config(app, cfg))

@@ -257,13 +257,8 @@ def test_host_header_forwarded_headers_and_cross_origin_posts(searcher):
         headers={"Origin": "https://evil.example"},
     )
     assert form.status_code == 403  # a cross-site form post
-    own = c.post(
-        "/classify",
-        files={"image": ("x.png", png_bytes(), "image/png")},
-        data={"labels": "a, b"},
-        headers={"Origin": "http://127.0.0.1"},
-    )
-    assert own.status_code == 200  # the page's own
+    own = c.post("/knn-service", content=body, headers={**plain, "Origin": "http://127.0.0.1"})
+    assert own.status_code == 200  # the page's own origin
 
 
 # ---------------------------------------------------------------- 5. cost amplification
@@ -340,8 +335,33 @@ def test_the_queue_counts_cost_and_shares_it_fairly_between_clients():
     release.set()
     assert [f.result(5) for f in fair] == ["b0", "b1"]
     b.close()
-    assert batches[1] == ["a0"] and batches[2] == ["b0", "b1"]  # b waited for one of the hog's batches, not all
+    assert batches[1] == ["b0", "b1"] and batches[2] == ["a0"]  # b's cheap queries went before the hog's heavy ones
     assert all(f.result(5) for f in hog)
+
+
+def test_a_heavy_client_adds_about_what_a_light_one_does_to_each_batch():
+    """Deficit round robin: with a light client (cost-1 queries) and a heavy one (cost-8 label chunks)
+    waiting, a batch holds about as much of the heavy client's cost as of the light one's."""
+    release, batches = threading.Event(), []
+
+    def run(items):
+        release.wait(5)
+        batches.append(list(items))
+        return items
+
+    b = MicroBatcher(run, BatchConfig(max_batch=64, max_wait_ms=1, max_queue=200, max_queue_per_client=100))
+    b.submit(("warm", 1), client="x")
+    time.sleep(0.05)
+    heavy = [b.submit(("h", 8), cost=8, client="heavy") for _ in range(10)]
+    light = [b.submit(("l", 1), client="light") for _ in range(8)]
+    release.set()
+    for f in heavy + light:
+        f.result(5)
+    b.close()
+    first = batches[1]
+    light_cost = sum(c for k, c in first if k == "l")
+    heavy_cost = sum(c for k, c in first if k == "h")
+    assert light_cost == 8 and heavy_cost <= 8, first  # not 56 of the heavy client's cost beside 8
 
 
 def test_a_client_over_its_requests_in_flight_gets_429(searcher, monkeypatch):
