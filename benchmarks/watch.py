@@ -13,7 +13,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve_load import ROOT, distinct_queries, percentile
+from serve_load import ROOT, cpu_seconds, distinct_queries, percentile
 
 
 def start(index: str, port: int, extra: list[str], env_extra: dict | None = None) -> subprocess.Popen:
@@ -74,7 +74,7 @@ class Watch:
     pid: int
     normal: list = field(default_factory=list)  # (t, seconds, status)
     health: list = field(default_factory=list)  # (t, seconds)
-    rss: list = field(default_factory=list)  # (t, server MB, decoder MB)
+    rss: list = field(default_factory=list)  # (t, server MB, decoder MB, server + decoder CPU seconds)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, clients: int = 8) -> None:
@@ -113,19 +113,26 @@ class Watch:
     def _sampler(self) -> None:
         while not self.stop.is_set():
             decoders = children(self.pid)
-            self.rss.append((time.perf_counter(), rss_mb(self.pid), max([rss_mb(p) for p in decoders] or [0.0])))
+            try:
+                cpu = cpu_seconds(self.pid) + sum(cpu_seconds(p) for p in decoders)
+            except (OSError, IndexError):
+                cpu = self.rss[-1][3] if self.rss else 0.0
+            sample = (time.perf_counter(), rss_mb(self.pid), max([rss_mb(p) for p in decoders] or [0.0]), cpu)
+            self.rss.append(sample)
             time.sleep(0.1)
 
     def window(self, t0: float, t1: float) -> dict:
         normal = [s for t, s, code in self.normal if t0 <= t < t1 and code == 200]
         errors = [code for t, _, code in self.normal if t0 <= t < t1 and (code >= 500 and code != 503 or code < 0)]
-        rss = [(a, b) for t, a, b in self.rss if t0 <= t < t1]
+        rss = [(a, b) for t, a, b, _ in self.rss if t0 <= t < t1]
+        cpu = [(t, c) for t, _, _, c in self.rss if t0 <= t < t1]
         return {
             "normal_p50": percentile(normal, 50),
             "normal_p99": percentile(normal, 99),
             "normal_n": len(normal),
             "normal_5xx": len(errors),
             "health_p99": percentile([s for t, s in self.health if t0 <= t < t1], 99),
+            "server_cpu": (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0]) if len(cpu) > 1 else 0.0,  # cores
             "server_mb": max((a for a, _ in rss), default=0.0),
             "decoder_mb": max((b for _, b in rss), default=0.0),
         }

@@ -13,7 +13,9 @@
 5. bodies capped before they are read (413 from ``Content-Length``; a body without one is counted as
    it streams and cut off at the cap);
 6. requests in flight: ``concurrency`` in all (503) and ``per_client`` from one address (429); idle
-   connections do not count (``connections`` bounds those). ``/health`` is never refused here.
+   connections do not count (``connections`` bounds those). ``/health`` is never refused here;
+7. ``early(path, client)``: what the service would refuse anyway (an upload when the decoder is full),
+   refused before its body is read.
 
 Every response gets ``nosniff``, ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and, unless
 the route set one, a deny-all Content-Security-Policy. Per request: metrics and a JSON access-log line.
@@ -111,6 +113,7 @@ class Access:
     concurrency: int = 256  # requests in flight, all clients: beyond, 503
     per_client: int = 32  # requests in flight from one client address: beyond, 429
     docs_paths: tuple[str, ...] = ()  # pages that load scripts from elsewhere (FastAPI's /docs): no default CSP
+    early: Callable[[str, str], tuple[int, str, dict, str] | None] | None = None  # (path, client) -> a refusal
 
 
 def session_token(api_key: str) -> str:
@@ -215,7 +218,7 @@ class Guard:
             return 503, f"{self.in_flight} requests in flight; try again shortly", {"retry-after": "1"}, "concurrency"
         if self.by_client.get(client, 0) >= a.per_client:
             return 429, f"{a.per_client} of your requests are in flight; wait for them", {"retry-after": "1"}, "client"
-        return None
+        return a.early(path, client) if a.early is not None else None
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
         if "*" in self.access.cors_origins or origin in self.access.cors_origins:

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from retrieval.service import Served
 
 log = logging.getLogger(__name__)
-LABEL_CHUNK = 32  # labels encoded per batch when /classify meets new ones
+LABEL_CHUNK = 16  # labels encoded per batch when /classify meets new ones
+QUERY_CHUNK = 16  # queries of one request in the queue at a time (a client's share is 32)
+MAX_HITS = 10_000  # queries x k of one POST /search
 
 
 class FastJSON(JSONResponse):
@@ -84,7 +86,13 @@ def as_vector(values, dim: int) -> np.ndarray:
 
 
 async def run_all(served: Served, engine: IndexEngine, queries: list[EngineQuery], client: str) -> list[Answer]:
-    return list(await asyncio.gather(*(served.ask(engine, q, client) for q in queries)))
+    """The answers to one request's queries, submitted ``QUERY_CHUNK`` at a time (each chunk once the last
+    is answered): a request of 256 queries never holds more than its share of the queue, and is never
+    half admitted and then refused."""
+    answers: list[Answer] = []
+    for i in range(0, len(queries), QUERY_CHUNK):
+        answers += await asyncio.gather(*(served.ask(engine, q, client) for q in queries[i : i + QUERY_CHUNK]))
+    return answers
 
 
 def search_routes(app: FastAPI, served: Served) -> None:
@@ -121,19 +129,21 @@ def search_routes(app: FastAPI, served: Served) -> None:
             raise QueryError("give one non-empty list: queries (texts), images (base64) or embeddings")
         if len(given[0]) > engine.searcher.limits.max_batch:
             raise QueryError(f"at most {engine.searcher.limits.max_batch} queries a call, got {len(given[0])}")
+        if len(given[0]) * k > MAX_HITS:
+            raise QueryError(f"at most {MAX_HITS} hits a call (queries x k), asked {len(given[0])} x {k}")
         if queries is not None:
             batch = [EngineQuery("text", t, k, dedup) for t in engine.searcher.check_text(queries)]
         elif images is not None:
             if len(images) > cfg.max_images:
                 raise QueryError(f"at most {cfg.max_images} images a call, got {len(images)}")
             pixels = min(cfg.max_image_pixels, cfg.max_request_pixels // len(images))  # each image's share
-            tensors = await served.images(engine, [b64_image(x) for x in images], pixels)
+            tensors = await served.images(engine, [b64_image(x) for x in images], pixels, client_of(request))
             batch = [EngineQuery("image", t, k, dedup) for t in tensors]
         else:
             batch = [EngineQuery("vector", as_vector(v, engine.dim), k, dedup) for v in embeddings]
         answers = await run_all(served, engine, batch, client_of(request))
-        ms = 1000 * (time.perf_counter() - start)
-        results = [served.hits_json(engine, a) for a in answers]
+        results = await anyio.to_thread.run_sync(lambda: [served.hits_json(engine, a) for a in answers])
+        ms = 1000 * (time.perf_counter() - start)  # up to 10,000 hits: built off the event loop
         return FastJSON({"k": k, "index": engine.name, "queries": queries, "ms": ms, "results": results})
 
     @app.post("/classify")
@@ -150,7 +160,7 @@ def search_routes(app: FastAPI, served: Served) -> None:
             raise HTTPException(413, f"upload larger than {cfg.max_upload_bytes} bytes")
         names = parse_labels(labels, cfg.max_labels, cfg.max_label_chars)
         template = check_template(template)
-        tensor = (await served.images(engine, [data], cfg.max_image_pixels))[0]
+        tensor = (await served.images(engine, [data], cfg.max_image_pixels, client))[0]
         label_vectors = await _label_vectors(served, engine, template, names, client)
         answer = await served.ask(engine, EngineQuery("image", tensor), client)
         scale = float(engine.model.logit_scale.detach().exp())
@@ -207,7 +217,8 @@ def clip_routes(app: FastAPI, served: Served) -> None:
             query = EngineQuery("vector", as_vector(req.embedding, engine.dim), k, dedup)
         else:
             data = req.image if req.image is not None else await _fetch(served, req.image_url)
-            query = EngineQuery("image", (await served.images(engine, [data], cfg.max_image_pixels))[0], k, dedup)
+            tensor = (await served.images(engine, [data], cfg.max_image_pixels, client))[0]
+            query = EngineQuery("image", tensor, k, dedup)
         answer = await served.ask(engine, query, client)
         ids, scores = answer.ids, answer.scores
         meta = await anyio.to_thread.run_sync(served.clip_metadata, engine, ids[: req.num_images])

@@ -178,21 +178,29 @@ class Served:
             self.metrics.refused.labels(engine.name, "timeout").inc()
             raise Busy(f"no answer within {self.cfg.request_timeout_s:g} s", 5) from None
 
-    async def images(self, engine: IndexEngine, uploads: list[bytes], max_pixels: int) -> list:
+    async def images(self, engine: IndexEngine, uploads: list[bytes], max_pixels: int, client: str = "") -> list:
         """Decode and preprocess uploaded images in the decoder process, one after another, all within
-        the request's deadline."""
+        the request's deadline (counted against ``client``'s share of the decoder)."""
         if engine.transform is None:
             raise QueryError(f"index {engine.name!r}: its model has no image tower")
         if not all(uploads):
             raise QueryError("empty upload")
 
         async def decode_all() -> list:
-            return [await self.decoder(engine.transform, data, max_pixels) for data in uploads]
+            return [await self.decoder(engine.transform, data, max_pixels, client) for data in uploads]
 
         try:
             return await asyncio.wait_for(decode_all(), self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
             raise Busy(f"images not decoded within {self.cfg.request_timeout_s:g} s", 5) from None
+
+    def early_refusal(self, path: str, client: str) -> tuple[int, str, dict, str] | None:
+        """An upload route refused from its headers when the decoder would refuse it anyway: its body
+        (a multipart form, parsed on the event loop) is never read."""
+        busy = self.decoder.refusal(client) if path == "/classify" else None
+        if busy is None:
+            return None
+        return busy.status, str(busy), {"retry-after": str(int(busy.retry_after))}, "decoder"
 
     def hits_json(self, engine: IndexEngine, answer: Answer) -> list[dict]:
         """The hits as the API shows them (``Hit`` fields, public source, thumbnail URL); the per-item part
@@ -282,6 +290,7 @@ def create_app(
         concurrency=cfg.concurrency,
         per_client=cfg.per_client,
         docs_paths=docs,
+        early=served.early_refusal,
     )
     app.add_middleware(Guard, metrics=served.metrics, body_cap=partial(body_cap, cfg), access=access)
     if cfg.cors_origins:

@@ -9,7 +9,8 @@ preempted thread stalls every parallel op), while a one-thread team loses nothin
   (nice 19), under an address-space limit (its size once started plus ``memory_mb``: an upload that
   needs more fails with ``MemoryError``, answered 400, and the server's memory is never at stake);
   each process is replaced after ``recycle_after`` uploads, and a crashed one at once; at most
-  ``max_pending`` uploads wait, beyond that 503.
+  ``max_pending`` uploads wait (beyond that 503), a quarter of them from one client (beyond that 429);
+  the service refuses an upload route from the headers when it would be refused (``refusal``).
 * ``CpuShare``: searches first. While uploads are being decoded, the decoder is paused (SIGSTOP) during
   two of every three search batches, which run with all compute threads; during the third it runs beside
   a batch that uses one thread. Uploads also get every idle gap between batches. Measured with 2
@@ -90,6 +91,8 @@ class Decoder:
         self.workers, self.max_pending, self.nice = workers, max_pending, nice
         self.memory_mb, self.recycle_after = memory_mb, recycle_after
         self.pending, self._pool, self._done = 0, None, 0  # changed on the event loop only
+        self.by_client: dict[str, int] = {}
+        self.per_client = max(1, max_pending // 4)  # one client's uploads decoding or waiting at once
 
     def _executor(self):
         if self._pool is None:
@@ -106,10 +109,20 @@ class Decoder:
         """The decoder processes running now (ProcessPoolExecutor keeps them in ``_processes``)."""
         return list(getattr(self._pool, "_processes", None) or {}) if self._pool is not None else []
 
-    async def __call__(self, transform, data: bytes, max_pixels: int):
+    def refusal(self, client: str = "") -> Busy | None:
+        """Why an upload from ``client`` would be refused now (None: it would not)."""
         if self.pending >= self.max_pending:
-            raise Busy(f"{self.pending} uploads are being decoded", 2)
+            return Busy(f"{self.pending} uploads are being decoded", 2)
+        if self.by_client.get(client, 0) >= self.per_client:
+            return Busy(f"{self.per_client} of your uploads are being decoded; wait for them", 1, status=429)
+        return None
+
+    async def __call__(self, transform, data: bytes, max_pixels: int, client: str = ""):
+        busy = self.refusal(client)
+        if busy is not None:
+            raise busy
         self.pending += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
         try:
             return await asyncio.wrap_future(self._executor().submit(_decode, transform, data, max_pixels))
         except BrokenProcessPool:
@@ -117,6 +130,9 @@ class Decoder:
             raise QueryError("the upload could not be decoded") from None
         finally:
             self.pending -= 1
+            left = self.by_client.pop(client) - 1
+            if left:
+                self.by_client[client] = left
             self._recycle()
 
     def _recycle(self) -> None:
