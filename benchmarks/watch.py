@@ -88,7 +88,9 @@ class Watch:
         while not self.stop.is_set():
             t0 = time.perf_counter()
             try:
-                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn = conn or http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=60, source_address=(f"127.0.0.{10 + seed}", 0)
+                )  # each normal client its own address, as users are: the server's fairness is per address
                 conn.request("GET", f"/search?q={urllib.parse.quote(next(queries))}&k=10")
                 resp = conn.getresponse()
                 resp.read()

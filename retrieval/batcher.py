@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CONTENTION_S = 0.5  # a client served this recently is still competing, though between requests
 
 
 class Overloaded(RuntimeError):
@@ -39,6 +40,9 @@ class BatchConfig:
     max_wait_ms: float = 2.0  # how long the worker waits for more items once one is there
     max_queue: int = 64  # waiting cost; beyond this, submit() raises Overloaded (503)
     max_queue_per_client: int = 32  # waiting cost of one client; beyond this, ClientOverloaded (429)
+    anticipate_ms: float = float(
+        __import__("os").environ.get("ANT", "4.0")
+    )  # how long a batch of only other clients' items waits for the last batch's
 
 
 class MicroBatcher(Generic[T]):
@@ -71,6 +75,8 @@ class MicroBatcher(Generic[T]):
         self._cond = threading.Condition()
         self._lanes: OrderedDict[str, deque[tuple[T, Future, int]]] = OrderedDict()  # client -> waiting items
         self._cost, self._client_cost, self._credit, self._closed = 0, {}, {}, False
+        self._served_at: dict[str, float] = {}  # client -> when it last had an item in a batch
+        self._last_clients: set[str] = set()  # the clients of the last batch
         self._seconds_per_item = 0.01  # running estimate (per unit of cost), for Retry-After
         self._thread = threading.Thread(target=self.run, name=name, daemon=True) if thread else None
         if self._thread is not None:
@@ -122,25 +128,41 @@ class MicroBatcher(Generic[T]):
             deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
             while not self._closed and self._cost < self.cfg.max_batch and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
+            deadline = time.monotonic() + self.cfg.anticipate_ms / 1000
+            while not self._closed and self._returning() and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
             if self._closed:
                 return None
             return self._round_robin()
 
+    def _returning(self) -> bool:
+        """Whether the last batch's clients are all away while others wait: they are most likely between
+        two requests (anticipatory scheduling, as Linux's I/O scheduler waited for the process it had
+        just served), and a batch of the others' alone would make them wait for it."""
+        last = self._last_clients
+        return bool(last) and not any(c in self._lanes for c in last) and any(c not in last for c in self._lanes)
+
     def _round_robin(self) -> list[tuple[T, Future]]:
         """Deficit round robin (Shreedhar and Varghese's, as network schedulers share a link) over the
-        waiting clients, by cost: each round, every client whose next item fits the batch earns one
-        unit of credit and takes its item once the credit covers its cost (unused credit carries to the
-        next batch while it waits). With several clients waiting, the batch ends with the round in which
-        one of them runs out: a client with many or heavy items adds about as much to a batch as the
-        lightest one does, so it cannot make others' batches much slower. A client alone fills the batch."""
-        batch, cost = [], 0
-        several = len(self._lanes) > 1
+        waiting clients, by cost: each round, every client whose next item fits earns one unit of credit
+        and takes its item once the credit covers its cost (unused credit carries to the next batch while
+        it waits). Under contention (several clients waiting, or others served in the last
+        ``CONTENTION_S``), the batch ends with the round in which one client runs out, and no client puts
+        more than a quarter of ``max_batch`` into it: a client with many or heavy items adds about what the
+        lightest one does, and a batch it has to itself while the others are between requests stays
+        short. A client alone fills the batch."""
+        now = time.monotonic()
+        self._served_at = {c: t for c, t in self._served_at.items() if now - t < CONTENTION_S}
+        contended = len(self._lanes) > 1 or any(c not in self._lanes for c in self._served_at)
+        cap = max(1, self.cfg.max_batch // 8) if contended else self.cfg.max_batch
+        batch, cost, taken = [], 0, {}
         while self._lanes and cost < self.cfg.max_batch:
             fits, emptied = False, False
             for client in list(self._lanes):
                 lane = self._lanes[client]
                 head = lane[0][2]
-                if batch and cost + head > self.cfg.max_batch:
+                mine = taken.get(client, 0)
+                if (batch and cost + head > self.cfg.max_batch) or (mine and mine + head > cap):
                     continue
                 fits = True
                 credit = self._credit.get(client, 0) + 1
@@ -149,16 +171,18 @@ class MicroBatcher(Generic[T]):
                     continue
                 item, fut, c = lane.popleft()
                 batch.append((item, fut))
-                cost += c
+                cost, taken[client] = cost + c, mine + c
                 self._credit[client] = credit - c
                 self._client_cost[client] -= c
+                self._served_at[client] = now
                 self._lanes.move_to_end(client)  # the next round, and the next batch, start after it
                 if not lane:
                     del self._lanes[client], self._client_cost[client], self._credit[client]
                     emptied = True
-            if not fits or (several and emptied):
+            if not fits or (contended and emptied):
                 break
         self._cost -= cost
+        self._last_clients = set(taken)
         return batch
 
     def run(self) -> None:

@@ -12,10 +12,10 @@ preempted thread stalls every parallel op), while a one-thread team loses nothin
   ``max_pending`` uploads wait (beyond that 503), a quarter of them from one client (beyond that 429);
   the service refuses an upload route from the headers when it would be refused (``refusal``).
 * ``CpuShare``: searches first. While uploads are being decoded, the decoder is paused (SIGSTOP) during
-  two of every three search batches, which run with all compute threads; during the third it runs beside
-  a batch that uses one thread. Uploads also get every idle gap between batches. Measured with 2
-  clients looping 16-megapixel uploads beside 8 searching clients: search p99 1.8x its unloaded value
-  (without this: 9x), uploads answered in ~0.7 s (docs/retrieval.md).
+  search batches, which run with all compute threads; once an upload has waited ``patience_s`` (0.25 s),
+  at most one batch in three lets the decoder run beside it, with one compute thread. Uploads also get
+  every idle gap between batches. (Sharing one batch in three whenever anything was decoding let a
+  client that keeps two small uploads in the decoder slow every search by a third.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -91,6 +92,7 @@ class Decoder:
         self.workers, self.max_pending, self.nice = workers, max_pending, nice
         self.memory_mb, self.recycle_after = memory_mb, recycle_after
         self.pending, self._pool, self._done = 0, None, 0  # changed on the event loop only
+        self._since: list[float] = []  # when each upload now decoding or waiting came in
         self.by_client: dict[str, int] = {}
         self.per_client = max(1, max_pending // 4)  # one client's uploads decoding or waiting at once
 
@@ -104,6 +106,11 @@ class Decoder:
             )
             self._done = 0
         return self._pool
+
+    def waited(self) -> float:
+        """Seconds the oldest upload now in the decoder has been there (0: none); read from any thread."""
+        since = list(self._since)
+        return time.monotonic() - min(since) if since else 0.0
 
     def pids(self) -> list[int]:
         """The decoder processes running now (ProcessPoolExecutor keeps them in ``_processes``)."""
@@ -123,6 +130,8 @@ class Decoder:
             raise busy
         self.pending += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
+        came = time.monotonic()
+        self._since.append(came)
         try:
             return await asyncio.wrap_future(self._executor().submit(_decode, transform, data, max_pixels))
         except BrokenProcessPool:
@@ -130,6 +139,7 @@ class Decoder:
             raise QueryError("the upload could not be decoded") from None
         finally:
             self.pending -= 1
+            self._since.remove(came)
             left = self.by_client.pop(client) - 1
             if left:
                 self.by_client[client] = left
@@ -153,9 +163,9 @@ class Decoder:
 class CpuShare:
     """``before()`` / ``after()`` each search batch (on the batcher's thread): see the module docstring."""
 
-    def __init__(self, decoder: Decoder, every: int = 3):
-        self.decoder, self.every = decoder, every
-        self.batches, self.paused, self.threads = 0, [], None
+    def __init__(self, decoder: Decoder, every: int = 3, patience_s: float = 0.25):
+        self.decoder, self.every, self.patience_s = decoder, every, patience_s
+        self.batches, self.paused, self.threads, self.shared_at = 0, [], None, -every
         self.can_pause = hasattr(signal, "SIGSTOP")
 
     def before(self) -> None:
@@ -165,7 +175,10 @@ class CpuShare:
             self.threads = torch.get_num_threads()
         self.batches += 1
         busy = self.decoder.pending > 0
-        share = busy and (self.batches % self.every == 0 or not self.can_pause)
+        due = self.batches - self.shared_at >= self.every and self.decoder.waited() > self.patience_s
+        share = busy and (due or not self.can_pause)
+        if share:
+            self.shared_at = self.batches
         want = 1 if share else self.threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
