@@ -40,9 +40,7 @@ class BatchConfig:
     max_wait_ms: float = 2.0  # how long the worker waits for more items once one is there
     max_queue: int = 64  # waiting cost; beyond this, submit() raises Overloaded (503)
     max_queue_per_client: int = 32  # waiting cost of one client; beyond this, ClientOverloaded (429)
-    anticipate_ms: float = float(
-        __import__("os").environ.get("ANT", "4.0")
-    )  # how long a batch of only other clients' items waits for the last batch's
+    anticipate_ms: float = 4.0  # how long a batch of only other clients' items waits for the last batch's
 
 
 class MicroBatcher(Generic[T]):
