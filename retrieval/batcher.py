@@ -146,13 +146,13 @@ class MicroBatcher(Generic[T]):
         and takes its item once the credit covers its cost (unused credit carries to the next batch while
         it waits). Under contention (several clients waiting, or others served in the last
         ``CONTENTION_S``), the batch ends with the round in which one client runs out, and no client puts
-        more than a quarter of ``max_batch`` into it: a client with many or heavy items adds about what the
-        lightest one does, and a batch it has to itself while the others are between requests stays
-        short. A client alone fills the batch."""
+        more than a sixteenth of ``max_batch`` into it (one item, if that is larger): a client with many
+        or heavy items adds about what the lightest one does, and a batch it has to itself while the
+        others are between requests stays short. A client alone fills the batch."""
         now = time.monotonic()
         self._served_at = {c: t for c, t in self._served_at.items() if now - t < CONTENTION_S}
         contended = len(self._lanes) > 1 or any(c not in self._lanes for c in self._served_at)
-        cap = max(1, self.cfg.max_batch // 8) if contended else self.cfg.max_batch
+        cap = max(1, self.cfg.max_batch // 16) if contended else self.cfg.max_batch
         batch, cost, taken = [], 0, {}
         while self._lanes and cost < self.cfg.max_batch:
             fits, emptied = False, False

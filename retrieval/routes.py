@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from retrieval.service import Served
 
 log = logging.getLogger(__name__)
-LABEL_CHUNK = 8  # labels encoded per batch when /classify meets new ones
+LABEL_CHUNK = 4  # labels encoded per batch when /classify meets new ones
 QUERY_CHUNK = 16  # queries of one request in the queue at a time (a client's share is 32)
 MAX_HITS = 10_000  # queries x k of one POST /search
 
