@@ -218,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout,
             max_connections=args.max_connections,
             max_per_client=args.max_connections_per_client,
+            new_per_second=args.new_connections_per_second,
         ),
     )
     total = sum(s.index.ntotal for s in searchers.values())
@@ -451,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (30)")
     v.add_argument("--max-connections", type=int, default=1000, help="open connections in all (1000)")
     v.add_argument("--max-connections-per-client", type=int, default=64, help="open connections from one address (64)")
+    v.add_argument(
+        "--new-connections-per-second",
+        type=float,
+        default=50.0,
+        help="new connections from one address a second, bursts of twice that (50; 0: no limit)",
+    )
     v.add_argument("--threads", type=int, default=0, help="torch compute threads (0: torch's default)")
     v.set_defaults(fn=cmd_serve)
     return p

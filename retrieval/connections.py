@@ -39,7 +39,7 @@ class ConnectionLimits:
     max_header_bytes: int = 64 << 10
     max_connections: int = 1000  # open connections in all (keep it under the process's open-file limit)
     max_per_client: int = 64  # open connections from one peer address
-    new_per_second: float = 100.0  # new connections from one peer address, a second (bursts of twice that)
+    new_per_second: float = 50.0  # new connections from one peer address, a second (bursts of twice that)
 
 
 def _reply(status: int, reason: str) -> bytes:
