@@ -74,7 +74,7 @@ class Watch:
     pid: int
     normal: list = field(default_factory=list)  # (t, seconds, status)
     health: list = field(default_factory=list)  # (t, seconds)
-    rss: list = field(default_factory=list)  # (t, server MB, decoder MB, server + decoder CPU seconds)
+    rss: list = field(default_factory=list)  # (t, server MB, decoder MB, {pid: CPU seconds} of server and decoders)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, clients: int = 8) -> None:
@@ -115,10 +115,12 @@ class Watch:
     def _sampler(self) -> None:
         while not self.stop.is_set():
             decoders = children(self.pid)
-            try:
-                cpu = cpu_seconds(self.pid) + sum(cpu_seconds(p) for p in decoders)
-            except (OSError, IndexError):
-                cpu = self.rss[-1][3] if self.rss else 0.0
+            cpu = {}
+            for pid in [self.pid, *decoders]:
+                try:
+                    cpu[pid] = cpu_seconds(pid)
+                except (OSError, IndexError):  # gone between the listing and the read
+                    pass
             sample = (time.perf_counter(), rss_mb(self.pid), max([rss_mb(p) for p in decoders] or [0.0]), cpu)
             self.rss.append(sample)
             time.sleep(0.1)
@@ -134,7 +136,23 @@ class Watch:
             "normal_n": len(normal),
             "normal_5xx": len(errors),
             "health_p99": percentile([s for t, s in self.health if t0 <= t < t1], 99),
-            "server_cpu": (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0]) if len(cpu) > 1 else 0.0,  # cores
+            "server_cpu": cores(cpu),
             "server_mb": max((a for a, _ in rss), default=0.0),
             "decoder_mb": max((b for _, b in rss), default=0.0),
         }
+
+
+def cores(samples: list[tuple[float, dict[int, float]]]) -> float:
+    """Cores used between the first and the last sample, summed over processes: each process counted
+    from its first sample in the window (a decoder recycled mid-window is not a negative figure)."""
+    if len(samples) < 2:
+        return 0.0
+    first: dict[int, float] = {}
+    for _, cpu in samples:
+        for pid, seconds in cpu.items():
+            first.setdefault(pid, seconds)
+    last: dict[int, float] = {}
+    for _, cpu in samples:
+        last.update(cpu)
+    used = sum(last[pid] - first[pid] for pid in last)
+    return used / (samples[-1][0] - samples[0][0])
