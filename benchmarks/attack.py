@@ -49,8 +49,7 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-from serve_load import ROOT, WORDS, free_port
-from watch import Watch, request, start
+from watch import ROOT, WORDS, Watch, free_port, request, start
 
 ATTACKER = "127.0.0.2"
 KEY = "bench-" + "k" * 26
@@ -563,8 +562,8 @@ def main() -> int:
     origin, private = origin_servers()
     port, kport = free_port(), free_port()
     common = ["--image-url-host", f"127.0.0.1:{origin}", "--image-url-private"]
-    server = start(index, port, common)
-    keyed = start(index, kport, [], {"RETRIEVAL_API_KEY": KEY})
+    server = start(f"demo={index}", port, common)
+    keyed = start(f"demo={index}", kport, [], {"RETRIEVAL_API_KEY": KEY})
     ctx = {"origin_port": origin, "private_port": private, "keyed_port": kport, "ntotal": header["ntotal"],
            "checkpoint": header["model"]}  # fmt: skip
     watch = Watch(port, server.pid)

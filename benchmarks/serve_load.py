@@ -26,8 +26,6 @@ import argparse
 import http.client
 import io
 import json
-import os
-import random
 import socket
 import subprocess
 import sys
@@ -37,55 +35,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = (
-    "red blue green yellow small large smiling sad happy angry old new fast slow face heart car cat dog "
-    "tree house star moon sun fire water phone laptop camera clock music book rocket flag key lock cloud rain "
-    "snow storm bird fish flower hand eye person building computer printer envelope bell gift"
-).split()
-
-
-def distinct_queries(seed: int):
-    """An endless stream of distinct queries (a counter makes each one unique)."""
-    rng, n = random.Random(seed), 0
-    while True:
-        n += 1
-        yield f"a {rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} number {seed}-{n}"
-
-
-def percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from watch import ROOT, WORDS, cpu_seconds, distinct_queries, free_port, percentile, start
 
 
 def start_server(index: str, port: int, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "serve", index, "--port", str(port), *extra],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    return start(index, port, extra)
 
 
 @dataclass
@@ -162,17 +116,6 @@ def health_prober(port: int, until: float, out: list[float]) -> None:
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         time.sleep(0.05)
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (``pid`` None) or of another one (from /proc)."""
-    if pid is None:
-        import resource
-
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(

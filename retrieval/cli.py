@@ -91,6 +91,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         recall_target=args.recall,
         on_disk=args.on_disk,
         queries=args.queries,
+        tune_seconds=args.tune_seconds,
         threads=args.threads,
         engine=args.engine,
         address=args.address,
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recall", type=float, default=0.95, help="recall@10 target (0.95)")
     b.add_argument("--queries", type=int, default=500, help="held-out queries sampled for tuning (500)")
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
+    b.add_argument(
+        "--tune-seconds", type=float, default=0.25, help="time each search setting at least this long (0.25)"
+    )
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
     b.add_argument(
         "--shards",

@@ -66,6 +66,7 @@ class BuildConfig:
     flat_below: int = 20_000  # exact search below this many vectors
     hnsw_below: int = 200_000  # HNSW graph builds are slow on CPU above this
     queries: int = 500  # held-out queries for tuning and the recorded recall
+    tune_seconds: float = 0.25  # each knob setting is searched for at least this long (>= 2 runs) to time it
     on_disk: bool = False  # IVF inverted lists in index.ivfdata, built part by part and merged
     seed: int = 0
     threads: int = 0  # FAISS OpenMP threads (0: FAISS's default)
@@ -305,6 +306,7 @@ def sweep(
     truth: np.ndarray,
     exclude: np.ndarray | None = None,
     stop_at: float | None = None,
+    min_seconds: float = 0.25,
 ) -> list[dict]:
     """recall@10 and queries/s for each setting of ``spec.param_grid`` and each knob value in order.
 
@@ -318,7 +320,7 @@ def sweep(
         flat_steps, last = 0, -1.0
         for value in spec.knob_values or (None,):
             set_knob(index, spec.knob, value)
-            found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None))
+            found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None), min_seconds)
             r = recall_at_k(_drop(found, exclude), truth, 10)
             table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
             flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
@@ -329,10 +331,16 @@ def sweep(
 
 
 def tune(
-    index, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, target: float, exclude: np.ndarray | None = None
+    index,
+    spec: IndexSpec,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    exclude: np.ndarray | None = None,
+    min_seconds: float = 0.25,
 ) -> Tuning:
     """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
-    table = sweep(index, spec, queries, truth, exclude, stop_at=target)
+    table = sweep(index, spec, queries, truth, exclude, stop_at=target, min_seconds=min_seconds)
     reached = [row for row in table if row["recall@10"] >= target]
     best = max(reached, key=lambda row: row["qps"]) if reached else max(table, key=lambda row: row["recall@10"])
     params = {k: v for k, v in best.items() if k not in ("recall@10", "qps", spec.knob or "exact")}
@@ -605,7 +613,7 @@ def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, q, truth, ex
     start = time.perf_counter()
     index = build(spec, emb, tmp, cfg, progress=progress)
     build_s = time.perf_counter() - start
-    return index, spec, tune(index, spec, q, truth, cfg.recall_target, exclude), build_s
+    return index, spec, tune(index, spec, q, truth, cfg.recall_target, exclude, cfg.tune_seconds), build_s
 
 
 def _qps_at(t: Tuning) -> float:

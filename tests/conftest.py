@@ -77,6 +77,64 @@ def api_client(app, **kwargs):
     return TestClient(app, base_url="http://127.0.0.1", **kwargs)
 
 
+@pytest.fixture(scope="module")
+def searcher(search_index):
+    """The toy index (``search_index``) opened with its model, once per test module."""
+    from retrieval.search import Searcher
+
+    return Searcher.open(search_index)
+
+
+@pytest.fixture(scope="module")
+def client(searcher):
+    """A TestClient of the service over ``searcher`` as index "toy" (a module may define its own)."""
+    from retrieval.service import create_app
+
+    return api_client(create_app({"toy": searcher}))
+
+
+@pytest.fixture
+def live_service(request):
+    """``live_service(cfg, app=None) -> port``: the search service under uvicorn with our connection
+    protocol (``retrieval.service.uvicorn_config``) on a free loopback port, over the test module's
+    ``searcher`` as index "toy"; stopped at the end of the test."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    import uvicorn
+
+    from retrieval.service import create_app, uvicorn_config
+
+    servers = []
+
+    def start(cfg, app=None) -> int:
+        port = free_port()
+        app = app or create_app({"toy": request.getfixturevalue("searcher")}, cfg)
+        config = uvicorn_config(app, replace(cfg, port=port))
+        config.log_level = "warning"
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return port
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def png_bytes(color=(200, 20, 20), size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")

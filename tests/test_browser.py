@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.conftest import ROOT, png_bytes
 from tests.test_distributed import free_port
@@ -60,14 +61,15 @@ def page():
 
 def test_typing_a_query_shows_results_with_thumbnails(server, page, tmp_path):
     page.goto(server)
-    page.wait_for_function("document.getElementById('info').textContent.includes('64 items')")
+    expect(page.locator("#info")).to_contain_text("64 items")  # no eval in the page: its CSP forbids it
     page.fill("#query", "a red circle")
     page.press("#query", "Enter")
     page.wait_for_selector(".result img")
     assert page.locator(".result").count() == 20  # the page's default k
-    page.wait_for_function(
-        "[...document.querySelectorAll('.result img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)"
-    )
+    for i in range(4):
+        thumb = page.locator(".result img").nth(i)
+        expect(thumb).to_have_js_property("complete", True)
+        expect(thumb).not_to_have_js_property("naturalWidth", 0)
     assert "results in" in page.text_content("#status")
     shot = os.environ.get("MMPRETRAIN_SCREENSHOT")
     if shot:
@@ -79,7 +81,7 @@ def test_empty_and_too_long_queries_show_an_error_not_a_crash(server, page):
     page.fill("#query", "")
     page.press("#query", "Enter")
     assert page.text_content("#status") == "type a query"
-    page.evaluate("document.getElementById('query').removeAttribute('maxlength')")
+    page.locator("#query").evaluate("q => q.removeAttribute('maxlength')")
     page.fill("#query", "x" * 600)
     page.press("#query", "Enter")
     page.wait_for_selector("#status .error")

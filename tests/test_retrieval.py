@@ -122,7 +122,9 @@ def test_every_index_type_builds_and_reaches_its_recall(entry, tmp_path):
     clustered vectors and how often an item must find itself (PQ at d=32 keeps 4 bytes a vector)."""
     ex = entry.make_example()
     emb = write_vectors(tmp_path / "v", clustered(ex["n"], ex["d"], 200))
-    h = build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(index_type=entry.name, queries=200), progress=False)
+    h = build_index(
+        tmp_path / "v", tmp_path / "ix", BuildConfig(index_type=entry.name, queries=200, tune_seconds=0), progress=False
+    )
     assert h["ntotal"] == emb.n and h["recall@10"] >= ex["recall_floor"], h["tuning"]
     loaded = open_index(tmp_path / "ix")
     q = emb.take(np.arange(5))

@@ -47,7 +47,16 @@ def assert_same_embeddings(a: Path, b: Path) -> None:
         assert pa_.with_suffix(".thumbs").read_bytes() == pb.with_suffix(".thumbs").read_bytes()
 
 
-@pytest.mark.parametrize("entry", EMBED_ENGINES.entries(), ids=EMBED_ENGINES.names())
+def _embed_engines() -> list:
+    """Every embed engine; Ray's run is slow-marked, as the killed-worker runs below write and compare
+    the same output through it (and the half-read run its re-run)."""
+    slow = {e.name for e in EMBED_ENGINES.entries() if e.make_example()["extra"] == "ray"}
+    return [
+        pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name in slow else []) for e in EMBED_ENGINES.entries()
+    ]
+
+
+@pytest.mark.parametrize("entry", _embed_engines())
 def test_every_embed_engine_writes_what_the_local_job_writes(entry, request, embedded, tiny_ckpt, toy_shards, tmp_path):
     _engine_fixture(entry, request)
     cfg = EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(tmp_path / "e"), batch_size=8, engine=entry.name)
@@ -157,7 +166,7 @@ CASES = [
 def test_every_index_engine_answers_as_the_local_build(entry, index_type, on_disk, request, clustered_job, tmp_path):
     _engine_fixture(entry, request)
     folder, q = clustered_job
-    common = {"index_type": index_type, "on_disk": on_disk, "queries": 200}
+    common = {"index_type": index_type, "on_disk": on_disk, "queries": 200, "tune_seconds": 0}
     local = build_index(folder, tmp_path / "local", BuildConfig(**common), progress=False)
     other = build_index(folder, tmp_path / "other", BuildConfig(**common, engine=entry.name), progress=False)
     assert other["ntotal"] == local["ntotal"] == 30_000
@@ -179,7 +188,7 @@ def test_a_sharded_index_is_searched_as_one(entry, index_type, request, clustere
 
     _engine_fixture(entry, request)
     folder, q = clustered_job
-    common = {"index_type": index_type, "queries": 200}
+    common = {"index_type": index_type, "queries": 200, "tune_seconds": 0}
     merged = build_index(folder, tmp_path / "merged", BuildConfig(**common), progress=False)
     h = build_index(folder, tmp_path / "sharded", BuildConfig(**common, shards=3, engine=entry.name), progress=False)
     assert h["shard_files"] == ["shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]

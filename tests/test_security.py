@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,49 +20,17 @@ from retrieval.connections import ConnectionLimits
 from retrieval.engine import Query, dedup_first
 from retrieval.fetch import FetchError, FetchPolicy, blocked, fetch
 from retrieval.redact import collection_root
-from retrieval.search import QueryError, Searcher
-from retrieval.service import ServeConfig, create_app, uvicorn_config
+from retrieval.search import QueryError
+from retrieval.service import ServeConfig, create_app
 from tests.conftest import api_client, png_bytes
 
 KEY = "0123456789abcdef-key"
 ATTACKER = "127.0.0.2"  # another loopback address: the attacker's connections are not the normal clients'
 
 
-@pytest.fixture(scope="module")
-def searcher(search_index):
-    return Searcher.open(search_index)
-
-
-@pytest.fixture(scope="module")
-def client(searcher):
-    return api_client(create_app({"toy": searcher}))
-
-
 @pytest.fixture
-def live(searcher):
-    """``live(cfg) -> port``: the service under uvicorn with our connection protocol, on loopback."""
-    import uvicorn
-
-    servers = []
-
-    def start(cfg: ServeConfig, app=None) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = uvicorn_config(app or create_app({"toy": searcher}, cfg), replace(cfg, port=port))
-        config.log_level = "warning"
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
-        servers.append((server, thread))
-        return port
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+def live(live_service):
+    return live_service
 
 
 def _get(port: int, path: str, headers: dict | None = None, timeout: float = 5) -> tuple[int, float]:
@@ -326,7 +293,9 @@ def test_uploads_per_call_templates_and_label_costs_are_bounded(client):
     assert Query("text", ["a"] * 32).cost == 32 and Query("text", "a").cost == 1
 
 
-def test_the_queue_counts_cost_and_shares_it_fairly_between_clients():
+def _held_batcher(cfg: BatchConfig):
+    """A batcher whose batches wait for ``release`` (so that what is submitted meanwhile queues up) and
+    record what they held in ``batches``."""
     release, batches = threading.Event(), []
 
     def run(items):
@@ -334,7 +303,11 @@ def test_the_queue_counts_cost_and_shares_it_fairly_between_clients():
         batches.append(list(items))
         return items
 
-    b = MicroBatcher(run, BatchConfig(max_batch=4, max_wait_ms=1, max_queue=64, max_queue_per_client=32))
+    return MicroBatcher(run, cfg), release, batches
+
+
+def test_the_queue_counts_cost_and_shares_it_fairly_between_clients():
+    b, release, batches = _held_batcher(BatchConfig(max_batch=4, max_wait_ms=1, max_queue=64, max_queue_per_client=32))
     b.submit("warm", client="x")
     time.sleep(0.05)  # the worker holds it; the rest waits
     hog = [b.submit(f"a{i}", cost=4, client="a") for i in range(8)]  # 32: client a's whole share
@@ -353,14 +326,9 @@ def test_the_queue_counts_cost_and_shares_it_fairly_between_clients():
 def test_a_heavy_client_adds_about_what_a_light_one_does_to_each_batch():
     """Deficit round robin: with eight light clients (a cost-1 query each, as users searching) and a heavy
     one (cost-8 label chunks) waiting, a batch holds at most a chunk of the heavy client's, not 56."""
-    release, batches = threading.Event(), []
-
-    def run(items):
-        release.wait(5)
-        batches.append(list(items))
-        return items
-
-    b = MicroBatcher(run, BatchConfig(max_batch=64, max_wait_ms=1, max_queue=200, max_queue_per_client=100))
+    b, release, batches = _held_batcher(
+        BatchConfig(max_batch=64, max_wait_ms=1, max_queue=200, max_queue_per_client=100)
+    )
     b.submit(("warm", 1), client="x")
     time.sleep(0.05)
     heavy = [b.submit(("h", 8), cost=8, client="heavy") for _ in range(10)]

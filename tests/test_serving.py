@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from retrieval.batcher import BatchConfig, MicroBatcher, Overloaded
 from retrieval.clip_protocol import CLIENT_KEYS
 from retrieval.engine import dedup_first
 from retrieval.search import QueryError, Searcher
-from retrieval.service import ServeConfig, create_app, serve, uvicorn_config
+from retrieval.service import ServeConfig, create_app, serve
 from tests.conftest import api_client, png_bytes
 
 # what clip-retrieval's ClipClient(url, "toy").query(text="a red circle") posts, key for key (clip_client.py)
@@ -38,16 +37,6 @@ CLIP_CLIENT_BODY = {
     "num_images": 5,
     "num_result_ids": 5,
 }
-
-
-@pytest.fixture(scope="module")
-def searcher(search_index):
-    return Searcher.open(search_index)
-
-
-@pytest.fixture(scope="module")
-def client(searcher):
-    return api_client(create_app({"toy": searcher}))
 
 
 # ---------------------------------------------------------------- clip-retrieval's protocol
@@ -168,29 +157,8 @@ def test_concurrent_requests_share_batches(searcher):
 
 
 @pytest.fixture
-def live_server(searcher):
-    """A real uvicorn server on a free port (for tests of sockets, bodies and overload)."""
-    import uvicorn
-
-    def start(cfg: ServeConfig, app=None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = uvicorn_config(app or create_app({"toy": searcher}, cfg), replace(cfg, port=port))
-        config.log_level = "warning"
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
-        servers.append((server, thread))
-        return port
-
-    servers: list = []
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+def live_server(live_service):
+    return live_service
 
 
 def _raw(port: int, request: bytes, wait: float = 5.0) -> bytes:
