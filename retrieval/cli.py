@@ -21,6 +21,7 @@ from pathlib import Path
 
 from retrieval.embed import EmbedError
 from retrieval.index import INDEX_TYPES, IndexError_
+from retrieval.queries import TUNE_ON
 from retrieval.search import QueryError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         on_disk=args.on_disk,
         queries=args.queries,
         tune_seconds=args.tune_seconds,
+        tune_on=args.tune_on,
         threads=args.threads,
         engine=args.engine,
         address=args.address,
@@ -100,9 +102,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     queries = np.load(args.queries_file) if args.queries_file else None
     h = build_index(args.embeddings, args.out, cfg, queries=queries)
+    recalls = ", ".join(f"{kind} {r:.3f}" for kind, r in h["recalls"].items())
     print(
-        f"{h['spec']['type']} ({h['spec']['factory']}) over {h['ntotal']:,} vectors: recall@10 {h['recall@10']:.3f} "
-        f"at {h['knob']}={h['knob_value']}, built in {h['build_seconds']:.1f} s, "
+        f"{h['spec']['type']} ({h['spec']['factory']}) over {h['ntotal']:,} vectors: recall@10 {recalls} "
+        f"at {h['knob']}={h['knob_value']} (tuned on {h['recall_queries']}), built in {h['build_seconds']:.1f} s, "
         f"{sum(h['bytes'].values()) / 2**20:.1f} MiB -> {args.out}"
     )
     return 0
@@ -119,8 +122,12 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval.search import Searcher
 
+    if not args.query and not args.info:
+        raise QueryError("give one or more queries, or --info")
     searcher = Searcher.open(args.index, args.model, device=args.device)
-    for query, hits in zip(args.query, searcher.search(args.query, args.k)):
+    if args.info:
+        print(json.dumps(searcher.info(), indent=2))
+    for query, hits in zip(args.query, searcher.search(args.query, args.k) if args.query else []):
         print(f"# {query}")
         for h in hits:
             print(f"{h.rank + 1:3d}  {h.score:.4f}  {h.key}  {h.caption[:60]!r}  {h.source}")
@@ -311,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries", type=int, default=500, help="held-out queries sampled for tuning (500)")
     b.add_argument("--queries-file", help="(Q, E) .npy of real query embeddings to tune on instead")
     b.add_argument(
+        "--tune-on",
+        choices=TUNE_ON,
+        default="auto",
+        help="queries to tune on: captions of sampled items encoded by the job's model (text queries, as users "
+        "search), sampled items, or auto: captions when the items have them (auto)",
+    )
+    b.add_argument(
         "--tune-seconds", type=float, default=0.25, help="time each search setting at least this long (0.25)"
     )
     b.add_argument("--on-disk", action="store_true", help="IVF lists on disk (index larger than RAM)")
@@ -373,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="text -> items from the command line")
     s.add_argument("index")
-    s.add_argument("query", nargs="+", help="one or more text queries")
+    s.add_argument("query", nargs="*", help="one or more text queries")
+    s.add_argument("--info", action="store_true", help="print the index's description (type, recalls) as JSON")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
     s.add_argument(

@@ -31,6 +31,16 @@ import numpy as np
 
 from mmpretrain import api
 from retrieval import shards
+from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k: part of this module's surface)
+    TUNE_ON,
+    Queries,
+    QueryError_,
+    drop,
+    exact_neighbours,
+    item_queries,
+    recall_at_k,
+    tuning_queries,
+)
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
@@ -67,6 +77,7 @@ class BuildConfig:
     hnsw_below: int = 200_000  # HNSW graph builds are slow on CPU above this
     queries: int = 500  # held-out queries for tuning and the recorded recall
     tune_seconds: float = 0.25  # each knob setting is searched for at least this long (>= 2 runs) to time it
+    tune_on: str = "auto"  # auto (captions when the items have them, as users search) | captions | items
     on_disk: bool = False  # IVF inverted lists in index.ivfdata, built part by part and merged
     seed: int = 0
     threads: int = 0  # FAISS OpenMP threads (0: FAISS's default)
@@ -85,6 +96,8 @@ class BuildConfig:
 
         if self.engine not in FILL_ENGINES:
             raise IndexError_(f"engine {self.engine!r}: one of {', '.join(FILL_ENGINES.names())}")
+        if self.tune_on not in TUNE_ON:
+            raise IndexError_(f"tune_on {self.tune_on!r}: one of {', '.join(TUNE_ON)}")
         if self.device not in DEVICES:
             raise IndexError_(f"device {self.device!r}: one of {', '.join(DEVICES)}")
 
@@ -270,19 +283,6 @@ def choose_index(n: int, d: int, cfg: BuildConfig) -> IndexSpec:
     return candidate_specs(n, d, cfg)[0]
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) ids of the exact top-k by inner product (FAISS brute force, no copy of ``vectors``)."""
-    import faiss
-
-    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    """Mean |found[:, :k] & truth[:, :k]| / k."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) / k if hits else 1.0
-
-
 @dataclass
 class Tuning:
     knob: str | None
@@ -321,7 +321,7 @@ def sweep(
         for value in spec.knob_values or (None,):
             set_knob(index, spec.knob, value)
             found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None), min_seconds)
-            r = recall_at_k(_drop(found, exclude), truth, 10)
+            r = recall_at_k(drop(found, exclude), truth, 10)
             table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
             flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
             last = max(last, r)
@@ -359,13 +359,6 @@ def _timed_search(index, queries: np.ndarray, k: int, min_seconds: float = 0.25)
         took = time.perf_counter() - start
         best, total, reps = min(best, took), total + took, reps + 1
     return ids, len(queries) / max(best, 1e-9)
-
-
-def _drop(found: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
-    """Remove ``exclude[i]`` from row i (keeping k = width - 1 columns)."""
-    if exclude is None:
-        return found
-    return np.stack([[x for x in row if x != e][: found.shape[1] - 1] for row, e in zip(found, exclude)])
 
 
 def spec_dict(spec: IndexSpec) -> dict:
@@ -501,39 +494,6 @@ class LoadedIndex:
         return int(self.index.ntotal)
 
 
-def held_out_queries(
-    emb, cfg: BuildConfig, queries: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(queries, exact top-10 ids, ids to exclude). Given ``queries`` (e.g. caption embeddings) are
-    used as they are; otherwise ``cfg.queries`` collection items are sampled and each one's own id
-    is excluded from both the exact and the approximate results."""
-    vectors = emb.array() if emb.n <= 2_000_000 else None
-    if queries is not None:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        return q, _exact(emb, vectors, q, 10), None
-    rng = np.random.default_rng(cfg.seed + 1)
-    ids = np.sort(rng.choice(emb.n, min(emb.n, cfg.queries), replace=False))
-    q = emb.take(ids)
-    truth = _drop(_exact(emb, vectors, q, 11), ids)
-    return q, truth, ids
-
-
-def _exact(emb, vectors: np.ndarray | None, q: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k over the whole collection (part by part when it is large)."""
-    if vectors is not None:
-        return exact_neighbours(vectors, q, k)
-    import faiss
-
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    for start, part in emb.chunks():
-        sim = q @ part.T
-        kk = min(k, sim.shape[1])
-        top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-        heap.add_result(np.ascontiguousarray(np.take_along_axis(sim, top, 1)), np.ascontiguousarray(top + start))
-    heap.finalize()
-    return heap.I
-
-
 def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     """Write index.faiss (or, sharded, shard-*.faiss), meta.parquet and index.json (with the files'
     sha256) into ``tmp``."""
@@ -568,10 +528,13 @@ def build_index(
     if emb.n == 0:
         raise IndexError_(f"{emb.folder}: no vectors to index")
     specs = candidate_specs(emb.n, emb.dim, cfg)
-    q, truth, exclude = held_out_queries(emb, cfg, queries)
+    try:
+        qs = tuning_queries(emb, cfg.tune_on, cfg.queries, cfg.seed, queries)
+    except QueryError_ as exc:
+        raise IndexError_(str(exc)) from None
     with api.files.atomic_dir(out) as tmp:
         tmp = Path(tmp)
-        built = [_build_tuned(tmp, emb, spec, cfg, q, truth, exclude, progress) for spec in specs]
+        built = [_build_tuned(tmp, emb, spec, cfg, qs, progress) for spec in specs]
         index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2], cfg.recall_target))
         header = {
             "format": FORMAT,
@@ -582,7 +545,8 @@ def build_index(
             "recall@10": round(tuning.recall_at_10, 4),
             "recall_ntotal": int(index.ntotal),
             "recall_target": cfg.recall_target,
-            "recall_queries": "given" if queries is not None else f"{len(q)} sampled items (self excluded)",
+            "recall_queries": qs.label,
+            "recalls": _recalls(index, emb, cfg, qs, tuning),
             "tuning": tuning.table,
             "considered": [_summary(b) for b in built],
             "ntotal": int(index.ntotal),
@@ -609,11 +573,22 @@ def build_index(
     return header
 
 
-def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, q, truth, exclude, progress: bool):
+def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, qs: Queries, progress: bool):
     start = time.perf_counter()
     index = build(spec, emb, tmp, cfg, progress=progress)
     build_s = time.perf_counter() - start
-    return index, spec, tune(index, spec, q, truth, cfg.recall_target, exclude, cfg.tune_seconds), build_s
+    tuning = tune(index, spec, qs.vectors, qs.truth, cfg.recall_target, qs.exclude, cfg.tune_seconds)
+    return index, spec, tuning, build_s
+
+
+def _recalls(index, emb, cfg: BuildConfig, qs: Queries, tuning: Tuning) -> dict:
+    """recall@10 at the tuned setting by kind of query: the tuning queries' and, when those were not
+    items, sampled items' too (an image query's recall is not a text query's)."""
+    out = {qs.kind: round(tuning.recall_at_10, 4)}
+    if qs.kind != "items":
+        items = item_queries(emb, cfg.queries, cfg.seed)
+        out["items"] = round(items.recall(index.search(items.vectors, items.k)[1]), 4)
+    return out
 
 
 def _qps_at(t: Tuning) -> float:

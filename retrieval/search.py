@@ -179,6 +179,8 @@ class Searcher:
             "factory": h["spec"]["factory"],
             "search_params": {**({h["knob"]: h["knob_value"]} if h.get("knob") else {}), **h.get("search_params", {})},
             "recall@10": h["recall@10"],
+            "recalls": h.get("recalls", {}),  # by kind of query: captions (text), items, given
+            "recall_queries": h.get("recall_queries"),
             "model": h["model"],
             "model_id": h["model_id"],
             "modality": h["modality"],

