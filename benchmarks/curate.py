@@ -29,6 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from logs import header  # noqa: E402
+
 THRESHOLDS = (0.90, 0.92, 0.94, 0.96, 0.98)
 KINDS = ("jpeg60", "crop5", "resize90")
 
@@ -128,34 +130,86 @@ def same_concept_removals(groups: Path, files: list[str], truth: dict[str, str])
     )
 
 
+GROUP_SIZES = (2, 3, 5, 8)  # injected near-duplicate groups: an original and 1, 2, 4 or 7 copies
+
+
+def injected_vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, list[set[int]]]:
+    """n x d clustered vectors in which 1% of the ids form near-duplicate groups of GROUP_SIZES (each
+    copy is its original plus noise of norm ~0.1: cosine ~0.995); returns the vectors and the groups."""
+    from tests.conftest import clustered
+
+    rng = np.random.default_rng(seed)
+    x = clustered(n, d, max(n // 50, 1), seed=seed, spread=0.3)
+    ids, groups, used, g = rng.permutation(n), [], 0, 0
+    while used < n // 100:
+        size = GROUP_SIZES[g % len(GROUP_SIZES)]
+        members = ids[used : used + size]
+        noise = rng.standard_normal((size - 1, d)).astype(np.float32)
+        x[members[1:]] = x[members[0]] + 0.1 / np.sqrt(d) * noise
+        groups.append(set(members.tolist()))
+        used, g = used + size, g + 1
+    return x, groups
+
+
+def found_groups(out: Path) -> list[set[int]]:
+    """The groups a dedup wrote (``<keep>.groups.parquet``: id, group), as sets of ids."""
+    import pyarrow.parquet as pq
+
+    from retrieval.curate import groups_path
+
+    t = pq.read_table(groups_path(out)).to_pydict()
+    by: dict[int, set[int]] = {}
+    for i, g in zip(t["id"], t["group"]):
+        by.setdefault(g, set()).add(i)
+    return [m for m in by.values() if len(m) > 1]
+
+
 def dedup_speed(n: int, d: int, out: Path) -> dict:
-    """Seconds for exact range search and for kNN on an IVF-Flat index over n x d clustered vectors
-    with injected copies; both find the same groups?"""
+    """Seconds for exact range search and for kNN on an IVF-Flat index (its build included) over n x d
+    clustered vectors with injected groups of several sizes; the groups each finds, compared with each
+    other and with the injected ones."""
     from retrieval.curate import DedupConfig, dedup
     from retrieval.embed import write_vectors
     from retrieval.index import BuildConfig, build_index
-    from tests.conftest import clustered
 
-    rng = np.random.default_rng(0)
-    x = clustered(n, d, max(n // 50, 1), seed=0, spread=0.3)
-    copies = rng.choice(n, n // 100, replace=False)
-    x[copies[: len(copies) // 2]] = x[copies[len(copies) // 2 :]] + 0.01 * rng.standard_normal((len(copies) // 2, d))
+    x, injected = injected_vectors(n, d)
     emb = write_vectors(out / f"vec{n}", x)
     t0 = time.perf_counter()
     build_index(emb.folder, out / f"ix{n}", BuildConfig(index_type="ivf_flat"), progress=False)
     build_s = time.perf_counter() - t0
     exact = dedup(emb.folder, out / "sx.parquet", DedupConfig(threshold=0.94), progress=False)
     knn = dedup(emb.folder, out / "sk.parquet", DedupConfig(threshold=0.94, index=str(out / f"ix{n}")), progress=False)
+    gx, gk = found_groups(out / "sx.parquet"), found_groups(out / "sk.parquet")
+    same = {frozenset(g) for g in gx} & {frozenset(g) for g in gk}
     return {
         "n": n,
         "d": d,
+        "injected_groups": {s: sum(len(g) == s for g in injected) for s in GROUP_SIZES},
         "exact_s": exact["seconds"],
         "index_s": knn["seconds"],
         "index_build_s": round(build_s, 1),
+        "speedup": exact["seconds"] / knn["seconds"],
+        "speedup_with_build": exact["seconds"] / (knn["seconds"] + build_s),
+        "exact_groups": len(gx),
+        "index_groups": len(gk),
+        "same_groups": len(same),
+        "injected_recovered_exact": sum(any(g <= f for f in gx) for g in injected),
+        "injected_recovered_index": sum(any(g <= f for f in gk) for g in injected),
         "exact_removed": exact["removed"],
         "index_removed": knn["removed"],
-        "speedup": exact["seconds"] / knn["seconds"],
     }
+
+
+def speed_line(s: dict) -> str:
+    sizes = ", ".join(f"{c} of {k}" for k, c in s["injected_groups"].items())
+    return (
+        f"dedup of {s['n']:,} x {s['d']} vectors with injected groups ({sizes}): exact range search "
+        f"{s['exact_s']:.1f} s; kNN (k=32) on IVF-Flat {s['index_s']:.1f} s + {s['index_build_s']:.1f} s to build "
+        f"the index: {s['speedup']:.1f}x without the build, {s['speedup_with_build']:.1f}x with it. Groups found: "
+        f"exact {s['exact_groups']}, index {s['index_groups']}, identical {s['same_groups']}; injected groups "
+        f"found whole: exact {s['injected_recovered_exact']}, index {s['injected_recovered_index']} of "
+        f"{sum(s['injected_groups'].values())}; removed {s['exact_removed']} vs {s['index_removed']}"
+    )
 
 
 def main() -> None:
@@ -168,6 +222,7 @@ def main() -> None:
     p.add_argument("--speed-n", type=int, default=100_000, help="vectors for the timing (100k)")
     p.add_argument("--min-score", type=float, default=0.28)
     args = p.parse_args()
+    print(header(), flush=True)
     from mmpretrain import api
     from retrieval.curate import FilterConfig, filter_items
     from retrieval.embed import EmbedConfig, run_embed
@@ -191,13 +246,7 @@ def main() -> None:
             + f"  {r['precision_same_concept_counted']:.3f}"
         )
     speed = dedup_speed(args.speed_n, 512, out) if args.speed_n else None
-    print(
-        "dedup timing skipped (--speed-n 0)"
-        if speed is None
-        else f"dedup of {speed['n']:,} x {speed['d']} vectors: exact range search {speed['exact_s']:.1f} s, "
-        f"kNN (k=32) on IVF-Flat {speed['index_s']:.1f} s (+ {speed['index_build_s']:.1f} s to build): "
-        f"{speed['speedup']:.1f}x; removed {speed['exact_removed']} vs {speed['index_removed']}"
-    )
+    print("dedup timing skipped (--speed-n 0)" if speed is None else speed_line(speed))
     run_embed(EmbedConfig(model=args.model, data=args.shards, out=str(out / "train_emb")))
     f = filter_items(out / "train_emb", out / "train_keep.parquet", FilterConfig(min_score=args.min_score))
     q = f["score_quantiles"]

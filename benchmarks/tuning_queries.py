@@ -15,17 +15,16 @@ recall@10 of 500 held-out caption queries and of 500 held-out item queries at th
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from logs import header  # noqa: E402
 
 from mmpretrain import api  # noqa: E402
 from retrieval.embed import EmbedConfig, load_embeddings, run_embed  # noqa: E402
@@ -61,10 +60,8 @@ def main() -> int:
     report = held_out_captions(emb, tuned, args.queries)
     caption_q = api.encode_texts(model, report).detach().float().numpy()
     items = item_queries(emb, args.queries, seed=101)  # another sample than the build's (seed 0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     lines = [
-        f"# python benchmarks/tuning_queries.py {' '.join(sys.argv[1:])}   ({date.today()}, {os.cpu_count()} CPU "
-        f"cores, commit {commit.strip()})",
+        header(),
         f"{emb.n:,} items of {args.data} embedded by {args.model} ({emb.dim}-d); {len(tuned)} tuning captions, "
         f"{len(report)} held-out report captions, {len(items.vectors)} report items",
         f"{'type':<10} {'tuned on':<10} {'knob':>14} {'recorded':>9} {'captions':>9} {'items':>7}",

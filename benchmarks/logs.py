@@ -1,0 +1,26 @@
+"""The first line of every benchmark log: the command as run, the date, the cores and the commit
+(docs and README quote figures by their log in benchmarks/results/)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def header() -> str:
+    """``# python benchmarks/X.py ARGS   (DATE, N CPU cores, commit C)`` for the running script."""
+    script = Path(sys.argv[0]).resolve()
+    name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return f"# python {name} {' '.join(sys.argv[1:])}   ({date.today()}, {os.cpu_count()} CPU cores, commit {commit()})"
