@@ -13,7 +13,7 @@ small collections; HNSW while the graph fits; IVF-Flat while the raw vectors fit
 budget; IVF over 8-bit scalar-quantised residuals (d bytes a vector) below that; then a
 compressed shortlist with a re-ranking stage on such 8-bit codes (Refine(SQ8)): RaBitQ (1 bit a
 dimension), fast-scan PQ and OPQ + IVF-PQ, since compressed codes alone top out far below high
-recall (IVF-PQ: recall@10 0.27 on 1M clustered 512-d vectors).
+recall (IVF-PQ: recall@10 0.27 on 1M synthetic clustered 512-d vectors).
 The search parameter (nprobe / efSearch) is tuned on held-out queries to the recall target.
 """
 
@@ -231,7 +231,8 @@ def ivf_pqfs_refine(n: int, d: int) -> IndexSpec:
 
 @INDEX_TYPES.register("ivf_pq", example={"n": 20_000, "d": 32, "recall_floor": 0.15, "self_hit": 0.2})
 def ivf_pq(n: int, d: int) -> IndexSpec:
-    """OPQ + IVF-PQ alone: the smallest (d/8 bytes a vector); recall@10 tops out low (0.27 at 1M clustered, d=512)."""
+    """OPQ + IVF-PQ alone: the smallest (d/8 bytes a vector); recall@10 can top out low (0.27 on 1M
+    synthetic blobs, d=512)."""
     m = pq_m(d)
     return _ivf(
         "ivf_pq", n, d, f"PQ{m}x8", m, pre=f"OPQ{m}_{d},", extra_bytes=d * d * 4, min_train=PQ_TRAIN, on_disk_ok=True
