@@ -138,7 +138,7 @@ def test_choice_follows_size_and_memory_budget():
     assert choose_index(100_000, 512, BuildConfig()).type == "hnsw"
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb))).type == "ivf_flat"
     big = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=int(2.5 * gb)))]
-    assert big == ["ivf_flat", "ivf_sq8", "flat"]  # measured side by side (exact search fits too)
+    assert big == ["ivf_flat", "ivf_sq8", "ivf_pqfs_refine", "flat"]  # measured side by side (exact search too)
     assert choose_index(1_000_000, 512, BuildConfig(memory_bytes=1 * gb)).type == "ivf_sq8"
     compressed = [s.type for s in candidate_specs(1_000_000, 512, BuildConfig(memory_bytes=1 * gb))]
     assert compressed == ["ivf_sq8", "ivf_rabitq_refine", "ivf_pqfs_refine"]  # the fastest at the target is kept
