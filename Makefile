@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -82,6 +82,11 @@ bench: $(STAMP) toy-data
 
 bench-index: $(STAMP)
 	$(PY) benchmarks/index.py --sizes 100000 1000000
+
+# real sentence embeddings (pinned Debian docs + WordNet, MiniLM; ~20 min to embed 200k on 2 cores), then the index types on them
+bench-sentences: $(STAMP)
+	$(PY) benchmarks/sentences.py --max 200000
+	$(PY) benchmarks/index.py --data sentences --sizes 200000 --types ivf_flat ivf_sq8 hnsw ivf_rabitq_refine ivf_pqfs_refine ivf_pq_refine ivf_pq
 
 clean-runs:
 	rm -rf runs

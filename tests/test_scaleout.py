@@ -48,7 +48,7 @@ def assert_same_embeddings(a: Path, b: Path) -> None:
 
 
 def _embed_engines() -> list:
-    """Every embed engine; Ray's run is slow-marked, as the killed-worker runs below write and compare
+    """Every embed engine; Ray's run is slow-marked, as the killed-actor run below writes and compares
     the same output through it (and the half-read run its re-run)."""
     slow = {e.name for e in EMBED_ENGINES.entries() if e.make_example()["extra"] == "ray"}
     return [
@@ -93,7 +93,7 @@ def _titled(title: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("victim", ["ray::_embed_source", "ray::Encoder"])
+@pytest.mark.parametrize("victim", [pytest.param("ray::_embed_source", marks=pytest.mark.slow), "ray::Encoder"])
 def test_a_killed_ray_worker_is_retried_and_the_output_is_complete(
     victim, ray_cluster, embedded, tiny_ckpt, toy_shards, tmp_path
 ):
