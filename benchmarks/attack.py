@@ -40,13 +40,11 @@ import json
 import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 from collections import Counter
-from datetime import date
 from pathlib import Path
 
 from watch import ROOT, WORDS, Watch, free_port, request, start
@@ -590,10 +588,8 @@ def main() -> int:
         watch.stop.set()
         server.terminate(), keyed.terminate()
         server.wait(30), keyed.wait(30)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     lines = [
-        f"# python benchmarks/attack.py {' '.join(sys.argv[1:])}   ({date.today()}, {os.cpu_count()} CPU cores, "
-        f"commit {commit.strip()})",
+        header(),
         f"index: {index} ({header['ntotal']} items); server pid {server.pid}, never restarted: {alive}; "
         f"private service hits: {len(_Origin.private_hits)}",
         *table(rows, base),

@@ -36,7 +36,8 @@ from logs import header  # noqa: E402
 
 from retrieval.cli import parse_bytes  # noqa: E402
 from retrieval.embed import write_vectors  # noqa: E402
-from retrieval.index import INDEX_TYPES, BuildConfig, build, candidate_specs, exact_neighbours, sweep  # noqa: E402
+from retrieval.index import INDEX_TYPES, BuildConfig, build, candidate_specs  # noqa: E402
+from retrieval.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences"
 
@@ -88,16 +89,6 @@ def latencies(index, q: np.ndarray, count: int = 300) -> tuple[float, float]:
     return float(np.percentile(took, 50)), float(np.percentile(took, 99))
 
 
-def exact_timed(x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, float]:
-    """Exact top-10 and its batch queries/s, the fastest of two runs (as the index sweep times)."""
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        truth = exact_neighbours(x, q, 10)
-        times.append(time.perf_counter() - start)
-    return truth, len(q) / min(times)
-
-
 def index_bytes(index) -> int:
     import faiss
 
@@ -115,11 +106,12 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
     x, tune_q, report_q = make_data(kind, n, args.dim, args.queries, args.seed)
     d = x.shape[1]
     emb = write_vectors(workdir / f"{kind}-{n}", x, part_size=250_000)
-    tune_truth, _ = exact_timed(x, tune_q)
-    report_truth, exact_qps = exact_timed(x, report_q)
-    flat = faiss_flat(x)
+    flat = faiss_flat(x)  # exact search, timed by the rule the index sweep times by (fastest of two runs)
+    report_truth, exact_qps = timed_search(flat, report_q, 10, min_seconds=0)
     exact_p50, exact_p99 = latencies(flat, report_q)
     del flat
+    tune = Queries(tune_q, exact_neighbours(x, tune_q, 10), None, "given", "tuning queries")
+    report = Queries(report_q, report_truth, None, "given", "report queries")
     cfg = BuildConfig(memory_bytes=args.memory)
     auto = [spec.type for spec in candidate_specs(n, d, cfg)]
     out = {"data": kind, "n": n, "dim": d, "exact_qps": round(exact_qps, 1), "exact_p50_ms": round(1e3 * exact_p50, 2),
@@ -131,7 +123,7 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
         flush=True,
     )
     for name in args.types or candidates(n, cfg):
-        out["types"][name] = res = measure_type(name, emb, d, cfg, (tune_q, tune_truth), (report_q, report_truth))
+        out["types"][name] = res = measure_type(name, emb, d, cfg, tune, report)
         res["speedup_at_0.95"] = round(res["report"]["qps"] / exact_qps, 1) if res["at_0.95"] else None
         print_type(name, res)
     auto_pick(out)
@@ -146,24 +138,21 @@ def faiss_flat(x: np.ndarray):
     return index
 
 
-def measure_type(name: str, emb, d: int, cfg: BuildConfig, tune: tuple, report: tuple) -> dict:
+def measure_type(name: str, emb, d: int, cfg: BuildConfig, tune: Queries, report: Queries) -> dict:
     """Build, sweep on the tuning queries, choose the fastest setting reaching 0.95 there, measure it on
     the report queries."""
-    from retrieval.index import set_knob
-    from retrieval.queries import recall_at_k
-
     spec = INDEX_TYPES.get(name).builder(emb.n, d)
     t0 = time.perf_counter()
     index = build(spec, emb, Path(tempfile.mkdtemp()), cfg, progress=False)
     build_s = time.perf_counter() - t0
-    table = sweep(index, spec, tune[0], tune[1], stop_at=0.999)  # the curve up to (near) exact recall
+    table = sweep(index, spec, tune, stop_at=0.999)  # the curve up to (near) exact recall
     ok = [row for row in table if row["recall@10"] >= 0.95]
     best = max(ok, key=lambda row: row["qps"]) if ok else max(table, key=lambda row: row["recall@10"])
     for key, value in best.items():
         if key not in ("recall@10", "qps"):
             set_knob(index, None if key == "exact" else key, value)
-    found, qps = _timed(index, report[0])
-    p50, p99 = latencies(index, report[0])
+    found, qps = timed_search(index, report.vectors, report.k, min_seconds=0)
+    p50, p99 = latencies(index, report.vectors)
     return {
         "factory": spec.factory,
         "knob": spec.knob,
@@ -173,21 +162,12 @@ def measure_type(name: str, emb, d: int, cfg: BuildConfig, tune: tuple, report: 
         "at_0.95": best if ok else None,
         "best_recall": max(row["recall@10"] for row in table),
         "report": {
-            "recall@10": round(recall_at_k(found, report[1], 10), 4),
+            "recall@10": round(report.recall(found), 4),
             "qps": round(qps, 1),
             "p50_ms": round(1e3 * p50, 2),
             "p99_ms": round(1e3 * p99, 2),
         },  # fmt: skip
     }
-
-
-def _timed(index, q: np.ndarray) -> tuple[np.ndarray, float]:
-    times, found = [], None
-    for _ in range(2):
-        start = time.perf_counter()
-        found = index.search(q, 10)[1]
-        times.append(time.perf_counter() - start)
-    return found, len(q) / min(times)
 
 
 def print_type(name: str, res: dict) -> None:

@@ -24,21 +24,24 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmpretrain import api
 from retrieval import shards
-from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k: part of this module's surface)
+from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k, sweep: part of this module's surface)
     TUNE_ON,
     Queries,
     QueryError_,
-    drop,
+    Tuning,
     exact_neighbours,
     item_queries,
     recall_at_k,
+    set_knob,
+    sweep,
+    tune,
     tuning_queries,
 )
 
@@ -286,84 +289,6 @@ def choose_index(n: int, d: int, cfg: BuildConfig) -> IndexSpec:
     return candidate_specs(n, d, cfg)[0]
 
 
-@dataclass
-class Tuning:
-    knob: str | None
-    value: int | None
-    recall_at_10: float
-    table: list[dict] = field(default_factory=list)  # per setting and knob value: recall@10, queries/s
-    params: dict = field(default_factory=dict)  # the chosen setting of the other search parameters
-
-
-def set_knob(index, knob: str | None, value: int | None) -> None:
-    import faiss
-
-    if knob is not None and value is not None:
-        faiss.ParameterSpace().set_index_parameter(index, knob, value)
-
-
-def sweep(
-    index,
-    spec: IndexSpec,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    exclude: np.ndarray | None = None,
-    stop_at: float | None = None,
-    min_seconds: float = 0.25,
-) -> list[dict]:
-    """recall@10 and queries/s for each setting of ``spec.param_grid`` and each knob value in order.
-
-    Along the knob, a setting stops once ``stop_at`` is reached or recall has stopped rising for
-    two steps (PQ plateaus). ``exclude[i]`` is an id dropped from query i's results (the query
-    itself, when queries are sampled from the collection)."""
-    table = []
-    for setting in spec.param_grid:
-        for name, value in setting:
-            set_knob(index, name, value)
-        flat_steps, last = 0, -1.0
-        for value in spec.knob_values or (None,):
-            set_knob(index, spec.knob, value)
-            found, qps = _timed_search(index, queries, truth.shape[1] + (exclude is not None), min_seconds)
-            r = recall_at_k(drop(found, exclude), truth, 10)
-            table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
-            flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
-            last = max(last, r)
-            if (stop_at is not None and r >= stop_at) or flat_steps >= 2:
-                break
-    return table
-
-
-def tune(
-    index,
-    spec: IndexSpec,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    target: float,
-    exclude: np.ndarray | None = None,
-    min_seconds: float = 0.25,
-) -> Tuning:
-    """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
-    table = sweep(index, spec, queries, truth, exclude, stop_at=target, min_seconds=min_seconds)
-    reached = [row for row in table if row["recall@10"] >= target]
-    best = max(reached, key=lambda row: row["qps"]) if reached else max(table, key=lambda row: row["recall@10"])
-    params = {k: v for k, v in best.items() if k not in ("recall@10", "qps", spec.knob or "exact")}
-    for name, value in params.items():
-        set_knob(index, name, value)
-    set_knob(index, spec.knob, best.get(spec.knob or "exact"))
-    return Tuning(spec.knob, best.get(spec.knob or "exact"), best["recall@10"], table, params)
-
-
-def _timed_search(index, queries: np.ndarray, k: int, min_seconds: float = 0.25) -> tuple[np.ndarray, float]:
-    """Search the batch; queries/s from the fastest of repeated runs (at least 2, >= ``min_seconds``)."""
-    best, total, reps = float("inf"), 0.0, 0
-    while reps < 2 or (total < min_seconds and reps < 20):
-        start = time.perf_counter()
-        _, ids = index.search(queries, k)
-        took = time.perf_counter() - start
-        best, total, reps = min(best, took), total + took, reps + 1
-    return ids, len(queries) / max(best, 1e-9)
-
-
 def spec_dict(spec: IndexSpec) -> dict:
     return asdict(spec)
 
@@ -580,7 +505,7 @@ def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, qs: Queries,
     start = time.perf_counter()
     index = build(spec, emb, tmp, cfg, progress=progress)
     build_s = time.perf_counter() - start
-    tuning = tune(index, spec, qs.vectors, qs.truth, cfg.recall_target, qs.exclude, cfg.tune_seconds)
+    tuning = tune(index, spec, qs, cfg.recall_target, cfg.tune_seconds)
     return index, spec, tuning, build_s
 
 

@@ -1,4 +1,5 @@
-"""The queries an index is tuned and measured on, their exact neighbours, and recall@k.
+"""The queries an index is tuned and measured on, their exact neighbours, recall@k, and the tuning
+itself (``sweep`` a search parameter, ``tune`` it to a recall target).
 
 An index's search parameter is tuned to reach a recall target on held-out queries. Which queries
 matters: users of an image (video, audio) collection search it with *text*, across the modality gap,
@@ -16,11 +17,16 @@ The build records the recall of the tuning queries and, at the tuned setting, of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmpretrain import api
+
+if TYPE_CHECKING:
+    from retrieval.index import IndexSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +101,9 @@ def sample_captions(emb, count: int, seed: int) -> list[str]:
     return [distinct[i] for i in rng.permutation(len(distinct))[:count]]
 
 
-def caption_queries(emb, count: int, seed: int, model=None) -> Queries:
-    """Captions of sampled items encoded by the job's model (``model``: already loaded) as text queries."""
-    texts = sample_captions(emb, count, seed)
+def caption_queries(emb, texts: list[str], model=None) -> Queries:
+    """``texts`` (captions of sampled items) encoded by the job's model (``model``: already loaded) as
+    text queries."""
     if not texts:
         raise QueryError_(f"{emb.folder}: the items have no captions to tune on")
     if model is None:
@@ -121,11 +127,12 @@ def tuning_queries(emb, tune_on: str, count: int, seed: int, given: np.ndarray |
         return given_queries(emb, given)
     if tune_on == "items" or (tune_on == "auto" and emb.header.get("modality") == "text"):
         return item_queries(emb, count, seed)
-    if tune_on == "auto" and not sample_captions(emb, 1, seed):
+    texts = sample_captions(emb, count, seed)
+    if tune_on == "auto" and not texts:
         log.info("tuning on sampled items: %s has no captions", emb.folder)
         return item_queries(emb, count, seed)
     try:
-        return caption_queries(emb, count, seed)
+        return caption_queries(emb, texts)
     except (QueryError_, OSError, ValueError, KeyError) as exc:
         if tune_on == "captions":
             raise QueryError_(f"cannot tune on captions: {exc}") from None
@@ -147,3 +154,63 @@ def exact(emb, q: np.ndarray, k: int) -> np.ndarray:
         heap.add_result(np.ascontiguousarray(np.take_along_axis(sim, top, 1)), np.ascontiguousarray(top + start))
     heap.finalize()
     return heap.I
+
+
+@dataclass
+class Tuning:
+    knob: str | None
+    value: int | None
+    recall_at_10: float
+    table: list[dict] = field(default_factory=list)  # per setting and knob value: recall@10, queries/s
+    params: dict = field(default_factory=dict)  # the chosen setting of the other search parameters
+
+
+def set_knob(index, knob: str | None, value: int | None) -> None:
+    import faiss
+
+    if knob is not None and value is not None:
+        faiss.ParameterSpace().set_index_parameter(index, knob, value)
+
+
+def sweep(index, spec: IndexSpec, qs: Queries, stop_at: float | None = None, min_seconds: float = 0.25) -> list[dict]:
+    """recall@10 of ``qs`` and queries/s for each setting of ``spec.param_grid`` and each knob value in
+    order. Along the knob, a setting stops once ``stop_at`` is reached or recall has stopped rising for
+    two steps (PQ plateaus)."""
+    table = []
+    for setting in spec.param_grid:
+        for name, value in setting:
+            set_knob(index, name, value)
+        flat_steps, last = 0, -1.0
+        for value in spec.knob_values or (None,):
+            set_knob(index, spec.knob, value)
+            found, qps = timed_search(index, qs.vectors, qs.k, min_seconds)
+            r = qs.recall(found)
+            table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
+            flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
+            last = max(last, r)
+            if (stop_at is not None and r >= stop_at) or flat_steps >= 2:
+                break
+    return table
+
+
+def tune(index, spec: IndexSpec, qs: Queries, target: float, min_seconds: float = 0.25) -> Tuning:
+    """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
+    table = sweep(index, spec, qs, stop_at=target, min_seconds=min_seconds)
+    reached = [row for row in table if row["recall@10"] >= target]
+    best = max(reached, key=lambda row: row["qps"]) if reached else max(table, key=lambda row: row["recall@10"])
+    params = {k: v for k, v in best.items() if k not in ("recall@10", "qps", spec.knob or "exact")}
+    for name, value in params.items():
+        set_knob(index, name, value)
+    set_knob(index, spec.knob, best.get(spec.knob or "exact"))
+    return Tuning(spec.knob, best.get(spec.knob or "exact"), best["recall@10"], table, params)
+
+
+def timed_search(index, queries: np.ndarray, k: int, min_seconds: float = 0.25) -> tuple[np.ndarray, float]:
+    """Search the batch; queries/s from the fastest of repeated runs (at least 2, >= ``min_seconds``)."""
+    best, total, reps = float("inf"), 0.0, 0
+    while reps < 2 or (total < min_seconds and reps < 20):
+        start = time.perf_counter()
+        _, ids = index.search(queries, k)
+        took = time.perf_counter() - start
+        best, total, reps = min(best, took), total + took, reps + 1
+    return ids, len(queries) / max(best, 1e-9)

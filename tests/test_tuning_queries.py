@@ -77,4 +77,5 @@ def test_tuning_queries_fail_clearly_or_fall_back(captioned, tmp_path):
     torch.manual_seed(1)
     stranger = api.create_model(experiment_from_tree({"model": TINY_MODEL}).model)  # other weights, other id
     with pytest.raises(QueryError_, match="its captions would be other queries"):
-        caption_queries(load_embeddings(captioned[0]), 10, 0, model=stranger)
+        emb = load_embeddings(captioned[0])
+        caption_queries(emb, sample_captions(emb, 10, 0), model=stranger)
