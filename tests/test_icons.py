@@ -3,6 +3,7 @@ and the hard subset (ImageNet-A analogue) built from a reference model's mistake
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -148,3 +149,19 @@ def test_hard_subset_holds_exactly_the_reference_mistakes(tmp_path, tiny_model_c
             model, EvalSet.parse(f"hard@folder={tmp_path / 'hard'}"), templates="a <> icon", progress=False
         )
         assert zeroshot_metrics(again)["top1"] == 0.0 and len(again.labels) == wrong
+
+
+def test_pinned_debs_are_checked_by_version_and_sha256(tmp_path):
+    from mmpretrain.corpora.debian import fetch_debs
+
+    (tmp_path / "root" / "pkg").mkdir(parents=True)  # a cached, unpacked copy: nothing is downloaded
+    info = {"name": "pkg", "version": "1.0", "license": "MIT"}
+    (tmp_path / "root" / "pkg" / ".unpacked").write_text(json.dumps(info))
+    (tmp_path / "deb").mkdir()
+    (tmp_path / "deb" / "pkg_1.0_all.deb").write_bytes(b"the package")
+    digest = hashlib.sha256(b"the package").hexdigest()
+    assert fetch_debs(("pkg",), tmp_path, {"pkg": ("1.0", digest)})["pkg"]["sha256"] == digest
+    with pytest.raises(CorpusError, match=r"pkg: got 1.0 \(.*\), pinned 1.1 .*bump the pin"):
+        fetch_debs(("pkg",), tmp_path, {"pkg": ("1.1", digest)})
+    with pytest.raises(CorpusError, match="pinned 1.0 \\(0{64}\\)"):
+        fetch_debs(("pkg",), tmp_path, {"pkg": ("1.0", "0" * 64)})

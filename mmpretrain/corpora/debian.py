@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -13,8 +14,10 @@ from mmpretrain.corpora.base import CorpusError
 from mmpretrain.utils.io import atomic_write_text
 
 
-def fetch_debs(packages: tuple[str, ...], cache: Path) -> dict[str, dict]:
-    """Download and unpack each package once into ``cache/root/<pkg>``; returns name/version/licence."""
+def fetch_debs(packages: tuple[str, ...], cache: Path, pins: dict | None = None) -> dict[str, dict]:
+    """Download and unpack each package once into ``cache/root/<pkg>``; returns name/version/licence.
+    ``pins``: package -> (version, sha256 of its .deb), checked (a cached copy too) and the sha256
+    recorded; a package that does not match is refused."""
     out = {}
     for pkg in packages:
         root, deb_dir = cache / "root" / pkg, cache / "deb"
@@ -29,7 +32,18 @@ def fetch_debs(packages: tuple[str, ...], cache: Path) -> dict[str, dict]:
             shutil.rmtree(root, ignore_errors=True)
             tmp.rename(root)
         out[pkg] = json.loads((root / ".unpacked").read_text())
+        if pins and pkg in pins:
+            out[pkg] = _check_pin(pkg, out[pkg], cache / "deb", pins[pkg])
     return out
+
+
+def _check_pin(pkg: str, info: dict, deb_dir: Path, pin: tuple[str, str]) -> dict:
+    version, digest = pin
+    debs = sorted(deb_dir.glob(f"{pkg}_*.deb"))
+    got = hashlib.sha256(debs[-1].read_bytes()).hexdigest() if debs else "no .deb in the cache"
+    if info["version"] != version or got != digest:
+        raise CorpusError(f"{pkg}: got {info['version']} ({got}), pinned {version} ({digest}): bump the pin")
+    return {**info, "sha256": got}
 
 
 def _download_deb(pkg: str, deb_dir: Path) -> Path:
