@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # What the tests need beyond PyPI, from Debian when we can (root + apt), as the demo does:
-# chromium for the browser test (no browser download), rsvg-convert for the corpus rasterisers.
-SYSTEM_DEPS := 'chromium|chromium-browser:chromium' 'rsvg-convert:librsvg2-bin'
+# chromium for the browser test (no browser download), rsvg-convert for the corpus rasterisers, strace for
+# the power-loss model (tests/test_powerloss_model.py, benchmarks/faults.py --sections powerloss).
+SYSTEM_DEPS := 'chromium|chromium-browser:chromium' 'rsvg-convert:librsvg2-bin' 'strace:strace'
 system-deps:
 	@scripts/system_deps.sh $(SYSTEM_DEPS)
 
@@ -87,6 +88,10 @@ bench-index: $(STAMP)
 bench-sentences: $(STAMP)
 	$(PY) benchmarks/sentences.py --max 200000
 	$(PY) benchmarks/index.py --data sentences --sizes 200000 --types ivf_flat ivf_sq8 hnsw ivf_rabitq_refine ivf_pqfs_refine ivf_pq_refine ivf_pq
+
+# the fault suite (kill -9, power loss, poison, SIGTERM, resume; ~30 min on 2 cores): docs/training.md quotes its log
+bench-faults: $(STAMP) system-deps
+	$(PY) benchmarks/faults.py --log benchmarks/results/faults_$$(date +%F).log
 
 clean-runs:
 	rm -rf runs

@@ -31,6 +31,7 @@ from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision
 from mmpretrain.training.strategy import build_strategy
 from mmpretrain.training.task import ContrastiveTask
 from mmpretrain.training.validate import validate_experiment
+from mmpretrain.utils.io import makedirs_durable
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> StartDecisio
     decision: dict = {"start": None, "error": None}
     if info.is_main:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            makedirs_durable(run_dir)  # its entry survives a power cut (so do the checkpoints in it)
             decision["start"] = choose_checkpoint(tc, run_dir)
         except (ConfigError, CheckpointError, FileNotFoundError) as exc:
             decision["error"] = (type(exc).__name__, str(exc))

@@ -24,7 +24,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     On an exception the temp file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     try:
@@ -61,7 +61,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     one deleted); a failed block leaves ``path`` as it was and no temp directory behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -91,6 +91,24 @@ def remove_tree(path: str | Path) -> None:
     fsync_dir(path.parent)
     crash_point("remove_tree.renamed")
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def makedirs_durable(path: str | Path) -> Path:
+    """``mkdir -p`` whose new folders survive a power cut: each folder made is fsynced into its parent.
+    (A new folder's entry is durable only once its parent is fsynced; without this, a run folder made
+    just before its first checkpoint could vanish with every checkpoint in it: the power-loss section
+    of ``benchmarks/faults.py`` found it.)"""
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+        fsync_dir(folder.parent)
+    return path
 
 
 def fsync_tree(root: Path) -> None:
