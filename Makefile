@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults bench-serve system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -88,6 +88,17 @@ bench-index: $(STAMP)
 bench-sentences: $(STAMP)
 	$(PY) benchmarks/sentences.py --max 200000
 	$(PY) benchmarks/index.py --data sentences --sizes 200000 --types ivf_flat ivf_sq8 hnsw ivf_rabitq_refine ivf_pqfs_refine ivf_pq_refine ivf_pq
+
+# the service on a 1M-vector index (a stand-in calibrated on the demo model's real embeddings of the emoji
+# shards, which `python benchmarks/tuning_queries.py` caches after `make demo`), chosen and tuned by the builder
+# on the real captions' text embeddings; then serve_load with its open-loop rows (docs/retrieval.md quotes the log)
+STANDIN := benchmarks/data/standin_1m
+bench-serve: $(STAMP)
+	$(PY) benchmarks/standin.py benchmarks/data/tuning_queries_emb $(STANDIN) --n 1000000 \
+		--text-queries $(STANDIN)_text_queries.npy > benchmarks/results/standin_$$(date +%F).log
+	$(VENV)/bin/retrieval index build $(STANDIN) --out $(STANDIN)_index --queries-file $(STANDIN)_text_queries.npy
+	$(PY) benchmarks/serve_load.py $(STANDIN)_index --log benchmarks/results/serve_load_1m_$$(date +%F).log \
+		--plot benchmarks/results/serve_load_1m_$$(date +%F).png
 
 # the fault suite (kill -9, power loss, poison, SIGTERM, resume; ~30 min on 2 cores): docs/training.md quotes its log
 bench-faults: $(STAMP) system-deps

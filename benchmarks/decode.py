@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from logs import header  # noqa: E402
 from make_toy_clips import make_clip  # noqa: E402
 
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams, frame_indices  # noqa: E402
@@ -118,6 +119,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each is kept")
     p.add_argument("--take", type=int, default=8, help="frames sampled per clip (at 4 fps)")
     args = p.parse_args()
+    print(header(), flush=True)
     torch.set_num_threads(1)
     rng = random.Random(0)
     clips = [make_clip(rng, size=args.src_size, n_frames=args.frames, fps=8)[0] for _ in range(args.clips)]

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from logs import header  # noqa: E402
+
 
 def make_shards(folder: Path, images: int, shards: int, seed: int = 0) -> str:
     """``shards`` webdataset shards of ``images`` 256 px JPEGs (smooth noise and a coloured box) + captions."""
@@ -155,6 +157,7 @@ def main() -> int:
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = p.parse_args()
+    print(header(), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_embed:

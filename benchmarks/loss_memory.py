@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from logs import header
+
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = {"clip": "clip_blockwise", "siglip": "siglip_chunked"}
 
@@ -77,6 +79,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--block", type=int, default=4096)
     args = p.parse_args()
+    if not args.child:
+        print(header(), flush=True)
     if args.child:
         kind, batch, dim, block = args.child
         print(json.dumps(child(kind, int(batch), int(dim), int(block))), flush=True)
