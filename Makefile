@@ -78,16 +78,31 @@ smoke: $(STAMP) toy-data
 	$(VENV)/bin/mmpretrain train configs/experiment/smoke.yaml train.resume=latest
 	$(PY) scripts/summarize_run.py runs/smoke
 
-bench: $(STAMP) toy-data
-	$(PY) benchmarks/train_throughput.py
+# the CPU suite (run it with nothing else on the machine; a few hours on 2 cores): every script writes its log to
+# benchmarks/results/NAME_DATE.log, its first line the command and the commit (docs quote figures by these logs)
+RESULTS := benchmarks/results
+TODAY = $$(date +%F)
+bench: $(STAMP) toy-data system-deps
+	$(PY) benchmarks/train_throughput.py > $(RESULTS)/train_throughput_$(TODAY).log
+	$(PY) benchmarks/zero_shot.py > $(RESULTS)/zero_shot_$(TODAY).log
+	$(PY) benchmarks/loss_memory.py > $(RESULTS)/loss_memory_$(TODAY).log
+	$(PY) benchmarks/decode.py > $(RESULTS)/decode_$(TODAY).log
+	$(PY) benchmarks/embed_scale.py > $(RESULTS)/embed_scale_$(TODAY).log
+	$(PY) benchmarks/curate.py > $(RESULTS)/curate_$(TODAY).log
+	$(PY) benchmarks/tuning_queries.py --log $(RESULTS)/tuning_queries_$(TODAY).log
+	$(PY) benchmarks/attack.py --log $(RESULTS)/attack_$(TODAY).log
+	$(MAKE) bench-index bench-sentences bench-serve bench-faults
 
+# the synthetic blobs (an oracle for IVF: a labelled stand-in, quoted beside the real sentence figures)
 bench-index: $(STAMP)
-	$(PY) benchmarks/index.py --sizes 100000 1000000
+	$(PY) benchmarks/index.py --sizes 1000000 --data clustered --types ivf_sq8 ivf_rabitq_refine ivf_pqfs_refine \
+		ivf_flat > $(RESULTS)/index_1m_$(TODAY).log
 
 # real sentence embeddings (pinned Debian docs + WordNet, MiniLM; ~20 min to embed 200k on 2 cores), then the index types on them
 bench-sentences: $(STAMP)
-	$(PY) benchmarks/sentences.py --max 200000
-	$(PY) benchmarks/index.py --data sentences --sizes 200000 --types ivf_flat ivf_sq8 hnsw ivf_rabitq_refine ivf_pqfs_refine ivf_pq_refine ivf_pq
+	$(PY) benchmarks/sentences.py --max 200000 > $(RESULTS)/sentences_$(TODAY).log
+	$(PY) benchmarks/index.py --data sentences --sizes 200000 --types ivf_flat ivf_sq8 hnsw ivf_rabitq_refine \
+		ivf_pqfs_refine ivf_pq_refine ivf_pq > $(RESULTS)/index_sentences_$(TODAY).log
 
 # the service on a 1M-vector index (a stand-in calibrated on the demo model's real embeddings of the emoji
 # shards, which `python benchmarks/tuning_queries.py` caches after `make demo`), chosen and tuned by the builder
@@ -95,14 +110,14 @@ bench-sentences: $(STAMP)
 STANDIN := benchmarks/data/standin_1m
 bench-serve: $(STAMP)
 	$(PY) benchmarks/standin.py benchmarks/data/tuning_queries_emb $(STANDIN) --n 1000000 \
-		--text-queries $(STANDIN)_text_queries.npy > benchmarks/results/standin_$$(date +%F).log
+		--text-queries $(STANDIN)_text_queries.npy > $(RESULTS)/standin_$(TODAY).log
 	$(VENV)/bin/retrieval index build $(STANDIN) --out $(STANDIN)_index --queries-file $(STANDIN)_text_queries.npy
-	$(PY) benchmarks/serve_load.py $(STANDIN)_index --log benchmarks/results/serve_load_1m_$$(date +%F).log \
-		--plot benchmarks/results/serve_load_1m_$$(date +%F).png
+	$(PY) benchmarks/serve_load.py $(STANDIN)_index --log $(RESULTS)/serve_load_1m_$(TODAY).log \
+		--plot $(RESULTS)/serve_load_1m_$(TODAY).png
 
 # the fault suite (kill -9, power loss, poison, SIGTERM, resume; ~30 min on 2 cores): docs/training.md quotes its log
 bench-faults: $(STAMP) system-deps
-	$(PY) benchmarks/faults.py --log benchmarks/results/faults_$$(date +%F).log
+	$(PY) benchmarks/faults.py --log $(RESULTS)/faults_$(TODAY).log
 
 clean-runs:
 	rm -rf runs

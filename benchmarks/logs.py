@@ -12,10 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# what a figure does not depend on: a docs edit while a benchmark runs does not make its commit "dirty"
+NOT_CODE = (":!docs", ":!*.md", ":!benchmarks/results")
+
+
 def commit() -> str:
-    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    """HEAD's short hash, with ``+dirty`` when tracked files other than docs and results differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *NOT_CODE], cwd=ROOT).returncode != 0
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from logs import header
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -194,6 +195,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="data workers for part 2")
     p.add_argument("--samples", type=int, default=2000, help="samples timed in part 2")
     args = p.parse_args()
+    print(header(), flush=True)
     from mmpretrain.models import build_model
     from mmpretrain.training.validate import load_experiment as load_config
 

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import open_clip
 import torch
+from logs import header
 from PIL import Image
 
 TINY = {
@@ -43,6 +44,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    print(header(), flush=True)
     torch.set_num_threads(2)
     from safetensors.torch import save_file
 
