@@ -117,7 +117,7 @@ def bench_index(args, work: Path) -> dict:
     from retrieval.embed import write_vectors
     from retrieval.index import INDEX_TYPES, BuildConfig, build
 
-    x, q = make_data("clustered", args.vectors, 512, 200, 0)
+    x, q, _ = make_data("clustered", args.vectors, 512, 200, 0)
     emb = write_vectors(work / "vectors", x, part_size=max(1, args.vectors // 10))
     del x
     out = {"n": args.vectors}

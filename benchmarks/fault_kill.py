@@ -33,7 +33,7 @@ CRASH_POINTS = {
     "remove_tree.renamed": STEPS // CKPT_EVERY - 1,  # the first checkpoint prunes nothing
     "train.step": STEPS - 1,
 }
-USED = re.compile(r"resume=latest: \S*step_(\d{8})")
+USED = re.compile(r"resume=latest: .*step_(\d{8})")
 
 
 def kill_suite(work: Path, shards: Path, trials: int, seed: int, fsdp_trials: int = 4) -> dict:
@@ -118,8 +118,8 @@ def _trial(work: Path, shards: Path, i: int, how: str, fsdp: bool, want: dict, r
         "needed_checkpoint": logged > CKPT_EVERY,  # the run went past its first checkpoint
         "valid_checkpoint_left": latest is not None,
         "resumed_from": start,
-        "resume_used": int(used.group(1)) if used else 0,
-        "steps_redone": max(0, logged - start),
+        "resume_used": int(used.group(1)) if used else (0 if "no checkpoint yet" in err else None),
+        "steps_redone": max(0, logged - (int(used.group(1)) if used else start)),
         "identical": same,
     }
 

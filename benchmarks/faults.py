@@ -216,6 +216,7 @@ def _powerloss_lines(p: dict) -> list[str]:
             f"    progress lost past a returned save:            {r['progress_lost']}   (goal 0)",
             f"    no checkpoint left after a returned save:      {r['no_checkpoint_after_save']}   (goal 0)",
             f"    files cut short in the states (refused):       {r['short_files']}",
+            f"    model gaps (paths used but never created):     {len(r.get('model_gaps', []))}   (goal 0)",
             f"    resumed to the end, bit-identical:             {r['resumed_identical']}/{r['resumed']}",
         ]
     return out

@@ -97,7 +97,8 @@ def main() -> None:
                 done[kind] = r
                 dense = next((done.get(d) for d, e in PAIRS.items() if e == kind), None)
                 ok = dense and "error" not in r and "error" not in dense
-                ratio = f"{dense['peak_mib'] / r['peak_mib']:.1f}x less memory" if ok else ""
+                x = dense["peak_mib"] / r["peak_mib"] if ok else 0.0
+                ratio = "" if not ok else f"{x:.1f}x less memory" if x >= 1 else f"{1 / x:.1f}x more memory"
                 if "error" in r:
                     print(f"{kind:<16} {batch:>9} {world:>5}  failed: {r['error']}")
                 else:

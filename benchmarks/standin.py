@@ -98,21 +98,22 @@ def write(out: Path, vectors_of, n: int, head: dict) -> None:
     from retrieval.embed import _write_part, part_name
 
     (out / "parts").mkdir(parents=True, exist_ok=True)
+    sources = [f"standin-{i}" for i in range(-(-n // PART))]  # one part per source, as `retrieval embed` writes
     for i, start in enumerate(range(0, n, PART)):
         count = min(PART, n - start)
         rows = {
             "key": [f"standin-{start + j:08d}" for j in range(count)],
             "caption": [""] * count,
-            "source": ["standin"] * count,
+            "source": [sources[i]] * count,
             "modality": [head["modality"]] * count,
             "thumb_offset": [0] * count,
             "thumb_len": [0] * count,
             "width": [0] * count,
             "height": [0] * count,
         }
-        summary = {"source": "standin", "items": count, "skipped": {}, "complete": True}
+        summary = {"source": sources[i], "items": count, "skipped": {}, "complete": True}
         _write_part(out / "parts" / part_name(i), vectors_of(count), rows, b"", head["dtype"], summary)
-    meta = {**head, "data": "standin", "sources": ["standin"], "standin_of": head.get("data")}
+    meta = {**head, "data": "standin", "sources": sources, "standin_of": head.get("data")}
     (out / "embeddings.json").write_text(json.dumps(meta, indent=2))
 
 

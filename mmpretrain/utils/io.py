@@ -6,6 +6,7 @@ file or folder or the new one, never a torn one under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -71,7 +72,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
         if old is not None:
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the old one back: path is never left missing
+            raise
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -108,6 +114,8 @@ def makedirs_durable(path: str | Path) -> Path:
         with contextlib.suppress(FileExistsError):
             folder.mkdir()
         fsync_dir(folder.parent)
+    if not missing:
+        fsync_dir(path.parent)  # made earlier by someone else (mkdir -p, a run killed before its fsync)
     return path
 
 
@@ -127,13 +135,19 @@ def fsync_tree(root: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable. Not every filesystem allows it."""
-    with contextlib.suppress(OSError):
+    """Make a folder's entries (a rename, a new file) durable. A filesystem that cannot open or fsync a
+    folder is let be; an I/O error (EIO, ENOSPC) is raised, not hidden."""
+    try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str | Path) -> str:
