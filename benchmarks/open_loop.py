@@ -22,17 +22,23 @@ def user_address(i: int) -> str:
     return f"127.0.{1 + i // 250}.{2 + i % 250}"
 
 
-async def request(reader, writer, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
-    """One HTTP/1.1 request on a kept-alive connection: (status, body)."""
+async def request(
+    reader, writer, method: str, path: str, body: bytes = b"", headers: str = ""
+) -> tuple[int, bytes, bool]:
+    """One HTTP/1.1 request on a kept-alive connection: (status, body, whether the server closes the
+    connection after it: a refusal (503, 429) says ``Connection: close``, and the client must reconnect)."""
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode()
     writer.write(head + body)
     status_line = await reader.readline()
-    length = 0
+    length, close = 0, False
     while (line := await reader.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        elif name.strip().lower() == b"connection" and value.strip().lower() == b"close":
+            close = True
     data = await reader.readexactly(length) if length else b""
-    return int(status_line.split()[1]), data
+    return int(status_line.split()[1]), data, close
 
 
 async def _connect(port: int, i: int):
@@ -48,9 +54,10 @@ async def _run(port: int, rate: float, seconds: float, users: int, seed: int) ->
     async def one(scheduled: float, query: str) -> None:
         i, reader, writer = await pool.get()
         try:
-            status, _ = await request(reader, writer, "GET", f"/search?q={urllib.parse.quote(query)}&k=10")
+            status, _, close = await request(reader, writer, "GET", f"/search?q={urllib.parse.quote(query)}&k=10")
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-            status = "error"
+            status, close = "error", True
+        if close:
             writer.close()
             reader, writer = await _connect(port, i)
         codes[status] += 1

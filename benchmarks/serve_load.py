@@ -89,11 +89,14 @@ async def search_client(port: int, until: float, seed: int, tally: Tally, user: 
                 )
             else:
                 query = urllib.parse.quote(next(queries))
-                status, body = await request(reader, writer, "GET", f"/search?q={query}&k=10")
+                status, body, close = await request(reader, writer, "GET", f"/search?q={query}&k=10")
             ok = status != 200 or b'"rank":0' in body  # a first hit
             tally.add(status if ok else -1, time.perf_counter() - t0, None if ok else "empty results")
             if status == 503:  # a polite client waits a little before retrying
                 await asyncio.sleep(0.05)
+            if close:  # a refusal closes the connection: open a new one, as an HTTP client does
+                writer.close()
+                reader, writer = await connect()
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
             tally.add(-1, time.perf_counter() - t0, repr(exc))
             writer.close()
@@ -312,7 +315,7 @@ def hostile(port: int, seconds: float, clients: int = 8, parts: tuple[str, ...] 
 
 
 def rss_mb(pid: int) -> dict:
-    """Resident and peak resident MB of the server process and of its children (the decoder)."""
+    """Resident and peak resident MB of the server process and of all its descendants (the decoder)."""
 
     def status(p: int) -> dict:
         out = {}
@@ -321,8 +324,11 @@ def rss_mb(pid: int) -> dict:
                 out[line.split(":")[0]] = int(line.split()[1]) / 1024
         return out
 
-    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    main, others = status(pid), [status(k) for k in kids]
+    def descendants(p: int) -> list[int]:
+        kids = [int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]
+        return kids + [g for k in kids for g in descendants(k)]
+
+    main, others = status(pid), [status(k) for k in descendants(pid)]
     return {
         "server_rss": main.get("VmRSS", 0.0),
         "server_peak": main.get("VmHWM", 0.0),
@@ -369,8 +375,8 @@ def report(result: dict) -> list[str]:
     out += _open_loop_lines(result)
     m = result["rss"]
     out.append(
-        f"RSS after the load: server {m['server_rss']:.0f} MB (peak {m['server_peak']:.0f}), decoder process "
-        f"{m['children_rss']:.0f} MB (peak {m['children_peak']:.0f})"
+        f"RSS after the load: server {m['server_rss']:.0f} MB (peak {m['server_peak']:.0f}), its child processes "
+        f"(the decoder) {m['children_rss']:.0f} MB (peak {m['children_peak']:.0f})"
     )
     if "hostile" in result:
         out += _hostile_lines(result["hostile"])
