@@ -84,7 +84,7 @@ async def search_client(port: int, until: float, seed: int, tally: Tally, user: 
         try:
             if images:
                 body = json.dumps({"images": [small_png_b64(seed, t0)], "k": 10}).encode()
-                status, body = await request(
+                status, body, close = await request(
                     reader, writer, "POST", "/search", body, "Content-Type: application/json\r\n"
                 )
             else:
