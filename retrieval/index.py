@@ -510,9 +510,12 @@ def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, qs: Queries,
 
 
 def _recalls(index, emb, cfg: BuildConfig, qs: Queries, tuning: Tuning) -> dict:
-    """recall@10 at the tuned setting by kind of query: the tuning queries' and, when those were not
-    items, sampled items' too (an image query's recall is not a text query's)."""
+    """recall@10 at the tuned setting by kind of query: the tuning queries', given queries held out of
+    the tuning, and, when those were not items, sampled items' too (an image query's recall is not a
+    text query's)."""
     out = {qs.kind: round(tuning.recall_at_10, 4)}
+    if qs.held_out is not None:
+        out[qs.held_out.kind] = round(qs.held_out.recall(index.search(qs.held_out.vectors, qs.held_out.k)[1]), 4)
     if qs.kind != "items":
         items = item_queries(emb, cfg.queries, cfg.seed)
         out["items"] = round(items.recall(index.search(items.vectors, items.k)[1]), 4)

@@ -9,7 +9,8 @@ Tuned on items alone, a knob recorded at recall 0.95 gave caption queries 0.92 (
 * ``captions`` (the default when the items have captions): captions of sampled items, encoded by the
   embedding job's own model (checked by model id) into text queries, as a user would ask;
 * ``items``: sampled collection items, each one's own id excluded from both result lists;
-* given: a (Q, E) array of real query embeddings (``--queries-file``).
+* given: a (Q, E) array of real query embeddings (``--queries-file``); from 20 queries on, a seeded
+  half is tuned on and the other half held out, its recall recorded beside.
 
 The build records the recall of the tuning queries and, at the tuned setting, of sampled items too.
 """
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TUNE_ON = ("auto", "captions", "items")
+HELD_OUT_MIN = 20  # given queries from which half are held out of the tuning
 
 
 class QueryError_(ValueError):
@@ -44,8 +46,9 @@ class Queries:
     vectors: np.ndarray
     truth: np.ndarray
     exclude: np.ndarray | None
-    kind: str  # "captions" | "items" | "given"
+    kind: str  # "captions" | "items" | "given" | "given_held_out"
     label: str  # what index.json says they were
+    held_out: Queries | None = None  # disjoint queries of the same kind, not tuned on (recall reported)
 
     def recall(self, found: np.ndarray) -> float:
         return recall_at_k(drop(found, self.exclude), self.truth, 10)
@@ -85,11 +88,20 @@ def item_queries(emb, count: int, seed: int) -> Queries:
     return Queries(q, truth, ids, "items", f"{len(ids)} sampled items (self excluded)")
 
 
-def given_queries(emb, vectors: np.ndarray) -> Queries:
+def given_queries(emb, vectors: np.ndarray, seed: int = 0) -> Queries:
+    """Given query vectors: from ``HELD_OUT_MIN`` on, a seeded half is tuned on and the other half held
+    out (its recall at the tuned setting is recorded too: a recall tuned and reported on the same
+    queries flatters the setting)."""
     q = np.ascontiguousarray(vectors, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != emb.dim:
         raise QueryError_(f"the given queries are {q.shape}; the embeddings are (N, {emb.dim})")
-    return Queries(q, exact(emb, q, 10), None, "given", f"{len(q)} given queries")
+    if len(q) < HELD_OUT_MIN:
+        return Queries(q, exact(emb, q, 10), None, "given", f"{len(q)} given queries")
+    order = np.random.default_rng(seed + 3).permutation(len(q))
+    tune_q, report_q = q[np.sort(order[: len(q) // 2])], q[np.sort(order[len(q) // 2 :])]
+    held = Queries(report_q, exact(emb, report_q, 10), None, "given_held_out", f"{len(report_q)} given, held out")
+    label = f"{len(tune_q)} of {len(q)} given queries (the other {len(report_q)} held out)"
+    return Queries(tune_q, exact(emb, tune_q, 10), None, "given", label, held_out=held)
 
 
 def sample_captions(emb, count: int, seed: int) -> list[str]:
@@ -124,7 +136,7 @@ def tuning_queries(emb, tune_on: str, count: int, seed: int, given: np.ndarray |
     """The queries to tune on: ``given`` if any; else captions (``auto``: when the items are not text and
     have captions, and the job's model loads) or sampled items."""
     if given is not None:
-        return given_queries(emb, given)
+        return given_queries(emb, given, seed)
     if tune_on == "items" or (tune_on == "auto" and emb.header.get("modality") == "text"):
         return item_queries(emb, count, seed)
     texts = sample_captions(emb, count, seed)

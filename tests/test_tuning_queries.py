@@ -59,6 +59,24 @@ def test_captioned_items_are_tuned_on_caption_queries_and_both_recalls_recorded(
     assert _caption_recall(tmp_path / "items", emb, model, 200) <= h["recalls"]["captions"]
 
 
+def test_given_queries_are_split_into_tuned_and_held_out_halves_and_both_recalls_recorded(captioned, tmp_path):
+    """--queries-file: half tuned on, half held out; index.json records the held-out half's recall at the
+    tuned setting, equal to what the opened index gives those queries."""
+    from retrieval.queries import given_queries
+
+    folder, model = captioned
+    emb = load_embeddings(folder)
+    texts = sample_captions(emb, 60, seed=9)
+    q = api.encode_texts(model, texts).detach().float().numpy()
+    h = build_index(folder, tmp_path / "given", BuildConfig(index_type="ivf_flat", **FAST), queries=q, progress=False)
+    assert h["recall_queries"] == "30 of 60 given queries (the other 30 held out)"
+    assert set(h["recalls"]) == {"given", "given_held_out", "items"} and h["recalls"]["given"] >= 0.95
+    held = given_queries(emb, q, seed=BuildConfig().seed).held_out
+    found = open_index(tmp_path / "given").index.search(held.vectors, 10)[1]
+    assert h["recalls"]["given_held_out"] == pytest.approx(held.recall(found), abs=1e-4)
+    assert given_queries(emb, q[:10]).held_out is None  # too few to split: all tuned on
+
+
 def test_info_reports_the_recalls(captioned, search_index, capsys):
     info = Searcher(captioned[1], search_index).info()
     assert set(info["recalls"]) == {"captions", "items"} and info["recall_queries"].endswith("captions (text queries)")
