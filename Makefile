@@ -111,7 +111,9 @@ STANDIN := benchmarks/data/standin_1m
 bench-serve: $(STAMP)
 	$(PY) benchmarks/standin.py benchmarks/data/tuning_queries_emb $(STANDIN) --n 1000000 \
 		--text-queries $(STANDIN)_text_queries.npy > $(RESULTS)/standin_$(TODAY).log
-	$(VENV)/bin/retrieval index build $(STANDIN) --out $(STANDIN)_index --queries-file $(STANDIN)_text_queries.npy
+	( echo "# retrieval index build $(STANDIN) --out $(STANDIN)_index --queries-file $(STANDIN)_text_queries.npy   ($$(date +%F), $$(nproc) CPU cores, commit $$(git rev-parse --short HEAD))"; \
+	  $(VENV)/bin/retrieval index build $(STANDIN) --out $(STANDIN)_index --queries-file $(STANDIN)_text_queries.npy \
+	  2>&1 | grep -v 'it/s\|part/s' ) > $(RESULTS)/standin_index_$(TODAY).log
 	$(PY) benchmarks/serve_load.py $(STANDIN)_index --log $(RESULTS)/serve_load_1m_$(TODAY).log \
 		--plot $(RESULTS)/serve_load_1m_$(TODAY).png
 

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CITED = re.compile(r"benchmarks/results/[\w.\-]+\.log")
-HEADER = re.compile(r"^# python benchmarks/\S+\.py\b.*\bcommit [0-9a-f]{7}")
+HEADER = re.compile(r"^# (?:python benchmarks/\S+\.py|retrieval|mmpretrain)\b.*\bcommit [0-9a-f]{7}")
 # a measured figure: a ratio (12.2x), a time, a size, a rate or a percentage; not inside code
 FIGURE = re.compile(
     r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:x(?![\w])|ms\b|MiB\b|GiB\b|MB\b|GB\b|q/s\b|req/s\b|items/s\b|clips/s\b"
