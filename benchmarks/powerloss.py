@@ -306,10 +306,11 @@ def reference_content(ref_checkpoints: Path, traced_checkpoints: Path):
     return content_of
 
 
-def crash_states(trace: Path, root: Path, cwd: Path, checkpoints: Path) -> Iterator[tuple[int, Disk]]:
-    """(call index, disk) after each call that may change the durable state of ``checkpoints``
-    (one state per distinct durable layout and newest saved step)."""
-    disk, last = Disk(root, cwd, watch=checkpoints), None
+def crash_states(trace: Path, disk: Disk, checkpoints: Path) -> Iterator[int]:
+    """Replays ``trace`` on ``disk``, yielding the call index after each call that may change the durable
+    state of ``checkpoints`` (one state per distinct durable layout and newest saved step); ``disk`` is
+    that state when yielded, and the trace's end state once the loop is done."""
+    last = None
     for i, c in enumerate(calls(trace)):
         if not disk.apply(c):
             continue
@@ -317,7 +318,7 @@ def crash_states(trace: Path, root: Path, cwd: Path, checkpoints: Path) -> Itera
         key = (disk.saved, _signature(node))
         if key != last:
             last = key
-            yield i, disk
+            yield i
 
 
 def _signature(node: Node | None) -> tuple:
@@ -367,9 +368,10 @@ def _powerloss_run(work: Path, shards: Path, strategy: str, resumes: int) -> dic
     store = reference_store(ref / "checkpoints", final / "config.yaml", work / f"store_{strategy}")
     same_bytes = _same_files(final, store / final.name, ignore=VOLATILE)
     content_of = reference_content(store, run / "checkpoints")
-    states = []
-    for n, (index, disk) in enumerate(crash_states(trace, work, ROOT, run / "checkpoints")):
+    states, disk = [], Disk(work, ROOT, watch=run / "checkpoints")
+    for n, index in enumerate(crash_states(trace, disk, run / "checkpoints")):
         states.append(_judge(disk, run, store, work / f"cut_{strategy}_{n}", content_of, index))
+    rewritten, phantoms = _rewritten(disk, run / "checkpoints"), disk.phantoms
     want = weights(ref / "checkpoints" / f"step_{STEPS:08d}")
     picks = sorted({round(k * (len(states) - 1) / max(1, resumes - 1)) for k in range(resumes)})
     for k in picks:
@@ -385,7 +387,6 @@ def _powerloss_run(work: Path, shards: Path, strategy: str, resumes: int) -> dic
             f"power loss ({strategy}) state {k}: accepted step {s['accepted']}, saved {s['saved']}, "
             f"resumed identical={s['resumed_identical']}"
         )
-    rewritten, phantoms = _rewritten(trace, work, ROOT, run / "checkpoints")
     return {
         "states": states,
         "content_model_valid": same_bytes and not rewritten and not phantoms,
@@ -444,11 +445,8 @@ def _same_files(a: Path, b: Path, ignore: frozenset[str] = frozenset()) -> bool:
     return all(sha256_file(a / f) == sha256_file(b / f) for f in files(a) if f.as_posix() not in ignore)
 
 
-def _rewritten(trace: Path, root: Path, cwd: Path, checkpoints: Path) -> tuple[list[str], list[str]]:
-    """Checkpoint files written again after an fsync (the content model would not hold for them), and
-    paths under checkpoints/ used but never created by a traced call (the model would guess them)."""
-    disk = Disk(root, cwd, watch=checkpoints)
-    for c in calls(trace):
-        disk.apply(c)
+def _rewritten(disk: Disk, checkpoints: Path) -> list[str]:
+    """Checkpoint files written again after an fsync, in the replayed trace (the content model would not
+    hold for them)."""
     inside = str(checkpoints) + os.sep
-    return [n.origin for n in disk.nodes if n.rewritten and n.origin.startswith(inside)], disk.phantoms
+    return [n.origin for n in disk.nodes if n.rewritten and n.origin.startswith(inside)]
