@@ -47,6 +47,7 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
+from logs import header
 from watch import ROOT, WORDS, Watch, free_port, request, start
 
 ATTACKER = "127.0.0.2"
@@ -556,14 +557,14 @@ def main() -> int:
     p.add_argument("--log", help="write the table here (first line: the command and the commit)")
     args = p.parse_args()
     index = args.index or default_index()
-    header = json.loads((Path(index) / "index.json").read_text())
+    meta = json.loads((Path(index) / "index.json").read_text())
     origin, private = origin_servers()
     port, kport = free_port(), free_port()
     common = ["--image-url-host", f"127.0.0.1:{origin}", "--image-url-private"]
     server = start(f"demo={index}", port, common)
     keyed = start(f"demo={index}", kport, [], {"RETRIEVAL_API_KEY": KEY})
-    ctx = {"origin_port": origin, "private_port": private, "keyed_port": kport, "ntotal": header["ntotal"],
-           "checkpoint": header["model"]}  # fmt: skip
+    ctx = {"origin_port": origin, "private_port": private, "keyed_port": kport, "ntotal": meta["ntotal"],
+           "checkpoint": meta["model"]}  # fmt: skip
     watch = Watch(port, server.pid)
     try:
         body, headers = multipart({"labels": "cat, dog"}, small_png(0))
@@ -590,7 +591,7 @@ def main() -> int:
         server.wait(30), keyed.wait(30)
     lines = [
         header(),
-        f"index: {index} ({header['ntotal']} items); server pid {server.pid}, never restarted: {alive}; "
+        f"index: {index} ({meta['ntotal']} items); server pid {server.pid}, never restarted: {alive}; "
         f"private service hits: {len(_Origin.private_hits)}",
         *table(rows, base),
     ]
