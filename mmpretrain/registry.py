@@ -30,6 +30,7 @@ BUILT_INS = (
     "mmpretrain.eval.sets",
     "mmpretrain.corpora",
     "mmpretrain.training.strategy",
+    "mmpretrain.training.objectives",
 )
 
 

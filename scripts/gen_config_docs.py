@@ -80,6 +80,7 @@ def registries() -> list[str]:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
     from mmpretrain.losses import LOSSES
+    from mmpretrain.training.objectives import OBJECTIVES
 
     lines = ["## Registered names", "", "Each is a registry entry; a typo fails with the valid names.", ""]
     for modality, reg in ENCODERS.items():
@@ -89,6 +90,9 @@ def registries() -> list[str]:
     for kind, reg in (("head", HEADS), ("loss kind", LOSSES)):
         for e in reg.entries():
             lines.append(f"- **{kind} `{e.name}`**: {e.doc}")
+    for e in OBJECTIVES.entries():
+        params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
+        lines.append(f"- **objective `{e.name}`**: {e.doc} Params: {params}.")
     for e in DATA_OPS.entries():
         params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
         lines.append(f"- **data op `{e.name}`**: {e.doc} Params: {params}.")
@@ -106,6 +110,7 @@ def render() -> str:
         (s.OpSpec, "data.ops[i]"),
         (s.LossConfig, "loss"),
         (s.LossPair, "loss.pairs[i]"),
+        (s.ObjectiveConfig, "loss.objectives[i]"),
         (s.OptimConfig, "optim"),
         (s.TrainConfig, "train"),
         (s.EvalConfig, "eval"),

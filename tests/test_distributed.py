@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from mmpretrain.losses import LOSSES
+from mmpretrain.losses.contrastive import takes_groups
 from mmpretrain.models.layout import list_checkpoints
 from mmpretrain.training.checkpoint import load_state
 from mmpretrain.training.metrics import read_jsonl
@@ -69,7 +70,11 @@ def test_distributed_loss_and_grads_equal_single_process(tmp_path):
     proc = torchrun("tests/dist/loss_parity.py", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert len(report) == 6 * len(LOSSES)  # every registered loss x {masked, not} x 3 gather modes
+    multi = [k for k in LOSSES.names() if takes_groups(k)]
+    # every registered loss, every one taking several positives (with groups), and clip + distill,
+    # each x {masked, not} x 3 gather modes
+    assert len(report) == 6 * (len(LOSSES) + len(multi) + 1)
+    assert {m.split("-gwg")[0] for m in report} >= {"clip-groups", "siglip-groups", "clip-distill"}
     for mode, r in report.items():
         assert r["n_grads"] > 10, mode
         assert r["loss_diff"] < 1e-5, (mode, r)

@@ -30,6 +30,7 @@ CONTRACTS = {
     "data op": "test_data_op_contract",
     "device data op": "test_device_op_contract (and test_device_data)",
     "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
+    "objective": "test_objective_contract (and test_objectives, dist/loss_parity)",
     "checkpoint format": "test_checkpoint_format_contract",
     "dataset layout": "test_layout_contract",
     "evaluation set kind": "test_eval_set_kind_contract",
@@ -205,6 +206,35 @@ def test_loss_contract(entry):
     loss.backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
     assert loss < entry.builder(a.detach(), b.roll(1, 0), scale, bias, DistContext())
+
+
+@entries("objective")
+def test_objective_contract(entry, tmp_path, tiny_model_cfg):
+    """Built from its example for the tiny student: a finite scalar term with a gradient for the student
+    and none for a teacher, absent before its start step; exact under accumulation if batch-global."""
+    import contextlib
+
+    from mmpretrain.config.schema import LossConfig, ObjectiveConfig
+    from mmpretrain.models import build_model
+    from mmpretrain.training.objectives import build_objectives
+    from mmpretrain.training.task import ContrastiveTask
+
+    cfg = LossConfig(objectives=[ObjectiveConfig(entry.name, start_frac=0.5, params=entry.example(tmp_path))])
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg).train()
+    objectives = build_objectives(cfg, model, steps=2)
+    task = ContrastiveTask(cfg, objectives=objectives)
+    texts = [f"caption {i}" for i in range(6)]
+    batch = {"image": torch.randn(6, 3, 32, 32), **model.tokenizer()(texts)}
+    assert f"loss/{entry.name}" not in task.forward_backward(model, [batch], autocast=contextlib.nullcontext)
+    model.zero_grad()
+    out = task.outputs(model, batch, step=1)
+    term = objectives[0].term.fn(out, task.dist)
+    assert term.shape == () and torch.isfinite(term)
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    if objectives[0].term.teacher is not None:
+        assert not any(p.requires_grad for p in objectives[0].term.teacher.parameters())
 
 
 @entries("checkpoint format")

@@ -98,6 +98,17 @@ class LossPair:
     b: str  # modality whose embeddings are the columns
     kind: str = "clip"  # registered loss kind: clip | siglip | milnce | clip_blockwise | siglip_chunked
     weight: float = 1.0  # this term's weight in the total loss
+    positives: str | None = None  # a batch key of (B,) group ids (the group_id op writes "group"): rows sharing an id are positives of each other (clip, siglip); None: the diagonal only
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """One registered objective beside the pairs: ``weight * kind(outputs)`` while it is active."""
+
+    kind: str  # registered objective (see "Registered names"): distill, ...
+    weight: float = 1.0  # its weight in the total loss
+    start_frac: float = 0.0  # active from step start_frac * train.steps on (SigLIP 2 adds its last terms at 0.8)
+    params: dict[str, Any] = field(default_factory=dict)  # the objective's own typed params, checked at load
 
 
 def _default_pairs() -> list[LossPair]:
@@ -112,6 +123,7 @@ class LossConfig:
     gather_with_grad: bool = True  # all-gather negatives with gradient (exact DDP gradients)
     local_loss: bool = False  # each rank scores only its own rows against all columns
     block_size: int = 4096  # logits block side of clip_blockwise / siglip_chunked (memory O(block^2), not O(B^2))
+    objectives: list[ObjectiveConfig] = field(default_factory=list)  # registered objectives added to the pairs (distillation from a teacher, ...)
 
 
 @dataclass(frozen=True)

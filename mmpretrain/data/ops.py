@@ -7,9 +7,11 @@ Randomness comes from torch's global RNG, which the stream seeds per sample.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -430,6 +432,47 @@ def _text_member(s: Sample, member: str, strict: bool) -> str:
         if strict:
             raise SampleError("bad_caption", f"{s.get('__key__')}: {member} is not UTF-8: {exc}") from None
         return raw.decode("utf-8", "replace").strip()
+
+
+# ------------------------------------------------------------------ groups (several positives per row)
+@dataclass(frozen=True)
+class GroupIdParams:
+    key: str = "json:concept"  # "__key__", a text member ("txt"), or "json:FIELD" (a string or an integer)
+    pattern: str | None = None  # a regex: the id is its first group (or whole match) in the value, e.g. "^(.+)-[^-]+$"
+    out: str = "group"  # the batch key a pair's loss.pairs[i].positives names
+
+
+@DATA_OPS.register("group_id", config=GroupIdParams,
+                   example=OpExample(("txt",), params={"key": "txt"}, produce=("group",), corrupt=(b"\xff\xfe", "bad_caption")))
+def group_id(p: GroupIdParams, ctx: OpContext) -> Op:
+    """A group id into ``out``: an int64 (a stable hash of a sample's field), equal for the samples of
+    one group (a concept, a duplicate group, a source key), which a multi-positive loss pair treats as
+    positives of each other. A sample with no value is a ``SampleError`` (``no_group``)."""
+    rx = re.compile(p.pattern) if p.pattern else None
+    member, _, fld = p.key.partition(":")
+
+    def op(s: Sample) -> Sample:
+        if p.key == "__key__":
+            value = str(s.get("__key__") or "")
+        elif fld:
+            raw = json_member(s, member).get(fld)
+            value = str(raw) if isinstance(raw, (str, int)) and not isinstance(raw, bool) else ""
+        else:
+            value = _text_member(s, member, True)
+        if rx is not None and value:
+            m = rx.search(value)
+            value = "" if m is None else m.group(1) if m.groups() else m.group(0)
+        if not value:
+            raise SampleError("no_group", f"{s.get('__key__')}: no group id in {p.key!r}")
+        s[p.out] = torch.tensor(stable_id(value), dtype=torch.int64)
+        return s
+
+    return op
+
+
+def stable_id(value: str) -> int:
+    """A signed 64-bit id of ``value``, the same in every process and run (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 @DATA_OPS.register("tokenize", example=OpExample(("txt",), ("caption",), produce=("text", "text_mask"), towers=("text",)))

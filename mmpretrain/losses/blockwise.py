@@ -28,7 +28,7 @@ from mmpretrain.losses.contrastive import (
     DistContext,
     _check_flat,
     _masked_mean,
-    _valid_rows_cols,
+    _rows_cols,
     gather,
 )
 
@@ -140,7 +140,7 @@ def clip_blockwise_loss(
     _check_flat("clip_blockwise", a, b)
     rows_a, rows_b, all_a, all_b, offset = _rows_and_columns(a, b, ctx)
     labels = torch.arange(rows_a.shape[0], device=a.device) + offset
-    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    row_ok, col_ok = _rows_cols(valid, ctx)
     ab = blockwise_rows(rows_a, all_b, logit_scale, logit_bias, labels, col_ok, "ce", ctx.block)
     ba = blockwise_rows(rows_b, all_a, logit_scale, logit_bias, labels, col_ok, "ce", ctx.block)
     if row_ok is None:
@@ -157,7 +157,7 @@ def siglip_chunked_loss(
     _check_flat("siglip_chunked", a, b)
     rows_a, _, _, all_b, offset = _rows_and_columns(a, b, ctx)
     labels = torch.arange(rows_a.shape[0], device=a.device) + offset
-    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    row_ok, col_ok = _rows_cols(valid, ctx)
     per_row = blockwise_rows(rows_a, all_b, logit_scale, logit_bias, labels, col_ok, "sigmoid", ctx.block)
     if row_ok is None:
         return per_row.sum() / rows_a.shape[0]

@@ -20,6 +20,7 @@ still touches the embeddings, so every rank runs the same collectives and backwa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,8 @@ import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.funct
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpretrain.registry import Registry
+from mmpretrain.config.strict import ConfigError
+from mmpretrain.registry import Registry, RegistryError
 
 # A loss kind: fn(a (B, E), b (B, E) or (B, K, E), logit_scale (), logit_bias () | None, ctx, valid (B,) | None) -> ()
 LOSSES: Registry[Tensor] = Registry("loss kind")
@@ -82,21 +84,48 @@ def _pair_logits(a: Tensor, b: Tensor, scale: Tensor, ctx: DistContext) -> tuple
     return logits, logits.T, 0
 
 
-def _valid_rows_cols(valid: Tensor | None, ctx: DistContext) -> tuple[Tensor | None, Tensor | None]:
-    """(rows, cols) validity for ``_pair_logits``' layout: rows local under ``local_loss``, else global."""
-    if valid is None:
+def gather_plain(x: Tensor, ctx: DistContext) -> Tensor:
+    """(B,) per-sample values (no gradient) on each rank -> (W*B,), rank-major (bool travels as uint8:
+    gloo has no bool)."""
+    if ctx.world_size == 1:
+        return x
+    wire = x.to(torch.uint8) if x.dtype == torch.bool else x
+    parts = [torch.empty_like(wire) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, wire.contiguous())
+    out = torch.cat(parts)
+    return out.bool() if x.dtype == torch.bool else out
+
+
+def _rows_cols(values: Tensor | None, ctx: DistContext) -> tuple[Tensor | None, Tensor | None]:
+    """Per-sample ``values`` (validity, group ids) in ``_pair_logits``' layout: (rows, cols), rows local
+    under ``local_loss``, else global like the columns."""
+    if values is None:
         return None, None
-    cols = valid
-    if ctx.world_size > 1:  # no gradient to carry: a plain all_gather (as uint8: gloo has no bool)
-        parts = [torch.empty_like(valid, dtype=torch.uint8) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, valid.to(torch.uint8).contiguous())
-        cols = torch.cat(parts).bool()
-    rows = valid if ctx.local_loss and ctx.world_size > 1 else cols
+    cols = gather_plain(values, ctx)
+    rows = values if ctx.local_loss and ctx.world_size > 1 else cols
     return rows, cols
 
 
+def _positives(groups: Tensor | None, ctx: DistContext, offset: int, n_rows: int, n_cols: int, device) -> Tensor:
+    """(R, C) bool: True where column c is a positive of row r. Without ``groups``, the diagonal (shifted
+    by this rank's ``offset`` under ``local_loss``); with them, every column of the row's group id."""
+    if groups is None:
+        idx = torch.arange(n_rows, device=device)
+        positive = torch.zeros(n_rows, n_cols, dtype=torch.bool, device=device)
+        positive[idx, idx + offset] = True
+        return positive
+    rows, cols = _rows_cols(groups, ctx)
+    return rows[:, None] == cols[None, :]
+
+
 def _masked_ce(logits: Tensor, labels: Tensor, rows: Tensor | None, cols: Tensor | None, ctx: DistContext) -> Tensor:
-    """Mean cross-entropy over valid rows, with invalid columns excluded from the softmax."""
+    """Mean cross-entropy over valid rows, with invalid columns excluded from the softmax. ``labels``:
+    (R,) class indices, or (R, C) bool positives (several per row: the target is uniform over them)."""
+    if labels.dim() == 2:
+        if cols is not None:
+            labels = labels & cols[None, :]
+        labels = labels.to(logits.dtype)
+        labels = labels / labels.sum(1, keepdim=True).clamp_min(1)
     if rows is None:
         return F.cross_entropy(logits, labels)
     masked = logits.masked_fill(~cols[None, :], torch.finfo(logits.dtype).min)
@@ -126,23 +155,43 @@ def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:
 
 @LOSSES.register("clip", example={"views": 1, "logit_bias": None})
 def clip_loss(
-    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext, valid: Tensor | None = None
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    ctx: DistContext,
+    valid: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> Tensor:
-    """Symmetric InfoNCE (CLIP): mean of cross-entropy a->b and b->a; positives on the diagonal."""
+    """Symmetric InfoNCE (CLIP): mean of cross-entropy a->b and b->a; positives on the diagonal.
+
+    ``groups`` (B,) int64: several positives per row (multi-positive contrastive, as StableRep's): the
+    columns of the row's group id, the target spread uniformly over them. Unique ids give ``clip``."""
     _check_flat("clip", a, b)
     logits_ab, logits_ba, offset = _pair_logits(a, b, logit_scale, ctx)
     if logit_bias is not None:
         logits_ab, logits_ba = logits_ab + logit_bias, logits_ba + logit_bias
-    labels = torch.arange(logits_ab.shape[0], device=a.device) + offset
-    rows, cols = _valid_rows_cols(valid, ctx)
-    return 0.5 * (_masked_ce(logits_ab, labels, rows, cols, ctx) + _masked_ce(logits_ba, labels, rows, cols, ctx))
+    rows, cols = _rows_cols(valid, ctx)
+    if groups is None:
+        labels = torch.arange(logits_ab.shape[0], device=a.device) + offset
+        return 0.5 * (_masked_ce(logits_ab, labels, rows, cols, ctx) + _masked_ce(logits_ba, labels, rows, cols, ctx))
+    positive = _positives(groups, ctx, offset, *logits_ab.shape, a.device)
+    return 0.5 * (_masked_ce(logits_ab, positive, rows, cols, ctx) + _masked_ce(logits_ba, positive, rows, cols, ctx))
 
 
 @LOSSES.register("siglip", example={"views": 1, "logit_bias": -10.0})
 def siglip_loss(
-    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor | None, ctx: DistContext, valid: Tensor | None = None
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    ctx: DistContext,
+    valid: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> Tensor:
-    """Sigmoid loss (SigLIP): -sum log sigmoid(+-(s * a.b + bias)) over all pairs, / rows."""
+    """Sigmoid loss (SigLIP): -sum log sigmoid(+-(s * a.b + bias)) over all pairs, / rows.
+
+    ``groups`` (B,) int64: every pair of the same group id is a positive (+), not only the diagonal."""
     _check_flat("siglip", a, b)
     all_b = gather(b, ctx)
     rows = a if ctx.local_loss else gather(a, ctx)
@@ -150,11 +199,10 @@ def siglip_loss(
     logits = logit_scale * rows @ all_b.T
     if logit_bias is not None:
         logits = logits + logit_bias
-    signs = -torch.ones_like(logits)
-    idx = torch.arange(rows.shape[0], device=a.device)
-    signs[idx, idx + offset] = 1.0
+    positive = _positives(groups, ctx, offset, *logits.shape, a.device)
+    signs = positive.to(logits.dtype) * 2 - 1
     terms = -F.logsigmoid(signs * logits)
-    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    row_ok, col_ok = _rows_cols(valid, ctx)
     if row_ok is None:
         return terms.sum() / rows.shape[0]
     return _masked_mean((terms * col_ok[None, :]).sum(1), row_ok, col_ok, logits, ctx)
@@ -182,7 +230,7 @@ def milnce_loss(
     logits_ba = logit_scale * rows_b.flatten(0, 1) @ all_a.T + bias  # (R*K, WB)
     owner = torch.arange(all_b.shape[0], device=a.device).repeat_interleave(k)  # caption column -> clip
     own = torch.arange(rows_a.shape[0], device=a.device) + offset
-    row_ok, col_ok = _valid_rows_cols(valid, ctx)
+    row_ok, col_ok = _rows_cols(valid, ctx)
     raw = logits_ab
     if col_ok is not None:
         logits_ab = logits_ab.masked_fill(~col_ok[owner][None, :], torch.finfo(logits_ab.dtype).min)
@@ -195,13 +243,22 @@ def milnce_loss(
     return per_row.mean() if row_ok is None else _masked_mean(per_row, row_ok, col_ok, raw, ctx)
 
 
-def check_pairs(loss) -> None:
-    """Every pair of ``loss.pairs`` names a registered loss kind; ``ConfigError`` otherwise."""
-    from mmpretrain.config.strict import ConfigError
-    from mmpretrain.registry import RegistryError
+def takes_groups(kind: str) -> bool:
+    """Whether loss ``kind`` takes several positives per row (its function has a ``groups`` argument)."""
+    return "groups" in inspect.signature(LOSSES.get(kind).builder).parameters
 
+
+def check_pairs(loss) -> None:
+    """Every pair of ``loss.pairs`` names a registered loss kind, and one with ``positives`` a kind that
+    takes several positives per row; ``ConfigError`` otherwise."""
     for i, pair in enumerate(loss.pairs):
         try:
             LOSSES.get(pair.kind)
         except RegistryError as exc:
             raise ConfigError(f"loss.pairs[{i}].kind: {exc}") from None
+        if pair.positives and not takes_groups(pair.kind):
+            many = ", ".join(k for k in LOSSES.names() if takes_groups(k))
+            raise ConfigError(
+                f"loss.pairs[{i}].positives: loss kind {pair.kind!r} takes one positive per row; "
+                f"several positives need one of: {many}"
+            )

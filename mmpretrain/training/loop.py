@@ -109,7 +109,7 @@ class Trainer:
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]  # DeviceFeed moved them
         no_sync = self.strategy.no_sync(self.model)
         losses = self.task.forward_backward(
-            self.model, micro, autocast=self.autocast, **({"no_sync": no_sync} if no_sync else {})
+            self.model, micro, autocast=self.autocast, step=self.step, **({"no_sync": no_sync} if no_sync else {})
         )
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(

@@ -26,6 +26,7 @@ from mmpretrain.models.layout import load_weights
 from mmpretrain.training.checkpoint import load_state, set_rng_state
 from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
 from mmpretrain.training.loop import Trainer
+from mmpretrain.training.objectives import build_objectives
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
 from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
 from mmpretrain.training.strategy import build_strategy
@@ -164,6 +165,7 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     task = ContrastiveTask(
         cfg.loss,
         DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss, cfg.loss.block_size),
+        build_objectives(cfg.loss, model, tc.steps, info.device),
     )
     log.info(
         "run %s: %d rank(s), device %s, %d thread(s), resume from %s",

@@ -17,6 +17,7 @@ from mmpretrain.eval.checks import check_eval
 from mmpretrain.losses import check_pairs
 from mmpretrain.models.contrastive import check_model
 from mmpretrain.models.pretrained import with_pretrained
+from mmpretrain.training.objectives import check_objectives
 
 
 def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -28,6 +29,7 @@ def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         check_ops(src.ops or [], f"data.sources[{j}].ops")
     check_device_ops(cfg.data.device_ops, [cfg.data.ops, *(src.ops or [] for src in cfg.data.sources)])
     check_pairs(cfg.loss)
+    check_objectives(cfg.loss)
     check_eval(cfg.eval)
     check_strategy(cfg.train.strategy)
     return cfg

@@ -6,22 +6,34 @@ import copy
 import gc
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from mmpretrain.training.validate import experiment_from_tree
-from mmpretrain.config.schema import LossConfig, LossPair
+from mmpretrain.config.schema import LossConfig, LossPair, ObjectiveConfig
 from mmpretrain.losses import LOSSES, DistContext
+from mmpretrain.losses.contrastive import takes_groups
 from mmpretrain.models import build_model
+from mmpretrain.models.pretrained import _example_ours
+from mmpretrain.training.objectives import build_objectives
 from mmpretrain.training.task import ContrastiveTask
 from tests.conftest import TINY_MODEL
 
 # (loss kind, gather_with_grad, local_loss, masked): masked batches lack images for some samples
 # (image_valid False), unevenly across the two ranks; milnce batches carry 2 captions per sample.
-MODES = [(kind, gwg, local, masked) for kind in LOSSES.names() for masked in (False, True)
+# extra: None; "groups" (several positives per row, groups spanning both ranks: the kinds that take
+# them); "distill" (the clip pair plus the distill objective, a teacher's similarity matrices).
+MODES = [(kind, gwg, local, masked, extra)
+         for kind, extra in [(k, None) for k in LOSSES.names()] + [(k, "groups") for k in LOSSES.names()
+                                                                  if takes_groups(k)] + [("clip", "distill")]
+         for masked in (False, True)
          for gwg, local in ((True, False), (True, True), (False, False))]
+_STUDENT: list = []  # the model the objectives are built for (its input specs)
 VALID = torch.tensor([True, False, True, True, False, False, False, True])  # rank 0: 3 of 4 valid, rank 1: 1 of 4
+GROUPS = torch.tensor([0, 1, 0, 2, 1, 3, 2, 0])  # rank 0 holds 0, 1, 0, 2; rank 1 holds 1, 3, 2, 0
 
 
 def full_batch(model, kind: str, masked: bool, n=8):
@@ -33,7 +45,15 @@ def full_batch(model, kind: str, masked: bool, n=8):
     batch = {"image": torch.randn(n, 3, 32, 32, generator=g), **tok}
     if masked:
         batch["image_valid"] = VALID.clone()
+    batch["group"] = GROUPS.clone()
     return batch
+
+
+def task_for(kind: str, extra: str | None, teacher: str, dist_ctx: DistContext | None = None) -> ContrastiveTask:
+    pairs = [LossPair("image", "text", kind, positives="group" if extra == "groups" else None)]
+    objectives = [ObjectiveConfig("distill", params={"teacher": teacher})] if extra == "distill" else []
+    cfg = LossConfig(pairs=pairs, objectives=objectives)
+    return ContrastiveTask(cfg, dist_ctx or DistContext(), build_objectives(cfg, _STUDENT[0], steps=1))
 
 
 def main(out_path: str) -> None:
@@ -43,27 +63,30 @@ def main(out_path: str) -> None:
     # float64: the comparison checks the maths; float32 differs only by summation order (~5e-7 relative)
     torch.set_default_dtype(torch.float64)
     report = {}
-    for kind, gwg, local, masked in MODES:
+    teacher = str(_example_ours(Path(tempfile.mkdtemp(prefix=f"teacher{rank}-")))[0])  # the same weights on each rank
+    for kind, gwg, local, masked, extra in MODES:
         tree = {"model": {**TINY_MODEL, "logit_bias_init": LOSSES.get(kind).make_example()["logit_bias"]}}
         torch.manual_seed(0)
         base = build_model(experiment_from_tree(tree).model)
+        _STUDENT[:] = [base]
         batch = full_batch(base, kind, masked)
         n = batch["image"].shape[0] // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
-        pairs = [LossPair("image", "text", kind)]
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-        loss = ContrastiveTask(LossConfig(pairs=pairs), DistContext(rank, world, gwg, local, block=3)).losses(ddp(mine))["loss"]
+        task = task_for(kind, extra, teacher, DistContext(rank, world, gwg, local, block=3))
+        loss = task.losses(task.outputs(ddp, mine))["loss"]
         loss.backward()
         losses = [torch.zeros(()) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
         if rank == 0:
             single = copy.deepcopy(base)
-            ref = ContrastiveTask(LossConfig(pairs=pairs)).losses(single(batch))["loss"]
+            ref_task = task_for(kind, extra, teacher)
+            ref = ref_task.losses(ref_task.outputs(single, batch))["loss"]
             ref.backward()
             ours = dict(ddp.module.named_parameters())
             diffs = {name: (ours[name].grad - p.grad).abs().max().item()
                      for name, p in single.named_parameters() if p.grad is not None}
-            report[f"{kind}-gwg{int(gwg)}-local{int(local)}-masked{int(masked)}"] = {
+            report[f"{kind}{'-' + extra if extra else ''}-gwg{int(gwg)}-local{int(local)}-masked{int(masked)}"] = {
                 "loss_diff": abs(torch.stack(losses).mean().item() - ref.item()),
                 "max_grad_diff": max(diffs.values()),
                 "grad_scale": max(p.grad.abs().max().item() for p in single.parameters() if p.grad is not None),
