@@ -31,6 +31,7 @@ BUILT_INS = (
     "mmpretrain.corpora",
     "mmpretrain.training.strategy",
     "mmpretrain.training.objectives",
+    "mmpretrain.training.self_distill",
 )
 
 

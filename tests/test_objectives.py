@@ -127,7 +127,7 @@ def test_distill_equals_open_clips_distill_clip_loss():
 
 
 def distill_cfg(tmp_path, start_frac=0.0, pairs=None):
-    params = OBJECTIVES.get("distill").example(tmp_path)
+    params = OBJECTIVES.get("distill").example(tmp_path)["params"]
     return LossConfig(
         pairs=pairs or [LossPair("image", "text", "clip")],
         objectives=[ObjectiveConfig("distill", weight=0.5, start_frac=start_frac, params=params)],
@@ -171,7 +171,7 @@ def test_distill_is_exact_under_accumulation_and_starts_at_its_step(tiny_model_c
     for n, p in other.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, g_big[n], atol=1e-5, rtol=1e-4)
-    assert not any(p.requires_grad or p.grad is not None for p in objectives[0].term.teacher.parameters())
+    assert not any(p.requires_grad or p.grad is not None for p in objectives[0].term.frozen.parameters())
 
 
 def test_a_teacher_with_other_image_size_and_context_reads_the_students_batch(tiny_model_cfg, tmp_path):
@@ -193,10 +193,11 @@ def test_a_teacher_with_other_image_size_and_context_reads_the_students_batch(ti
     torch.manual_seed(0)
     student = build_model(tiny_model_cfg)
     [active] = build_objectives(cfg, student, steps=1)
-    active.term.teacher = big.eval().requires_grad_(False)  # the bigger-input teacher in place of the file's
-    active.term.adapt = {**obj._adapters("image", student, big), **obj._adapters("text", student, big)}
+    adapt = {**obj._adapters("image", student, big), **obj._adapters("text", student, big)}
+    teacher = obj.AdaptedTeacher(big.eval(), ("image", "text"), adapt)
+    active.term.teacher = lambda _, batch: teacher(batch)  # in place of the file's
     batch = batch_for(student, 4)
-    out = active.teacher_outputs(batch)
+    out = active.teacher_outputs(student, batch)
     spec = big.input_spec("image")
     raw = batch["image"] * torch.tensor(student.input_spec("image").std).view(1, 3, 1, 1) + torch.tensor(
         student.input_spec("image").mean
@@ -236,7 +237,7 @@ def test_a_run_with_positives_and_a_teacher_resumes_exactly(toy_shards, tmp_path
     from mmpretrain.training.metrics import read_jsonl
     from tests.conftest import experiment_tree
 
-    teacher = OBJECTIVES.get("distill").example(tmp_path / "teacher")
+    teacher = OBJECTIVES.get("distill").example(tmp_path / "teacher")["params"]
     ops = [{"op": "decode_image"}, {"op": "resize_center_crop"}, {"op": "to_tensor_normalize"}, {"op": "caption"}]
     ops += [{"op": "tokenize"}, {"op": "group_id", "params": {"key": "__key__", "pattern": r"(\d)$"}}]
     sections = {

@@ -219,13 +219,15 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     from mmpretrain.training.objectives import build_objectives
     from mmpretrain.training.task import ContrastiveTask
 
-    cfg = LossConfig(objectives=[ObjectiveConfig(entry.name, start_frac=0.5, params=entry.example(tmp_path))])
+    ex = entry.example(tmp_path)
+    cfg = LossConfig(objectives=[ObjectiveConfig(entry.name, start_frac=0.5, params=ex["params"])])
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg).train()
     objectives = build_objectives(cfg, model, steps=2)
     task = ContrastiveTask(cfg, objectives=objectives)
     texts = [f"caption {i}" for i in range(6)]
     batch = {"image": torch.randn(6, 3, 32, 32), **model.tokenizer()(texts)}
+    batch.update({k: torch.randn(6, *shape) for k, shape in ex["batch"].items()})
     assert f"loss/{entry.name}" not in task.forward_backward(model, [batch], autocast=contextlib.nullcontext)
     model.zero_grad()
     out = task.outputs(model, batch, step=1)
@@ -233,8 +235,9 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     assert term.shape == () and torch.isfinite(term)
     term.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    if objectives[0].term.teacher is not None:
-        assert not any(p.requires_grad for p in objectives[0].term.teacher.parameters())
+    for frozen in (objectives[0].term.frozen, getattr(objectives[0].term.modules, "teacher", None)):
+        if frozen is not None:  # a teacher never trains
+            assert not any(p.requires_grad for p in frozen.parameters())
 
 
 @entries("checkpoint format")

@@ -340,6 +340,36 @@ def to_tensor_normalize(p: NormalizeParams, ctx: OpContext) -> Op:
     return _image_op(T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]))
 
 
+@dataclass(frozen=True)
+class MultiCropParams:
+    global_crops: int = 2  # large crops, first (a self-distillation teacher encodes them)
+    local_crops: int = 4  # small crops
+    global_scale: tuple[float, float] = (0.4, 1.0)  # crop area, as a fraction of the image (DINO's)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    out: str = "image_crops"  # the batch key: (global_crops + local_crops, 3, H, W)
+
+
+@DATA_OPS.register("multi_crop", config=MultiCropParams,
+                   example=OpExample(("png",), ("decode_image",), params={"local_crops": 1}, produce=("image_crops",)))
+def multi_crop(p: MultiCropParams, ctx: OpContext) -> Op:
+    """DINO's multi-crop: global and local random crops of the decoded image, each resized to the image
+    tower's input (towers with fixed position embeddings take them as they are) and normalised, stacked
+    into ``out``, global first. ``"image"`` is left as it is, for the ops after it."""
+    if p.global_crops < 1 or p.local_crops < 0:
+        raise ValueError("multi_crop: global_crops must be >= 1 and local_crops >= 0")
+    size, mode = ctx.image.size, T.InterpolationMode(ctx.image.interpolation)
+    finish = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(ctx.image.mean, ctx.image.std)])
+    big = T.RandomResizedCrop(size, scale=p.global_scale, interpolation=mode, antialias=True)
+    small = T.RandomResizedCrop(size, scale=p.local_scale, interpolation=mode, antialias=True)
+
+    def op(s: Sample) -> Sample:
+        crops = [big(s["image"]) for _ in range(p.global_crops)] + [small(s["image"]) for _ in range(p.local_crops)]
+        s[p.out] = torch.stack([finish(c) for c in crops])
+        return s
+
+    return op
+
+
 # ------------------------------------------------------------------ text
 @dataclass(frozen=True)
 class CaptionParams:

@@ -40,6 +40,7 @@ class ContrastiveModel(nn.Module):
         self.logit_bias = (
             None if cfg.logit_bias_init is None else nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
         )
+        self.extras = nn.ModuleDict()  # what training objectives keep in the model (training.objectives)
         share_trunk(self.towers, cfg.shared_backbone)
         for modality, tower_cfg in cfg.towers.items():
             if tower_cfg.freeze:
@@ -172,6 +173,8 @@ def model_id(model: ContrastiveModel) -> str:
     image = model.data_context().image
     h = hashlib.sha256(repr((image.size, image.mean, image.std, image.interpolation)).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("extras."):  # a training objective's state (an EMA teacher), not the model's
+            continue
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model
 from torch import Tensor, nn
 from torch.distributed.checkpoint._traverse import set_element
@@ -35,6 +36,7 @@ FORMAT = "mmpretrain-checkpoint/1"
 CHECKSUMS = "checksums.json"
 FILES = ("state.pt", "config.yaml")  # in every checkpoint, beside one of WEIGHTS
 WEIGHTS = ("model.safetensors", "sharded/.metadata")
+EXTRAS = "extras."  # the state training objectives keep in the model (an EMA teacher); models built to use skip it
 SHARDED = "sharded"
 
 
@@ -102,8 +104,12 @@ def has_weights(ckpt: Path) -> bool:
 def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
     """``model``'s weights from a checkpoint folder (either weights format) or a ``.safetensors`` file."""
     ckpt = Path(ckpt)
+    training_only = not any(k.startswith(EXTRAS) for k in model.state_dict())  # a model built to use, not train
     if ckpt.is_dir() and not (ckpt / "model.safetensors").is_file() and (ckpt / SHARDED).is_dir():
-        missing, unexpected = model.load_state_dict(read_sharded(ckpt / SHARDED, "model."), strict=False)
+        state = read_sharded(ckpt / SHARDED, "model.")
+        if training_only:
+            state = {k: v for k, v in state.items() if not k.startswith(EXTRAS)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in _aliases(model)]  # a shared trunk is saved under one name
         if strict and (missing or unexpected):
             raise RuntimeError(f"sharded weights {ckpt}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -111,9 +117,21 @@ def load_weights(model: nn.Module, ckpt: Path, *, strict: bool = True) -> None:
     path = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path}")
+    if training_only and _has_extras(path):  # an objective's state (an EMA teacher): the model does not use it
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRAS)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in _aliases(model)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"weights {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return
     missing, unexpected = load_model(model, str(path), strict=strict)
     if missing or unexpected:
         log.warning("weights %s: missing %s, unexpected %s", path, missing[:5], unexpected[:5])
+
+
+def _has_extras(path: Path) -> bool:
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(EXTRAS) for k in f.keys())
 
 
 def read_weights(ckpt: Path) -> dict[str, Tensor]:

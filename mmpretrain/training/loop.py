@@ -121,6 +121,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.raw.clamp_logit_scale()
+        self.task.after_step(self.raw, self.step)
         return losses, grad_norm
 
     def _metrics(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, window: _Window) -> dict[str, Any]:

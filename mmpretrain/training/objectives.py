@@ -11,13 +11,14 @@ micro-batch (the others' cached without gradient, the teacher's cached from the 
 accumulated gradient equals one large batch's (tested) for any term of the cached outputs.
 
 Adding one: a function ``(params, ctx: ObjectiveContext) -> Term`` registered in ``OBJECTIVES`` with
-its params dataclass and an example (``example(folder) -> params dict``, for the generated tests).
+its params dataclass and an example for the generated tests: ``example(folder) -> {"params": {...},
+"batch": {key: per-sample shape}}``, the batch keys it reads beside the tiny model's image and text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,13 +43,25 @@ PROBE_TEXTS = (
 
 @dataclass
 class Term:
-    """What an objective entry builds: ``fn(out, dist) -> ()`` over the outputs it ``reads``."""
+    """What an objective entry builds: ``fn(out, dist) -> ()`` over the outputs it ``reads``.
+
+    Hooks, each optional: ``teacher(model, batch) -> outputs`` (no gradient; cached under accumulation)
+    and ``student(model, batch) -> outputs`` (with gradient, through the possibly wrapped model), both
+    joining the outputs under the objective's prefix; ``modules``: state the model carries for it
+    (``model.extras[ctx.name]``: checkpointed, broadcast and trained with the model; trainable parameters
+    join the optimizer), which hooks reach through the model they are given (``extras_of``);
+    ``init(model)`` on a fresh run once the student's weights are final; ``after_step(model, step)``
+    after each optimizer step (an EMA update); ``frozen``: a frozen model the term runs that the
+    checkpoints do not hold (a distillation teacher, loaded again from its reference)."""
 
     fn: Callable[[dict[str, Tensor], DistContext], Tensor]
     reads: tuple[str, ...]
-    teacher: nn.Module | None = None  # frozen; run by the task on the modalities in teacher_inputs
-    teacher_inputs: tuple[str, ...] = ()
-    adapt: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)  # batch key -> the teacher's input
+    teacher: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]] | None = None
+    student: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]] | None = None
+    modules: nn.Module | None = None
+    init: Callable[[nn.Module], None] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
+    frozen: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,10 @@ class ObjectiveContext:
     model: ModelConfig
     student: ContrastiveModel
     device: torch.device = torch.device("cpu")
-    prefix: str = "teacher[0]/"
+    prefix: str = "teacher[0]/"  # the keys of its outputs
+    name: str = "objective0"  # its entry in model.extras
+    sharded: bool = False  # train.strategy shards the model (fsdp)
+    steps: int = 1  # the run's optimizer steps (train.steps)
 
 
 OBJECTIVES: Registry[Term] = Registry("objective")
@@ -75,7 +91,7 @@ class DistillParams:
 
 def _example_distill(folder: Path) -> dict:
     """A tiny teacher checkpoint (ours) in ``folder``: the tiny model's architecture, so the tiny student's."""
-    return {"teacher": str(_example_ours(folder)[0])}
+    return {"params": {"teacher": str(_example_ours(folder)[0])}, "batch": {}}
 
 
 @OBJECTIVES.register("distill", config=DistillParams, example=_example_distill)
@@ -86,14 +102,28 @@ def distill(p: DistillParams, ctx: ObjectiveContext) -> Term:
     give the same tokens; images are resized and re-normalised to its input size when they differ."""
     if not p.teacher:
         raise ConfigError("loss.objectives: distill needs params.teacher (a checkpoint reference)")
-    teacher = load_pretrained(p.teacher).to(ctx.device).eval().requires_grad_(False)
-    adapt = {**_adapters(p.a, ctx.student, teacher), **_adapters(p.b, ctx.student, teacher)}
+    model = load_pretrained(p.teacher).to(ctx.device).eval().requires_grad_(False)
+    adapt = {**_adapters(p.a, ctx.student, model), **_adapters(p.b, ctx.student, model)}
     ta, tb, ts = (ctx.prefix + k for k in (p.a, p.b, "logit_scale"))
 
     def fn(out: dict[str, Tensor], dist: DistContext) -> Tensor:
         return distill_loss(out[p.a], out[p.b], out["logit_scale"], out[ta], out[tb], out[ts], dist, _valid(out, p))
 
-    return Term(fn, (p.a, p.b, "logit_scale", ta, tb, ts), teacher=teacher, teacher_inputs=(p.a, p.b), adapt=adapt)
+    teacher = AdaptedTeacher(model, (p.a, p.b), adapt)
+    return Term(fn, (p.a, p.b, "logit_scale", ta, tb, ts), teacher=lambda _, batch: teacher(batch), frozen=teacher)
+
+
+class AdaptedTeacher(nn.Module):
+    """A frozen model run on the student's batch: the ``inputs`` modalities (and masks), adapted."""
+
+    def __init__(self, model: ContrastiveModel, inputs: tuple[str, ...], adapt: dict[str, Callable]):
+        super().__init__()
+        self.model, self.inputs, self.adapt = model, inputs, adapt
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        keys = [k for m in self.inputs if m in batch for k in (m, mask_key(m)) if k in batch]
+        out = self.model({k: self.adapt[k](batch[k]) if k in self.adapt else batch[k] for k in keys})
+        return {k: v for k, v in out.items() if not k.endswith("_valid")}
 
 
 def distill_loss(
@@ -183,30 +213,56 @@ class Active:
         return step >= self.start_step
 
     @torch.no_grad()
-    def teacher_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The teacher's outputs on ``batch`` (adapted to its inputs), under this objective's prefix."""
-        t = self.term
-        if t.teacher is None:
+    def teacher_outputs(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The teacher's outputs on ``batch``, under this objective's prefix (none without a teacher)."""
+        if self.term.teacher is None:
             return {}
-        keys = [k for m in t.teacher_inputs if m in batch for k in (m, mask_key(m)) if k in batch]
-        inputs = {k: t.adapt[k](batch[k]) if k in t.adapt else batch[k] for k in keys}
-        out = t.teacher(inputs)
-        return {self.prefix + k: v.detach() for k, v in out.items() if not k.endswith("_valid")}
+        return {self.prefix + k: v.detach() for k, v in self.term.teacher(model, batch).items()}
+
+    def student_outputs(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The objective's own student outputs (with gradient), under its prefix."""
+        if self.term.student is None:
+            return {}
+        return {self.prefix + k: v for k, v in self.term.student(model, batch).items()}
+
+    def trainable(self) -> list[nn.Parameter]:
+        m = self.term.modules
+        return [] if m is None else [p for p in m.parameters() if p.requires_grad]
 
 
 def build_objectives(
-    loss: LossConfig, student: ContrastiveModel, steps: int, device: torch.device = torch.device("cpu")
+    loss: LossConfig,
+    student: ContrastiveModel,
+    steps: int,
+    device: torch.device = torch.device("cpu"),
+    *,
+    sharded: bool = False,
 ) -> list[Active]:
-    """``loss.objectives`` built for a run of ``steps`` steps on ``device``."""
+    """``loss.objectives`` built for a run of ``steps`` steps on ``device``; the state each carries is
+    attached to ``student.extras`` (call this before loading weights and before wrapping the model)."""
     built = []
     for i, o in enumerate(loss.objectives):
         entry = OBJECTIVES.get(o.kind)
         params = from_dict(entry.config_cls, o.params, f"loss.objectives[{i}].params") if entry.config_cls else None
-        prefix = f"teacher[{i}]/"
-        term = entry.builder(params, ObjectiveContext(student.cfg, student, device, prefix))
+        prefix, key = f"teacher[{i}]/", f"objective{i}"
+        term = entry.builder(params, ObjectiveContext(student.cfg, student, device, prefix, key, sharded, steps))
+        if term.modules is not None:
+            student.extras[key] = term.modules.to(device)
         name = o.kind if sum(x.kind == o.kind for x in loss.objectives) == 1 else f"{o.kind}[{i}]"
         built.append(Active(term, o.weight, round(o.start_frac * steps), name, prefix))
     return built
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a wrapper (DDP, torch.compile) holds, or ``model``."""
+    while not hasattr(model, "extras"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def extras_of(model: nn.Module, name: str) -> nn.Module:
+    """``model.extras[name]`` of a model or of the model a wrapper holds."""
+    return unwrap(model).extras[name]
 
 
 def check_objectives(loss: LossConfig) -> None:
@@ -215,3 +271,6 @@ def check_objectives(loss: LossConfig) -> None:
         check_params(OBJECTIVES, o.kind, o.params, f"loss.objectives[{i}]")
         if not 0.0 <= o.start_frac < 1.0:
             raise ConfigError(f"loss.objectives[{i}].start_frac must be in [0, 1), not {o.start_frac}")
+
+
+from mmpretrain.training import self_distill  # noqa: E402,F401  (registers self_distill; it imports this module)

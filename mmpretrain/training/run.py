@@ -137,15 +137,19 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
         save_resolved(cfg, run_dir)
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg.model).to(info.device)
+    strategy = build_strategy(cfg, info)
+    objectives = build_objectives(cfg.loss, model, tc.steps, info.device, sharded=strategy.sharded)  # + model.extras
     if ckpt is not None:
         load_weights(model, ckpt)
     else:  # a fresh run: towers may start from other checkpoints (model.towers.<m>.init_from)
         from mmpretrain.models.init import init_towers
 
         init_towers(model, cfg.model)
+        for o in objectives:
+            if o.term.init is not None:
+                o.term.init(model)  # an EMA teacher starts as the initialised student
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    strategy = build_strategy(cfg, info)
     wrapped = strategy.wrap(model)  # before the optimizer: FSDP replaces the parameters with shards
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
@@ -165,7 +169,7 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     task = ContrastiveTask(
         cfg.loss,
         DistContext(info.rank, info.world_size, cfg.loss.gather_with_grad, cfg.loss.local_loss, cfg.loss.block_size),
-        build_objectives(cfg.loss, model, tc.steps, info.device),
+        objectives,
     )
     log.info(
         "run %s: %d rank(s), device %s, %d thread(s), resume from %s",

@@ -68,6 +68,8 @@ class ContrastiveTask:
                 value = o.term.fn(out, self.dist)
                 metrics[f"loss/{o.name}"] = value.detach()
                 total = total + o.weight * value
+            elif o.trainable():  # a zero gradient: DDP expects one for every trainable parameter, every step
+                total = total + 0.0 * sum(p.sum() for p in o.trainable())
         return {"loss": total, **metrics}
 
     def outputs(self, model: nn.Module, batch: Batch, step: int = 0, *, teachers: bool = True) -> dict[str, Tensor]:
@@ -75,11 +77,18 @@ class ContrastiveTask:
         outputs of the active objectives' teachers."""
         out = model(batch)
         out.update({f: batch[f] for f in self.fields if f in batch})
-        if teachers:
-            for o in self.objectives:
-                if o.active(step):
-                    out.update(o.teacher_outputs(batch))
+        for o in self.objectives:
+            if o.active(step):
+                out.update(o.student_outputs(model, batch))
+                if teachers:
+                    out.update(o.teacher_outputs(model, batch))
         return out
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Each objective's update after optimizer step ``step`` (an EMA teacher's)."""
+        for o in self.objectives:
+            if o.term.after_step is not None:
+                o.term.after_step(model, step)
 
     def forward_backward(
         self,

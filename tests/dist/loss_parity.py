@@ -28,10 +28,11 @@ from tests.conftest import TINY_MODEL
 # them); "distill" (the clip pair plus the distill objective, a teacher's similarity matrices).
 MODES = [(kind, gwg, local, masked, extra)
          for kind, extra in [(k, None) for k in LOSSES.names()] + [(k, "groups") for k in LOSSES.names()
-                                                                  if takes_groups(k)] + [("clip", "distill")]
+                                                                  if takes_groups(k)]
+                            + [("clip", "distill"), ("clip", "self_distill")]
          for masked in (False, True)
          for gwg, local in ((True, False), (True, True), (False, False))]
-_STUDENT: list = []  # the model the objectives are built for (its input specs)
+SELF_DISTILL = {"global_crops": 1, "prototypes": 16, "hidden": 16, "bottleneck": 8}
 VALID = torch.tensor([True, False, True, True, False, False, False, True])  # rank 0: 3 of 4 valid, rank 1: 1 of 4
 GROUPS = torch.tensor([0, 1, 0, 2, 1, 3, 2, 0])  # rank 0 holds 0, 1, 0, 2; rank 1 holds 1, 3, 2, 0
 
@@ -46,14 +47,17 @@ def full_batch(model, kind: str, masked: bool, n=8):
     if masked:
         batch["image_valid"] = VALID.clone()
     batch["group"] = GROUPS.clone()
+    batch["image_crops"] = torch.randn(n, 3, 3, 32, 32, generator=g)  # 1 global + 2 local (self_distill)
     return batch
 
 
-def task_for(kind: str, extra: str | None, teacher: str, dist_ctx: DistContext | None = None) -> ContrastiveTask:
+def loss_config(kind: str, extra: str | None, teacher: str) -> LossConfig:
     pairs = [LossPair("image", "text", kind, positives="group" if extra == "groups" else None)]
-    objectives = [ObjectiveConfig("distill", params={"teacher": teacher})] if extra == "distill" else []
-    cfg = LossConfig(pairs=pairs, objectives=objectives)
-    return ContrastiveTask(cfg, dist_ctx or DistContext(), build_objectives(cfg, _STUDENT[0], steps=1))
+    objectives = {
+        "distill": [ObjectiveConfig("distill", params={"teacher": teacher})],
+        "self_distill": [ObjectiveConfig("self_distill", params=SELF_DISTILL)],
+    }
+    return LossConfig(pairs=pairs, objectives=objectives.get(extra, []))
 
 
 def main(out_path: str) -> None:
@@ -68,19 +72,23 @@ def main(out_path: str) -> None:
         tree = {"model": {**TINY_MODEL, "logit_bias_init": LOSSES.get(kind).make_example()["logit_bias"]}}
         torch.manual_seed(0)
         base = build_model(experiment_from_tree(tree).model)
-        _STUDENT[:] = [base]
+        cfg = loss_config(kind, extra, teacher)
+        objectives = build_objectives(cfg, base, steps=1)  # before the copies: they carry its state
+        for o in objectives:
+            if o.term.init is not None:
+                o.term.init(base)
         batch = full_batch(base, kind, masked)
         n = batch["image"].shape[0] // world
         mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-        task = task_for(kind, extra, teacher, DistContext(rank, world, gwg, local, block=3))
+        task = ContrastiveTask(cfg, DistContext(rank, world, gwg, local, block=3), objectives)
         loss = task.losses(task.outputs(ddp, mine))["loss"]
         loss.backward()
         losses = [torch.zeros(()) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
         if rank == 0:
             single = copy.deepcopy(base)
-            ref_task = task_for(kind, extra, teacher)
+            ref_task = ContrastiveTask(cfg, DistContext(), objectives)
             ref = ref_task.losses(ref_task.outputs(single, batch))["loss"]
             ref.backward()
             ours = dict(ddp.module.named_parameters())

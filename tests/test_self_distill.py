@@ -1,0 +1,141 @@
+"""Self-distillation from an EMA teacher (SILC / DINO): the loss, the schedule, the EMA and centre
+updates, accumulation, the checkpointed teacher and an exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpretrain.config.schema import LossConfig, ObjectiveConfig
+from mmpretrain.models import build_model
+from mmpretrain.training.objectives import build_objectives
+from mmpretrain.training.self_distill import dino_loss, momentum_at
+from mmpretrain.training.task import ContrastiveTask
+
+PARAMS = {"global_crops": 2, "prototypes": 16, "hidden": 16, "bottleneck": 8}
+
+
+def test_dino_loss_is_the_mean_over_teacher_global_and_other_student_crops():
+    g = torch.Generator().manual_seed(0)
+    s, t, center = torch.randn(4, 3, 5, generator=g), torch.randn(4, 2, 5, generator=g), torch.randn(5, generator=g)
+    want = []
+    for gi in range(2):
+        p = F.softmax((t[:, gi] - center) / 0.04, dim=-1)
+        for v in range(3):
+            if v != gi:
+                want.append((-(p * F.log_softmax(s[:, v] / 0.1, dim=-1)).sum(-1)).mean())
+    torch.testing.assert_close(dino_loss(s, t, center, 0.1, 0.04), torch.stack(want).mean())
+    assert len(want) == 4  # (g0: v1, v2), (g1: v0, v2)
+
+
+def test_momentum_follows_dinos_cosine_schedule():
+    assert momentum_at(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert momentum_at(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    assert momentum_at(50, 100, 0.996, 1.0) == pytest.approx(1.0 - 0.004 * (math.cos(math.pi / 2) + 1) / 2)
+
+
+def setup(tiny_model_cfg, start_frac=0.0, steps=10):
+    cfg = LossConfig(objectives=[ObjectiveConfig("self_distill", start_frac=start_frac, params=PARAMS)])
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg).train()
+    objectives = build_objectives(cfg, model, steps=steps)
+    objectives[0].term.init(model)
+    return cfg, model, objectives
+
+
+def batch_for(model, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(n, 3, 32, 32, generator=g),
+        "image_crops": torch.randn(n, 4, 3, 32, 32, generator=g),
+        **model.tokenizer()([f"caption {i}" for i in range(n)]),
+    }
+
+
+def test_the_teacher_starts_as_the_student_and_moves_by_ema(tiny_model_cfg):
+    cfg, model, objectives = setup(tiny_model_cfg)
+    teacher = model.extras["objective0"].teacher
+    assert torch.equal(
+        teacher.tower.state_dict()["visual.conv1.weight"], model.towers["image"].state_dict()["visual.conv1.weight"]
+    )
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in model.extras["objective0"].proto.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.towers["image"].parameters():
+            p.add_(1.0)
+    task = ContrastiveTask(cfg, objectives=objectives)
+    task.losses(task.outputs(model, batch_for(model), step=0), step=0)  # computes the batch centre
+    task.after_step(model, 0)
+    m = momentum_at(0, 10, 0.996, 1.0)
+    w = "tower.visual.conv1.weight"
+    torch.testing.assert_close(teacher.state_dict()[w], before[w] * m + (before[w] + 1.0) * (1 - m))
+    assert teacher.center.abs().sum() > 0  # 0.9 * 0 + 0.1 * the batch's mean teacher output
+    assert not teacher.training  # model.train() leaves the teacher in evaluation mode
+
+
+def test_self_distill_is_exact_under_accumulation(tiny_model_cfg):
+    cfg, model, objectives = setup(tiny_model_cfg)
+    _, other, other_objectives = setup(tiny_model_cfg)  # the same seed: the same model, head and teacher
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    task = ContrastiveTask(cfg, objectives=objectives)
+    full = batch_for(model, 16)
+    micro = [{k: v[i : i + 4] for k, v in full.items()} for i in range(0, 16, 4)]
+    big = task.forward_backward(model, [full], autocast=contextlib.nullcontext)
+    acc = ContrastiveTask(cfg, objectives=other_objectives).forward_backward(
+        other, micro, autocast=contextlib.nullcontext
+    )
+    assert big["loss/self_distill"] > 0 and acc["loss"].item() == pytest.approx(big["loss"].item(), abs=1e-5)
+    g_big = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("extras.objective0.proto") for n in g_big)
+    for n, p in other.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, g_big[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_inactive_it_still_gives_its_head_a_zero_gradient(tiny_model_cfg):
+    """DDP needs a gradient for every trainable parameter every step: before its start the prototype
+    head gets zeros, and the student's crops are not encoded."""
+    cfg, model, objectives = setup(tiny_model_cfg, start_frac=0.5)
+    task = ContrastiveTask(cfg, objectives=objectives)
+    out = task.outputs(model, batch_for(model), step=0)
+    assert not any(k.startswith("teacher[0]/") for k in out)
+    task.losses(out, step=0)["loss"].backward()
+    head = model.extras["objective0"].proto
+    assert all(p.grad is not None and not p.grad.any() for p in head.parameters())
+
+
+def test_a_run_with_an_ema_teacher_resumes_exactly_and_its_checkpoint_loads_for_use(toy_shards, tmp_path):
+    """multi_crop + self_distill from step 3 of 6: stopped at 3 and resumed, the weights, the teacher and
+    its centre end identical to an uninterrupted run's; the checkpoint loads as a plain model (the
+    teacher left out) whose model_id ignores it."""
+    from safetensors.torch import load_file
+
+    from mmpretrain import api
+    from tests.conftest import experiment_tree
+    from tests.test_objectives import _cfg
+
+    ops = [{"op": "decode_image"}, {"op": "multi_crop", "params": {"local_crops": 1}}, {"op": "resize_center_crop"}]
+    ops += [{"op": "to_tensor_normalize"}, {"op": "caption"}, {"op": "tokenize"}]
+    sections = {
+        "data": {"ops": ops, "batch_size": 8},
+        "loss": {"objectives": [{"kind": "self_distill", "start_frac": 0.5, "params": PARAMS}]},
+        "train": {"steps": 6, "ckpt_every": 3, "accum_steps": 2},
+    }
+    ref = api.train(_cfg(experiment_tree(toy_shards, tmp_path / "ref", **sections)))
+    tree = experiment_tree(toy_shards, tmp_path / "run", **sections)
+    api.train(_cfg(tree, {"train": {"stop_after": 3}}))
+    api.train(_cfg(tree, {"train": {"resume": "latest"}}))
+    last = "checkpoints/step_00000006/model.safetensors"
+    a, b = load_file(ref / last), load_file(tmp_path / "run" / last)
+    assert any(k.startswith("extras.objective0.teacher.") for k in a) and "extras.objective0.teacher.center" in a
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = api.load_checkpoint(ref / "checkpoints")
+    assert not list(model.extras.keys())
+    fresh = build_model(model.cfg)
+    fresh.load_state_dict({k: v for k, v in a.items() if not k.startswith("extras.")})
+    assert api.model_id(model) == api.model_id(fresh)
