@@ -41,6 +41,7 @@ class ImageSpec:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
+    patches: int | None = None  # patches a vision transformer cuts the image into (masked prediction); None: not one
     sample_dims: ClassVar[int] = 3  # (3, H, W)
 
 

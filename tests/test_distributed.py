@@ -72,9 +72,11 @@ def test_distributed_loss_and_grads_equal_single_process(tmp_path):
     report = json.loads(out.read_text())
     multi = [k for k in LOSSES.names() if takes_groups(k)]
     # every registered loss, every one taking several positives (with groups), and clip + distill and
-    # clip + self_distill (the crops through DDP's forward a second time), each x {masked, not} x 3 gather modes
-    assert len(report) == 6 * (len(LOSSES) + len(multi) + 2)
-    assert {m.split("-gwg")[0] for m in report} >= {"clip-groups", "siglip-groups", "clip-distill", "clip-self_distill"}
+    # clip + self_distill / masked_prediction (a second image forward in the step), each x {masked, not} x 3
+    # gather modes
+    assert len(report) == 6 * (len(LOSSES) + len(multi) + 3)
+    extras = {"clip-groups", "siglip-groups", "clip-distill", "clip-self_distill", "clip-masked_prediction"}
+    assert {m.split("-gwg")[0] for m in report} >= extras
     for mode, r in report.items():
         assert r["n_grads"] > 10, mode
         assert r["loss_diff"] < 1e-5, (mode, r)

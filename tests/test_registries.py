@@ -227,7 +227,7 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     task = ContrastiveTask(cfg, objectives=objectives)
     texts = [f"caption {i}" for i in range(6)]
     batch = {"image": torch.randn(6, 3, 32, 32), **model.tokenizer()(texts)}
-    batch.update({k: torch.randn(6, *shape) for k, shape in ex["batch"].items()})
+    batch.update({k: make(6) for k, make in ex["batch"].items()})
     assert f"loss/{entry.name}" not in task.forward_backward(model, [batch], autocast=contextlib.nullcontext)
     model.zero_grad()
     out = task.outputs(model, batch, step=1)

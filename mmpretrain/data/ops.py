@@ -370,6 +370,33 @@ def multi_crop(p: MultiCropParams, ctx: OpContext) -> Op:
     return op
 
 
+@dataclass(frozen=True)
+class PatchMaskParams:
+    ratio: float = 0.5  # fraction of the patches masked (exactly round(ratio * patches) of them)
+    out: str = "patch_mask"  # the batch key: (patches,) bool, True = masked
+
+
+@DATA_OPS.register("patch_mask", config=PatchMaskParams, example=OpExample(produce=("patch_mask",), towers=("image",)))
+def patch_mask(p: PatchMaskParams, ctx: OpContext) -> Op:
+    """A random mask over the image tower's patches for masked prediction (iBOT's and TIPS's masks come
+    from the data pipeline too): drawn per sample from the stream's seeded RNG, so a resumed run and
+    any split of a batch into micro-batches see the same masks."""
+    n = ctx.image.patches
+    if not n:
+        raise ValueError("patch_mask: the image tower cuts no patches (a vision transformer is needed)")
+    if not 0.0 < p.ratio < 1.0:
+        raise ValueError(f"patch_mask: ratio must be in (0, 1), not {p.ratio}")
+    k = max(1, round(p.ratio * n))
+
+    def op(s: Sample) -> Sample:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n)[:k]] = True
+        s[p.out] = mask
+        return s
+
+    return op
+
+
 # ------------------------------------------------------------------ text
 @dataclass(frozen=True)
 class CaptionParams:

@@ -88,7 +88,11 @@ class ImageEncoder(nn.Module):
 
     def input_spec(self) -> ImageSpec:
         return ImageSpec(
-            tuple(self.image_size), tuple(self.mean), tuple(self.std), getattr(self, "interpolation", "bicubic")
+            tuple(self.image_size),
+            tuple(self.mean),
+            tuple(self.std),
+            getattr(self, "interpolation", "bicubic"),
+            getattr(self, "num_patches", None),  # a ConvNet's trunk has none (the property raises AttributeError)
         )
 
 

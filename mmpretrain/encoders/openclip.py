@@ -77,6 +77,36 @@ class OpenClipVision(ImageEncoder):
     def forward(self, batch: Batch) -> Tensor:
         return self.visual(batch["image"])
 
+    @property
+    def token_dim(self) -> int:
+        return int(self.visual.conv1.out_channels)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.visual.grid_size[0] * self.visual.grid_size[1])
+
+    def patch_tokens(self, batch: Batch, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """The transformer's output tokens of the patches, (B, N, width), after the final norm; with ``mask``
+        (B, N) bool, the masked patches' embeddings are replaced by ``mask_token`` (width,) before the
+        position embedding (masked image modelling: iBOT, TIPS)."""
+        v = self.visual
+        if v.training and getattr(v.patch_dropout, "prob", 0.0) > 0:
+            raise ConfigError("patch tokens under patch_dropout: set vision_cfg.patch_dropout to 0")
+        handle = None
+        if mask is not None:
+
+            def hook(_module, _inputs, out: Tensor) -> Tensor:  # (B, width, gh, gw)
+                m = mask.view(out.shape[0], 1, *out.shape[2:])
+                return torch.where(m, mask_token.to(out.dtype).view(1, -1, 1, 1), out)
+
+            handle = v.conv1.register_forward_hook(hook)
+        try:
+            x = v._embeds(batch["image"])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return v._pool(v.transformer(x))[1]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
@@ -64,6 +65,35 @@ class TimmVision(ImageEncoder):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.trunk(batch["image"])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.trunk.num_features)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.trunk.patch_embed.num_patches)
+
+    def patch_tokens(self, batch: Batch, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """The trunk's output tokens of the patches (``forward_features`` without its prefix tokens), (B, N,
+        D); with ``mask`` (B, N) bool, the masked patches' embeddings (``patch_embed``'s output) are
+        replaced by ``mask_token`` (D,) (masked image modelling: iBOT, TIPS). Transformers only."""
+        embed = getattr(self.trunk, "patch_embed", None)
+        if embed is None or not hasattr(self.trunk, "num_prefix_tokens"):
+            raise ConfigError(f"patch tokens: {self.model_name} is not a vision transformer")
+        handle = None
+        if mask is not None:
+
+            def hook(_module, _inputs, out: Tensor) -> Tensor:  # (B, N, D)
+                return torch.where(mask[..., None], mask_token.to(out.dtype), out)
+
+            handle = embed.register_forward_hook(hook)
+        try:
+            x = self.trunk.forward_features(batch["image"])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return x[:, self.trunk.num_prefix_tokens :]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

@@ -12,7 +12,8 @@ accumulated gradient equals one large batch's (tested) for any term of the cache
 
 Adding one: a function ``(params, ctx: ObjectiveContext) -> Term`` registered in ``OBJECTIVES`` with
 its params dataclass and an example for the generated tests: ``example(folder) -> {"params": {...},
-"batch": {key: per-sample shape}}``, the batch keys it reads beside the tiny model's image and text.
+"batch": {key: make(n) -> (n, ...) tensor}}``, the batch keys it reads beside the tiny model's image
+and text.
 """
 
 from __future__ import annotations
@@ -273,4 +274,5 @@ def check_objectives(loss: LossConfig) -> None:
             raise ConfigError(f"loss.objectives[{i}].start_frac must be in [0, 1), not {o.start_frac}")
 
 
-from mmpretrain.training import self_distill  # noqa: E402,F401  (registers self_distill; it imports this module)
+# the objectives in their own modules (each imports this one): registered whenever this module is
+from mmpretrain.training import masked_prediction, self_distill  # noqa: E402,F401

@@ -90,7 +90,7 @@ class SelfDistillState(nn.Module):
 
 def _example(folder: Path) -> dict:
     params = {"crops": "image_crops", "global_crops": 2, "prototypes": 16, "hidden": 16, "bottleneck": 8}
-    return {"params": params, "batch": {"image_crops": (3, 3, 32, 32)}}  # 2 global + 1 local crop
+    return {"params": params, "batch": {"image_crops": lambda n: torch.randn(n, 3, 3, 32, 32)}}  # 2 global, 1 local
 
 
 @OBJECTIVES.register("self_distill", config=SelfDistillParams, example=_example)

@@ -29,10 +29,11 @@ from tests.conftest import TINY_MODEL
 MODES = [(kind, gwg, local, masked, extra)
          for kind, extra in [(k, None) for k in LOSSES.names()] + [(k, "groups") for k in LOSSES.names()
                                                                   if takes_groups(k)]
-                            + [("clip", "distill"), ("clip", "self_distill")]
+                            + [("clip", "distill"), ("clip", "self_distill"), ("clip", "masked_prediction")]
          for masked in (False, True)
          for gwg, local in ((True, False), (True, True), (False, False))]
-SELF_DISTILL = {"global_crops": 1, "prototypes": 16, "hidden": 16, "bottleneck": 8}
+HEAD = {"prototypes": 16, "hidden": 16, "bottleneck": 8}
+SELF_DISTILL = {"global_crops": 1, **HEAD}
 VALID = torch.tensor([True, False, True, True, False, False, False, True])  # rank 0: 3 of 4 valid, rank 1: 1 of 4
 GROUPS = torch.tensor([0, 1, 0, 2, 1, 3, 2, 0])  # rank 0 holds 0, 1, 0, 2; rank 1 holds 1, 3, 2, 0
 
@@ -48,6 +49,7 @@ def full_batch(model, kind: str, masked: bool, n=8):
         batch["image_valid"] = VALID.clone()
     batch["group"] = GROUPS.clone()
     batch["image_crops"] = torch.randn(n, 3, 3, 32, 32, generator=g)  # 1 global + 2 local (self_distill)
+    batch["patch_mask"] = torch.rand(n, 16, generator=g) < 0.5  # the tiny tower's 4 x 4 patches (masked_prediction)
     return batch
 
 
@@ -56,6 +58,7 @@ def loss_config(kind: str, extra: str | None, teacher: str) -> LossConfig:
     objectives = {
         "distill": [ObjectiveConfig("distill", params={"teacher": teacher})],
         "self_distill": [ObjectiveConfig("self_distill", params=SELF_DISTILL)],
+        "masked_prediction": [ObjectiveConfig("masked_prediction", params=HEAD)],
     }
     return LossConfig(pairs=pairs, objectives=objectives.get(extra, []))
 
