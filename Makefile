@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults bench-serve system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults bench-serve bench-objectives system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -91,7 +91,13 @@ bench: $(STAMP) toy-data system-deps
 	$(PY) benchmarks/curate.py > $(RESULTS)/curate_$(TODAY).log
 	$(PY) benchmarks/tuning_queries.py --log $(RESULTS)/tuning_queries_$(TODAY).log
 	$(PY) benchmarks/attack.py --log $(RESULTS)/attack_$(TODAY).log
-	$(MAKE) bench-index bench-sentences bench-serve bench-faults
+	$(MAKE) bench-index bench-sentences bench-serve bench-faults bench-objectives
+
+# each training objective on the emoji corpus (issue 29; ~50 min): needs `make demo` (its corpus, and its
+# LiT model as the distillation teacher); finished runs in runs/bench_objectives are reused
+bench-objectives: $(STAMP)
+	@test -f runs/demo/lit/resolved.yaml || $(MAKE) demo
+	$(PY) benchmarks/objectives.py --log $(RESULTS)/objectives_$(TODAY).log
 
 # the synthetic blobs (an oracle for IVF: a labelled stand-in, quoted beside the real sentence figures)
 bench-index: $(STAMP)
