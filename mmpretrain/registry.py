@@ -31,7 +31,6 @@ BUILT_INS = (
     "mmpretrain.corpora",
     "mmpretrain.training.strategy",
     "mmpretrain.training.objectives",
-    "mmpretrain.training.self_distill",
 )
 
 

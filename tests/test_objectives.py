@@ -15,7 +15,8 @@ from mmpretrain.data.ops import DATA_OPS, OpContext, SampleError, stable_id
 from mmpretrain.losses import LOSSES, DistContext, check_pairs
 from mmpretrain.losses.contrastive import takes_groups
 from mmpretrain.models import build_model
-from mmpretrain.training.objectives import OBJECTIVES, build_objectives, check_objectives, distill_loss
+from mmpretrain.training.distill import distill_loss
+from mmpretrain.training.objectives import OBJECTIVES, build_objectives, check_objectives
 from mmpretrain.training.task import ContrastiveTask
 
 MULTI = [k for k in LOSSES.names() if takes_groups(k)]
@@ -180,7 +181,7 @@ def test_a_teacher_with_other_image_size_and_context_reads_the_students_batch(ti
     import dataclasses
 
     from mmpretrain.models.pretrained import load_pretrained
-    from mmpretrain.training import objectives as obj
+    from mmpretrain.training import distill as obj
 
     cfg = distill_cfg(tmp_path)
     teacher_ref = cfg.objectives[0].params["teacher"]
@@ -212,7 +213,7 @@ def test_a_teacher_with_other_image_size_and_context_reads_the_students_batch(ti
 
 def test_a_teacher_with_another_tokenizer_is_refused(tiny_model_cfg, tmp_path):
     from mmpretrain.models.pretrained import load_pretrained
-    from mmpretrain.training import objectives as obj
+    from mmpretrain.training import distill as obj
 
     teacher = load_pretrained(distill_cfg(tmp_path).objectives[0].params["teacher"])
     student = build_model(tiny_model_cfg)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.losses.contrastive import DistContext
-from mmpretrain.training.objectives import OBJECTIVES, ObjectiveContext, Term, extras_of, unwrap
+from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term, extras_of, unwrap
 
 
 @dataclass(frozen=True)
