@@ -232,11 +232,8 @@ def test_a_run_with_positives_and_a_teacher_resumes_exactly(toy_shards, tmp_path
     """Group ids from the sample keys, a distillation term from step 3 of 6, two micro-batches a step:
     a run stopped at step 3 and resumed ends with the weights of an uninterrupted one; the distill term
     is logged from its start step on."""
-    from safetensors.torch import load_file
 
-    from mmpretrain import api
     from mmpretrain.training.metrics import read_jsonl
-    from tests.conftest import experiment_tree
 
     teacher = OBJECTIVES.get("distill").example(tmp_path / "teacher")["params"]
     ops = [{"op": "decode_image"}, {"op": "resize_center_crop"}, {"op": "to_tensor_normalize"}, {"op": "caption"}]
@@ -250,15 +247,26 @@ def test_a_run_with_positives_and_a_teacher_resumes_exactly(toy_shards, tmp_path
         "model": {"logit_bias_init": -10.0},
         "train": {"steps": 6, "ckpt_every": 3, "accum_steps": 2},
     }
-    ref = api.train(_cfg(experiment_tree(toy_shards, tmp_path / "ref", **sections)))
-    run_tree = experiment_tree(toy_shards, tmp_path / "run", **sections)
-    api.train(_cfg(run_tree, {"train": {"stop_after": 3}}))
-    api.train(_cfg(run_tree, {"train": {"resume": "latest"}}))
-    last = "checkpoints/step_00000006/model.safetensors"
-    a, b = load_file(ref / last), load_file(tmp_path / "run" / last)
+    ref, a, b = stopped_and_resumed(toy_shards, tmp_path, sections)
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [r for r in read_jsonl(ref / "metrics.jsonl") if "loss/image-text" in r]
     assert [("loss/distill" in r) for r in rows] == [r["step"] > 3 for r in rows] and len(rows) == 6
+
+
+def stopped_and_resumed(shards, tmp_path, sections: dict) -> tuple:
+    """A 6-step run straight through (``ref``), and one stopped at step 3 and resumed: (the reference's
+    run folder, its last weights, the resumed run's last weights)."""
+    from safetensors.torch import load_file
+
+    from mmpretrain import api
+    from tests.conftest import experiment_tree
+
+    ref = api.train(_cfg(experiment_tree(shards, tmp_path / "ref", **sections)))
+    tree = experiment_tree(shards, tmp_path / "run", **sections)
+    api.train(_cfg(tree, {"train": {"stop_after": 3}}))
+    api.train(_cfg(tree, {"train": {"resume": "latest"}}))
+    last = "checkpoints/step_00000006/model.safetensors"
+    return ref, load_file(ref / last), load_file(tmp_path / "run" / last)
 
 
 def _cfg(tree: dict, extra: dict | None = None):

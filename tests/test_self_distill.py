@@ -119,11 +119,9 @@ def test_a_run_with_ema_teachers_resumes_exactly_and_its_checkpoint_loads_for_us
     """multi_crop, self_distill and masked_prediction from step 3 of 6: stopped at 3 and resumed, the
     weights, the teachers, their centres and the mask token end identical to an uninterrupted run's;
     the checkpoint loads as a plain model (the teachers left out) whose model_id ignores them."""
-    from safetensors.torch import load_file
 
     from mmpretrain import api
-    from tests.conftest import experiment_tree
-    from tests.test_objectives import _cfg
+    from tests.test_objectives import stopped_and_resumed
 
     ops = [{"op": "decode_image"}, {"op": "multi_crop", "params": {"local_crops": 1}}, {"op": "resize_center_crop"}]
     ops += [{"op": "to_tensor_normalize"}, {"op": "caption"}, {"op": "tokenize"}, {"op": "patch_mask"}]
@@ -133,12 +131,7 @@ def test_a_run_with_ema_teachers_resumes_exactly_and_its_checkpoint_loads_for_us
         "loss": {"objectives": objectives},
         "train": {"steps": 6, "ckpt_every": 3, "accum_steps": 2},
     }
-    ref = api.train(_cfg(experiment_tree(toy_shards, tmp_path / "ref", **sections)))
-    tree = experiment_tree(toy_shards, tmp_path / "run", **sections)
-    api.train(_cfg(tree, {"train": {"stop_after": 3}}))
-    api.train(_cfg(tree, {"train": {"resume": "latest"}}))
-    last = "checkpoints/step_00000006/model.safetensors"
-    a, b = load_file(ref / last), load_file(tmp_path / "run" / last)
+    ref, a, b = stopped_and_resumed(toy_shards, tmp_path, sections)
     assert {
         "extras.objective0.teacher.center",
         "extras.objective1.teacher.center",

@@ -22,23 +22,13 @@ from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.losses.contrastive import DistContext
-from mmpretrain.training.self_distill import PrototypeHead, _update_center, momentum_at
+from mmpretrain.training.self_distill import PrototypeHead, TeacherHeadParams, _update_center, momentum_at
 from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term, extras_of, unwrap
 
 
 @dataclass(frozen=True)
-class MaskedPredictionParams:
-    mask: str = (
-        "patch_mask"  # the batch key of the (B, patches) masks (the patch_mask op, whose ratio SigLIP 2 sets to 0.5)
-    )
-    prototypes: int = 1024  # outputs of the patch head
-    hidden: int = 512
-    bottleneck: int = 128
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    center_momentum: float = 0.9
-    momentum: float = 0.996  # the teacher's EMA momentum at the first step (cosine to momentum_end)
-    momentum_end: float = 1.0
+class MaskedPredictionParams(TeacherHeadParams):
+    mask: str = "patch_mask"  # the batch key of the (B, patches) masks (the patch_mask op; SigLIP 2: ratio 0.5)
 
 
 class PatchTeacher(nn.Module):

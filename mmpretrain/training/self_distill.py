@@ -33,10 +33,9 @@ from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term, extras
 
 
 @dataclass(frozen=True)
-class SelfDistillParams:
-    crops: str = "image_crops"  # the batch key of the crops (the multi_crop op writes it)
-    global_crops: int = 2  # the first G crops are global: the teacher encodes them
-    modality: str = "image"  # the tower the crops are for
+class TeacherHeadParams:
+    """What the EMA-teacher objectives share: the prototype head, temperatures, centre and momentum."""
+
     prototypes: int = 1024  # outputs of the prototype head (DINO's K)
     hidden: int = 512  # the head's MLP width
     bottleneck: int = 128  # the head's L2-normalised bottleneck
@@ -45,6 +44,13 @@ class SelfDistillParams:
     center_momentum: float = 0.9
     momentum: float = 0.996  # the teacher's EMA momentum at the first step (cosine to momentum_end)
     momentum_end: float = 1.0
+
+
+@dataclass(frozen=True)
+class SelfDistillParams(TeacherHeadParams):
+    crops: str = "image_crops"  # the batch key of the crops (the multi_crop op writes it)
+    global_crops: int = 2  # the first G crops are global: the teacher encodes them
+    modality: str = "image"  # the tower the crops are for
 
 
 class PrototypeHead(nn.Module):
