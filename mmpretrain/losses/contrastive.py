@@ -31,6 +31,7 @@ from torch import Tensor
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.registry import Registry, RegistryError
+from mmpretrain.types import valid_key
 
 # A loss kind: fn(a (B, E), b (B, E) or (B, K, E), logit_scale (), logit_bias () | None, ctx, valid (B,) | None) -> ()
 LOSSES: Registry[Tensor] = Registry("loss kind")
@@ -143,6 +144,14 @@ def _masked_mean(values: Tensor, rows: Tensor, cols: Tensor, anchor: Tensor, ctx
     if not bool(count > 0):
         return anchor.sum() * 0.0
     return torch.where(rows, values, torch.zeros_like(values)).sum() / count  # where: no inf * 0
+
+
+def pair_valid(out: dict[str, Tensor], a: str, b: str) -> Tensor | None:
+    """(B,) bool, True = the sample has both ``a`` and ``b``; None when every sample has both."""
+    flags = [out[valid_key(m)] for m in (a, b) if valid_key(m) in out]
+    if not flags:
+        return None
+    return flags[0] & flags[1] if len(flags) == 2 else flags[0]
 
 
 def _check_flat(kind: str, a: Tensor, b: Tensor) -> None:

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.losses.contrastive import DistContext, _masked_mean, _pair_logits, _rows_cols
+from mmpretrain.losses.contrastive import DistContext, _masked_mean, _pair_logits, _rows_cols, pair_valid
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.models.pretrained import _example_ours, load_pretrained
 from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term
-from mmpretrain.types import ImageSpec, mask_key, valid_key
+from mmpretrain.types import ImageSpec, mask_key
 
 PROBE_TEXTS = (
     "a dog.",
@@ -50,7 +50,9 @@ def distill(p: DistillParams, ctx: ObjectiveContext) -> Term:
     ta, tb, ts = (ctx.prefix + k for k in (p.a, p.b, "logit_scale"))
 
     def fn(out: dict[str, Tensor], dist: DistContext) -> Tensor:
-        return distill_loss(out[p.a], out[p.b], out["logit_scale"], out[ta], out[tb], out[ts], dist, _valid(out, p))
+        return distill_loss(
+            out[p.a], out[p.b], out["logit_scale"], out[ta], out[tb], out[ts], dist, pair_valid(out, p.a, p.b)
+        )
 
     teacher = AdaptedTeacher(model, (p.a, p.b), adapt)
     return Term(fn, (p.a, p.b, "logit_scale", ta, tb, ts), teacher=lambda _, batch: teacher(batch), frozen=teacher)
@@ -84,11 +86,6 @@ def distill_loss(
         per_row = -(t.softmax(dim=1) * s.log_softmax(dim=1)).sum(dim=1)
         terms.append(per_row.mean() if rows is None else _masked_mean(per_row, rows, cols, s, ctx))
     return 0.5 * (terms[0] + terms[1])
-
-
-def _valid(out: dict[str, Tensor], p: DistillParams) -> Tensor | None:
-    flags = [out[valid_key(m)] for m in (p.a, p.b) if valid_key(m) in out]
-    return None if not flags else flags[0] if len(flags) == 1 else flags[0] & flags[1]
 
 
 def _adapters(modality: str, student: ContrastiveModel, teacher: ContrastiveModel) -> dict[str, Callable]:

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.losses.contrastive import DistContext
-from mmpretrain.training.self_distill import PrototypeHead, TeacherHeadParams, _update_center, momentum_at
+from mmpretrain.training.self_distill import (
+    PrototypeHead,
+    TeacherHeadParams,
+    _update_center,
+    copy_params,
+    ema_params,
+    momentum_at,
+)
 from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term, extras_of, unwrap
 
 
@@ -91,15 +98,11 @@ def masked_prediction(p: MaskedPredictionParams, ctx: ObjectiveContext) -> Term:
         return masked_loss(s, t, mask, pending["center"], p.student_temp, p.teacher_temp, dist_ctx)
 
     def init(model: nn.Module) -> None:
-        with torch.no_grad():
-            for t, s in _pairs(model, extras_of(model, ctx.name)):
-                t.copy_(s)
+        copy_params(_pairs(model, extras_of(model, ctx.name)))
 
     def after_step(model: nn.Module, step: int) -> None:
         mine, m = extras_of(model, ctx.name), momentum_at(step, ctx.steps, p.momentum, p.momentum_end)
-        with torch.no_grad():
-            for t, s in _pairs(model, mine):
-                t.mul_(m).add_(s.detach(), alpha=1 - m)
+        ema_params(_pairs(model, mine), m)
         if "mean" in pending:
             _update_center(mine.teacher.center, pending.pop("mean"), p.center_momentum)
 

@@ -131,11 +131,12 @@ def self_distill(p: SelfDistillParams, ctx: ObjectiveContext) -> Term:
 
     def init(model: nn.Module) -> None:
         state = extras_of(model, ctx.name)
-        _copy_into(state.teacher, model, state.proto, p.modality)
+        copy_params(_pairs(state.teacher, model, state.proto, p.modality))
 
     def after_step(model: nn.Module, step: int) -> None:
         state = extras_of(model, ctx.name)
-        _ema(state.teacher, model, state.proto, p.modality, momentum_at(step, ctx.steps, p.momentum, p.momentum_end))
+        m = momentum_at(step, ctx.steps, p.momentum, p.momentum_end)
+        ema_params(_pairs(state.teacher, model, state.proto, p.modality), m)
         if "mean" in pending:
             _update_center(state.teacher.center, pending.pop("mean"), p.center_momentum)
 
@@ -183,14 +184,16 @@ def _pairs(teacher: EmaTeacher, model: nn.Module, proto: PrototypeHead, modality
 
 
 @torch.no_grad()
-def _copy_into(teacher: EmaTeacher, model: nn.Module, proto: PrototypeHead, modality: str) -> None:
-    for t, s in _pairs(teacher, model, proto, modality):
+def copy_params(pairs) -> None:
+    """Each (teacher, student) parameter pair: the teacher takes the student's values."""
+    for t, s in pairs:
         t.copy_(s)
 
 
 @torch.no_grad()
-def _ema(teacher: EmaTeacher, model: nn.Module, proto: PrototypeHead, modality: str, m: float) -> None:
-    for t, s in _pairs(teacher, model, proto, modality):
+def ema_params(pairs, m: float) -> None:
+    """Each (teacher, student) parameter pair: teacher = m * teacher + (1 - m) * student."""
+    for t, s in pairs:
         t.mul_(m).add_(s.detach(), alpha=1 - m)
 
 

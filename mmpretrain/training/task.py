@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.losses import LOSSES, DistContext
-from mmpretrain.losses.contrastive import scale_grad
+from mmpretrain.losses.contrastive import pair_valid, scale_grad
 from mmpretrain.training.objectives import Active
-from mmpretrain.types import Batch, valid_key
+from mmpretrain.types import Batch
 
 SHARED = ("logit_scale", "logit_bias")
 
@@ -68,8 +68,8 @@ class ContrastiveTask:
                 value = o.term.fn(out, self.dist)
                 metrics[f"loss/{o.name}"] = value.detach()
                 total = total + o.weight * value
-            elif o.trainable():  # a zero gradient: DDP expects one for every trainable parameter, every step
-                total = total + 0.0 * sum(p.sum() for p in o.trainable())
+            elif params := o.trainable():  # a zero gradient: DDP expects one for every trainable parameter
+                total = total + 0.0 * sum(p.sum() for p in params)
         return {"loss": total, **metrics}
 
     def outputs(self, model: nn.Module, batch: Batch, step: int = 0, *, teachers: bool = True) -> dict[str, Tensor]:
@@ -137,14 +137,6 @@ def _field(out: dict[str, Tensor], key: str, where: str) -> Tensor:
     if key not in out:
         raise ValueError(f"{where}: the batch has no {key!r}; add a data op that writes it (group_id writes 'group')")
     return out[key]
-
-
-def pair_valid(out: dict[str, Tensor], a: str, b: str) -> Tensor | None:
-    """(B,) bool, True = the sample has both ``a`` and ``b``; None when every sample has both."""
-    flags = [out[valid_key(m)] for m in (a, b) if valid_key(m) in out]
-    if not flags:
-        return None
-    return flags[0] & flags[1] if len(flags) == 2 else flags[0]
 
 
 def _rng_state() -> tuple:
