@@ -38,6 +38,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "ShardWriterConfig",
+    "caption",
     "convert_checkpoint",
     "create_model",
     "encode",
@@ -189,6 +190,36 @@ def encode_images(model: ContrastiveModel, images: Sequence[Any], *, batch_size:
     return torch.cat(
         [encode(model, "image", transform.batch(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     )
+
+
+@torch.no_grad()
+def caption(
+    model: ContrastiveModel,
+    images: Sequence[Any],
+    *,
+    method: str = "greedy",
+    max_len: int = 20,
+    min_len: int = 0,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    batch_size: int = 32,
+) -> list[str]:
+    """A caption per image (PIL images, image files or bytes, as ``encode_images`` takes them) from the
+    model's captioning decoder (``model.decoder``: coca or locca): ``method`` ``"greedy"`` or ``"beam"``
+    (``num_beams`` hypotheses, scored by log-probability / length ** ``length_penalty``); ``max_len``
+    tokens at most, the end token included, and none of them the end before ``min_len``."""
+    from mmpretrain.models.generate import generate
+
+    transform, images = image_transform(model), list(images)
+    if not images:
+        raise ValueError("caption: no images given")
+    tokenizer, device = model.input_spec("text").tokenizer, next(model.parameters()).device
+    options = {"method": method, "max_len": max_len, "min_len": min_len, "num_beams": num_beams}
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = transform.batch(images[i : i + batch_size])["image"].to(device)
+        out += [tokenizer.decode(ids) for ids in generate(model, batch, **options, length_penalty=length_penalty)]
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption, eval_captioning
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError, DataError
 
@@ -88,7 +89,7 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     sets = _parse_sets(args)  # a typo in --data fails here, before the model loads
-    if args.format == "clip_benchmark" and (not args.out or args.eval_cmd in ("hard", "media")):
+    if args.format == "clip_benchmark" and (not args.out or args.eval_cmd in ("hard", "media", "captioning")):
         raise ValueError(
             "--format clip_benchmark needs --out (a folder or a file-name template) and a zeroshot, "
             "retrieval, robustness or linear-probe evaluation"
@@ -202,7 +203,7 @@ def _parse_sets(args: argparse.Namespace) -> dict:
         }
     if args.eval_cmd == "media":
         return {"data": [ShardSet.parse(d) for d in args.data]}
-    shards_too = args.eval_cmd == "retrieval"  # retrieval also takes shard specs with captions
+    shards_too = args.eval_cmd in ("retrieval", "captioning")  # these also take shard specs with captions
     return {"data": [parse_set(d, check=True) if "=" in d or not shards_too else d for d in args.data]}
 
 
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True, help="a new folder (e.g. another run's checkpoints/step_XXXXXXXX)")
     cv.set_defaults(fn=cmd_checkpoint_convert)
 
+    add_caption(sub, _model_args).set_defaults(fn=lambda args: cmd_caption(args, _load_model(args)))
+
     ls = sub.add_parser(
         "list", help="list every registry's names: encoders, heads, losses, data ops, formats, layouts, ..."
     )
@@ -521,6 +524,7 @@ def _add_eval(sub) -> None:
     md.add_argument("--plot", help="write a PNG of every figure beside its chance level")
     lp = _add_linear_probe(e)
     jobs = {z: _eval_zeroshot, r: _eval_retrieval, b: _eval_robustness, h: _eval_hard, md: _eval_media}
+    jobs[add_eval_captioning(e)] = eval_captioning
     for p, job in {**jobs, lp: _eval_linear_probe}.items():
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)

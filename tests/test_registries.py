@@ -31,6 +31,7 @@ CONTRACTS = {
     "device data op": "test_device_op_contract (and test_device_data)",
     "loss kind": "test_loss_contract (and test_accum, test_vatt, dist/loss_parity)",
     "objective": "test_objective_contract (and test_objectives, dist/loss_parity)",
+    "caption decoder": "test_caption_decoder_contract (and test_caption)",
     "checkpoint format": "test_checkpoint_format_contract",
     "dataset layout": "test_layout_contract",
     "evaluation set kind": "test_eval_set_kind_contract",
@@ -219,10 +220,15 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     from mmpretrain.training.objectives import build_objectives
     from mmpretrain.training.task import ContrastiveTask
 
+    import dataclasses
+
+    from mmpretrain.config.schema import DecoderConfig
+
     ex = entry.example(tmp_path)
     cfg = LossConfig(objectives=[ObjectiveConfig(entry.name, start_frac=0.5, params=ex["params"])])
     torch.manual_seed(0)
-    model = build_model(tiny_model_cfg).train()
+    decoder = DecoderConfig(**ex["decoder"]) if "decoder" in ex else None  # an objective that trains one
+    model = build_model(dataclasses.replace(tiny_model_cfg, decoder=decoder)).train()
     objectives = build_objectives(cfg, model, steps=2)
     task = ContrastiveTask(cfg, objectives=objectives)
     texts = [f"caption {i}" for i in range(6)]
@@ -238,6 +244,41 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     for frozen in (objectives[0].term.frozen, getattr(objectives[0].term.modules, "teacher", None)):
         if frozen is not None:  # a teacher never trains
             assert not any(p.requires_grad for p in frozen.parameters())
+
+
+@entries("caption decoder")
+def test_caption_decoder_contract(entry, tiny_model_cfg):
+    """Built from its example on the tiny model (its text tower made CoCa's where the decoder reads it):
+    teacher-forced logits over the tokenizer's vocabulary for every next token, labels that end with the
+    caption, gradients into the decoder and the image tower, and greedy and beam captions that stop."""
+    import copy
+
+    from mmpretrain.models.generate import generate
+    from mmpretrain.models.pretrained import model_config_from_tree
+
+    tree = copy.deepcopy(TINY_MODEL)
+    tree["towers"]["text"]["params"]["text_cfg"].update(embed_cls=True, output_tokens=True)
+    tree["decoder"] = {"kind": entry.name, "params": entry.make_example()}
+    torch.manual_seed(0)
+    model = build_model_from(model_config_from_tree(tree))
+    batch = {"image": torch.randn(3, 3, 32, 32), **model.tokenizer()(["a red cat", "b", "two blue dogs"])}
+    out = model(batch)
+    logits, labels = out["caption_logits"], out["caption_labels"]
+    assert logits.shape == (3, 11, 49408) and labels.shape == (3, 11)
+    assert (labels[1, :2].tolist(), int((labels[1] == -100).sum())) == ([321, 49407], 9)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    for part in (model.decoder, model.towers["image"]):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    model.eval()
+    for method in ("greedy", "beam"):
+        caps = generate(model, batch["image"], method=method, max_len=5, num_beams=2)
+        assert len(caps) == 3 and all(1 <= len(c) <= 5 and c[-1] == 49407 for c in caps)
+
+
+def build_model_from(cfg):
+    from mmpretrain.models import build_model
+
+    return build_model(cfg).train()
 
 
 @entries("checkpoint format")

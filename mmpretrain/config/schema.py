@@ -27,6 +27,14 @@ class TowerConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """A captioning decoder over the image tower's tokens (CoCa, LocCa): a registered kind and its params."""
+
+    kind: str  # registered caption decoder (see "Registered names"): coca, locca
+    params: dict[str, Any] = field(default_factory=dict)  # the decoder's own typed params, checked at load
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The towers by modality, the shared embedding width and the temperature."""
 
@@ -37,6 +45,7 @@ class ModelConfig:
     logit_bias_init: float | None = None  # SigLIP uses -10 (with logit_scale_init log(10))
     shared_backbone: list[str] = field(default_factory=list)  # modalities whose towers share one transformer trunk (VATT-MA); each keeps its own embedding and head
     pretrained: str | None = None  # a fresh run starts the whole model from this checkpoint: ours, an open_clip folder (local-dir:) or weights file, a Hugging Face CLIP/SigLIP folder; its towers, temperature, bias and preprocessing become the model's, under what this config sets
+    decoder: DecoderConfig | None = None  # a captioning decoder (trained by the caption objective; api.caption)
     architecture: str | None = None  # the model an open_clip weights file in pretrained belongs to: an open_clip name (ViT-B-32) or a model YAML
 
 

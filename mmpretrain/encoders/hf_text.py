@@ -90,16 +90,32 @@ class HfTokenizer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
+    def _built(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
+        return self._tok
+
     def __call__(self, texts: list[str]) -> Batch:
         with self._lock:
-            if self._tok is None:
-                from transformers import AutoTokenizer
-
-                self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
-            enc = self._tok(
+            enc = self._built()(
                 list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
             )
         return {"text": enc["input_ids"].long(), "text_mask": enc["attention_mask"].bool()}
+
+    def special_ids(self) -> tuple[int, int, int]:
+        """(start, end, padding) token ids ([CLS], [SEP], [PAD] for BERT): a captioning decoder's."""
+        with self._lock:
+            tok = self._built()
+        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        return int(start), int(end), int(tok.pad_token_id or 0)
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, the special tokens left out."""
+        with self._lock:
+            return self._built().decode(ids, skip_special_tokens=True).strip()
 
 
 class HfText(TextEncoder):

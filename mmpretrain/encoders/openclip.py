@@ -75,7 +75,14 @@ class OpenClipVision(ImageEncoder):
         self.mean, self.std, self.interpolation = params.mean, params.std, params.interpolation
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.visual(batch["image"])
+        return self.forward_tokens(batch)[0]
+
+    def forward_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(pooled and projected (B, embed_dim), tokens (B, N, D)) in one pass: open_clip's forward with
+        ``output_tokens`` (the attentional pooler's queries under ``attentional_pool``, as CoCa reads them)."""
+        v = self.visual
+        pooled, tokens = v._pool(v.transformer(v._embeds(batch["image"])))
+        return (pooled if v.proj is None else pooled @ v.proj), tokens
 
     @property
     def token_dim(self) -> int:
@@ -149,11 +156,24 @@ class BpeTokenizer:
     def __getstate__(self) -> dict:
         return {"context_length": self.context_length, "_tok": None}
 
-    def __call__(self, texts: list[str]) -> Batch:
+    def _built(self) -> SimpleTokenizer:
         if self._tok is None:
             self._tok = SimpleTokenizer(context_length=self.context_length)
-        ids = self._tok(list(texts)).long()
+        return self._tok
+
+    def __call__(self, texts: list[str]) -> Batch:
+        ids = self._built()(list(texts)).long()
         return {"text": ids, "text_mask": ids != 0}
+
+    def special_ids(self) -> tuple[int, int, int]:
+        """(start, end, padding) token ids: what a captioning decoder starts from and stops at."""
+        tok = self._built()
+        return tok.sot_token_id, tok.eot_token_id, 0
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, the special tokens left out."""
+        sot, eot, pad = self.special_ids()
+        return self._built().decode([i for i in ids if i not in (sot, eot, pad)]).strip()
 
 
 class OpenClipText(TextEncoder):
@@ -171,6 +191,14 @@ class OpenClipText(TextEncoder):
         self.output_dim = embed_dim
 
     def forward(self, batch: Batch) -> Tensor:
+        out = self.text(batch["text"])
+        return out[0] if isinstance(out, tuple) else out  # text_cfg.output_tokens: (pooled, tokens)
+
+    def forward_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(pooled (B, embed_dim), token features (B, L, width)): CoCa's unimodal text decoder outputs
+        (needs ``text_cfg.output_tokens``)."""
+        if not self.text.output_tokens:
+            raise ConfigError("model.towers.text: token features need text_cfg.output_tokens: true")
         return self.text(batch["text"])
 
     def tokenizer(self) -> BpeTokenizer:

@@ -66,6 +66,13 @@ class TimmVision(ImageEncoder):
     def forward(self, batch: Batch) -> Tensor:
         return self.trunk(batch["image"])
 
+    def forward_tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(pooled (B, num_features), every output token of the trunk (B, N, D)) in one pass (transformers)."""
+        if not hasattr(self.trunk, "num_prefix_tokens"):
+            raise ConfigError(f"image tokens: {self.model_name} is not a vision transformer")
+        x = self.trunk.forward_features(batch["image"])
+        return self.trunk.forward_head(x), x
+
     @property
     def token_dim(self) -> int:
         return int(self.trunk.num_features)

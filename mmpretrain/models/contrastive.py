@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import ModelConfig, TowerConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
+from mmpretrain.models.decoder import DECODERS, CaptionDecoder, build_decoder
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
 
 if TYPE_CHECKING:
@@ -24,7 +25,8 @@ class ContrastiveModel(nn.Module):
 
     ``forward(batch)`` returns ``{m: (B, E) (or (B, K, E) with a views axis) for each modality m in
     batch and in towers, ["<m>_valid": (B,) bool, passed through], "logit_scale": () already exp'd,
-    ["logit_bias": ()]}``.
+    ["logit_bias": ()]}``; a model with a captioning ``decoder`` (``models.decoder``) adds
+    ``caption_logits`` and ``caption_labels`` for a batch with images and captions.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -42,6 +44,9 @@ class ContrastiveModel(nn.Module):
         )
         self.extras = nn.ModuleDict()  # what training objectives keep in the model (training.objectives)
         share_trunk(self.towers, cfg.shared_backbone)
+        self.decoder: CaptionDecoder | None = (
+            None if cfg.decoder is None else build_decoder(cfg.decoder.kind, cfg.decoder.params, self.towers)
+        )
         for modality, tower_cfg in cfg.towers.items():
             if tower_cfg.freeze:
                 self.towers[modality].requires_grad_(False)
@@ -77,8 +82,23 @@ class ContrastiveModel(nn.Module):
         features = self.heads[modality](self.towers[modality](batch))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_with_tokens(self, modality: str, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(the embedding (B, E), the tower's tokens (B, N, D)) of a batch without a views axis, in one pass."""
+        features, tokens = self.towers[modality].forward_tokens(batch)
+        return F.normalize(self.heads[modality](features), dim=-1), tokens
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        out = {m: self.encode(m, batch) for m in self.modalities if m in batch}
+        captioning = self.decoder is not None and "image" in batch and "text" in batch
+        out, tokens = {}, {}
+        for m in self.modalities:
+            if m not in batch:
+                continue
+            if captioning and m in self.decoder.token_inputs and batch[m].dim() == 1 + SAMPLE_DIMS[m]:
+                out[m], tokens[m] = self.encode_with_tokens(m, batch)
+            else:
+                out[m] = self.encode(m, batch)
+        if captioning:
+            out.update(self.decoder.outputs(self.towers, batch, tokens))
         out.update({valid_key(m): batch[valid_key(m)] for m in list(out) if valid_key(m) in batch})
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
@@ -164,6 +184,8 @@ def check_model(model: ModelConfig) -> None:
         if modality not in ENCODERS:
             raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(ENCODERS))}")
         check_params(ENCODERS[modality], tower.encoder, tower.params, f"model.towers.{modality}")
+    if model.decoder is not None:
+        check_params(DECODERS, model.decoder.kind, model.decoder.params, "model.decoder")
 
 
 def model_id(model: ContrastiveModel) -> str:

@@ -2,7 +2,9 @@
 
 Our open_clip towers keep open_clip's module names, so the state-dict mapping is a prefix:
 ``towers.image.visual.*`` <-> ``visual.*`` and ``towers.text.text.*`` <-> open_clip's
-flattened text keys (``token_embedding``, ``transformer``, ``ln_final``, ...).
+flattened text keys (``token_embedding``, ``transformer``, ``ln_final``, ...), or its ``text.*`` keys in a
+model whose text tower is a module of its own (``custom_text``: CoCa); a CoCa's ``text_decoder.*`` <->
+our ``decoder.decoder.*`` (a ``coca`` decoder, ``models.decoder``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from mmpretrain.config.strict import ConfigError
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_dir
 
-IMAGE_PREFIX, TEXT_PREFIX = "towers.image.", "towers.text.text."
+IMAGE_PREFIX, TEXT_PREFIX, DECODER_PREFIX = "towers.image.", "towers.text.text.", "decoder.decoder."
+OC_TEXT, OC_DECODER = "text.", "text_decoder."  # a custom_text (CoCa) model's text tower and decoder keys
 OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
 
 
@@ -36,7 +39,7 @@ CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
 
 def open_clip_model_config(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) as our ``model:`` tree."""
-    if model_cfg.get("custom_text") or model_cfg.get("text_cfg", {}).get("hf_model_name"):
+    if model_cfg.get("text_cfg", {}).get("hf_model_name"):
         raise ConfigError(
             "open_clip models with a Hugging Face text tower are not supported yet; "
             "use a model with open_clip's own text transformer"
@@ -61,6 +64,11 @@ def open_clip_model_config(model_cfg: dict[str, Any], preprocess_cfg: dict[str, 
     }
     if model_cfg.get("init_logit_bias") is not None:
         tree["logit_bias_init"] = float(model_cfg["init_logit_bias"])
+    if "multimodal_cfg" in model_cfg:  # CoCa: open_clip's captioning decoder
+        tree["decoder"] = {
+            "kind": "coca",
+            "params": {"multimodal_cfg": model_cfg["multimodal_cfg"], "quick_gelu": quick},
+        }
     return tree
 
 
@@ -71,18 +79,25 @@ def from_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             out[IMAGE_PREFIX + key] = value
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value
+        elif key.startswith(OC_DECODER):
+            out[DECODER_PREFIX + key[len(OC_DECODER) :]] = value
+        elif key.startswith(OC_TEXT):
+            out[TEXT_PREFIX + key[len(OC_TEXT) :]] = value
         else:
             out[TEXT_PREFIX + key] = value
     return out
 
 
-def to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_open_clip_state(state: dict[str, torch.Tensor], *, custom_text: bool = False) -> dict[str, torch.Tensor]:
+    """Our state as open_clip's; ``custom_text``: its text tower keys under ``text.`` (CoCa)."""
     out = {}
     for key, value in state.items():
         if key.startswith(IMAGE_PREFIX):
             out[key[len(IMAGE_PREFIX) :]] = value
         elif key.startswith(TEXT_PREFIX):
-            out[key[len(TEXT_PREFIX) :]] = value
+            out[(OC_TEXT if custom_text else "") + key[len(TEXT_PREFIX) :]] = value
+        elif key.startswith(DECODER_PREFIX):
+            out[OC_DECODER + key[len(DECODER_PREFIX) :]] = value
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value
         else:
@@ -95,7 +110,8 @@ def load_open_clip_state(model, path: Path) -> None:
     from open_clip.factory import load_state_dict
 
     state = from_open_clip_state(load_state_dict(str(path), weights_only=True))
-    state.pop(TEXT_PREFIX + "attn_mask", None)  # a non-persistent buffer in some versions
+    for key in (TEXT_PREFIX + "attn_mask", DECODER_PREFIX + "attn_mask"):
+        state.pop(key, None)  # a non-persistent buffer in some versions
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
@@ -130,6 +146,15 @@ def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> 
     }
     if model.logit_bias is not None:
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
+    decoder = model.cfg.decoder
+    if decoder is not None:
+        if decoder.kind != "coca":
+            raise ValueError(f"export to open_clip: open_clip has no {decoder.kind} decoder (a coca one exports)")
+        model_cfg["multimodal_cfg"] = {
+            **_named(decoder.params, "multimodal_cfg"),
+            **decoder.params.get("multimodal_cfg", {}),
+        }
+        model_cfg["custom_text"] = True
     preprocess = {
         "mean": list(image.mean),
         "std": list(image.std),
@@ -137,7 +162,10 @@ def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> 
         "resize_mode": "shortest",
         "size": list(image.image_size),
     }
-    state = {k: v.detach().contiguous().clone() for k, v in to_open_clip_state(model.state_dict()).items()}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("extras.")}  # an objective's state
+    state = {
+        k: v.detach().contiguous().clone() for k, v in to_open_clip_state(ours, custom_text=decoder is not None).items()
+    }
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / OPEN_CLIP_WEIGHTS))
         (tmp / OPEN_CLIP_CONFIG).write_text(

@@ -1,6 +1,6 @@
 """Building and checking the run's objectives (``loss.objectives``); the objectives themselves are
-registered in ``OBJECTIVES`` (``training.terms``) by ``training.distill``, ``training.self_distill``
-and ``training.masked_prediction``, imported here so that the registry is complete."""
+registered in ``OBJECTIVES`` (``training.terms``) by ``training.distill``, ``training.self_distill``,
+``training.masked_prediction`` and ``training.captioning``, imported here so that the registry is complete."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.config.strict import ConfigError, check_params, from_dict
 from mmpretrain.models.contrastive import ContrastiveModel
-from mmpretrain.training import distill, masked_prediction, self_distill  # noqa: F401  (register their objectives)
+from mmpretrain.training import captioning, distill, masked_prediction, self_distill  # noqa: F401  (register their objectives)
 from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term
 
 __all__ = ["OBJECTIVES", "Active", "Term", "build_objectives", "check_objectives"]
