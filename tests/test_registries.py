@@ -214,15 +214,12 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
     """Built from its example for the tiny student: a finite scalar term with a gradient for the student
     and none for a teacher, absent before its start step; exact under accumulation if batch-global."""
     import contextlib
+    import dataclasses
 
-    from mmpretrain.config.schema import LossConfig, ObjectiveConfig
+    from mmpretrain.config.schema import DecoderConfig, LossConfig, ObjectiveConfig
     from mmpretrain.models import build_model
     from mmpretrain.training.objectives import build_objectives
     from mmpretrain.training.task import ContrastiveTask
-
-    import dataclasses
-
-    from mmpretrain.config.schema import DecoderConfig
 
     ex = entry.example(tmp_path)
     cfg = LossConfig(objectives=[ObjectiveConfig(entry.name, start_frac=0.5, params=ex["params"])])
