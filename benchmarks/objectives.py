@@ -13,14 +13,18 @@ of its own (its peak RSS is that process's), then evaluates every model on the c
                     for the last 20% of the steps
     + masked pred.  emoji_silc_tips.yaml: self-distillation and TIPS's masked prediction (half the patches),
                     both for the last 20%
-    all             emoji_all.yaml: multi-positive + self-distillation + masked prediction (no decoder yet)
+    captioning      emoji_locca.yaml: + a LocCa captioning decoder (2 layers, its own embeddings over MiniLM's
+                    vocabulary) and the caption objective, from the start
+    all (no dec.)   emoji_all.yaml without its decoder: multi-positive + self-distillation + masked prediction
+    all             emoji_all.yaml: multi-positive + captioning + self-distillation + masked prediction
     student         emoji_distill.yaml without its objective: the hybrid with 4 of its 12 layers
     student+distill emoji_distill.yaml: the same student with open_clip's DistillClipLoss term against
                     the frozen teacher (--teacher; `make demo` writes runs/demo/lit)
 
 Per variant: zero-shot top-1 on seen / rendition / sketch / unseen, text->image R@10 on the same
-splits, the training step time (median over the run's logged steps) and peak RSS. Variants the issue
-names that are not built yet are listed as such. Runs reuse finished checkpoints in
+splits, for a variant with a decoder the CIDEr of its greedy captions (the references: the corpus's
+caption templates filled with the image's concept), the training step time (median over the run's
+logged steps) and peak RSS. Runs reuse finished checkpoints in
 runs/bench_objectives (delete it to retrain). Run it with nothing else on the machine.
 """
 
@@ -35,9 +39,13 @@ from pathlib import Path
 
 from logs import ROOT, header
 
+from mmpretrain.corpora.emoji import TEMPLATES as EMOJI_TEMPLATES
+
 SPLITS = {"seen": "train_styles_seen", "rendition": "rendition", "sketch": "sketch", "unseen": "unseen_concepts"}
 TEMPLATE = "a <> emoji"
-NOT_BUILT = ("captioning decoder",)
+CAPTION_TEMPLATES = tuple(t.replace("{label}", "<>") for t in EMOJI_TEMPLATES if "{tag}" not in t)
+NO_DECODER = ["model.decoder=null", "loss.objectives=[{kind: self_distill, start_frac: 0.8}, "
+              "{kind: masked_prediction, start_frac: 0.8}]"]  # fmt: skip
 
 
 def variants(teacher: str) -> dict[str, tuple[str, list[str]]]:
@@ -46,7 +54,9 @@ def variants(teacher: str) -> dict[str, tuple[str, list[str]]]:
         "multi-positive": ("emoji_multipos.yaml", []),
         "self-distill (last 20%)": ("emoji_silc.yaml", []),
         "+ masked pred. (last 20%)": ("emoji_silc_tips.yaml", []),
-        "all (no decoder)": ("emoji_all.yaml", []),
+        "captioning decoder": ("emoji_locca.yaml", []),
+        "all (no decoder)": ("emoji_all.yaml", NO_DECODER),
+        "all": ("emoji_all.yaml", []),
         "student (4 layers)": ("emoji_distill.yaml", ["loss.objectives=[]"]),
         "student + distill": (
             "emoji_distill.yaml",
@@ -91,29 +101,39 @@ def train(name: str, config: str, extra: list[str], steps: int, out: Path, corpu
 
 def evaluate(run: Path, corpus: Path) -> dict:
     from mmpretrain import api
+    from mmpretrain.eval.captioning import captioning_eval
     from mmpretrain.eval.runner import EvalSet, embed_folder, folder_retrieval_metrics, zeroshot_metrics
 
     model = api.load_checkpoint(run / "checkpoints").eval()
     out = {}
     for short, split in SPLITS.items():
-        fe = embed_folder(model, EvalSet.parse(f"{split}@folder={corpus / 'eval' / split}"), templates=TEMPLATE,
-                          progress=False)  # fmt: skip
+        folder = EvalSet.parse(f"{split}@folder={corpus / 'eval' / split}")
+        fe = embed_folder(model, folder, templates=TEMPLATE, progress=False)
         z, r = zeroshot_metrics(fe), folder_retrieval_metrics(fe, ks=(10,))
         out[short] = {"top1": z["top1"], "chance": z["chance_top1"], "r10": r["text_to_image_R@10"]}
+        if model.decoder is not None:
+            c = captioning_eval(model, folder, templates=CAPTION_TEMPLATES, max_len=16, progress=False)
+            out[short] |= {"cider": c["cider"], "bleu4": c["bleu4"], "example": c["examples"][0]["caption"]}
     return out
 
 
 def table(results: dict) -> list[str]:
     cols = " ".join(f"{s:>9}" for s in SPLITS)
-    lines = [f"{'variant':<26} top-1 % {cols} | t2i R@10 % {cols} | step s  peak RSS GB"]
+    lines = [f"{'variant':<26} top-1 % {cols} | t2i R@10 % {cols} | CIDEr  {cols} | step s  peak RSS GB"]
     for name, r in results.items():
         top1 = " ".join(f"{100 * r['eval'][s]['top1']:9.1f}" for s in SPLITS)
         r10 = " ".join(f"{100 * r['eval'][s]['r10']:9.1f}" for s in SPLITS)
+        cider = " ".join(f"{r['eval'][s]['cider']:9.3f}" if "cider" in r["eval"][s] else f"{'-':>9}" for s in SPLITS)
         cost = f"{r['step_s']:6.3f}  {r['peak_rss_mb'] / 1024:6.2f}"
-        lines.append(f"{name:<26}         {top1} |            {r10} | {cost}")
+        lines.append(f"{name:<26}         {top1} |            {r10} |        {cider} | {cost}")
     chance = " ".join(f"{100 * next(iter(results.values()))['eval'][s]['chance']:9.1f}" for s in SPLITS)
     lines.append(f"{'(chance)':<26}         {chance} |")
-    lines += [f"{name:<26} not built yet (issue 29)" for name in NOT_BUILT]
+    for name, r in results.items():
+        if "cider" in r["eval"]["seen"]:
+            bleu = ", ".join(f"{s} {r['eval'][s]['bleu4']:.3f}" for s in SPLITS)
+            lines.append(
+                f"{name}: BLEU-4 {bleu}; a {SPLITS['rendition']} caption: {r['eval']['rendition']['example']!r}"
+            )
     return lines
 
 

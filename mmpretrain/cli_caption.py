@@ -62,8 +62,6 @@ def eval_captioning(model, args: argparse.Namespace, sets: dict):
         captioning_eval(model, d, templates=templates, batch_size=args.batch_size, **generation(args))
         for d in sets["data"]
     ]
-    for r in reports:
-        r["dataset"] = getattr(r["dataset"], "name", r["dataset"])
     print(table(reports, ["dataset", "images", "bleu4", "cider"]))
     return {"captioning": reports}, None
 

@@ -62,7 +62,15 @@ def test_open_clip_coca_loads_with_its_embeddings_logits_and_caption_loss(coca):
         theirs, mine = ref(batch["image"], batch["text"]), ours(batch)
         assert torch.equal(ours.encode("image", batch), ref.encode_image(batch["image"]))
         assert torch.equal(ours.encode("text", batch), ref.encode_text(batch["text"]))
-        assert torch.equal(mine["caption_logits"], theirs["logits"])
+        keep = batch["text_mask"][:, 1:]
+        assert torch.equal(mine["caption_logits"], theirs["logits"][keep])  # the caption positions
+        assert torch.equal(mine["caption_labels"], batch["text"][:, 1:][keep])
+        assert torch.equal(
+            ours.decoder(
+                ours.encode_with_tokens("image", batch)[1], ours.decoder.inputs(ours.towers, batch["text"])[:, :-1]
+            ),
+            theirs["logits"],
+        )  # every position
         want = open_clip.loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)(**theirs, output_dict=True)
     assert ours.cfg.decoder.kind == "coca"
     assert caption_loss(mine["caption_logits"], mine["caption_labels"]).item() == pytest.approx(
@@ -81,7 +89,8 @@ def test_a_named_coca_config_with_a_weights_file_loads(coca, tmp_path):
     model = api.create_model(tmp_path / "coca.yaml", pretrained=folder / "open_clip_model.safetensors")
     batch = inputs(model)
     with torch.no_grad():
-        assert torch.equal(model(batch)["caption_logits"], ref(batch["image"], batch["text"])["logits"])
+        want = ref(batch["image"], batch["text"])["logits"][batch["text_mask"][:, 1:]]
+        assert torch.equal(model(batch)["caption_logits"], want)
     assert open_clip.get_model_config("coca_ViT-B-32")["multimodal_cfg"]  # the named configs are there too
 
 
@@ -245,8 +254,10 @@ def test_the_locca_decoder_reads_a_bert_tokenizers_ids(tmp_path):
     model = api.create_model(tree)
     assert model.input_spec("text").tokenizer.special_ids() == (101, 102, 0)
     out = model({"image": torch.randn(2, 3, 32, 32), **model.tokenizer()(["a red cat", "dog"])})
-    assert out["caption_logits"].shape == (2, 7, 30522)
-    assert out["caption_labels"][1].tolist()[:3] == [3899, 102, -100]  # "dog", [SEP], then nothing
+    ids = model.tokenizer()(["a red cat", "dog"])["text"]
+    assert ids[1, :3].tolist() == [101, 3899, 102]  # [CLS] dog [SEP]
+    assert out["caption_logits"].shape == (6, 30522)  # "a red cat [SEP]", "dog [SEP]"
+    assert out["caption_labels"][-2:].tolist() == [3899, 102]
     png = tmp_path / "a.png"
     png.write_bytes(png_bytes())
     assert isinstance(api.caption(model, [png], max_len=4, method="beam", num_beams=2)[0], str)

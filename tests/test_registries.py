@@ -246,8 +246,8 @@ def test_objective_contract(entry, tmp_path, tiny_model_cfg):
 @entries("caption decoder")
 def test_caption_decoder_contract(entry, tiny_model_cfg):
     """Built from its example on the tiny model (its text tower made CoCa's where the decoder reads it):
-    teacher-forced logits over the tokenizer's vocabulary for every next token, labels that end with the
-    caption, gradients into the decoder and the image tower, and greedy and beam captions that stop."""
+    teacher-forced logits over the tokenizer's vocabulary for every next token of each caption, its end
+    included, gradients into the decoder and the image tower, and greedy and beam captions that stop."""
     import copy
 
     from mmpretrain.models.generate import generate
@@ -261,9 +261,9 @@ def test_caption_decoder_contract(entry, tiny_model_cfg):
     batch = {"image": torch.randn(3, 3, 32, 32), **model.tokenizer()(["a red cat", "b", "two blue dogs"])}
     out = model(batch)
     logits, labels = out["caption_logits"], out["caption_labels"]
-    assert logits.shape == (3, 11, 49408) and labels.shape == (3, 11)
-    assert (labels[1, :2].tolist(), int((labels[1] == -100).sum())) == ([321, 49407], 9)
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    assert logits.shape == (4 + 2 + 4, 49408) and labels.shape == (10,)  # each caption's tokens and its end
+    assert labels[4:6].tolist() == [321, 49407]  # "b", then the end token
+    torch.nn.functional.cross_entropy(logits, labels).backward()
     for part in (model.decoder, model.towers["image"]):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     model.eval()

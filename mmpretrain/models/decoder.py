@@ -8,9 +8,12 @@ its own token and position embeddings (LocCa, SigLIP 2's captioner), for any tex
 bidirectional ones included (a LiT model's locked BERT).
 
 A decoder reads ``tokens[m]`` for each modality in ``token_inputs`` (the towers' ``forward_tokens``, taken
-in the same pass as the pooled embedding) and the batch's token ids, and writes ``caption_logits`` (B, L-1,
-V) and ``caption_labels`` (B, L-1; -100 where the caption has ended), the teacher-forced next tokens that
-the ``caption`` objective scores. ``models.generate`` decodes from it.
+in the same pass as the pooled embedding) and the batch's token ids, and writes ``caption_logits`` (T, V)
+and ``caption_labels`` (T,): the teacher-forced next-token logits and targets at the T positions of the
+batch's captions that have a target (padding left out before the vocabulary projection, the costly part:
+a caption is a few tokens of a 32- or 77-token context), which the ``caption`` objective scores.
+``forward`` gives the logits at every position, (B, L, V), as open_clip's CoCa; ``models.generate``
+decodes from it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from open_clip.coca_model import MultimodalCfg, _build_text_decoder_tower
 from open_clip.transformer import MultimodalTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.encoders.openclip import _check_open_clip, _merged_cfg
@@ -34,12 +38,36 @@ DECODERS: Registry[nn.Module] = Registry("caption decoder")
 
 class CaptionDecoder(nn.Module):
     """Shared by the decoders: ``inputs(towers, ids, text_tokens)`` embeds a caption (B, L) -> (B, L, width);
-    ``forward(image_tokens, inputs)`` -> next-token logits (B, L, V)."""
+    ``hidden(image_tokens, inputs)`` -> (B, L, width) after the final norm; ``project`` -> logits over the
+    vocabulary; ``forward`` is both (B, L, V). ``decoder``: open_clip's ``MultimodalTransformer``."""
 
     token_inputs: tuple[str, ...] = ("image",)  # whose tower tokens the decoder reads
+    decoder: MultimodalTransformer
 
     def inputs(self, towers: nn.ModuleDict, ids: Tensor, text_tokens: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def image_inputs(self, image_tokens: Tensor) -> Tensor:
+        return image_tokens
+
+    def hidden(self, image_tokens: Tensor, inputs: Tensor) -> Tensor:
+        """open_clip's ``MultimodalTransformer.forward`` up to its final norm (batch first)."""
+        d, image, x = self.decoder, self.image_inputs(image_tokens), inputs
+        mask = d.attn_mask[: x.shape[1], : x.shape[1]]
+        for resblock, cross in zip(d.resblocks, d.cross_attn):
+            if d.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(resblock, x, None, None, mask, use_reentrant=False)
+                x = checkpoint(cross, x, image, image, None, use_reentrant=False)
+            else:
+                x = resblock(x, attn_mask=mask)
+                x = cross(x, k_x=image, v_x=image)
+        return d.ln_final(x)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.decoder.text_projection
+
+    def forward(self, image_tokens: Tensor, inputs: Tensor) -> Tensor:
+        return self.project(self.hidden(image_tokens, inputs))
 
     def outputs(self, towers: nn.ModuleDict, batch: Batch, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """Teacher-forced ``caption_logits`` and ``caption_labels`` of ``batch``; ``tokens``: the towers'
@@ -48,14 +76,13 @@ class CaptionDecoder(nn.Module):
         image = tokens.get("image")
         if image is None:
             image = towers["image"].forward_tokens({"image": batch["image"][:, 0]})[1]
-        mask = batch.get("text_mask", ids != 0)
-        logits = self(image, self.inputs(towers, ids, tokens.get("text"))[:, :-1])
-        labels = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE)
-        return {"caption_logits": logits, "caption_labels": labels}
+        keep = batch.get("text_mask", ids != 0)[:, 1:].bool()  # positions whose next token is the caption's
+        hidden = self.hidden(image, self.inputs(towers, ids, tokens.get("text"))[:, :-1])
+        return {"caption_logits": self.project(hidden[keep]), "caption_labels": ids[:, 1:][keep]}
 
     def next_logits(self, towers: nn.ModuleDict, image_tokens: Tensor, ids: Tensor) -> Tensor:
         """The logits of the token after ``ids`` (B, L), (B, V): a generation step (no cache, as open_clip)."""
-        return self(image_tokens, self.inputs(towers, ids))[:, -1]
+        return self.project(self.hidden(image_tokens, self.inputs(towers, ids))[:, -1])
 
 
 def _init_decoder(decoder: MultimodalTransformer) -> None:
@@ -68,7 +95,8 @@ def _init_decoder(decoder: MultimodalTransformer) -> None:
         nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
         nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
         nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-    nn.init.normal_(decoder.text_projection, std=width**-0.5)
+    if decoder.text_projection is not None:
+        nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
 @dataclass(frozen=True)
@@ -104,9 +132,6 @@ class CocaDecoder(CaptionDecoder):
     def inputs(self, towers: nn.ModuleDict, ids: Tensor, text_tokens: Tensor | None = None) -> Tensor:
         return towers["text"].forward_tokens({"text": ids})[1] if text_tokens is None else text_tokens
 
-    def forward(self, image_tokens: Tensor, inputs: Tensor) -> Tensor:
-        return self.decoder(image_tokens, inputs)
-
 
 @dataclass(frozen=True)
 class LoccaParams:
@@ -117,6 +142,7 @@ class LoccaParams:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    tie_embeddings: bool = True  # the vocabulary projection is the token embedding's transpose (as T5, GPT-2)
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -144,12 +170,18 @@ class LoccaDecoder(CaptionDecoder):
             output_dim=vocab,
         )
         _init_decoder(self.decoder)
+        if params.tie_embeddings:
+            self.decoder.text_projection = None
+
+    def project(self, hidden: Tensor) -> Tensor:
+        weight = self.decoder.text_projection
+        return hidden @ (self.token_embedding.weight.T if weight is None else weight)
 
     def inputs(self, towers: nn.ModuleDict, ids: Tensor, text_tokens: Tensor | None = None) -> Tensor:
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
-    def forward(self, image_tokens: Tensor, inputs: Tensor) -> Tensor:
-        return self.decoder(self.image_proj(image_tokens), inputs)
+    def image_inputs(self, image_tokens: Tensor) -> Tensor:
+        return self.image_proj(image_tokens)
 
 
 TINY_COCA = {"multimodal_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

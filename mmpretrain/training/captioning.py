@@ -26,9 +26,12 @@ class CaptionParams:
 
 
 def caption_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy of (B, L, V) next-token logits against (B, L) labels, ``IGNORE`` left out."""
+    """Mean cross-entropy of (..., V) next-token logits against (...) labels, ``IGNORE`` left out."""
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
     )
 
 
