@@ -113,7 +113,12 @@ def captioning_eval(
         captions += [tokenizer.decode(ids) for ids in generate(model, batch, **generation)]
     scores = caption_scores(captions, refs)
     examples = [{"caption": c, "references": r[:3]} for c, r in list(zip(captions, refs))[:5]]
-    return {"dataset": name or getattr(data, "name", str(data)), "images": len(captions), **scores, "examples": examples}
+    return {
+        "dataset": name or getattr(data, "name", str(data)),
+        "images": len(captions),
+        **scores,
+        "examples": examples,
+    }
 
 
 def _references(model, data: Any, templates: Sequence[str] | None, progress: bool) -> tuple[list, list[list[str]]]:
