@@ -80,6 +80,7 @@ def registries() -> list[str]:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
     from mmpretrain.losses import LOSSES
+    from mmpretrain.models.decoder import DECODERS
     from mmpretrain.training.objectives import OBJECTIVES
 
     lines = ["## Registered names", "", "Each is a registry entry; a typo fails with the valid names.", ""]
@@ -90,12 +91,10 @@ def registries() -> list[str]:
     for kind, reg in (("head", HEADS), ("loss kind", LOSSES)):
         for e in reg.entries():
             lines.append(f"- **{kind} `{e.name}`**: {e.doc}")
-    for e in OBJECTIVES.entries():
-        params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
-        lines.append(f"- **objective `{e.name}`**: {e.doc} Params: {params}.")
-    for e in DATA_OPS.entries():
-        params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
-        lines.append(f"- **data op `{e.name}`**: {e.doc} Params: {params}.")
+    for kind, reg in (("caption decoder", DECODERS), ("objective", OBJECTIVES), ("data op", DATA_OPS)):
+        for e in reg.entries():
+            params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
+            lines.append(f"- **{kind} `{e.name}`**: {e.doc} Params: {params}.")
     return lines + [""]
 
 
@@ -106,6 +105,7 @@ def render() -> str:
     for cls, title in (
         (s.ModelConfig, "model"),
         (s.TowerConfig, "model.towers.<modality>"),
+        (s.DecoderConfig, "model.decoder"),
         (s.DataConfig, "data"),
         (s.OpSpec, "data.ops[i]"),
         (s.LossConfig, "loss"),
