@@ -143,15 +143,22 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw={"width_ratios": [3, 3, 2]})
     width = 0.8 / len(results)
     for ax, key, title in ((axes[0], "top1", "zero-shot top-1 (%)"), (axes[1], "r10", "text -> image R@10 (%)")):
         for i, (name, r) in enumerate(results.items()):
             xs = [j + i * width for j in range(len(SPLITS))]
-            ax.bar(xs, [100 * r["eval"][s][key] for s in SPLITS], width, label=name)
+            ax.bar(xs, [100 * r["eval"][s][key] for s in SPLITS], width, label=name, color=f"C{i}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SPLITS))], list(SPLITS))
         ax.set_title(title)
     axes[0].legend(fontsize=8)
+    captioners = [(i, name, r) for i, (name, r) in enumerate(results.items()) if "cider" in r["eval"]["seen"]]
+    w = 0.8 / max(len(captioners), 1)
+    for k, (i, name, r) in enumerate(captioners):
+        xs = [j + k * w for j in range(len(SPLITS))]
+        axes[2].bar(xs, [r["eval"][s]["cider"] for s in SPLITS], w, label=name, color=f"C{i}")
+    axes[2].set_xticks([j + 0.4 - w / 2 for j in range(len(SPLITS))], list(SPLITS))
+    axes[2].set_title("captioning CIDEr (greedy)")
     fig.suptitle("objectives on the emoji corpus (same steps each; benchmarks/objectives.py)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -273,3 +273,39 @@ def test_a_coca_checkpoint_is_exported_only_as_coca(tiny_model_cfg, tmp_path):
     with pytest.raises(ValueError, match="no locca decoder"):
         api.export_open_clip(model, tmp_path / "x")
     assert not Path(tmp_path / "x").exists()
+
+
+def test_a_run_fine_tunes_an_open_clip_coca_through_model_pretrained(coca, toy_shards, tmp_path):
+    """``model.pretrained: local-dir:COCA`` with the caption objective: the run starts from open_clip's
+    weights (step 0's caption loss is the one open_clip's model gives) and trains its decoder."""
+    from mmpretrain.training.metrics import read_jsonl
+    from mmpretrain.training.validate import experiment_from_tree
+    from tests.conftest import experiment_tree
+
+    _, ours, folder = coca
+    tree = experiment_tree(toy_shards, tmp_path / "ft", loss={"objectives": [{"kind": "caption"}]},
+                           train={"steps": 2, "ckpt_every": 2, "log_every": 1})  # fmt: skip
+    tree["model"] = {"pretrained": f"local-dir:{folder}"}
+    run = api.train(experiment_from_tree(tree))
+    first = read_jsonl(run / "metrics.jsonl")[0]
+    assert first["loss/caption"] > 0 and "loss/image-text" in first
+    tuned = api.load_checkpoint(run / "checkpoints")
+    assert tuned.cfg.decoder.kind == "coca"
+    before, after = ours.state_dict(), tuned.state_dict()
+    assert not torch.equal(before["decoder.decoder.ln_final.weight"], after["decoder.decoder.ln_final.weight"])
+
+
+@pytest.mark.slow
+def test_open_clips_coca_vit_b_32_loads_from_a_weights_file_it_saved(tmp_path):
+    """The named config at full size (random init, as open_clip saves a checkpoint): embeddings, logits."""
+    torch.manual_seed(0)
+    ref = open_clip.create_model("coca_ViT-B-32").eval()
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "coca.pt")
+    ours = api.create_model("coca_ViT-B-32", pretrained=tmp_path / "coca.pt")
+    image = torch.randn(2, 3, 224, 224)
+    text = ours.tokenizer()(["a photo of a dog", "a diagram"])
+    with torch.no_grad():
+        want = ref(image, text["text"])
+        got = ours({"image": image, **text})
+    assert torch.equal(got["image"], want["image_features"]) and torch.equal(got["text"], want["text_features"])
+    assert torch.equal(got["caption_logits"], want["logits"][text["text_mask"][:, 1:]])

@@ -64,7 +64,12 @@ class ContrastiveModel(nn.Module):
         return list(self.towers.keys())
 
     def encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
-        """Embed ``batch[modality]`` -> (B, E); with a views axis ((B, V, ...), see ``types``) -> (B, V, E)."""
+        """Embed ``batch[modality]`` -> (B, E); with a views axis ((B, V, ...), see ``types``) -> (B, V, E).
+        Under FSDP a registered forward (its parameters gathered, then resharded): ``forward`` calls
+        ``_encode``, whose parameters its own gathering covers."""
+        return self._encode(modality, batch, normalize=normalize)
+
+    def _encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
         x = batch[modality]
         extra = x.dim() - 1 - SAMPLE_DIMS[modality]
         if extra not in (0, 1):
@@ -78,9 +83,14 @@ class ContrastiveModel(nn.Module):
             flat = {modality: x.flatten(0, 1)}
             if mask is not None:
                 flat[mask_key(modality)] = mask.flatten(0, 1)
-            return self.encode(modality, flat, normalize=normalize).view(b, v, -1)
+            return self._encode(modality, flat, normalize=normalize).view(b, v, -1)
         features = self.heads[modality](self.towers[modality](batch))
         return F.normalize(features, dim=-1) if normalize else features
+
+    def patch_tokens(self, modality: str, batch: Batch, mask: Tensor | None = None, mask_token: Tensor | None = None):
+        """``modality``'s tower's patch tokens (masked image modelling), through the model: under FSDP a
+        registered forward, so the tower's sharded parameters are gathered."""
+        return self.towers[modality].patch_tokens(batch, mask, mask_token)
 
     def encode_with_tokens(self, modality: str, batch: Batch) -> tuple[Tensor, Tensor]:
         """(the embedding (B, E), the tower's tokens (B, N, D)) of a batch without a views axis, in one pass."""
@@ -96,7 +106,7 @@ class ContrastiveModel(nn.Module):
             if captioning and m in self.decoder.token_inputs and batch[m].dim() == 1 + SAMPLE_DIMS[m]:
                 out[m], tokens[m] = self.encode_with_tokens(m, batch)
             else:
-                out[m] = self.encode(m, batch)
+                out[m] = self._encode(m, batch)
         if captioning:
             out.update(self.decoder.outputs(self.towers, batch, tokens))
         out.update({valid_key(m): batch[valid_key(m)] for m in list(out) if valid_key(m) in batch})

@@ -73,8 +73,6 @@ def masked_prediction(p: MaskedPredictionParams, ctx: ObjectiveContext) -> Term:
     """Masked prediction of an EMA teacher's patch features (TIPS / iBOT): the student sees ``ratio``
     of each image's patches masked and predicts, there, the teacher's prototype distribution of the
     unmasked image's patches. The image tower must be a vision transformer (open_clip or timm)."""
-    if ctx.sharded:
-        raise ConfigError("loss.objectives: masked_prediction does not run under train.strategy=fsdp yet (use ddp)")
     tower = ctx.student.towers["image"] if "image" in ctx.student.towers else None
     if tower is None or not hasattr(tower, "patch_tokens"):
         raise ConfigError("loss.objectives: masked_prediction needs an image tower with patch tokens (open_clip, timm)")
@@ -84,7 +82,7 @@ def masked_prediction(p: MaskedPredictionParams, ctx: ObjectiveContext) -> Term:
 
     def student(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         mask, mine = _mask(batch, p, tower.num_patches), extras_of(model, ctx.name)
-        tokens = unwrap(model).towers["image"].patch_tokens({"image": batch["image"]}, mask, mine.mask_token)
+        tokens = unwrap(model).patch_tokens("image", {"image": batch["image"]}, mask, mine.mask_token)
         return {"student": mine.head(tokens), "mask": mask}
 
     def teacher(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.losses.contrastive import DistContext
@@ -104,8 +105,6 @@ def self_distill(p: SelfDistillParams, ctx: ObjectiveContext) -> Term:
     """Self-distillation from an EMA teacher over global and local crops (SILC / DINO): the teacher's
     centred, sharpened prototype distribution of each global crop is the target of the student's
     on every other crop. Needs the multi_crop data op; the teacher is checkpointed in the model."""
-    if ctx.sharded:
-        raise ConfigError("loss.objectives: self_distill does not run under train.strategy=fsdp yet (use ddp)")
     if p.modality not in ctx.student.towers:
         raise ConfigError(f"loss.objectives: self_distill: the model has no {p.modality} tower")
     if not 1 <= p.global_crops:
@@ -187,14 +186,19 @@ def _pairs(teacher: EmaTeacher, model: nn.Module, proto: PrototypeHead, modality
 def copy_params(pairs) -> None:
     """Each (teacher, student) parameter pair: the teacher takes the student's values."""
     for t, s in pairs:
-        t.copy_(s)
+        t.copy_(_whole(s))
 
 
 @torch.no_grad()
 def ema_params(pairs, m: float) -> None:
-    """Each (teacher, student) parameter pair: teacher = m * teacher + (1 - m) * student."""
+    """Each (teacher, student) parameter pair: teacher = m * teacher + (1 - m) * student. Under FSDP the
+    student's parameters are shards (DTensor) and the teacher is whole on every rank: each is gathered."""
     for t, s in pairs:
-        t.mul_(m).add_(s.detach(), alpha=1 - m)
+        t.mul_(m).add_(_whole(s.detach()), alpha=1 - m)
+
+
+def _whole(x: Tensor) -> Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 @torch.no_grad()

@@ -110,14 +110,19 @@ class FSDPStrategy(Strategy):
             raise RuntimeError("train.strategy=fsdp needs a process group: launch with torchrun")
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
         kwargs = dict(mesh=mesh, reshard_after_forward=self.cfg.train.fsdp.reshard_after_forward, **self._policies())
-        blocks = transformer_blocks(model)
+        extras = {id(m) for m in model.extras.modules()}  # objectives' state: an EMA teacher, heads
+        blocks = [b for b in transformer_blocks(model) if id(b) not in extras]
         for block in blocks:
             fully_shard(block, **kwargs)
-        self.replicated = [p for p in model.parameters() if p.ndim == 0]
+        # replicated, each rank whole: the scalars, and the objectives' state (called outside the model's
+        # forward: an EMA teacher runs on its own, and is updated from the gathered student)
+        kept = list(model.extras.parameters())
+        self.replicated = [p for p in model.parameters() if p.ndim == 0 and all(p is not k for k in kept)] + kept
         fully_shard(model, ignored_params=set(self.replicated), **kwargs)
-        register_fsdp_forward_method(model, "encode")
+        for method in ("encode", "patch_tokens"):  # forwards the objectives run besides the model's
+            register_fsdp_forward_method(model, method)
         log.info(
-            "fsdp: %d blocks sharded over %d ranks, %d scalar(s) replicated",
+            "fsdp: %d blocks sharded over %d ranks, %d tensor(s) replicated (scalars, objectives' state)",
             len(blocks),
             mesh.size(),
             len(self.replicated),
