@@ -53,7 +53,7 @@ LAYERS = [
     {"eval", "corpora"},
     {"training"},
     {"api"},
-    {"cli", "__init__"},
+    {"cli", "cli_caption", "__init__"},  # cli_caption: the captioning commands, beside cli
 ]
 SIBLINGS_APART = [{"data", "encoders", "losses"}, {"eval", "corpora"}]
 

@@ -172,7 +172,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (LOCAL_RANK's GPU) when available
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
-    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, one more forward per block)
     compile: bool = False  # torch.compile the model
     strategy: str = "ddp"  # how ranks share the model: ddp (replicated) or fsdp (sharded, FSDP2); see docs/training.md
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # used when strategy is fsdp
