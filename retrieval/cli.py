@@ -305,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="build a FAISS index over an embedding folder",
         description=(
-            "Exact search below 20k vectors; else the first of HNSW (below 200k), IVF-Flat, OPQ+IVF-PQ+Refine(SQ8), "
-            "OPQ+IVF-PQ that fits --memory; the search parameter is tuned to --recall (recall@10 vs exact search on "
-            "held-out queries), which index.json records with a checksum of every file."
+            "Exact search below 20k vectors; else the first of HNSW (below 200k), IVF-Flat, IVF-SQ8, OPQ+IVF-PQ that "
+            "fits --memory, measured beside its fitting rivals (IVF-SQ8, the fast-scan and RaBitQ shortlists with "
+            "re-ranking, exact search), each with its search parameter tuned to --recall (recall@10 vs exact search "
+            "on --tune-on queries; captions by default), and the fastest that reaches it kept; index.json records "
+            "the choice, the recall on held-out queries and a checksum of every file (docs/retrieval.md)."
         ),
     )
     b.add_argument("embeddings", help="folder written by `retrieval embed`")

@@ -93,10 +93,18 @@ def _device(cfg: EmbedConfig) -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
+def stored_model_ref(ref: str) -> str:
+    """The model reference as the header keeps it: a path made absolute (``runs/x``, ``local-dir:rel``), so
+    that an index searched from another directory finds it; a model name as given."""
+    prefix = "local-dir:" if ref.startswith("local-dir:") else ""
+    path = Path(ref[len(prefix) :])
+    return prefix + str(path.resolve()) if path.exists() else ref
+
+
 def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources: list[str]) -> None:
     header = {
         "format": FORMAT,
-        "model": cfg.model,
+        "model": stored_model_ref(cfg.model),
         "model_id": model_id,
         "dim": dim,
         "dtype": cfg.dtype,

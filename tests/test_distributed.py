@@ -288,3 +288,19 @@ def test_ema_teachers_and_a_decoder_train_under_fsdp_and_resume_exactly(toy_shar
     )
     model = api.load_checkpoint(tmp_path / "ref")
     assert not list(model.extras.keys()) and model.decoder is not None
+
+
+def test_auto_device_says_why_it_falls_back_to_the_cpu(monkeypatch, caplog):
+    """A machine with an NVIDIA driver whose torch cannot use it trains on the CPU, with a warning naming
+    the wheel's CUDA version; train.device=cuda there fails with the same reason."""
+    from mmpretrain.config.schema import TrainConfig
+    from mmpretrain.training import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "_nvidia_driver_present", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with caplog.at_level("WARNING"):
+        assert dist.resolve_device(TrainConfig(device="auto")) == torch.device("cpu")
+    assert "built for CUDA 13.0" in caplog.text and "training on the CPU" in caplog.text
+    with pytest.raises(RuntimeError, match="built for CUDA 13.0, which needs a driver"):
+        dist.resolve_device(TrainConfig(device="cuda"))

@@ -6,6 +6,7 @@ locked pretrained image tower leaves that tower untouched."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -78,8 +79,9 @@ def test_from_an_open_clip_weights_file_with_its_architecture(oc_model, toy_shar
     trained, _ = train_from(tree, toy_shards, tmp_path)
     back = open_clip.create_model(f"local-dir:{api.export_open_clip(trained, tmp_path / 'export')}").eval()
     assert_same_embeddings(trained, back)
-    with pytest.raises(ConfigError, match="holds no architecture; set model.architecture"):
-        experiment_from_tree({"model": {"pretrained": str(tmp_path / "w.safetensors")}})
+    for model in ({}, {"towers": {"image": {"lr_mult": 0.1}}}):  # the shipped fine-tune YAML's override
+        with pytest.raises(ConfigError, match="holds no architecture; set model.architecture"):
+            experiment_from_tree({"model": {"pretrained": str(tmp_path / "w.safetensors"), **model}})
 
 
 def test_a_changed_architecture_is_refused_clearly(oc_model, tmp_path):
@@ -213,3 +215,25 @@ def test_partial_unfreezing_of_a_pretrained_tower(oc_model, toy_shards, tmp_path
 def test_a_missing_pretrained_reference_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="model.pretrained: no checkpoint at .*resolved.yaml"):
         experiment_from_tree({"model": {"pretrained": f"local-dir:{tmp_path / 'gone'}"}})
+
+
+def test_a_sharded_hugging_face_folder_loads_with_its_temperature_and_bias(tmp_path):
+    """A folder saved in shards (``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``,
+    as the hub keeps large models) loads like a single-file one, its SigLIP scalars included."""
+    import transformers
+
+    from mmpretrain.encoders.hf_clip import tiny_folder
+
+    single = tiny_folder("siglip")["path"]
+    model = transformers.SiglipModel.from_pretrained(single)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="50KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                 "preprocessor_config.json"):  # fmt: skip
+        if (Path(single) / name).is_file():
+            (sharded / name).write_bytes((Path(single) / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    ours, ref = api.load_checkpoint(sharded), api.load_checkpoint(single)
+    assert ours.logit_scale.item() == ref.logit_scale.item() and ours.logit_bias.item() == ref.logit_bias.item()
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(api.encode(ours, "image", batch), api.encode(ref, "image", batch))

@@ -274,3 +274,15 @@ def test_an_index_and_its_embeddings_move_together(embedded, tmp_path):
     assert s.thumbnail(7)[:2] == b"\xff\xd8"
     np.testing.assert_array_equal(s.vectors(np.array([3])), load_embeddings(tmp_path / "b" / "emb").take(np.array([3])))
     assert s._embeddings, "vectors came from FAISS, not the moved embedding folder"
+
+
+def test_a_relative_model_path_is_stored_absolute(tmp_path, monkeypatch):
+    """``retrieval embed --model runs/x`` from one directory, searched from another: the header holds
+    the absolute path (``local-dir:`` kept), a model name as given."""
+    from retrieval.embed import stored_model_ref
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert stored_model_ref("runs/x") == str(tmp_path / "runs" / "x")
+    assert stored_model_ref("local-dir:runs/x") == f"local-dir:{tmp_path / 'runs' / 'x'}"
+    assert stored_model_ref("ViT-B-32") == "ViT-B-32"

@@ -89,7 +89,7 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (infinite stream, no epochs)
     ops: list[OpSpec] = field(default_factory=_default_ops)  # per-sample training transforms, in order
     on_error: Literal["skip", "raise"] = "skip"  # bad samples/shards: skip and count, or stop the run
-    max_errors: int | None = None  # abort after this many skipped samples/shards (None: never)
+    max_errors: int | None = None  # abort once one loader worker has skipped more than this many samples/shards (each worker counts its own; None: never)
     max_member_bytes: int = 32 << 20  # a tar member larger than this is skipped (counted as oversized_member), never read into memory
     timeout_s: float = 600.0  # a loader worker that delivers no batch for this long stops the run, naming its shard (0: wait forever)
     stall_timeout_s: float = 120.0  # a pipe: shard that sends no bytes for this long is abandoned and counted (stalled_shard); 0: off

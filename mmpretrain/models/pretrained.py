@@ -155,11 +155,13 @@ def with_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
             ) from None
         base = CHECKPOINT_FORMATS.build(resolved.format).config(resolved.path)
         if base is None:
-            if model.get("towers"):
-                return tree
+            towers = model.get("towers") or {}
+            if towers and all(isinstance(t, dict) and t.get("encoder") for t in towers.values()):
+                return tree  # the config gives the whole architecture itself
             raise ConfigError(
                 f"model.pretrained {ref}: a {resolved.format} holds no architecture; set model.architecture "
-                "(an open_clip model name such as ViT-B-32, or a model YAML) or give model.towers"
+                "(an open_clip model name such as ViT-B-32, or a model YAML) or give model.towers in full "
+                "(each with its encoder)"
             )
     merged = deep_merge(to_dict(base), model)
     return {**tree, "model": merged}
@@ -229,15 +231,23 @@ def _hf_clip_config(path: Path) -> ModelConfig:
 
 
 def _hf_scalars(path: Path) -> tuple[float, float | None]:
-    """(logit_scale, logit_bias) stored in the folder's weights."""
-    if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
+    """(logit_scale, logit_bias) stored in the folder's weights: ``model.safetensors``, a sharded
+    ``model-0000x-of-0000y.safetensors`` set (its ``model.safetensors.index.json`` names the shard of each
+    tensor), or ``pytorch_model.bin``."""
+    from safetensors import safe_open
 
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            keys = set(f.keys())
-            get = f.get_tensor
-            scale = float(get("logit_scale")) if "logit_scale" in keys else 2.6592
-            return scale, float(get("logit_bias")) if "logit_bias" in keys else None
+    shard_index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file() or shard_index.is_file():
+        where = json.loads(shard_index.read_text())["weight_map"] if shard_index.is_file() else {}
+        found: dict[str, float] = {}
+        for key in ("logit_scale", "logit_bias"):
+            file = path / where.get(key, "model.safetensors")
+            if not file.is_file():
+                continue
+            with safe_open(str(file), "pt") as f:
+                if key in f.keys():
+                    found[key] = float(f.get_tensor(key))
+        return found.get("logit_scale", 2.6592), found.get("logit_bias")
     state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     return float(state.get("logit_scale", torch.tensor(2.6592))), (
         float(state["logit_bias"]) if "logit_bias" in state else None

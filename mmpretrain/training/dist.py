@@ -30,9 +30,26 @@ class DistInfo:
 def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+            raise RuntimeError(f"train.device=cuda but CUDA is not available: {_why_no_cuda()}")
         return torch.device("cuda", local_rank)
+    if cfg.device == "auto" and _nvidia_driver_present():
+        log.warning("train.device=auto: an NVIDIA driver is present but %s; training on the CPU", _why_no_cuda())
     return torch.device("cpu")
+
+
+def _nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def _why_no_cuda() -> str:
+    """What to check when CUDA is not available (docs/troubleshooting.md)."""
+    built = torch.version.cuda
+    if built is None:
+        return "this torch is a CPU build; install a CUDA wheel of the pinned torch"
+    return (
+        f"this torch is built for CUDA {built}, which needs a driver at least that new (nvidia-smi shows the "
+        "driver's CUDA version): upgrade the driver, or install the pinned torch's wheel for an older CUDA"
+    )
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
