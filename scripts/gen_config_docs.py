@@ -77,8 +77,11 @@ def section(cls: type, title: str) -> list[str]:
 
 
 def registries() -> list[str]:
+    from mmpretrain.data.device import DEVICE_OPS
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
+    from mmpretrain.eval.datasets import LAYOUTS
+    from mmpretrain.training.strategy import STRATEGIES
     from mmpretrain.losses import LOSSES
     from mmpretrain.models.decoder import DECODERS
     from mmpretrain.training.objectives import OBJECTIVES
@@ -91,10 +94,15 @@ def registries() -> list[str]:
     for kind, reg in (("head", HEADS), ("loss kind", LOSSES)):
         for e in reg.entries():
             lines.append(f"- **{kind} `{e.name}`**: {e.doc}")
-    for kind, reg in (("caption decoder", DECODERS), ("objective", OBJECTIVES), ("data op", DATA_OPS)):
+    registries = (("caption decoder", DECODERS), ("objective", OBJECTIVES), ("data op", DATA_OPS))
+    registries += (("device data op", DEVICE_OPS),)
+    for kind, reg in registries:
         for e in reg.entries():
             params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
             lines.append(f"- **{kind} `{e.name}`**: {e.doc} Params: {params}.")
+    for kind, reg in (("training strategy", STRATEGIES), ("dataset layout", LAYOUTS)):
+        for e in reg.entries():
+            lines.append(f"- **{kind} `{e.name}`**: {(e.doc or '').strip().splitlines()[0] if e.doc else ''}")
     return lines + [""]
 
 
@@ -108,11 +116,13 @@ def render() -> str:
         (s.DecoderConfig, "model.decoder"),
         (s.DataConfig, "data"),
         (s.OpSpec, "data.ops[i]"),
+        (s.SourceConfig, "data.sources[i]"),
         (s.LossConfig, "loss"),
         (s.LossPair, "loss.pairs[i]"),
         (s.ObjectiveConfig, "loss.objectives[i]"),
         (s.OptimConfig, "optim"),
         (s.TrainConfig, "train"),
+        (s.FsdpConfig, "train.fsdp"),
         (s.EvalConfig, "eval"),
     ):
         parts.append("\n".join(section(cls, title)))
