@@ -81,10 +81,10 @@ def registries() -> list[str]:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
     from mmpretrain.eval.datasets import LAYOUTS
-    from mmpretrain.training.strategy import STRATEGIES
     from mmpretrain.losses import LOSSES
     from mmpretrain.models.decoder import DECODERS
     from mmpretrain.training.objectives import OBJECTIVES
+    from mmpretrain.training.strategy import STRATEGIES
 
     lines = ["## Registered names", "", "Each is a registry entry; a typo fails with the valid names.", ""]
     for modality, reg in ENCODERS.items():
