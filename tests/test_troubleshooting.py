@@ -1,7 +1,7 @@
 """docs/troubleshooting.md stays true: every error message it quotes (the backticked text in a table
-row's first column) is one the code can print: some run of three consecutive words (two, in a message with no longer piece) of its literal text
-(between the placeholders: NAME, N, '...', ...) appears in the source of ``mmpretrain/`` or ``retrieval/``
-(messages are composed, so their variable parts are not searched)."""
+row's first column) is one the code can print: some run of three consecutive words (two, in a message
+with no longer piece) of its literal text, between the placeholders (NAME, N, '...'), appears in the
+source of ``mmpretrain/`` or ``retrieval/`` (messages are composed: their variable parts are not searched)."""
 
 from __future__ import annotations
 
