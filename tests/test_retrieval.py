@@ -286,3 +286,27 @@ def test_a_relative_model_path_is_stored_absolute(tmp_path, monkeypatch):
     assert stored_model_ref("runs/x") == str(tmp_path / "runs" / "x")
     assert stored_model_ref("local-dir:runs/x") == f"local-dir:{tmp_path / 'runs' / 'x'}"
     assert stored_model_ref("ViT-B-32") == "ViT-B-32"
+
+
+def test_an_unchanged_index_is_not_rehashed_on_open_and_a_changed_file_still_is(tmp_path, monkeypatch):
+    """Opening checks every file's sha256 once; later opens of files unchanged since (size, mtime, inode)
+    only stat them; a file written since is hashed again and a corruption found."""
+    import retrieval.index as index_module
+    from mmpretrain import api as mm_api
+
+    write_vectors(tmp_path / "v", clustered(2_000, 16, 10))
+    build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(queries=50), progress=False)
+    hashed = []
+    real = mm_api.files.sha256_file
+    monkeypatch.setattr(index_module.api.files, "sha256_file", lambda p: hashed.append(p) or real(p))
+    open_index(tmp_path / "ix")
+    first = len(hashed)
+    assert first >= 1 and (tmp_path / "ix" / index_module.VERIFIED).is_file()
+    open_index(tmp_path / "ix")
+    assert len(hashed) == first  # nothing read again
+    target = tmp_path / "ix" / "index.faiss"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(IndexError_, match="index.faiss is corrupt"):
+        open_index(tmp_path / "ix")
