@@ -16,9 +16,8 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from logs import ROOT, header
+from logs import ROOT, emit, header
 
 EVAL = "data/emoji/eval"
 TASKS = {
@@ -52,9 +51,7 @@ def main() -> int:
         seconds = time.perf_counter() - start
         lines += [f"== {name}: mmpretrain eval linear-probe {' '.join(cmd[6:])}", f"({seconds:.0f} s wall)"]
         lines += [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith("report:")]
-    print("\n".join(lines))
-    if args.log:
-        Path(args.log).write_text("\n".join(lines) + "\n")
+    emit(lines, args.log)
     return 0
 
 

@@ -28,3 +28,10 @@ def header() -> str:
     script = Path(sys.argv[0]).resolve()
     name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     return f"# python {name} {' '.join(sys.argv[1:])}   ({date.today()}, {os.cpu_count()} CPU cores, commit {commit()})"
+
+
+def emit(lines: list[str], log: str | None) -> None:
+    """Print a benchmark's lines and, with ``log``, write them there (the first line: ``header()``)."""
+    print("\n".join(lines))
+    if log:
+        Path(log).write_text("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from logs import header  # noqa: E402
+from logs import emit, header  # noqa: E402
 
 from mmpretrain import api  # noqa: E402
 from retrieval.embed import EmbedConfig, load_embeddings, run_embed  # noqa: E402
@@ -75,9 +75,7 @@ def main() -> int:
                 knob = f"{h['knob']}={h['knob_value']}"
                 lines.append(f"{kind:<10} {tune_on:<10} {knob:>14} {h['recall@10']:>9.3f} {caps:>9.3f} {its:>7.3f}")
                 print(lines[-1], flush=True)
-    print("\n".join(lines))
-    if args.log:
-        Path(args.log).write_text("\n".join(lines) + "\n")
+    emit(lines, args.log)
     return 0
 
 

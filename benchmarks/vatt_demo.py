@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from logs import ROOT, header
+from logs import ROOT, emit, header
 
 SPLITS = {"heldout": "heldout_combos", "seen": "seen", "unseen": "unseen_concepts"}  # as the Makefile names them
 CLI = [sys.executable, "-m", "mmpretrain.cli"]
@@ -111,9 +111,7 @@ def main() -> int:
     lines += [*loss_lines, f"evaluation: {eval_s:.0f} s (2 clips x 3 crops per video)", *eval_lines(report)]
     if args.inflated:
         lines += inflated(out, corpus, ROOT / args.emoji)
-    print("\n".join(lines))
-    if args.log:
-        Path(args.log).write_text("\n".join(lines) + "\n")
+    emit(lines, args.log)
     return 0
 
 
