@@ -208,17 +208,16 @@ def caption(
     model's captioning decoder (``model.decoder``: coca or locca): ``method`` ``"greedy"`` or ``"beam"``
     (``num_beams`` hypotheses, scored by log-probability / length ** ``length_penalty``); ``max_len``
     tokens at most, the end token included, and none of them the end before ``min_len``."""
-    from mmpretrain.models.generate import generate
+    from mmpretrain.models.generate import generate_text
 
     transform, images = image_transform(model), list(images)
     if not images:
         raise ValueError("caption: no images given")
-    tokenizer, device = model.input_spec("text").tokenizer, next(model.parameters()).device
     options = {"method": method, "max_len": max_len, "min_len": min_len, "num_beams": num_beams}
     out = []
     for i in range(0, len(images), batch_size):
-        batch = transform.batch(images[i : i + batch_size])["image"].to(device)
-        out += [tokenizer.decode(ids) for ids in generate(model, batch, **options, length_penalty=length_penalty)]
+        batch = transform.batch(images[i : i + batch_size])["image"]
+        out += generate_text(model, batch, **options, length_penalty=length_penalty)
     return out
 
 

@@ -28,7 +28,7 @@ from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
 from mmpretrain.eval.inputs import EvalInput
 from mmpretrain.eval.items import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.sets import EvalSet
-from mmpretrain.models.generate import generate
+from mmpretrain.models.generate import generate_text
 
 _TOKEN = re.compile(r"n't|'[a-z]+|[a-z0-9]+(?:[.,][0-9]+)*|[^\sa-z0-9]")
 _PUNCT = set("''`-.?!,:;()[]{}\"") | {"--", "...", "``"}
@@ -106,11 +106,8 @@ def captioning_eval(
     ``method``, ``max_len``, ``min_len``, ``num_beams``. Reports a few examples beside the scores."""
     images, refs = _references(model, data, templates, progress)
     captions: list[str] = []
-    tokenizer = model.input_spec("text").tokenizer
-    device = next(model.parameters()).device
     for i in tqdm(range(0, len(images), batch_size), desc="captioning", unit="batch", disable=not progress):
-        batch = torch.stack(images[i : i + batch_size]).to(device)
-        captions += [tokenizer.decode(ids) for ids in generate(model, batch, **generation)]
+        captions += generate_text(model, torch.stack(images[i : i + batch_size]), **generation)
     scores = caption_scores(captions, refs)
     examples = [{"caption": c, "references": r[:3]} for c, r in list(zip(captions, refs))[:5]]
     return {

@@ -12,6 +12,7 @@ open_clip's group beam search needs transformers < 5, whose ``BeamSearchScorer``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -123,6 +124,13 @@ def generate(
         return beam_search(step, len(images), special, max_len, min_len, num_beams, length_penalty)
     out = greedy(step, len(images), special, max_len, min_len)
     return [_until_end(row[1:].tolist(), special[1]) for row in out]
+
+
+def generate_text(model, images: Tensor, **options: Any) -> list[str]:
+    """``generate``'s captions of a preprocessed batch, decoded by the text tower's tokenizer."""
+    tokenizer = model.input_spec("text").tokenizer
+    device = next(model.parameters()).device
+    return [tokenizer.decode(ids) for ids in generate(model, images.to(device), **options)]
 
 
 def _until_end(ids: list[int], eos: int) -> list[int]:
