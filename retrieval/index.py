@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
-from retrieval import shards
+from retrieval import checksums, shards
 from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k, sweep: part of this module's surface)
     TUNE_ON,
     Queries,
@@ -435,7 +435,7 @@ def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
         names = ["index.faiss"]
     pq.write_table(meta, tmp / "meta.parquet")
     files = names + ["meta.parquet"] + (["index.ivfdata"] if (tmp / "index.ivfdata").exists() else [])
-    header["checksums"] = {f: api.files.sha256_file(tmp / f) for f in files}
+    header["checksums"] = checksums.record(tmp, files)
     header["bytes"] = {f: (tmp / f).stat().st_size for f in files}
     api.files.atomic_write_text(tmp / "index.json", json.dumps(header, indent=2))
 
@@ -546,35 +546,6 @@ def _summary(built) -> dict:
     }
 
 
-VERIFIED = ".verified.json"  # (size, mtime, inode) of each file when its sha256 last matched: opens skip re-hashing
-
-
-def _verify_files(folder: Path, checksums: dict[str, str], *, deep: bool) -> None:
-    """Every file listed is there and (``deep``) matches its sha256. A file unchanged (size, modification
-    time, inode) since it last matched is not hashed again: opening a large index (520 GB at 1B vectors)
-    costs a stat per file, not a read of every byte. The record is a best effort (a read-only folder
-    keeps none); ``rm FOLDER/.verified.json`` forces the full check."""
-    try:
-        seen = json.loads((folder / VERIFIED).read_text())
-    except (OSError, ValueError):
-        seen = {}
-    now = {}
-    for name, digest in checksums.items():
-        path = folder / name
-        if not path.is_file():
-            raise IndexError_(f"{folder}/{name} is missing")
-        st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, digest]
-        if deep and seen.get(name) != stamp and api.files.sha256_file(path) != digest:
-            raise IndexError_(f"{folder}/{name} is corrupt (sha256 mismatch); rebuild the index")
-        now[name] = stamp
-    if deep and now != seen:
-        try:
-            api.files.atomic_write_text(folder / VERIFIED, json.dumps(now))
-        except OSError:
-            log.info("%s is read-only: its files' checksums are verified on every open", folder)
-
-
 def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
     """Open an index folder, checking its format and (``verify``) every file's sha256."""
     import faiss
@@ -589,7 +560,9 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
         raise IndexError_(f"{folder}/index.json is corrupt: {exc}") from None
     if header.get("format") != FORMAT:
         raise IndexError_(f"{folder}: index format {header.get('format')!r}, this version reads {FORMAT!r}; rebuild it")
-    _verify_files(folder, header.get("checksums", {}), deep=verify)
+    wrong = checksums.problem(folder, header.get("checksums", {}), deep=verify)
+    if wrong is not None:
+        raise IndexError_(wrong)
     try:
         if header.get("shard_files"):
             index = shards.read_shards(folder, header["shard_files"], header["dim"])

@@ -291,17 +291,17 @@ def test_a_relative_model_path_is_stored_absolute(tmp_path, monkeypatch):
 def test_an_unchanged_index_is_not_rehashed_on_open_and_a_changed_file_still_is(tmp_path, monkeypatch):
     """Opening checks every file's sha256 once; later opens of files unchanged since (size, mtime, inode)
     only stat them; a file written since is hashed again and a corruption found."""
-    import retrieval.index as index_module
     from mmpretrain import api as mm_api
+    from retrieval import checksums
 
     write_vectors(tmp_path / "v", clustered(2_000, 16, 10))
     build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(queries=50), progress=False)
     hashed = []
     real = mm_api.files.sha256_file
-    monkeypatch.setattr(index_module.api.files, "sha256_file", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(checksums.api.files, "sha256_file", lambda p: hashed.append(p) or real(p))
     open_index(tmp_path / "ix")
     first = len(hashed)
-    assert first >= 1 and (tmp_path / "ix" / index_module.VERIFIED).is_file()
+    assert first >= 1 and (tmp_path / "ix" / checksums.VERIFIED).is_file()
     open_index(tmp_path / "ix")
     assert len(hashed) == first  # nothing read again
     target = tmp_path / "ix" / "index.faiss"
