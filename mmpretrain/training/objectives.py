@@ -54,8 +54,6 @@ def build_objectives(
     student: ContrastiveModel,
     steps: int,
     device: torch.device = torch.device("cpu"),
-    *,
-    sharded: bool = False,
 ) -> list[Active]:
     """``loss.objectives`` built for a run of ``steps`` steps on ``device``; the state each carries is
     attached to ``student.extras`` (call this before loading weights and before wrapping the model)."""
@@ -64,7 +62,7 @@ def build_objectives(
         entry = OBJECTIVES.get(o.kind)
         params = from_dict(entry.config_cls, o.params, f"loss.objectives[{i}].params") if entry.config_cls else None
         prefix, key = f"teacher[{i}]/", f"objective{i}"
-        term = entry.builder(params, ObjectiveContext(student.cfg, student, device, prefix, key, sharded, steps))
+        term = entry.builder(params, ObjectiveContext(student.cfg, student, device, prefix, key, steps))
         if term.modules is not None:
             student.extras[key] = term.modules.to(device)
         name = o.kind if sum(x.kind == o.kind for x in loss.objectives) == 1 else f"{o.kind}[{i}]"

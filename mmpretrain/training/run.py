@@ -138,7 +138,7 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = build_model(cfg.model).to(info.device)
     strategy = build_strategy(cfg, info)
-    objectives = build_objectives(cfg.loss, model, tc.steps, info.device, sharded=strategy.sharded)  # + model.extras
+    objectives = build_objectives(cfg.loss, model, tc.steps, info.device)  # + model.extras
     if ckpt is not None:
         load_weights(model, ckpt)
     else:  # a fresh run: towers may start from other checkpoints (model.towers.<m>.init_from)

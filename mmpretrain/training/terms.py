@@ -63,7 +63,6 @@ class ObjectiveContext:
     device: torch.device = torch.device("cpu")
     prefix: str = "teacher[0]/"  # the keys of its outputs
     name: str = "objective0"  # its entry in model.extras
-    sharded: bool = False  # train.strategy shards the model (fsdp)
     steps: int = 1  # the run's optimizer steps (train.steps)
 
 
