@@ -46,14 +46,17 @@ __all__ = [
     "encode_texts",
     "eval_input",
     "expand_sources",
+    "export_onnx",
     "export_open_clip",
     "files",
     "image_transform",
     "input_batches",
     "item_batches",
+    "list_backends",
     "list_encoders",
     "load_checkpoint",
     "load_config",
+    "load_model",
     "make_shards",
     "model_id",
     "open_image",
@@ -94,6 +97,41 @@ def export_open_clip(model: ContrastiveModel, out_dir: str | Path, *, overwrite:
     return _export(model, out_dir, overwrite=overwrite)
 
 
+def export_onnx(
+    model: ContrastiveModel,
+    out_dir: str | Path,
+    *,
+    towers: Sequence[str] | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s towers (all, or ``towers``) as ONNX files (dynamic batch; dynamic text length for
+    mask-aware text towers; opset 20) with ``onnx_export.json`` (model id, inputs, preprocessing, tokenizer),
+    each checked against the model with onnxruntime; ``quantize="int8"``: dynamic int8 MatMuls. Load it
+    with ``load_model(out_dir, backend="onnxruntime")``. A tower that cannot be exported raises
+    ``ExportError`` naming the operator."""
+    from mmpretrain.deploy.onnx_export import export_onnx as _export
+
+    return _export(model, out_dir, towers=list(towers) if towers else None, quantize=quantize, overwrite=overwrite)
+
+
+def load_model(source: str | Path, *, backend: str = "torch", **kwargs: Any):
+    """A model to encode with, from an encoding backend (``list_backends()``): ``torch`` loads any
+    checkpoint ``load_checkpoint`` reads; ``onnxruntime`` an ONNX export (``threads=``: intra-op threads,
+    default torch's). Either works with ``encode``, ``encode_texts``, ``encode_images``, ``zero_shot``
+    and ``model_id``."""
+    from mmpretrain.deploy.backends import load_backend
+
+    return load_backend(backend, source, **kwargs)
+
+
+def list_backends() -> list[str]:
+    """The registered encoding backends (``load_model(..., backend=)``)."""
+    from mmpretrain.deploy.backends import ENCODING_BACKENDS
+
+    return ENCODING_BACKENDS.names()
+
+
 def convert_checkpoint(src: str | Path, out: str | Path, *, to: str) -> Path:
     """Rewrite our checkpoint ``src`` in the format of ``train.strategy`` ``to``: ``ddp``
     (``model.safetensors``) or ``fsdp`` (``sharded/``, torch.distributed.checkpoint), into the new
@@ -111,7 +149,7 @@ def zero_shot(
     ``model``: a model or anything ``load_checkpoint`` takes."""
     from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
-    if not isinstance(model, ContrastiveModel):
+    if isinstance(model, (str, Path)):
         model = load_checkpoint(model)
     return ZeroShotClassifier(model, list(classes), templates, **kwargs)
 
@@ -127,9 +165,9 @@ def tokenize(model: ContrastiveModel, texts: Iterable[str]) -> Batch:
 @torch.no_grad()
 def encode(model: ContrastiveModel, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
     """Embed ``batch[modality]`` -> (B, E), L2-normalised unless ``normalize=False``."""
-    if modality not in model.towers:
+    if modality not in model.modalities:
         raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
-    device = next(model.parameters()).device
+    device = model.device
     return model.encode(modality, {k: v.to(device) for k, v in batch.items()}, normalize=normalize)
 
 
@@ -171,7 +209,7 @@ def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: i
     texts = list(texts)
     if not texts:
         raise ValueError("encode_texts: no texts given")
-    trim = trim_padding if getattr(model.towers["text"], "variable_length", False) else (lambda b: b)
+    trim = trim_padding if model.variable_length("text") else (lambda b: b)
     return torch.cat(
         [
             encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
@@ -262,7 +300,7 @@ def item_batches(
     shard, or a folder of files, of any modality, with the model's evaluation preprocessing."""
     from mmpretrain.eval.items import item_batches as _item_batches
 
-    if modality not in model.towers:
+    if modality not in model.modalities:
         raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
     return _item_batches(model, source, modality, batch_size=batch_size, thumb_size=thumb_size)
 
@@ -270,8 +308,7 @@ def item_batches(
 def model_id(model: ContrastiveModel) -> str:
     """A fingerprint of what decides a model's embeddings (16 hex digits): its weights and its image
     preprocessing (size, mean, std, interpolation). The same weights loaded from our checkpoint
-    or from an open_clip export give the same id; embeddings and indexes record it, so a query
-    model that differs from the indexing model is caught."""
-    from mmpretrain.models.contrastive import model_id as _model_id
-
-    return _model_id(model)
+    or from an open_clip export give the same id, and an ONNX export (fp32 or int8) carries the id of the
+    model it came from; embeddings and indexes record it, so a query model that differs from the indexing
+    model is caught."""
+    return model.fingerprint()

@@ -9,6 +9,7 @@ import os
 import sys
 
 from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption, eval_captioning
+from mmpretrain.cli_export import add_export, cmd_export
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError, DataError
 
@@ -248,14 +249,6 @@ def _eval_media(model, args: argparse.Namespace, sets: dict):
     return {"media": reports}, None
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from mmpretrain import api
-
-    out = api.export_open_clip(_load_model(args), args.out, overwrite=args.overwrite)
-    print(f"wrote open_clip checkpoint {out} (load with open_clip.create_model('local-dir:{out}'))")
-    return 0
-
-
 def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
     from mmpretrain import api
 
@@ -400,20 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--size", type=int, default=64, help="image (motion: video frame) side in pixels")
     db.add_argument("--seed", type=int, default=0)
     db.set_defaults(fn=cmd_data_build)
-    x = sub.add_parser(
-        "export",
-        help="write a model as an open_clip checkpoint",
-        description=(
-            "Write an image-text model as an open_clip local-dir checkpoint (open_clip_config.json + safetensors), "
-            "loadable by open_clip.create_model('local-dir:OUT') and CLIP_benchmark."
-        ),
-    )
-    _model_args(x)
-    x.add_argument("--out", required=True, help="output folder (an earlier export there is replaced)")
-    x.add_argument(
-        "--overwrite", action="store_true", help="replace --out even when it holds other files (they are deleted)"
-    )
-    x.set_defaults(fn=cmd_export)
+    add_export(sub, _model_args).set_defaults(fn=lambda args: cmd_export(args, _load_model(args)))
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_cmd", required=True)
     cv = ck.add_parser(

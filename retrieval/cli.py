@@ -51,8 +51,12 @@ def parse_bytes(text: str) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from retrieval.embed import EmbedConfig, run_embed
 
+    backend, model = backend_source(args)
+    if model is None:
+        raise QueryError("give the model to embed with: --model CHECKPOINT, or --onnx EXPORT")
     cfg = EmbedConfig(
-        model=args.model,
+        model=model,
+        backend=backend or "torch",
         data=args.data,
         out=args.out,
         batch_size=args.batch_size,
@@ -124,7 +128,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if not args.query and not args.info:
         raise QueryError("give one or more queries, or --info")
-    searcher = Searcher.open(args.index, args.model, device=args.device)
+    backend, model = backend_source(args)
+    searcher = Searcher.open(args.index, model, device=args.device, backend=backend)
     if args.info:
         print(json.dumps(searcher.info(), indent=2))
     for query, hits in zip(args.query, searcher.search(args.query, args.k) if args.query else []):
@@ -154,7 +159,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         min_score=args.min_score,
         exclude=tuple(args.exclude),
         exclude_threshold=args.exclude_threshold,
-        model=args.model,
+        model=(source := backend_source(args))[1],
+        backend=source[0],
         device=args.device,
     )
     r = filter_items(args.embeddings, args.out, cfg)
@@ -195,17 +201,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = [name for name, _ in specs]
     if len(set(names)) != len(names):
         raise QueryError(f"index names must differ: {', '.join(names)} (name them: NAME=PATH)")
-    models: dict[str, object] = {}  # one model per checkpoint, shared by the indexes it built
+    models: dict[tuple, object] = {}  # one model per checkpoint and backend, shared by the indexes it built
     searchers = {}
+    backend, model = backend_source(args)
     for name, path in specs:
         from retrieval.index import open_index
+        from retrieval.models import header_model
 
         loaded = open_index(path)
-        ref = args.model or loaded.header["model"]
+        ref = (model or loaded.header["model"], backend or (None if model else loaded.header.get("backend")))
         if ref not in models:
-            from mmpretrain import api
-
-            models[ref] = api.load_checkpoint(ref)
+            models[ref] = header_model(loaded.header, model, backend)
         searchers[name] = Searcher(models[ref], loaded)
     cfg = ServeConfig(
         host=args.host,
@@ -239,6 +245,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_backend_args(p: argparse.ArgumentParser, default: str) -> None:
+    from mmpretrain import api
+
+    p.add_argument(
+        "--backend",
+        choices=api.list_backends(),
+        help=f"encoding backend: torch, or onnxruntime running an ONNX export (default: {default})",
+    )
+    p.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="encode with this ONNX export (`mmpretrain export --format onnx`): --backend onnxruntime --model DIR",
+    )
+
+
+def backend_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(backend, model) from --backend / --model / --onnx: None where the header's is meant."""
+    if args.onnx is None:
+        return args.backend, args.model
+    if args.model is not None:
+        raise QueryError("give --model or --onnx, not both")
+    if args.backend not in (None, "onnxruntime"):
+        raise QueryError(f"--onnx is an export for the onnxruntime backend, not {args.backend}")
+    return "onnxruntime", args.onnx
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
@@ -270,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
             "GPU), tasks retried when a worker dies (docs/scale_out.md)."
         ),
     )
-    e.add_argument("--model", required=True, help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR")
+    e.add_argument("--model", help="checkpoint dir, run's checkpoints/, or local-dir:OPEN_CLIP_DIR (or --onnx DIR)")
+    add_backend_args(e, "torch")
     e.add_argument("--data", required=True, help="shard spec or image folder")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--batch-size", type=int, default=64)
@@ -385,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--exclude-threshold", type=float, default=0.25, help="similarity to an --exclude query (0.25)")
     f.add_argument("--model", help="scoring model (default: the one the embeddings record; its id must match)")
     f.add_argument("--device", default="cpu", help="torch device for the text encoder (cpu)")
+    add_backend_args(f, "the embeddings' backend")
     f.set_defaults(fn=cmd_filter)
 
     s = sub.add_parser("search", help="text -> items from the command line")
@@ -393,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--info", action="store_true", help="print the index's description (type, recalls) as JSON")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
+    add_backend_args(s, "the index's backend")
     s.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -418,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="index folders, optionally named (default name: the folder's); the first is the default",
     )
     v.add_argument("--model", help="query model for every index (default: the one recorded in each index)")
+    add_backend_args(v, "each index's backend")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-upload", type=parse_bytes, default=parse_bytes("8MB"), help="upload size limit (8MB)")

@@ -31,6 +31,7 @@ import numpy as np
 
 from mmpretrain import api
 from retrieval.embed import EmbedError, load_embeddings, part_name
+from retrieval.models import header_model
 
 log = logging.getLogger(__name__)
 # name -> fn(member ids (sorted), meta) -> the keeper's id. Example: a group and the keeper it picks.
@@ -221,6 +222,7 @@ class FilterConfig:
     exclude: tuple[str, ...] = ()  # text queries: items this close to any of them are dropped
     exclude_threshold: float = 0.25  # cosine similarity to an exclude query at or above which an item goes
     model: str | None = None  # the scoring model (default: the one the embeddings record; its id must match)
+    backend: str | None = None  # its encoding backend (default: torch, or the one the embeddings record)
     batch_size: int = 256  # captions per text-encoder call
     device: str = "cpu"
 
@@ -228,8 +230,8 @@ class FilterConfig:
 def scoring_model(emb, cfg: FilterConfig):
     """The model that embedded ``emb`` (or ``cfg.model``, refused unless its id matches: scores of
     another model's image and text spaces mean nothing)."""
-    model = api.load_checkpoint(cfg.model or emb.header["model"]).to(cfg.device)
-    if "text" not in model.towers:
+    model = header_model(emb.header, cfg.model, cfg.backend).to(cfg.device)
+    if "text" not in model.modalities:
         raise EmbedError(f"{cfg.model or emb.header['model']}: no text tower to score captions with")
     mid = api.model_id(model)
     if mid != emb.header["model_id"]:

@@ -49,6 +49,7 @@ class EmbedConfig:
     model: str
     data: str
     out: str
+    backend: str = "torch"  # the encoding backend (api.list_backends()): torch, or onnxruntime with an ONNX export
     batch_size: int = 64
     dtype: str = "float16"  # float16 | float32
     thumb_size: int = 128  # 0: no thumbnails
@@ -70,6 +71,8 @@ class EmbedConfig:
             raise EmbedError("batch_size must be >= 1")
         if self.modality not in ("image", "video", "audio"):
             raise EmbedError(f"modality {self.modality!r}: collections of image, video or audio can be embedded")
+        if self.backend not in api.list_backends():
+            raise EmbedError(f"backend {self.backend!r}: one of {', '.join(api.list_backends())}")
         if self.engine not in EMBED_ENGINES:
             raise EmbedError(f"engine {self.engine!r}: one of {', '.join(EMBED_ENGINES.names())}")
         if min(self.actors, self.actor_threads, self.decoders, self.retries) < 0 or self.actor_cpus < 1:
@@ -105,6 +108,7 @@ def _write_header(cfg: EmbedConfig, out: Path, model_id: str, dim: int, sources:
     header = {
         "format": FORMAT,
         "model": stored_model_ref(cfg.model),
+        "backend": cfg.backend,
         "model_id": model_id,
         "dim": dim,
         "dtype": cfg.dtype,
@@ -175,7 +179,7 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path, on_batch=None) 
     """Embed one source into ``part``.{npy,thumbs,parquet}; returns its summary (``items``,
     ``skipped`` by kind, ``complete``). An incomplete source writes ``part.failed.json`` instead.
     ``on_batch(n)`` is called with each batch's item count (a progress bar's ``update``)."""
-    writer, last = PartWriter(cfg, source, part, model.cfg.embed_dim), None
+    writer, last = PartWriter(cfg, source, part, model.embed_dim), None
     for batch in api.item_batches(
         model, source, batch_size=cfg.batch_size, thumb_size=cfg.thumb_size, modality=cfg.modality
     ):
@@ -253,7 +257,7 @@ def open_job(cfg: EmbedConfig, model) -> Job:
     out = Path(cfg.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     sources = api.expand_sources(cfg.data)
-    job = Job(out, sources, api.model_id(model), model.cfg.embed_dim)
+    job = Job(out, sources, api.model_id(model), model.embed_dim)
     _write_header(cfg, out, job.model_id, job.dim, sources)
     return job
 
@@ -304,7 +308,7 @@ def embed_local(cfg: EmbedConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     rank, world = rank_world()
-    model = api.load_checkpoint(cfg.model).to(_device(cfg))
+    model = api.load_model(cfg.model, backend=cfg.backend).to(_device(cfg))
     job = open_job(cfg, model)
     mine = [i for i in range(len(job.sources)) if i % world == rank]
     todo = job.todo(mine)

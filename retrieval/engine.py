@@ -83,7 +83,7 @@ class IndexEngine:
     def __init__(self, name: str, searcher: Searcher, *, label_cache: int = 10_000):
         self.name, self.searcher, self.model = name, searcher, searcher.model
         self.dim = int(searcher.index.header["dim"])
-        self.transform = api.image_transform(self.model) if "image" in self.model.towers else None
+        self.transform = api.image_transform(self.model) if "image" in self.model.modalities else None
         self.labels = LabelCache(label_cache)
 
     @property
@@ -93,7 +93,7 @@ class IndexEngine:
     def check(self, query: Query) -> Query:
         if query.kind not in KINDS:
             raise QueryError(f"query kind {query.kind!r}: one of {', '.join(KINDS)}")
-        if query.kind == "text" and "text" not in self.model.towers:
+        if query.kind == "text" and "text" not in self.model.modalities:
             raise QueryError(f"index {self.name!r}: its model has no text tower")
         if query.kind == "image" and self.transform is None:
             raise QueryError(f"index {self.name!r}: its model has no image tower")

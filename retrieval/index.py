@@ -481,6 +481,7 @@ def build_index(
             "dim": emb.dim,
             "metric": "inner_product",
             "model": emb.header["model"],
+            "backend": emb.header.get("backend", "torch"),
             "model_id": emb.header["model_id"],
             "modality": emb.header["modality"],
             "embeddings": [relative_path(emb.folder, out)],  # relative to the index: the folders can move

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmpretrain import api
+from retrieval.models import header_model
 
 if TYPE_CHECKING:
     from retrieval.index import IndexSpec
@@ -119,7 +120,7 @@ def caption_queries(emb, texts: list[str], model=None) -> Queries:
     if not texts:
         raise QueryError_(f"{emb.folder}: the items have no captions to tune on")
     if model is None:
-        model = api.load_checkpoint(emb.header["model"])
+        model = header_model(emb.header)
     if api.model_id(model) != emb.header["model_id"]:
         raise QueryError_(
             f"{emb.header['model']} is now model {api.model_id(model)}, not {emb.header['model_id']} that embedded "

@@ -80,13 +80,13 @@ class Encoder:
     """A model actor: the checkpoint, loaded once, on its GPU (Ray sets ``CUDA_VISIBLE_DEVICES``) or
     on ``threads`` CPU threads; checks it is the model the job was started with."""
 
-    def __init__(self, model: str, model_id: str, modality: str, device: str, threads: int):
+    def __init__(self, model: str, model_id: str, modality: str, device: str, threads: int, backend: str = "torch"):
         import torch
 
         torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = api.load_checkpoint(model).to(device)
+        self.model = api.load_model(model, backend=backend, threads=threads).to(device)
         self.modality = modality
         if api.model_id(self.model) != model_id:
             raise EmbedError(f"{model} on this node is not the model the job started with ({model_id})")
@@ -149,7 +149,9 @@ def _actors(ray, cfg: EmbedConfig, job) -> tuple[list, int]:
     threads = cfg.actor_threads or (1 if on_gpu else _cpu_threads(ray, n))
     decoders = cfg.decoders or max(2, cpus - n * opts["num_cpus"])
     log.info("%d model actor(s) (%s, %d threads), %d decoding tasks", n, json.dumps(opts), threads, decoders)
-    return [actor.remote(cfg.model, job.model_id, cfg.modality, device, threads) for _ in range(n)], decoders
+    return [
+        actor.remote(cfg.model, job.model_id, cfg.modality, device, threads, cfg.backend) for _ in range(n)
+    ], decoders
 
 
 def _cpu_threads(ray, actors: int) -> int:
@@ -163,7 +165,7 @@ def _cpu_threads(ray, actors: int) -> int:
 @EMBED_ENGINES.register("ray", example={"extra": "ray"})
 def embed_ray(cfg: EmbedConfig, progress: bool = True) -> dict:
     """Ray: sources decoded in CPU tasks, embedded by a pool of model actors, parts written by the tasks."""
-    model = api.load_checkpoint(cfg.model)  # the header's model id and dimension, and the preprocessing
+    model = api.load_model(cfg.model, backend=cfg.backend)  # the header's model id and dimension, the preprocessing
     job = open_job(cfg, model)
     mine = list(range(len(job.sources)))
     todo = deque(job.todo(mine))

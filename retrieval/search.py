@@ -15,6 +15,7 @@ import numpy as np
 
 from mmpretrain import api
 from retrieval.index import IndexError_, LoadedIndex, open_index
+from retrieval.models import header_model
 
 MAX_K = 1000
 
@@ -55,9 +56,9 @@ class Searcher:
         self.index = index if isinstance(index, LoadedIndex) else open_index(index)
         self.model, self.limits = model, limits
         h = self.index.header
-        if model.cfg.embed_dim != h["dim"]:
+        if model.embed_dim != h["dim"]:
             raise IndexError_(
-                f"the model embeds into {model.cfg.embed_dim} dimensions, the index holds {h['dim']}: "
+                f"the model embeds into {model.embed_dim} dimensions, the index holds {h['dim']}: "
                 f"it was built by another model ({h['model']})"
             )
         if check_model and api.model_id(model) != h["model_id"]:
@@ -69,16 +70,25 @@ class Searcher:
         self._embeddings = None  # opened on first use of vectors()
 
     @classmethod
-    def open(cls, index: str | Path, model: str | Path | None = None, *, device: str = "cpu", **kwargs) -> Searcher:
-        """Open ``index`` with ``model`` (default: the checkpoint recorded in the index); ``device``
-        ``auto``/``cuda`` searches a GPU copy where faiss-gpu has the index's type (``retrieval.gpu``)."""
+    def open(
+        cls,
+        index: str | Path,
+        model: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        backend: str | None = None,
+        **kwargs,
+    ) -> Searcher:
+        """Open ``index`` with ``model`` run by the encoding ``backend`` (default: the model and backend
+        recorded in the index; ``api.list_backends()``); ``device`` ``auto``/``cuda`` searches a GPU copy
+        where faiss-gpu has the index's type (``retrieval.gpu``)."""
         from retrieval.gpu import to_gpu, use_gpu
 
         loaded = open_index(index)
         # lists on disk stay there (a GPU copy would read them all into memory); shards are searched on the CPU
         if not loaded.header["on_disk"] and not loaded.header.get("shard_files"):
             loaded.index = to_gpu(loaded.index, use_gpu(device))
-        return cls(api.load_checkpoint(model or loaded.header["model"]), loaded, **kwargs)
+        return cls(header_model(loaded.header, None if model is None else str(model), backend), loaded, **kwargs)
 
     def check_text(self, queries: Sequence[str]) -> list[str]:
         if not queries:

@@ -50,10 +50,11 @@ LAYERS = [
     {"config"},
     {"data", "encoders", "losses"},  # siblings: none imports another
     {"models"},
+    {"deploy"},  # ONNX export, quantisation, encoding backends: over models, under eval (which takes either)
     {"eval", "corpora"},
     {"training"},
     {"api"},
-    {"cli", "cli_caption", "__init__"},  # cli_caption: the captioning commands, beside cli
+    {"cli", "cli_caption", "cli_export", "__init__"},  # cli_caption/cli_export: commands of their own, beside cli
 ]
 SIBLINGS_APART = [{"data", "encoders", "losses"}, {"eval", "corpora"}]
 

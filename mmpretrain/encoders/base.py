@@ -16,6 +16,7 @@ Text encoders (``TextEncoder``) also give ``tokenizer()``, a picklable ``list[st
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +33,19 @@ ENCODERS: dict[str, Registry[nn.Module]] = {m: Registry(f"{m} encoder") for m in
 class Tokenizer(Protocol):
     def __call__(self, texts: list[str]) -> Batch:
         """Return ``{"text": (B, L) int64, "text_mask": (B, L) bool (True = real token)}``."""
+
+    def save(self, folder: Path) -> dict:
+        """Write what rebuilding needs into ``folder``; return the record (JSON, with ``kind``) that
+        ``load_tokenizer`` takes back (an export carries its tokenizer: ``mmpretrain.deploy``)."""
+
+
+# kind -> builder(record, folder) -> Tokenizer; the kinds a saved record names
+TOKENIZERS: Registry[Tokenizer] = Registry("tokenizer")
+
+
+def load_tokenizer(record: dict, folder: Path) -> Tokenizer:
+    """The tokenizer a ``Tokenizer.save`` record describes, its files read from ``folder``."""
+    return TOKENIZERS.build(record["kind"], record, folder)
 
 
 def register_encoder(modality: str, name: str, *, config: type, example: dict | Callable[[], dict]) -> Callable:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import TextEncoder, masked_mean, random_tokens, register_encoder
+from mmpretrain.encoders.base import TOKENIZERS, TextEncoder, masked_mean, random_tokens, register_encoder
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
@@ -116,6 +116,18 @@ class HfTokenizer:
         """Token ids -> text, the special tokens left out."""
         with self._lock:
             return self._built().decode(ids, skip_special_tokens=True).strip()
+
+    def save(self, folder: Path) -> dict:
+        """The tokenizer's files into ``folder/tokenizer`` (``save_pretrained``); its record."""
+        with self._lock:
+            self._built().save_pretrained(str(Path(folder) / "tokenizer"))
+        return {"kind": "hf", "path": "tokenizer", "context_length": self.context_length}
+
+
+@TOKENIZERS.register("hf")
+def _load_hf_tokenizer(record: dict, folder: Path) -> HfTokenizer:
+    """A Hugging Face tokenizer saved beside an export (``HfTokenizer.save``)."""
+    return HfTokenizer(str(Path(folder) / record["path"]), int(record["context_length"]))
 
 
 class HfText(TextEncoder):

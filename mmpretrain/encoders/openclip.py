@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -16,7 +17,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import ImageEncoder, TextEncoder, random_tokens, register_encoder
+from mmpretrain.encoders.base import TOKENIZERS, ImageEncoder, TextEncoder, random_tokens, register_encoder
 from mmpretrain.types import Batch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,6 +175,16 @@ class BpeTokenizer:
         """Token ids -> text, the special tokens left out."""
         sot, eot, pad = self.special_ids()
         return self._built().decode([i for i in ids if i not in (sot, eot, pad)]).strip()
+
+    def save(self, folder: Path) -> dict:
+        """Nothing to write (the vocabulary ships in open_clip's wheel); the record."""
+        return {"kind": "openclip_bpe", "context_length": self.context_length}
+
+
+@TOKENIZERS.register("openclip_bpe")
+def _load_bpe_tokenizer(record: dict, folder: Path) -> BpeTokenizer:
+    """open_clip's BPE tokenizer at a context length (``BpeTokenizer.save``)."""
+    return BpeTokenizer(int(record["context_length"]))
 
 
 class OpenClipText(TextEncoder):

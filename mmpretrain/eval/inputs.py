@@ -69,7 +69,7 @@ class EvalInput:
 
     def __init__(self, model, modality: str, views: Views = Views()):
         EVAL_INPUTS.get(modality)  # an unknown modality fails here, naming the known ones
-        if modality not in model.towers:
+        if modality not in model.modalities:
             raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
         ctx = model.data_context()
         self.modality, self.views = modality, views
@@ -139,6 +139,6 @@ def collate(samples: list[Sample], keys: list[str]) -> dict[str, Tensor]:
 @torch.no_grad()
 def embed_views(model, modality: str, batch: dict[str, Tensor]) -> Tensor:
     """(B, E) normalised embeddings; several views per sample ((B, V, ...)) are averaged, then renormalised."""
-    device = next(model.parameters()).device
+    device = model.device
     emb = model.encode(modality, {k: v.to(device) for k, v in batch.items()})
     return F.normalize(emb.mean(1), dim=-1) if emb.dim() == 3 else emb

@@ -289,7 +289,7 @@ def zeroshot_on_features(model, classes: list[str], templates, tests: Sequence[t
     reads), against prompt-ensembled class embeddings; None when the model has no text tower."""
     from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
-    if "text" not in model.towers:
+    if "text" not in model.modalities:
         return [None] * len(tests)
     weights = ZeroShotClassifier(model, classes, templates, allow_duplicates=True, **kw).weights.float().cpu()
     return [metrics(torch.as_tensor(np.asarray(tx)) @ weights.T, ty, len(classes)) for tx, ty in tests]

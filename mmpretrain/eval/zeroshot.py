@@ -80,9 +80,9 @@ class ZeroShotClassifier:
         allow_duplicates: bool = False,
         views: Views | None = None,
     ):
-        if "text" not in model.towers:
+        if "text" not in model.modalities:
             raise ValueError(f"zero-shot needs a text tower; this model has {', '.join(model.modalities)}")
-        if modality not in model.towers:
+        if modality not in model.modalities:
             raise ValueError(f"this model has no {modality!r} tower (towers: {', '.join(model.modalities)})")
         self.model, self.modality = model.eval(), modality
         # duplicates are refused unless asked for: CLIP's ImageNet names repeat two (missile, sunglasses)
@@ -90,7 +90,7 @@ class ZeroShotClassifier:
         self.templates = resolve_templates(templates)
         self.batch_size, self.progress = batch_size, progress
         self.views = views  # video clips x crops / audio windows averaged per input (None: one view)
-        self.device = next(model.parameters()).device
+        self.device = model.device
 
     @cached_property
     def weights(self) -> Tensor:

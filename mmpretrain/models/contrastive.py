@@ -63,6 +63,23 @@ class ContrastiveModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.towers.keys())
 
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs of ``encode`` go (the first parameter's device)."""
+        return next(self.parameters()).device
+
+    def variable_length(self, modality: str) -> bool:
+        """Whether ``modality``'s tower is mask-aware, so a batch may drop padding columns (``api.trim_padding``)."""
+        return bool(getattr(self.towers[modality], "variable_length", False))
+
+    def fingerprint(self) -> str:
+        """``api.model_id``: 16 hex digits over the weights and the image preprocessing."""
+        return model_id(self)
+
     def encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
         """Embed ``batch[modality]`` -> (B, E); with a views axis ((B, V, ...), see ``types``) -> (B, V, E).
         Under FSDP a registered forward (its parameters gathered, then resharded): ``forward`` calls

@@ -1,0 +1,169 @@
+"""ONNX export, the onnxruntime backend and int8 (mmpretrain.deploy).
+
+Parity is generated from the encoder registries: every registered image and text encoder is exported
+(dynamic batch; dynamic length for mask-aware text towers) and run by onnxruntime at another batch size
+(and length) than it was traced at, within 1e-4 of torch; video and audio towers are the ``slow`` rows.
+Then the backends: the same embeddings, model id and search hits from torch and from an export, through
+the API and the command lines; int8 keeps the id and stays close; a tower that cannot be exported fails
+naming the operator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmpretrain import api
+from mmpretrain.config.schema import ModelConfig, TowerConfig
+from mmpretrain.deploy.onnx_export import ATOL, ExportError, check_tower, export_tower
+from mmpretrain.encoders.base import ImageEncoder
+from mmpretrain.models import build_model
+from mmpretrain.training.validate import experiment_from_tree
+from tests.conftest import TINY_MODEL, png_bytes
+from tests.test_encoders import CASES, example
+
+FAST = {"image", "text"}
+ROWS = [
+    pytest.param(m, e, id=f"{m}-{e.name}", marks=() if m in FAST else pytest.mark.slow) for m, e in CASES
+]
+
+
+def one_tower(modality: str, entry) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(embed_dim=24, towers={modality: TowerConfig(entry.name, example(entry))})).eval()
+
+
+@pytest.mark.parametrize("modality, entry", ROWS)
+def test_onnx_matches_torch_for_every_encoder(modality, entry, tmp_path):
+    model = one_tower(modality, entry)
+    info = export_tower(model, modality, tmp_path / "t.onnx")
+    assert info["inputs"][0]["dynamic"][0] == "batch"
+    if model.variable_length(modality):  # traced at length 7, run at the full context length
+        assert info["inputs"][0]["dynamic"][1] == "sequence"
+    assert check_tower(model, modality, tmp_path / "t.onnx") <= ATOL
+
+
+@torch.library.custom_op("mmtest::no_onnx", mutates_args=())
+def _no_onnx(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_no_onnx.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Unexportable(ImageEncoder):
+    """An image tower whose forward calls an operator with no ONNX conversion."""
+
+    image_size, mean, std = (8, 8), (0.5,) * 3, (0.5,) * 3
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(192, 24)
+
+    def forward(self, batch):
+        return self.proj(_no_onnx(batch["image"]).flatten(1))
+
+
+def test_export_names_the_operator_it_cannot_convert(tmp_path):
+    model = build_model(experiment_from_tree({"model": TINY_MODEL}).model).eval()
+    model.towers["image"], model.heads["image"] = _Unexportable(), torch.nn.Identity()
+    with pytest.raises(ExportError, match=r"model.towers.image \(_Unexportable\): operator mmtest.no_onnx"):
+        api.export_onnx(model, tmp_path / "x", towers=["image"])
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tmp_path_factory):
+    model = api.load_checkpoint(tiny_ckpt)
+    root = tmp_path_factory.mktemp("onnx")
+    return model, api.export_onnx(model, root / "fp32"), api.export_onnx(model, root / "int8", quantize="int8")
+
+
+def images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [png_bytes(tuple(int(c) for c in rng.integers(0, 255, 3)), size=40) for _ in range(n)]
+
+
+TEXTS = ["a red circle", "two blue squares on a white ground", "x"]
+
+
+def test_onnxruntime_backend_gives_the_models_embeddings_and_id(exported):
+    model, fp32, _ = exported
+    onnx = api.load_model(fp32, backend="onnxruntime")
+    assert api.model_id(onnx) == api.model_id(model)
+    assert set(onnx.modalities) == {"image", "text"} and onnx.embed_dim == model.embed_dim
+    assert (api.encode_texts(onnx, TEXTS) - api.encode_texts(model, TEXTS)).abs().max() <= ATOL
+    assert (api.encode_images(onnx, images(5)) - api.encode_images(model, images(5))).abs().max() <= ATOL
+    classes = ["red", "blue", "green"]
+    weights = [api.zero_shot("a <> shape", classes, model=m, progress=False).weights for m in (model, onnx)]
+    assert (weights[0] - weights[1]).abs().max() <= ATOL
+    manifest = json.loads((fp32 / "onnx_export.json").read_text())
+    assert manifest["model_id"] == api.model_id(model) and manifest["quantization"] is None
+    assert manifest["towers"]["image"]["spec"]["size"] == [32, 32]
+
+
+def test_both_backends_give_the_same_hits(exported, search_index):
+    from retrieval.search import Searcher
+
+    _, fp32, _ = exported
+    by_torch = Searcher.open(search_index).search(TEXTS, k=5)
+    by_onnx = Searcher.open(search_index, fp32, backend="onnxruntime").search(TEXTS, k=5)
+    assert [[h.id for h in row] for row in by_onnx] == [[h.id for h in row] for row in by_torch]
+
+
+def test_int8_keeps_the_id_and_stays_close(exported, search_index):
+    from retrieval.search import Searcher
+
+    model, fp32, int8 = exported
+    q = api.load_model(int8, backend="onnxruntime")
+    assert q.quantization == "int8" and api.model_id(q) == api.model_id(model)
+    assert (int8 / "text.onnx").stat().st_size < (fp32 / "text.onnx").stat().st_size
+    cos = (api.encode_texts(q, TEXTS) * api.encode_texts(model, TEXTS)).sum(-1)
+    assert cos.min() > 0.8, cos  # a tiny random model (width 32); real models: benchmarks/backends.py
+    assert Searcher(q, search_index).search("a red circle", k=3)  # an fp32 index takes int8 queries
+
+
+def test_a_folder_that_mixes_exports_is_refused(exported, tmp_path):
+    import shutil
+
+    _, fp32, _ = exported
+    mixed = shutil.copytree(fp32, tmp_path / "mixed")
+    manifest = json.loads((mixed / "onnx_export.json").read_text())
+    (mixed / "onnx_export.json").write_text(json.dumps({**manifest, "model_id": "0" * 16}))
+    with pytest.raises(ValueError, match="mixes two exports"):
+        api.load_model(mixed, backend="onnxruntime")
+    with pytest.raises(FileNotFoundError, match="not an ONNX export"):
+        api.load_model(tmp_path, backend="onnxruntime")
+
+
+def test_hf_tokenizer_travels_with_the_export(tmp_path):
+    from mmpretrain.encoders import load_tokenizer
+    from mmpretrain.encoders.hf_text import HfTokenizer, minilm_dir
+
+    tok = HfTokenizer(str(minilm_dir()), 16)
+    record = tok.save(tmp_path)
+    again = load_tokenizer(json.loads(json.dumps(record)), tmp_path)
+    for key, value in tok(TEXTS).items():
+        assert torch.equal(again(TEXTS)[key], value)
+
+
+def test_cli_export_then_search_with_either_backend(tiny_ckpt, search_index, tmp_path, capsys):
+    from mmpretrain.cli import main as mmpretrain_main
+    from retrieval.cli import main as retrieval_main
+
+    out = tmp_path / "onnx"
+    assert mmpretrain_main(["export", "--model", tiny_ckpt, "--format", "onnx", "--towers", "text", "--out", str(out)]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+    printed = []
+    for extra in ([], ["--onnx", str(out)], ["--backend", "onnxruntime", "--model", str(out)]):
+        assert retrieval_main(["search", str(search_index), "a red circle", "-k", "3", *extra]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] == printed[2]
+    assert retrieval_main(["search", str(search_index), "x", "--onnx", str(out), "--model", tiny_ckpt]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # choices come from the registries
+        mmpretrain_main(["export", "--model", tiny_ckpt, "--format", "tflite", "--out", str(tmp_path / "y")])
