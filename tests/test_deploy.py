@@ -156,7 +156,8 @@ def test_cli_export_then_search_with_either_backend(tiny_ckpt, search_index, tmp
     from retrieval.cli import main as retrieval_main
 
     out = tmp_path / "onnx"
-    assert mmpretrain_main(["export", "--model", tiny_ckpt, "--format", "onnx", "--towers", "text", "--out", str(out)]) == 0
+    export = ["export", "--model", tiny_ckpt, "--format", "onnx", "--towers", "text", "--out", str(out)]
+    assert mmpretrain_main(export) == 0
     assert "onnxruntime" in capsys.readouterr().out
     printed = []
     for extra in ([], ["--onnx", str(out)], ["--backend", "onnxruntime", "--model", str(out)]):
