@@ -25,9 +25,7 @@ from tests.conftest import TINY_MODEL, png_bytes
 from tests.test_encoders import CASES, example
 
 FAST = {"image", "text"}
-ROWS = [
-    pytest.param(m, e, id=f"{m}-{e.name}", marks=() if m in FAST else pytest.mark.slow) for m, e in CASES
-]
+ROWS = [pytest.param(m, e, id=f"{m}-{e.name}", marks=() if m in FAST else pytest.mark.slow) for m, e in CASES]
 
 
 def one_tower(modality: str, entry) -> torch.nn.Module:
