@@ -113,6 +113,7 @@ def render() -> str:
     for cls, title in (
         (s.ModelConfig, "model"),
         (s.TowerConfig, "model.towers.<modality>"),
+        (s.LoraConfig, "model.towers.<m>.lora"),
         (s.DecoderConfig, "model.decoder"),
         (s.DataConfig, "data"),
         (s.OpSpec, "data.ops[i]"),

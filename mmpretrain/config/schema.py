@@ -11,6 +11,18 @@ from typing import Any, Literal
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on a tower (``peft``): only the adapters train (and the projection head, if asked)."""
+
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = 0.0  # on the adapter's input (Linear targets; peft's MultiheadAttention adapter ignores it)
+    targets: list[str] | None = None  # module names (exact or a ".name" suffix) or one regex (full match) in the encoder's adapted module; None: the encoder's own (its attention and MLP projections)
+    parameters: list[str] | None = None  # weight tensors adapted in place (peft target_parameters; e.g. open_clip's attn.in_proj_weight); None: the encoder's own
+    train_head: bool = False  # the tower's projection head trains too
+
+
+@dataclass(frozen=True)
 class TowerConfig:
     """One modality's encoder + projection head.
 
@@ -23,6 +35,8 @@ class TowerConfig:
     lr_mult: float = 1.0  # learning-rate multiplier for this tower and its head (0 leaves it out)
     freeze: bool = False  # no gradient for the encoder (LiT: a locked, pretrained text tower)
     trainable_layers: int | None = None  # partial unfreezing: only the encoder's top N layers train (open_clip's lock(unlocked_groups) for its towers); None: all, or none with freeze
+    lora: LoraConfig | None = None  # LoRA adapters (models.lora): the encoder's weights stay as loaded; exports merge them
+    layer_decay: float | None = None  # layer-wise LR decay (open_clip's --visual-layer-decay): the encoder's layer groups, input to output, train at lr * decay ** (groups - 1 - i); in (0, 1]; None: off
     init_from: str | None = None  # a fresh run starts this tower from a checkpoint (any format model.pretrained takes, or a timm weights file for a timm tower): its same-modality tower, or (video) a timm ViT image tower, inflated
 
 

@@ -14,6 +14,9 @@ from mmpretrain.types import MODALITIES
 def check_config(cfg: ExperimentConfig) -> None:
     """Raise ``ConfigError`` naming the bad field."""
     check_model_shape(cfg.model)
+    lora = [m for m, t in cfg.model.towers.items() if t.lora is not None]
+    if lora and cfg.train.strategy == "fsdp":
+        raise ConfigError(f"model.towers.{lora[0]}.lora: LoRA adapters train under ddp, not fsdp (not supported yet)")
     for j, src in enumerate(cfg.data.sources):
         if not src.weight > 0:
             raise ConfigError(f"data.sources[{j}].weight must be > 0")
@@ -39,6 +42,15 @@ def check_model_shape(model: ModelConfig) -> None:
     for modality in model.towers:
         if modality not in MODALITIES:
             raise ConfigError(f"model.towers.{modality}: unknown modality. Valid: {', '.join(sorted(MODALITIES))}")
+    for modality, tower in model.towers.items():
+        if tower.lora is not None and (tower.freeze or tower.trainable_layers is not None):
+            raise ConfigError(
+                f"model.towers.{modality}: lora adapts a frozen encoder itself; drop freeze/trainable_layers"
+            )
+        if tower.lora is not None and (tower.lora.r < 1 or not 0 <= tower.lora.dropout < 1):
+            raise ConfigError(f"model.towers.{modality}.lora: r must be >= 1 and dropout in [0, 1)")
+        if tower.layer_decay is not None and not 0 < tower.layer_decay <= 1:
+            raise ConfigError(f"model.towers.{modality}.layer_decay must be in (0, 1], got {tower.layer_decay}")
     unknown = [m for m in model.shared_backbone if m not in model.towers]
     if unknown or len(model.shared_backbone) == 1:
         raise ConfigError(

@@ -6,9 +6,9 @@ interface, the one ``api.encode`` / ``encode_texts`` / ``encode_images``, ``zero
 ``onnxruntime``: an ONNX export folder (``mmpretrain export --format onnx``), as ``OnnxModel``.
 
 Both give: ``modalities``, ``embed_dim``, ``device``, ``encode(m, batch, normalize=)``, ``input_spec(m)``,
-``data_context()``, ``tokenizer()``, ``variable_length(m)``, ``fingerprint()`` (the model id: an export
-carries the id of the model it came from, so an index built by the torch model accepts its queries) and
-``eval()``.
+``data_context()``, ``tokenizer()``, ``variable_length(m)``, ``logit_scale`` (log space), ``eval()`` and
+``fingerprint()`` (the model id: an export carries the id of the model it came from, so an index built by
+the torch model accepts its queries).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class OnnxModel:
         self.manifest = read_manifest(self.folder)
         self.embed_dim = int(self.manifest["embed_dim"])
         self.quantization = self.manifest.get("quantization")
+        self.logit_scale = torch.tensor(float(self.manifest["logit_scale"]))  # log space, as ContrastiveModel's
+        bias = self.manifest.get("logit_bias")
+        self.logit_bias = None if bias is None else torch.tensor(float(bias))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1

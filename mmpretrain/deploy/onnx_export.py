@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mmpretrain.encoders import load_tokenizer
 from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.models.lora import merged
 from mmpretrain.types import SPEC_TYPES, TextSpec, mask_key
 from mmpretrain.utils.io import atomic_dir
 
@@ -148,7 +149,7 @@ def export_onnx(
     ``quantize="int8"``: onnxruntime's dynamic int8 quantisation of the MatMuls (``deploy.quantize``)."""
     from mmpretrain.deploy.quantize import QUANTIZERS
 
-    model = model.float().cpu().eval()
+    model = merged(model).float().cpu().eval()  # LoRA adapters folded into the weights (models.lora)
     chosen = towers or model.modalities
     unknown = [m for m in chosen if m not in model.modalities]
     if unknown:
@@ -158,6 +159,8 @@ def export_onnx(
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not overwrite:
         raise FileExistsError(f"{out} holds other files; pass overwrite to replace it")
     manifest = {"format": FORMAT, "model_id": model.fingerprint(), "embed_dim": model.embed_dim, "opset": opset}
+    manifest["logit_scale"] = model.logit_scale.item()  # log space, as the model keeps it: zero-shot logits
+    manifest["logit_bias"] = None if model.logit_bias is None else model.logit_bias.item()
     manifest.update({"quantization": quantize, "versions": _versions(), "towers": {}})
     with atomic_dir(out) as tmp:
         for m in chosen:

@@ -128,6 +128,30 @@ def random_tokens(batch_size: int, length: int, vocab: int, *, generator: torch.
     return {"text": ids.long(), "text_mask": mask}
 
 
+def stacked_groups(tower: nn.Module, layers: list, *, top: list | None = None, stem: list | None = None):
+    """A tower's parameters as layer groups, input to output, for layer-wise LR decay (``layer_groups``):
+    [``stem`` (the embeddings), *``layers``, ``top``], where whichever of ``stem`` and ``top`` is not given
+    takes every parameter the others leave; a layer, ``stem`` or ``top`` is a module, a parameter, or a list
+    of them (None entries are skipped). A parameter shared by two places joins the first that names it."""
+    taken: set[int] = set()
+
+    def params(parts) -> list[nn.Parameter]:
+        out = []
+        for part in parts if isinstance(parts, (list, tuple)) else [parts]:
+            if part is None:
+                continue
+            for p in [part] if isinstance(part, nn.Parameter) else part.parameters():
+                if id(p) not in taken:
+                    taken.add(id(p))
+                    out.append(p)
+        return out
+
+    named = [params(stem)] if stem is not None else []
+    named += [params(layer) for layer in layers] + ([params(top)] if top is not None else [])
+    rest = [p for p in tower.parameters() if id(p) not in taken]
+    return [*named, rest] if top is None else [rest, *named]
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over tokens. x: (B, L, D); mask: (B, L) True = keep. Returns (B, D)."""
     weights = mask.to(x.dtype).unsqueeze(-1)

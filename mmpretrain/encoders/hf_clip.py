@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import ImageEncoder, TextEncoder, register_encoder
-from mmpretrain.encoders.hf_text import HfTokenizer, hf_grad_checkpointing
+from mmpretrain.encoders.hf_text import HfTokenizer, hf_grad_checkpointing, hf_layer_groups
 from mmpretrain.types import Batch
 
 # model_type -> (vision class, text class, output attribute); what differs between the two families
@@ -86,6 +86,17 @@ class HfClipVision(ImageEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)
 
+    def layer_groups(self) -> list:
+        return hf_layer_groups(self.model)
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.model
+
+    def lora_targets(self) -> str | list[str]:
+        """Each encoder layer's q/k/v/out projections and MLP (not SigLIP's pooling head)."""
+        return r".*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+
 
 class HfClipText(TextEncoder):
     """Tokens (B, L) + mask -> (B, E): the folder's text model and projection."""
@@ -114,6 +125,17 @@ class HfClipText(TextEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)
+
+    def layer_groups(self) -> list:
+        return hf_layer_groups(self.model)
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.model
+
+    def lora_targets(self) -> str | list[str]:
+        """Each encoder layer's q/k/v/out projections and MLP (not SigLIP's pooling head)."""
+        return r".*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
 
 
 _TINY: dict[str, str] = {}

@@ -14,7 +14,14 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import TOKENIZERS, TextEncoder, masked_mean, random_tokens, register_encoder
+from mmpretrain.encoders.base import (
+    TOKENIZERS,
+    TextEncoder,
+    masked_mean,
+    random_tokens,
+    register_encoder,
+    stacked_groups,
+)
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
@@ -180,19 +187,43 @@ class HfText(TextEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         hf_grad_checkpointing(self.model, enable)
 
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.model
+
+    def lora_targets(self) -> str | list[str]:
+        """BERT's attention projections and its dense layers (attention output, intermediate, output)."""
+        return ["query", "key", "value", "dense"]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        return hf_layer_groups(self.model)
+
     def train_top_layers(self, n: int) -> None:
         """Partial unfreezing (``towers.text.trainable_layers``): only the top ``n`` layers train."""
         unfreeze_top_layers(self.model, n)
 
 
-def unfreeze_top_layers(model: nn.Module, n: int) -> None:
-    """Freeze ``model`` except its last ``n`` transformer layers (the ModuleList of
-    ``config.num_hidden_layers`` blocks). n = 0 freezes everything."""
+def layer_list(model: nn.Module, option: str) -> nn.ModuleList:
+    """A transformers model's transformer layers: the ModuleList of ``config.num_hidden_layers`` blocks."""
     layers = next(
         (m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers), None
     )
     if layers is None:
-        raise ConfigError("trainable_layers: cannot find this model's list of transformer layers")
+        raise ConfigError(f"{option}: cannot find this model's list of transformer layers")
+    return layers
+
+
+def hf_layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """A transformers model's layer groups: its ``embeddings`` (and CLIP's pre-norm), each layer, then
+    everything after (final norm, projection)."""
+    stem = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("embeddings", "pre_layrnorm")]
+    return stacked_groups(model, list(layer_list(model, "layer_decay")), stem=stem)
+
+
+def unfreeze_top_layers(model: nn.Module, n: int) -> None:
+    """Freeze ``model`` except its last ``n`` transformer layers (the ModuleList of
+    ``config.num_hidden_layers`` blocks). n = 0 freezes everything."""
+    layers = layer_list(model, "trainable_layers")
     if not 0 <= n <= len(layers):
         raise ConfigError(f"trainable_layers must be between 0 and {len(layers)}")
     model.requires_grad_(False)

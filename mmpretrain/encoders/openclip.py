@@ -17,7 +17,14 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import TOKENIZERS, ImageEncoder, TextEncoder, random_tokens, register_encoder
+from mmpretrain.encoders.base import (
+    TOKENIZERS,
+    ImageEncoder,
+    TextEncoder,
+    random_tokens,
+    register_encoder,
+    stacked_groups,
+)
 from mmpretrain.types import Batch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,6 +124,28 @@ class OpenClipVision(ImageEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.visual
+
+    def lora_targets(self) -> str | list[str]:
+        """Each block's MLP (its attention: ``lora_parameters``)."""
+        return r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)"
+
+    def lora_parameters(self) -> list[str]:
+        """Each block's q, k, v projection (nn.MultiheadAttention's in_proj_weight), adapted in place."""
+        return ["attn.in_proj_weight"]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """open_clip's (its main branch's layer decay, and ``lock``'s groups): the embeddings (patch conv,
+        class and position embeddings, ln_pre), each block (the last with ln_post), the projection."""
+        v = self.visual
+        blocks = getattr(getattr(v, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise ConfigError(f"layer_decay: this open_clip vision tower ({type(v).__name__}) has no numbered blocks")
+        layers = [*blocks[:-1], [blocks[-1], v.ln_post]]
+        return stacked_groups(v, layers, top=[v.proj, getattr(v, "attn_pool", None), getattr(v, "ln_post", None)])
 
     def train_top_layers(self, n: int) -> None:
         """Partial unfreezing (``towers.image.trainable_layers``): open_clip's ``lock(unlocked_groups=n)``;
@@ -223,6 +252,26 @@ class OpenClipText(TextEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.text
+
+    def lora_targets(self) -> str | list[str]:
+        """Each block's MLP (its attention: ``lora_parameters``)."""
+        return r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)"
+
+    def lora_parameters(self) -> list[str]:
+        """Each block's q, k, v projection (nn.MultiheadAttention's in_proj_weight), adapted in place."""
+        return ["attn.in_proj_weight"]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """open_clip's: the embeddings (token and position embeddings), each block (the last with ln_final),
+        the projection."""
+        t = self.text
+        blocks = t.transformer.resblocks
+        layers = [*blocks[:-1], [blocks[-1], t.ln_final]]
+        return stacked_groups(t, layers, top=[getattr(t, "text_projection", None), getattr(t, "text_pool", None)])
 
     def train_top_layers(self, n: int) -> None:
         """Partial unfreezing (``towers.text.trainable_layers``): open_clip's ``lock(unlocked_layers=n)``

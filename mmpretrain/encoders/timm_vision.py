@@ -105,6 +105,25 @@ class TimmVision(ImageEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.trunk
+
+    def lora_targets(self) -> str | list[str]:
+        """Each block's qkv and output projections and MLP (not the patch embedding's proj)."""
+        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """timm's own layer ids (``group_matcher(coarse=False)``, as ``param_groups_layer_decay``): the stem,
+        each block, the final norm; a trunk without a group matcher is refused."""
+        from timm.models import group_parameters
+
+        if not hasattr(self.trunk, "group_matcher"):
+            raise ConfigError(f"layer_decay: {self.model_name} has no layer groups (timm group_matcher)")
+        by_id = group_parameters(self.trunk, self.trunk.group_matcher(coarse=False))
+        named = dict(self.trunk.named_parameters())
+        return [[named[n] for n in names] for _, names in sorted(by_id.items())]
+
     def train_top_layers(self, n: int) -> None:
         """Partial unfreezing (``towers.image.trainable_layers``): the last ``n`` of the trunk's ``blocks``
         and the final norm train; a trunk without ``blocks`` (a ConvNet) is refused."""

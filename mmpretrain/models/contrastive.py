@@ -14,6 +14,7 @@ from mmpretrain.config.schema import ModelConfig, TowerConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
 from mmpretrain.models.decoder import DECODERS, CaptionDecoder, build_decoder
+from mmpretrain.models.lora import apply_lora, merged
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class ContrastiveModel(nn.Module):
                         "partially unfrozen (use freeze, or lr_mult)"
                     )
                 unlock(tower_cfg.trainable_layers)
+            if tower_cfg.lora is not None:  # peft freezes the encoder's own weights; the adapters train
+                apply_lora(self.towers[modality], tower_cfg.lora, f"model.towers.{modality}.lora")
+                self.heads[modality].requires_grad_(tower_cfg.lora.train_head)
 
     @property
     def modalities(self) -> list[str]:
@@ -77,8 +81,8 @@ class ContrastiveModel(nn.Module):
         return bool(getattr(self.towers[modality], "variable_length", False))
 
     def fingerprint(self) -> str:
-        """``api.model_id``: 16 hex digits over the weights and the image preprocessing."""
-        return model_id(self)
+        """``api.model_id``: 16 hex digits over the weights (LoRA adapters merged) and the image preprocessing."""
+        return model_id(merged(self))
 
     def encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
         """Embed ``batch[modality]`` -> (B, E); with a views axis ((B, V, ...), see ``types``) -> (B, V, E).

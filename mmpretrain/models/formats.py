@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.models.lora import merged
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_dir
 
@@ -162,7 +163,8 @@ def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> 
         "resize_mode": "shortest",
         "size": list(image.image_size),
     }
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("extras.")}  # an objective's state
+    # LoRA adapters merged (models.lora); extras: an objective's state
+    ours = {k: v for k, v in merged(model).state_dict().items() if not k.startswith("extras.")}
     state = {
         k: v.detach().contiguous().clone() for k, v in to_open_clip_state(ours, custom_text=decoder is not None).items()
     }

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError
+from mmpretrain.models.lora import load_canonical, merged, without_lora
 
 log = logging.getLogger(__name__)
 IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our checkpoints
@@ -42,18 +43,20 @@ def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
     if path.is_file():
         if path.suffix != ".safetensors":
             return None
-        with safe_open(str(path), "pt") as f:
-            ours = any(k.startswith("towers.") for k in f.keys())
+        with safe_open(str(path), "pt") as f:  # with LoRA adapters: loaded as a model, merged (_loaded_state)
+            ours = any(k.startswith("towers.") for k in f.keys()) and not any(".lora_" in k for k in f.keys())
         return load_file(str(path)) if ours else None
     resolved = resolve_checkpoint(source)
-    return read_weights(resolved.path) if resolved.format == "mmpretrain" else None
+    state = read_weights(resolved.path) if resolved.format == "mmpretrain" else None
+    return None if state is None or any(".lora_" in k for k in state) else state
 
 
 def _loaded_state(source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
-    """``source`` in any format, loaded as a model (an open_clip weights file as this config's architecture)."""
+    """``source`` in any format, loaded as a model (an open_clip weights file as this config's architecture,
+    without adapters), its LoRA adapters (if it has any) merged."""
     from mmpretrain.models.pretrained import load_pretrained
 
-    return load_pretrained(source, replace(cfg, pretrained=None)).state_dict()
+    return merged(load_pretrained(source, replace(without_lora(cfg), pretrained=None))).state_dict()
 
 
 def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelConfig) -> list[str]:
@@ -73,7 +76,7 @@ def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelCo
         raise ConfigError(f"model.towers.{modality}.init_from {source}: {exc}") from None
     same = {k[len(own) :]: v for k, v in state.items() if k.startswith(own)}
     if same:
-        tower.load_state_dict(same, strict=True)
+        load_canonical(tower, same, strict=True)  # a tower with adapters: onto their base layers
         return sorted(same)
     inflate = getattr(tower, "inflate_from_image", None)
     if inflate is None or not any(k.startswith(IMAGE_TRUNK) for k in state):
@@ -97,7 +100,7 @@ def init_pretrained(model: nn.Module, cfg: ModelConfig) -> int:
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.pretrained {cfg.pretrained}: {exc}") from None
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = load_canonical(model, state, strict=False)
         problem = f"missing {missing[:4]}, unexpected {unexpected[:4]}" if missing or unexpected else None
     except RuntimeError as exc:  # shapes differ
         problem = str(exc).splitlines()[-1].strip()

@@ -9,12 +9,34 @@ import torch
 from torch import nn
 
 from mmpretrain.config.schema import ModelConfig, OptimConfig
+from mmpretrain.config.strict import ConfigError
+
+
+def layer_scales(model: nn.Module, model_cfg: ModelConfig) -> dict[int, float]:
+    """Layer-wise LR decay (``towers.<m>.layer_decay``, open_clip's ``--visual-layer-decay``): id(parameter)
+    -> ``decay ** (n - 1 - i)`` over the encoder's ``layer_groups()`` (n groups, input to output); the
+    projection head outside the tower keeps 1.0."""
+    scales: dict[int, float] = {}
+    for modality, tower_cfg in model_cfg.towers.items():
+        if tower_cfg.layer_decay is None:
+            continue
+        groups_of = getattr(model.towers[modality], "layer_groups", None)
+        if groups_of is None:
+            raise ConfigError(
+                f"model.towers.{modality}.layer_decay: the {tower_cfg.encoder} encoder has no numbered layers"
+            )
+        groups = groups_of()
+        for i, group in enumerate(groups):
+            for p in group:
+                scales.setdefault(id(p), tower_cfg.layer_decay ** (len(groups) - 1 - i))
+    return scales
 
 
 def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -> list[dict]:
-    """Groups by (tower lr multiplier, decay). No decay for tensors with ndim < 2 (biases,
-    norms, logit scale/bias), as CLIP. Frozen parameters are left out."""
+    """Groups by (tower lr multiplier x layer-decay scale, decay). No decay for tensors with ndim < 2
+    (biases, norms, logit scale/bias), as CLIP. Frozen parameters are left out."""
     mult = {m: t.lr_mult for m, t in model_cfg.towers.items()}
+    scale = layer_scales(model, model_cfg)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()  # a trunk shared by towers (model.shared_backbone) joins the first tower's group
     for module in (getattr(model, "towers", {}), getattr(model, "heads", {})):
@@ -22,7 +44,7 @@ def param_groups(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -
             for p in sub.parameters():
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
-                    groups.setdefault((mult[modality], p.ndim >= 2), []).append(p)
+                    groups.setdefault((mult[modality] * scale.get(id(p), 1.0), p.ndim >= 2), []).append(p)
     for p in model.parameters():  # model-level parameters: logit scale / bias
         if p.requires_grad and id(p) not in seen:
             groups.setdefault((1.0, p.ndim >= 2), []).append(p)
