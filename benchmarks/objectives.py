@@ -99,16 +99,16 @@ def train(name: str, config: str, extra: list[str], steps: int, out: Path, corpu
     return {"run": run, "step_s": batch / statistics.median(rates), "peak_rss_mb": peak}
 
 
-def evaluate(run: Path, corpus: Path) -> dict:
+def evaluate(run: Path, corpus: Path, template: str = TEMPLATE) -> dict:
     from mmpretrain import api
     from mmpretrain.eval.captioning import captioning_eval
     from mmpretrain.eval.runner import EvalSet, embed_folder, folder_retrieval_metrics, zeroshot_metrics
 
-    model = api.load_checkpoint(run / "checkpoints").eval()
+    model = api.load_checkpoint(run).eval()  # a run folder, or a checkpoint
     out = {}
     for short, split in SPLITS.items():
         folder = EvalSet.parse(f"{split}@folder={corpus / 'eval' / split}")
-        fe = embed_folder(model, folder, templates=TEMPLATE, progress=False)
+        fe = embed_folder(model, folder, templates=template, progress=False)
         z, r = zeroshot_metrics(fe), folder_retrieval_metrics(fe, ks=(10,))
         out[short] = {"top1": z["top1"], "chance": z["chance_top1"], "r10": r["text_to_image_R@10"]}
         if model.decoder is not None:

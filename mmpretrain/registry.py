@@ -31,6 +31,8 @@ BUILT_INS = (
     "mmpretrain.corpora",
     "mmpretrain.training.strategy",
     "mmpretrain.training.objectives",
+    "mmpretrain.deploy.backends",
+    "mmpretrain.deploy.exports",
 )
 
 

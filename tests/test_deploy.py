@@ -17,7 +17,10 @@ import torch
 
 from mmpretrain import api
 from mmpretrain.config.schema import ModelConfig, TowerConfig
+from mmpretrain.deploy.backends import ENCODING_BACKENDS
+from mmpretrain.deploy.exports import EXPORT_FORMATS
 from mmpretrain.deploy.onnx_export import ATOL, ExportError, check_tower, export_tower
+from mmpretrain.deploy.quantize import QUANTIZERS
 from mmpretrain.encoders.base import ImageEncoder
 from mmpretrain.models import build_model
 from mmpretrain.training.validate import experiment_from_tree
@@ -76,9 +79,12 @@ def test_export_names_the_operator_it_cannot_convert(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(tiny_ckpt, tmp_path_factory):
+    """The tiny model, its fp32 ONNX export and one export per quantizer, through the registries."""
     model = api.load_checkpoint(tiny_ckpt)
     root = tmp_path_factory.mktemp("onnx")
-    return model, api.export_onnx(model, root / "fp32"), api.export_onnx(model, root / "int8", quantize="int8")
+    fp32 = EXPORT_FORMATS.build("onnx", model, root / "fp32")
+    quantized = {q: EXPORT_FORMATS.build("onnx", model, root / q, quantize=q) for q in QUANTIZERS.names()}
+    return model, fp32, quantized
 
 
 def images(n: int) -> list[bytes]:
@@ -87,6 +93,25 @@ def images(n: int) -> list[bytes]:
 
 
 TEXTS = ["a red circle", "two blue squares on a white ground", "x"]
+
+
+@pytest.mark.parametrize("entry", ENCODING_BACKENDS.entries(), ids=ENCODING_BACKENDS.names())
+def test_every_backend_gives_the_models_embeddings_and_id(entry, exported, tiny_ckpt):
+    model, fp32, _ = exported
+    source = {"checkpoint": tiny_ckpt, "onnx export": fp32}[entry.example]
+    other = api.load_model(source, backend=entry.name)
+    assert api.model_id(other) == api.model_id(model) and other.embed_dim == model.embed_dim
+    assert (api.encode_texts(other, TEXTS) - api.encode_texts(model, TEXTS)).abs().max() <= ATOL
+    assert (api.encode_images(other, images(3)) - api.encode_images(model, images(3))).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("entry", EXPORT_FORMATS.entries(), ids=EXPORT_FORMATS.names())
+def test_every_export_format_loads_back_as_the_model(entry, exported, tmp_path):
+    model, fp32, _ = exported
+    out = fp32 if entry.name == "onnx" else EXPORT_FORMATS.build(entry.name, model, tmp_path / "x")  # onnx: above
+    again = api.load_model(f"{entry.example['prefix']}{out}", backend=entry.example["backend"])
+    assert api.model_id(again) == api.model_id(model)
+    assert (api.encode_texts(again, TEXTS) - api.encode_texts(model, TEXTS)).abs().max() <= ATOL
 
 
 def test_onnxruntime_backend_gives_the_models_embeddings_and_id(exported):
@@ -99,7 +124,8 @@ def test_onnxruntime_backend_gives_the_models_embeddings_and_id(exported):
     classes = ["red", "blue", "green"]
     clfs = [api.zero_shot("a <> shape", classes, model=m, progress=False) for m in (model, onnx)]
     assert (clfs[0].weights - clfs[1].weights).abs().max() <= ATOL
-    logits = [clf.logits(images(4)) for clf in clfs]  # the temperature travels in the manifest
+    pixels = api.image_transform(model).batch(images(4))["image"]
+    logits = [clf.logits(pixels) for clf in clfs]  # the temperature travels in the manifest
     assert (logits[0] - logits[1]).abs().max() <= 100 * ATOL
     manifest = json.loads((fp32 / "onnx_export.json").read_text())
     assert manifest["model_id"] == api.model_id(model) and manifest["quantization"] is None
@@ -115,16 +141,17 @@ def test_both_backends_give_the_same_hits(exported, search_index):
     assert [[h.id for h in row] for row in by_onnx] == [[h.id for h in row] for row in by_torch]
 
 
-def test_int8_keeps_the_id_and_stays_close(exported, search_index):
+@pytest.mark.parametrize("entry", QUANTIZERS.entries(), ids=QUANTIZERS.names())
+def test_every_quantizer_keeps_the_id_and_stays_close(entry, exported, search_index):
     from retrieval.search import Searcher
 
-    model, fp32, int8 = exported
-    q = api.load_model(int8, backend="onnxruntime")
-    assert q.quantization == "int8" and api.model_id(q) == api.model_id(model)
-    assert (int8 / "text.onnx").stat().st_size < (fp32 / "text.onnx").stat().st_size
+    model, fp32, quantized = exported
+    q = api.load_model(quantized[entry.name], backend="onnxruntime")
+    assert q.quantization == entry.name and api.model_id(q) == api.model_id(model)
+    assert (quantized[entry.name] / "text.onnx").stat().st_size < (fp32 / "text.onnx").stat().st_size
     cos = (api.encode_texts(q, TEXTS) * api.encode_texts(model, TEXTS)).sum(-1)
-    assert cos.min() > 0.8, cos  # a tiny random model (width 32); real models: benchmarks/backends.py
-    assert Searcher(q, search_index).search("a red circle", k=3)  # an fp32 index takes int8 queries
+    assert cos.min() > entry.example["min_cosine"], cos  # a tiny random model; real ones: benchmarks/backends.py
+    assert Searcher(q, search_index).search("a red circle", k=3)  # an fp32 index takes its queries
 
 
 def test_a_folder_that_mixes_exports_is_refused(exported, tmp_path):
@@ -138,17 +165,6 @@ def test_a_folder_that_mixes_exports_is_refused(exported, tmp_path):
         api.load_model(mixed, backend="onnxruntime")
     with pytest.raises(FileNotFoundError, match="not an ONNX export"):
         api.load_model(tmp_path, backend="onnxruntime")
-
-
-def test_hf_tokenizer_travels_with_the_export(tmp_path):
-    from mmpretrain.encoders import load_tokenizer
-    from mmpretrain.encoders.hf_text import HfTokenizer, minilm_dir
-
-    tok = HfTokenizer(str(minilm_dir()), 16)
-    record = tok.save(tmp_path)
-    again = load_tokenizer(json.loads(json.dumps(record)), tmp_path)
-    for key, value in tok(TEXTS).items():
-        assert torch.equal(again(TEXTS)[key], value)
 
 
 def test_cli_export_then_search_with_either_backend(tiny_ckpt, search_index, tmp_path, capsys):

@@ -44,6 +44,10 @@ CONTRACTS = {
     "index type": "test_retrieval.test_every_index_type_builds_and_reaches_its_recall",
     "embed engine": "test_scaleout.test_every_embed_engine_writes_what_the_local_job_writes",
     "index engine": "test_scaleout.test_every_index_engine_answers_as_the_local_build",
+    "tokenizer": "test_tokenizer_contract",
+    "export format": "test_deploy.test_every_export_format_loads_back_as_the_model",
+    "quantizer": "test_deploy.test_every_quantizer_keeps_the_id_and_stays_close",
+    "encoding backend": "test_deploy.test_every_backend_gives_the_models_embeddings_and_id",
     "training strategy": "test_distributed.test_fsdp_trains_resumes_exactly_and_reads_and_converts_ddp_checkpoints",
     **{f"{m} encoder": "test_encoders" for m in ("image", "text", "video", "audio")},
 }
@@ -418,3 +422,16 @@ def test_architecture_doc_lists_every_registry():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     missing = [kind for kind in REGISTRIES if f"(`{kind}`)" not in doc and not kind.endswith(" encoder")]
     assert not missing, f"docs/architecture.md does not list: {missing}"
+
+
+@entries("tokenizer")
+def test_tokenizer_contract(entry, tmp_path):
+    """A tokenizer saved beside an export (``save``) loads back (``load_tokenizer``) tokenising the same."""
+    from mmpretrain.encoders import load_tokenizer
+
+    tok, texts = entry.make_example(), ["a red circle", "two blue squares on a white ground", "x"]
+    record = json.loads(json.dumps(tok.save(tmp_path)))  # JSON, as the manifest keeps it
+    assert record["kind"] == entry.name
+    again = load_tokenizer(record, tmp_path)
+    for key, value in tok(texts).items():
+        assert torch.equal(again(texts)[key], value)

@@ -27,6 +27,7 @@ from mmpretrain.registry import Registry
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key
 
 log = logging.getLogger(__name__)
+# name -> fn(source, **options) -> model; example: the kind of source it loads ("checkpoint", "onnx export")
 ENCODING_BACKENDS: Registry[Any] = Registry("encoding backend")
 
 NUMPY_DTYPES = {"int64": np.int64, "int32": np.int32, "bool": np.bool_, "float32": np.float32}
@@ -117,7 +118,7 @@ class OnnxModel:
         return F.normalize(features, dim=-1) if normalize else features
 
 
-@ENCODING_BACKENDS.register("torch")
+@ENCODING_BACKENDS.register("torch", example="checkpoint")
 def torch_backend(source: str | Path, **kwargs: Any):
     """PyTorch eager: a ``ContrastiveModel`` from a checkpoint, run folder or open_clip/HF folder."""
     from mmpretrain.models.pretrained import load_pretrained
@@ -125,7 +126,7 @@ def torch_backend(source: str | Path, **kwargs: Any):
     return load_pretrained(source).eval()
 
 
-@ENCODING_BACKENDS.register("onnxruntime")
+@ENCODING_BACKENDS.register("onnxruntime", example="onnx export")
 def onnxruntime_backend(source: str | Path, *, threads: int | None = None, **kwargs: Any) -> OnnxModel:
     """onnxruntime (CPU): a folder written by ``mmpretrain export --format onnx`` (fp32 or int8)."""
     return OnnxModel(source, threads=threads)

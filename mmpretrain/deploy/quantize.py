@@ -16,11 +16,12 @@ from mmpretrain.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# name -> fn(path) -> record: rewrites the fp32 ONNX file at ``path`` in place; the record goes in the manifest
+# name -> fn(path) -> record: rewrites the fp32 ONNX file at ``path`` in place; the record goes in the manifest.
+# Example: the cosine to fp32 its embeddings keep on the tests' tiny random model (real models: benchmarks/backends.py)
 QUANTIZERS: Registry[dict] = Registry("quantizer")
 
 
-@QUANTIZERS.register("int8")
+@QUANTIZERS.register("int8", example={"min_cosine": 0.8})
 def quantize_int8(path: Path) -> dict:
     """Dynamic int8 (onnxruntime.quantization.quantize_dynamic): MatMul/Gemm weights int8 per channel,
     activations uint8 at run time; after onnxruntime's shape-inference pre-pass."""

@@ -131,7 +131,7 @@ class HfTokenizer:
         return {"kind": "hf", "path": "tokenizer", "context_length": self.context_length}
 
 
-@TOKENIZERS.register("hf")
+@TOKENIZERS.register("hf", example=lambda: HfTokenizer(str(minilm_dir()), 16))
 def _load_hf_tokenizer(record: dict, folder: Path) -> HfTokenizer:
     """A Hugging Face tokenizer saved beside an export (``HfTokenizer.save``)."""
     return HfTokenizer(str(Path(folder) / record["path"]), int(record["context_length"]))

@@ -210,7 +210,7 @@ class BpeTokenizer:
         return {"kind": "openclip_bpe", "context_length": self.context_length}
 
 
-@TOKENIZERS.register("openclip_bpe")
+@TOKENIZERS.register("openclip_bpe", example=lambda: BpeTokenizer(12))
 def _load_bpe_tokenizer(record: dict, folder: Path) -> BpeTokenizer:
     """open_clip's BPE tokenizer at a context length (``BpeTokenizer.save``)."""
     return BpeTokenizer(int(record["context_length"]))
