@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-index bench-sentences bench-faults bench-serve bench-objectives system-deps clean-runs
+.PHONY: install lint test test-all demo smoke toy-data toy-clips vat-smoke vatt-demo bench bench-deploy bench-index bench-sentences bench-faults bench-serve bench-objectives system-deps clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -91,7 +91,15 @@ bench: $(STAMP) toy-data system-deps
 	$(PY) benchmarks/curate.py > $(RESULTS)/curate_$(TODAY).log
 	$(PY) benchmarks/tuning_queries.py --log $(RESULTS)/tuning_queries_$(TODAY).log
 	$(PY) benchmarks/attack.py --log $(RESULTS)/attack_$(TODAY).log
-	$(MAKE) bench-index bench-sentences bench-serve bench-faults bench-objectives
+	$(MAKE) bench-index bench-sentences bench-serve bench-faults bench-objectives bench-deploy
+
+# the encoding backends (torch, onnxruntime fp32/int8) and LoRA against a full fine-tune (issue 31; ~40 min):
+# need `make demo` (its model, corpus and index) and the icon corpus for the LoRA runs (runs/bench_lora reused)
+bench-deploy: $(STAMP)
+	@test -f runs/demo/lit/resolved.yaml || $(MAKE) demo
+	$(PY) benchmarks/backends.py --log $(RESULTS)/backends_$(TODAY).log
+	@test -f data/icons/manifest.json || $(VENV)/bin/mmpretrain data build icons
+	$(PY) benchmarks/lora.py --log $(RESULTS)/lora_$(TODAY).log
 
 # each training objective on the emoji corpus (issue 29; ~50 min): needs `make demo` (its corpus, and its
 # LiT model as the distillation teacher); finished runs in runs/bench_objectives are reused
