@@ -83,7 +83,9 @@ def exported(tiny_ckpt, tmp_path_factory):
     model = api.load_checkpoint(tiny_ckpt)
     root = tmp_path_factory.mktemp("onnx")
     fp32 = EXPORT_FORMATS.build("onnx", model, root / "fp32")
-    quantized = {q: EXPORT_FORMATS.build("onnx", model, root / q, quantize=q) for q in QUANTIZERS.names()}
+    quantized = {
+        q: EXPORT_FORMATS.build("onnx", model, root / q, towers=["text"], quantize=q) for q in QUANTIZERS.names()
+    }
     return model, fp32, quantized
 
 
@@ -184,3 +186,28 @@ def test_cli_export_then_search_with_either_backend(tiny_ckpt, search_index, tmp
     assert "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # choices come from the registries
         mmpretrain_main(["export", "--model", tiny_ckpt, "--format", "tflite", "--out", str(tmp_path / "y")])
+
+
+def test_the_service_and_an_embedding_job_answer_alike_with_either_backend(exported, search_index, embedded,
+                                                                           toy_shards, tmp_path):  # fmt: skip
+    """The service over an index, queried through the onnxruntime backend, gives the torch model's hits;
+    an embedding job run by the export writes the torch job's vectors and records its backend."""
+    from retrieval.embed import EmbedConfig, load_embeddings, run_embed
+    from retrieval.search import Searcher
+    from retrieval.service import create_app
+    from tests.conftest import api_client
+
+    _, fp32, _ = exported
+    answers = []
+    for searcher in (Searcher.open(search_index), Searcher.open(search_index, fp32, backend="onnxruntime")):
+        with api_client(create_app({"toy": searcher})) as client:
+            r = client.get("/search", params={"q": "a red circle", "k": 5})
+            assert r.status_code == 200
+            answers.append([hit["id"] for hit in r.json()["results"]])
+    assert answers[0] == answers[1]
+    out = tmp_path / "emb"
+    run_embed(EmbedConfig(model=str(fp32), backend="onnxruntime", data=str(toy_shards), out=str(out), batch_size=8),
+              progress=False)  # fmt: skip
+    ours, theirs = load_embeddings(out), load_embeddings(embedded[0])
+    assert ours.header["backend"] == "onnxruntime" and ours.header["model_id"] == theirs.header["model_id"]
+    assert np.abs(ours.array().astype(np.float32) - theirs.array().astype(np.float32)).max() <= 2e-3  # fp16

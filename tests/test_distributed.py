@@ -139,6 +139,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(toy_shards, tmp_p
     assert len(ckpts) == 1 and last == [state["step"], state["step"]] and len(state["data"]) == 2
 
 
+@pytest.mark.slow  # 50 s; the kill/resume path is also in test_torchrun_training_and_resume and benchmarks/faults.py
 def test_torchrun_elastic_restart_resumes_exactly(toy_shards, tmp_path):
     """torchrun --max-restarts 1 with train.resume=latest: a rank killed mid-run (SIGKILL, after the
     step-4 checkpoint) makes torchrun restart the group, which resumes from that checkpoint and ends

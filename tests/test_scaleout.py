@@ -113,6 +113,7 @@ def test_a_killed_ray_worker_is_retried_and_the_output_is_complete(
     assert_same_embeddings(embedded[0], tmp_path / "e")
 
 
+@pytest.mark.slow  # 17 s; the local job's half-read source is tested in test_retrieval
 def test_ray_embed_leaves_a_half_read_source_unfinished(ray_cluster, tiny_ckpt, toy_shards, tmp_path):
     """As the local job: a truncated shard gets a .failed.json and no part, and the re-run retries only it."""
     import shutil

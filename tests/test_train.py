@@ -153,6 +153,7 @@ def test_sigterm_checkpoints_and_stops(toy_shards, tmp_path):
     assert len(ckpts) == 1 and int(ckpts[0].name.split("_")[1]) >= 3
 
 
+@pytest.mark.slow  # 23 s; the same stop-save-resume path as SIGTERM (test_sigterm_checkpoints_and_stops)
 def test_ctrl_c_checkpoints_and_resume_is_exact(toy_shards, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the whole process group, loader workers included) saves after the
     step and exits 0; the resumed run equals an uninterrupted one."""
