@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.encoders.base import register_encoder, stacked_groups
+from mmpretrain.encoders.base import BlockStack, register_encoder
 from mmpretrain.types import AudioSpec, Batch
 
 
@@ -56,7 +56,7 @@ class AudioParams:
         return int(round(self.sample_rate * self.seconds))
 
 
-class AudioTransformer(nn.Module):
+class AudioTransformer(BlockStack, nn.Module):
     """(B, S) waveform -> (B, width) (the CLS token); a head projects to the shared space."""
 
     projects = False
@@ -102,18 +102,6 @@ class AudioTransformer(nn.Module):
         mask = torch.ones(batch_size, s, dtype=torch.bool)
         mask[0, s // 2 :] = False  # a short clip, zero-padded
         return {"audio": torch.randn(batch_size, s) * 0.1 * mask, "audio_mask": mask}
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self
-
-    def lora_targets(self) -> str | list[str]:
-        """Each timm block's qkv and output projections and MLP."""
-        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Layer-wise LR decay: the embeddings, each block, the final norm."""
-        return stacked_groups(self, list(self.blocks), top=[self.norm])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

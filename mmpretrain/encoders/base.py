@@ -152,6 +152,24 @@ def stacked_groups(tower: nn.Module, layers: list, *, top: list | None = None, s
     return [*named, rest] if top is None else [rest, *named]
 
 
+TIMM_BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a timm Block's projections (LoRA)
+
+
+class BlockStack:
+    """For towers built of timm ``blocks`` and a final ``norm`` (the VATT towers): LoRA on each block's
+    qkv, attention output and MLP projections; layer-wise LR decay over the embeddings, each block, the norm."""
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self
+
+    def lora_targets(self) -> str | list[str]:
+        return list(TIMM_BLOCK_TARGETS)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        return stacked_groups(self, list(self.blocks), top=[self.norm])
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over tokens. x: (B, L, D); mask: (B, L) True = keep. Returns (B, D)."""
     weights = mask.to(x.dtype).unsqueeze(-1)

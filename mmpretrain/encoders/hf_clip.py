@@ -63,7 +63,26 @@ def _load(path: str, which: int) -> tuple[nn.Module, str, object]:
     return model, family[2][which], full
 
 
-class HfClipVision(ImageEncoder):
+class _HfClipTower:
+    """What a Hugging Face CLIP/SigLIP tower (``self.model``) shares: activation checkpointing, layer groups
+    (layer-wise LR decay) and where LoRA adapters go."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        hf_grad_checkpointing(self.model, enable)
+
+    def layer_groups(self) -> list:
+        return hf_layer_groups(self.model)
+
+    def lora_module(self) -> nn.Module:
+        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
+        return self.model
+
+    def lora_targets(self) -> str | list[str]:
+        """Each encoder layer's q/k/v/out projections and MLP (not SigLIP's pooling head)."""
+        return r".*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+
+
+class HfClipVision(_HfClipTower, ImageEncoder):
     """Image (B, 3, H, W) -> (B, E): the folder's vision model and projection."""
 
     projects = True
@@ -83,22 +102,8 @@ class HfClipVision(ImageEncoder):
     def forward(self, batch: Batch) -> Tensor:
         return getattr(self.model(pixel_values=batch["image"]), self.attr)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        hf_grad_checkpointing(self.model, enable)
 
-    def layer_groups(self) -> list:
-        return hf_layer_groups(self.model)
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self.model
-
-    def lora_targets(self) -> str | list[str]:
-        """Each encoder layer's q/k/v/out projections and MLP (not SigLIP's pooling head)."""
-        return r".*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-
-
-class HfClipText(TextEncoder):
+class HfClipText(_HfClipTower, TextEncoder):
     """Tokens (B, L) + mask -> (B, E): the folder's text model and projection."""
 
     projects = True
@@ -122,20 +127,6 @@ class HfClipText(TextEncoder):
     def example_batch(self, batch_size: int) -> Batch:
         ids = torch.randint(1, self.vocab_size - 1, (batch_size, self.context_length))
         return {"text": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool)}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        hf_grad_checkpointing(self.model, enable)
-
-    def layer_groups(self) -> list:
-        return hf_layer_groups(self.model)
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self.model
-
-    def lora_targets(self) -> str | list[str]:
-        """Each encoder layer's q/k/v/out projections and MLP (not SigLIP's pooling head)."""
-        return r".*encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
 
 
 _TINY: dict[str, str] = {}

@@ -68,10 +68,29 @@ class OpenClipVisionParams:
         _check_open_clip(CLIPVisionCfg, self.model_name, "vision_cfg", self.vision_cfg)
 
 
-class OpenClipVision(ImageEncoder):
+class _OpenClipLora:
+    """Where LoRA adapters go in an open_clip tower (its ``trunk`` attribute's transformer): each block's MLP
+    as modules, and its q, k, v weight (nn.MultiheadAttention's in_proj_weight) as a parameter."""
+
+    trunk: str
+
+    def lora_module(self) -> nn.Module:
+        return getattr(self, self.trunk)
+
+    def lora_targets(self) -> str | list[str]:
+        """Each block's MLP (its attention: ``lora_parameters``)."""
+        return r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)"
+
+    def lora_parameters(self) -> list[str]:
+        """Each block's q, k, v projection (nn.MultiheadAttention's in_proj_weight), adapted in place."""
+        return ["attn.in_proj_weight"]
+
+
+class OpenClipVision(_OpenClipLora, ImageEncoder):
     """Image (B, 3, H, W) -> (B, embed_dim), open_clip's tower with its own projection."""
 
     projects = True
+    trunk = "visual"
 
     def __init__(self, params: OpenClipVisionParams, *, embed_dim: int):
         super().__init__()
@@ -124,18 +143,6 @@ class OpenClipVision(ImageEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self.visual
-
-    def lora_targets(self) -> str | list[str]:
-        """Each block's MLP (its attention: ``lora_parameters``)."""
-        return r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)"
-
-    def lora_parameters(self) -> list[str]:
-        """Each block's q, k, v projection (nn.MultiheadAttention's in_proj_weight), adapted in place."""
-        return ["attn.in_proj_weight"]
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """open_clip's (its main branch's layer decay, and ``lock``'s groups): the embeddings (patch conv,
@@ -216,10 +223,11 @@ def _load_bpe_tokenizer(record: dict, folder: Path) -> BpeTokenizer:
     return BpeTokenizer(int(record["context_length"]))
 
 
-class OpenClipText(TextEncoder):
+class OpenClipText(_OpenClipLora, TextEncoder):
     """Tokens (B, L) -> (B, embed_dim): open_clip's causal text transformer, EOT pooling."""
 
     projects = True
+    trunk = "text"
 
     def __init__(self, params: OpenClipTextParams, *, embed_dim: int):
         super().__init__()
@@ -252,18 +260,6 @@ class OpenClipText(TextEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self.text
-
-    def lora_targets(self) -> str | list[str]:
-        """Each block's MLP (its attention: ``lora_parameters``)."""
-        return r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)"
-
-    def lora_parameters(self) -> list[str]:
-        """Each block's q, k, v projection (nn.MultiheadAttention's in_proj_weight), adapted in place."""
-        return ["attn.in_proj_weight"]
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """open_clip's: the embeddings (token and position embeddings), each block (the last with ln_final),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
-from mmpretrain.encoders.base import ImageEncoder, register_encoder
+from mmpretrain.encoders.base import TIMM_BLOCK_TARGETS, ImageEncoder, register_encoder
 from mmpretrain.types import Batch
 
 
@@ -111,7 +111,7 @@ class TimmVision(ImageEncoder):
 
     def lora_targets(self) -> str | list[str]:
         """Each block's qkv and output projections and MLP (not the patch embedding's proj)."""
-        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+        return list(TIMM_BLOCK_TARGETS)
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """timm's own layer ids (``group_matcher(coarse=False)``, as ``param_groups_layer_decay``): the stem,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.encoders.base import TextEncoder, masked_mean, random_tokens, register_encoder, stacked_groups
+from mmpretrain.encoders.base import BlockStack, TextEncoder, masked_mean, random_tokens, register_encoder
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
 
@@ -29,7 +29,7 @@ class VattTextParams:
     mlp_ratio: float = 4.0
 
 
-class VattText(TextEncoder):
+class VattText(BlockStack, TextEncoder):
     """(B, L) tokens -> (B, width); a head projects to the shared space."""
 
     projects = False
@@ -51,18 +51,6 @@ class VattText(TextEncoder):
 
     def example_batch(self, batch_size: int) -> Batch:
         return random_tokens(batch_size, self.p.context_length, self.p.vocab_size)
-
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self
-
-    def lora_targets(self) -> str | list[str]:
-        """Each timm block's qkv and output projections and MLP."""
-        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Layer-wise LR decay: the embeddings, each block, the final norm."""
-        return stacked_groups(self, list(self.blocks), top=[self.norm])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.encoders.base import register_encoder, stacked_groups
+from mmpretrain.encoders.base import BlockStack, register_encoder, stacked_groups
 from mmpretrain.types import Batch, VideoSpec
 
 
@@ -61,7 +61,7 @@ def _blocks(n: int, p: ViViTParams) -> nn.ModuleList:
     return nn.ModuleList(Block(p.width, p.heads, p.mlp_ratio, qkv_bias=True) for _ in range(n))
 
 
-class ViViT(nn.Module):
+class ViViT(BlockStack, nn.Module):
     """(B, T, 3, H, W) -> (B, width); a head projects to the shared space."""
 
     projects = False
@@ -92,16 +92,8 @@ class ViViT(nn.Module):
         mask[0, self.frames // 2 :] = False  # a short clip, padded
         return {"video": torch.randn(batch_size, self.frames, 3, *self.image_size), "video_mask": mask}
 
-    def lora_module(self) -> nn.Module:
-        """Where LoRA adapters go (``towers.<m>.lora``, models.lora)."""
-        return self
-
-    def lora_targets(self) -> str | list[str]:
-        """Each timm block's qkv and output projections and MLP."""
-        return ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
     def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Layer-wise LR decay: the embeddings, each block, the final norm."""
+        """Layer-wise LR decay: the embeddings, each block (a spatial and a temporal one), the final norm."""
         if self.variant == "fe":  # the spatial encoder, then the temporal one
             return stacked_groups(self, [*self.blocks, *self.temporal], top=[self.norm])
         return stacked_groups(self, [list(pair) for pair in zip(self.blocks, self.temporal)], top=[self.norm])
