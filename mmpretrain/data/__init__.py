@@ -4,4 +4,5 @@ Importing any ``mmpretrain.data`` module runs this first, so ``DATA_OPS`` always
 text ops (``ops``) and the video and audio decoders (``av_ops``), and ``DEVICE_OPS`` its batch
 ops (``device``).
 """
+
 from mmpretrain.data import av_ops, device, ops  # noqa: F401  (register the built-in data ops)

@@ -69,8 +69,10 @@ def check_device_ops(specs: list[OpSpec], cpu_ops: list[list[OpSpec]]) -> None:
         check_params(DEVICE_OPS, spec.op, spec.params, f"data.device_ops[{i}]")
         fed_by = DEVICE_OPS.get(spec.op).make_example().fed_by
         if fed_by and not names & set(fed_by):
-            raise ConfigError(f"data.device_ops[{i}]: {spec.op} decodes what the {' or '.join(fed_by)} data op "
-                              f"emits, and no data.ops list has it: end data.ops with {fed_by[0]}")
+            raise ConfigError(
+                f"data.device_ops[{i}]: {spec.op} decodes what the {' or '.join(fed_by)} data op "
+                f"emits, and no data.ops list has it: end data.ops with {fed_by[0]}"
+            )
 
 
 # ------------------------------------------------------------------ decode_jpeg
@@ -85,8 +87,9 @@ class DecodeJpegParams:
     std: tuple[float, float, float] | None = None
 
 
-@DEVICE_OPS.register("decode_jpeg", config=DecodeJpegParams,
-                     example=DeviceOpExample(fed_by=("jpeg_bytes",), produce=("image",)))
+@DEVICE_OPS.register(
+    "decode_jpeg", config=DecodeJpegParams, example=DeviceOpExample(fed_by=("jpeg_bytes",), produce=("image",))
+)
 def decode_jpeg(p: DecodeJpegParams, ctx: OpContext) -> BatchOp:
     """Decode the batch's JPEG bytes on the device (nvjpeg on CUDA, batched), crop, resize and
     normalise: ``image_jpeg`` (N bytes,) + ``image_jpeg_offsets`` (B + 1,) -> ``image`` (B, 3, H, W)."""
@@ -102,8 +105,16 @@ def decode_jpeg(p: DecodeJpegParams, ctx: OpContext) -> BatchOp:
     def one(img: Tensor, flip: bool) -> Tensor:
         if p.train:
             params = crop.make_params([img])  # draws from the CPU RNG the caller has seeded
-            out = TF.resized_crop(img, params["top"], params["left"], params["height"], params["width"], size,
-                                  interpolation=mode, antialias=True)
+            out = TF.resized_crop(
+                img,
+                params["top"],
+                params["left"],
+                params["height"],
+                params["width"],
+                size,
+                interpolation=mode,
+                antialias=True,
+            )
             return TF.horizontal_flip(out) if flip else out
         out = TF.resize(aspect_capped(img, cap), min(size), interpolation=mode, antialias=True)  # bounded
         return TF.center_crop(out, size)
@@ -165,8 +176,9 @@ class DeviceFeed:
     synchronous copy + ops. The time ``next()`` blocks is what the loop counts as data wait.
     """
 
-    def __init__(self, batches: Iterator[WorkerBatch], device: torch.device, ops: list[BatchOp], *,
-                 seed: int, rank: int):
+    def __init__(
+        self, batches: Iterator[WorkerBatch], device: torch.device, ops: list[BatchOp], *, seed: int, rank: int
+    ):
         self.batches, self.device, self.ops = batches, torch.device(device), ops
         self.seed, self.rank = seed, rank
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -193,8 +205,9 @@ class DeviceFeed:
         return batch
 
     def _prepare(self, batch: WorkerBatch) -> WorkerBatch:
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "device", self.rank, batch.worker,
-                                                        batch.position.epoch, batch.position.emitted))
+        gen = torch.Generator().manual_seed(
+            derive_seed(self.seed, "device", self.rank, batch.worker, batch.position.epoch, batch.position.emitted)
+        )
         with torch.cuda.stream(self.stream) if self.stream is not None else _nothing():
             data = {k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in batch.data.items()}
             for op in self.ops:

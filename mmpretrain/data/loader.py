@@ -1,12 +1,14 @@
 """A resumable training loader over webdataset shards, tracking what was *consumed*."""
+
 from __future__ import annotations
 
 import atexit
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,7 +43,9 @@ def expand_shards(spec: str, where: str = "data.train", problems: list[str] | No
         absent = [u for u in paths if not os.path.exists(u)]
         local, missing = local + len(paths), missing + len(absent)
         if absent:
-            what = "matches no file" if len(absent) == len(paths) else f"misses {len(absent)} of its {len(paths)} shards"
+            what = (
+                "matches no file" if len(absent) == len(paths) else f"misses {len(absent)} of its {len(paths)} shards"
+            )
             notes.append(f"{where}: {part!r} {what} ({len(paths)} local shard path(s), first missing: {absent[0]!r})")
         urls.extend(found)
     if local and missing == local:
@@ -85,36 +89,66 @@ class ResumableLoader:
     training loop *consumed* (prefetched batches do not count), and the worker rotation.
     """
 
-    def __init__(self, cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
-                 state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        ctx: OpContext,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict[str, Any] | None = None,
+    ):
         urls = expand_shards(cfg.train)
         workers = cfg.num_workers
         if not cfg.resampled and len(urls) < world_size * max(1, workers):
-            raise ConfigError(f"data.train has {len(urls)} shard(s), fewer than ranks x workers = "
-                              f"{world_size} x {max(1, workers)}: lower data.num_workers, write more shards, "
-                              "or set data.resampled=true")
+            raise ConfigError(
+                f"data.train has {len(urls)} shard(s), fewer than ranks x workers = "
+                f"{world_size} x {max(1, workers)}: lower data.num_workers, write more shards, "
+                "or set data.resampled=true"
+            )
         limits = ReadLimits(cfg.max_member_bytes, cfg.stall_timeout_s)
-        self.spec = StreamSpec(tuple(urls), cfg.batch_size, seed, rank, world_size, cfg.shuffle_buffer,
-                               cfg.shuffle_shards, cfg.resampled, cfg.on_error, cfg.max_errors, limits)
+        self.spec = StreamSpec(
+            tuple(urls),
+            cfg.batch_size,
+            seed,
+            rank,
+            world_size,
+            cfg.shuffle_buffer,
+            cfg.shuffle_shards,
+            cfg.resampled,
+            cfg.on_error,
+            cfg.max_errors,
+            limits,
+        )
         self.num_workers, self.cfg = workers, cfg
         self.positions, self.rotation = self._load_state(state, world_size)
         self.consumed = 0
         self.status = WorkerStatus(workers)
         atexit.register(self.status.close)  # runs before multiprocessing terminates daemonic workers at exit
-        stream = ShardStream(self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation,
-                             status=self.status)
-        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                 worker_init_fn=partial(_worker_init, status=self.status),
-                                 prefetch_factor=cfg.prefetch_factor if workers else None,
-                                 persistent_workers=workers > 0, timeout=cfg.timeout_s if workers else 0)
+        stream = ShardStream(
+            self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation, status=self.status
+        )
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=partial(_worker_init, status=self.status),
+            prefetch_factor=cfg.prefetch_factor if workers else None,
+            persistent_workers=workers > 0,
+            timeout=cfg.timeout_s if workers else 0,
+        )
 
     def _load_state(self, state: dict[str, Any] | None, world_size: int) -> tuple[dict[int, Position], int]:
         if not state:
             return {}, 0
         saved = (state["num_workers"], state["world_size"])
         if saved != (self.num_workers, world_size):
-            raise DataError(f"cannot resume the data stream exactly: it was saved with data.num_workers="
-                            f"{saved[0]} on {saved[1]} rank(s), now {self.num_workers} on {world_size}")
+            raise DataError(
+                f"cannot resume the data stream exactly: it was saved with data.num_workers="
+                f"{saved[0]} on {saved[1]} rank(s), now {self.num_workers} on {world_size}"
+            )
         positions = {int(w): Position(**p) for w, p in state["positions"].items()}
         return positions, int(state["rotation"])
 
@@ -134,9 +168,11 @@ class ResumableLoader:
             except RuntimeError as exc:
                 if "timed out" not in str(exc):  # torch says only "DataLoader timed out after N seconds"
                     raise
-                raise DataError(f"rank {self.spec.rank}: no batch from the data loader workers for "
-                                f"{self.cfg.timeout_s:g} s (data.timeout_s); {self.status.describe()}. Fix or "
-                                f"drop that shard, then resume with train.resume=latest") from None
+                raise DataError(
+                    f"rank {self.spec.rank}: no batch from the data loader workers for "
+                    f"{self.cfg.timeout_s:g} s (data.timeout_s); {self.status.describe()}. Fix or "
+                    f"drop that shard, then resume with train.resume=latest"
+                ) from None
             self.positions[batch.worker] = batch.position
             self.consumed += 1
             yield batch
@@ -168,18 +204,37 @@ class MixedLoader:
     row (``train.accum_steps``) come from one source, so accumulated micro-batches share modalities.
     """
 
-    def __init__(self, cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
-                 state: dict[str, Any] | None = None, group: int = 1):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        ctx: OpContext,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict[str, Any] | None = None,
+        group: int = 1,
+    ):
         import dataclasses
 
         self.seed, self.group = seed, group
         self.weights = [src.weight for src in cfg.sources]
         saved = (state or {}).get("sources") or [None] * len(cfg.sources)
         if len(saved) != len(cfg.sources):
-            raise DataError(f"cannot resume: the checkpoint has {len(saved)} data sources, the config {len(cfg.sources)}")
-        self.loaders = [ResumableLoader(dataclasses.replace(cfg, train=src.train, ops=src.ops or cfg.ops, sources=[]),
-                                        ctx, seed=seed + 7919 * i, rank=rank, world_size=world_size, state=saved[i])
-                        for i, src in enumerate(cfg.sources)]
+            raise DataError(
+                f"cannot resume: the checkpoint has {len(saved)} data sources, the config {len(cfg.sources)}"
+            )
+        self.loaders = [
+            ResumableLoader(
+                dataclasses.replace(cfg, train=src.train, ops=src.ops or cfg.ops, sources=[]),
+                ctx,
+                seed=seed + 7919 * i,
+                rank=rank,
+                world_size=world_size,
+                state=saved[i],
+            )
+            for i, src in enumerate(cfg.sources)
+        ]
         self.consumed = int((state or {}).get("consumed", 0))
 
     def source_of(self, batch_index: int) -> int:
@@ -220,8 +275,12 @@ def restart_state(saved: list[dict[str, Any]], cfg: DataConfig, world_size: int)
     workers = max(1, cfg.num_workers)
 
     def fresh() -> dict[str, Any]:
-        return {"num_workers": cfg.num_workers, "world_size": world_size, "rotation": 0,
-                "positions": {str(w): Position(epoch=epoch).to_dict() for w in range(workers)}}
+        return {
+            "num_workers": cfg.num_workers,
+            "world_size": world_size,
+            "rotation": 0,
+            "positions": {str(w): Position(epoch=epoch).to_dict() for w in range(workers)},
+        }
 
     if cfg.sources:
         consumed = max((int(s.get("consumed", 0)) for s in saved), default=0)
@@ -241,8 +300,16 @@ def _epochs(node: Any) -> Iterator[int]:
             yield from _epochs(item)
 
 
-def build_loader(cfg: DataConfig, ctx: OpContext, *, seed: int, rank: int = 0, world_size: int = 1,
-                 state: dict[str, Any] | None = None, group: int = 1) -> ResumableLoader | MixedLoader:
+def build_loader(
+    cfg: DataConfig,
+    ctx: OpContext,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict[str, Any] | None = None,
+    group: int = 1,
+) -> ResumableLoader | MixedLoader:
     """A ``MixedLoader`` when ``cfg.sources`` is set, else a ``ResumableLoader`` over ``cfg.train``."""
     if cfg.sources:
         return MixedLoader(cfg, ctx, seed=seed, rank=rank, world_size=world_size, state=state, group=group)

@@ -5,6 +5,7 @@ A sample is a dict: raw members (``"jpg"``/``"png"``/``"webp"``, ``"txt"``, ``"j
 An op that cannot process a sample raises ``SampleError``; the stream skips and counts it.
 Randomness comes from torch's global RNG, which the stream seeds per sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,11 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -127,13 +129,16 @@ def open_image(src: bytes | str | Path, *, max_pixels: int = 100_000_000) -> Ima
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=IMAGE_FORMATS) as img:
             if img.width * img.height > max_pixels:
-                raise ImageTooLarge("bad_image", f"{img.width}x{img.height} pixels is too large (max_pixels={max_pixels})")
+                raise ImageTooLarge(
+                    "bad_image", f"{img.width}x{img.height} pixels is too large (max_pixels={max_pixels})"
+                )
             return img.convert("RGB")
     except (SampleError, MemoryError):  # MemoryError: a limit the caller set (the service's decoder) was hit
         raise
     except Exception as exc:  # PIL raises many types for corrupt or refused data
-        raise SampleError("bad_image", f"cannot decode the image as {'/'.join(IMAGE_FORMATS)}: "
-                                       f"{type(exc).__name__}: {exc}") from None
+        raise SampleError(
+            "bad_image", f"cannot decode the image as {'/'.join(IMAGE_FORMATS)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def json_member(s: Sample, member: str = "json") -> dict[str, Any]:
@@ -151,8 +156,9 @@ def json_member(s: Sample, member: str = "json") -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise SampleError("bad_json", f"{s.get('__key__')}: unreadable {member}: {type(exc).__name__}: "
-                                      f"{str(exc)[:200]}") from None
+        raise SampleError(
+            "bad_json", f"{s.get('__key__')}: unreadable {member}: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
     if not isinstance(value, dict):
         raise SampleError("bad_json", f"{s.get('__key__')}: {member} is a {type(value).__name__}, not an object")
     return value
@@ -164,8 +170,11 @@ class DecodeImageParams:
     max_pixels: int = 100_000_000  # refuse decompression bombs
 
 
-@DATA_OPS.register("decode_image", config=DecodeImageParams,
-                   example=OpExample(("png",), produce=("image",), corrupt=(b"\x00garbage", "bad_image")))
+@DATA_OPS.register(
+    "decode_image",
+    config=DecodeImageParams,
+    example=OpExample(("png",), produce=("image",), corrupt=(b"\x00garbage", "bad_image")),
+)
 def decode_image(p: DecodeImageParams, ctx: OpContext) -> Op:
     """Decode the first present image member to an RGB PIL image under ``"image"``."""
 
@@ -199,8 +208,11 @@ class JpegBytesParams:
     quality: int = 95  # of a transcoded image
 
 
-@DATA_OPS.register("jpeg_bytes", config=JpegBytesParams,
-                   example=OpExample(("jpg",), produce=("image_jpeg",), corrupt=(b"\x00garbage", "bad_image")))
+@DATA_OPS.register(
+    "jpeg_bytes",
+    config=JpegBytesParams,
+    example=OpExample(("jpg",), produce=("image_jpeg",), corrupt=(b"\x00garbage", "bad_image")),
+)
 def jpeg_bytes(p: JpegBytesParams, ctx: OpContext) -> Op:
     """The image member's JPEG bytes, checked but not decoded, as ``"image_jpeg"`` (N,) uint8, for
     the ``decode_jpeg`` device op (nvjpeg on the GPU). The header is parsed (format, pixel count)
@@ -270,8 +282,11 @@ class RandomResizedCropParams:
     size: int | None = None  # None: the image tower's input size
 
 
-@DATA_OPS.register("random_resized_crop", config=RandomResizedCropParams,
-                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
+@DATA_OPS.register(
+    "random_resized_crop",
+    config=RandomResizedCropParams,
+    example=OpExample(("png",), ("decode_image",), produce=("image",)),
+)
 def random_resized_crop(p: RandomResizedCropParams, ctx: OpContext) -> Op:
     """Random area/aspect crop resized to the tower's input (CLIP's train augmentation)."""
     size = (p.size, p.size) if p.size else ctx.image.size
@@ -284,8 +299,11 @@ class ResizeCenterCropParams:
     size: int | None = None
 
 
-@DATA_OPS.register("resize_center_crop", config=ResizeCenterCropParams,
-                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
+@DATA_OPS.register(
+    "resize_center_crop",
+    config=ResizeCenterCropParams,
+    example=OpExample(("png",), ("decode_image",), produce=("image",)),
+)
 def resize_center_crop(p: ResizeCenterCropParams, ctx: OpContext) -> Op:
     """Resize the short side, then centre-crop (deterministic evaluation transform). An image longer
     than ``MAX_RESIZE_ASPECT`` (or the crop's own ratio, if wider) is first cut to it, centred: the
@@ -302,8 +320,7 @@ class HflipParams:
     p: float = 0.5
 
 
-@DATA_OPS.register("hflip", config=HflipParams,
-                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
+@DATA_OPS.register("hflip", config=HflipParams, example=OpExample(("png",), ("decode_image",), produce=("image",)))
 def hflip(p: HflipParams, ctx: OpContext) -> Op:
     """Horizontal flip with probability ``p`` (beware captions that say left/right)."""
     return _image_op(T.RandomHorizontalFlip(p.p))
@@ -318,8 +335,9 @@ class ColorJitterParams:
     p: float = 0.8
 
 
-@DATA_OPS.register("color_jitter", config=ColorJitterParams,
-                   example=OpExample(("png",), ("decode_image",), produce=("image",)))
+@DATA_OPS.register(
+    "color_jitter", config=ColorJitterParams, example=OpExample(("png",), ("decode_image",), produce=("image",))
+)
 def color_jitter(p: ColorJitterParams, ctx: OpContext) -> Op:
     """Random colour jitter, applied with probability ``p``."""
     jitter = T.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)
@@ -332,8 +350,11 @@ class NormalizeParams:
     std: tuple[float, float, float] | None = None
 
 
-@DATA_OPS.register("to_tensor_normalize", config=NormalizeParams,
-                   example=OpExample(("png",), ("decode_image", "resize_center_crop"), produce=("image",)))
+@DATA_OPS.register(
+    "to_tensor_normalize",
+    config=NormalizeParams,
+    example=OpExample(("png",), ("decode_image", "resize_center_crop"), produce=("image",)),
+)
 def to_tensor_normalize(p: NormalizeParams, ctx: OpContext) -> Op:
     """PIL -> float tensor (3, H, W), normalised with the tower's mean/std."""
     mean, std = list(p.mean or ctx.image.mean), list(p.std or ctx.image.std)
@@ -349,8 +370,11 @@ class MultiCropParams:
     out: str = "image_crops"  # the batch key: (global_crops + local_crops, 3, H, W)
 
 
-@DATA_OPS.register("multi_crop", config=MultiCropParams,
-                   example=OpExample(("png",), ("decode_image",), params={"local_crops": 1}, produce=("image_crops",)))
+@DATA_OPS.register(
+    "multi_crop",
+    config=MultiCropParams,
+    example=OpExample(("png",), ("decode_image",), params={"local_crops": 1}, produce=("image_crops",)),
+)
 def multi_crop(p: MultiCropParams, ctx: OpContext) -> Op:
     """DINO's multi-crop: global and local random crops of the decoded image, each resized to the image
     tower's input (towers with fixed position embeddings take them as they are) and normalised, stacked
@@ -358,7 +382,9 @@ def multi_crop(p: MultiCropParams, ctx: OpContext) -> Op:
     if p.global_crops < 1 or p.local_crops < 0:
         raise ValueError("multi_crop: global_crops must be >= 1 and local_crops >= 0")
     size, mode = ctx.image.size, T.InterpolationMode(ctx.image.interpolation)
-    finish = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(ctx.image.mean, ctx.image.std)])
+    finish = T.Compose(
+        [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(ctx.image.mean, ctx.image.std)]
+    )
     big = T.RandomResizedCrop(size, scale=p.global_scale, interpolation=mode, antialias=True)
     small = T.RandomResizedCrop(size, scale=p.local_scale, interpolation=mode, antialias=True)
 
@@ -403,8 +429,11 @@ class CaptionParams:
     keys: tuple[str, ...] = ("txt", "json:caption")  # "json:field" reads a field of the json member
 
 
-@DATA_OPS.register("caption", config=CaptionParams,
-                   example=OpExample(("txt",), produce=("caption",), corrupt=(b" \n ", "empty_caption")))
+@DATA_OPS.register(
+    "caption",
+    config=CaptionParams,
+    example=OpExample(("txt",), produce=("caption",), corrupt=(b" \n ", "empty_caption")),
+)
 def caption(p: CaptionParams, ctx: OpContext) -> Op:
     """Read the caption (first non-empty of ``keys``) into ``"caption"``; empty -> SampleError."""
 
@@ -426,8 +455,11 @@ class CaptionsParams:
     train: bool = True  # random draw; False: the first k (cycled)
 
 
-@DATA_OPS.register("captions", config=CaptionsParams,
-                   example=OpExample(("json",), params={"k": 2}, produce=("caption",), corrupt=(b"{not json", "bad_json")))
+@DATA_OPS.register(
+    "captions",
+    config=CaptionsParams,
+    example=OpExample(("json",), params={"k": 2}, produce=("caption",), corrupt=(b"{not json", "bad_json")),
+)
 def captions(p: CaptionsParams, ctx: OpContext) -> Op:
     """K captions of one sample into ``"caption"`` (a list), for MIL-NCE (``tokenize`` -> (K, L))."""
     if p.k < 1:
@@ -438,7 +470,9 @@ def captions(p: CaptionsParams, ctx: OpContext) -> Op:
         if not texts:
             raise SampleError("empty_caption", f"{s.get('__key__')}: no caption in {p.key} or {p.fallback}")
         if p.train:
-            picks = torch.randperm(len(texts)).tolist() if len(texts) >= p.k else torch.randint(len(texts), (p.k,)).tolist()
+            picks = (
+                torch.randperm(len(texts)).tolist() if len(texts) >= p.k else torch.randint(len(texts), (p.k,)).tolist()
+            )
         else:
             picks = [i % len(texts) for i in range(p.k)]
         s["caption"] = [texts[i] for i in picks[: p.k]]
@@ -481,7 +515,9 @@ def _text_member(s: Sample, member: str, strict: bool) -> str:
         return str(raw).strip()
     if len(raw) > MAX_TEXT_BYTES:
         if strict:
-            raise SampleError("bad_caption", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_TEXT_BYTES})")
+            raise SampleError(
+                "bad_caption", f"{s.get('__key__')}: {member} member of {len(raw)} bytes (max {MAX_TEXT_BYTES})"
+            )
         raw = raw[:MAX_TEXT_BYTES]
     try:
         return raw.decode("utf-8").strip()
@@ -499,8 +535,11 @@ class GroupIdParams:
     out: str = "group"  # the batch key a pair's loss.pairs[i].positives names
 
 
-@DATA_OPS.register("group_id", config=GroupIdParams,
-                   example=OpExample(("txt",), params={"key": "txt"}, produce=("group",), corrupt=(b"\xff\xfe", "bad_caption")))
+@DATA_OPS.register(
+    "group_id",
+    config=GroupIdParams,
+    example=OpExample(("txt",), params={"key": "txt"}, produce=("group",), corrupt=(b"\xff\xfe", "bad_caption")),
+)
 def group_id(p: GroupIdParams, ctx: OpContext) -> Op:
     """A group id into ``out``: an int64 (a stable hash of a sample's field), equal for the samples of
     one group (a concept, a duplicate group, a source key), which a multi-positive loss pair treats as
@@ -532,7 +571,9 @@ def stable_id(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-@DATA_OPS.register("tokenize", example=OpExample(("txt",), ("caption",), produce=("text", "text_mask"), towers=("text",)))
+@DATA_OPS.register(
+    "tokenize", example=OpExample(("txt",), ("caption",), produce=("text", "text_mask"), towers=("text",))
+)
 def tokenize(p: None, ctx: OpContext) -> Op:
     """Tokenise ``"caption"`` with the model's tokenizer into ``"text"`` (L,) and ``"text_mask"`` (L,);
     a list of K captions (the ``captions`` op) gives (K, L) and (K, L)."""
@@ -542,7 +583,9 @@ def tokenize(p: None, ctx: OpContext) -> Op:
     def op(s: Sample) -> Sample:
         several = isinstance(s["caption"], list)
         out = ctx.tokenizer(s["caption"] if several else [s["caption"]])
-        s["text"], s["text_mask"] = (out["text"], out["text_mask"]) if several else (out["text"][0], out["text_mask"][0])
+        s["text"], s["text_mask"] = (
+            (out["text"], out["text_mask"]) if several else (out["text"][0], out["text_mask"][0])
+        )
         return s
 
     return op

@@ -5,6 +5,7 @@ Samples follow img2dataset's layout: ``<key>.jpg|png|webp`` (original bytes), ``
 a temp file and renamed, so a crash never leaves a truncated ``.tar`` under its final name.
 ``manifest.json`` lists every shard with its sample count and size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import Image
 from webdataset import TarWriter
@@ -121,10 +123,12 @@ def _media_encoder(kind: str, exts: tuple[str, ...]):
     return encode
 
 
-SHARD_MEDIA.register("video", example={"member": "mp4"}, doc="a video file (mp4, webm, avi, mkv, mov), stored as it is")(
-    _media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
+SHARD_MEDIA.register(
+    "video", example={"member": "mp4"}, doc="a video file (mp4, webm, avi, mkv, mov), stored as it is"
+)(_media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
 SHARD_MEDIA.register("audio", example={"member": "wav"}, doc="an audio file (wav, flac, mp3, ogg), stored as it is")(
-    _media_encoder("audio", ("wav", "flac", "mp3", "ogg")))
+    _media_encoder("audio", ("wav", "flac", "mp3", "ogg"))
+)
 
 
 class _ShardSink:
@@ -165,8 +169,14 @@ class _ShardSink:
             self.shards.pop()
 
 
-def make_shards(images: str | Path, captions: str | Path, out_dir: str | Path,
-                cfg: ShardWriterConfig = ShardWriterConfig(), *, progress: bool = True) -> Manifest:
+def make_shards(
+    images: str | Path,
+    captions: str | Path,
+    out_dir: str | Path,
+    cfg: ShardWriterConfig = ShardWriterConfig(),
+    *,
+    progress: bool = True,
+) -> Manifest:
     """Write shards + manifest; rows whose image is missing/unreadable or caption empty are skipped and counted."""
     from tqdm import tqdm
 
@@ -188,8 +198,9 @@ def make_shards(images: str | Path, captions: str | Path, out_dir: str | Path,
     return manifest
 
 
-def _add_row(row: dict[str, Any], images: Path, captions: Path, sink: _ShardSink,
-             manifest: Manifest, cfg: ShardWriterConfig) -> None:
+def _add_row(
+    row: dict[str, Any], images: Path, captions: Path, sink: _ShardSink, manifest: Manifest, cfg: ShardWriterConfig
+) -> None:
     rel = _column(row, PATH_COLUMNS, "image path", captions)
     caption = _column(row, CAPTION_COLUMNS, "caption", captions).strip()
     kind = None
@@ -244,8 +255,14 @@ def read_keep_list(path: str | Path) -> tuple[set, bool]:
     return set(keys), False
 
 
-def filter_shards(spec: str, keep: str | Path, out_dir: str | Path, cfg: ShardWriterConfig = ShardWriterConfig(),
-                  *, progress: bool = True) -> Manifest:
+def filter_shards(
+    spec: str,
+    keep: str | Path,
+    out_dir: str | Path,
+    cfg: ShardWriterConfig = ShardWriterConfig(),
+    *,
+    progress: bool = True,
+) -> Manifest:
     """Copy the samples of ``spec`` that the keep-list names, every member unchanged, into new shards
     (each atomic) and ``manifest.json`` (written last: the folder's done marker). Kept entries that no
     shard holds are counted (``missing``); unreadable shards and unsafe members are skipped and counted."""

@@ -11,6 +11,7 @@ epoch. Resuming replays the epoch's raw tar bytes *without decoding* and skips t
 so the batches that follow are identical to an uninterrupted run. Streams loop over
 epochs forever; training length is set in steps.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,9 +23,10 @@ import random
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -68,7 +70,7 @@ class WorkerBatch:
     worker: int
     position: Position
 
-    def pin_memory(self) -> "WorkerBatch":
+    def pin_memory(self) -> WorkerBatch:
         self.data = {k: v.pin_memory() for k, v in self.data.items()}
         return self
 
@@ -181,8 +183,10 @@ class _TailReader:
         finally:
             self._reading_since = None
         if self.stalled:
-            raise SampleError("stalled_shard", f"{self.url}: no bytes for {self.stall_s:g} s "
-                                               "(data.stall_timeout_s); its command was killed")
+            raise SampleError(
+                "stalled_shard",
+                f"{self.url}: no bytes for {self.stall_s:g} s (data.stall_timeout_s); its command was killed",
+            )
         self.total += len(data)
         self.tail = (self.tail + data[-512:])[-512:]
         return data
@@ -207,8 +211,11 @@ def _member_problem(info: tarfile.TarInfo, url: str, limits: ReadLimits) -> Samp
     if info.name.startswith(("/", "\\")) or ".." in parts or "\\" in info.name:
         return SampleError("unsafe_name", f"{url}: member name {info.name[:200]!r} (absolute or with ..)")
     if info.size > limits.max_member_bytes:
-        return SampleError("oversized_member", f"{url}: member {info.name[:200]!r} has {info.size} bytes, over "
-                                               f"data.max_member_bytes={limits.max_member_bytes}")
+        return SampleError(
+            "oversized_member",
+            f"{url}: member {info.name[:200]!r} has {info.size} bytes, over "
+            f"data.max_member_bytes={limits.max_member_bytes}",
+        )
     return None
 
 
@@ -243,8 +250,12 @@ def _shard_members(source: dict, handler: Callable[[BaseException], bool], limit
     yield {}
 
 
-def read_samples(urls: list[str], handler: Callable[[BaseException], bool], limits: ReadLimits = ReadLimits(),
-                 on_shard: Callable[[str], None] | None = None) -> Iterator[Sample]:
+def read_samples(
+    urls: list[str],
+    handler: Callable[[BaseException], bool],
+    limits: ReadLimits = ReadLimits(),
+    on_shard: Callable[[str], None] | None = None,
+) -> Iterator[Sample]:
     """Raw samples (``{"__key__", "__url__", ext: bytes}``) from tar shards, in order.
 
     Missing, unreadable, truncated and stalled shards, and unsafe or oversized members, go to
@@ -259,7 +270,7 @@ def read_samples(urls: list[str], handler: Callable[[BaseException], bool], limi
     return group_by_keys(members(), handler=handler)
 
 
-def process_sample(ops: list[Op], sample: Sample, errors: "ErrorCounter") -> Sample | None:
+def process_sample(ops: list[Op], sample: Sample, errors: ErrorCounter) -> Sample | None:
     """``ops`` applied to ``sample``, or None when they fail: any exception (a ``SampleError``, or the
     ``RecursionError`` of a hostile JSON, a codec's crash, ...) is a counted skip naming the shard
     and key (or a ``DataError`` under ``data.on_error=raise``), never the end of a run."""
@@ -268,8 +279,12 @@ def process_sample(ops: list[Op], sample: Sample, errors: "ErrorCounter") -> Sam
     except SampleError as exc:
         errors.record(exc.kind, SampleError(exc.kind, f"{out_url(sample)}: {exc}"))
     except Exception as exc:
-        errors.record("op_error", SampleError("op_error", f"{out_url(sample)}#{sample.get('__key__')}: "
-                                                          f"{type(exc).__name__}: {str(exc)[:300]}"))
+        errors.record(
+            "op_error",
+            SampleError(
+                "op_error", f"{out_url(sample)}#{sample.get('__key__')}: {type(exc).__name__}: {str(exc)[:300]}"
+            ),
+        )
     return None
 
 
@@ -341,8 +356,15 @@ class ShardStream(IterableDataset):
     """Yields ``WorkerBatch``es forever. ``start`` maps logical worker -> Position;
     ``rotation`` relabels workers so that a resumed DataLoader's round-robin continues in order."""
 
-    def __init__(self, spec: StreamSpec, ops: list[Op], *, start: dict[int, Position] | None = None, rotation: int = 0,
-                 status: WorkerStatus | None = None):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        ops: list[Op],
+        *,
+        start: dict[int, Position] | None = None,
+        rotation: int = 0,
+        status: WorkerStatus | None = None,
+    ):
         super().__init__()
         self.spec, self.ops = spec, ops
         self.start, self.rotation, self.status = dict(start or {}), rotation, status
@@ -393,11 +415,15 @@ class ShardStream(IterableDataset):
 
     def _check_epoch(self, epoch: int, worker: int, emitted: int, skip: int) -> None:
         if emitted == 0:
-            raise DataError(f"rank {self.spec.rank} worker {worker}: epoch {epoch} had no readable samples in "
-                            f"{len(self.spec.urls)} shard(s); check data.train")
+            raise DataError(
+                f"rank {self.spec.rank} worker {worker}: epoch {epoch} had no readable samples in "
+                f"{len(self.spec.urls)} shard(s); check data.train"
+            )
         if skip > emitted:
-            raise DataError(f"resume point ({skip} samples into epoch {epoch}) is past the end of the epoch "
-                            f"({emitted}): the shards changed since the checkpoint")
+            raise DataError(
+                f"resume point ({skip} samples into epoch {epoch}) is past the end of the epoch "
+                f"({emitted}): the shards changed since the checkpoint"
+            )
 
     def _process(self, sample: Sample, epoch: int, worker: int, index: int, errors: ErrorCounter) -> Sample | None:
         # Seed only the CPU generator (ops run on CPU): torch.manual_seed also queues lazy CUDA
