@@ -33,6 +33,7 @@ BUILT_INS = (
     "mmpretrain.training.objectives",
     "mmpretrain.deploy.backends",
     "mmpretrain.deploy.exports",
+    "mmpretrain.deploy.quantize",
 )
 
 
