@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from retrieval.index import IndexError_  # index.py imports this module only inside functions
+from retrieval.errors import IndexError_
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
