@@ -11,7 +11,9 @@ import sys
 from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption, eval_captioning
 from mmpretrain.cli_export import add_export, cmd_export
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.corpora import CORPORA
 from mmpretrain.errors import CheckpointError, DataError
+from mmpretrain.training.strategy import STRATEGIES
 
 
 def _setup_logging() -> None:
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and docs/video_audio.md."
         ),
     )
-    db.add_argument("corpus", choices=["emoji", "icons", "motion"], help="which corpus")
+    db.add_argument("corpus", choices=CORPORA.names(), help="which corpus")
     db.add_argument("--cache", default=None, help="download and raster cache (default .cache/mmpretrain/CORPUS)")
     db.add_argument("--out", default=None, help="output folder, rebuilt (default data/CORPUS)")
     db.add_argument(
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     cv.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint folder")
-    cv.add_argument("--to", required=True, choices=["ddp", "fsdp"], help="the target format")
+    cv.add_argument("--to", required=True, choices=STRATEGIES.names(), help="the target format")
     cv.add_argument("--out", required=True, help="a new folder (e.g. another run's checkpoints/step_XXXXXXXX)")
     cv.set_defaults(fn=cmd_checkpoint_convert)
 

@@ -19,8 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-from retrieval.embed import EmbedError
-from retrieval.index import INDEX_TYPES, IndexError_
+from retrieval.curate import KEEP_RULES
+from retrieval.embed import EMBED_ENGINES, EmbedError
+from retrieval.gpu import DEVICES
+from retrieval.index import FILL_ENGINES, INDEX_TYPES, IndexError_
 from retrieval.queries import TUNE_ON
 from retrieval.search import QueryError
 
@@ -271,9 +273,11 @@ def backend_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return "onnxruntime", args.onnx
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, engines) -> None:
+    """--engine, its choices from ``engines`` (EMBED_ENGINES or FILL_ENGINES), and --address."""
     p.add_argument(
         "--engine",
+        choices=engines.names(),
         default="local",
         help="local: this process (default, needs nothing running); ray: a Ray cluster (pip install -e '.[ray]')",
     )
@@ -318,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to embed from each item (video/audio: shards; default image); text queries then "
         "search it (text->video, text->audio)",
     )
-    add_engine_args(e)
+    add_engine_args(e, EMBED_ENGINES)
     e.add_argument("--actors", type=int, default=0, help="ray: model actors (0: one per GPU, else one CPU actor)")
     e.add_argument("--actor-cpus", type=int, default=1, help="ray: CPUs reserved per CPU model actor (1)")
     e.add_argument(
@@ -372,11 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: default)")
     b.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        choices=DEVICES,
         default="auto",
         help="IVF training k-means on the GPUs with faiss-gpu (auto: when one is visible)",
     )
-    add_engine_args(b)
+    add_engine_args(b, FILL_ENGINES)
     b.set_defaults(fn=cmd_index_build)
     a = ix.add_parser("add", help="add a new embedding folder (same model) to an index")
     a.add_argument("index")
@@ -397,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("embeddings", help="folder written by `retrieval embed`")
     d.add_argument("--out", required=True, help="keep-list parquet to write")
     d.add_argument("--threshold", type=float, default=0.94, help="cosine similarity of near-duplicates (0.94)")
-    d.add_argument("--keep", choices=["first", "resolution"], default="first", help="which item of a group stays")
+    d.add_argument("--keep", choices=KEEP_RULES.names(), default="first", help="which item of a group stays")
     d.add_argument("--index", help="index folder over these embeddings: search its kNN instead of every pair")
     d.add_argument("-k", type=int, default=32, help="neighbours per item with --index (32)")
     d.set_defaults(fn=cmd_dedup)
@@ -430,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(s, "the index's backend")
     s.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        choices=DEVICES,
         default="cpu",
         help="search a GPU copy of the index with faiss-gpu where it has the index's type",
     )
