@@ -14,6 +14,9 @@ from mmpretrain.config.strict import ConfigError
 from mmpretrain.corpora import CORPORA
 from mmpretrain.errors import CheckpointError, DataError
 from mmpretrain.training.strategy import STRATEGIES
+from mmpretrain.types import MODALITIES
+
+MEDIA = [m for m in MODALITIES if m != "text"]  # what an item to embed, probe or classify is
 
 
 def _setup_logging() -> None:
@@ -497,7 +500,7 @@ def _add_eval(sub) -> None:
         "--modalities",
         nargs="+",
         default=["video"],
-        choices=["video", "audio", "image"],
+        choices=MEDIA,
         help="what to embed from each sample (default video)",
     )
     md.add_argument("--clips", type=int, default=1, help="video clips spread over each video (default 1)")
@@ -548,7 +551,7 @@ def _add_linear_probe(e) -> argparse.ArgumentParser:
     lp.add_argument("--val-proportion", type=float, default=0.2, help="of --train, to choose C on (0.2)")
     lp.add_argument("--allow-fewer", action="store_true", help="a class with fewer than K items gives all it has")
     lp.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit (500)")
-    lp.add_argument("--modality", choices=["image", "video", "audio"], default="image")
+    lp.add_argument("--modality", choices=MEDIA, default="image")
     lp.add_argument("--clips", type=int, default=1, help="video clips averaged per item (1)")
     lp.add_argument("--crops", type=int, default=1, help="spatial crops per clip (1)")
     lp.add_argument("--windows", type=int, default=1, help="audio windows averaged per item (1)")

@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from mmpretrain.types import MODALITIES
 from retrieval.curate import KEEP_RULES
 from retrieval.embed import EMBED_ENGINES, EmbedError
 from retrieval.gpu import DEVICES
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="stop at the first skipped item or unreadable shard")
     e.add_argument(
         "--modality",
-        choices=["image", "video", "audio"],
+        choices=[m for m in MODALITIES if m != "text"],
         default="image",
         help="what to embed from each item (video/audio: shards; default image); text queries then "
         "search it (text->video, text->audio)",
