@@ -208,13 +208,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     searchers = {}
     backend, model = backend_source(args)
     for name, path in specs:
+        from mmpretrain import api
         from retrieval.index import open_index
-        from retrieval.models import header_model
+        from retrieval.models import header_source
 
         loaded = open_index(path)
-        ref = (model or loaded.header["model"], backend or (None if model else loaded.header.get("backend")))
+        ref = header_source(loaded.header, model, backend)
         if ref not in models:
-            models[ref] = header_model(loaded.header, model, backend)
+            models[ref] = api.load_model(ref[0], backend=ref[1])
         searchers[name] = Searcher(models[ref], loaded)
     cfg = ServeConfig(
         host=args.host,

@@ -130,7 +130,7 @@ def check_tower(model: ContrastiveModel, modality: str, path: Path) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = model.towers[modality].example_batch(5)
     with torch.no_grad():
-        ref = model.heads[modality](model.towers[modality](batch)).float().numpy()
+        ref = model.encode(modality, batch, normalize=False).float().numpy()
     got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
     return float(np.abs(got - ref).max())
 

@@ -30,7 +30,17 @@ def quantize_int8(path: Path) -> dict:
 
     logging.disable(logging.INFO)  # the quantiser logs a line per tensor on the root logger
     try:
-        _quantize(path, quant_pre_process, quantize_dynamic, QuantType.QInt8)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+            quantize_dynamic(
+                str(pre),
+                str(path),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                extra_options={"MatMulConstBOnly": True},
+            )
     finally:
         logging.disable(logging.NOTSET)
     log.info("quantised %s to int8 (dynamic, MatMul/Gemm)", path.name)
@@ -41,17 +51,3 @@ def quantize_int8(path: Path) -> dict:
         "activations": "uint8 dynamic",
         "ops": ["MatMul", "Gemm"],
     }
-
-
-def _quantize(path: Path, pre_process, quantize_dynamic, weight_type) -> None:
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        pre_process(str(path), str(pre), skip_symbolic_shape=True)
-        quantize_dynamic(
-            str(pre),
-            str(path),
-            weight_type=weight_type,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            extra_options={"MatMulConstBOnly": True},
-        )

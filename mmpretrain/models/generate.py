@@ -129,8 +129,7 @@ def generate(
 def generate_text(model, images: Tensor, **options: Any) -> list[str]:
     """``generate``'s captions of a preprocessed batch, decoded by the text tower's tokenizer."""
     tokenizer = model.input_spec("text").tokenizer
-    device = next(model.parameters()).device
-    return [tokenizer.decode(ids) for ids in generate(model, images.to(device), **options)]
+    return [tokenizer.decode(ids) for ids in generate(model, images.to(model.device), **options)]
 
 
 def _until_end(ids: list[int], eos: int) -> list[int]:
