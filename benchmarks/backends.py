@@ -82,8 +82,8 @@ def throughput(models: dict, seconds: float) -> list[str]:
 
 
 def ceiling(models: dict, index: str, seconds: float) -> list[str]:
-    from retrieval.index import open_index
-    from retrieval.search import Searcher
+    from retrieval.jobs.index import open_index
+    from retrieval.jobs.search import Searcher
 
     loaded = open_index(index)
     lines = [f"  index {index} ({loaded.index.ntotal:,} vectors, {loaded.header.get('description', '')})".rstrip()]

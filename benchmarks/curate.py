@@ -80,8 +80,8 @@ def dedup_quality(emb_folder: Path, truth: dict[str, str], out: Path) -> list[di
     """Precision/recall of removal at each threshold (exact range search, keep first)."""
     import pyarrow.parquet as pq
 
-    from retrieval.curate import DedupConfig, dedup, item_table
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.curate import DedupConfig, dedup, item_table
+    from retrieval.jobs.embed import load_embeddings
 
     table = item_table(load_embeddings(emb_folder))
     files = table.column("source").to_pylist()  # the shard writer's json source: the image file
@@ -155,7 +155,7 @@ def found_groups(out: Path) -> list[set[int]]:
     """The groups a dedup wrote (``<keep>.groups.parquet``: id, group), as sets of ids."""
     import pyarrow.parquet as pq
 
-    from retrieval.curate import groups_path
+    from retrieval.jobs.curate import groups_path
 
     t = pq.read_table(groups_path(out)).to_pydict()
     by: dict[int, set[int]] = {}
@@ -168,9 +168,9 @@ def dedup_speed(n: int, d: int, out: Path) -> dict:
     """Seconds for exact range search and for kNN on an IVF-Flat index (its build included) over n x d
     clustered vectors with injected groups of several sizes; the groups each finds, compared with each
     other and with the injected ones."""
-    from retrieval.curate import DedupConfig, dedup
-    from retrieval.embed import write_vectors
-    from retrieval.index import BuildConfig, build_index
+    from retrieval.jobs.curate import DedupConfig, dedup
+    from retrieval.jobs.embed import write_vectors
+    from retrieval.jobs.index import BuildConfig, build_index
 
     x, injected = injected_vectors(n, d)
     emb = write_vectors(out / f"vec{n}", x)
@@ -224,8 +224,8 @@ def main() -> None:
     args = p.parse_args()
     print(header(), flush=True)
     from mmpretrain import api
-    from retrieval.curate import FilterConfig, filter_items
-    from retrieval.embed import EmbedConfig, run_embed
+    from retrieval.jobs.curate import FilterConfig, filter_items
+    from retrieval.jobs.embed import EmbedConfig, run_embed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

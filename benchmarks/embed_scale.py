@@ -15,7 +15,7 @@ items/s counts the job's loop (model loading included for Ray, whose actors load
 tasks decode; excluded for the local job, which loads before its loop).
 
 Indexing: clustered 512-d vectors (benchmarks/index.py's), 10 parts; the index trained once on the
-same sample, then filled by each engine (``retrieval.index.build``): IVF-Flat and fast-scan
+same sample, then filled by each engine (``retrieval.jobs.index.build``): IVF-Flat and fast-scan
 IVF-PQ + Refine. Both indexes must answer 200 queries identically (checked).
 """
 
@@ -67,7 +67,7 @@ def bench_embed(args, work: Path) -> dict:
     import torch
 
     from mmpretrain import api
-    from retrieval.embed import EmbedConfig, run_embed
+    from retrieval.jobs.embed import EmbedConfig, run_embed
 
     torch.set_num_threads(args.cpus)
     data = make_shards(work / "shards", args.images, 8)
@@ -103,7 +103,7 @@ def bench_embed(args, work: Path) -> dict:
 
 
 def check_same(a: Path, b: Path) -> None:
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.embed import load_embeddings
 
     ea, eb = load_embeddings(a), load_embeddings(b)
     assert ea.n == eb.n and np.abs(ea.array() - eb.array()).max() < 1e-3, "the engines disagree"
@@ -114,8 +114,8 @@ def bench_index(args, work: Path) -> dict:
     import ray
     from index import make_data
 
-    from retrieval.embed import write_vectors
-    from retrieval.index import INDEX_TYPES, BuildConfig, build
+    from retrieval.jobs.embed import write_vectors
+    from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build
 
     x, q, _ = make_data("clustered", args.vectors, 512, 200, 0)
     emb = write_vectors(work / "vectors", x, part_size=max(1, args.vectors // 10))

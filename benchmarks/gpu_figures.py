@@ -299,7 +299,7 @@ def fsdp_child(args) -> None:
 def section_faiss(args, work: Path) -> list[dict]:
     import faiss
 
-    from retrieval.gpu import gpu_count, gpu_training, to_gpu
+    from retrieval.jobs.gpu import gpu_count, gpu_training, to_gpu
     from tests.conftest import clustered
 
     n, d = (20_000, 64) if args.smoke else (args.faiss_n, 512)

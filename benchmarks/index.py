@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from logs import header  # noqa: E402
 
 from retrieval.cli import parse_bytes  # noqa: E402
-from retrieval.embed import write_vectors  # noqa: E402
-from retrieval.index import INDEX_TYPES, BuildConfig, build, candidate_specs  # noqa: E402
-from retrieval.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
+from retrieval.jobs.embed import write_vectors  # noqa: E402
+from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_specs  # noqa: E402
+from retrieval.jobs.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences"
 
@@ -68,7 +68,7 @@ def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray
 
 
 def real_sentences(n: int, nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.embed import load_embeddings
 
     if not (SENTENCES / "vectors" / "embeddings.json").is_file():
         raise SystemExit(f"no {SENTENCES}: run `python benchmarks/sentences.py` first")

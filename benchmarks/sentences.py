@@ -158,7 +158,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "data" / "sentences")
     args = p.parse_args()
     print(header(), flush=True)
-    from retrieval.embed import write_vectors
+    from retrieval.jobs.embed import write_vectors
 
     cache = ROOT / "benchmarks" / "data" / "debs"
     packages = fetch(cache)

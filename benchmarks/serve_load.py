@@ -188,7 +188,7 @@ def run_load(
 # ------------------------------------------------------------------ peers
 def peers(index: str, seconds: float) -> dict:
     sys.path.insert(0, str(ROOT))
-    from retrieval.search import Searcher
+    from retrieval.jobs.search import Searcher
 
     s = Searcher.open(index)
     s.search("warm up", k=10)

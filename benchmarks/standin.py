@@ -31,7 +31,7 @@ PART = 100_000
 
 
 def real_vectors(folder: Path) -> tuple[np.ndarray, dict]:
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.embed import load_embeddings
 
     x = load_embeddings(folder).array().astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True), json.loads((folder / "embeddings.json").read_text())
@@ -95,7 +95,7 @@ def ivf_recall(base: np.ndarray, queries: np.ndarray, nprobes=(1, 4, 16)) -> lis
 
 def write(out: Path, vectors_of, n: int, head: dict) -> None:
     """An embeddings folder of ``n`` vectors (parts of 100,000), no thumbnails, captions empty."""
-    from retrieval.embed import _write_part, part_name
+    from retrieval.jobs.embed import _write_part, part_name
 
     (out / "parts").mkdir(parents=True, exist_ok=True)
     sources = [f"standin-{i}" for i in range(-(-n // PART))]  # one part per source, as `retrieval embed` writes
@@ -121,7 +121,7 @@ def write_text_queries(real: Path, head: dict, out: Path) -> None:
     """The real set's distinct captions embedded by its model (queries across the modality gap, as
     users' text queries are): ``index build --queries-file`` tunes on them."""
     from mmpretrain import api
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.embed import load_embeddings
 
     captions = sorted({c for c in load_embeddings(real).meta().column("caption").to_pylist() if c})
     q = api.encode_texts(api.load_checkpoint(head["model"]), captions).detach().float().numpy()

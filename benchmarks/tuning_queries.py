@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 from logs import emit, header  # noqa: E402
 
 from mmpretrain import api  # noqa: E402
-from retrieval.embed import EmbedConfig, load_embeddings, run_embed  # noqa: E402
-from retrieval.index import BuildConfig, build_index, open_index  # noqa: E402
-from retrieval.queries import exact_neighbours, item_queries, recall_at_k, sample_captions  # noqa: E402
+from retrieval.jobs.embed import EmbedConfig, load_embeddings, run_embed  # noqa: E402
+from retrieval.jobs.index import BuildConfig, build_index, open_index  # noqa: E402
+from retrieval.jobs.queries import exact_neighbours, item_queries, recall_at_k, sample_captions  # noqa: E402
 
 
 def held_out_captions(emb, tuned: list[str], count: int) -> list[str]:

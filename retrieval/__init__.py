@@ -6,13 +6,18 @@ Uses only ``mmpretrain.api`` (and ``mmpretrain.types``), never mmpretrain's inte
     >>> hits = Searcher.open("runs/index").search("a red bicycle", k=10)[0]
 """
 
-from retrieval import (
-    curate,  # noqa: F401,E402  (registers the dedup keep rules)
-    ray_engine,  # noqa: F401,E402  (registers the "ray" engines; Ray is imported only when used)
+import retrieval.jobs  # noqa: F401  (the dedup keep rules and the Ray engines register on import)
+from retrieval.jobs.embed import EmbedConfig, Embeddings, load_embeddings, run_embed
+from retrieval.jobs.index import (
+    INDEX_TYPES,
+    BuildConfig,
+    IndexSpec,
+    add_to_index,
+    build_index,
+    choose_index,
+    open_index,
 )
-from retrieval.embed import EmbedConfig, Embeddings, load_embeddings, run_embed
-from retrieval.index import INDEX_TYPES, BuildConfig, IndexSpec, add_to_index, build_index, choose_index, open_index
-from retrieval.search import Hit, QueryError, Searcher, SearchLimits
+from retrieval.jobs.search import Hit, QueryError, Searcher, SearchLimits
 
 __all__ = [
     "INDEX_TYPES",

@@ -20,12 +20,13 @@ import sys
 from pathlib import Path
 
 from mmpretrain.types import MODALITIES
-from retrieval.curate import KEEP_RULES
-from retrieval.embed import EMBED_ENGINES, EmbedError
-from retrieval.gpu import DEVICES
-from retrieval.index import FILL_ENGINES, INDEX_TYPES, IndexError_
-from retrieval.queries import TUNE_ON
-from retrieval.search import QueryError
+from retrieval.jobs.curate import KEEP_RULES
+from retrieval.jobs.dedup import NEAR_DUPLICATE
+from retrieval.jobs.embed import EMBED_ENGINES, EmbedError
+from retrieval.jobs.gpu import DEVICES
+from retrieval.jobs.index import FILL_ENGINES, INDEX_TYPES, IndexError_
+from retrieval.jobs.index_config import TUNE_ON
+from retrieval.jobs.search import QueryError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from retrieval.embed import EmbedConfig, run_embed
+    from retrieval.jobs.embed import EmbedConfig, run_embed
 
     backend, model = backend_source(args)
     if model is None:
@@ -91,7 +92,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from retrieval.index import BuildConfig, build_index
+    from retrieval.jobs.index import BuildConfig, build_index
 
     cfg = BuildConfig(
         index_type=args.type,
@@ -119,7 +120,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from retrieval.index import add_to_index
+    from retrieval.jobs.index import add_to_index
 
     h = add_to_index(args.index, args.embeddings)
     print(f"{args.index}: {h['ntotal']:,} vectors")
@@ -127,7 +128,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from retrieval.search import Searcher
+    from retrieval.jobs.search import Searcher
 
     if not args.query and not args.info:
         raise QueryError("give one or more queries, or --info")
@@ -143,7 +144,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from retrieval.curate import DedupConfig, dedup, report_path
+    from retrieval.jobs.curate import DedupConfig, dedup, report_path
 
     cfg = DedupConfig(threshold=args.threshold, keep=args.keep, index=args.index, k=args.k)
     r = dedup(args.embeddings, args.out, cfg)
@@ -156,7 +157,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from retrieval.curate import FilterConfig, filter_items, report_path
+    from retrieval.jobs.curate import FilterConfig, filter_items, report_path
 
     cfg = FilterConfig(
         min_score=args.min_score,
@@ -192,11 +193,11 @@ def read_api_key(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from retrieval.batcher import BatchConfig
-    from retrieval.connections import ConnectionLimits
-    from retrieval.fetch import FetchPolicy
-    from retrieval.search import Searcher
-    from retrieval.service import ServeConfig, serve
+    from retrieval.jobs.search import Searcher
+    from retrieval.serve.batcher import BatchConfig
+    from retrieval.serve.connections import ConnectionLimits
+    from retrieval.serve.fetch import FetchPolicy
+    from retrieval.serve.service import ServeConfig, serve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,8 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend, model = backend_source(args)
     for name, path in specs:
         from mmpretrain import api
-        from retrieval.index import open_index
-        from retrieval.models import header_source
+        from retrieval.jobs.index import open_index
+        from retrieval.jobs.models import header_source
 
         loaded = open_index(path)
         ref = header_source(loaded.header, model, backend)
@@ -402,7 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("embeddings", help="folder written by `retrieval embed`")
     d.add_argument("--out", required=True, help="keep-list parquet to write")
-    d.add_argument("--threshold", type=float, default=0.94, help="cosine similarity of near-duplicates (0.94)")
+    d.add_argument(
+        "--threshold",
+        type=float,
+        default=NEAR_DUPLICATE,
+        help=f"cosine similarity of near-duplicates ({NEAR_DUPLICATE}, clip-retrieval's)",
+    )
     d.add_argument("--keep", choices=KEEP_RULES.names(), default="first", help="which item of a group stays")
     d.add_argument("--index", help="index folder over these embeddings: search its kNN instead of every pair")
     d.add_argument("-k", type=int, default=32, help="neighbours per item with --index (32)")

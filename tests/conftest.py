@@ -80,7 +80,7 @@ def api_client(app, **kwargs):
 @pytest.fixture(scope="module")
 def searcher(search_index):
     """The toy index (``search_index``) opened with its model, once per test module."""
-    from retrieval.search import Searcher
+    from retrieval.jobs.search import Searcher
 
     return Searcher.open(search_index)
 
@@ -88,7 +88,7 @@ def searcher(search_index):
 @pytest.fixture(scope="module")
 def client(searcher):
     """A TestClient of the service over ``searcher`` as index "toy" (a module may define its own)."""
-    from retrieval.service import create_app
+    from retrieval.serve.service import create_app
 
     return api_client(create_app({"toy": searcher}))
 
@@ -96,7 +96,7 @@ def client(searcher):
 @pytest.fixture
 def live_service(request):
     """``live_service(cfg, app=None) -> port``: the search service under uvicorn with our connection
-    protocol (``retrieval.service.uvicorn_config``) on a free loopback port, over the test module's
+    protocol (``retrieval.serve.service.uvicorn_config``) on a free loopback port, over the test module's
     ``searcher`` as index "toy"; stopped at the end of the test."""
     import threading
     import time
@@ -104,7 +104,7 @@ def live_service(request):
 
     import uvicorn
 
-    from retrieval.service import create_app, uvicorn_config
+    from retrieval.serve.service import create_app, uvicorn_config
 
     servers = []
 
@@ -232,7 +232,7 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded(tiny_ckpt, toy_shards, tmp_path_factory):
-    from retrieval.embed import EmbedConfig, run_embed
+    from retrieval.jobs.embed import EmbedConfig, run_embed
 
     out = tmp_path_factory.mktemp("emb") / "emb"
     stats = run_embed(EmbedConfig(model=tiny_ckpt, data=str(toy_shards), out=str(out), batch_size=8), progress=False)
@@ -242,7 +242,7 @@ def embedded(tiny_ckpt, toy_shards, tmp_path_factory):
 @pytest.fixture(scope="session")
 def search_index(embedded, tmp_path_factory):
     """An exact index over the embedded toy shards (64 items)."""
-    from retrieval.index import BuildConfig, build_index
+    from retrieval.jobs.index import BuildConfig, build_index
 
     out = tmp_path_factory.mktemp("ix") / "ix"
     build_index(embedded[0], out, BuildConfig(), progress=False)

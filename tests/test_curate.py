@@ -1,4 +1,4 @@
-"""Curation: near-duplicate removal and CLIP-score filtering (retrieval/curate.py), and the keep-list
+"""Curation: near-duplicate removal and CLIP-score filtering (retrieval/jobs/curate.py), and the keep-list
 applied to shards (``mmpretrain shards filter``)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from retrieval.curate import DedupConfig, FilterConfig, dedup, filter_items
-from retrieval.embed import EmbedConfig, run_embed, write_vectors
+from retrieval.jobs.curate import DedupConfig, FilterConfig, dedup, filter_items
+from retrieval.jobs.embed import EmbedConfig, run_embed, write_vectors
 from tests.conftest import ROOT, clustered, run_cli
 
 
@@ -31,7 +31,7 @@ def near_copies(n: int, d: int, copies: dict[int, int], seed: int = 0, noise: fl
 def test_dedup_finds_injected_copies_exact_and_on_an_index(tmp_path):
     """Injected copies form groups with their original; exact range search and kNN on an index agree;
     the first item of each group is kept."""
-    from retrieval.index import BuildConfig, build_index
+    from retrieval.jobs.index import BuildConfig, build_index
 
     x = near_copies(400, 32, {5: 2, 17: 1, 300: 3})
     emb = write_vectors(tmp_path / "emb", x, part_size=150)
@@ -48,8 +48,8 @@ def test_dedup_finds_injected_copies_exact_and_on_an_index(tmp_path):
 
 
 def test_dedup_refuses_an_index_over_other_embeddings(tmp_path):
-    from retrieval.embed import EmbedError
-    from retrieval.index import BuildConfig, build_index
+    from retrieval.jobs.embed import EmbedError
+    from retrieval.jobs.index import BuildConfig, build_index
 
     a = write_vectors(tmp_path / "a", near_copies(100, 16, {}))
     b = write_vectors(tmp_path / "b", near_copies(100, 16, {}, seed=1))
@@ -119,8 +119,8 @@ def dup_embeddings(dup_shards, dup_model, tmp_path_factory):
 
 def groups_of(keep_path: Path, emb_folder: Path, threshold: float) -> dict[str, int]:
     """key -> its group size, for every item (kept or not), from a fresh exact dedup."""
-    from retrieval.curate import components, exact_pairs, item_table
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.curate import components, exact_pairs, item_table
+    from retrieval.jobs.embed import load_embeddings
 
     emb = load_embeddings(emb_folder)
 
@@ -196,8 +196,8 @@ def test_filter_scores_are_clip_scores_and_thresholds_apply(dup_embeddings, dup_
     """The score is the cosine of an item's embedding and its caption's embedding under the same model;
     items below the threshold, and those matching an exclude query, leave the keep-list."""
     from mmpretrain import api
-    from retrieval.curate import item_table
-    from retrieval.embed import load_embeddings
+    from retrieval.jobs.curate import item_table
+    from retrieval.jobs.embed import load_embeddings
 
     emb = load_embeddings(dup_embeddings)
     model = api.load_checkpoint(dup_model)
@@ -218,7 +218,7 @@ def test_filter_scores_are_clip_scores_and_thresholds_apply(dup_embeddings, dup_
 
 def test_filter_refuses_another_model(dup_embeddings, tmp_path, tiny_model_cfg):
     from mmpretrain import api
-    from retrieval.embed import EmbedError
+    from retrieval.jobs.embed import EmbedError
 
     other = tmp_path / "other"
     api.export_open_clip(api.create_model(tiny_model_cfg), other)

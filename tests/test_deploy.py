@@ -135,7 +135,7 @@ def test_onnxruntime_backend_gives_the_models_embeddings_and_id(exported):
 
 
 def test_both_backends_give_the_same_hits(exported, search_index):
-    from retrieval.search import Searcher
+    from retrieval.jobs.search import Searcher
 
     _, fp32, _ = exported
     by_torch = Searcher.open(search_index).search(TEXTS, k=5)
@@ -145,7 +145,7 @@ def test_both_backends_give_the_same_hits(exported, search_index):
 
 @pytest.mark.parametrize("entry", QUANTIZERS.entries(), ids=QUANTIZERS.names())
 def test_every_quantizer_keeps_the_id_and_stays_close(entry, exported, search_index):
-    from retrieval.search import Searcher
+    from retrieval.jobs.search import Searcher
 
     model, fp32, quantized = exported
     q = api.load_model(quantized[entry.name], backend="onnxruntime")
@@ -192,9 +192,9 @@ def test_the_service_and_an_embedding_job_answer_alike_with_either_backend(expor
                                                                            toy_shards, tmp_path):  # fmt: skip
     """The service over an index, queried through the onnxruntime backend, gives the torch model's hits;
     an embedding job run by the export writes the torch job's vectors and records its backend."""
-    from retrieval.embed import EmbedConfig, load_embeddings, run_embed
-    from retrieval.search import Searcher
-    from retrieval.service import create_app
+    from retrieval.jobs.embed import EmbedConfig, load_embeddings, run_embed
+    from retrieval.jobs.search import Searcher
+    from retrieval.serve.service import create_app
     from tests.conftest import api_client
 
     _, fp32, _ = exported

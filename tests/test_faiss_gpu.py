@@ -1,4 +1,4 @@
-"""faiss-gpu wiring (retrieval.gpu): on the CPU machines the choices and the fallbacks, with FAISS's
+"""faiss-gpu wiring (retrieval.jobs.gpu): on the CPU machines the choices and the fallbacks, with FAISS's
 GPU cloner stood in by a CPU flat index; the real GPU comparison runs where faiss-gpu sees a GPU."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.gpu import gpu_count, gpu_training, to_gpu, use_gpu
-from retrieval.index import BuildConfig, IndexError_
+from retrieval.jobs.gpu import gpu_count, gpu_training, to_gpu, use_gpu
+from retrieval.jobs.index import BuildConfig, IndexError_
 from tests.conftest import clustered
 
 

@@ -190,10 +190,10 @@ def test_trust_remote_code_from_a_checkpoint_config_is_refused():
 
 # ---------------------------------------------------------------- 7. nothing secret over HTTP
 def test_http_never_shows_commands_credentials_or_server_paths(tiny_ckpt, toy_shards, tmp_path):
-    from retrieval.embed import EmbedConfig, run_embed
-    from retrieval.index import BuildConfig, build_index
-    from retrieval.search import Searcher
-    from retrieval.service import create_app
+    from retrieval.jobs.embed import EmbedConfig, run_embed
+    from retrieval.jobs.index import BuildConfig, build_index
+    from retrieval.jobs.search import Searcher
+    from retrieval.serve.service import create_app
 
     shard = write_shard(tmp_path / "private-shard.tar", _good(8))  # no json: the source shown is the shard's
     data = f"pipe:TOKEN='Authorization: Bearer s3cr3t' cat {shard}::{toy_shards / 'shard-000001.tar'}"

@@ -20,8 +20,8 @@ from mmpretrain.registry import REGISTRIES, Registry, RegistryError, load_all
 from tests.conftest import ROOT, TINY_MODEL, png_bytes
 
 load_all()
-import retrieval.curate  # noqa: E402,F401  (the dedup keep rules register on import)
-import retrieval.index  # noqa: E402,F401  (the index types register on import)
+import retrieval.jobs.curate  # noqa: E402,F401  (the dedup keep rules register on import)
+import retrieval.jobs.index  # noqa: E402,F401  (the index types register on import)
 
 ALL = [(kind, entry) for kind, reg in REGISTRIES.items() for entry in reg.entries()]
 IDS = [f"{kind}-{entry.name}" for kind, entry in ALL]

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from retrieval import embed as embed_mod
-from retrieval.embed import EmbedConfig, EmbedError, load_embeddings, run_embed, write_vectors
-from retrieval.index import (
+from retrieval.jobs import embed as embed_mod
+from retrieval.jobs.embed import EmbedConfig, EmbedError, load_embeddings, run_embed, write_vectors
+from retrieval.jobs.index import (
     INDEX_TYPES,
     BuildConfig,
     IndexError_,
@@ -21,7 +21,7 @@ from retrieval.index import (
     open_index,
     recall_at_k,
 )
-from retrieval.search import QueryError, Searcher
+from retrieval.jobs.search import QueryError, Searcher
 from tests.conftest import TINY_MODEL, clustered, write_shard
 
 
@@ -204,7 +204,7 @@ def test_corrupt_or_foreign_index_files_fail_clearly(tmp_path):
 
 
 def test_failed_build_leaves_the_old_index(tmp_path, monkeypatch):
-    from retrieval import index as index_mod
+    from retrieval.jobs import index as index_mod
 
     write_vectors(tmp_path / "v", clustered(1_000, 16, 10))
     build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(), progress=False)
@@ -279,7 +279,7 @@ def test_an_index_and_its_embeddings_move_together(embedded, tmp_path):
 def test_a_relative_model_path_is_stored_absolute(tmp_path, monkeypatch):
     """``retrieval embed --model runs/x`` from one directory, searched from another: the header holds
     the absolute path (``local-dir:`` kept), a model name as given."""
-    from retrieval.embed import stored_model_ref
+    from retrieval.jobs.embed import stored_model_ref
 
     (tmp_path / "runs" / "x").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -292,7 +292,7 @@ def test_an_unchanged_index_is_not_rehashed_on_open_and_a_changed_file_still_is(
     """Opening checks every file's sha256 once; later opens of files unchanged since (size, mtime, inode)
     only stat them; a file written since is hashed again and a corruption found."""
     from mmpretrain import api as mm_api
-    from retrieval import checksums
+    from retrieval.jobs import checksums
 
     write_vectors(tmp_path / "v", clustered(2_000, 16, 10))
     build_index(tmp_path / "v", tmp_path / "ix", BuildConfig(queries=50), progress=False)

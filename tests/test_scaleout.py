@@ -1,4 +1,4 @@
-"""Scale-out engines (``retrieval.ray_engine``): every embed engine writes what the local job writes,
+"""Scale-out engines (``retrieval.jobs.engines``): every embed engine writes what the local job writes,
 every index engine builds an index that answers as the local build does; Ray's retries survive a
 killed worker (a decoding task or a model actor), and a re-run skips finished parts.
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.embed import EMBED_ENGINES, EmbedConfig, load_embeddings, run_embed, write_vectors
-from retrieval.index import FILL_ENGINES, BuildConfig, build_index, open_index
+from retrieval.jobs.embed import EMBED_ENGINES, EmbedConfig, load_embeddings, run_embed, write_vectors
+from retrieval.jobs.index import FILL_ENGINES, BuildConfig, build_index, open_index
 from tests.conftest import clustered
 
 pytestmark = pytest.mark.timeout(300)
@@ -185,7 +185,7 @@ def test_a_sharded_index_is_searched_as_one(entry, index_type, request, clustere
     """--shards 3: three shard files over consecutive parts, no merged index, the collection's ids;
     an IVF index answers as its merged build (the shards share the trained quantizer), any type
     reaches the recall target or the merged build's recall; the files are checksummed, and adding to it is refused."""
-    from retrieval.index import IndexError_, add_to_index
+    from retrieval.jobs.index import IndexError_, add_to_index
 
     _engine_fixture(entry, request)
     folder, q = clustered_job
@@ -211,7 +211,7 @@ def test_a_sharded_index_is_searched_as_one(entry, index_type, request, clustere
 
 
 def test_shards_and_on_disk_are_exclusive():
-    from retrieval.index import IndexError_
+    from retrieval.jobs.index import IndexError_
 
     with pytest.raises(IndexError_, match="--on-disk or --shards"):
         BuildConfig(shards=2, on_disk=True)
@@ -226,8 +226,8 @@ def test_the_ray_engine_fills_graphs_and_exact_search_itself(ray_cluster, cluste
 
 
 def test_engines_fail_fast_on_unknown_names():
-    from retrieval.embed import EmbedError
-    from retrieval.index import IndexError_
+    from retrieval.jobs.embed import EmbedError
+    from retrieval.jobs.index import IndexError_
 
     with pytest.raises(EmbedError, match="engine 'sparkk': one of local, ray"):
         EmbedConfig(model="m", data="d", out="o", engine="sparkk")

@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from retrieval.batcher import BatchConfig, ClientOverloaded, MicroBatcher, Overloaded
-from retrieval.clip_protocol import KnnLimits, parse_knn
-from retrieval.connections import ConnectionLimits
-from retrieval.engine import Query, dedup_first
-from retrieval.fetch import FetchError, FetchPolicy, blocked, fetch
-from retrieval.redact import collection_root
-from retrieval.search import QueryError
-from retrieval.service import ServeConfig, create_app
+from retrieval.jobs.search import QueryError
+from retrieval.serve.batcher import BatchConfig, ClientOverloaded, MicroBatcher, Overloaded
+from retrieval.serve.connections import ConnectionLimits
+from retrieval.serve.engine import Query, dedup_first
+from retrieval.serve.fetch import FetchError, FetchPolicy, blocked, fetch
+from retrieval.serve.protocol import KnnLimits, parse_knn
+from retrieval.serve.redact import collection_root
+from retrieval.serve.service import ServeConfig, create_app
 from tests.conftest import api_client, png_bytes
 
 KEY = "0123456789abcdef-key"
@@ -257,7 +257,7 @@ def test_metadata_answers_stop_carrying_thumbnails_past_the_byte_cap(searcher):
 
 
 def test_a_batch_is_searched_per_k_and_one_failing_query_fails_alone(searcher, monkeypatch):
-    from retrieval.engine import IndexEngine
+    from retrieval.serve.engine import IndexEngine
 
     engine = IndexEngine("toy", searcher)
     ks, real = [], searcher.index.index.search

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval.search import Searcher
-from retrieval.service import ServeConfig, create_app
+from retrieval.jobs.search import Searcher
+from retrieval.serve.service import ServeConfig, create_app
 from tests.conftest import api_client, png_bytes
 
 
@@ -103,8 +103,8 @@ def test_decompression_bombs_are_refused():
 
     from PIL import Image
 
-    from retrieval.search import QueryError
-    from retrieval.uploads import read_image
+    from retrieval.jobs.search import QueryError
+    from retrieval.serve.uploads import read_image
 
     buf = io.BytesIO()
     Image.new("L", (3000, 3000)).save(buf, format="PNG")  # small file, 9 megapixels

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from retrieval.batcher import BatchConfig, MicroBatcher, Overloaded
-from retrieval.clip_protocol import CLIENT_KEYS
-from retrieval.engine import dedup_first
-from retrieval.search import QueryError, Searcher
-from retrieval.service import ServeConfig, create_app, serve
+from retrieval.jobs.search import QueryError, Searcher
+from retrieval.serve.batcher import BatchConfig, MicroBatcher, Overloaded
+from retrieval.serve.engine import dedup_first
+from retrieval.serve.protocol import CLIENT_KEYS
+from retrieval.serve.service import ServeConfig, create_app, serve
 from tests.conftest import api_client, png_bytes
 
 # what clip-retrieval's ClipClient(url, "toy").query(text="a red circle") posts, key for key (clip_client.py)

@@ -13,10 +13,10 @@ import torch
 from mmpretrain import api
 from mmpretrain.training.validate import experiment_from_tree
 from retrieval.cli import main as retrieval_main
-from retrieval.embed import load_embeddings, write_vectors
-from retrieval.index import BuildConfig, IndexError_, build_index, open_index
-from retrieval.queries import QueryError_, caption_queries, sample_captions
-from retrieval.search import Searcher
+from retrieval.jobs.embed import load_embeddings, write_vectors
+from retrieval.jobs.index import BuildConfig, IndexError_, build_index, open_index
+from retrieval.jobs.queries import QueryError_, caption_queries, sample_captions
+from retrieval.jobs.search import Searcher
 from tests.conftest import TINY_MODEL, clustered
 
 COLOURS = "red green blue yellow black white orange purple".split()
@@ -62,7 +62,7 @@ def test_captioned_items_are_tuned_on_caption_queries_and_both_recalls_recorded(
 def test_given_queries_are_split_into_tuned_and_held_out_halves_and_both_recalls_recorded(captioned, tmp_path):
     """--queries-file: half tuned on, half held out; index.json records the held-out half's recall at the
     tuned setting, equal to what the opened index gives those queries."""
-    from retrieval.queries import given_queries
+    from retrieval.jobs.queries import given_queries
 
     folder, model = captioned
     emb = load_embeddings(folder)

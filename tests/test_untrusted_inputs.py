@@ -78,7 +78,7 @@ def _bomb_png(width: int, height: int) -> bytes:
 def test_a_resize_bomb_upload_is_decoded_at_once(model):
     """What the service's decoder process runs for an upload, on a 2,000,000 x 8 PNG (16 MP, under the
     40 MP cap): its short side to 32 px asked for 256 M pixels (seconds and GBs)."""
-    from retrieval.uploads import _decode
+    from retrieval.serve.uploads import _decode
 
     bomb = _bomb_png(2_000_000, 8)
     assert len(bomb) < 100_000
@@ -88,8 +88,8 @@ def test_a_resize_bomb_upload_is_decoded_at_once(model):
 
 
 def test_the_decoder_runs_under_a_memory_limit_and_is_recycled(model):
-    from retrieval.search import QueryError
-    from retrieval.uploads import Decoder
+    from retrieval.jobs.search import QueryError
+    from retrieval.serve.uploads import Decoder
 
     big = io.BytesIO()
     Image.new("RGB", (3000, 3000), (9, 9, 9)).save(big, "PNG")  # a few KB that decode to 27 MB

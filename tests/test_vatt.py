@@ -447,9 +447,9 @@ def test_retrieval_embeds_video_and_searches_it_by_text(model, clip_set, tmp_pat
     from mmpretrain.config.loader import dump_config
     from mmpretrain.training.checkpoint import save_checkpoint, weights_only
     from mmpretrain.training.validate import experiment_from_tree
-    from retrieval.embed import EmbedConfig, load_embeddings, run_embed
-    from retrieval.index import BuildConfig, build_index
-    from retrieval.search import Searcher
+    from retrieval.jobs.embed import EmbedConfig, load_embeddings, run_embed
+    from retrieval.jobs.index import BuildConfig, build_index
+    from retrieval.jobs.search import Searcher
 
     tree = {
         "model": {

@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.fetch import FetchError, FetchPolicy, check_url
-from retrieval.search import QueryError
+from retrieval.jobs.search import QueryError
+from retrieval.serve.fetch import FetchError, FetchPolicy, check_url
 
 CLIENT_KEYS = (
     "text",
@@ -50,7 +50,6 @@ CLIENT_KEYS = (
     "num_images",
     "num_result_ids",
 )
-DEDUP_THRESHOLD = 0.94
 
 
 @dataclass(frozen=True)

@@ -32,16 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
+from retrieval.errors import EmbedError
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-embeddings/1"
 META_COLUMNS = ("key", "caption", "source", "modality", "thumb_offset", "thumb_len", "width", "height")
-# name -> fn(cfg, progress) -> stats; "local" here, "ray" in retrieval.ray_engine. Example: the extra it needs.
+# name -> fn(cfg, progress) -> stats; "local" here, "ray" in retrieval.jobs.engines. Example: the extra it needs.
 EMBED_ENGINES = api.Registry("embed engine")
-
-
-class EmbedError(RuntimeError):
-    """An embedding job cannot run or continue (with what to do about it)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class EmbedConfig:
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     modality: str = "image"
     strict: bool = False  # any skipped item or unreadable source stops the job (EmbedError)
-    engine: str = "local"  # local (this process; torchrun ranks split the sources) | ray (see retrieval.ray_engine)
+    engine: str = "local"  # local (this process; torchrun ranks split the sources) | ray (see retrieval.jobs.engines)
     address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
     actors: int = 0  # ray: model actors (0: one per GPU of the cluster, else one CPU actor)
     actor_cpus: int = 1  # ray: CPUs reserved per CPU model actor

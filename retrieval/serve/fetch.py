@@ -26,12 +26,10 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from retrieval.errors import FetchError
+
 REDIRECTS = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class FetchError(Exception):
-    """A fetch refused or failed; the message says why (log it, do not show it to the client)."""
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
-from retrieval.index import IndexError_, LoadedIndex, open_index
-from retrieval.models import header_model
+from retrieval.errors import QueryError
+from retrieval.jobs.index import IndexError_, LoadedIndex, open_index
+from retrieval.jobs.models import header_model
 
 MAX_K = 1000
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered (empty, too long, k out of range, not UTF-8)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +78,8 @@ class Searcher:
     ) -> Searcher:
         """Open ``index`` with ``model`` run by the encoding ``backend`` (default: the model and backend
         recorded in the index; ``api.list_backends()``); ``device`` ``auto``/``cuda`` searches a GPU copy
-        where faiss-gpu has the index's type (``retrieval.gpu``)."""
-        from retrieval.gpu import to_gpu, use_gpu
+        where faiss-gpu has the index's type (``retrieval.jobs.gpu``)."""
+        from retrieval.jobs.gpu import to_gpu, use_gpu
 
         loaded = open_index(index)
         # lists on disk stay there (a GPU copy would read them all into memory); shards are searched on the CPU
@@ -126,12 +123,16 @@ class Searcher:
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """(Q, E) L2-normalised query vectors -> hits."""
-        k = self.check_k(k)
-        scores, ids = self.index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, ids = self.search_vectors(queries, self.check_k(k))
         return [
             [self._hit(r, int(i), float(s)) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
             for row_i, row_s in zip(ids, scores)
         ]
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, E) query vectors -> (scores, ids), each (Q, k), best first (-1: fewer than ``k`` items): the one
+        FAISS search of the library and the service, with ``k`` already checked."""
+        return self.index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def _hit(self, rank: int, i: int, score: float) -> Hit:
         m = self._meta
@@ -150,7 +151,7 @@ class Searcher:
         was built from (memory-mapped), else reconstructed by FAISS (approximate for PQ codes)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._embeddings is None:
-            from retrieval.embed import EmbedError, load_embeddings
+            from retrieval.jobs.embed import EmbedError, load_embeddings
 
             try:
                 folders = self.index.header.get("embeddings", [])  # relative to the index (absolute before)

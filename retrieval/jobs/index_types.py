@@ -1,19 +1,16 @@
 """The index types, by registry (``INDEX_TYPES``), and the automatic choice among them: each entry turns a
 collection's size and dimension into an ``IndexSpec`` (a FAISS factory string, the search knob and its
 values, the memory it needs); ``candidate_specs`` lists what a build within ``BuildConfig``'s memory budget
-tries, best first (the reasoning is in ``retrieval.index``'s docstring)."""
+tries, best first (the reasoning is in ``retrieval.jobs.index``'s docstring)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from mmpretrain import api
 from retrieval.errors import IndexError_
-
-if TYPE_CHECKING:
-    from retrieval.index import BuildConfig
+from retrieval.jobs.index_config import BuildConfig
 
 INDEX_TYPES = api.Registry("index type")  # name -> fn(n, d) -> IndexSpec; example: the recall it must reach
 

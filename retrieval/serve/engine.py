@@ -20,12 +20,11 @@ from typing import Any
 
 import faiss
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
 
 from mmpretrain import api
-from retrieval.batcher import BatchConfig, MicroBatcher
-from retrieval.search import QueryError, Searcher
+from retrieval.jobs.dedup import components, first_of_groups, range_pairs
+from retrieval.jobs.search import QueryError, Searcher
+from retrieval.serve.batcher import BatchConfig, MicroBatcher
 
 KINDS = ("text", "image", "vector")
 MAX_DEDUP_PAIRS = 1_000_000
@@ -123,7 +122,7 @@ class IndexEngine:
             if q.k > 0 and not isinstance(out[i], Exception):
                 groups.setdefault(q.k, []).append(i)
         for k, todo in groups.items():
-            scores, ids = self.searcher.index.index.search(vectors[todo], k)
+            scores, ids = self.searcher.search_vectors(vectors[todo], k)
             for row, i in enumerate(todo):
                 try:
                     out[i] = self._hits(queries[i], vectors[i], ids[row], scores[row])
@@ -214,22 +213,19 @@ class Engines:
 
 def dedup_first(vectors: np.ndarray, threshold: float, *, max_pairs: int = MAX_DEDUP_PAIRS) -> np.ndarray:
     """Indices (ascending) of the rows to keep when rows whose cosine similarity is >= ``threshold``
-    are near-duplicates: duplicates chain (connected components, as clip-retrieval's
-    ``get_non_uniques``), and each group keeps its first row (the best-ranked hit).
+    are near-duplicates (``retrieval.jobs.dedup``'s rule): each group keeps its first row (the best-ranked hit).
 
     Args:
         vectors: (N, E) the hits' stored vectors, best hit first (normalised here).
-        max_pairs: the most (i, j) pairs at or over ``threshold`` worked on; more is a ``QueryError``
-            (N hits make at most N^2: 1,000 hits fit the default).
+        max_pairs: the most pairs (i < j) at or over ``threshold`` worked on; more is a ``QueryError``
+            (N hits make at most N(N-1)/2: 1,000 hits fit the default).
     """
     v = np.ascontiguousarray(
         vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), dtype=np.float32
     )
     flat = faiss.IndexFlatIP(v.shape[1])
     flat.add(v)
-    lims, _, nbrs = flat.range_search(v, np.nextafter(np.float32(threshold), np.float32(-1)))  # >= threshold
-    if lims[-1] > max_pairs:
-        raise QueryError(f"too many near-duplicate pairs ({lims[-1]}) to collapse; ask for fewer results")
-    graph = csr_matrix((np.ones(len(nbrs), np.int8), nbrs, lims), shape=(len(v), len(v)))
-    _, labels = connected_components(graph, directed=False)
-    return np.sort(np.unique(labels, return_index=True)[1]).astype(np.int64)  # each group's first row
+    rows, cols = range_pairs(flat, v, threshold)
+    if len(rows) > max_pairs:
+        raise QueryError(f"too many near-duplicate pairs ({len(rows)}) to collapse; ask for fewer results")
+    return first_of_groups(components(len(v), rows, cols))

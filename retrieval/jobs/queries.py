@@ -20,24 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmpretrain import api
-from retrieval.models import header_model
-
-if TYPE_CHECKING:
-    from retrieval.index import IndexSpec
+from retrieval.errors import QueryError_
+from retrieval.jobs.index_types import IndexSpec
+from retrieval.jobs.models import header_model
 
 log = logging.getLogger(__name__)
 
-TUNE_ON = ("auto", "captions", "items")
 HELD_OUT_MIN = 20  # given queries from which half are held out of the tuning
-
-
-class QueryError_(ValueError):
-    """Tuning queries that cannot be made as asked (no captions, the model is not the job's)."""
 
 
 @dataclass

@@ -13,21 +13,20 @@ import json
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import numpy as np
 from fastapi import Body, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from retrieval.clip_protocol import DEDUP_THRESHOLD, b64_image, parse_knn, result_list
-from retrieval.engine import Answer, IndexEngine
-from retrieval.engine import Query as EngineQuery
-from retrieval.fetch import FetchError, fetch
-from retrieval.search import QueryError
-
-if TYPE_CHECKING:
-    from retrieval.service import Served
+from retrieval.jobs.dedup import NEAR_DUPLICATE
+from retrieval.jobs.search import QueryError
+from retrieval.serve.engine import Answer, IndexEngine
+from retrieval.serve.engine import Query as EngineQuery
+from retrieval.serve.fetch import FetchError, fetch
+from retrieval.serve.protocol import b64_image, parse_knn, result_list
+from retrieval.serve.served import Served
 
 log = logging.getLogger(__name__)
 LABEL_CHUNK = 4  # labels encoded per batch when /classify meets new ones
@@ -123,7 +122,7 @@ def search_routes(app: FastAPI, served: Served) -> None:
         deduplicate: bool = Body(False, embed=True),
     ) -> FastJSON:
         engine, start, cfg = served.engine(index), time.perf_counter(), served.cfg
-        k, dedup = engine.searcher.check_k(k), DEDUP_THRESHOLD if deduplicate else None
+        k, dedup = engine.searcher.check_k(k), NEAR_DUPLICATE if deduplicate else None
         given = [x for x in (queries, images, embeddings) if x is not None]
         if len(given) != 1 or not given[0]:
             raise QueryError("give one non-empty list: queries (texts), images (base64) or embeddings")
@@ -210,7 +209,7 @@ def clip_routes(app: FastAPI, served: Served) -> None:
             raise QueryError(
                 f"index {engine.name!r} holds {modality} embeddings; modality {req.modality!r} has no index here"
             )
-        dedup, k = DEDUP_THRESHOLD if req.deduplicate else None, min(req.num_result_ids, engine.ntotal)
+        dedup, k = NEAR_DUPLICATE if req.deduplicate else None, min(req.num_result_ids, engine.ntotal)
         if req.text is not None:
             query = EngineQuery("text", engine.searcher.check_text([req.text])[0], k, dedup)
         elif req.embedding is not None:

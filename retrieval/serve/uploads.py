@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from mmpretrain import api
-from retrieval.search import QueryError
+from retrieval.jobs.search import QueryError
 
 
 class Busy(Exception):

@@ -27,11 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from mmpretrain import api
-from retrieval.embed import EmbedError, load_embeddings, part_name
-from retrieval.models import header_model
+from retrieval.jobs.dedup import NEAR_DUPLICATE, components, range_pairs
+from retrieval.jobs.embed import EmbedError, load_embeddings, part_name
+from retrieval.jobs.models import header_model
 
 log = logging.getLogger(__name__)
 # name -> fn(member ids (sorted), meta) -> the keeper's id. Example: a group and the keeper it picks.
@@ -86,7 +88,7 @@ def report_path(out: Path) -> Path:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    threshold: float = 0.94  # cosine similarity at or above which two items are near-duplicates
+    threshold: float = NEAR_DUPLICATE  # cosine similarity at or above which two items are near-duplicates
     keep: str = "first"  # a KEEP_RULES name
     index: str | None = None  # an index folder over the same embeddings: its kNN instead of exact range search
     k: int = 32  # neighbours per item searched on an index
@@ -102,26 +104,21 @@ class DedupConfig:
 
 def exact_pairs(emb, threshold: float, batch: int, bar) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (i < j) with similarity >= threshold, by exact range search (all vectors in RAM)."""
-    import faiss
-
     vectors = emb.array()
     flat = faiss.IndexFlatIP(emb.dim)
     flat.add(vectors)
     rows, cols = [], []
     for start in range(0, emb.n, batch):
-        q = vectors[start : start + batch]
-        lims, _, ids = flat.range_search(q, float(threshold))
-        owner = np.repeat(np.arange(start, start + len(q)), np.diff(lims).astype(np.int64))
-        upper = ids > owner
-        rows.append(owner[upper]), cols.append(ids[upper])
-        bar.update(len(q))
+        pair_rows, pair_cols = range_pairs(flat, vectors[start : start + batch], threshold, start)
+        rows.append(pair_rows), cols.append(pair_cols)
+        bar.update(min(batch, emb.n - start))
     none = [np.zeros(0, np.int64)]  # an empty collection has no pairs
     return np.concatenate(none + rows), np.concatenate(none + cols)
 
 
 def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> tuple[np.ndarray, np.ndarray]:
     """Pairs among each item's k nearest neighbours on an index over the same embeddings, >= threshold."""
-    from retrieval.index import open_index
+    from retrieval.jobs.index import open_index
 
     loaded = open_index(folder)
     here = [(loaded.folder / e).resolve() for e in loaded.header["embeddings"]]
@@ -141,15 +138,6 @@ def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> 
             bar.update(len(q))
     none = [np.zeros(0, np.int64)]  # an empty collection has no pairs
     return np.concatenate(none + rows), np.concatenate(none + cols)
-
-
-def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Group label per item (N,): the connected components of the duplicate pairs."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 def dedup(embeddings: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), *, progress=True) -> dict:

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
-from retrieval import checksums, shards
 from retrieval.errors import IndexError_
-from retrieval.index_types import (  # noqa: F401 (part of this module's surface)
+from retrieval.jobs import checksums, shards
+from retrieval.jobs.index_config import FILL_ENGINES, TUNE_ON, BuildConfig  # noqa: F401 (part of this module's surface)
+from retrieval.jobs.index_types import (  # noqa: F401 (part of this module's surface)
     INDEX_TYPES,
     IndexSpec,
     candidate_specs,
@@ -41,8 +42,7 @@ from retrieval.index_types import (  # noqa: F401 (part of this module's surface
     probes,
     spec_dict,
 )
-from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k, sweep: part of this module's surface)
-    TUNE_ON,
+from retrieval.jobs.queries import (  # noqa: F401 (exact_neighbours, recall_at_k, sweep: part of this module's surface)
     Queries,
     QueryError_,
     Tuning,
@@ -57,43 +57,6 @@ from retrieval.queries import (  # noqa: F401 (exact_neighbours, recall_at_k, sw
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
-# name -> fn(spec, empty, emb, folder, cfg, progress) -> the filled index: how the vectors are added to the
-# trained index ("local" here, "ray" in retrieval.ray_engine). Example: the extra it needs.
-FILL_ENGINES = api.Registry("index engine")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    index_type: str = "auto"  # auto or a registered type (INDEX_TYPES: flat, hnsw, ivf_flat, ivf_rabitq_refine, ...)
-    memory_bytes: int = 4 << 30  # budget for the index in RAM
-    recall_target: float = 0.95  # recall@10 vs exact search the tuned search parameter must reach
-    flat_below: int = 20_000  # exact search below this many vectors
-    hnsw_below: int = 200_000  # HNSW graph builds are slow on CPU above this
-    queries: int = 500  # held-out queries for tuning and the recorded recall
-    tune_seconds: float = 0.25  # each knob setting is searched for at least this long (>= 2 runs) to time it
-    tune_on: str = "auto"  # auto (captions when the items have them, as users search) | captions | items
-    on_disk: bool = False  # IVF inverted lists in index.ivfdata, built part by part and merged
-    seed: int = 0
-    threads: int = 0  # FAISS OpenMP threads (0: FAISS's default)
-    engine: str = "local"  # who adds the vectors: local (this process) | ray (parallel tasks, pieces merged)
-    address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
-    device: str = "auto"  # IVF training k-means on the GPUs: auto (when faiss-gpu sees one) | cpu | cuda
-    shards: int = 1  # > 1: keep this many shard files, searched together (retrieval.shards), instead of merging
-
-    def __post_init__(self) -> None:
-        from retrieval.gpu import DEVICES
-
-        if self.shards < 1:
-            raise IndexError_(f"shards must be >= 1, got {self.shards}")
-        if self.shards > 1 and self.on_disk:
-            raise IndexError_("an on-disk index is one merged IVF: use --on-disk or --shards, not both")
-
-        if self.engine not in FILL_ENGINES:
-            raise IndexError_(f"engine {self.engine!r}: one of {', '.join(FILL_ENGINES.names())}")
-        if self.tune_on not in TUNE_ON:
-            raise IndexError_(f"tune_on {self.tune_on!r}: one of {', '.join(TUNE_ON)}")
-        if self.device not in DEVICES:
-            raise IndexError_(f"device {self.device!r}: one of {', '.join(DEVICES)}")
 
 
 def _threads(cfg: BuildConfig) -> None:
@@ -107,7 +70,7 @@ def _trained_empty(spec: IndexSpec, emb, cfg: BuildConfig):
     """The index of ``spec``, trained on a seeded sample of ``emb`` (untrained types as they are)."""
     import faiss
 
-    from retrieval.gpu import gpu_training, use_gpu
+    from retrieval.jobs.gpu import gpu_training, use_gpu
 
     index = faiss.index_factory(emb.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -252,7 +215,7 @@ def build_index(
     progress: bool = True,
 ) -> dict:
     """Choose, train, fill and tune an index over an embedding job folder; write it atomically to ``out``."""
-    from retrieval.embed import load_embeddings, relative_path
+    from retrieval.jobs.embed import load_embeddings, relative_path
 
     _threads(cfg)
     emb = load_embeddings(embeddings)
@@ -389,7 +352,7 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
     import faiss
     import pyarrow as pa
 
-    from retrieval.embed import load_embeddings, relative_path
+    from retrieval.jobs.embed import load_embeddings, relative_path
 
     loaded = open_index(folder)
     h = loaded.header

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
-from retrieval import shards
-from retrieval.embed import (
+from retrieval.jobs import shards
+from retrieval.jobs.embed import (
     EMBED_ENGINES,
     EmbedConfig,
     EmbedError,
@@ -47,7 +47,7 @@ from retrieval.embed import (
     note_part,
     open_job,
 )
-from retrieval.index import FILL_ENGINES, BuildConfig, IndexSpec, fill_local, make_piece, merge_pieces
+from retrieval.jobs.index import FILL_ENGINES, BuildConfig, IndexSpec, fill_local, make_piece, merge_pieces
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches a decoding task keeps at the model actors (decode the next while one is embedded)
