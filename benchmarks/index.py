@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from logs import header  # noqa: E402
 
-from retrieval.cli import parse_bytes  # noqa: E402
 from retrieval.jobs.embed import write_vectors  # noqa: E402
 from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_specs  # noqa: E402
 from retrieval.jobs.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
+from retrieval.options import parse_bytes  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences"
 

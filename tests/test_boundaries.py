@@ -60,7 +60,7 @@ LAYERS = {
         {"cli", "cli_caption", "cli_export", "__init__"},  # cli_caption/cli_export: commands of their own, beside cli
     ],
     "retrieval": [
-        {"errors"},
+        {"errors", "options"},  # options: config dataclasses -> command-line flags (stdlib only)
         {"jobs"},  # embedding, indexes, search, curation, the Ray engines
         {"serve"},  # the service: over the jobs' Searcher, never imported by them
         {"cli", "__init__"},

@@ -34,6 +34,7 @@ from mmpretrain import api
 from retrieval.jobs.dedup import NEAR_DUPLICATE, components, range_pairs
 from retrieval.jobs.embed import EmbedError, load_embeddings, part_name
 from retrieval.jobs.models import header_model
+from retrieval.options import option
 
 log = logging.getLogger(__name__)
 # name -> fn(member ids (sorted), meta) -> the keeper's id. Example: a group and the keeper it picks.
@@ -88,10 +89,10 @@ def report_path(out: Path) -> Path:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    threshold: float = NEAR_DUPLICATE  # cosine similarity at or above which two items are near-duplicates
-    keep: str = "first"  # a KEEP_RULES name
-    index: str | None = None  # an index folder over the same embeddings: its kNN instead of exact range search
-    k: int = 32  # neighbours per item searched on an index
+    threshold: float = option(NEAR_DUPLICATE, help="cosine similarity at or above which two items are near-duplicates")
+    keep: str = option("first", help="which item of a group stays", choices=lambda: KEEP_RULES.names())
+    index: str | None = option(None, help="index folder over these embeddings: search its kNN instead of every pair")
+    k: int = option(32, help="neighbours per item with --index", flag="-k")
     batch: int = 4096  # queries per search call
 
     def __post_init__(self) -> None:
@@ -206,13 +207,13 @@ def write_groups(table, labels: np.ndarray, sizes: np.ndarray, keep: np.ndarray,
 
 @dataclass(frozen=True)
 class FilterConfig:
-    min_score: float = 0.28  # keep items whose CLIP score (embedding . caption embedding) is at least this
-    exclude: tuple[str, ...] = ()  # text queries: items this close to any of them are dropped
-    exclude_threshold: float = 0.25  # cosine similarity to an exclude query at or above which an item goes
+    min_score: float = option(0.28, help="lowest CLIP score (embedding . caption embedding) kept")
+    exclude: tuple[str, ...] = option((), help="drop items matching this text query", metavar="TEXT")
+    exclude_threshold: float = option(0.25, help="similarity to an --exclude query at or above which an item goes")
     model: str | None = None  # the scoring model (default: the one the embeddings record; its id must match)
     backend: str | None = None  # its encoding backend (default: torch, or the one the embeddings record)
     batch_size: int = 256  # captions per text-encoder call
-    device: str = "cpu"
+    device: str = option("cpu", help="torch device for the text encoder")
 
 
 def scoring_model(emb, cfg: FilterConfig):

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from mmpretrain import api
+from mmpretrain.types import MODALITIES
 from retrieval.errors import EmbedError
+from retrieval.options import RAY_ADDRESS, option
 
 log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-embeddings/1"
@@ -44,30 +46,42 @@ EMBED_ENGINES = api.Registry("embed engine")
 @dataclass(frozen=True)
 class EmbedConfig:
     model: str
-    data: str
-    out: str
+    data: str = option(help="shard spec or image folder")
+    out: str = option(help="output folder")
     backend: str = "torch"  # the encoding backend (api.list_backends()): torch, or onnxruntime with an ONNX export
-    batch_size: int = 64
-    dtype: str = "float16"  # float16 | float32
-    thumb_size: int = 128  # 0: no thumbnails
-    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
-    modality: str = "image"
-    strict: bool = False  # any skipped item or unreadable source stops the job (EmbedError)
-    engine: str = "local"  # local (this process; torchrun ranks split the sources) | ray (see retrieval.jobs.engines)
-    address: str | None = None  # ray: a running cluster ("auto", "ray://head:10001"); None starts a local one
-    actors: int = 0  # ray: model actors (0: one per GPU of the cluster, else one CPU actor)
-    actor_cpus: int = 1  # ray: CPUs reserved per CPU model actor
-    actor_threads: int = 0  # ray: torch threads per CPU model actor (0: its node's cores shared by its actors)
-    decoders: int = 0  # ray: decoding tasks in flight (0: the cluster's CPUs left by the actors, at least 2)
-    retries: int = 3  # ray: times a task whose worker died, or an actor call, is retried
+    batch_size: int = option(64, help="items per encoder call")
+    dtype: str = option("float16", help="stored vector type", choices=("float16", "float32"))
+    thumb_size: int = option(128, help="thumbnail side in pixels (0: none)")
+    device: str = option("auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    modality: str = option(
+        "image",
+        help="what to embed from each item (video/audio: shards); text queries then search it (text->video, "
+        "text->audio)",
+        choices=lambda: [m for m in MODALITIES if m != "text"],
+    )
+    strict: bool = option(False, help="stop at the first skipped item or unreadable shard (EmbedError)")
+    engine: str = option(
+        "local",
+        help="local: this process (torchrun ranks split the sources); ray: a Ray cluster (pip install -e '.[ray]')",
+        choices=lambda: EMBED_ENGINES.names(),
+    )
+    address: str | None = option(None, help=RAY_ADDRESS)
+    actors: int = option(0, help="ray: model actors (0: one per GPU of the cluster, else one CPU actor)")
+    actor_cpus: int = option(1, help="ray: CPUs reserved per CPU model actor")
+    actor_threads: int = option(
+        0, help="ray: torch threads per CPU model actor (0: its node's cores, shared by its actors)"
+    )
+    decoders: int = option(0, help="ray: decoding tasks in flight (0: the CPUs the actors leave, >= 2)")
+    retries: int = option(3, help="ray: retries of a task or actor call whose worker died")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
             raise EmbedError(f"dtype must be float16 or float32, not {self.dtype!r}")
         if self.batch_size < 1:
             raise EmbedError("batch_size must be >= 1")
-        if self.modality not in ("image", "video", "audio"):
-            raise EmbedError(f"modality {self.modality!r}: collections of image, video or audio can be embedded")
+        if self.modality not in MODALITIES or self.modality == "text":
+            media = ", ".join(m for m in MODALITIES if m != "text")
+            raise EmbedError(f"modality {self.modality!r}: collections of {media} can be embedded")
         if self.backend not in api.list_backends():
             raise EmbedError(f"backend {self.backend!r}: one of {', '.join(api.list_backends())}")
         if self.engine not in EMBED_ENGINES:

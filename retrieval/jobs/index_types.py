@@ -8,11 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from mmpretrain import api
 from retrieval.errors import IndexError_
-from retrieval.jobs.index_config import BuildConfig
-
-INDEX_TYPES = api.Registry("index type")  # name -> fn(n, d) -> IndexSpec; example: the recall it must reach
+from retrieval.jobs.index_config import INDEX_TYPES, BuildConfig
 
 
 @dataclass(frozen=True)

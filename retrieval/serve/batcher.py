@@ -17,6 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from retrieval.options import option
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONTENTION_S = 0.5  # a client served this recently is still competing, though between requests
@@ -36,10 +38,10 @@ class ClientOverloaded(Overloaded):
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch: int = 64  # cost (texts, images, vectors) encoded and searched together
-    max_wait_ms: float = 2.0  # how long the worker waits for more items once one is there
-    max_queue: int = 64  # waiting cost; beyond this, submit() raises Overloaded (503)
-    max_queue_per_client: int = 32  # waiting cost of one client; beyond this, ClientOverloaded (429)
+    max_batch: int = option(64, help="queries (texts, images, vectors) encoded and searched together")
+    max_wait_ms: float = option(2.0, help="how long a batch waits to fill once one query is there (ms)")
+    max_queue: int = option(64, help="waiting queries, texts counted (all indexes) before 503")
+    max_queue_per_client: int = option(32, help="one client's waiting queries before 429")
     anticipate_ms: float = 4.0  # how long a batch of only other clients' items waits for the last batch's
 
 

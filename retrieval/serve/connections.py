@@ -29,17 +29,23 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from retrieval.options import option
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    header_timeout_s: float = 10.0  # request line + headers, from the connection's (or request's) first moment
-    body_timeout_s: float = 30.0  # the whole body, from the end of the headers
+    header_timeout_s: float = option(10.0, help="seconds to send a request's line and headers", flag="--header-timeout")
+    body_timeout_s: float = option(30.0, help="seconds to send a request's body", flag="--body-timeout")
     max_header_bytes: int = 64 << 10
-    max_connections: int = 1000  # open connections in all (keep it under the process's open-file limit)
-    max_per_client: int = 64  # open connections from one peer address
-    new_per_second: float = 50.0  # new connections from one peer address, a second (bursts of twice that)
+    max_connections: int = option(1000, help="open connections in all (under the process's open-file limit)")
+    max_per_client: int = option(64, help="open connections from one address", flag="--max-connections-per-client")
+    new_per_second: float = option(
+        50.0,
+        help="new connections from one address a second, bursts of twice that (0: no limit)",
+        flag="--new-connections-per-second",
+    )
 
 
 def _reply(status: int, reason: str) -> bytes:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from retrieval.errors import FetchError
+from retrieval.options import option
 
 REDIRECTS = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -34,11 +35,20 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    hosts: tuple[str, ...] = ()  # "example.com" (ports 80/443) or "example.com:8080"; empty: nothing is fetched
+    hosts: tuple[str, ...] = option(
+        (),
+        help="hosts whose images /knn-service's image_url may fetch (ports 80/443 unless named; default: none)",
+        flag="--image-url-host",
+        metavar="HOST[:PORT]",
+    )
     max_bytes: int = 8 << 20
     deadline_s: float = 10.0  # the whole fetch, redirects included
     max_redirects: int = 3
-    allow_private: bool = False  # let names resolve to private/loopback addresses (a private deployment, tests)
+    allow_private: bool = option(
+        False,
+        help="let image_url hosts resolve to private/loopback addresses (an internal deployment)",
+        flag="--image-url-private",
+    )
 
     def allows(self, host: str, port: int, scheme: str) -> bool:
         listed = {h.lower() for h in self.hosts}

@@ -12,6 +12,7 @@ import anyio
 
 from retrieval.errors import QueryError
 from retrieval.jobs.search import Searcher
+from retrieval.options import option, parse_bytes, show_bytes
 from retrieval.serve.batcher import BatchConfig, ClientOverloaded, Overloaded
 from retrieval.serve.connections import ConnectionLimits
 from retrieval.serve.engine import Answer, Engines, IndexEngine
@@ -29,9 +30,15 @@ WILDCARD = ("0.0.0.0", "::", "")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_upload_bytes: int = 8 << 20  # an uploaded image (multipart /classify)
+    host: str = option("127.0.0.1", help="address to bind (any other than loopback needs an API key)")
+    port: int = option(8000, help="port")
+    max_upload_bytes: int = option(
+        8 << 20,
+        help="an uploaded image's size limit (/classify)",
+        flag="--max-upload",
+        parse=parse_bytes,
+        show=show_bytes,
+    )
     max_json_bytes: int = 12 << 20  # a JSON body (a base64 image in /knn-service fits)
     max_labels: int = 200
     max_label_chars: int = 100
@@ -41,19 +48,31 @@ class ServeConfig:
     max_metadata_ids: int = 500  # ids per /metadata call
     max_response_bytes: int = 16 << 20  # thumbnails in one /knn-service or /metadata answer
     batch: BatchConfig = field(default_factory=BatchConfig)
-    request_timeout_s: float = 30.0  # a query not answered by then gets 503
+    request_timeout_s: float = option(30.0, help="seconds a query may wait for its answer (then 503)", flag="--timeout")
     decode_workers: int = 1  # processes decoding uploaded images (at low priority, off the event loop)
     decode_memory_mb: int = 1024  # address space a decoder may add to its own (more: 400)
     label_cache: int = 10_000  # label embeddings kept for /classify (LRU)
     knn: KnnLimits = field(default_factory=KnnLimits)
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # /knn-service image_url (no hosts: refused)
     api_key: str | None = None  # required on every route but /health, / and /login when set
-    insecure: bool = False  # allow a public host without an API key, CORS '*' and forwarded requests without one
-    cors_origins: tuple[str, ...] = ()  # origins allowed to call us from a browser ("*": any, needs a key)
-    allowed_hosts: tuple[str, ...] = ()  # Host header names served beyond loopback's and --host's ("*": any)
-    docs: bool = False  # /docs and /openapi.json (Swagger's JS comes from a CDN into the key's origin)
-    concurrency: int = 256  # requests in flight before 503
-    per_client: int = 32  # requests in flight from one client address before 429
+    insecure: bool = option(
+        False, help="allow a non-loopback --host, --cors-origin '*' and proxied (forwarded) requests without an API key"
+    )
+    cors_origins: tuple[str, ...] = option(
+        (),
+        help="allow browsers on ORIGIN (e.g. clip-retrieval's front end; '*' for any, needs a key) to call the API",
+        flag="--cors-origin",
+        metavar="ORIGIN",
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        help="a Host header name clients use (besides loopback's and --host's; '*': any); DNS rebinding defence",
+        flag="--allowed-host",
+        metavar="NAME",
+    )
+    docs: bool = option(False, help="serve /docs and /openapi.json (Swagger loads JS from a CDN into the key's origin)")
+    concurrency: int = option(256, help="requests in flight before 503")
+    per_client: int = option(32, help="requests in flight from one address before 429")
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
