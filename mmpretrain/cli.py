@@ -263,15 +263,14 @@ def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    from mmpretrain.config.strict import from_dict
     from mmpretrain.corpora import CORPORA, CorpusError
 
     entry = CORPORA.get(args.corpus)
-    fields = {"size": args.size, "seed": args.seed}
+    given = {k: v for k, v in (("size", args.size), ("seed", args.seed)) if v is not None}
     if args.concepts is not None:
-        fields["concepts"] = args.concepts or None
-    cfg = dataclasses.replace(entry.config_cls(), **fields)
+        given["concepts"] = args.concepts or None  # 0: all
+    cfg = from_dict(entry.config_cls, given, args.corpus)  # a flag the corpus has no field for fails, naming it
     cache = args.cache or f".cache/mmpretrain/{args.corpus}"
     out = args.out or f"data/{args.corpus}"
     try:
@@ -395,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="concepts to sample (0: all; default: emoji 300, icons all, motion 40)",
     )
-    db.add_argument("--size", type=int, default=64, help="image (motion: video frame) side in pixels")
-    db.add_argument("--seed", type=int, default=0)
+    db.add_argument("--size", type=int, help="image (motion: video frame) side in pixels (default: the corpus's, 64)")
+    db.add_argument("--seed", type=int, help="the split's and sampling's seed (default: the corpus's, 0)")
     db.set_defaults(fn=cmd_data_build)
     add_export(sub, _model_args).set_defaults(fn=lambda args: cmd_export(args, _load_model(args)))
 
