@@ -29,10 +29,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
 
 from mmpretrain import api
 from retrieval.jobs.dedup import NEAR_DUPLICATE, components, range_pairs
 from retrieval.jobs.embed import EmbedError, load_embeddings, part_name
+from retrieval.jobs.index import open_index
 from retrieval.jobs.models import header_model
 from retrieval.options import option
 
@@ -58,7 +63,6 @@ def keep_resolution(ids: np.ndarray, meta: dict) -> int:
 
 def item_table(emb):
     """The embeddings' metadata with ``id`` and ``shard`` (the source each item's part was embedded from)."""
-    import pyarrow as pa
 
     table = emb.meta()
     names = {part_name(i): src for i, src in enumerate(emb.header["sources"])}
@@ -69,8 +73,6 @@ def item_table(emb):
 
 def write_keep(table, ids: np.ndarray, out: Path, extra: dict[str, np.ndarray], report: dict) -> dict:
     """The keep-list (``table``'s rows ``ids`` plus ``extra`` columns) and its report, atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     keep_cols = [c for c in ("id", "key", "shard", "source", "caption", "width", "height") if c in table.column_names]
     kept = table.select(keep_cols).take(pa.array(ids))
@@ -119,7 +121,6 @@ def exact_pairs(emb, threshold: float, batch: int, bar) -> tuple[np.ndarray, np.
 
 def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> tuple[np.ndarray, np.ndarray]:
     """Pairs among each item's k nearest neighbours on an index over the same embeddings, >= threshold."""
-    from retrieval.jobs.index import open_index
 
     loaded = open_index(folder)
     here = [(loaded.folder / e).resolve() for e in loaded.header["embeddings"]]
@@ -143,7 +144,6 @@ def index_pairs(emb, folder: str, threshold: float, k: int, batch: int, bar) -> 
 
 def dedup(embeddings: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), *, progress=True) -> dict:
     """Near-duplicate groups of an embedding folder and a keep-list with one keeper per group."""
-    from tqdm import tqdm
 
     emb, out, start = load_embeddings(embeddings), Path(out), time.perf_counter()
     table = item_table(emb)
@@ -193,8 +193,6 @@ def groups_path(out: Path) -> Path:
 
 def write_groups(table, labels: np.ndarray, sizes: np.ndarray, keep: np.ndarray, path: Path) -> None:
     """Every item of a near-duplicate group (size > 1): id, key, shard, group, kept: what to inspect."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     grouped = np.nonzero(sizes[labels] > 1)[0]
     rows = table.select(["id", "key", "shard"]).take(pa.array(grouped))
@@ -233,7 +231,6 @@ def scoring_model(emb, cfg: FilterConfig):
 
 def clip_scores(emb, captions: list, model, cfg: FilterConfig, bar) -> tuple[np.ndarray, np.ndarray]:
     """(CLIP score per item, NaN without a caption; best similarity to any exclude query, or -inf)."""
-    import torch
 
     scores, excl = np.full(emb.n, np.nan, np.float32), np.full(emb.n, -np.inf, np.float32)
     queries = api.encode_texts(model, list(cfg.exclude)).float().cpu().numpy() if cfg.exclude else None
@@ -254,7 +251,6 @@ def clip_scores(emb, captions: list, model, cfg: FilterConfig, bar) -> tuple[np.
 def filter_items(embeddings: str | Path, out: str | Path, cfg: FilterConfig = FilterConfig(), *, progress=True):
     """The keep-list of items whose CLIP score reaches ``cfg.min_score`` and that no exclude query
     matches, with their scores; the report and a score histogram (``<keep>.hist.png``) beside it."""
-    from tqdm import tqdm
 
     emb, out, start = load_embeddings(embeddings), Path(out), time.perf_counter()
     model, table = scoring_model(emb, cfg), item_table(emb)

@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
 
 from mmpretrain import api
 from mmpretrain.types import MODALITIES
@@ -100,8 +104,6 @@ def rank_world() -> tuple[int, int]:
 
 
 def _device(cfg: EmbedConfig) -> str:
-    import torch
-
     if cfg.device != "auto":
         return cfg.device
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -204,8 +206,6 @@ def embed_part(model, cfg: EmbedConfig, source: str, part: Path, on_batch=None) 
 
 def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: bytes, dtype: str, summary: dict) -> None:
     """The part's files, each atomic and durable; the parquet (the done marker) last."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     with api.files.atomic_open(part.with_suffix(".thumbs"), "wb") as f:
         f.write(thumbs)
@@ -230,7 +230,6 @@ def _write_part(part: Path, emb: np.ndarray, rows: dict[str, list], thumbs: byte
 
 def part_summary(part: Path) -> dict:
     """A finished part's summary (source, items, skipped counts) from its parquet metadata."""
-    import pyarrow.parquet as pq
 
     meta = pq.read_schema(part.with_suffix(".parquet")).metadata or {}
     return json.loads(meta[PART_META]) if PART_META in meta else {}
@@ -316,7 +315,6 @@ def finish_stats(stats: dict, job: Job, mine: list[int], seconds: float) -> dict
 def embed_local(cfg: EmbedConfig, progress: bool = True) -> dict:
     """This process (one device); under ``torchrun`` rank r takes sources r, r + world, ... with no
     communication."""
-    from tqdm import tqdm
 
     rank, world = rank_world()
     model = api.load_model(cfg.model, backend=cfg.backend).to(_device(cfg))
@@ -372,8 +370,6 @@ class Embeddings:
     def meta(self, relative_to: Path | None = None):
         """pyarrow.Table of META_COLUMNS + ``part`` (the part the thumbnails live in: its absolute path, or
         relative to ``relative_to``, as an index stores it so the two folders can move together)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         tables = [pq.read_table(p.with_suffix(".parquet")) for p in self.parts]
         tables = [
@@ -394,7 +390,6 @@ def relative_path(path: Path, folder: Path | None) -> str:
 
 def load_embeddings(folder: str | Path, *, allow_partial: bool = False) -> Embeddings:
     """Open a job's finished parts in source order; missing parts are an error unless ``allow_partial``."""
-    import pyarrow.parquet as pq
 
     folder = Path(folder)
     if not (folder / "embeddings.json").is_file():
@@ -443,8 +438,6 @@ def write_vectors(
 ) -> Embeddings:
     """Store vectors computed elsewhere (or synthetic ones) as an embedding job, so that
     ``retrieval index build`` can index them; rows are L2-normalised here."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     folder = Path(folder)
     (folder / "parts").mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,10 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from mmpretrain import api
 from retrieval.jobs import shards
@@ -81,8 +84,6 @@ class Encoder:
     on ``threads`` CPU threads; checks it is the model the job was started with."""
 
     def __init__(self, model: str, model_id: str, modality: str, device: str, threads: int, backend: str = "torch"):
-        import torch
-
         torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,7 +186,6 @@ def embed_ray(cfg: EmbedConfig, progress: bool = True) -> dict:
 def _run_tasks(ray, cfg: EmbedConfig, job, model, actors: list, tracker, todo: deque, stats: dict, progress, limit):
     """Submit a task per part of ``todo``, ``limit`` at a time (each decodes a source; a task waiting on
     the actors frees its CPU, so more would start processes that then compete with the actors)."""
-    from tqdm import tqdm
 
     task = ray.remote(num_cpus=1, max_retries=cfg.retries)(_embed_source)
     inputs = ray.put(api.eval_input(model, cfg.modality))
@@ -219,7 +219,6 @@ def _result(ray, ref, source: str) -> dict:
 def _add_piece(empty: np.ndarray, parts: list[tuple[str, int]], name: str, positional: bool = False) -> str:
     """A Ray task: the serialised trained ``empty`` index plus the vectors of ``parts`` ((.npy path, first
     id) in id order), written atomically to ``name``; ``positional``: a shard (ids from 0)."""
-    import faiss
 
     vectors = np.concatenate([np.load(path, mmap_mode="r") for path, _ in parts]).astype(np.float32)
     piece = make_piece(faiss.deserialize_index(empty), vectors, parts[0][1], positional=positional)
@@ -233,8 +232,6 @@ def _add_piece(empty: np.ndarray, parts: list[tuple[str, int]], name: str, posit
 def fill_ray(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progress: bool = True):
     """Ray: runs of parts added to copies of the trained index in parallel tasks, the pieces merged in
     id order (IVF types; others are filled here), or kept as the index's shards (``cfg.shards``)."""
-    import faiss
-    from tqdm import tqdm
 
     if not _mergeable(empty) and cfg.shards == 1:
         log.info("%s cannot be merged from pieces: filled in this process", spec.type)
@@ -267,7 +264,6 @@ def fill_ray(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progre
 
 def _mergeable(index) -> bool:
     """IVF indexes (behind a transform or a re-ranking stage) merge from pieces; graphs and flat codes do not."""
-    import faiss
 
     try:
         faiss.extract_index_ivf(index)

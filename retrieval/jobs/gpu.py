@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import faiss
+
 from retrieval.errors import IndexError_
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def gpu_count() -> int:
     """GPUs this faiss can use (0 with faiss-cpu)."""
-    import faiss
 
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
@@ -43,7 +44,6 @@ def use_gpu(device: str) -> bool:
 @contextlib.contextmanager
 def gpu_training(index, on: bool) -> Iterator[None]:
     """While training ``index`` (a CPU index), its IVF k-means assigns on all GPUs (``on``)."""
-    import faiss
 
     ivf = None
     if on:
@@ -63,7 +63,6 @@ def gpu_training(index, on: bool) -> Iterator[None]:
 def to_gpu(index, on: bool):
     """A GPU copy of ``index`` (sharded over the GPUs, its search parameters kept) when ``on`` and
     FAISS has a GPU version of its type; else ``index`` itself."""
-    import faiss
 
     if not on:
         return index

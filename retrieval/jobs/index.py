@@ -26,11 +26,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from faiss.contrib.ondisk import merge_ondisk
+from tqdm import tqdm
 
 from mmpretrain import api
 from retrieval.errors import IndexError_
 from retrieval.jobs import checksums, shards
+from retrieval.jobs.embed import load_embeddings, relative_path
+from retrieval.jobs.gpu import gpu_training, use_gpu
 from retrieval.jobs.index_config import FILL_ENGINES, TUNE_ON, BuildConfig  # noqa: F401 (part of this module's surface)
 from retrieval.jobs.index_types import (  # noqa: F401 (part of this module's surface)
     INDEX_TYPES,
@@ -60,17 +67,12 @@ FORMAT = "mmpretrain-index/1"
 
 
 def _threads(cfg: BuildConfig) -> None:
-    import faiss
-
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)
 
 
 def _trained_empty(spec: IndexSpec, emb, cfg: BuildConfig):
     """The index of ``spec``, trained on a seeded sample of ``emb`` (untrained types as they are)."""
-    import faiss
-
-    from retrieval.jobs.gpu import gpu_training, use_gpu
 
     index = faiss.index_factory(emb.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -87,7 +89,6 @@ OPQ_NITER = 10  # FAISS's default 50 costs ~4x the training time here for little
 def _fast_training(index) -> None:
     """Skip what we do not use: polysemous PQ training (an extra ~75 s at 20k x 512 on 2 cores;
     we never search in polysemous mode), and cap OPQ at ``OPQ_NITER`` iterations."""
-    import faiss
 
     base = faiss.downcast_index(index.base_index) if hasattr(index, "base_index") else index
     if hasattr(base, "chain"):
@@ -115,8 +116,6 @@ def build(spec: IndexSpec, emb, folder: Path, cfg: BuildConfig, *, progress: boo
 def fill_local(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, progress: bool = True):
     """This process, part by part. On disk: each part is added to its own piece (written, then freed)
     and the pieces are merged with ``faiss.contrib.ondisk.merge_ondisk``: one part's vectors in RAM at a time."""
-    import faiss
-    from tqdm import tqdm
 
     chunks = tqdm(emb.chunks(), total=len(emb.parts), desc=f"add ({spec.type})", unit="part", disable=not progress)
     if cfg.shards > 1:
@@ -136,7 +135,6 @@ def fill_local(spec: IndexSpec, empty, emb, folder: Path, cfg: BuildConfig, prog
 def make_piece(empty, vectors: np.ndarray, start: int, *, positional: bool = False):
     """A copy of the trained ``empty`` index holding ``vectors``, ids ``start ...`` where the index can
     store ids (IVF), else (or ``positional``: a shard) in order (a re-ranking index: placed by ``merge_pieces``)."""
-    import faiss
 
     piece = faiss.clone_index(empty)
     if positional or _is_refine(piece):
@@ -153,12 +151,9 @@ def _is_refine(index) -> bool:
 def merge_pieces(empty, names: list[str], starts: list[int], folder: Path, *, on_disk: bool):
     """One index from piece files (in id order; ``starts``: each piece's first id): IVF lists merged
     into ``folder/index.ivfdata`` (on disk), or appended in RAM. The piece files are removed."""
-    import faiss
 
     index = faiss.clone_index(empty)
     if on_disk:
-        from faiss.contrib.ondisk import merge_ondisk
-
         merge_ondisk(index, names, str(folder / "index.ivfdata"))
     elif _is_refine(index):
         for name, start in zip(names, starts):
@@ -191,8 +186,6 @@ class LoadedIndex:
 def write_index_folder(tmp: Path, index, meta, header: dict) -> None:
     """Write index.faiss (or, sharded, shard-*.faiss), meta.parquet and index.json (with the files'
     sha256) into ``tmp``."""
-    import faiss
-    import pyarrow.parquet as pq
 
     if header["build_config"].get("shards", 1) > 1:
         header["shard_files"] = names = shards.write_shards(index, tmp)
@@ -215,7 +208,6 @@ def build_index(
     progress: bool = True,
 ) -> dict:
     """Choose, train, fill and tune an index over an embedding job folder; write it atomically to ``out``."""
-    from retrieval.jobs.embed import load_embeddings, relative_path
 
     _threads(cfg)
     emb = load_embeddings(embeddings)
@@ -315,8 +307,6 @@ def _summary(built) -> dict:
 
 def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
     """Open an index folder, checking its format and (``verify``) every file's sha256."""
-    import faiss
-    import pyarrow.parquet as pq
 
     folder = Path(folder)
     if not (folder / "index.json").is_file():
@@ -349,10 +339,6 @@ def add_to_index(folder: str | Path, embeddings: str | Path, *, progress: bool =
     """Append a new embedding job (same model) to an in-RAM index, written atomically. The trained
     quantizers are kept, so the recorded recall (``recall@10`` at ``recall_ntotal``) still describes
     the index while the new items resemble the old; rebuild when the collection has changed much."""
-    import faiss
-    import pyarrow as pa
-
-    from retrieval.jobs.embed import load_embeddings, relative_path
 
     loaded = open_index(folder)
     h = loaded.header

@@ -21,7 +21,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
+import torch
 
 from mmpretrain import api
 from retrieval.errors import QueryError_
@@ -55,7 +57,6 @@ class Queries:
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) ids of the exact top-k by inner product (FAISS brute force, no copy of ``vectors``)."""
-    import faiss
 
     return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
@@ -119,7 +120,6 @@ def caption_queries(emb, texts: list[str], model=None) -> Queries:
             f"{emb.header['model']} is now model {api.model_id(model)}, not {emb.header['model_id']} that embedded "
             f"{emb.folder}: its captions would be other queries"
         )
-    import torch
 
     with torch.inference_mode():
         q = api.encode_texts(model, texts).float().numpy()
@@ -150,7 +150,6 @@ def exact(emb, q: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k over the whole collection (in memory up to 2M vectors; else part by part)."""
     if emb.n <= 2_000_000:
         return exact_neighbours(emb.array(), q, k)
-    import faiss
 
     heap = faiss.ResultHeap(len(q), k, keep_max=True)
     for start, part in emb.chunks():
@@ -172,8 +171,6 @@ class Tuning:
 
 
 def set_knob(index, knob: str | None, value: int | None) -> None:
-    import faiss
-
     if knob is not None and value is not None:
         faiss.ParameterSpace().set_index_parameter(index, knob, value)
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from mmpretrain import api
 from retrieval.errors import QueryError
+from retrieval.jobs.embed import EmbedError, load_embeddings
+from retrieval.jobs.gpu import to_gpu, use_gpu
 from retrieval.jobs.index import IndexError_, LoadedIndex, open_index
 from retrieval.jobs.models import header_model
 
@@ -79,7 +81,6 @@ class Searcher:
         """Open ``index`` with ``model`` run by the encoding ``backend`` (default: the model and backend
         recorded in the index; ``api.list_backends()``); ``device`` ``auto``/``cuda`` searches a GPU copy
         where faiss-gpu has the index's type (``retrieval.jobs.gpu``)."""
-        from retrieval.jobs.gpu import to_gpu, use_gpu
 
         loaded = open_index(index)
         # lists on disk stay there (a GPU copy would read them all into memory); shards are searched on the CPU
@@ -151,8 +152,6 @@ class Searcher:
         was built from (memory-mapped), else reconstructed by FAISS (approximate for PQ codes)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._embeddings is None:
-            from retrieval.jobs.embed import EmbedError, load_embeddings
-
             try:
                 folders = self.index.header.get("embeddings", [])  # relative to the index (absolute before)
                 self._embeddings = [load_embeddings(self.index.folder / f) for f in folders]

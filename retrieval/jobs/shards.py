@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 
@@ -32,7 +33,6 @@ def groups(counts: list[int], n_groups: int) -> list[list[int]]:
 def fill_shards(empty, chunks, counts: list[int], n_shards: int) -> list:
     """``n_shards`` copies of the trained ``empty`` index; ``chunks`` yields (first id, (n, d) vectors)
     per part in id order, and part j goes to the shard of its run (``groups``)."""
-    import faiss
 
     owner = {j: g for g, run in enumerate(groups(counts, n_shards)) for j in run}
     pieces = [faiss.clone_index(empty) for _ in range(max(owner.values()) + 1)]
@@ -43,7 +43,6 @@ def fill_shards(empty, chunks, counts: list[int], n_shards: int) -> list:
 
 def combine(pieces: list, d: int):
     """One searchable index over ``pieces`` (in id order), which it then owns."""
-    import faiss
 
     index = faiss.IndexShards(d, True, True)  # threaded, successive ids
     for piece in pieces:
@@ -60,7 +59,6 @@ def shard_names(n: int) -> list[str]:
 
 def write_shards(index, folder: Path) -> list[str]:
     """Write each shard of ``index`` (an ``IndexShards``) to ``folder``; returns the file names."""
-    import faiss
 
     names = shard_names(index.count())
     for i, name in enumerate(names):
@@ -69,6 +67,4 @@ def write_shards(index, folder: Path) -> list[str]:
 
 
 def read_shards(folder: Path, names: list[str], d: int):
-    import faiss
-
     return combine([faiss.read_index(str(folder / name)) for name in names], d)

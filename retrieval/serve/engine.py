@@ -12,6 +12,7 @@ vectors) fails that query only. Label embeddings are cached (LRU by template and
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from mmpretrain import api
 from retrieval.jobs.dedup import components, first_of_groups, range_pairs
@@ -100,7 +102,6 @@ class IndexEngine:
 
     def run(self, queries: list[Query]) -> list[Answer | Exception]:
         """One batch: encode per modality, search once, dedup; runs on the batcher's thread."""
-        import torch
 
         with torch.inference_mode():  # a few % faster than no_grad; every output leaves as numpy
             return self._run(queries)
@@ -162,8 +163,6 @@ class IndexEngine:
         return api.encode_texts(self.model, texts).float().cpu().numpy()
 
     def _images(self, images: list) -> np.ndarray:
-        import torch
-
         return api.encode(self.model, "image", {"image": torch.stack(images)}).float().cpu().numpy()
 
     def _vectors(self, vectors: list[np.ndarray]) -> np.ndarray:
@@ -194,8 +193,6 @@ class Engines:
         return self.batcher.submit((engine, engine.check(query)), cost=query.cost, client=client)
 
     def _run(self, items: list[tuple[IndexEngine, Query]]) -> list[Answer | Exception]:
-        import time
-
         out: list = [None] * len(items)
         for engine in {id(e): e for e, _ in items}.values():
             idx = [i for i, (e, _) in enumerate(items) if e is engine]

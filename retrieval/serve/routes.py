@@ -14,9 +14,11 @@ import logging
 import re
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 import numpy as np
+import orjson
 from fastapi import Body, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
@@ -38,8 +40,6 @@ class FastJSON(JSONResponse):
     """JSON rendered by orjson (~20x faster than the standard library for our hit lists)."""
 
     def render(self, content: Any) -> bytes:
-        import orjson
-
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -69,7 +69,6 @@ def check_template(template: str) -> str:
 
 def check_utf8(query_string: bytes) -> None:
     """Starlette decodes bad percent-escapes to U+FFFD silently; refuse them instead."""
-    from urllib.parse import parse_qsl
 
     try:
         parse_qsl(query_string.decode("latin-1"), encoding="utf-8", errors="strict")

@@ -38,6 +38,8 @@ from urllib.parse import parse_qsl
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
 
 from retrieval.jobs.search import QueryError, Searcher
 from retrieval.serve.connections import protocol_class
@@ -90,8 +92,6 @@ def create_app(
     )
     app.add_middleware(Guard, metrics=served.metrics, body_cap=partial(body_cap, cfg), access=access)
     if cfg.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
         )
@@ -161,8 +161,6 @@ def _page_routes(app: FastAPI, served: Served) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         served.metrics.queue_depth.set(served.batcher.depth())
         for name, engine in served.engines.items():
             served.metrics.items.labels(name).set(engine.ntotal)

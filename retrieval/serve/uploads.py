@@ -29,6 +29,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import torch
+import torchvision.transforms.v2  # noqa: F401  (what decoding maps, loaded before the limit is measured)
+
 from mmpretrain import api
 from retrieval.jobs.search import QueryError
 
@@ -43,9 +46,6 @@ class Busy(Exception):
 
 
 def _worker_init(nice: int, memory_mb: int) -> None:
-    import torch
-    import torchvision.transforms.v2  # noqa: F401  (what decoding maps, loaded before the limit is measured)
-
     os.nice(nice)  # uploads get the CPU the searches leave over
     torch.set_num_threads(1)
     if memory_mb > 0 and _address_space():
@@ -169,8 +169,6 @@ class CpuShare:
         self.can_pause = hasattr(signal, "SIGSTOP")
 
     def before(self) -> None:
-        import torch
-
         if self.threads is None:
             self.threads = torch.get_num_threads()
         self.batches += 1
