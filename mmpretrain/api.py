@@ -21,6 +21,8 @@ from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
+from mmpretrain.eval.inputs import encode_texts as _encode_texts
+from mmpretrain.eval.inputs import trim_padding  # noqa: F401  (importable from here, as before)
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
@@ -194,28 +196,9 @@ def input_batches(inputs, source: str, *, batch_size: int = 64, thumb_size: int 
     return _input_batches(inputs, source, batch_size=batch_size, thumb_size=thumb_size)
 
 
-def trim_padding(batch: Batch) -> Batch:
-    """Drop the padding columns no text of the batch uses: ``{"text": (B, L), "text_mask": (B, L)}`` ->
-    (B, L') with L' the longest text. For towers marked ``variable_length`` (mask-aware; tested for
-    each) the embeddings are unchanged, and short queries cost a fraction of the full context length."""
-    mask = batch["text_mask"]
-    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    return {k: v[:, :used] for k, v in batch.items()}
-
-
-@torch.no_grad()
 def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
     """Texts -> (N, E) L2-normalised embeddings, tokenised and encoded in batches (padding trimmed)."""
-    texts = list(texts)
-    if not texts:
-        raise ValueError("encode_texts: no texts given")
-    trim = trim_padding if model.variable_length("text") else (lambda b: b)
-    return torch.cat(
-        [
-            encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
+    return _encode_texts(model, texts, batch_size=batch_size)
 
 
 @torch.no_grad()

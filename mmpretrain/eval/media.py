@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
-from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
+from mmpretrain.eval.inputs import Views, collate, embed_views, encode_texts, eval_ops
+from mmpretrain.eval.metrics import classification_metrics, recall_row
 from mmpretrain.eval.sets import ShardSet, sample_meta
 
 
@@ -112,38 +112,19 @@ def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, tem
     clf = ZeroShotClassifier(model, classes, templates, modality=modality, progress=False)
     y = torch.tensor([classes.index(v) for v in se.labels[label]])
     scores = se.emb[modality] @ clf.weights.float().cpu().T
-    c = len(classes)
     return {
         "dataset": se.data.name,
         "modality": modality,
         "label": label,
         "n": len(y),
-        "classes": c,
-        "top1": topk_accuracy(scores, y, 1),
-        "top5": topk_accuracy(scores, y, min(5, c)),
-        "mean_per_class_recall": mean_per_class_recall(scores, y),
-        "chance_top1": 1.0 / c,
+        "classes": len(classes),
+        **classification_metrics(scores, y, len(classes)),
     }
 
 
 def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
     """Recall@k of queries (rows of ``sim``) and its chance level under random ranking."""
-    n = sim.shape[1]
-    row: dict[str, Any] = {"task": name, "queries": sim.shape[0], "items": n}
-    for k in ks:
-        row[f"R@{k}"] = recall_at_k(sim, positives, k)
-        row[f"R@{k}_chance"] = chance_recall_at_k(positives, k)
-    return row
-
-
-def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, E) normalised text embeddings."""
-    tok = model.tokenizer()
-    out = [
-        embed_views(model, "text", tok(texts[i : i + batch_size])).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(out)
+    return {"task": name, "queries": sim.shape[0], "items": sim.shape[1], **recall_row(sim, positives, ks)}
 
 
 def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1, 5, 10)) -> list[dict[str, Any]]:
@@ -152,7 +133,7 @@ def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1
 
     rows = []
     queries = sorted({c for caps in se.captions for c in caps[:1]})  # each sample's first caption is canonical
-    q_emb = encode_texts(model, queries)
+    q_emb = encode_texts(model, queries).float().cpu()
     owners = np.array([[q in caps for caps in se.captions] for q in queries])
     for m, emb in se.emb.items():
         rows.append({"dataset": se.data.name, **_recall_row(f"caption->{m}", (q_emb @ emb.T).numpy(), owners, ks)})

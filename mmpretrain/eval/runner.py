@@ -9,19 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.inputs import EvalInput, embed_views
-from mmpretrain.eval.media import encode_texts
+from mmpretrain.eval.inputs import EvalInput, embed_views, encode_texts
 from mmpretrain.eval.metrics import (
-    chance_recall_at_k,
+    classification_metrics,
     effective_robustness,
     fit_logit_linear,
     image_text_recall,
-    mean_per_class_recall,
-    topk_accuracy,
+    recall_row,
 )
 from mmpretrain.eval.sets import EvalSet, parse_set  # noqa: F401  (EvalSet: re-exported)
 from mmpretrain.eval.zeroshot import ZeroShotClassifier
@@ -80,10 +79,7 @@ def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
         "n": len(y),
         "skipped": fe.skipped,
         "classes": n_classes,
-        "top1": topk_accuracy(scores, y, 1),
-        "top5": topk_accuracy(scores, y, min(5, n_classes)),
-        "mean_per_class_recall": mean_per_class_recall(scores, y),
-        "chance_top1": 1.0 / n_classes,
+        **classification_metrics(scores, y, n_classes),
     }
 
 
@@ -170,7 +166,7 @@ def retrieval_eval(
         img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
     if not img_emb:
         raise ValueError(f"no usable image-caption pairs in {shards}")
-    txt_emb = encode_texts(model, captions, batch_size)
+    txt_emb = encode_texts(model, captions, batch_size=batch_size).float().cpu()
     sim = torch.cat(img_emb) @ txt_emb.T
     return {
         "dataset": name or shards,
@@ -184,19 +180,12 @@ def retrieval_eval(
 def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Text->image recall@k on a labelled folder: each class's prompt (ensemble) is a query and
     any image of that class is a hit; image->text recall@k equals top-k accuracy."""
-    import numpy as np
-
-    from mmpretrain.eval.metrics import recall_at_k
-
     y = fe.labels.numpy()
     present = np.unique(y)  # classes with at least one image are the queries
     sim = (_weights(fe)[present] @ fe.images.T).numpy()
     positives = present[:, None] == y[None, :]
-    out: dict[str, Any] = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
-    for k in ks:
-        out[f"text_to_image_R@{k}"] = recall_at_k(sim, positives, k)
-        out[f"text_to_image_R@{k}_chance"] = chance_recall_at_k(positives, k)
-    return out
+    head = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
+    return {**head, **recall_row(sim, positives, ks, prefix="text_to_image_")}
 
 
 def folder_retrieval_eval(model, data, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
