@@ -193,3 +193,23 @@ def test_item_batches_read_a_folder_of_any_image_suffix_with_sidecar_captions(ti
     keys = [k for b in batches for k in b.keys]
     assert keys == ["x0.png", "x1.bmp", "x2.gif", "x3.jpeg"] and batches[-1].skipped == {"bad_image": 1}
     assert batches[0].captions[1] == "a dark red square" and all(t[:2] == b"\xff\xd8" for t in batches[0].thumbnails)
+
+
+def test_split_spec_is_the_one_set_grammar_and_check_eval_takes_every_set_kind(tmp_path):
+    from mmpretrain.config.schema import EvalConfig
+    from mmpretrain.config.strict import ConfigError
+    from mmpretrain.eval.checks import check_eval
+    from mmpretrain.eval.sets import SET_KINDS, ShardSet, parse_set, split_spec
+
+    assert split_spec("a@shards:x,y=p@q:r=s") == ("a", "shards", "x,y", "p@q:r=s")
+    assert split_spec("folder=/d") == ("folder", "folder", None, "/d")
+    with pytest.raises(ValueError, match="must look like"):
+        split_spec("no-equals")
+    with pytest.raises(ValueError, match="shards"):
+        parse_set(f"folder={tmp_path}", kinds=("shards",))
+    assert ShardSet.parse("h@shards:c=d") == parse_set("h@shards:c=d")
+    for kind in SET_KINDS.names():  # wds and shards sets pass the training-time check too
+        spec, _, _ = SET_KINDS.get(kind).example(tmp_path / kind)
+        check_eval(EvalConfig(zeroshot=[spec]))
+    with pytest.raises(ConfigError, match="LAYOUT one of"):
+        check_eval(EvalConfig(zeroshot=[f"foldr={tmp_path}"]))

@@ -81,18 +81,7 @@ class EvalSet:
     def parse(cls, spec: str, *, check: bool = False) -> EvalSet:
         """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``.
         ``check``: the layout is registered (``ValueError`` with the closest name) and the folder exists."""
-        from mmpretrain.eval.datasets import LAYOUTS
-
-        if "=" not in spec:
-            raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")
-        head, root = spec.split("=", 1)
-        name, _, layout = head.rpartition("@")
-        if check and layout not in LAYOUTS:
-            known = sorted([*LAYOUTS.names(), *SET_KINDS.names()])
-            raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, known))
-        if check and not Path(root).is_dir():
-            raise FileNotFoundError(f"{spec}: no folder {root}")
-        return cls(name or layout, layout, Path(root))
+        return folder_set(*split_spec(spec), spec=spec, check=check)
 
     def dataset(self, transform):
         from mmpretrain.eval.datasets import ImageFolderSet
@@ -134,17 +123,42 @@ class EvalSet:
 SET_KINDS: Registry = Registry("evaluation set kind")
 
 
-def parse_set(spec: str, *, check: bool = False, split: str = "test"):
-    """Any labelled set spec -> its set: a ``SET_KINDS`` kind, else a folder layout (``EvalSet``).
-    ``split``: the split a kind that has splits reads when the spec names none (``wds``)."""
+def split_spec(spec: str) -> tuple[str, str, str | None, str]:
+    """``[NAME@]KIND[:OPTION]=PATH`` -> ``(NAME or KIND, KIND, OPTION or None, PATH)``: the one parser of
+    the set grammar (every set spec of the package goes through it). Only the part before the first
+    ``=`` is split, so a PATH may hold ``@``, ``:`` or ``=``."""
     head, sep, path = spec.partition("=")
     if not sep:
         raise ValueError(f"data set {spec!r} must look like [NAME@]KIND[:OPTION]=PATH")
     name, _, kind_opt = head.rpartition("@")
     kind, _, option = kind_opt.partition(":")
+    return name or kind, kind, option or None, path
+
+
+def parse_set(spec: str, *, check: bool = False, split: str = "test", kinds: Sequence[str] | None = None):
+    """Any labelled set spec -> its set: a ``SET_KINDS`` kind, else a folder layout (``EvalSet``).
+    ``check``: the kind is known and its data exists. ``split``: the split a kind that has splits reads
+    when the spec names none (``wds``). ``kinds``: the only kinds accepted (e.g. ``("shards",)``)."""
+    name, kind, option, path = split_spec(spec)
+    if kinds is not None and kind not in kinds:
+        raise ValueError(f"data set {spec!r} must look like [NAME@]{'|'.join(kinds)}[:OPTION]=PATH here")
     if kind in SET_KINDS:
-        return SET_KINDS.build(kind, name or kind, option or None, path, split=split, check=check)
-    return EvalSet.parse(spec, check=check)
+        return SET_KINDS.build(kind, name, option, path, split=split, check=check)
+    return folder_set(name, kind, option, path, spec=spec, check=check)
+
+
+def folder_set(name: str, layout: str, option: str | None, path: str, *, spec: str, check: bool = False) -> EvalSet:
+    """An image folder of a ``datasets.LAYOUTS`` layout (``check``: registered, and the folder exists)."""
+    from mmpretrain.eval.datasets import LAYOUTS
+
+    if check and layout not in LAYOUTS:
+        known = sorted([*LAYOUTS.names(), *SET_KINDS.names()])
+        raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, known))
+    if option is not None:
+        raise ValueError(f"{spec}: a folder layout takes no ':{option}' ([NAME@]LAYOUT=DIR)")
+    if check and not Path(path).is_dir():
+        raise FileNotFoundError(f"{spec}: no folder {path}")
+    return EvalSet(name, layout, Path(path))
 
 
 class _ShardItems(IterableDataset):
@@ -330,12 +344,7 @@ class ShardSet:
     def parse(cls, spec: str) -> ShardSet:
         """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g.
         ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
-        head, sep, shards = spec.partition("=")
-        name, _, layout = head.rpartition("@")
-        kind, _, fields = layout.partition(":")
-        if not sep or kind != "shards":
-            raise ValueError(f"shard set {spec!r} must look like [NAME@]shards[:FIELD,...]=SHARDS")
-        return cls(name or "shards", tuple(f for f in fields.split(",") if f), shards)
+        return parse_set(spec, kinds=("shards",))
 
     def shards(self) -> list[str]:
         from mmpretrain.data.loader import expand_shards
