@@ -23,6 +23,7 @@ from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
 from mmpretrain.eval.inputs import encode_texts as _encode_texts
 from mmpretrain.eval.inputs import trim_padding  # noqa: F401  (importable from here, as before)
+from mmpretrain.eval.jobs import EVAL_JOBS, build_job
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
@@ -47,6 +48,7 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "eval_input",
+    "evaluate",
     "expand_sources",
     "export_onnx",
     "export_open_clip",
@@ -56,6 +58,7 @@ __all__ = [
     "item_batches",
     "list_backends",
     "list_encoders",
+    "list_eval_jobs",
     "load_checkpoint",
     "load_config",
     "load_model",
@@ -255,6 +258,27 @@ def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) 
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     return _train(cfg)
+
+
+def evaluate(model: ContrastiveModel | str | Path, job: str, **params: Any) -> dict[str, Any]:
+    """Run the evaluation ``job`` (``list_eval_jobs()``: zeroshot, retrieval, robustness, hard, media,
+    captioning, linear-probe) and return its JSON-able report, as ``mmpretrain eval <job>`` writes it.
+    ``params``: the job's parameters, named as its command-line flags (``data``, ``templates``,
+    ``batch_size``, ...); set specs are parsed and checked before the model loads. ``model``: a model or
+    anything ``load_checkpoint`` takes.
+
+    Example:
+        >>> api.evaluate(model, "zeroshot", data=["pets@folder=/data/pets"], templates="a photo of a <>")
+    """
+    built = build_job(job, params)  # a typo in a set spec or a parameter fails here
+    if isinstance(model, (str, Path)):
+        model = load_checkpoint(model)
+    return built.run(model).report
+
+
+def list_eval_jobs() -> list[str]:
+    """The evaluation jobs ``evaluate`` runs (``EVAL_JOBS``)."""
+    return EVAL_JOBS.names()
 
 
 def list_encoders() -> dict[str, list[str]]:

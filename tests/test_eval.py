@@ -213,3 +213,17 @@ def test_split_spec_is_the_one_set_grammar_and_check_eval_takes_every_set_kind(t
         check_eval(EvalConfig(zeroshot=[spec]))
     with pytest.raises(ConfigError, match="LAYOUT one of"):
         check_eval(EvalConfig(zeroshot=[f"foldr={tmp_path}"]))
+
+
+def test_api_evaluate_checks_params_and_sets_before_the_model_loads(tmp_path):
+    from mmpretrain.config.strict import ConfigError
+
+    missing = tmp_path / "no-model"  # never loaded: every error below comes first
+    with pytest.raises(ValueError, match="unknown dataset layout 'foldr'. Did you mean 'folder'"):
+        api.evaluate(missing, "zeroshot", data=f"toy@foldr={tmp_path}")
+    with pytest.raises(ConfigError, match="unknown key 'eval zeroshot.dat'. Did you mean 'data'"):
+        api.evaluate(missing, "zeroshot", dat=[f"toy@folder={tmp_path}"])
+    with pytest.raises(api.RegistryError, match="unknown evaluation job 'zeroshott'"):
+        api.evaluate(missing, "zeroshott")
+    with pytest.raises(ValueError, match="shards"):
+        api.evaluate(missing, "media", data=[f"toy@folder={tmp_path}"])

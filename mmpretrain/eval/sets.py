@@ -147,6 +147,12 @@ def parse_set(spec: str, *, check: bool = False, split: str = "test", kinds: Seq
     return folder_set(name, kind, option, path, spec=spec, check=check)
 
 
+def parse_source(spec: str, *, check: bool = False, split: str = "test"):
+    """A set spec (``parse_set``), or a plain shard spec with captions (no ``=``), returned as it is:
+    what caption retrieval and captioning read."""
+    return parse_set(spec, check=check, split=split) if "=" in spec else spec
+
+
 def folder_set(name: str, layout: str, option: str | None, path: str, *, spec: str, check: bool = False) -> EvalSet:
     """An image folder of a ``datasets.LAYOUTS`` layout (``check``: registered, and the folder exists)."""
     from mmpretrain.eval.datasets import LAYOUTS
