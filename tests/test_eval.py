@@ -227,3 +227,26 @@ def test_api_evaluate_checks_params_and_sets_before_the_model_loads(tmp_path):
         api.evaluate(missing, "zeroshott")
     with pytest.raises(ValueError, match="shards"):
         api.evaluate(missing, "media", data=[f"toy@folder={tmp_path}"])
+
+
+def test_embed_shards_labels_by_hook_and_counts_what_it_skips(tmp_path, tiny_model_cfg):
+    """The one shard loop: the hook's labels kept in order beside the embeddings (views of several
+    modalities would be merged); no label -> counted as skip_kind; an undecodable image -> counted."""
+    from mmpretrain.eval.embed import embed_shards
+
+    samples = [
+        {"__key__": "a", "png": png_bytes((200, 0, 0)), "txt": b"red"},
+        {"__key__": "b", "png": png_bytes((0, 200, 0)), "txt": b""},  # no label
+        {"__key__": "c", "png": b"not a png", "txt": b"broken"},  # does not decode
+        {"__key__": "d", "png": png_bytes((0, 0, 200)), "txt": b"blue"},
+    ]
+    shard = write_shard(tmp_path / "s.tar", samples)
+    run = embed_shards(
+        api.create_model(tiny_model_cfg), [str(shard)], ["image"], lambda s: s["txt"].decode() or None,
+        skip_kind="no_text", batch_size=1, progress=False,
+    )  # fmt: skip
+    assert run.labels == ["red", "blue"] and run.emb["image"].shape == (2, 32)
+    assert [r.rsplit("#", 1)[1] for r in run.refs] == ["a", "d"]
+    assert run.skipped.get("no_text") == 1 and sum(run.skipped.values()) == 2
+    with pytest.raises(ValueError, match="no usable item"):
+        embed_shards(api.create_model(tiny_model_cfg), [str(shard)], ["image"], lambda s: None, progress=False)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.inputs import Views, collate, embed_views, encode_texts, eval_ops
+from mmpretrain.eval.embed import embed_shards
+from mmpretrain.eval.inputs import Views, encode_texts
 from mmpretrain.eval.metrics import classification_metrics, recall_row
 from mmpretrain.eval.sets import ShardSet, sample_meta
 
@@ -50,58 +50,20 @@ def embed_shard_set(
     batch_size: int = 32,
     progress: bool = True,
 ) -> ShardEmbeddings:
-    """One pass over ``data``: every modality's embedding (views averaged); bad samples skipped and counted."""
-    from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.stream import ErrorCounter, read_samples
+    """One pass over ``data`` (``embed.embed_shards``): every modality's embedding (views averaged), each
+    sample's captions and json label fields; a sample lacking a field or not decoding is skipped and counted."""
 
-    ops = {m: eval_ops(model, m, views) for m in modalities}
-    errors = ErrorCounter("skip", None)
-    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
-    captions, labels, pending = [], {f: [] for f in data.fields}, []
-
-    def flush() -> None:
-        for m in modalities:  # metrics run on CPU, in float32, whatever device the model is on
-            chunks[m].append(embed_views(model, m, collate(pending, [m])).float().cpu())
-        pending.clear()
-
-    for sample in tqdm(
-        read_samples(expand_shards(data.spec), errors.handler),
-        desc=f"embed {data.name}",
-        unit="sample",
-        disable=not progress,
-    ):
-        meta, texts = sample_meta(sample), read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
-        missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
-        if missing:
-            errors.record("missing_label", ValueError(f"{sample.get('__key__')}: no json field {missing[0]!r}"))
-            continue
-        out = _apply_all(ops, sample, modalities, errors)
-        if out is None:
-            continue
-        pending.append(out)
-        captions.append(texts)
-        for f in data.fields:
-            labels[f].append(meta[f])
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    if not captions:
-        raise ValueError(f"{data.spec}: no usable sample ({dict(errors.counts)} skipped)")
-    return ShardEmbeddings(data, {m: torch.cat(c) for m, c in chunks.items()}, captions, labels, dict(errors.counts))
-
-
-def _apply_all(ops: dict, sample: dict, modalities: Sequence[str], errors) -> dict | None:
-    """Each modality's ops on its own copy of ``sample``, merged; None (counted once) if any fails."""
-    from mmpretrain.data.stream import process_sample
-
-    out: dict = {}
-    for m in modalities:
-        part = process_sample(ops[m], dict(sample), errors)
-        if part is None:
+    def label(sample: dict) -> tuple[list[str], list[str]] | None:
+        meta = sample_meta(sample)
+        if any(not isinstance(meta.get(f), str) for f in data.fields):
             return None
-        out.update(part)
-    return out
+        return [meta[f] for f in data.fields], read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
+
+    run = embed_shards(
+        model, data.shards(), modalities, label, name=data.name, views=views, batch_size=batch_size, progress=progress
+    )
+    labels = {f: [values[i] for values, _ in run.labels] for i, f in enumerate(data.fields)}
+    return ShardEmbeddings(data, run.emb, [caps for _, caps in run.labels], labels, run.skipped)
 
 
 def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, templates) -> dict[str, Any]:

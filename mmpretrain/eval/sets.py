@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmpretrain.eval.inputs import EvalInput, Views, collate, embed_views
+from mmpretrain.eval.embed import embed_shards
+from mmpretrain.eval.inputs import EvalInput, Views, embed_views
 from mmpretrain.registry import Registry, unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -167,62 +167,6 @@ def folder_set(name: str, layout: str, option: str | None, path: str, *, spec: s
     return EvalSet(name, layout, Path(path))
 
 
-class _ShardItems(IterableDataset):
-    """(input, label, ref) of labelled shards through ``inputs``; DataLoader workers take every
-    num_workers-th shard. Items whose ops fail or that have no label are skipped and counted; the
-    counts come last, as ``("__skipped__", counts)``."""
-
-    def __init__(self, shards: list[str], inputs: EvalInput, label: Callable[[dict], int | None]):
-        self.shards, self.inputs, self.label = shards, inputs, label
-
-    def __iter__(self) -> Iterator[Any]:
-        from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
-
-        info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        errors = ErrorCounter("skip", None)
-        for sample in read_samples(mine, errors.handler):
-            label = self.label(sample)
-            if label is None:
-                errors.note("missing_label")
-                continue
-            out = process_sample(self.inputs.ops, dict(sample), errors)
-            if out is not None:
-                yield out, label, f"{sample.get('__url__')}#{sample['__key__']}"
-        yield "__skipped__", dict(errors.counts), None
-
-
-def embed_shard_items(
-    model, name: str, shards: list[str], modality: str, label, *, views: Views, batch_size: int, workers: int, progress
-) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, int]]:
-    """Embeddings (N, E), labels (N,), refs and skip counts of labelled shards, any modality."""
-    inputs = EvalInput(model, modality, views)
-    loader = DataLoader(
-        _ShardItems(shards, inputs, label), batch_size=None, num_workers=workers, collate_fn=lambda x: x
-    )
-    emb, labels, refs, skipped, pending = [], [], [], {}, []
-
-    def flush() -> None:
-        emb.append(embed_views(model, modality, collate([p[0] for p in pending], [modality])).float().cpu())
-        labels.extend(p[1] for p in pending)
-        refs.extend(p[2] for p in pending)
-        pending.clear()
-
-    for item in tqdm(loader, desc=f"embed {name}", unit="item", disable=not progress):
-        if isinstance(item[0], str):  # a worker's skip counts, after its items
-            for kind, count in item[1].items():
-                skipped[kind] = skipped.get(kind, 0) + count
-        else:
-            pending.append(item)
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    if not emb:
-        raise ValueError(f"{name}: no usable labelled item in {len(shards)} shard(s) ({skipped or 'none'} skipped)")
-    return torch.cat(emb), torch.tensor(labels, dtype=torch.long), refs, skipped
-
-
 def _read_lines(path: Path) -> list[str] | None:
     return (
         [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else None
@@ -301,11 +245,12 @@ class WdsSet:
                 return None
             return value if 0 <= value < len(classes) else None
 
-        emb, labels, refs, skipped = embed_shard_items(
-            model, self.name, self.shards(), modality, label,
-            views=views, batch_size=batch_size, workers=workers, progress=progress,
+        run = embed_shards(
+            model, self.shards(), [modality], label,
+            name=self.name, views=views, batch_size=batch_size, workers=workers, progress=progress,
         )  # fmt: skip
-        return Labelled(emb, labels, classes, refs, skipped, self.templates())
+        labels = torch.tensor(run.labels, dtype=torch.long)
+        return Labelled(run.emb[modality], labels, classes, run.refs, run.skipped, self.templates())
 
 
 def _wds_example(folder: Path) -> tuple[str, int, int]:
@@ -376,13 +321,14 @@ class ShardSet:
 
         if workers:
             raise ValueError(f"{self.name}: shards sets read in one process (--workers 0)")
-        emb, labels, refs, skipped = embed_shard_items(
-            model, self.name, self.shards(), modality, label,
-            views=views, batch_size=batch_size, workers=0, progress=progress,
+        run = embed_shards(
+            model, self.shards(), [modality], label,
+            name=self.name, views=views, batch_size=batch_size, workers=0, progress=progress,
         )  # fmt: skip
         names = sorted(seen)
         remap = torch.tensor([names.index(v) for v in seen])  # appearance order -> sorted order
-        return Labelled(emb, remap[labels], names, refs, skipped)
+        labels = remap[torch.tensor(run.labels, dtype=torch.long)]
+        return Labelled(run.emb[modality], labels, names, run.refs, run.skipped)
 
 
 def _shards_example(folder: Path) -> tuple[str, int, int]:
