@@ -21,6 +21,9 @@ from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
+from mmpretrain.eval.inputs import encode_texts as _encode_texts
+from mmpretrain.eval.inputs import trim_padding  # noqa: F401  (importable from here, as before)
+from mmpretrain.eval.jobs import EVAL_JOBS, build_job
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.types import Batch
@@ -45,6 +48,7 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "eval_input",
+    "evaluate",
     "expand_sources",
     "export_onnx",
     "export_open_clip",
@@ -54,6 +58,7 @@ __all__ = [
     "item_batches",
     "list_backends",
     "list_encoders",
+    "list_eval_jobs",
     "load_checkpoint",
     "load_config",
     "load_model",
@@ -194,28 +199,9 @@ def input_batches(inputs, source: str, *, batch_size: int = 64, thumb_size: int 
     return _input_batches(inputs, source, batch_size=batch_size, thumb_size=thumb_size)
 
 
-def trim_padding(batch: Batch) -> Batch:
-    """Drop the padding columns no text of the batch uses: ``{"text": (B, L), "text_mask": (B, L)}`` ->
-    (B, L') with L' the longest text. For towers marked ``variable_length`` (mask-aware; tested for
-    each) the embeddings are unchanged, and short queries cost a fraction of the full context length."""
-    mask = batch["text_mask"]
-    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    return {k: v[:, :used] for k, v in batch.items()}
-
-
-@torch.no_grad()
 def encode_texts(model: ContrastiveModel, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
     """Texts -> (N, E) L2-normalised embeddings, tokenised and encoded in batches (padding trimmed)."""
-    texts = list(texts)
-    if not texts:
-        raise ValueError("encode_texts: no texts given")
-    trim = trim_padding if model.variable_length("text") else (lambda b: b)
-    return torch.cat(
-        [
-            encode(model, "text", trim(tokenize(model, texts[i : i + batch_size])))
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
+    return _encode_texts(model, texts, batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -272,6 +258,27 @@ def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) 
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     return _train(cfg)
+
+
+def evaluate(model: ContrastiveModel | str | Path, job: str, **params: Any) -> dict[str, Any]:
+    """Run the evaluation ``job`` (``list_eval_jobs()``: zeroshot, retrieval, robustness, hard, media,
+    captioning, linear-probe) and return its JSON-able report, as ``mmpretrain eval <job>`` writes it.
+    ``params``: the job's parameters, named as its command-line flags (``data``, ``templates``,
+    ``batch_size``, ...); set specs are parsed and checked before the model loads. ``model``: a model or
+    anything ``load_checkpoint`` takes.
+
+    Example:
+        >>> api.evaluate(model, "zeroshot", data=["pets@folder=/data/pets"], templates="a photo of a <>")
+    """
+    built = build_job(job, params)  # a typo in a set spec or a parameter fails here
+    if isinstance(model, (str, Path)):
+        model = load_checkpoint(model)
+    return built.run(model).report
+
+
+def list_eval_jobs() -> list[str]:
+    """The evaluation jobs ``evaluate`` runs (``EVAL_JOBS``)."""
+    return EVAL_JOBS.names()
 
 
 def list_encoders() -> dict[str, list[str]]:

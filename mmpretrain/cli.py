@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption, eval_captioning
+from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption
 from mmpretrain.cli_export import add_export, cmd_export
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.corpora import CORPORA
@@ -94,19 +94,26 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    sets = _parse_sets(args)  # a typo in --data fails here, before the model loads
-    if args.format == "clip_benchmark" and (not args.out or args.eval_cmd in ("hard", "media", "captioning")):
+    """Any ``EVAL_JOBS`` job, its parameters from the flags of its subcommand."""
+    from mmpretrain.eval.jobs import build_job, clip_benchmark_jobs, job_fields
+
+    params = {k: getattr(args, k) for k in job_fields(args.eval_cmd) if hasattr(args, k)}
+    if args.eval_cmd == "hard":
+        params["reference_name"] = args.reference_name or str(args.model)
+    job = build_job(args.eval_cmd, params)  # a typo in --data fails here, before the model loads
+    if args.format == "clip_benchmark" and (not args.out or not job.clip_benchmark):
         raise ValueError(
-            "--format clip_benchmark needs --out (a folder or a file-name template) and a zeroshot, "
-            "retrieval, robustness or linear-probe evaluation"
+            "--format clip_benchmark needs --out (a folder or a file-name template) and a "
+            f"{', '.join(clip_benchmark_jobs())} evaluation"
         )
-    model = _load_model(args)
-    report, clip_benchmark_records = args.job(model, args, sets)
-    report["model"] = str(args.model)
+    result = job.run(_load_model(args))
+    for text in result.tables + result.notes:
+        print(text)
+    report = {**result.report, "model": str(args.model)}
     if args.format == "clip_benchmark":
         from mmpretrain.eval.clip_benchmark import write_records
 
-        paths = write_records(clip_benchmark_records(model="mmpretrain", pretrained=str(args.model)), args.out)
+        paths = write_records(result.records(model="mmpretrain", pretrained=str(args.model)), args.out)
         more = " ..." if len(paths) > 4 else ""
         print(f"{len(paths)} CLIP_benchmark result file(s): {', '.join(str(p) for p in paths[:4])}{more}")
     elif args.out:
@@ -114,144 +121,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(report, args.out)}")
     return 0
-
-
-def _eval_zeroshot(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.clip_benchmark import zeroshot_record
-    from mmpretrain.eval.runner import table, zeroshot_eval
-
-    common = {"batch_size": args.batch_size, "templates": args.templates, "workers": args.workers}
-    reports = [zeroshot_eval(model, d, **common) for d in sets["data"]]
-    print(table(reports, ["dataset", "n", "classes", "top1", "top5", "mean_per_class_recall", "chance_top1"]))
-    return {"zeroshot": reports}, lambda **who: [zeroshot_record(r, **who) for r in reports]
-
-
-def _eval_retrieval(model, args: argparse.Namespace, sets: dict):
-    """Shards with captions (a spec, or a CLIP_benchmark retrieval folder), or labelled sets."""
-    from mmpretrain.eval.clip_benchmark import retrieval_record
-    from mmpretrain.eval.runner import set_retrieval_eval, table
-
-    reports = [set_retrieval_eval(model, d, templates=args.templates, batch_size=args.batch_size) for d in sets["data"]]
-    keys = list(dict.fromkeys(k for r in reports for k in r if "R@" in k))
-    print(table(reports, ["dataset", "images", *keys]))
-    return {"retrieval": reports}, lambda **who: [retrieval_record(r, **who) for r in reports]
-
-
-def _eval_hard(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.runner import embed_folder, hard_subset, table
-
-    common = {"batch_size": args.batch_size, "templates": args.templates, "workers": args.workers}
-    fes = [embed_folder(model, d, **common) for d in sets["data"]]
-    report = hard_subset(fes, args.hard_out, reference=args.reference_name or str(args.model))
-    print(table([{"dataset": k, **v} for k, v in report["counts"].items()], ["dataset", "images", "hard"]))
-    print(
-        f"hard subset of {report['hard']} images in {report['classes']} class folders: {args.hard_out} "
-        f"(evaluate with --data hard@folder={args.hard_out})"
-    )
-    return report, None
-
-
-def _eval_robustness(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.clip_benchmark import zeroshot_record
-    from mmpretrain.eval.runner import robustness_eval, table
-
-    baseline = json.loads(open(args.baseline).read()) if args.baseline else None
-    report = robustness_eval(
-        model,
-        sets["id"],
-        sets["ood"],
-        baseline=baseline,
-        templates=args.templates,
-        workers=args.workers,
-        batch_size=args.batch_size,
-    )
-    rows = [{**report["in_distribution"], "drop_top1": 0.0}] + report["shifts"]
-    print(table(rows, ["dataset", "n", "classes", "top1", "top5", "drop_top1", "effective_robustness"]))
-    return report, lambda **who: [zeroshot_record(r, **who) for r in rows]
-
-
-def _eval_linear_probe(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.clip_benchmark import probe_records
-    from mmpretrain.eval.inputs import Views
-    from mmpretrain.eval.probe import ProbeConfig, linear_probe, plot_probe, probe_table_rows, set_features
-    from mmpretrain.eval.runner import table
-    from mmpretrain.models.contrastive import model_id
-
-    cfg = ProbeConfig(tuple(args.shots), tuple(args.seeds), args.val_proportion, args.max_iter, args.allow_fewer)
-    common = {
-        "modality": args.modality,
-        "views": Views(args.clips, args.crops, args.windows),
-        "cache": None if args.feature_cache.lower() == "none" else args.feature_cache,
-        "model_key": model_id(model),
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-    }
-    train = set_features(model, sets["train"], **common)
-    tests = [set_features(model, d, **common) for d in sets["test"]]
-    report = linear_probe(model, train, tests, cfg, templates=args.templates, device=args.device)
-    columns = ["dataset", "method", "top1", "top1_std", "top5", "mean_per_class_recall", "chance_top1", "train_items"]
-    print(table(probe_table_rows(report), columns))
-    if args.plot:
-        print(f"plot: {plot_probe(report, args.plot)}")
-    return {"linear_probe": report}, lambda **who: probe_records(report, **who)
-
-
-def _parse_sets(args: argparse.Namespace) -> dict:
-    """Every ``--data`` / ``--id`` / ``--ood`` / ``--train`` / ``--test`` spec parsed and checked up front."""
-    from mmpretrain.eval.sets import ShardSet, parse_set
-
-    if args.eval_cmd == "robustness":
-        return {"id": parse_set(args.id, check=True), "ood": [parse_set(d, check=True) for d in args.ood]}
-    if args.eval_cmd == "linear-probe":
-        return {
-            "train": parse_set(args.train, check=True, split="train"),
-            "test": [parse_set(d, check=True) for d in args.test],
-        }
-    if args.eval_cmd == "media":
-        return {"data": [ShardSet.parse(d) for d in args.data]}
-    shards_too = args.eval_cmd in ("retrieval", "captioning")  # these also take shard specs with captions
-    return {"data": [parse_set(d, check=True) if "=" in d or not shards_too else d for d in args.data]}
-
-
-def _eval_media(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.inputs import Views
-    from mmpretrain.eval.media import media_eval
-    from mmpretrain.eval.runner import table
-
-    views = Views(args.clips, args.crops, args.windows)
-    templates = args.templates if args.templates is not None else "<>"  # class names as they are
-    reports = [
-        media_eval(model, d, args.modalities, templates=templates, views=views, batch_size=args.batch_size)
-        for d in sets["data"]
-    ]
-    for r in reports:
-        print(f"{r['dataset']}: {r['samples']} samples, skipped {r['skipped'] or 'none'}, views {r['views']}")
-        print(table(r["zeroshot"], ["dataset", "modality", "label", "n", "classes", "top1", "top5", "chance_top1"]))
-        print()
-        print(
-            table(
-                r["retrieval"],
-                [
-                    "dataset",
-                    "task",
-                    "queries",
-                    "items",
-                    "R@1",
-                    "R@1_chance",
-                    "R@5",
-                    "R@5_chance",
-                    "R@10",
-                    "R@10_chance",
-                ],
-            )
-        )
-        print()
-    if args.plot:
-        from mmpretrain.eval.media import plot_media
-
-        plot_media(reports, args.plot)
-        print(f"plot: {args.plot}")
-    return {"media": reports}, None
 
 
 def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
@@ -506,10 +375,7 @@ def _add_eval(sub) -> None:
     md.add_argument("--crops", type=int, default=1, help="spatial crops per clip: 1 centre, 3 left/centre/right")
     md.add_argument("--windows", type=int, default=1, help="audio windows spread over each track (default 1)")
     md.add_argument("--plot", help="write a PNG of every figure beside its chance level")
-    lp = _add_linear_probe(e)
-    jobs = {z: _eval_zeroshot, r: _eval_retrieval, b: _eval_robustness, h: _eval_hard, md: _eval_media}
-    jobs[add_eval_captioning(e)] = eval_captioning
-    for p, job in {**jobs, lp: _eval_linear_probe}.items():
+    for p in (z, r, b, h, md, add_eval_captioning(e), _add_linear_probe(e)):
         _model_args(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--out", help="write the JSON report here")
@@ -527,7 +393,7 @@ def _add_eval(sub) -> None:
             help="clip_benchmark: --out is a folder (or a {dataset}/{task}/... template) of one JSON per dataset "
             "and task in CLIP_benchmark's schema, which `clip_benchmark build` reads",
         )
-        p.set_defaults(fn=cmd_eval, job=job)
+        p.set_defaults(fn=cmd_eval)
 
 
 def _add_linear_probe(e) -> argparse.ArgumentParser:

@@ -52,20 +52,6 @@ def add_caption(sub, model_args) -> argparse.ArgumentParser:
     return p
 
 
-def eval_captioning(model, args: argparse.Namespace, sets: dict):
-    from mmpretrain.eval.captioning import captioning_eval
-    from mmpretrain.eval.runner import table
-    from mmpretrain.eval.zeroshot import resolve_templates
-
-    templates = resolve_templates(args.templates) if args.templates else None
-    reports = [
-        captioning_eval(model, d, templates=templates, batch_size=args.batch_size, **generation(args))
-        for d in sets["data"]
-    ]
-    print(table(reports, ["dataset", "images", "bleu4", "cider"]))
-    return {"captioning": reports}, None
-
-
 def add_eval_captioning(e) -> argparse.ArgumentParser:
     p = e.add_parser(
         "captioning",

@@ -28,6 +28,7 @@ BUILT_INS = (
     "mmpretrain.eval.inputs",
     "mmpretrain.eval.datasets",
     "mmpretrain.eval.sets",
+    "mmpretrain.eval.jobs",
     "mmpretrain.corpora",
     "mmpretrain.training.strategy",
     "mmpretrain.training.objectives",

@@ -193,3 +193,60 @@ def test_item_batches_read_a_folder_of_any_image_suffix_with_sidecar_captions(ti
     keys = [k for b in batches for k in b.keys]
     assert keys == ["x0.png", "x1.bmp", "x2.gif", "x3.jpeg"] and batches[-1].skipped == {"bad_image": 1}
     assert batches[0].captions[1] == "a dark red square" and all(t[:2] == b"\xff\xd8" for t in batches[0].thumbnails)
+
+
+def test_split_spec_is_the_one_set_grammar_and_check_eval_takes_every_set_kind(tmp_path):
+    from mmpretrain.config.schema import EvalConfig
+    from mmpretrain.config.strict import ConfigError
+    from mmpretrain.eval.checks import check_eval
+    from mmpretrain.eval.sets import SET_KINDS, ShardSet, parse_set, split_spec
+
+    assert split_spec("a@shards:x,y=p@q:r=s") == ("a", "shards", "x,y", "p@q:r=s")
+    assert split_spec("folder=/d") == ("folder", "folder", None, "/d")
+    with pytest.raises(ValueError, match="must look like"):
+        split_spec("no-equals")
+    with pytest.raises(ValueError, match="shards"):
+        parse_set(f"folder={tmp_path}", kinds=("shards",))
+    assert ShardSet.parse("h@shards:c=d") == parse_set("h@shards:c=d")
+    for kind in SET_KINDS.names():  # wds and shards sets pass the training-time check too
+        spec, _, _ = SET_KINDS.get(kind).example(tmp_path / kind)
+        check_eval(EvalConfig(zeroshot=[spec]))
+    with pytest.raises(ConfigError, match="LAYOUT one of"):
+        check_eval(EvalConfig(zeroshot=[f"foldr={tmp_path}"]))
+
+
+def test_api_evaluate_checks_params_and_sets_before_the_model_loads(tmp_path):
+    from mmpretrain.config.strict import ConfigError
+
+    missing = tmp_path / "no-model"  # never loaded: every error below comes first
+    with pytest.raises(ValueError, match="unknown dataset layout 'foldr'. Did you mean 'folder'"):
+        api.evaluate(missing, "zeroshot", data=f"toy@foldr={tmp_path}")
+    with pytest.raises(ConfigError, match="unknown key 'eval zeroshot.dat'. Did you mean 'data'"):
+        api.evaluate(missing, "zeroshot", dat=[f"toy@folder={tmp_path}"])
+    with pytest.raises(api.RegistryError, match="unknown evaluation job 'zeroshott'"):
+        api.evaluate(missing, "zeroshott")
+    with pytest.raises(ValueError, match="shards"):
+        api.evaluate(missing, "media", data=[f"toy@folder={tmp_path}"])
+
+
+def test_embed_shards_labels_by_hook_and_counts_what_it_skips(tmp_path, tiny_model_cfg):
+    """The one shard loop: the hook's labels kept in order beside the embeddings (views of several
+    modalities would be merged); no label -> counted as skip_kind; an undecodable image -> counted."""
+    from mmpretrain.eval.embed import embed_shards
+
+    samples = [
+        {"__key__": "a", "png": png_bytes((200, 0, 0)), "txt": b"red"},
+        {"__key__": "b", "png": png_bytes((0, 200, 0)), "txt": b""},  # no label
+        {"__key__": "c", "png": b"not a png", "txt": b"broken"},  # does not decode
+        {"__key__": "d", "png": png_bytes((0, 0, 200)), "txt": b"blue"},
+    ]
+    shard = write_shard(tmp_path / "s.tar", samples)
+    run = embed_shards(
+        api.create_model(tiny_model_cfg), [str(shard)], ["image"], lambda s: s["txt"].decode() or None,
+        skip_kind="no_text", batch_size=1, progress=False,
+    )  # fmt: skip
+    assert run.labels == ["red", "blue"] and run.emb["image"].shape == (2, 32)
+    assert [r.rsplit("#", 1)[1] for r in run.refs] == ["a", "d"]
+    assert run.skipped.get("no_text") == 1 and sum(run.skipped.values()) == 2
+    with pytest.raises(ValueError, match="no usable item"):
+        embed_shards(api.create_model(tiny_model_cfg), [str(shard)], ["image"], lambda s: None, progress=False)

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from mmpretrain.eval.metrics import (
+    classification_metrics,
     effective_robustness,
     fit_logit_linear,
     image_text_recall,
     mean_per_class_recall,
     recall_at_k,
+    recall_row,
     topk_accuracy,
     true_rank,
 )
@@ -78,3 +80,24 @@ def test_effective_robustness():
     assert effective_robustness(0.7, 0.60, fit) > 0.1  # above it
     with pytest.raises(ValueError):
         fit_logit_linear([(0.5, 0.3)])
+
+
+def test_classification_metrics_hand_computed_chance_is_one_over_classes_scored():
+    # 4 classes scored, only classes 0 and 1 present: chance is 1/4, not 1/2
+    scores = np.array([[0.9, 0.1, 0.0, 0.0], [0.2, 0.7, 0.1, 0.0], [0.6, 0.3, 0.1, 0.0]])
+    labels = np.array([0, 1, 1])
+    m = classification_metrics(scores, labels, 4)
+    assert m["top1"] == pytest.approx(2 / 3) and m["top5"] == 1.0  # top-5 is top-4 here
+    assert m["mean_per_class_recall"] == pytest.approx((1.0 + 0.5) / 2) and m["chance_top1"] == 0.25
+
+
+def test_recall_row_hand_computed():
+    sim = np.array([[0.9, 0.1, 0.5], [0.1, 0.2, 0.8]])
+    pos = np.array([[False, False, True], [False, False, True]])
+    row = recall_row(sim, pos, (1, 2), prefix="t_")
+    assert row == {
+        "t_R@1": 0.5,
+        "t_R@1_chance": pytest.approx(1 / 3),
+        "t_R@2": 1.0,
+        "t_R@2_chance": pytest.approx(2 / 3),
+    }

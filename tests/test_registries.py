@@ -35,6 +35,7 @@ CONTRACTS = {
     "checkpoint format": "test_checkpoint_format_contract",
     "dataset layout": "test_layout_contract",
     "evaluation set kind": "test_eval_set_kind_contract",
+    "evaluation job": "test_eval_job_contract (and test_cli, test_eval)",
     "dedup keep rule": "test_keep_rule_contract",
     "evaluation input": "test_eval_input_contract",
     "shard media": "test_shard_media_contract",
@@ -331,6 +332,36 @@ def test_eval_set_kind_contract(entry, tmp_path):
         lab.labels.min() >= 0 and lab.labels.max() < classes and torch.allclose(lab.emb.norm(dim=1), torch.ones(items))
     )
     assert data.fingerprint() == parse_set(spec).fingerprint()
+
+
+@entries("evaluation job")
+def test_eval_job_contract(entry, tmp_path):
+    """The example runs through ``api.evaluate`` on the tiny model (with the caption decoder it names),
+    giving a JSON-able report; the job builds (its sets parsed) before any model, and one that can write
+    CLIP_benchmark records gives one per dataset and task."""
+    import copy
+
+    from mmpretrain import api
+    from mmpretrain.eval.jobs import build_job
+    from mmpretrain.models.pretrained import model_config_from_tree
+
+    example = entry.example(tmp_path / "data")
+    tree = copy.deepcopy(TINY_MODEL)
+    if example["decoder"]:
+        tree["towers"]["text"]["params"]["text_cfg"].update(embed_cls=True, output_tokens=True)
+        decoder = REGISTRIES["caption decoder"].get(example["decoder"])
+        tree["decoder"] = {"kind": decoder.name, "params": decoder.make_example()}
+    torch.manual_seed(0)
+    model = build_model_from(model_config_from_tree(tree)).eval()
+    report = api.evaluate(model, entry.name, **example["params"])
+    assert isinstance(report, dict) and report and json.loads(json.dumps(report)) == report
+    result = build_job(entry.name, example["params"]).run(model)
+    assert result.tables and all(isinstance(t, str) for t in result.tables + result.notes)
+    if result.records is not None:
+        assert build_job(entry.name, example["params"]).clip_benchmark
+        records = result.records(model="m", pretrained="p")
+        assert records and all({"dataset", "task", "metrics"} <= set(r) for r in records)
+    assert entry.name in api.list_eval_jobs()
 
 
 @entries("dedup keep rule")

@@ -3,28 +3,26 @@ an evaluation set that cannot be read fails at load, not at the first evaluation
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mmpretrain.config.schema import EvalConfig
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.eval.datasets import LAYOUTS
+from mmpretrain.eval.sets import SET_KINDS, parse_set
+from mmpretrain.eval.zeroshot import resolve_templates
 
 
 def check_eval(cfg: EvalConfig) -> None:
-    """``eval.zeroshot`` sets are ``[NAME@]LAYOUT=DIR`` with a registered layout and an existing folder;
-    ``eval.templates`` resolve."""
-    from mmpretrain.eval.datasets import LAYOUTS
-    from mmpretrain.eval.zeroshot import resolve_templates
-
+    """``eval.zeroshot`` sets parse (``sets.parse_set``: any registered set kind, or a folder layout)
+    and their data exists; ``eval.templates`` resolve."""
     for i, spec in enumerate(cfg.zeroshot):
-        head, sep, root = spec.partition("=")
-        layout = head.rpartition("@")[2]
-        if not sep or layout not in LAYOUTS:
+        try:
+            parse_set(spec, check=True)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"eval.zeroshot[{i}]: folder not found ({exc})") from None
+        except ValueError as exc:
             raise ConfigError(
-                f"eval.zeroshot[{i}]: {spec!r} must be [NAME@]LAYOUT=DIR with LAYOUT one of "
-                f"{', '.join(LAYOUTS.names())}"
-            )
-        if not Path(root).is_dir():
-            raise ConfigError(f"eval.zeroshot[{i}]: folder not found: {root}")
+                f"eval.zeroshot[{i}]: {exc}; KIND is a set kind ({', '.join(SET_KINDS.names())}) "
+                f"or a LAYOUT one of {', '.join(LAYOUTS.names())}"
+            ) from None
     if cfg.zeroshot:
         try:
             resolve_templates(cfg.templates)

@@ -10,7 +10,7 @@ service's uploads go through it, so a modality is preprocessed the same way ever
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.data.av_ops import AUDIO_KEYS, VIDEO_KEYS
@@ -142,3 +143,31 @@ def embed_views(model, modality: str, batch: dict[str, Tensor]) -> Tensor:
     device = model.device
     emb = model.encode(modality, {k: v.to(device) for k, v in batch.items()})
     return F.normalize(emb.mean(1), dim=-1) if emb.dim() == 3 else emb
+
+
+def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the padding columns no text of the batch uses: ``{"text": (B, L), "text_mask": (B, L)}`` ->
+    (B, L') with L' the longest text. For towers marked ``variable_length`` (mask-aware; tested for
+    each) the embeddings are unchanged, and short queries cost a fraction of the full context length."""
+    mask = batch["text_mask"]
+    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return {k: v[:, :used] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def encode_texts(model, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> Tensor:
+    """Texts -> (N, E) L2-normalised embeddings on the model's device, tokenised and encoded in batches
+    (padding trimmed for ``variable_length`` text towers). The one text encoder of the package."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_texts: no texts given")
+    if "text" not in model.modalities:
+        raise ValueError(f"model has no 'text' tower (towers: {', '.join(model.modalities)})")
+    tok, device = model.tokenizer(), model.device
+    trim = trim_padding if model.variable_length("text") else (lambda b: b)
+    out = []
+    starts = range(0, len(texts), batch_size)
+    for i in tqdm(starts, desc="texts", unit="batch", disable=not progress or len(texts) <= batch_size):
+        batch = trim(tok(texts[i : i + batch_size]))
+        out.append(model.encode("text", {k: v.to(device) for k, v in batch.items()}, normalize=True))
+    return torch.cat(out)

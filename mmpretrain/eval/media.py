@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.inputs import Views, collate, embed_views, eval_ops
-from mmpretrain.eval.metrics import chance_recall_at_k, mean_per_class_recall, recall_at_k, topk_accuracy
+from mmpretrain.eval.embed import embed_shards
+from mmpretrain.eval.inputs import Views, encode_texts
+from mmpretrain.eval.metrics import classification_metrics, recall_row
 from mmpretrain.eval.sets import ShardSet, sample_meta
 
 
@@ -50,58 +50,20 @@ def embed_shard_set(
     batch_size: int = 32,
     progress: bool = True,
 ) -> ShardEmbeddings:
-    """One pass over ``data``: every modality's embedding (views averaged); bad samples skipped and counted."""
-    from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.stream import ErrorCounter, read_samples
+    """One pass over ``data`` (``embed.embed_shards``): every modality's embedding (views averaged), each
+    sample's captions and json label fields; a sample lacking a field or not decoding is skipped and counted."""
 
-    ops = {m: eval_ops(model, m, views) for m in modalities}
-    errors = ErrorCounter("skip", None)
-    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
-    captions, labels, pending = [], {f: [] for f in data.fields}, []
-
-    def flush() -> None:
-        for m in modalities:  # metrics run on CPU, in float32, whatever device the model is on
-            chunks[m].append(embed_views(model, m, collate(pending, [m])).float().cpu())
-        pending.clear()
-
-    for sample in tqdm(
-        read_samples(expand_shards(data.spec), errors.handler),
-        desc=f"embed {data.name}",
-        unit="sample",
-        disable=not progress,
-    ):
-        meta, texts = sample_meta(sample), read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
-        missing = [f for f in data.fields if not isinstance(meta.get(f), str)]
-        if missing:
-            errors.record("missing_label", ValueError(f"{sample.get('__key__')}: no json field {missing[0]!r}"))
-            continue
-        out = _apply_all(ops, sample, modalities, errors)
-        if out is None:
-            continue
-        pending.append(out)
-        captions.append(texts)
-        for f in data.fields:
-            labels[f].append(meta[f])
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    if not captions:
-        raise ValueError(f"{data.spec}: no usable sample ({dict(errors.counts)} skipped)")
-    return ShardEmbeddings(data, {m: torch.cat(c) for m, c in chunks.items()}, captions, labels, dict(errors.counts))
-
-
-def _apply_all(ops: dict, sample: dict, modalities: Sequence[str], errors) -> dict | None:
-    """Each modality's ops on its own copy of ``sample``, merged; None (counted once) if any fails."""
-    from mmpretrain.data.stream import process_sample
-
-    out: dict = {}
-    for m in modalities:
-        part = process_sample(ops[m], dict(sample), errors)
-        if part is None:
+    def label(sample: dict) -> tuple[list[str], list[str]] | None:
+        meta = sample_meta(sample)
+        if any(not isinstance(meta.get(f), str) for f in data.fields):
             return None
-        out.update(part)
-    return out
+        return [meta[f] for f in data.fields], read_captions(sample, EVAL_CAPTION_KEYS, strict=False)
+
+    run = embed_shards(
+        model, data.shards(), modalities, label, name=data.name, views=views, batch_size=batch_size, progress=progress
+    )
+    labels = {f: [values[i] for values, _ in run.labels] for i, f in enumerate(data.fields)}
+    return ShardEmbeddings(data, run.emb, [caps for _, caps in run.labels], labels, run.skipped)
 
 
 def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, templates) -> dict[str, Any]:
@@ -112,38 +74,19 @@ def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, tem
     clf = ZeroShotClassifier(model, classes, templates, modality=modality, progress=False)
     y = torch.tensor([classes.index(v) for v in se.labels[label]])
     scores = se.emb[modality] @ clf.weights.float().cpu().T
-    c = len(classes)
     return {
         "dataset": se.data.name,
         "modality": modality,
         "label": label,
         "n": len(y),
-        "classes": c,
-        "top1": topk_accuracy(scores, y, 1),
-        "top5": topk_accuracy(scores, y, min(5, c)),
-        "mean_per_class_recall": mean_per_class_recall(scores, y),
-        "chance_top1": 1.0 / c,
+        "classes": len(classes),
+        **classification_metrics(scores, y, len(classes)),
     }
 
 
 def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
     """Recall@k of queries (rows of ``sim``) and its chance level under random ranking."""
-    n = sim.shape[1]
-    row: dict[str, Any] = {"task": name, "queries": sim.shape[0], "items": n}
-    for k in ks:
-        row[f"R@{k}"] = recall_at_k(sim, positives, k)
-        row[f"R@{k}_chance"] = chance_recall_at_k(positives, k)
-    return row
-
-
-def encode_texts(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, E) normalised text embeddings."""
-    tok = model.tokenizer()
-    out = [
-        embed_views(model, "text", tok(texts[i : i + batch_size])).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(out)
+    return {"task": name, "queries": sim.shape[0], "items": sim.shape[1], **recall_row(sim, positives, ks)}
 
 
 def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1, 5, 10)) -> list[dict[str, Any]]:
@@ -152,7 +95,7 @@ def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1
 
     rows = []
     queries = sorted({c for caps in se.captions for c in caps[:1]})  # each sample's first caption is canonical
-    q_emb = encode_texts(model, queries)
+    q_emb = encode_texts(model, queries).float().cpu()
     owners = np.array([[q in caps for caps in se.captions] for q in queries])
     for m, emb in se.emb.items():
         rows.append({"dataset": se.data.name, **_recall_row(f"caption->{m}", (q_emb @ emb.T).numpy(), owners, ks)})

@@ -44,10 +44,35 @@ def mean_per_class_recall(scores, labels, num_classes: int | None = None) -> flo
     return float(np.mean([(pred[y == c] == c).mean() for c in classes]))
 
 
+def classification_metrics(scores, labels, n_classes: int) -> dict[str, float]:
+    """Top-1, top-5, mean per-class recall and the chance top-1 of one classification.
+
+    scores: (N, C); labels: (N,) class indices; ``n_classes``: C, the size of the label set scored
+    against (top-5 becomes top-C below five classes). Chance is 1 / ``n_classes``: a random guess
+    among the classes scored, whether or not each class has a sample in ``labels``.
+    """
+    return {
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, min(5, n_classes)),
+        "mean_per_class_recall": mean_per_class_recall(scores, labels),
+        "chance_top1": 1.0 / n_classes,
+    }
+
+
+def recall_row(sim, positives, ks: Sequence[int], *, prefix: str = "") -> dict[str, float]:
+    """``{prefix}R@k`` and its chance level under random ranking ``{prefix}R@k_chance`` for each k.
+
+    sim: (Q, D) similarities of queries to items; positives: (Q, D) bool.
+    """
+    row: dict[str, float] = {}
+    for k in ks:
+        row[f"{prefix}R@{k}"] = recall_at_k(sim, positives, k)
+        row[f"{prefix}R@{k}_chance"] = chance_recall_at_k(positives, k)
+    return row
+
+
 def chance_recall_at_k(positives, k: int) -> float:
     """Expected recall@k of a random ranking: per query, 1 - P(k random picks miss all its positives)."""
-    import math
-
     pos = _np(positives).astype(bool)
     n = pos.shape[1]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.eval.metrics import mean_per_class_recall, topk_accuracy
+from mmpretrain.eval.metrics import classification_metrics, topk_accuracy
 from mmpretrain.eval.sets import Labelled
 
 log = logging.getLogger(__name__)
@@ -235,17 +235,6 @@ def fewshot_indices(y: np.ndarray, k: int, seed: int, *, allow_fewer: bool = Fal
     return np.sort(np.concatenate(out))
 
 
-def metrics(scores: torch.Tensor, y: np.ndarray, n_classes: int) -> dict[str, float]:
-    yt = torch.as_tensor(y)
-    present = len(np.unique(y))
-    return {
-        "top1": topk_accuracy(scores, yt, 1),
-        "top5": topk_accuracy(scores, yt, min(5, n_classes)),
-        "mean_per_class_recall": mean_per_class_recall(scores, yt),
-        "chance_top1": 1.0 / present,
-    }
-
-
 def probe_runs(x, y, tests: Sequence[tuple[Any, np.ndarray]], n_classes: int, k: int | None, cfg: ProbeConfig, device,
                on_seed=None):  # fmt: skip
     """One probe (full: ``k`` None; else K-shot) per seed, evaluated on every test set: a list per seed
@@ -263,7 +252,7 @@ def probe_runs(x, y, tests: Sequence[tuple[Any, np.ndarray]], n_classes: int, k:
                 "C": c,
                 "train_items": len(final_idx),
                 "val_top1": tried[c],
-                "tests": [metrics(model.scores(tx).cpu(), ty, n_classes) for tx, ty in tests],
+                "tests": [classification_metrics(model.scores(tx).cpu(), ty, n_classes) for tx, ty in tests],
             }
         )
         if on_seed is not None:
@@ -292,7 +281,7 @@ def zeroshot_on_features(model, classes: list[str], templates, tests: Sequence[t
     if "text" not in model.modalities:
         return [None] * len(tests)
     weights = ZeroShotClassifier(model, classes, templates, allow_duplicates=True, **kw).weights.float().cpu()
-    return [metrics(torch.as_tensor(np.asarray(tx)) @ weights.T, ty, len(classes)) for tx, ty in tests]
+    return [classification_metrics(torch.as_tensor(np.asarray(tx)) @ weights.T, ty, len(classes)) for tx, ty in tests]
 
 
 def linear_probe(

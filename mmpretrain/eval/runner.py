@@ -9,19 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
-from mmpretrain.eval.inputs import EvalInput, embed_views
-from mmpretrain.eval.media import encode_texts
+from mmpretrain.eval.embed import embed_shards
+from mmpretrain.eval.inputs import encode_texts
 from mmpretrain.eval.metrics import (
-    chance_recall_at_k,
+    classification_metrics,
     effective_robustness,
     fit_logit_linear,
     image_text_recall,
-    mean_per_class_recall,
-    topk_accuracy,
+    recall_row,
 )
 from mmpretrain.eval.sets import EvalSet, parse_set  # noqa: F401  (EvalSet: re-exported)
 from mmpretrain.eval.zeroshot import ZeroShotClassifier
@@ -80,10 +79,7 @@ def zeroshot_metrics(fe: FolderEmbeddings) -> dict[str, Any]:
         "n": len(y),
         "skipped": fe.skipped,
         "classes": n_classes,
-        "top1": topk_accuracy(scores, y, 1),
-        "top5": topk_accuracy(scores, y, min(5, n_classes)),
-        "mean_per_class_recall": mean_per_class_recall(scores, y),
-        "chance_top1": 1.0 / n_classes,
+        **classification_metrics(scores, y, n_classes),
     }
 
 
@@ -143,40 +139,22 @@ def retrieval_eval(
     """Image<->text recall@k over shards (a spec or a list); an image's captions are ``captions(sample)``,
     by default ``json["captions"]`` if present, else ``txt``."""
     from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
 
     urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
     read = captions or (lambda sample: read_captions(sample, EVAL_CAPTION_KEYS, strict=False))
-    inputs = EvalInput(model, "image")
-    errors = ErrorCounter("skip", None)
-    images, captions, owner = [], [], []
-    img_emb, n_images = [], 0
-    for sample in tqdm(read_samples(urls, errors.handler), desc="retrieval", unit="img", disable=not progress):
-        texts = read(sample)
-        out = process_sample(inputs.ops, dict(sample), errors)  # undecodable: skipped and counted by kind
-        if out is None:
-            continue
-        if not texts:
-            errors.record("empty_caption", ValueError(sample.get("__key__")))
-            continue
-        images.append(out["image"])
-        owner += [n_images] * len(texts)  # each caption's image index
-        captions += texts
-        n_images += 1
-        if len(images) == batch_size:
-            img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
-            images = []
-    if images:
-        img_emb.append(_encode(model, "image", {"image": torch.stack(images)}))
-    if not img_emb:
-        raise ValueError(f"no usable image-caption pairs in {shards}")
-    txt_emb = encode_texts(model, captions, batch_size)
-    sim = torch.cat(img_emb) @ txt_emb.T
+    run = embed_shards(
+        model, urls, ["image"], lambda sample: read(sample) or None,
+        name=name or "retrieval", skip_kind="empty_caption", batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    owner = [i for i, texts in enumerate(run.labels) for _ in texts]  # each caption's image index
+    captions = [t for texts in run.labels for t in texts]
+    txt_emb = encode_texts(model, captions, batch_size=batch_size).float().cpu()
+    sim = run.emb["image"] @ txt_emb.T
     return {
         "dataset": name or shards,
         "images": sim.shape[0],
         "captions": sim.shape[1],
-        "skipped": dict(errors.counts),
+        "skipped": run.skipped,
         **image_text_recall(sim, owner, ks),
     }
 
@@ -184,19 +162,12 @@ def retrieval_eval(
 def folder_retrieval_metrics(fe: FolderEmbeddings, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Text->image recall@k on a labelled folder: each class's prompt (ensemble) is a query and
     any image of that class is a hit; image->text recall@k equals top-k accuracy."""
-    import numpy as np
-
-    from mmpretrain.eval.metrics import recall_at_k
-
     y = fe.labels.numpy()
     present = np.unique(y)  # classes with at least one image are the queries
     sim = (_weights(fe)[present] @ fe.images.T).numpy()
     positives = present[:, None] == y[None, :]
-    out: dict[str, Any] = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
-    for k in ks:
-        out[f"text_to_image_R@{k}"] = recall_at_k(sim, positives, k)
-        out[f"text_to_image_R@{k}_chance"] = chance_recall_at_k(positives, k)
-    return out
+    head = {"dataset": fe.data.name, "images": len(y), "queries": len(present)}
+    return {**head, **recall_row(sim, positives, ks, prefix="text_to_image_")}
 
 
 def folder_retrieval_eval(model, data, *, ks: Sequence[int] = (1, 5, 10), **kwargs: Any) -> dict[str, Any]:
@@ -213,11 +184,6 @@ def set_retrieval_eval(model, data, *, templates=None, **kwargs: Any) -> dict[st
         shards, captions = source
         return retrieval_eval(model, shards, captions=captions, name=getattr(data, "name", None), **kwargs)
     return folder_retrieval_eval(model, data, templates=templates, **kwargs)
-
-
-def _encode(model, modality: str, batch: dict) -> torch.Tensor:
-    """(B, E) embeddings on CPU in float32, whatever the model's device."""
-    return embed_views(model, modality, batch).float().cpu()
 
 
 def robustness_eval(

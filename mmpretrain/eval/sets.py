@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmpretrain.eval.inputs import EvalInput, Views, collate, embed_views
+from mmpretrain.eval.embed import embed_shards
+from mmpretrain.eval.inputs import EvalInput, Views, embed_views
 from mmpretrain.registry import Registry, unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,7 @@ class EvalSet:
     def parse(cls, spec: str, *, check: bool = False) -> EvalSet:
         """``[NAME@]LAYOUT=DIR``, e.g. ``imagenet-r=/data/imagenet-r`` or ``openmoji@folder=/data/openmoji``.
         ``check``: the layout is registered (``ValueError`` with the closest name) and the folder exists."""
-        from mmpretrain.eval.datasets import LAYOUTS
-
-        if "=" not in spec:
-            raise ValueError(f"data set {spec!r} must look like [NAME@]LAYOUT=DIR")
-        head, root = spec.split("=", 1)
-        name, _, layout = head.rpartition("@")
-        if check and layout not in LAYOUTS:
-            known = sorted([*LAYOUTS.names(), *SET_KINDS.names()])
-            raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, known))
-        if check and not Path(root).is_dir():
-            raise FileNotFoundError(f"{spec}: no folder {root}")
-        return cls(name or layout, layout, Path(root))
+        return folder_set(*split_spec(spec), spec=spec, check=check)
 
     def dataset(self, transform):
         from mmpretrain.eval.datasets import ImageFolderSet
@@ -134,73 +123,48 @@ class EvalSet:
 SET_KINDS: Registry = Registry("evaluation set kind")
 
 
-def parse_set(spec: str, *, check: bool = False, split: str = "test"):
-    """Any labelled set spec -> its set: a ``SET_KINDS`` kind, else a folder layout (``EvalSet``).
-    ``split``: the split a kind that has splits reads when the spec names none (``wds``)."""
+def split_spec(spec: str) -> tuple[str, str, str | None, str]:
+    """``[NAME@]KIND[:OPTION]=PATH`` -> ``(NAME or KIND, KIND, OPTION or None, PATH)``: the one parser of
+    the set grammar (every set spec of the package goes through it). Only the part before the first
+    ``=`` is split, so a PATH may hold ``@``, ``:`` or ``=``."""
     head, sep, path = spec.partition("=")
     if not sep:
         raise ValueError(f"data set {spec!r} must look like [NAME@]KIND[:OPTION]=PATH")
     name, _, kind_opt = head.rpartition("@")
     kind, _, option = kind_opt.partition(":")
+    return name or kind, kind, option or None, path
+
+
+def parse_set(spec: str, *, check: bool = False, split: str = "test", kinds: Sequence[str] | None = None):
+    """Any labelled set spec -> its set: a ``SET_KINDS`` kind, else a folder layout (``EvalSet``).
+    ``check``: the kind is known and its data exists. ``split``: the split a kind that has splits reads
+    when the spec names none (``wds``). ``kinds``: the only kinds accepted (e.g. ``("shards",)``)."""
+    name, kind, option, path = split_spec(spec)
+    if kinds is not None and kind not in kinds:
+        raise ValueError(f"data set {spec!r} must look like [NAME@]{'|'.join(kinds)}[:OPTION]=PATH here")
     if kind in SET_KINDS:
-        return SET_KINDS.build(kind, name or kind, option or None, path, split=split, check=check)
-    return EvalSet.parse(spec, check=check)
+        return SET_KINDS.build(kind, name, option, path, split=split, check=check)
+    return folder_set(name, kind, option, path, spec=spec, check=check)
 
 
-class _ShardItems(IterableDataset):
-    """(input, label, ref) of labelled shards through ``inputs``; DataLoader workers take every
-    num_workers-th shard. Items whose ops fail or that have no label are skipped and counted; the
-    counts come last, as ``("__skipped__", counts)``."""
-
-    def __init__(self, shards: list[str], inputs: EvalInput, label: Callable[[dict], int | None]):
-        self.shards, self.inputs, self.label = shards, inputs, label
-
-    def __iter__(self) -> Iterator[Any]:
-        from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
-
-        info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        errors = ErrorCounter("skip", None)
-        for sample in read_samples(mine, errors.handler):
-            label = self.label(sample)
-            if label is None:
-                errors.note("missing_label")
-                continue
-            out = process_sample(self.inputs.ops, dict(sample), errors)
-            if out is not None:
-                yield out, label, f"{sample.get('__url__')}#{sample['__key__']}"
-        yield "__skipped__", dict(errors.counts), None
+def parse_source(spec: str, *, check: bool = False, split: str = "test"):
+    """A set spec (``parse_set``), or a plain shard spec with captions (no ``=``), returned as it is:
+    what caption retrieval and captioning read."""
+    return parse_set(spec, check=check, split=split) if "=" in spec else spec
 
 
-def embed_shard_items(
-    model, name: str, shards: list[str], modality: str, label, *, views: Views, batch_size: int, workers: int, progress
-) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, int]]:
-    """Embeddings (N, E), labels (N,), refs and skip counts of labelled shards, any modality."""
-    inputs = EvalInput(model, modality, views)
-    loader = DataLoader(
-        _ShardItems(shards, inputs, label), batch_size=None, num_workers=workers, collate_fn=lambda x: x
-    )
-    emb, labels, refs, skipped, pending = [], [], [], {}, []
+def folder_set(name: str, layout: str, option: str | None, path: str, *, spec: str, check: bool = False) -> EvalSet:
+    """An image folder of a ``datasets.LAYOUTS`` layout (``check``: registered, and the folder exists)."""
+    from mmpretrain.eval.datasets import LAYOUTS
 
-    def flush() -> None:
-        emb.append(embed_views(model, modality, collate([p[0] for p in pending], [modality])).float().cpu())
-        labels.extend(p[1] for p in pending)
-        refs.extend(p[2] for p in pending)
-        pending.clear()
-
-    for item in tqdm(loader, desc=f"embed {name}", unit="item", disable=not progress):
-        if isinstance(item[0], str):  # a worker's skip counts, after its items
-            for kind, count in item[1].items():
-                skipped[kind] = skipped.get(kind, 0) + count
-        else:
-            pending.append(item)
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    if not emb:
-        raise ValueError(f"{name}: no usable labelled item in {len(shards)} shard(s) ({skipped or 'none'} skipped)")
-    return torch.cat(emb), torch.tensor(labels, dtype=torch.long), refs, skipped
+    if check and layout not in LAYOUTS:
+        known = sorted([*LAYOUTS.names(), *SET_KINDS.names()])
+        raise ValueError(f"{spec}: " + unknown_name_message(LAYOUTS.kind, layout, known))
+    if option is not None:
+        raise ValueError(f"{spec}: a folder layout takes no ':{option}' ([NAME@]LAYOUT=DIR)")
+    if check and not Path(path).is_dir():
+        raise FileNotFoundError(f"{spec}: no folder {path}")
+    return EvalSet(name, layout, Path(path))
 
 
 def _read_lines(path: Path) -> list[str] | None:
@@ -281,11 +245,12 @@ class WdsSet:
                 return None
             return value if 0 <= value < len(classes) else None
 
-        emb, labels, refs, skipped = embed_shard_items(
-            model, self.name, self.shards(), modality, label,
-            views=views, batch_size=batch_size, workers=workers, progress=progress,
+        run = embed_shards(
+            model, self.shards(), [modality], label,
+            name=self.name, views=views, batch_size=batch_size, workers=workers, progress=progress,
         )  # fmt: skip
-        return Labelled(emb, labels, classes, refs, skipped, self.templates())
+        labels = torch.tensor(run.labels, dtype=torch.long)
+        return Labelled(run.emb[modality], labels, classes, run.refs, run.skipped, self.templates())
 
 
 def _wds_example(folder: Path) -> tuple[str, int, int]:
@@ -330,12 +295,7 @@ class ShardSet:
     def parse(cls, spec: str) -> ShardSet:
         """``[NAME@]shards[:FIELD[,FIELD]]=SPEC``, e.g.
         ``heldout@shards:concept,motion=data/motion/eval/heldout_combos``."""
-        head, sep, shards = spec.partition("=")
-        name, _, layout = head.rpartition("@")
-        kind, _, fields = layout.partition(":")
-        if not sep or kind != "shards":
-            raise ValueError(f"shard set {spec!r} must look like [NAME@]shards[:FIELD,...]=SHARDS")
-        return cls(name or "shards", tuple(f for f in fields.split(",") if f), shards)
+        return parse_set(spec, kinds=("shards",))
 
     def shards(self) -> list[str]:
         from mmpretrain.data.loader import expand_shards
@@ -361,13 +321,14 @@ class ShardSet:
 
         if workers:
             raise ValueError(f"{self.name}: shards sets read in one process (--workers 0)")
-        emb, labels, refs, skipped = embed_shard_items(
-            model, self.name, self.shards(), modality, label,
-            views=views, batch_size=batch_size, workers=0, progress=progress,
+        run = embed_shards(
+            model, self.shards(), [modality], label,
+            name=self.name, views=views, batch_size=batch_size, workers=0, progress=progress,
         )  # fmt: skip
         names = sorted(seen)
         remap = torch.tensor([names.index(v) for v in seen])  # appearance order -> sorted order
-        return Labelled(emb, remap[labels], names, refs, skipped)
+        labels = remap[torch.tensor(run.labels, dtype=torch.long)]
+        return Labelled(run.emb[modality], labels, names, run.refs, run.skipped)
 
 
 def _shards_example(folder: Path) -> tuple[str, int, int]:

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from mmpretrain.eval.inputs import encode_texts
 from mmpretrain.types import SAMPLE_DIMS
 
 if TYPE_CHECKING:
@@ -96,18 +97,8 @@ class ZeroShotClassifier:
     def weights(self) -> Tensor:
         """Class embeddings (C, E), L2-normalised; computed once."""
         prompts = [t.replace(PLACEHOLDER, c) for c in self.classes for t in self.templates]
-        tok = self.model.tokenizer()
-        chunks = []
-        with torch.no_grad():
-            for i in tqdm(
-                range(0, len(prompts), self.batch_size),
-                desc="class prompts",
-                unit="batch",
-                disable=not self.progress or len(prompts) <= self.batch_size,
-            ):
-                batch = {k: v.to(self.device) for k, v in tok(prompts[i : i + self.batch_size]).items()}
-                chunks.append(self.model.encode("text", batch))
-        per_prompt = torch.cat(chunks).view(len(self.classes), len(self.templates), -1)
+        emb = encode_texts(self.model, prompts, batch_size=self.batch_size, progress=self.progress)
+        per_prompt = emb.view(len(self.classes), len(self.templates), -1)
         return torch.nn.functional.normalize(per_prompt.mean(1), dim=-1)
 
     @torch.no_grad()
