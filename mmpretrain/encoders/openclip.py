@@ -186,6 +186,8 @@ class OpenClipTextParams:
 class BpeTokenizer:
     """open_clip's BPE tokenizer (vocabulary ships in its wheel), built lazily so it pickles small."""
 
+    vocab_size: int | None = 49408  # the ids it emits: a text model's embedding table must be this large
+
     def __init__(self, context_length: int):
         self.context_length = context_length
         self._tok: SimpleTokenizer | None = None

@@ -33,6 +33,12 @@ class CheckpointFormat:
     detect: Callable[[Path], bool]
     load: Callable[[Path, Any], Any]  # (path, base model config or None) -> ContrastiveModel
     config: Callable[[Path], Any]  # path -> the ModelConfig it holds, or None (a bare weights file)
+    native: bool = False  # our own checkpoint folder: checksums to verify, ``read_weights`` reads it
+
+
+def is_native(name: str | None) -> bool:
+    """Whether the registered format ``name`` (None: no format) is our own checkpoint folder."""
+    return name is not None and CHECKPOINT_FORMATS.get(name).builder().native
 
 
 CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")

@@ -31,6 +31,7 @@ from mmpretrain.models.formats import (
     CHECKPOINT_FORMATS,
     OPEN_CLIP_CONFIG,
     CheckpointFormat,
+    is_native,
     load_open_clip_state,
     open_clip_model_config,
 )
@@ -69,7 +70,7 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
             "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)"
         )
     name = detect_format(path)
-    if name == "mmpretrain":
+    if is_native(name):
         problem = verify_checkpoint(path)
         if problem is not None:
             raise CheckpointError(f"{path}: {problem} (a run's checkpoints/ folder gives its newest valid checkpoint)")
@@ -270,12 +271,12 @@ def _is_ours(path: Path) -> bool:
     return path.is_dir() and has_weights(path) and (path / "config.yaml").is_file()
 
 
-def _register(name: str, detect, load, config, doc: str, example) -> None:
+def _register(name: str, detect, load, config, doc: str, example, *, native: bool = False) -> None:
     """Formats' ``detect`` predicates are mutually exclusive (a Hugging Face folder has ``config.json``
     and no ``config.yaml``; ours the reverse). ``config(path)``: the architecture it holds (or None).
     ``example(folder) -> (reference, base ModelConfig or None)`` writes a tiny checkpoint of the format
     for the generated tests."""
-    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config))
+    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config, native))
 
 
 def tiny_model() -> ContrastiveModel:
@@ -345,6 +346,7 @@ _register(
     _our_config,
     "our checkpoint folder (model.safetensors, config.yaml, checksums)",
     _example_ours,
+    native=True,
 )
 _register(
     "open_clip_dir",

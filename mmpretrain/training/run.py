@@ -29,7 +29,7 @@ from mmpretrain.training.loop import Trainer
 from mmpretrain.training.objectives import build_objectives
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
 from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
-from mmpretrain.training.strategy import build_strategy
+from mmpretrain.training.strategy import STRATEGIES, build_strategy
 from mmpretrain.training.task import ContrastiveTask
 from mmpretrain.training.validate import validate_experiment
 from mmpretrain.utils.io import makedirs_durable
@@ -41,7 +41,7 @@ def train(cfg: ExperimentConfig) -> Path:
     """Train (or resume) the run described by ``cfg``; returns its run directory."""
     validate_experiment(cfg)  # a hand-built config is checked too, before any rank starts work
     check_shards(cfg.data)  # a shard pattern that matches no file fails now, not after the model is built
-    info = init_distributed(cfg.train)
+    info = init_distributed(cfg.train, sharded=STRATEGIES.get(cfg.train.strategy).builder.sharded)
     trainer = None
     try:
         trainer = build_trainer(cfg, info)
