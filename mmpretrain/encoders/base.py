@@ -39,6 +39,9 @@ class Tokenizer(Protocol):
         """Write what rebuilding needs into ``folder``; return the record (JSON, with ``kind``) that
         ``load_tokenizer`` takes back (an export carries its tokenizer: ``mmpretrain.deploy``)."""
 
+    def record(self) -> dict:
+        """The record ``save`` returns, without writing anything (``model_id`` hashes it)."""
+
 
 # kind -> builder(record, folder) -> Tokenizer; the kinds a saved record names
 TOKENIZERS: Registry[Tokenizer] = Registry("tokenizer")

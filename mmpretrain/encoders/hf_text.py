@@ -133,6 +133,9 @@ class HfTokenizer:
         """The tokenizer's files into ``folder/tokenizer`` (``save_pretrained``); its record."""
         with self._lock:
             self._built().save_pretrained(str(Path(folder) / "tokenizer"))
+        return self.record()
+
+    def record(self) -> dict:
         return {"kind": "hf", "path": "tokenizer", "context_length": self.context_length}
 
 

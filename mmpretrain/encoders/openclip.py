@@ -216,6 +216,9 @@ class BpeTokenizer:
 
     def save(self, folder: Path) -> dict:
         """Nothing to write (the vocabulary ships in open_clip's wheel); the record."""
+        return self.record()
+
+    def record(self) -> dict:
         return {"kind": "openclip_bpe", "context_length": self.context_length}
 
 
