@@ -105,6 +105,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def summed_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
+    """``counts`` summed over every rank, each key any rank has (a collective: every rank calls it)."""
+    total: dict[str, int] = {}
+    for part in all_gather_object(counts, info):
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()
