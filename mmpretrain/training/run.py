@@ -79,10 +79,12 @@ def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> StartDecisio
 
 
 def configure_threads(cfg: ExperimentConfig) -> int:
-    """Size compute threads together with data workers so the two don't oversubscribe the cores."""
+    """Size compute threads together with data workers so the two don't oversubscribe the cores: each
+    source of a mixture (``data.sources``) starts ``data.num_workers`` workers of its own."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = cfg.train.threads or max(1, cores // local_ranks - cfg.data.num_workers)
+    workers = cfg.data.num_workers * max(1, len(cfg.data.sources))
+    threads = cfg.train.threads or max(1, cores // local_ranks - workers)
     torch.set_num_threads(threads)
     return threads
 
