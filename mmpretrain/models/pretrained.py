@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 
 from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import ModelConfig
@@ -231,28 +232,37 @@ def _hf_clip_config(path: Path) -> ModelConfig:
     return model_config_from_tree(tree)
 
 
-def _hf_scalars(path: Path) -> tuple[float, float | None]:
-    """(logit_scale, logit_bias) stored in the folder's weights: ``model.safetensors``, a sharded
-    ``model-0000x-of-0000y.safetensors`` set (its ``model.safetensors.index.json`` names the shard of each
-    tensor), or ``pytorch_model.bin``."""
-    from safetensors import safe_open
+HF_SCALARS = ("logit_scale", "logit_bias")
 
-    shard_index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").is_file() or shard_index.is_file():
-        where = json.loads(shard_index.read_text())["weight_map"] if shard_index.is_file() else {}
+
+def _hf_scalars(path: Path) -> tuple[float, float | None]:
+    """(logit_scale, logit_bias) stored in the folder's weights: ``model.safetensors`` or
+    ``pytorch_model.bin``, or a sharded set of either (``model-0000x-of-0000y.safetensors``,
+    ``pytorch_model-0000x-of-0000y.bin``), whose ``<name>.index.json`` names the shard of each tensor."""
+    for single, read in (("model.safetensors", _safetensors_tensors), ("pytorch_model.bin", _bin_tensors)):
+        index = path / f"{single}.index.json"
+        if not ((path / single).is_file() or index.is_file()):
+            continue
+        where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+        files: dict[str, list[str]] = {}
+        for key in HF_SCALARS:
+            files.setdefault(where.get(key, single), []).append(key)
         found: dict[str, float] = {}
-        for key in ("logit_scale", "logit_bias"):
-            file = path / where.get(key, "model.safetensors")
-            if not file.is_file():
-                continue
-            with safe_open(str(file), "pt") as f:
-                if key in f.keys():
-                    found[key] = float(f.get_tensor(key))
+        for name, keys in files.items():  # each file read once
+            if (path / name).is_file():
+                found.update({k: float(v) for k, v in read(path / name, keys).items()})
         return found.get("logit_scale", 2.6592), found.get("logit_bias")
-    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return float(state.get("logit_scale", torch.tensor(2.6592))), (
-        float(state["logit_bias"]) if "logit_bias" in state else None
-    )
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (single or sharded with an index.json)")
+
+
+def _safetensors_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), "pt") as f:
+        return {k: f.get_tensor(k) for k in keys if k in f.keys()}
+
+
+def _bin_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    return {k: state[k] for k in keys if k in state}
 
 
 def _load_hf_clip(path: Path, base: ModelConfig | None) -> ContrastiveModel:
