@@ -41,6 +41,11 @@ def is_native(name: str | None) -> bool:
     return name is not None and CHECKPOINT_FORMATS.get(name).builder().native
 
 
+def native_format() -> str:
+    """The name of the registered format that is our own checkpoint folder (what a run folder holds)."""
+    return next(e.name for e in CHECKPOINT_FORMATS.entries() if e.builder().native)
+
+
 CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
 
 

@@ -34,6 +34,7 @@ from mmpretrain.models.formats import (
     CheckpointFormat,
     is_native,
     load_open_clip_state,
+    native_format,
     open_clip_model_config,
 )
 from mmpretrain.models.layout import find_latest, has_weights, list_checkpoints, load_weights, verify_checkpoint
@@ -84,7 +85,7 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
             raise FileNotFoundError(
                 f"no checkpoint at {path} (not a known checkpoint format, and no checkpoints/step_* under it)"
             )
-        name, path = "mmpretrain", latest
+        name, path = native_format(), latest
     if formats is not None and name not in formats:
         raise ConfigError(f"{ref}: a {name} checkpoint; expected {' or '.join(sorted(formats))}")
     return ResolvedCheckpoint(name, path)
