@@ -313,8 +313,9 @@ def item_batches(
 
 
 def model_id(model: ContrastiveModel) -> str:
-    """A fingerprint of what decides a model's embeddings (16 hex digits): its weights and its image
-    preprocessing (size, mean, std, interpolation). The same weights loaded from our checkpoint
+    """A fingerprint of what decides a model's embeddings (16 hex digits): its weights and every tower's
+    input spec (image size, mean, std, interpolation; video frames, fps, size, normalisation; audio sample
+    rate and length; the text tokenizer's kind and context length). The same weights loaded from our checkpoint
     or from an open_clip export give the same id, and an ONNX export (fp32 or int8) carries the id of the
     model it came from; embeddings and indexes record it, so a query model that differs from the indexing
     model is caught."""

@@ -131,5 +131,7 @@ def load_all() -> dict[str, Registry]:
 
 def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid) or '(none registered)'}"
+    listed = ", ".join(valid) or "(none registered)"
+    if close:  # whole sentences, so docs/troubleshooting.md can quote them (tests/test_troubleshooting.py)
+        return f"unknown {kind} {name!r}. Did you mean {close[0]!r}? Valid: {listed}"
+    return f"unknown {kind} {name!r}. Valid: {listed}"

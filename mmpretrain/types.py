@@ -25,7 +25,7 @@ is the list of modalities: the encoder registries and ``MODALITIES`` come from i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -33,8 +33,14 @@ from torch import Tensor
 Batch = dict[str, Tensor]
 
 
+class _Record:
+    def record(self) -> dict[str, Any]:
+        """The spec as plain data (what ``model_id`` hashes)."""
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class ImageSpec:
+class ImageSpec(_Record):
     """An image tower's input: ``size`` (H, W), normalisation ``mean`` / ``std``, resize ``interpolation``."""
 
     size: tuple[int, int] = (224, 224)
@@ -52,9 +58,13 @@ class TextSpec:
     tokenizer: Any
     sample_dims: ClassVar[int] = 1  # (L,)
 
+    def record(self) -> dict[str, Any]:
+        """The tokenizer's record (``Tokenizer.record``: its kind and context length), as plain data."""
+        return {"tokenizer": self.tokenizer.record()}
+
 
 @dataclass(frozen=True)
-class VideoSpec:
+class VideoSpec(_Record):
     """A video tower's input: T ``frames`` sampled at ``fps``, ``size`` x ``size``, normalised."""
 
     frames: int
@@ -66,7 +76,7 @@ class VideoSpec:
 
 
 @dataclass(frozen=True)
-class AudioSpec:
+class AudioSpec(_Record):
     """An audio tower's input: ``seconds`` of mono audio at ``sample_rate``."""
 
     sample_rate: int

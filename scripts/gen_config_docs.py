@@ -81,6 +81,7 @@ def registries() -> list[str]:
     from mmpretrain.data.ops import DATA_OPS
     from mmpretrain.encoders import ENCODERS, HEADS
     from mmpretrain.eval.datasets import LAYOUTS
+    from mmpretrain.eval.sets import SET_KINDS
     from mmpretrain.losses import LOSSES
     from mmpretrain.models.decoder import DECODERS
     from mmpretrain.training.objectives import OBJECTIVES
@@ -100,32 +101,53 @@ def registries() -> list[str]:
         for e in reg.entries():
             params = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.config_cls)) if e.config_cls else "none"
             lines.append(f"- **{kind} `{e.name}`**: {e.doc} Params: {params}.")
-    for kind, reg in (("training strategy", STRATEGIES), ("dataset layout", LAYOUTS)):
+    for kind, reg in (
+        ("training strategy", STRATEGIES),
+        ("dataset layout", LAYOUTS),
+        ("evaluation set kind", SET_KINDS),
+    ):
         for e in reg.entries():
             lines.append(f"- **{kind} `{e.name}`**: {(e.doc or '').strip().splitlines()[0] if e.doc else ''}")
     return lines + [""]
+
+
+KEY_NAMES = {"towers": "modality"}  # what a mapping field's keys are, in its section's title (else "key")
+
+
+def _nested(tp, field_name: str) -> list[tuple[type, str]]:
+    """The dataclasses a field of type ``tp`` holds, each with the title suffix that reaches it
+    (``[i]`` for a list item, ``.<key>`` for a mapping value)."""
+    if dataclasses.is_dataclass(tp):
+        return [(tp, "")]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        return [(cls, "[i]" + rest) for arg in args for cls, rest in _nested(arg, field_name)]
+    if origin is dict:
+        key = f".<{KEY_NAMES.get(field_name, 'key')}>"
+        return [(cls, key + rest) for cls, rest in _nested(args[1], field_name)]
+    return [found for arg in args for found in _nested(arg, field_name)]  # a Union / Optional
+
+
+def reachable(root: type, prefix: str = "", seen: set | None = None) -> list[tuple[type, str]]:
+    """Every dataclass reachable from ``root``'s fields, depth first in field order, each once, with its
+    dotted title (``model.towers.<modality>.lora``): a new section of the schema gets its page section."""
+    seen = set() if seen is None else seen
+    out = []
+    for f in dataclasses.fields(root):
+        for cls, suffix in _nested(typing.get_type_hints(root)[f.name], f.name):
+            if cls in seen:
+                continue
+            seen.add(cls)
+            title = f"{prefix}{f.name}{suffix}"
+            out += [(cls, title), *reachable(cls, title + ".", seen)]
+    return out
 
 
 def render() -> str:
     from mmpretrain.config import schema as s
 
     parts = [HEADER]
-    for cls, title in (
-        (s.ModelConfig, "model"),
-        (s.TowerConfig, "model.towers.<modality>"),
-        (s.LoraConfig, "model.towers.<m>.lora"),
-        (s.DecoderConfig, "model.decoder"),
-        (s.DataConfig, "data"),
-        (s.OpSpec, "data.ops[i]"),
-        (s.SourceConfig, "data.sources[i]"),
-        (s.LossConfig, "loss"),
-        (s.LossPair, "loss.pairs[i]"),
-        (s.ObjectiveConfig, "loss.objectives[i]"),
-        (s.OptimConfig, "optim"),
-        (s.TrainConfig, "train"),
-        (s.FsdpConfig, "train.fsdp"),
-        (s.EvalConfig, "eval"),
-    ):
+    for cls, title in reachable(s.ExperimentConfig):
         parts.append("\n".join(section(cls, title)))
     parts.append(
         "Default `data.ops`: `decode_image`, `random_resized_crop(scale=[0.9, 1.0])`, "

@@ -132,3 +132,7 @@ def test_lora_configs_fail_clearly(tmp_path):
         build_model(cfg.model)
     with pytest.raises(ConfigError, match="layer_decay must be in"):
         experiment_from_tree({"model": {"towers": {"image": {**image, "layer_decay": 1.5}, "text": text}}})
+    lora = {"model": {"towers": {"image": image, "text": {**text, "lora": {}}}}}
+    with pytest.raises(ConfigError, match="model.towers.text.lora: LoRA adapters train under an unsharded"):
+        experiment_from_tree({**lora, "train": {"strategy": "fsdp"}})
+    experiment_from_tree({**lora, "train": {"strategy": "ddp"}})  # unsharded: accepted

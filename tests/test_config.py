@@ -168,3 +168,28 @@ def test_a_retired_key_in_an_older_config_is_dropped_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         cfg = experiment_from_tree(tree(data={"eval_ops": [{"op": "decode_image"}]}))
     assert not hasattr(cfg.data, "eval_ops") and "retired key data.eval_ops" in caplog.text
+
+
+def test_builders_refuse_params_of_an_entry_without_a_config_class_as_the_checks_do(toy_shards):
+    """One conversion (``config.strict.typed_params``) for builders and checks: ``tokenize`` has no config
+    class, so its params are refused when built too (not dropped), naming the source's own ops."""
+    from mmpretrain.config.schema import DataConfig, OpSpec
+    from mmpretrain.data.loader import build_loader
+    from mmpretrain.data.ops import OpContext, build_ops, check_ops
+    from mmpretrain.encoders.openclip import BpeTokenizer
+    from mmpretrain.types import TextSpec
+
+    ctx = OpContext({"text": TextSpec(BpeTokenizer(12))})
+    bad = [OpSpec("tokenize", {"context_length": 7})]
+    with pytest.raises(ConfigError, match=r"data.ops\[0\].params: 'tokenize' takes no parameters"):
+        check_ops(bad, "data.ops")
+    with pytest.raises(ConfigError, match=r"data.ops\[0\].params: 'tokenize' takes no parameters"):
+        build_ops(bad, ctx)
+    shards = str(toy_shards / "shard-{000000..000003}.tar")
+    sources = [{"train": shards}, {"train": shards, "ops": [{"op": "tokenize"}]}]
+    data = from_dict(DataConfig, {"sources": sources, "num_workers": 0})
+    build_loader(data, ctx, seed=0)  # fine without params
+    sources = [{"train": shards}, {"train": shards, "ops": [{"op": "tokenize", "params": {"context_length": 7}}]}]
+    data = from_dict(DataConfig, {"sources": sources, "num_workers": 0})
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].ops\[0\].params: 'tokenize' takes no"):
+        build_loader(data, ctx, seed=0)

@@ -305,3 +305,14 @@ def test_auto_device_says_why_it_falls_back_to_the_cpu(monkeypatch, caplog):
     assert "built for CUDA 13.0" in caplog.text and "training on the CPU" in caplog.text
     with pytest.raises(RuntimeError, match="built for CUDA 13.0, which needs a driver"):
         dist.resolve_device(TrainConfig(device="cuda"))
+
+
+def test_skip_counts_are_summed_over_the_ranks(tmp_path):
+    """``data/skipped_*`` are the run's counts: every rank gets the sum of all ranks' (kinds any rank has)."""
+    from mmpretrain.training.dist import DistInfo, summed_counts
+
+    assert summed_counts({"bad_image": 2}, DistInfo(0, 1, 0, torch.device("cpu"))) == {"bad_image": 2}
+    proc = torchrun("tests/dist/summed_counts.py", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = {"bad_image": 5, "corrupt_shard": 1, "empty_caption": 4}
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [want, want]

@@ -237,3 +237,33 @@ def test_a_sharded_hugging_face_folder_loads_with_its_temperature_and_bias(tmp_p
     assert ours.logit_scale.item() == ref.logit_scale.item() and ours.logit_bias.item() == ref.logit_bias.item()
     batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
     torch.testing.assert_close(api.encode(ours, "image", batch), api.encode(ref, "image", batch))
+
+
+def test_a_hugging_face_folder_of_sharded_pytorch_model_bins_loads_with_its_temperature_and_bias(tmp_path):
+    """Older hub folders keep large models as ``pytorch_model-0000x-of-0000y.bin`` shards named by
+    ``pytorch_model.bin.index.json`` (read with ``torch.load(weights_only=True)``): they load like a
+    single-file folder, the SigLIP scalars (put in the last shard here) included."""
+    from safetensors.torch import load_file
+
+    from mmpretrain.encoders.hf_clip import tiny_folder
+
+    single = Path(tiny_folder("siglip")["path"])
+    state = load_file(single / "model.safetensors")
+    towers = [k for k in state if k not in ("logit_scale", "logit_bias")]
+    shards = [towers[0::2], towers[1::2], ["logit_scale", "logit_bias"]]  # the scalars in the last shard
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    where = {}
+    for i, part in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: state[k] for k in part}, sharded / name)
+        where.update(dict.fromkeys(part, name))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": where}))
+    for file in single.iterdir():
+        if file.is_file() and not file.name.startswith("model.safetensors"):
+            (sharded / file.name).write_bytes(file.read_bytes())
+    assert set(where) == set(state) and len(set(where.values())) == 3
+    ours, ref = api.load_checkpoint(sharded), api.load_checkpoint(single)
+    assert ours.logit_scale.item() == ref.logit_scale.item() and ours.logit_bias.item() == ref.logit_bias.item()
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(api.encode(ours, "image", batch), api.encode(ref, "image", batch))

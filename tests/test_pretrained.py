@@ -178,7 +178,31 @@ def test_model_id_is_stable():
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)
-    assert api.model_id(api.create_model(TINY_MODEL)) == "ae29f05e276fed09"
+    assert api.model_id(api.create_model(TINY_MODEL)) == "152f034277ed1a3b"  # every tower's input spec hashed
+
+
+def test_model_id_covers_every_towers_input_spec():
+    """A video tower's fps or an audio tower's sample rate decides the embeddings as an image's size does:
+    the same weights with another spec get another id (before, only the image preprocessing was hashed)."""
+    import torch
+
+    from mmpretrain.encoders.audio import EXAMPLE_WAVE
+    from mmpretrain.encoders.video import EXAMPLE as VIDEO
+
+    def model(video=None, audio=None):
+        towers = {"video": {"encoder": "vivit_fe", "params": {**VIDEO, **(video or {})}},
+                  "audio": {"encoder": "waveform", "params": {**EXAMPLE_WAVE, **(audio or {})}}}  # fmt: skip
+        torch.manual_seed(0)
+        return api.create_model({"embed_dim": 16, "towers": towers})
+
+    base = model()
+    assert api.model_id(model()) == api.model_id(base)
+    faster = model(video={"fps": 2 * base.input_spec("video").fps})
+    rate = EXAMPLE_WAVE["sample_rate"]  # twice the rate for half the time: the same samples, the same weights
+    resampled = model(audio={"sample_rate": 2 * rate, "seconds": EXAMPLE_WAVE["seconds"] / 2})
+    for other in (faster, resampled):
+        assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), other.state_dict().values()))
+        assert api.model_id(other) != api.model_id(base)
 
 
 def test_export_replaces_an_export_and_refuses_other_folders(tmp_path, tiny_model_cfg):

@@ -81,3 +81,22 @@ def test_eval_sets_checked_at_load(toy_shards, tmp_path):
         experiment_from_tree(
             experiment_tree(toy_shards, tmp_path, eval={"every": 2, "zeroshot": [f"imagenet-q={tmp_path}"]})
         )
+
+
+def test_default_threads_leave_a_core_per_worker_of_every_source(monkeypatch):
+    """Compute threads = cores / local ranks - workers, where a mixture's every source starts its own workers."""
+    import os
+
+    import torch
+
+    from mmpretrain.config.schema import DataConfig, ExperimentConfig, SourceConfig
+    from mmpretrain.training.run import configure_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert configure_threads(ExperimentConfig(data=DataConfig(num_workers=3))) == 13
+    sources = [SourceConfig("a.tar"), SourceConfig("b.tar"), SourceConfig("c.tar")]
+    assert configure_threads(ExperimentConfig(data=DataConfig(num_workers=3, sources=sources))) == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert configure_threads(ExperimentConfig(data=DataConfig(num_workers=3, sources=sources))) == 1  # 8 - 9 -> 1

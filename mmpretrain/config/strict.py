@@ -140,7 +140,15 @@ def check_params(registry: Any, name: str, params: dict, where: str) -> None:
         entry = registry.get(name)
     except RegistryError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    typed_params(entry, params, where)
+
+
+def typed_params(entry: Any, params: Any, where: str) -> Any:
+    """A registry entry's ``params`` (a mapping, or already its config dataclass) as its config dataclass
+    (``from_dict``: unknown keys and wrong types refused, naming ``where.params``); None for an entry
+    without a config class, which refuses any params. The one conversion builders and checks share."""
     if entry.config_cls is not None:
-        from_dict(entry.config_cls, params, f"{where}.params")
-    elif params:
-        raise ConfigError(f"{where}.params: {name!r} takes no parameters")
+        return from_dict(entry.config_cls, params, f"{where}.params")
+    if params:
+        raise ConfigError(f"{where}.params: {entry.name!r} takes no parameters")
+    return None

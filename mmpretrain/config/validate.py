@@ -14,9 +14,6 @@ from mmpretrain.types import MODALITIES
 def check_config(cfg: ExperimentConfig) -> None:
     """Raise ``ConfigError`` naming the bad field."""
     check_model_shape(cfg.model)
-    lora = [m for m, t in cfg.model.towers.items() if t.lora is not None]
-    if lora and cfg.train.strategy == "fsdp":
-        raise ConfigError(f"model.towers.{lora[0]}.lora: LoRA adapters train under ddp, not fsdp (not supported yet)")
     for j, src in enumerate(cfg.data.sources):
         if not src.weight > 0:
             raise ConfigError(f"data.sources[{j}].weight must be > 0")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mmpretrain.config.schema import OpSpec
+from mmpretrain.config.strict import ConfigError, check_params, typed_params
 from mmpretrain.data.ops import MAX_RESIZE_ASPECT, OpContext, SampleError, aspect_capped, open_image
 from mmpretrain.data.stream import DataError, WorkerBatch, derive_seed
 from mmpretrain.registry import Registry
@@ -49,21 +50,16 @@ class DeviceOpExample:
 
 
 def build_device_ops(specs: list[OpSpec], ctx: OpContext) -> list[BatchOp]:
-    from mmpretrain.config.strict import from_dict
-
     ops = []
     for i, spec in enumerate(specs):
         entry = DEVICE_OPS.get(spec.op)
-        params = from_dict(entry.config_cls, spec.params, f"data.device_ops[{i}].params") if entry.config_cls else None
-        ops.append(entry.builder(params, ctx))
+        ops.append(entry.builder(typed_params(entry, spec.params, f"data.device_ops[{i}]"), ctx))
     return ops
 
 
 def check_device_ops(specs: list[OpSpec], cpu_ops: list[list[OpSpec]]) -> None:
     """Every device op is registered, its params fit, and the CPU op that feeds it is in some source's
     ``ops``; ``ConfigError`` naming the field otherwise."""
-    from mmpretrain.config.strict import ConfigError, check_params
-
     names = {spec.op for ops in cpu_ops for spec in ops}
     for i, spec in enumerate(specs):
         check_params(DEVICE_OPS, spec.op, spec.params, f"data.device_ops[{i}]")

@@ -98,6 +98,7 @@ class ResumableLoader:
         rank: int = 0,
         world_size: int = 1,
         state: dict[str, Any] | None = None,
+        ops_where: str = "data.ops",
     ):
         urls = expand_shards(cfg.train)
         workers = cfg.num_workers
@@ -126,9 +127,8 @@ class ResumableLoader:
         self.consumed = 0
         self.status = WorkerStatus(workers)
         atexit.register(self.status.close)  # runs before multiprocessing terminates daemonic workers at exit
-        stream = ShardStream(
-            self.spec, build_ops(cfg.ops, ctx), start=self.positions, rotation=self.rotation, status=self.status
-        )
+        ops = build_ops(cfg.ops, ctx, ops_where)
+        stream = ShardStream(self.spec, ops, start=self.positions, rotation=self.rotation, status=self.status)
         self.loader = DataLoader(
             stream,
             batch_size=None,
@@ -232,6 +232,7 @@ class MixedLoader:
                 rank=rank,
                 world_size=world_size,
                 state=saved[i],
+                ops_where=f"data.sources[{i}].ops" if src.ops else "data.ops",
             )
             for i, src in enumerate(cfg.sources)
         ]

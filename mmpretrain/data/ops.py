@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from mmpretrain.config.schema import OpSpec
+from mmpretrain.config.strict import check_params, typed_params
 from mmpretrain.registry import Registry
 from mmpretrain.types import ImageSpec
 
@@ -89,21 +90,17 @@ class OpExample:
     corrupt: tuple[bytes, str] | None = None
 
 
-def build_ops(specs: list[OpSpec], ctx: OpContext) -> list[Op]:
-    from mmpretrain.config.strict import from_dict
-
+def build_ops(specs: list[OpSpec], ctx: OpContext, where: str = "data.ops") -> list[Op]:
+    """The ops of ``specs``; a bad one's ``ConfigError`` names ``where[i]`` (a source's: ``data.sources[j].ops``)."""
     ops = []
     for i, spec in enumerate(specs):
         entry = DATA_OPS.get(spec.op)
-        params = from_dict(entry.config_cls, spec.params, f"data.ops[{i}].params") if entry.config_cls else None
-        ops.append(entry.builder(params, ctx))
+        ops.append(entry.builder(typed_params(entry, spec.params, f"{where}[{i}]"), ctx))
     return ops
 
 
 def check_ops(specs: list[OpSpec], where: str) -> None:
     """Every op of ``specs`` is registered and its params fit; ``ConfigError`` naming ``where[i]`` otherwise."""
-    from mmpretrain.config.strict import check_params
-
     for i, spec in enumerate(specs):
         check_params(DATA_OPS, spec.op, spec.params, f"{where}[{i}]")
 

@@ -61,12 +61,13 @@ class AudioTransformer(BlockStack, nn.Module):
 
     projects = False
 
-    def __init__(self, p: AudioParams, variant: str):
+    def __init__(self, p: AudioParams, *, spectrogram: bool):
+        """``spectrogram``: patches of the log-mel spectrogram (AST); else 1-D waveform patches (VATT)."""
         super().__init__()
         from timm.models.vision_transformer import Block
 
-        self.p, self.variant, self.output_dim = p, variant, p.width
-        if variant == "ast":
+        self.p, self.spectrogram, self.output_dim = p, spectrogram, p.width
+        if spectrogram:
             import torchaudio
 
             win, hop = int(p.sample_rate * p.win_ms / 1000), int(p.sample_rate * p.hop_ms / 1000)
@@ -107,8 +108,8 @@ class AudioTransformer(BlockStack, nn.Module):
         self.grad_checkpointing = enable
 
     def patches(self, wave: Tensor) -> Tensor:
-        """(B, S) -> (B, N, D) tokens, time-major within frequency bands for ``ast``."""
-        if self.variant == "ast":
+        """(B, S) -> (B, N, D) tokens, time-major within frequency bands for a spectrogram."""
+        if self.spectrogram:
             feats = (self.mel(wave).clamp_min(1e-10).log() - self.p.feature_mean) / self.p.feature_std  # (B, F, T)
             feats = feats[..., : self.n_time * self.p.patch_time]
             return self.embed(feats.unsqueeze(1)).flatten(2).transpose(1, 2)  # (B, F'*T', D)
@@ -160,10 +161,10 @@ EXAMPLE_WAVE = {"sample_rate": 8000, "seconds": 0.5, "patch_samples": 256, "widt
 @register_encoder("audio", "ast", config=AudioParams, example=EXAMPLE_AST)
 def ast(params: AudioParams, *, embed_dim: int) -> AudioTransformer:
     """Audio spectrogram transformer: log-mel patches (torchaudio) through a ViT."""
-    return AudioTransformer(params, "ast")
+    return AudioTransformer(params, spectrogram=True)
 
 
 @register_encoder("audio", "waveform", config=AudioParams, example=EXAMPLE_WAVE)
 def waveform(params: AudioParams, *, embed_dim: int) -> AudioTransformer:
     """VATT's raw-audio transformer: 1-D waveform patches through a ViT."""
-    return AudioTransformer(params, "waveform")
+    return AudioTransformer(params, spectrogram=False)

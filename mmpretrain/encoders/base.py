@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from mmpretrain.config.strict import typed_params
 from mmpretrain.registry import Registry
 from mmpretrain.types import MODALITIES, Batch, ImageSpec, TextSpec
 
@@ -37,6 +38,9 @@ class Tokenizer(Protocol):
     def save(self, folder: Path) -> dict:
         """Write what rebuilding needs into ``folder``; return the record (JSON, with ``kind``) that
         ``load_tokenizer`` takes back (an export carries its tokenizer: ``mmpretrain.deploy``)."""
+
+    def record(self) -> dict:
+        """The record ``save`` returns, without writing anything (``model_id`` hashes it)."""
 
 
 # kind -> builder(record, folder) -> Tokenizer; the kinds a saved record names
@@ -59,13 +63,8 @@ def register_encoder(modality: str, name: str, *, config: type, example: dict | 
 
 
 def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> nn.Module:
-    from mmpretrain.config.strict import from_dict
-
     entry = ENCODERS[modality].get(name)
-    typed = (
-        from_dict(entry.config_cls, params, f"model.towers.{modality}.params") if isinstance(params, dict) else params
-    )
-    return entry.builder(typed, embed_dim=embed_dim)
+    return entry.builder(typed_params(entry, params, f"model.towers.{modality}"), embed_dim=embed_dim)
 
 
 # ---------------------------------------------------------------- projection heads

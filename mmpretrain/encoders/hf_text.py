@@ -17,6 +17,7 @@ from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import (
     TOKENIZERS,
     TextEncoder,
+    load_tokenizer,
     masked_mean,
     random_tokens,
     register_encoder,
@@ -24,6 +25,8 @@ from mmpretrain.encoders.base import (
 )
 from mmpretrain.encoders.openclip import BpeTokenizer
 from mmpretrain.types import Batch
+
+AUTO = "auto"  # HfTextParams.tokenizer: no TOKENIZERS kind named, chosen by whether there is a directory
 
 # from_pretrained options that would fetch or execute code, or reach the network, if a config could set them
 CODE_LOADING_KEYS = frozenset(
@@ -59,7 +62,7 @@ class HfTextParams:
     config: dict[str, Any] = field(default_factory=dict)
     pooling: Literal["mean", "cls"] = "mean"
     context_length: int = 77
-    tokenizer: Literal["auto", "openclip_bpe"] = "auto"  # auto: the directory's own, else open_clip BPE
+    tokenizer: Literal["auto", "openclip_bpe"] = AUTO  # a TOKENIZERS kind; auto: the directory's own, else BPE
     trainable_layers: int | None = None  # partial unfreezing: only the top N transformer layers train
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class HfTextParams:
 
 class HfTokenizer:
     """``AutoTokenizer`` from a local directory, padded/truncated to ``context_length``."""
+
+    vocab_size: int | None = None  # the directory's own, which its model matches: no requirement
 
     def __init__(self, path: str, context_length: int):
         self.path, self.context_length = path, context_length
@@ -128,6 +133,9 @@ class HfTokenizer:
         """The tokenizer's files into ``folder/tokenizer`` (``save_pretrained``); its record."""
         with self._lock:
             self._built().save_pretrained(str(Path(folder) / "tokenizer"))
+        return self.record()
+
+    def record(self) -> dict:
         return {"kind": "hf", "path": "tokenizer", "context_length": self.context_length}
 
 
@@ -161,15 +169,20 @@ class HfText(TextEncoder):
         self.vocab_size = int(self.model.config.vocab_size)
         if params.trainable_layers is not None:
             unfreeze_top_layers(self.model, params.trainable_layers)
-        if self.uses_bpe and self.vocab_size < 49408:
+        needs = self.tokenizer().vocab_size
+        if needs is not None and self.vocab_size < needs:
             raise ConfigError(
-                f"hf_text with open_clip's BPE tokenizer needs vocab_size >= 49408 (got {self.vocab_size})"
+                f"hf_text with the {self.tokenizer_kind} tokenizer needs vocab_size >= {needs} (got {self.vocab_size})"
             )
 
     @property
-    def uses_bpe(self) -> bool:
+    def tokenizer_kind(self) -> str:
+        """The ``TOKENIZERS`` entry: the one ``params.tokenizer`` names; auto: the directory's own
+        (``hf``), else open_clip's BPE."""
         p = self.params
-        return p.tokenizer == "openclip_bpe" or (p.tokenizer == "auto" and p.path is None)
+        if p.tokenizer != AUTO:
+            return p.tokenizer
+        return "hf" if p.path is not None else "openclip_bpe"
 
     def forward(self, batch: Batch) -> Tensor:
         ids, mask = batch["text"], batch["text_mask"]
@@ -177,9 +190,8 @@ class HfText(TextEncoder):
         return hidden[:, 0] if self.params.pooling == "cls" else masked_mean(hidden, mask)
 
     def tokenizer(self) -> HfTokenizer | BpeTokenizer:
-        if self.uses_bpe:
-            return BpeTokenizer(self.params.context_length)
-        return HfTokenizer(str(self.params.path), self.params.context_length)
+        record = {"kind": self.tokenizer_kind, "path": self.params.path, "context_length": self.params.context_length}
+        return load_tokenizer(record, Path("."))  # an absolute path stays itself; a relative one is from here
 
     def example_batch(self, batch_size: int) -> Batch:
         return random_tokens(batch_size, min(self.params.context_length, 16), self.vocab_size)

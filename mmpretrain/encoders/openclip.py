@@ -186,6 +186,8 @@ class OpenClipTextParams:
 class BpeTokenizer:
     """open_clip's BPE tokenizer (vocabulary ships in its wheel), built lazily so it pickles small."""
 
+    vocab_size: int | None = 49408  # the ids it emits: a text model's embedding table must be this large
+
     def __init__(self, context_length: int):
         self.context_length = context_length
         self._tok: SimpleTokenizer | None = None
@@ -214,6 +216,9 @@ class BpeTokenizer:
 
     def save(self, folder: Path) -> dict:
         """Nothing to write (the vocabulary ships in open_clip's wheel); the record."""
+        return self.record()
+
+    def record(self) -> dict:
         return {"kind": "openclip_bpe", "context_length": self.context_length}
 
 

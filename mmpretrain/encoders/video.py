@@ -66,20 +66,22 @@ class ViViT(BlockStack, nn.Module):
 
     projects = False
 
-    def __init__(self, p: ViViTParams, variant: str):
+    def __init__(self, p: ViViTParams, *, factorised_encoder: bool):
+        """``factorised_encoder``: a spatial transformer per time step then a temporal one over their CLS
+        tokens (ViViT FE); else factorised self-attention, space then time in every layer, mean-pooled (FSA)."""
         super().__init__()
-        self.p, self.variant = p, variant
+        self.p, self.factorised_encoder = p, factorised_encoder
         self.output_dim = p.width
         self.frames, self.image_size, self.mean, self.std = p.frames, (p.image_size, p.image_size), p.mean, p.std
         self.n_time, self.n_space = p.frames // p.tubelet_frames, (p.image_size // p.patch_size) ** 2
         t, s = p.tubelet_frames, p.patch_size
         self.tubelet = nn.Conv3d(3, p.width, kernel_size=(t, s, s), stride=(t, s, s))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, p.width)) if variant == "fe" else None  # fsa mean-pools
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, p.width)) if factorised_encoder else None  # fsa mean-pools
         self.pos_embed = nn.Parameter(torch.randn(1, self.n_space + 1, p.width) * 0.02)  # spatial (CLS first)
         self.time_embed = nn.Parameter(torch.randn(1, self.n_time + 1, p.width) * 0.02)
         self.blocks = _blocks(p.spatial_layers, p)
-        self.temporal = _blocks(p.temporal_layers if variant == "fe" else p.spatial_layers, p)
-        self.time_cls = nn.Parameter(torch.zeros(1, 1, p.width)) if variant == "fe" else None
+        self.temporal = _blocks(p.temporal_layers if factorised_encoder else p.spatial_layers, p)
+        self.time_cls = nn.Parameter(torch.zeros(1, 1, p.width)) if factorised_encoder else None
         self.norm = nn.LayerNorm(p.width)
         self.grad_checkpointing = False
 
@@ -94,7 +96,7 @@ class ViViT(BlockStack, nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Layer-wise LR decay: the embeddings, each block (a spatial and a temporal one), the final norm."""
-        if self.variant == "fe":  # the spatial encoder, then the temporal one
+        if self.factorised_encoder:  # the spatial encoder, then the temporal one
             return stacked_groups(self, [*self.blocks, *self.temporal], top=[self.norm])
         return stacked_groups(self, [list(pair) for pair in zip(self.blocks, self.temporal)], top=[self.norm])
 
@@ -129,7 +131,7 @@ class ViViT(BlockStack, nn.Module):
         x = self.tokens(batch["video"])
         b, t, n, d = x.shape
         valid = self.time_mask(batch, b, x.device)
-        return self._fe(x, valid) if self.variant == "fe" else self._fsa(x, valid)
+        return self._fe(x, valid) if self.factorised_encoder else self._fsa(x, valid)
 
     def _fe(self, x: Tensor, valid: Tensor) -> Tensor:
         b, t, n, d = x.shape
@@ -206,10 +208,10 @@ EXAMPLE = {
 @register_encoder("video", "vivit_fe", config=ViViTParams, example=EXAMPLE)
 def vivit_fe(params: ViViTParams, *, embed_dim: int) -> ViViT:
     """ViViT factorised encoder: spatial transformer per time step, then a temporal transformer."""
-    return ViViT(params, "fe")
+    return ViViT(params, factorised_encoder=True)
 
 
 @register_encoder("video", "vivit_fsa", config=ViViTParams, example=EXAMPLE)
 def vivit_fsa(params: ViViTParams, *, embed_dim: int) -> ViViT:
     """ViViT factorised self-attention: space then time attention in every layer; mean-pooled."""
-    return ViViT(params, "fsa")
+    return ViViT(params, factorised_encoder=False)

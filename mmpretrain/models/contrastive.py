@@ -81,7 +81,7 @@ class ContrastiveModel(nn.Module):
         return bool(getattr(self.towers[modality], "variable_length", False))
 
     def fingerprint(self) -> str:
-        """``api.model_id``: 16 hex digits over the weights (LoRA adapters merged) and the image preprocessing."""
+        """``api.model_id``: 16 hex digits over the weights (LoRA adapters merged) and every tower's input spec."""
         return model_id(merged(self))
 
     def encode(self, modality: str, batch: Batch, *, normalize: bool = True) -> Tensor:
@@ -220,11 +220,12 @@ def check_model(model: ModelConfig) -> None:
 
 
 def model_id(model: ContrastiveModel) -> str:
-    """16 hex digits over the weights and the image preprocessing (``api.model_id``)."""
+    """16 hex digits over the weights and every tower's input spec (``api.model_id``): image size and
+    normalisation, video frames and fps, audio sample rate and length, the text tokenizer's record."""
     import hashlib
 
-    image = model.data_context().image
-    h = hashlib.sha256(repr((image.size, image.mean, image.std, image.interpolation)).encode())
+    specs = [(m, sorted(model.input_spec(m).record().items())) for m in sorted(model.modalities)]
+    h = hashlib.sha256(repr(specs).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith("extras."):  # a training objective's state (an EMA teacher), not the model's
             continue

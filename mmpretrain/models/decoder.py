@@ -27,7 +27,7 @@ from open_clip.transformer import MultimodalTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.config.strict import ConfigError, from_dict
+from mmpretrain.config.strict import ConfigError, typed_params
 from mmpretrain.encoders.openclip import _check_open_clip, _merged_cfg
 from mmpretrain.registry import Registry
 from mmpretrain.types import Batch
@@ -203,4 +203,4 @@ def build_decoder(kind: str, params: dict[str, Any], towers: nn.ModuleDict) -> C
     if "image" not in towers or "text" not in towers:
         raise ConfigError("model.decoder: a captioning decoder needs an image and a text tower")
     entry = DECODERS.get(kind)
-    return entry.builder(from_dict(entry.config_cls, params, "model.decoder.params"), towers)
+    return entry.builder(typed_params(entry, params, "model.decoder"), towers)

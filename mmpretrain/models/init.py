@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError
+from mmpretrain.models.formats import is_native
 from mmpretrain.models.lora import load_canonical, merged, without_lora
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
             ours = any(k.startswith("towers.") for k in f.keys()) and not any(".lora_" in k for k in f.keys())
         return load_file(str(path)) if ours else None
     resolved = resolve_checkpoint(source)
-    state = read_weights(resolved.path) if resolved.format == "mmpretrain" else None
+    state = read_weights(resolved.path) if is_native(resolved.format) else None
     return None if state is None or any(".lora_" in k for k in state) else state
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 
 from mmpretrain.config.loader import load_config
 from mmpretrain.config.schema import ModelConfig
@@ -31,7 +32,9 @@ from mmpretrain.models.formats import (
     CHECKPOINT_FORMATS,
     OPEN_CLIP_CONFIG,
     CheckpointFormat,
+    is_native,
     load_open_clip_state,
+    native_format,
     open_clip_model_config,
 )
 from mmpretrain.models.layout import find_latest, has_weights, list_checkpoints, load_weights, verify_checkpoint
@@ -69,7 +72,7 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
             "an open_clip folder or weights file, or a Hugging Face CLIP/SigLIP folder)"
         )
     name = detect_format(path)
-    if name == "mmpretrain":
+    if is_native(name):
         problem = verify_checkpoint(path)
         if problem is not None:
             raise CheckpointError(f"{path}: {problem} (a run's checkpoints/ folder gives its newest valid checkpoint)")
@@ -82,7 +85,7 @@ def resolve_checkpoint(ref: str | Path, *, formats: Collection[str] | None = Non
             raise FileNotFoundError(
                 f"no checkpoint at {path} (not a known checkpoint format, and no checkpoints/step_* under it)"
             )
-        name, path = "mmpretrain", latest
+        name, path = native_format(), latest
     if formats is not None and name not in formats:
         raise ConfigError(f"{ref}: a {name} checkpoint; expected {' or '.join(sorted(formats))}")
     return ResolvedCheckpoint(name, path)
@@ -230,28 +233,37 @@ def _hf_clip_config(path: Path) -> ModelConfig:
     return model_config_from_tree(tree)
 
 
-def _hf_scalars(path: Path) -> tuple[float, float | None]:
-    """(logit_scale, logit_bias) stored in the folder's weights: ``model.safetensors``, a sharded
-    ``model-0000x-of-0000y.safetensors`` set (its ``model.safetensors.index.json`` names the shard of each
-    tensor), or ``pytorch_model.bin``."""
-    from safetensors import safe_open
+HF_SCALARS = ("logit_scale", "logit_bias")
 
-    shard_index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").is_file() or shard_index.is_file():
-        where = json.loads(shard_index.read_text())["weight_map"] if shard_index.is_file() else {}
+
+def _hf_scalars(path: Path) -> tuple[float, float | None]:
+    """(logit_scale, logit_bias) stored in the folder's weights: ``model.safetensors`` or
+    ``pytorch_model.bin``, or a sharded set of either (``model-0000x-of-0000y.safetensors``,
+    ``pytorch_model-0000x-of-0000y.bin``), whose ``<name>.index.json`` names the shard of each tensor."""
+    for single, read in (("model.safetensors", _safetensors_tensors), ("pytorch_model.bin", _bin_tensors)):
+        index = path / f"{single}.index.json"
+        if not ((path / single).is_file() or index.is_file()):
+            continue
+        where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+        files: dict[str, list[str]] = {}
+        for key in HF_SCALARS:
+            files.setdefault(where.get(key, single), []).append(key)
         found: dict[str, float] = {}
-        for key in ("logit_scale", "logit_bias"):
-            file = path / where.get(key, "model.safetensors")
-            if not file.is_file():
-                continue
-            with safe_open(str(file), "pt") as f:
-                if key in f.keys():
-                    found[key] = float(f.get_tensor(key))
+        for name, keys in files.items():  # each file read once
+            if (path / name).is_file():
+                found.update({k: float(v) for k, v in read(path / name, keys).items()})
         return found.get("logit_scale", 2.6592), found.get("logit_bias")
-    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return float(state.get("logit_scale", torch.tensor(2.6592))), (
-        float(state["logit_bias"]) if "logit_bias" in state else None
-    )
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (single or sharded with an index.json)")
+
+
+def _safetensors_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), "pt") as f:
+        return {k: f.get_tensor(k) for k in keys if k in f.keys()}
+
+
+def _bin_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    return {k: state[k] for k in keys if k in state}
 
 
 def _load_hf_clip(path: Path, base: ModelConfig | None) -> ContrastiveModel:
@@ -270,12 +282,12 @@ def _is_ours(path: Path) -> bool:
     return path.is_dir() and has_weights(path) and (path / "config.yaml").is_file()
 
 
-def _register(name: str, detect, load, config, doc: str, example) -> None:
+def _register(name: str, detect, load, config, doc: str, example, *, native: bool = False) -> None:
     """Formats' ``detect`` predicates are mutually exclusive (a Hugging Face folder has ``config.json``
     and no ``config.yaml``; ours the reverse). ``config(path)``: the architecture it holds (or None).
     ``example(folder) -> (reference, base ModelConfig or None)`` writes a tiny checkpoint of the format
     for the generated tests."""
-    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config))
+    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config, native))
 
 
 def tiny_model() -> ContrastiveModel:
@@ -345,6 +357,7 @@ _register(
     _our_config,
     "our checkpoint folder (model.safetensors, config.yaml, checksums)",
     _example_ours,
+    native=True,
 )
 _register(
     "open_clip_dir",

@@ -52,13 +52,14 @@ def _why_no_cuda() -> str:
     )
 
 
-def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Join the process group that ``torchrun`` describes (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(cfg: TrainConfig, *, sharded: bool = False) -> DistInfo:
+    """Join the process group that ``torchrun`` describes (NCCL on CUDA, gloo on CPU). ``sharded``: the
+    strategy shards the model (``Strategy.sharded``), which needs a group even in one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
-    # FSDP needs a group even in one process (one GPU with CPU offload): a private in-memory store then
-    if (world > 1 or cfg.strategy == "fsdp") and not dist.is_initialized():
+    # a sharded strategy needs a group even in one process (one GPU with CPU offload): a private in-memory store then
+    if (world > 1 or sharded) and not dist.is_initialized():
         backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -102,6 +103,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(flag)], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def summed_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
+    """``counts`` summed over every rank, each key any rank has (a collective: every rank calls it)."""
+    total: dict[str, int] = {}
+    for part in all_gather_object(counts, info):
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def barrier(info: DistInfo) -> None:

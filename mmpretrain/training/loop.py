@@ -25,7 +25,7 @@ from mmpretrain.data.device import BatchOp, DeviceFeed
 from mmpretrain.data.loader import MixedLoader, ResumableLoader
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.training.checkpoint import rng_state, save_checkpoint
-from mmpretrain.training.dist import DistInfo, all_gather_object, any_rank
+from mmpretrain.training.dist import DistInfo, all_gather_object, any_rank, summed_counts
 from mmpretrain.training.metrics import MetricsLogger, truncate_jsonl
 from mmpretrain.training.strategy import Strategy
 from mmpretrain.training.task import ContrastiveTask
@@ -137,7 +137,8 @@ class Trainer:
         if self.info.device.type == "cuda":  # peak since the last log line, then reset
             values["cuda_max_mem_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.info.device)
-        for kind, n in self.loader.error_counts().items():
+        # every rank's workers' skips (a collective: every rank logs at the same steps)
+        for kind, n in sorted(summed_counts(self.loader.error_counts(), self.info).items()):
             values[f"data/skipped_{kind}"] = n
         return values
 

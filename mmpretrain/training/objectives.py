@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpretrain.config.schema import LossConfig
-from mmpretrain.config.strict import ConfigError, check_params, from_dict
+from mmpretrain.config.strict import ConfigError, check_params, typed_params
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.training import captioning, distill, masked_prediction, self_distill  # noqa: F401  (register their objectives)
 from mmpretrain.training.terms import OBJECTIVES, ObjectiveContext, Term
@@ -60,7 +60,7 @@ def build_objectives(
     built = []
     for i, o in enumerate(loss.objectives):
         entry = OBJECTIVES.get(o.kind)
-        params = from_dict(entry.config_cls, o.params, f"loss.objectives[{i}].params") if entry.config_cls else None
+        params = typed_params(entry, o.params, f"loss.objectives[{i}]")
         prefix, key = f"teacher[{i}]/", f"objective{i}"
         term = entry.builder(params, ObjectiveContext(student.cfg, student, device, prefix, key, steps))
         if term.modules is not None:

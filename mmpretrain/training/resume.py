@@ -213,10 +213,10 @@ def _resume_target(tc: TrainConfig, run_dir: Path) -> Path | None:
         found = find_latest(run_dir)
         log.info("resume=latest: %s", found or "no checkpoint yet, starting fresh")
         return found
-    from mmpretrain.models.pretrained import resolve_checkpoint
+    from mmpretrain.models.pretrained import native_format, resolve_checkpoint
 
     try:
-        path = resolve_checkpoint(tc.resume, formats={"mmpretrain"}).path
+        path = resolve_checkpoint(tc.resume, formats={native_format()}).path
     except FileNotFoundError:
         raise FileNotFoundError(f"train.resume={tc.resume!r}: not a checkpoint directory (no state.pt)") from None
     except ConfigError as exc:

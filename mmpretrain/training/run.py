@@ -29,7 +29,7 @@ from mmpretrain.training.loop import Trainer
 from mmpretrain.training.objectives import build_objectives
 from mmpretrain.training.optim import build_optimizer, build_scheduler, restore_optimizer
 from mmpretrain.training.resume import ResumePlan, StartDecision, apply_decision, choose_checkpoint, plan_resume
-from mmpretrain.training.strategy import build_strategy
+from mmpretrain.training.strategy import STRATEGIES, build_strategy
 from mmpretrain.training.task import ContrastiveTask
 from mmpretrain.training.validate import validate_experiment
 from mmpretrain.utils.io import makedirs_durable
@@ -41,7 +41,7 @@ def train(cfg: ExperimentConfig) -> Path:
     """Train (or resume) the run described by ``cfg``; returns its run directory."""
     validate_experiment(cfg)  # a hand-built config is checked too, before any rank starts work
     check_shards(cfg.data)  # a shard pattern that matches no file fails now, not after the model is built
-    info = init_distributed(cfg.train)
+    info = init_distributed(cfg.train, sharded=STRATEGIES.get(cfg.train.strategy).builder.sharded)
     trainer = None
     try:
         trainer = build_trainer(cfg, info)
@@ -79,10 +79,12 @@ def agreed_start(tc: TrainConfig, run_dir: Path, info: DistInfo) -> StartDecisio
 
 
 def configure_threads(cfg: ExperimentConfig) -> int:
-    """Size compute threads together with data workers so the two don't oversubscribe the cores."""
+    """Size compute threads together with data workers so the two don't oversubscribe the cores: each
+    source of a mixture (``data.sources``) starts ``data.num_workers`` workers of its own."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = cfg.train.threads or max(1, cores // local_ranks - cfg.data.num_workers)
+    workers = cfg.data.num_workers * max(1, len(cfg.data.sources))
+    threads = cfg.train.threads or max(1, cores // local_ranks - workers)
     torch.set_num_threads(threads)
     return threads
 

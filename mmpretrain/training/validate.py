@@ -10,6 +10,7 @@ from typing import Any
 
 from mmpretrain.config.loader import config_from_tree, load_tree
 from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.config.strict import ConfigError
 from mmpretrain.config.validate import check_config
 from mmpretrain.data.device import check_device_ops
 from mmpretrain.data.ops import check_ops
@@ -17,7 +18,9 @@ from mmpretrain.eval.checks import check_eval
 from mmpretrain.losses import check_pairs
 from mmpretrain.models.contrastive import check_model
 from mmpretrain.models.pretrained import with_pretrained
+from mmpretrain.registry import RegistryError
 from mmpretrain.training.objectives import check_objectives
+from mmpretrain.training.strategy import STRATEGIES
 
 
 def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -31,19 +34,22 @@ def validate_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     check_pairs(cfg.loss)
     check_objectives(cfg.loss)
     check_eval(cfg.eval)
-    check_strategy(cfg.train.strategy)
+    check_strategy(cfg)
     return cfg
 
 
-def check_strategy(name: str) -> None:
-    from mmpretrain.config.strict import ConfigError
-    from mmpretrain.registry import RegistryError
-    from mmpretrain.training.strategy import STRATEGIES
-
+def check_strategy(cfg: ExperimentConfig) -> None:
+    """``train.strategy`` names a registered strategy; LoRA towers need an unsharded one."""
     try:
-        STRATEGIES.get(name)
+        strategy = STRATEGIES.get(cfg.train.strategy).builder
     except RegistryError as exc:
         raise ConfigError(f"train.strategy: {exc}") from None
+    lora = [m for m, t in cfg.model.towers.items() if t.lora is not None]
+    if lora and strategy.sharded:
+        raise ConfigError(
+            f"model.towers.{lora[0]}.lora: LoRA adapters train under an unsharded strategy (ddp), "
+            f"not {cfg.train.strategy} (not supported yet)"
+        )
 
 
 def experiment_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
