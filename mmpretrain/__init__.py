@@ -3,13 +3,13 @@
 The public API is ``mmpretrain.api``.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """``mmpretrain.zero_shot`` etc. are ``mmpretrain.api``'s, imported on first use."""
-    import importlib
-
     api = importlib.import_module("mmpretrain.api")
     if name in api.__all__:
         return getattr(api, name)

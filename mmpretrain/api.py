@@ -19,13 +19,30 @@ from torch import Tensor
 from mmpretrain import files
 from mmpretrain.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.data.loader import expand_shards
 from mmpretrain.data.ops import ImageTooLarge, open_image
 from mmpretrain.data.shards import Manifest, ShardWriterConfig, make_shards
+from mmpretrain.deploy.backends import ENCODING_BACKENDS, load_backend
+from mmpretrain.deploy.onnx_export import export_onnx as _export_onnx
+from mmpretrain.encoders import ENCODERS
+from mmpretrain.eval.inputs import (
+    EvalInput,
+    trim_padding,  # noqa: F401  (importable from here, as before)
+)
 from mmpretrain.eval.inputs import encode_texts as _encode_texts
-from mmpretrain.eval.inputs import trim_padding  # noqa: F401  (importable from here, as before)
+from mmpretrain.eval.items import input_batches as _input_batches
+from mmpretrain.eval.items import item_batches as _item_batches
 from mmpretrain.eval.jobs import EVAL_JOBS, build_job
+from mmpretrain.eval.zeroshot import ZeroShotClassifier
 from mmpretrain.models.contrastive import ContrastiveModel
+from mmpretrain.models.formats import export_open_clip as _export_open_clip
+from mmpretrain.models.generate import generate_text
+from mmpretrain.models.pretrained import create_model as _create
+from mmpretrain.models.pretrained import load_pretrained
 from mmpretrain.registry import Registry, RegistryError
+from mmpretrain.training.convert import convert_checkpoint as _convert
+from mmpretrain.training.run import train as _train
+from mmpretrain.training.validate import load_experiment
 from mmpretrain.types import Batch
 
 # ``files``: durable atomic writes (mmpretrain.files); ``Registry``: the plugin mechanism, for tools
@@ -81,7 +98,6 @@ def create_model(
     ``ModelConfig``. ``pretrained``: our checkpoint directory (or a run's ``checkpoints/``),
     an open_clip ``.pt``/``.bin``/``.safetensors`` file, or an open_clip folder.
     """
-    from mmpretrain.models.pretrained import create_model as _create
 
     return _create(name, pretrained).eval()
 
@@ -89,7 +105,6 @@ def create_model(
 def load_checkpoint(path: str | Path) -> ContrastiveModel:
     """A model from any supported checkpoint: our checkpoint directory (or a run folder or its
     ``checkpoints/``: the newest valid one), an open_clip folder, or a Hugging Face CLIP folder."""
-    from mmpretrain.models.pretrained import load_pretrained
 
     return load_pretrained(path).eval()
 
@@ -97,9 +112,8 @@ def load_checkpoint(path: str | Path) -> ContrastiveModel:
 def export_open_clip(model: ContrastiveModel, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` checkpoint that open_clip and CLIP_benchmark load.
     An earlier export in ``out_dir`` is replaced; any other existing folder only with ``overwrite``."""
-    from mmpretrain.models.formats import export_open_clip as _export
 
-    return _export(model, out_dir, overwrite=overwrite)
+    return _export_open_clip(model, out_dir, overwrite=overwrite)
 
 
 def export_onnx(
@@ -115,9 +129,8 @@ def export_onnx(
     each checked against the model with onnxruntime; ``quantize="int8"``: dynamic int8 MatMuls. Load it
     with ``load_model(out_dir, backend="onnxruntime")``. A tower that cannot be exported raises
     ``ExportError`` naming the operator."""
-    from mmpretrain.deploy.onnx_export import export_onnx as _export
 
-    return _export(model, out_dir, towers=list(towers) if towers else None, quantize=quantize, overwrite=overwrite)
+    return _export_onnx(model, out_dir, towers=list(towers) if towers else None, quantize=quantize, overwrite=overwrite)
 
 
 def load_model(source: str | Path, *, backend: str = "torch", **kwargs: Any):
@@ -125,14 +138,12 @@ def load_model(source: str | Path, *, backend: str = "torch", **kwargs: Any):
     checkpoint ``load_checkpoint`` reads; ``onnxruntime`` an ONNX export (``threads=``: intra-op threads,
     default torch's). Either works with ``encode``, ``encode_texts``, ``encode_images``, ``zero_shot``
     and ``model_id``."""
-    from mmpretrain.deploy.backends import load_backend
 
     return load_backend(backend, source, **kwargs)
 
 
 def list_backends() -> list[str]:
     """The registered encoding backends (``load_model(..., backend=)``)."""
-    from mmpretrain.deploy.backends import ENCODING_BACKENDS
 
     return ENCODING_BACKENDS.names()
 
@@ -141,7 +152,6 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str) -> Path:
     """Rewrite our checkpoint ``src`` in the format of ``train.strategy`` ``to``: ``ddp``
     (``model.safetensors``) or ``fsdp`` (``sharded/``, torch.distributed.checkpoint), into the new
     folder ``out``. Weights, optimizer state, schedule and data positions carry over unchanged."""
-    from mmpretrain.training.convert import convert_checkpoint as _convert
 
     return _convert(src, out, to)
 
@@ -152,7 +162,6 @@ def zero_shot(
     """A zero-shot classifier: ``clf.predict(images)``, ``clf.logits(...)``, ``clf.classes``,
     ``clf.weights``. ``templates``: ``"a photo of a <>"``, a list, or a named set (``"imagenet80"``).
     ``model``: a model or anything ``load_checkpoint`` takes."""
-    from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
     if isinstance(model, (str, Path)):
         model = load_checkpoint(model)
@@ -186,7 +195,6 @@ def eval_input(model: ContrastiveModel, modality: str = "image"):
     """``modality``'s evaluation preprocessing for ``model`` (``eval.inputs.EvalInput``): raw samples,
     files, bytes or PIL images -> the tower's input. Picklable and small (no weights): send it to
     the processes that decode (``input_batches``)."""
-    from mmpretrain.eval.inputs import EvalInput
 
     return EvalInput(model, modality)
 
@@ -194,7 +202,6 @@ def eval_input(model: ContrastiveModel, modality: str = "image"):
 def input_batches(inputs, source: str, *, batch_size: int = 64, thumb_size: int = 128):
     """``item_batches`` driven by an ``eval_input`` instead of a model: what a process holding no
     weights (a Ray task decoding for model actors) runs; the batches are the same."""
-    from mmpretrain.eval.items import input_batches as _input_batches
 
     return _input_batches(inputs, source, batch_size=batch_size, thumb_size=thumb_size)
 
@@ -232,7 +239,6 @@ def caption(
     model's captioning decoder (``model.decoder``: coca or locca): ``method`` ``"greedy"`` or ``"beam"``
     (``num_beams`` hypotheses, scored by log-probability / length ** ``length_penalty``); ``max_len``
     tokens at most, the end token included, and none of them the end before ``min_len``."""
-    from mmpretrain.models.generate import generate_text
 
     transform, images = image_transform(model), list(images)
     if not images:
@@ -247,14 +253,12 @@ def caption(
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """A layered YAML experiment config with ``key.sub=value`` overrides, checked against every registry."""
-    from mmpretrain.training.validate import load_experiment
 
     return load_experiment(path, overrides)
 
 
 def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) -> Path:
     """Train (or resume, with ``train.resume=latest``); returns the run directory."""
-    from mmpretrain.training.run import train as _train
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     return _train(cfg)
@@ -283,7 +287,6 @@ def list_eval_jobs() -> list[str]:
 
 def list_encoders() -> dict[str, list[str]]:
     """Registered encoder names per modality."""
-    from mmpretrain.encoders import ENCODERS
 
     return {m: reg.names() for m, reg in ENCODERS.items()}
 
@@ -291,7 +294,6 @@ def list_encoders() -> dict[str, list[str]]:
 def expand_sources(spec: str) -> list[str]:
     """A collection to embed -> its sources, in a stable order: shard specs (paths, directories of
     ``.tar``, brace patterns, ``::`` lists, ``pipe:`` URLs), or a folder of image files (one source)."""
-    from mmpretrain.data.loader import expand_shards
 
     path = Path(spec)
     if path.is_dir() and not any(path.glob("*.tar")):
@@ -305,7 +307,6 @@ def item_batches(
     """Preprocessed batches of one source (``ItemBatch``: ``inputs={modality: (B, ...)}``, ``keys``,
     ``captions``, ``sources``, JPEG ``thumbnails``; ``skipped`` and ``complete`` on the last batch): a
     shard, or a folder of files, of any modality, with the model's evaluation preprocessing."""
-    from mmpretrain.eval.items import item_batches as _item_batches
 
     if modality not in model.modalities:
         raise ValueError(f"model has no {modality!r} tower (towers: {', '.join(model.modalities)})")

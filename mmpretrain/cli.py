@@ -8,12 +8,21 @@ import logging
 import os
 import sys
 
+from mmpretrain import api
 from mmpretrain.cli_caption import add_caption, add_eval_captioning, cmd_caption
 from mmpretrain.cli_export import add_export, cmd_export
-from mmpretrain.config.strict import ConfigError
-from mmpretrain.corpora import CORPORA
+from mmpretrain.config.loader import dump_config
+from mmpretrain.config.strict import ConfigError, from_dict
+from mmpretrain.corpora import CORPORA, CorpusError
+from mmpretrain.data.loader import check_shards
+from mmpretrain.data.shards import CAPTION_COLUMNS, PATH_COLUMNS, ShardWriterConfig, filter_shards, make_shards
 from mmpretrain.errors import CheckpointError, DataError
+from mmpretrain.eval.clip_benchmark import write_records
+from mmpretrain.eval.jobs import build_job, clip_benchmark_jobs, job_fields
+from mmpretrain.eval.runner import write_report
+from mmpretrain.registry import load_all
 from mmpretrain.training.strategy import STRATEGIES
+from mmpretrain.training.validate import load_experiment
 from mmpretrain.types import MODALITIES
 
 MEDIA = [m for m in MODALITIES if m != "text"]  # what an item to embed, probe or classify is
@@ -28,8 +37,6 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmpretrain import api
-
     cfg = api.load_config(args.config, args.overrides)
     run_dir = api.train(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -38,10 +45,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from mmpretrain.config.loader import dump_config
-    from mmpretrain.data.loader import check_shards
-    from mmpretrain.training.validate import load_experiment
-
     cfg = load_experiment(args.config, args.overrides)
     print(dump_config(cfg), end="")
     try:
@@ -54,8 +57,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_make(args: argparse.Namespace) -> int:
-    from mmpretrain.data.shards import ShardWriterConfig, make_shards
-
     cfg = ShardWriterConfig(
         max_count=args.max_count,
         max_bytes=args.max_size,
@@ -72,8 +73,6 @@ def cmd_shards_make(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_filter(args: argparse.Namespace) -> int:
-    from mmpretrain.data.shards import ShardWriterConfig, filter_shards
-
     cfg = ShardWriterConfig(max_count=args.max_count, max_bytes=args.max_size, prefix=args.prefix)
     manifest = filter_shards(args.shards, args.keep, args.out, cfg)
     print(f"kept {manifest.samples} samples in {len(manifest.shards)} shard(s) in {args.out}")
@@ -85,8 +84,6 @@ def cmd_shards_filter(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    from mmpretrain import api
-
     model = (
         api.create_model(args.model, pretrained=args.pretrained) if args.pretrained else api.load_checkpoint(args.model)
     )
@@ -95,7 +92,6 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Any ``EVAL_JOBS`` job, its parameters from the flags of its subcommand."""
-    from mmpretrain.eval.jobs import build_job, clip_benchmark_jobs, job_fields
 
     params = {k: getattr(args, k) for k in job_fields(args.eval_cmd) if hasattr(args, k)}
     if args.eval_cmd == "hard":
@@ -111,30 +107,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(text)
     report = {**result.report, "model": str(args.model)}
     if args.format == "clip_benchmark":
-        from mmpretrain.eval.clip_benchmark import write_records
-
         paths = write_records(result.records(model="mmpretrain", pretrained=str(args.model)), args.out)
         more = " ..." if len(paths) > 4 else ""
         print(f"{len(paths)} CLIP_benchmark result file(s): {', '.join(str(p) for p in paths[:4])}{more}")
     elif args.out:
-        from mmpretrain.eval.runner import write_report
-
         print(f"report: {write_report(report, args.out)}")
     return 0
 
 
 def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
-    from mmpretrain import api
-
     out = api.convert_checkpoint(args.checkpoint, args.out, to=args.to)
     print(f"wrote {out} ({args.to} format); resume with train.resume={out}")
     return 0
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from mmpretrain.config.strict import from_dict
-    from mmpretrain.corpora import CORPORA, CorpusError
-
     entry = CORPORA.get(args.corpus)
     given = {k: v for k, v in (("size", args.size), ("seed", args.seed)) if v is not None}
     if args.concepts is not None:
@@ -157,16 +144,12 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mmpretrain.registry import load_all
-
     for kind, reg in load_all().items():  # every registry: encoders, heads, losses, ops, formats, layouts, ...
         print(f"{kind}: {', '.join(reg.names()) or '(none yet)'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmpretrain.data.shards import CAPTION_COLUMNS, PATH_COLUMNS
-
     p = argparse.ArgumentParser(prog="mmpretrain", description="Multimodal contrastive pre-training.")
     sub = p.add_subparsers(dest="command", required=True)
 

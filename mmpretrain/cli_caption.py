@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mmpretrain import api
 from mmpretrain.models.generate import METHODS
 
 
@@ -24,8 +25,6 @@ def generation(args: argparse.Namespace) -> dict:
 
 
 def cmd_caption(args: argparse.Namespace, model) -> int:
-    from mmpretrain import api
-
     captions = api.caption(
         model, args.images, **generation(args), length_penalty=args.length_penalty, batch_size=args.batch_size
     )

@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from mmpretrain.registry import RegistryError
+
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -134,7 +136,6 @@ def _join(path: str, key: Any) -> str:
 
 def check_params(registry: Any, name: str, params: dict, where: str) -> None:
     """``name`` is registered in ``registry`` and ``params`` fit its config dataclass (or are empty)."""
-    from mmpretrain.registry import RegistryError
 
     try:
         entry = registry.get(name)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 
+import av
 import numpy as np
 
 
 def encode_mp4(video: np.ndarray, fps: int, audio: np.ndarray | None, rate: int) -> bytes:
     """H.264 (+ AAC) MP4 bytes with PyAV."""
-    import av
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as c:

@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from PIL import Image
+
+from mmpretrain.data.shards import ShardWriterConfig, make_shards
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -51,7 +54,6 @@ def need_rsvg() -> None:
 @RASTERIZERS.register("placeholder", example={"source": "svg", "needs": ()})
 def placeholder(src: str, out: Path, size: int) -> None:
     """A plain square whose colour follows ``src`` (no rsvg-convert): offline examples and tests."""
-    from PIL import Image
 
     crc = zlib.crc32(src.encode())
     buf = io.BytesIO()
@@ -80,7 +82,6 @@ def write_corpus(
     ``train``: (png, caption, file name) rows; ``splits[name]``: (png, concept label, file name) rows,
     written as ``out/eval/<name>/<label with _>/<file name>``. Shared by every corpus builder.
     """
-    from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
     staging = out / "train_images"
     buf = io.StringIO()

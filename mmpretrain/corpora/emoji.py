@@ -26,6 +26,8 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mmpretrain.corpora.base import CORPORA, RASTERIZERS, CorpusError, seeded_split, write_corpus
 from mmpretrain.utils.io import atomic_write_text
 
@@ -226,7 +228,6 @@ def select(
 
 def rasterize_all(cfg: EmojiCorpusConfig, cache: Path, styles: dict[str, Style], concepts: list[Concept]) -> dict:
     """PNG per (style, concept) present, cached in ``cache/png/<size>/<style>/<slug>.png``."""
-    from tqdm import tqdm
 
     draw = RASTERIZERS.get(cfg.rasterizer).builder
     jobs = [(s, c) for s in styles.values() for c in concepts if c.slug in s.svgs]

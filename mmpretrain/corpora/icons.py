@@ -18,10 +18,12 @@ import random
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from mmpretrain.corpora.base import CORPORA, RASTERIZERS, CorpusError, need_rsvg, seeded_split, write_corpus
 from mmpretrain.corpora.debian import fetch_debs, licence
@@ -241,9 +243,6 @@ def plan_corpus(cfg: IconCorpusConfig, themes: dict[str, ThemeIcons]) -> IconPla
 
 def rasterize_plan(cfg: IconCorpusConfig, cache: Path, plan: IconPlan) -> dict[tuple[str, str], Path]:
     """PNG per (style, concept) used, cached in ``cache/png/<size>/<style>/<concept>.png`` (2 threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
 
     draw = RASTERIZERS.get(cfg.rasterizer).builder
     wanted = set(plan.seen) | set(plan.unseen)

@@ -34,6 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchaudio
+from PIL import Image
+from tqdm import tqdm
 
 from mmpretrain.corpora.av_encode import encode_mp4
 from mmpretrain.corpora.base import CORPORA, CorpusError, seeded_split
@@ -41,11 +45,13 @@ from mmpretrain.corpora.debian import fetch_debs
 from mmpretrain.corpora.emoji import (
     Concept,
     EmojiCorpusConfig,
+    example_sources,
     load_concepts,
     load_style,
     rasterize_all,
     resolve_sources,
 )
+from mmpretrain.data.shards import ShardWriterConfig, make_shards
 from mmpretrain.utils.io import atomic_write_text
 
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
@@ -121,8 +127,6 @@ def espeak_command(cache: Path) -> tuple[list[str], dict[str, str]]:
 
 def speak(cmd: tuple[list[str], dict[str, str]], text: str, voice: str, speed: int, rate: int) -> np.ndarray:
     """``text`` spoken by espeak-ng ``voice`` -> mono float32 (S,) at ``rate``."""
-    import torch
-    import torchaudio
 
     proc = subprocess.run([*cmd[0], "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, env=cmd[1])
     if proc.returncode != 0 or not proc.stdout:
@@ -135,7 +139,6 @@ def speak(cmd: tuple[list[str], dict[str, str]], text: str, voice: str, speed: i
 
 def render_frames(sprite, motion: str, cfg: MotionCorpusConfig, rng: random.Random) -> np.ndarray:
     """(T, size, size, 3) uint8: the sprite (a PIL image) moving on a white canvas, with jittered path."""
-    from PIL import Image
 
     n, size = cfg.frames, cfg.size
     base = cfg.sprite * size * rng.uniform(0.85, 1.15)
@@ -169,7 +172,6 @@ def captions_for(label: str, motion: str) -> list[str]:
 
 def make_clip(spec: ClipSpec, png: Path, cfg: MotionCorpusConfig, espeak) -> bytes:
     """One MP4 (H.264 + AAC) of ``spec``."""
-    from PIL import Image
 
     rng = random.Random(spec.seed)
     with Image.open(png) as img:
@@ -208,9 +210,6 @@ def plan_clips(cfg: MotionCorpusConfig, seen: list[Concept], unseen: list[Concep
 
 def write_split(name: str, clips: list[ClipSpec], pngs: dict, cfg: MotionCorpusConfig, espeak, out: Path) -> int:
     """Render ``clips`` and write them as video shards under ``out`` (json: captions and labels)."""
-    from tqdm import tqdm
-
-    from mmpretrain.data.shards import ShardWriterConfig, make_shards
 
     with tempfile.TemporaryDirectory(prefix=f"motion-{name}-") as tmp:
         rows = []
@@ -265,7 +264,6 @@ SPEECH = {"espeak-ng": (espeak_command, speak), "tone": (lambda cache: None, ton
 
 def _example() -> dict:
     """The corpus example: small config overrides and ``offline(folder) -> builder keyword arguments``."""
-    from mmpretrain.corpora.emoji import example_sources
 
     return {
         "config": {

@@ -29,8 +29,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import av
 import numpy as np
 import torch
+import torchaudio
+from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.data.ops import DATA_OPS, Op, OpContext, OpExample, Sample, SampleError, aspect_capped
 from mmpretrain.types import valid_key
@@ -186,7 +189,6 @@ def decode_video(p: DecodeVideoParams, ctx: OpContext) -> Op:
 def video_size(data: bytes) -> tuple[int, int]:
     """(width, height) of the first video stream, read from the container header by PyAV (decoding
     a frame to learn it, as ``VideoReader[0]`` would, cost a third of a clip's decode)."""
-    import av
 
     with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
         if not container.streams.video:
@@ -198,7 +200,6 @@ def video_size(data: bytes) -> tuple[int, int]:
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> short side ``size`` (antialiased), the long side first cut (centred) to
     ``MAX_RESIZE_ASPECT`` times the short one: a 8 x 5,000,000 video resized whole is a resize bomb."""
-    from torchvision.transforms.v2 import functional as TF
 
     return TF.resize(aspect_capped(x), size, antialias=True)
 
@@ -236,8 +237,6 @@ def read_audio(data: bytes, sample_rate: int, *, max_seconds: float = 600.0, max
     longer than ``max_seconds`` or with more than ``max_channels`` channels is refused from its header,
     and the samples are counted as they decode (a header may lie); channels are averaged per frame,
     so memory holds the mono signal only."""
-    import av
-    import torchaudio
 
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.audio:

@@ -16,12 +16,17 @@ are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as tv_decode
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.config.strict import ConfigError, check_params, typed_params
@@ -89,8 +94,6 @@ class DecodeJpegParams:
 def decode_jpeg(p: DecodeJpegParams, ctx: OpContext) -> BatchOp:
     """Decode the batch's JPEG bytes on the device (nvjpeg on CUDA, batched), crop, resize and
     normalise: ``image_jpeg`` (N bytes,) + ``image_jpeg_offsets`` (B + 1,) -> ``image`` (B, 3, H, W)."""
-    from torchvision.transforms import v2 as T
-    from torchvision.transforms.v2 import functional as TF
 
     size = [p.size, p.size] if p.size else list(ctx.image.size)
     mode = T.InterpolationMode(ctx.image.interpolation)
@@ -135,8 +138,6 @@ def decode_batch(flat: Tensor, offsets: Tensor, device: torch.device) -> list[Te
     ``device``, decoded in one batched call. An image the batched decoder refuses (nvjpeg lacks
     some JPEG variants) is decoded on its own, then by PIL on the CPU; one nothing decodes is a
     ``DataError`` (the ``jpeg_bytes`` op checked its header and end marker, so this is rare)."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode
 
     bounds = offsets.tolist()
     parts = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -148,10 +149,6 @@ def decode_batch(flat: Tensor, offsets: Tensor, device: torch.device) -> list[Te
 
 
 def _decode_one(part: Tensor, device: torch.device, index: int) -> Tensor:
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode
-    from torchvision.transforms.v2 import functional as TF
-
     try:
         return tv_decode(part, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -216,6 +213,4 @@ class DeviceFeed:
 
 
 def _nothing():
-    import contextlib
-
     return contextlib.nullcontext()

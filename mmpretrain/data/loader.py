@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import random
 import signal
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from functools import partial
+from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
@@ -17,7 +23,16 @@ from webdataset.shardlists import expand_urls
 from mmpretrain.config.schema import DataConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.data.ops import OpContext, build_ops
-from mmpretrain.data.stream import DataError, Position, ReadLimits, ShardStream, StreamSpec, WorkerBatch, WorkerStatus
+from mmpretrain.data.stream import (
+    DataError,
+    Position,
+    ReadLimits,
+    ShardStream,
+    StreamSpec,
+    WorkerBatch,
+    WorkerStatus,
+    derive_seed,
+)
 from mmpretrain.utils.procs import kill_tree
 
 log = logging.getLogger(__name__)
@@ -215,7 +230,6 @@ class MixedLoader:
         state: dict[str, Any] | None = None,
         group: int = 1,
     ):
-        import dataclasses
 
         self.seed, self.group = seed, group
         self.weights = [src.weight for src in cfg.sources]
@@ -240,9 +254,6 @@ class MixedLoader:
 
     def source_of(self, batch_index: int) -> int:
         """The source of the ``batch_index``-th batch (same on every rank)."""
-        import random
-
-        from mmpretrain.data.stream import derive_seed
 
         rng = random.Random(derive_seed(self.seed, "mix", batch_index // self.group))
         return rng.choices(range(len(self.weights)), weights=self.weights)[0]
@@ -262,7 +273,6 @@ class MixedLoader:
 
     def error_counts(self) -> dict[str, int]:
         """Skipped samples/shards by kind, summed over the sources."""
-        from collections import Counter
 
         return dict(sum((Counter(loader.error_counts()) for loader in self.loaders), Counter()))
 
@@ -321,8 +331,6 @@ WORKER_TERM_GRACE_S = 20.0
 
 
 def _worker_init(_: int, status: WorkerStatus | None = None) -> None:
-    from multiprocessing.util import Finalize
-
     torch.set_num_threads(1)  # workers decode; compute threads belong to the main process
     signal.signal(signal.SIGTERM, partial(_worker_sigterm, status))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the group: the main process decides
@@ -336,8 +344,6 @@ def _worker_sigterm(status: WorkerStatus | None, signum: int, frame: Any) -> Non
     worker leaves at once only when the main process is closing the loader (``status.closing``,
     then the SIGTERM is the DataLoader's own terminate()), else when its parent has gone or
     ``WORKER_TERM_GRACE_S`` later."""
-    import threading
-    import time
 
     def leave() -> None:
         kill_tree(os.getpid(), keep_root=True)  # pipe: commands it started

@@ -20,9 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 
+from mmpretrain.data.loader import expand_shards
+from mmpretrain.data.stream import ErrorCounter, read_samples
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_open, atomic_write_text
 
@@ -178,7 +182,6 @@ def make_shards(
     progress: bool = True,
 ) -> Manifest:
     """Write shards + manifest; rows whose image is missing/unreadable or caption empty are skipped and counted."""
-    from tqdm import tqdm
 
     images, captions, out_dir = Path(images), Path(captions), Path(out_dir)
     if not images.is_dir():
@@ -242,7 +245,6 @@ def shard_name(url: str) -> str:
 def read_keep_list(path: str | Path) -> tuple[set, bool]:
     """A keep-list parquet (``retrieval dedup`` / ``retrieval filter``) -> (wanted, by_shard): the
     ``(shard name, key)`` pairs when it has a ``shard`` column, else its keys (which must be unique)."""
-    import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     if "key" not in table.column_names:
@@ -266,10 +268,6 @@ def filter_shards(
     """Copy the samples of ``spec`` that the keep-list names, every member unchanged, into new shards
     (each atomic) and ``manifest.json`` (written last: the folder's done marker). Kept entries that no
     shard holds are counted (``missing``); unreadable shards and unsafe members are skipped and counted."""
-    from tqdm import tqdm
-
-    from mmpretrain.data.loader import expand_shards
-    from mmpretrain.data.stream import ErrorCounter, read_samples
 
     wanted, by_shard = read_keep_list(keep)
     out_dir = Path(out_dir)

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpretrain.data.ops import OpContext
 from mmpretrain.deploy.onnx_export import read_manifest, spec_from_record
+from mmpretrain.models.pretrained import load_pretrained
 from mmpretrain.registry import Registry
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key
 
@@ -39,8 +42,6 @@ class OnnxModel:
     hold a core the event loop or a data worker needs."""
 
     def __init__(self, folder: str | Path, *, threads: int | None = None):
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.embed_dim = int(self.manifest["embed_dim"])
@@ -91,8 +92,6 @@ class OnnxModel:
         return self._specs[modality]
 
     def data_context(self):
-        from mmpretrain.data.ops import OpContext
-
         return OpContext(dict(self._specs))
 
     def tokenizer(self):
@@ -121,7 +120,6 @@ class OnnxModel:
 @ENCODING_BACKENDS.register("torch", example="checkpoint")
 def torch_backend(source: str | Path, **kwargs: Any):
     """PyTorch eager: a ``ContrastiveModel`` from a checkpoint, run folder or open_clip/HF folder."""
-    from mmpretrain.models.pretrained import load_pretrained
 
     return load_pretrained(source).eval()
 

@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime
+import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from mmpretrain.deploy.quantize import QUANTIZERS
 from mmpretrain.encoders import load_tokenizer
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.models.lora import merged
@@ -125,7 +128,6 @@ def spec_from_record(modality: str, record: dict, folder: Path) -> Any:
 
 def check_tower(model: ContrastiveModel, modality: str, path: Path) -> float:
     """The largest absolute difference between the file (onnxruntime) and the model, at batch 5."""
-    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = model.towers[modality].example_batch(5)
@@ -147,7 +149,6 @@ def export_onnx(
     """``model``'s towers (all, or ``towers``) -> ONNX files + ``onnx_export.json`` in ``out_dir``, each
     checked against the model (max abs diff <= 1e-4) before the folder is written (atomically);
     ``quantize="int8"``: onnxruntime's dynamic int8 quantisation of the MatMuls (``deploy.quantize``)."""
-    from mmpretrain.deploy.quantize import QUANTIZERS
 
     model = merged(model).float().cpu().eval()  # LoRA adapters folded into the weights (models.lora)
     chosen = towers or model.modalities
@@ -190,7 +191,6 @@ def _stamp(path: Path, manifest: dict, modality: str) -> None:
 
 
 def _versions() -> dict:
-    import onnxruntime
     import onnxscript
 
     return {

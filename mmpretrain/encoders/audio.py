@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torchaudio
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import BlockStack, register_encoder
 from mmpretrain.types import AudioSpec, Batch
 
@@ -42,8 +45,6 @@ class AudioParams:
     feature_std: float = 4.0
 
     def __post_init__(self) -> None:
-        from mmpretrain.config.strict import ConfigError
-
         if self.n_mels % self.patch_freq:
             raise ConfigError("n_mels must be a multiple of patch_freq")
         if not 0.0 <= self.drop_token < 1.0:
@@ -64,12 +65,9 @@ class AudioTransformer(BlockStack, nn.Module):
     def __init__(self, p: AudioParams, *, spectrogram: bool):
         """``spectrogram``: patches of the log-mel spectrogram (AST); else 1-D waveform patches (VATT)."""
         super().__init__()
-        from timm.models.vision_transformer import Block
 
         self.p, self.spectrogram, self.output_dim = p, spectrogram, p.width
         if spectrogram:
-            import torchaudio
-
             win, hop = int(p.sample_rate * p.win_ms / 1000), int(p.sample_rate * p.hop_ms / 1000)
             self.hop = hop
             self.mel = torchaudio.transforms.MelSpectrogram(

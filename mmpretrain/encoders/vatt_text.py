@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -37,7 +38,6 @@ class VattText(BlockStack, TextEncoder):
 
     def __init__(self, p: VattTextParams):
         super().__init__()
-        from timm.models.vision_transformer import Block
 
         self.p, self.output_dim = p, p.width
         self.embed = nn.Embedding(p.vocab_size, p.width)

@@ -21,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmpretrain.config.strict import ConfigError
 from mmpretrain.encoders.base import BlockStack, register_encoder, stacked_groups
 from mmpretrain.types import Batch, VideoSpec
 
@@ -45,8 +48,6 @@ class ViViTParams:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
-        from mmpretrain.config.strict import ConfigError
-
         if self.frames % self.tubelet_frames or self.image_size % self.patch_size:
             raise ConfigError("frames must be a multiple of tubelet_frames and image_size of patch_size")
         if not 0.0 <= self.drop_token < 1.0:
@@ -56,8 +57,6 @@ class ViViTParams:
 
 
 def _blocks(n: int, p: ViViTParams) -> nn.ModuleList:
-    from timm.models.vision_transformer import Block
-
     return nn.ModuleList(Block(p.width, p.heads, p.mlp_ratio, qkv_bias=True) for _ in range(n))
 
 
@@ -160,7 +159,6 @@ class ViViT(BlockStack, nn.Module):
         """An image ViT's (1, 1 + g*g, D) positions, resampled to this tower's grid (timm) when it differs."""
         if pos.shape[1] == self.n_space + 1:
             return pos
-        from timm.layers import resample_abs_pos_embed
 
         old, new = round((pos.shape[1] - 1) ** 0.5), round(self.n_space**0.5)
         return resample_abs_pos_embed(pos, (new, new), (old, old), num_prefix_tokens=1)

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch.utils.data import Dataset
 
 from mmpretrain.data.ops import IMAGE_KEYS
@@ -52,8 +53,6 @@ def _timm_list(name: str) -> list[str]:
 
 
 def _imagenet_names() -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
     return list(IMAGENET_CLASSNAMES)
 
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.data.av_ops import AUDIO_KEYS, VIDEO_KEYS
-from mmpretrain.data.ops import IMAGE_KEYS, Op, OpContext, Sample, apply_ops, build_ops
+from mmpretrain.data.ops import IMAGE_KEYS, Op, OpContext, Sample, SampleError, apply_ops, build_ops
 from mmpretrain.registry import Registry
 
 
@@ -88,7 +89,6 @@ class EvalInput:
 
     def sample(self, item: Any) -> Sample:
         """A raw sample for the ops: a sample dict (copied), a PIL image, bytes, or a file path."""
-        from PIL import Image
 
         if isinstance(item, dict):
             return dict(item)
@@ -103,7 +103,6 @@ class EvalInput:
 
     def batch(self, items: list[Any]) -> dict[str, Tensor]:
         """One batch of ``items``; an item that cannot be decoded raises ``ValueError`` naming it."""
-        from mmpretrain.data.ops import SampleError
 
         samples = []
         for item in items:

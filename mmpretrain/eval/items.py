@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, Sample, read_captions
-from mmpretrain.data.stream import ErrorCounter, ReadLimits, process_sample, read_samples
+from mmpretrain.data.stream import SHARD_ERRORS, ErrorCounter, ReadLimits, process_sample, read_samples
 from mmpretrain.eval.inputs import MEDIA_KEYS, EvalInput, Views, collate, file_sample
 from mmpretrain.eval.sets import sample_meta
 from mmpretrain.types import Batch
@@ -41,7 +41,6 @@ class ItemBatch:
 
     def finish(self, skipped: dict[str, int]) -> ItemBatch:
         """Mark this as the source's last batch, with its skip counts."""
-        from mmpretrain.data.stream import SHARD_ERRORS
 
         self.skipped = dict(skipped)
         self.complete = not any(self.skipped.get(kind) for kind in SHARD_ERRORS)

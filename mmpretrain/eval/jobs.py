@@ -13,12 +13,16 @@ over tiny data written into ``folder``, and the caption decoder the model needs 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from PIL import Image
+from webdataset import TarWriter
 
 from mmpretrain.config.strict import from_dict
 from mmpretrain.eval import clip_benchmark as cb
@@ -185,8 +189,6 @@ class LinearProbeParams:
 
 
 def _image_folder(root: Path, per_class: int = 4) -> Path:
-    from PIL import Image
-
     for i, name in enumerate(["red", "blue"]):
         (root / name).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
@@ -195,11 +197,6 @@ def _image_folder(root: Path, per_class: int = 4) -> Path:
 
 
 def _caption_shards(root: Path) -> str:
-    import io
-
-    from PIL import Image
-    from webdataset import TarWriter
-
     root.mkdir(parents=True, exist_ok=True)
     with TarWriter(str(root / "s-000000.tar")) as w:
         for i in range(4):

@@ -28,6 +28,8 @@ from mmpretrain.eval.embed import embed_shards
 from mmpretrain.eval.inputs import Views, encode_texts
 from mmpretrain.eval.metrics import classification_metrics, recall_row
 from mmpretrain.eval.sets import ShardSet, sample_meta
+from mmpretrain.eval.zeroshot import ZeroShotClassifier
+from mmpretrain.utils.io import atomic_open
 
 
 @dataclass
@@ -68,7 +70,6 @@ def embed_shard_set(
 
 def zeroshot_by_label(model, se: ShardEmbeddings, modality: str, label: str, templates) -> dict[str, Any]:
     """Zero-shot top-1/top-5/mean per-class recall of ``modality`` against ``label``'s classes."""
-    from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
     classes = sorted(set(se.labels[label]))
     clf = ZeroShotClassifier(model, classes, templates, modality=modality, progress=False)
@@ -91,7 +92,6 @@ def _recall_row(name: str, sim: np.ndarray, positives: np.ndarray, ks: Sequence[
 
 def retrieval_rows(model, se: ShardEmbeddings, templates, ks: Sequence[int] = (1, 5, 10)) -> list[dict[str, Any]]:
     """caption -> m, class -> m (per label field) and m -> m' recall@k rows (see the module docstring)."""
-    from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
     rows = []
     queries = sorted({c for caps in se.captions for c in caps[:1]})  # each sample's first caption is canonical
@@ -162,7 +162,6 @@ def plot_media(reports: list[dict[str, Any]], path, k: int = 5) -> None:
     ax.set_title(f"zero-shot top-1 and retrieval R@{k} vs chance")
     ax.legend()
     fig.tight_layout()
-    from mmpretrain.utils.io import atomic_open
 
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

@@ -27,9 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from mmpretrain.eval.inputs import Views
 from mmpretrain.eval.metrics import classification_metrics, topk_accuracy
 from mmpretrain.eval.sets import Labelled
+from mmpretrain.eval.zeroshot import ZeroShotClassifier
+from mmpretrain.models.contrastive import model_id
+from mmpretrain.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 C_GRID = tuple(float(c) for c in np.logspace(-6, 6, 97))
@@ -77,15 +82,11 @@ def set_features(
 ) -> Features:
     """``data``'s features, from the cache when there (``cache`` None: no cache). ``model_key``:
     ``api.model_id(model)``, computed here when not given."""
-    from mmpretrain.eval.inputs import Views
-    from mmpretrain.utils.io import atomic_dir
 
     views = views or Views()
     folder = None
     if cache is not None:
         if model_key is None:
-            from mmpretrain.models.contrastive import model_id
-
             model_key = model_id(model)
         folder = cache_folder(Path(cache), model_key, data, modality, views)
         if (folder / "meta.json").is_file():
@@ -276,7 +277,6 @@ def summarise(runs: list[dict], i: int) -> dict[str, Any]:
 def zeroshot_on_features(model, classes: list[str], templates, tests: Sequence[tuple[Any, np.ndarray]], **kw):
     """Zero-shot metrics of each test set from its cached features (the same embeddings the probe
     reads), against prompt-ensembled class embeddings; None when the model has no text tower."""
-    from mmpretrain.eval.zeroshot import ZeroShotClassifier
 
     if "text" not in model.modalities:
         return [None] * len(tests)
@@ -296,7 +296,6 @@ def linear_probe(
 ) -> dict[str, Any]:
     """The full probe and each K-shot probe, over ``cfg.seeds``, on every test set, beside zero-shot
     on the same features. ``templates``: None takes the training set's own, else ``imagenet80``."""
-    from tqdm import tqdm
 
     classes, y, test_ys = align(train, tests)
     x, test_sets = np.asarray(train.x), [(np.asarray(t.x), ty) for t, ty in zip(tests, test_ys)]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmpretrain.data.loader import expand_shards
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, read_captions
 from mmpretrain.eval.embed import embed_shards
 from mmpretrain.eval.inputs import encode_texts
@@ -138,7 +139,6 @@ def retrieval_eval(
 ) -> dict[str, Any]:
     """Image<->text recall@k over shards (a spec or a list); an image's captions are ``captions(sample)``,
     by default ``json["captions"]`` if present, else ``txt``."""
-    from mmpretrain.data.loader import expand_shards
 
     urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
     read = captions or (lambda sample: read_captions(sample, EVAL_CAPTION_KEYS, strict=False))

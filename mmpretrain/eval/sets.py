@@ -18,15 +18,22 @@ from. Unreadable items are skipped and counted, never fatal.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from webdataset import TarWriter
 
+from mmpretrain.data.loader import expand_shards
+from mmpretrain.data.ops import SampleError, json_member
+from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet, collate_skip
 from mmpretrain.eval.embed import embed_shards
 from mmpretrain.eval.inputs import EvalInput, Views, embed_views
 from mmpretrain.registry import Registry, unknown_name_message
@@ -51,7 +58,6 @@ class Labelled:
 
 def sample_meta(sample: dict) -> dict:
     """The json member as a dict; ``{}`` when absent or unusable (too large, too deep, not an object)."""
-    from mmpretrain.data.ops import SampleError, json_member
 
     try:
         return json_member(sample)
@@ -84,8 +90,6 @@ class EvalSet:
         return folder_set(*split_spec(spec), spec=spec, check=check)
 
     def dataset(self, transform):
-        from mmpretrain.eval.datasets import ImageFolderSet
-
         return ImageFolderSet(self.root, self.layout, transform)
 
     def caption_source(self) -> None:
@@ -99,7 +103,6 @@ class EvalSet:
     def embed(
         self, model, modality: str = "image", *, views: Views = Views(), batch_size=64, workers=0, progress=True
     ) -> Labelled:
-        from mmpretrain.eval.datasets import collate_skip
 
         if modality != "image":
             raise ValueError(f"{self.name}: an image folder has no {modality}; use a shards set for {modality}")
@@ -155,7 +158,6 @@ def parse_source(spec: str, *, check: bool = False, split: str = "test"):
 
 def folder_set(name: str, layout: str, option: str | None, path: str, *, spec: str, check: bool = False) -> EvalSet:
     """An image folder of a ``datasets.LAYOUTS`` layout (``check``: registered, and the folder exists)."""
-    from mmpretrain.eval.datasets import LAYOUTS
 
     if check and layout not in LAYOUTS:
         known = sorted([*LAYOUTS.names(), *SET_KINDS.names()])
@@ -255,10 +257,6 @@ class WdsSet:
 
 def _wds_example(folder: Path) -> tuple[str, int, int]:
     """Three classes x two images in CLIP_benchmark's layout (one shard)."""
-    import io
-
-    from PIL import Image
-    from webdataset import TarWriter
 
     (folder / "test").mkdir(parents=True)
     (folder / "classnames.txt").write_text("red\ngreen\nblue\n")
@@ -298,8 +296,6 @@ class ShardSet:
         return parse_set(spec, kinds=("shards",))
 
     def shards(self) -> list[str]:
-        from mmpretrain.data.loader import expand_shards
-
         return expand_shards(self.spec)
 
     def caption_source(self) -> None:
@@ -332,12 +328,6 @@ class ShardSet:
 
 
 def _shards_example(folder: Path) -> tuple[str, int, int]:
-    import io
-    import json
-
-    from PIL import Image
-    from webdataset import TarWriter
-
     folder.mkdir(parents=True, exist_ok=True)
     with TarWriter(str(folder / "s-000000.tar")) as w:
         for i in range(6):

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from mmpretrain.eval.inputs import encode_texts
+from mmpretrain.eval.inputs import EvalInput, Views, embed_views, encode_texts
 from mmpretrain.types import SAMPLE_DIMS
 
 if TYPE_CHECKING:
@@ -105,7 +105,6 @@ class ZeroShotClassifier:
     def embed(self, inputs: Any) -> Tensor:
         """Normalised embeddings (N, E) of the inputs (see ``_batches`` for accepted forms); several
         views of one input ((N, V, ...)) are averaged."""
-        from mmpretrain.eval.inputs import embed_views
 
         out = [embed_views(self.model, self.modality, b) for b in self._batches(inputs)]
         if not out:
@@ -139,8 +138,6 @@ class ZeroShotClassifier:
                 yield from self._batches(item)
 
     def _raw_batches(self, items: list) -> Iterator[dict[str, Tensor]]:
-        from mmpretrain.eval.inputs import EvalInput, Views
-
         inputs = EvalInput(self.model, self.modality, self.views or Views())
         for i in tqdm(
             range(0, len(items), self.batch_size),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig, TowerConfig
-from mmpretrain.config.strict import ConfigError
+from mmpretrain.config.strict import ConfigError, check_params
+from mmpretrain.config.validate import check_model_shape
+from mmpretrain.data.ops import OpContext
 from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
 from mmpretrain.models.decoder import DECODERS, CaptionDecoder, build_decoder
 from mmpretrain.models.lora import apply_lora, merged
@@ -155,7 +158,6 @@ class ContrastiveModel(nn.Module):
 
     def data_context(self) -> OpContext:
         """What the data ops need from this model: every tower's input spec, by modality."""
-        from mmpretrain.data.ops import OpContext
 
         return OpContext({m: self.input_spec(m) for m in self.modalities})
 
@@ -173,7 +175,6 @@ def share_trunk(towers: nn.ModuleDict, modalities: list[str]) -> None:
     Towers that can share expose ``blocks``, an ``nn.ModuleList`` of timm ``Block`` (ViViT's spatial
     blocks, the audio transformers, ``vatt_text``); widths, heads and depths must match.
     """
-    from mmpretrain.config.strict import ConfigError
 
     if not modalities:
         return
@@ -207,8 +208,6 @@ def build_model(cfg: ModelConfig) -> ContrastiveModel:
 
 def check_model(model: ModelConfig) -> None:
     """Towers name known modalities and encoders, with params that fit the encoder; ``ConfigError`` otherwise."""
-    from mmpretrain.config.strict import ConfigError, check_params
-    from mmpretrain.config.validate import check_model_shape
 
     check_model_shape(model)
     for modality, tower in model.towers.items():
@@ -222,7 +221,6 @@ def check_model(model: ModelConfig) -> None:
 def model_id(model: ContrastiveModel) -> str:
     """16 hex digits over the weights and every tower's input spec (``api.model_id``): image size and
     normalisation, video frames and fps, audio sample rate and length, the text tokenizer's record."""
-    import hashlib
 
     specs = [(m, sorted(model.input_spec(m).record().items())) for m in sorted(model.modalities)]
     h = hashlib.sha256(repr(specs).encode())

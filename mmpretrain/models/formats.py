@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from safetensors.torch import save_file
 
 from mmpretrain.config.strict import ConfigError
@@ -119,7 +121,6 @@ def to_open_clip_state(state: dict[str, torch.Tensor], *, custom_text: bool = Fa
 
 def load_open_clip_state(model, path: Path) -> None:
     """Load an open_clip state dict (.pt/.bin/.safetensors; ``weights_only``) into ``model``."""
-    from open_clip.factory import load_state_dict
 
     state = from_open_clip_state(load_state_dict(str(path), weights_only=True))
     for key in (TEXT_PREFIX + "attn_mask", DECODER_PREFIX + "attn_mask"):
@@ -195,6 +196,5 @@ def _is_export(folder: Path) -> bool:
 def _named(params: dict[str, Any], section: str) -> dict[str, Any]:
     if not params.get("model_name"):
         return {}
-    import open_clip
 
     return dict(open_clip.get_model_config(params["model_name"])[section])

@@ -20,13 +20,17 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.config.strict import ConfigError
 from mmpretrain.errors import CheckpointError
 from mmpretrain.models.formats import is_native
+from mmpretrain.models.layout import read_weights
 from mmpretrain.models.lora import load_canonical, merged, without_lora
+from mmpretrain.models.pretrained import load_pretrained, local_dir, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our checkpoints
@@ -35,11 +39,6 @@ IMAGE_TRUNK = "towers.image.trunk."  # the timm_vision tower's model in our chec
 def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
     """The weights of our checkpoint (or of one of our ``model.safetensors`` files) ``source`` (at
     ``path``); None when it is another format."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from mmpretrain.models.layout import read_weights
-    from mmpretrain.models.pretrained import resolve_checkpoint
 
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -55,14 +54,12 @@ def _our_state(source: str | Path, path: Path) -> dict[str, Tensor] | None:
 def _loaded_state(source: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
     """``source`` in any format, loaded as a model (an open_clip weights file as this config's architecture,
     without adapters), its LoRA adapters (if it has any) merged."""
-    from mmpretrain.models.pretrained import load_pretrained
 
     return merged(load_pretrained(source, replace(without_lora(cfg), pretrained=None))).state_dict()
 
 
 def init_tower(model: nn.Module, modality: str, source: str | Path, cfg: ModelConfig) -> list[str]:
     """Initialise ``model.towers[modality]`` from ``source``; returns the tensor names loaded."""
-    from mmpretrain.models.pretrained import local_dir
 
     tower, own = model.towers[modality], f"towers.{modality}."
     path = local_dir(source) or Path(source)

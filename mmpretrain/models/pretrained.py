@@ -19,25 +19,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import save_model
 
-from mmpretrain.config.loader import load_config
+from mmpretrain.config.loader import deep_merge, load_config
 from mmpretrain.config.schema import ModelConfig
-from mmpretrain.config.strict import ConfigError
+from mmpretrain.config.strict import ConfigError, from_dict, to_dict
+from mmpretrain.encoders.hf_clip import FAMILIES, hf_model_type, tiny_folder
+from mmpretrain.encoders.openclip import TINY_TEXT, TINY_VISION
 from mmpretrain.errors import CheckpointError
 from mmpretrain.models.contrastive import ContrastiveModel, check_model
 from mmpretrain.models.formats import (
     CHECKPOINT_FORMATS,
     OPEN_CLIP_CONFIG,
     CheckpointFormat,
+    export_open_clip,
     is_native,
     load_open_clip_state,
     native_format,
     open_clip_model_config,
 )
-from mmpretrain.models.layout import find_latest, has_weights, list_checkpoints, load_weights, verify_checkpoint
+from mmpretrain.models.layout import (
+    find_latest,
+    has_weights,
+    list_checkpoints,
+    load_weights,
+    verify_checkpoint,
+    write_checksums,
+)
 
 LOCAL_DIR = "local-dir:"  # open_clip's spelling of "this folder"
 
@@ -104,7 +116,6 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
         model = load_config(text).model
         check_model(model)
         return model
-    import open_clip
 
     named = open_clip.get_model_config(text)
     if named is None:
@@ -117,7 +128,6 @@ def model_config(spec: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig
 
 def model_config_from_tree(tree: dict[str, Any]) -> ModelConfig:
     """A ``model:`` mapping -> validated ``ModelConfig`` (model checks only, no loss/data)."""
-    from mmpretrain.config.strict import from_dict
 
     cfg = from_dict(ModelConfig, tree, "model")
     check_model(cfg)
@@ -136,8 +146,6 @@ def with_pretrained(tree: dict[str, Any]) -> dict[str, Any]:
     (towers, embedding width, temperature, bias, preprocessing) with the tree's own ``model`` keys merged
     over it, so ``towers.image.freeze=true`` or another image size still apply. An open_clip weights
     file holds no architecture: ``model.architecture`` names it (or the tree gives the towers)."""
-    from mmpretrain.config.loader import deep_merge
-    from mmpretrain.config.strict import to_dict
 
     model = tree.get("model") or {}
     ref = model.get("pretrained")
@@ -213,8 +221,6 @@ def _load_open_clip_file(path: Path, base: ModelConfig | None) -> ContrastiveMod
 
 
 def _hf_clip_config(path: Path) -> ModelConfig:
-    from mmpretrain.encoders.hf_clip import hf_model_type
-
     cfg = json.loads((path / "config.json").read_text())
     if hf_model_type(path) == "clip":
         embed = cfg.get("projection_dim", 512)
@@ -273,7 +279,6 @@ def _load_hf_clip(path: Path, base: ModelConfig | None) -> ContrastiveModel:
 def _is_hf_clip(path: Path) -> bool:
     if not (path.is_dir() and (path / "config.json").is_file()):
         return False
-    from mmpretrain.encoders.hf_clip import FAMILIES, hf_model_type
 
     return hf_model_type(path) in FAMILIES
 
@@ -292,7 +297,6 @@ def _register(name: str, detect, load, config, doc: str, example, *, native: boo
 
 def tiny_model() -> ContrastiveModel:
     """A tiny open_clip-architecture model (the encoders' registered examples), seeded."""
-    from mmpretrain.encoders.openclip import TINY_TEXT, TINY_VISION
 
     torch.manual_seed(0)
     return ContrastiveModel(
@@ -309,11 +313,6 @@ def tiny_model() -> ContrastiveModel:
 
 
 def _example_ours(folder: Path) -> tuple[Path, None]:
-    from safetensors.torch import save_model
-
-    from mmpretrain.config.strict import to_dict
-    from mmpretrain.models.layout import write_checksums
-
     model, ckpt = tiny_model(), Path(folder) / "run" / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
     save_model(model, str(ckpt / "model.safetensors"))
@@ -324,21 +323,15 @@ def _example_ours(folder: Path) -> tuple[Path, None]:
 
 
 def _example_open_clip_dir(folder: Path) -> tuple[str, None]:
-    from mmpretrain.models.formats import export_open_clip
-
     return f"{LOCAL_DIR}{export_open_clip(tiny_model(), Path(folder) / 'open_clip')}", None
 
 
 def _example_open_clip_file(folder: Path) -> tuple[Path, ModelConfig]:
-    from mmpretrain.models.formats import export_open_clip
-
     model = tiny_model()
     return export_open_clip(model, Path(folder) / "open_clip") / "open_clip_model.safetensors", model.cfg
 
 
 def _example_hf_clip(folder: Path) -> tuple[Path, None]:
-    from mmpretrain.encoders.hf_clip import tiny_folder
-
     return Path(tiny_folder("clip")["path"]), None
 
 

@@ -24,6 +24,7 @@ from mmpretrain.config.schema import ExperimentConfig, TrainConfig
 from mmpretrain.config.strict import ConfigError, to_dict
 from mmpretrain.errors import CheckpointError
 from mmpretrain.models.layout import find_latest, list_checkpoints, step_of, verify_checkpoint
+from mmpretrain.models.pretrained import native_format, resolve_checkpoint
 from mmpretrain.training.checkpoint import clean_stale
 from mmpretrain.utils.io import remove_tree
 
@@ -213,7 +214,6 @@ def _resume_target(tc: TrainConfig, run_dir: Path) -> Path | None:
         found = find_latest(run_dir)
         log.info("resume=latest: %s", found or "no checkpoint yet, starting fresh")
         return found
-    from mmpretrain.models.pretrained import native_format, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(tc.resume, formats={native_format()}).path

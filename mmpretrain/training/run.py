@@ -20,8 +20,10 @@ from mmpretrain.data.device import build_device_ops
 from mmpretrain.data.loader import build_loader, check_shards, restart_state
 from mmpretrain.data.stream import derive_seed
 from mmpretrain.errors import CheckpointError
+from mmpretrain.eval.runner import periodic_eval
 from mmpretrain.losses import DistContext
 from mmpretrain.models import build_model
+from mmpretrain.models.init import init_towers
 from mmpretrain.models.layout import load_weights
 from mmpretrain.training.checkpoint import load_state, set_rng_state
 from mmpretrain.training.dist import DistInfo, broadcast_object, init_distributed, shutdown
@@ -144,8 +146,6 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     if ckpt is not None:
         load_weights(model, ckpt)
     else:  # a fresh run: towers may start from other checkpoints (model.towers.<m>.init_from)
-        from mmpretrain.models.init import init_towers
-
         init_towers(model, cfg.model)
         for o in objectives:
             if o.term.init is not None:
@@ -183,8 +183,6 @@ def build_trainer(cfg: ExperimentConfig, info: DistInfo) -> Trainer:
     )
     evaluate = None
     if cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval):
-        from mmpretrain.eval.runner import periodic_eval
-
         evaluate = partial(periodic_eval, cfg=cfg.eval)
     return Trainer(
         cfg,

@@ -25,14 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.models import ContrastiveModel
 from mmpretrain.models.layout import SHARDED, load_sharded
 from mmpretrain.registry import Registry
 from mmpretrain.training.checkpoint import weights_only
-from mmpretrain.training.dist import DistInfo
+from mmpretrain.training.dist import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
 STRATEGIES: Registry[Strategy] = Registry("training strategy")
@@ -71,7 +82,6 @@ class Strategy:
             optimizer.load_state_dict(state["optimizer"])
             return
         osd = _sharded_moments(model, optimizer, ckpt, no_dist=True)
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, osd)
 
@@ -103,9 +113,6 @@ class FSDPStrategy(Strategy):
     sharded = True
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
         if not torch.distributed.is_initialized():  # one process: a mesh of one rank (tests, debugging)
             raise RuntimeError("train.strategy=fsdp needs a process group: launch with torchrun")
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
@@ -130,8 +137,6 @@ class FSDPStrategy(Strategy):
         return model
 
     def _policies(self) -> dict[str, Any]:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
-
         fc, tc, cuda = self.cfg.train.fsdp, self.cfg.train, self.info.device.type == "cuda"
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -156,8 +161,6 @@ class FSDPStrategy(Strategy):
         return skip
 
     def clip_grad_norm(self, model: nn.Module, params: list[nn.Parameter], max_norm: float | None) -> Tensor:
-        from torch.distributed.tensor import DTensor
-
         for p in self.replicated:  # averaged as FSDP averages the sharded ones
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
@@ -175,9 +178,6 @@ class FSDPStrategy(Strategy):
         return total
 
     def write_weights(self, folder: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         msd, osd = get_state_dict(model, optimizer)
         target = broadcast_path(folder, self.info)
         with warnings.catch_warnings():  # one process (checkpoint convert): "torch.distributed is disabled ..."
@@ -186,8 +186,6 @@ class FSDPStrategy(Strategy):
         return {}
 
     def load_moments(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         if "optimizer" in state:  # a DDP checkpoint: the whole state, keyed by position -> by name
             full = fqn_moments(model, optimizer, state["optimizer"])
             set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
@@ -195,8 +193,6 @@ class FSDPStrategy(Strategy):
         set_optimizer_state_dict(model, optimizer, _sharded_moments(model, optimizer, ckpt, no_dist=False))
 
     def eval_model(self, model: nn.Module) -> nn.Module | None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.info.is_main:
             return None
@@ -227,8 +223,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def broadcast_path(folder: Path | None, info: DistInfo) -> Path:
-    from mmpretrain.training.dist import broadcast_object
-
     return Path(broadcast_object(str(folder) if folder is not None else None, info))
 
 
@@ -247,7 +241,6 @@ def fqn_moments(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict)
 def _sharded_moments(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, *, no_dist: bool) -> dict:
     """The optimizer state of a ``sharded/`` checkpoint, in ``optimizer``'s layout (whole tensors for a
     replicated model, this rank's shards for an FSDP one)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer)  # initialises the moments' shapes (a zero step)
     box = {"optim": osd}
