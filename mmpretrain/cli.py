@@ -92,10 +92,10 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Any ``EVAL_JOBS`` job, its parameters from the flags of its subcommand."""
-
-    params = {k: getattr(args, k) for k in job_fields(args.eval_cmd) if hasattr(args, k)}
-    if args.eval_cmd == "hard":
-        params["reference_name"] = args.reference_name or str(args.model)
+    fields = job_fields(args.eval_cmd)
+    params = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if "reference_name" in fields and not params.get("reference_name"):  # a job naming the model it ran
+        params["reference_name"] = str(args.model)
     job = build_job(args.eval_cmd, params)  # a typo in --data fails here, before the model loads
     if args.format == "clip_benchmark" and (not args.out or not job.clip_benchmark):
         raise ValueError(

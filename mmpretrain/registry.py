@@ -14,7 +14,7 @@ import contextlib
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -52,6 +52,7 @@ class Entry(Generic[T]):
     config_cls: type | None = None
     doc: str = ""
     example: Any = None  # what the generated tests need (a value, or a zero-argument function making it)
+    attrs: dict[str, Any] = field(default_factory=dict)  # what callers ask of the entry instead of its name
 
     def make_example(self) -> Any:
         return self.example() if callable(self.example) else self.example
@@ -74,13 +75,22 @@ class Registry(Generic[T]):
         REGISTRIES[kind] = self
 
     def register(
-        self, name: str, *, config: type | None = None, example: Any = None, doc: str | None = None
+        self,
+        name: str,
+        *,
+        config: type | None = None,
+        example: Any = None,
+        doc: str | None = None,
+        **attrs: Any,
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """``attrs``: what callers may ask of the entry (``get(name).attrs[...]``), so that no caller
+        compares its name."""
+
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             first = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
-            self._entries[name] = Entry(name, fn, config, doc if doc is not None else first, example)
+            self._entries[name] = Entry(name, fn, config, doc if doc is not None else first, example, attrs)
             return fn
 
         return deco
@@ -91,7 +101,13 @@ class Registry(Generic[T]):
         an existing ``name`` is replaced (keeping its config, example and doc unless given) and restored."""
         before = self._entries.pop(name, None)
         if before is not None:
-            kwargs = {"config": before.config_cls, "example": before.example, "doc": before.doc, **kwargs}
+            kwargs = {
+                "config": before.config_cls,
+                "example": before.example,
+                "doc": before.doc,
+                **before.attrs,
+                **kwargs,
+            }
         self.register(name, **kwargs)(builder)
         try:
             yield self._entries[name]

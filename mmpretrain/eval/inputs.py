@@ -36,23 +36,29 @@ class Views:
     windows: int = 1
 
 
-EVAL_INPUTS: Registry[Callable[[Views], list[OpSpec]]] = Registry("evaluation input")
-MEDIA_KEYS = {"image": IMAGE_KEYS, "video": VIDEO_KEYS, "audio": AUDIO_KEYS}  # members (and file suffixes) by modality
+EVAL_INPUTS: Registry[Callable[[Views], list[OpSpec]]] = Registry("evaluation input")  # attrs: keys
 
 
-@EVAL_INPUTS.register("image", example={"member": "png", "views": {}, "view_count": 1})
+def media_keys(modality: str) -> tuple[str, ...]:
+    """The webdataset members (and file suffixes) that hold ``modality``, from its ``EVAL_INPUTS`` entry."""
+    return tuple(EVAL_INPUTS.get(modality).attrs["keys"])
+
+
+@EVAL_INPUTS.register("image", example={"member": "png", "views": {}, "view_count": 1}, keys=IMAGE_KEYS)
 def image_inputs(views: Views) -> list[OpSpec]:
     """Decode, resize the short side, centre-crop, normalise -> (3, H, W)."""
     return [OpSpec("decode_image"), OpSpec("resize_center_crop"), OpSpec("to_tensor_normalize")]
 
 
-@EVAL_INPUTS.register("video", example={"member": "mp4", "views": {"clips": 2, "crops": 3}, "view_count": 6})
+@EVAL_INPUTS.register(
+    "video", example={"member": "mp4", "views": {"clips": 2, "crops": 3}, "view_count": 6}, keys=VIDEO_KEYS
+)
 def video_inputs(views: Views) -> list[OpSpec]:
     """``clips`` x ``crops`` deterministic views -> (T, 3, H, W), or (V, T, 3, H, W) when V > 1."""
     return [OpSpec("decode_video", {"train": False, "clips": views.clips, "crops": views.crops})]
 
 
-@EVAL_INPUTS.register("audio", example={"member": "wav", "views": {"windows": 2}, "view_count": 2})
+@EVAL_INPUTS.register("audio", example={"member": "wav", "views": {"windows": 2}, "view_count": 2}, keys=AUDIO_KEYS)
 def audio_inputs(views: Views) -> list[OpSpec]:
     """``windows`` evenly spread windows -> (S,), or (V, S) when V > 1."""
     return [OpSpec("decode_audio", {"train": False, "windows": views.windows})]
@@ -95,7 +101,7 @@ class EvalInput:
         if isinstance(item, Image.Image):
             return {"__key__": "image", "image": item}
         if isinstance(item, (bytes, bytearray)):
-            return {"__key__": "bytes", MEDIA_KEYS[self.modality][0]: bytes(item)}
+            return {"__key__": "bytes", media_keys(self.modality)[0]: bytes(item)}
         return file_sample(item, self.modality)
 
     def __call__(self, item: Any) -> Tensor:
@@ -122,7 +128,7 @@ def file_sample(path: str | Path, modality: str = "image") -> Sample:
     if not path.is_file():
         raise FileNotFoundError(f"{modality} not found: {path}")
     ext = path.suffix.lower().lstrip(".")
-    keys = MEDIA_KEYS.get(modality, ())
+    keys = media_keys(modality) if modality in EVAL_INPUTS else ()
     return {"__key__": path.name, (ext if ext in keys else keys[0] if keys else ext): path.read_bytes()}
 
 

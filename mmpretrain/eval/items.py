@@ -21,7 +21,7 @@ from PIL import Image
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, Sample, read_captions
 from mmpretrain.data.stream import SHARD_ERRORS, ErrorCounter, ReadLimits, process_sample, read_samples
-from mmpretrain.eval.inputs import MEDIA_KEYS, EvalInput, Views, collate, file_sample
+from mmpretrain.eval.inputs import EvalInput, Views, collate, file_sample, media_keys
 from mmpretrain.eval.sets import sample_meta
 from mmpretrain.types import Batch
 
@@ -67,7 +67,7 @@ def source_samples(source: str, modality: str, errors: ErrorCounter) -> Iterator
         for sample in read_samples([source], errors.handler):
             yield {**sample, "__source__": f"{source}#{sample['__key__']}"}
         return
-    limit, suffixes = ReadLimits().max_member_bytes, MEDIA_KEYS[modality]
+    limit, suffixes = ReadLimits().max_member_bytes, media_keys(modality)
     for f in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in suffixes):
         if f.stat().st_size > limit:
             errors.note("oversized_member")

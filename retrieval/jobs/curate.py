@@ -53,7 +53,9 @@ def keep_first(ids: np.ndarray, meta: dict) -> int:
 
 
 @KEEP_RULES.register(
-    "resolution", example={"group": [3, 7, 9], "width": [10, 40, 40], "height": [10, 40, 40], "keeps": 7}
+    "resolution",
+    example={"group": [3, 7, 9], "width": [10, 40, 40], "height": [10, 40, 40], "keeps": 7},
+    needs_sizes=True,
 )
 def keep_resolution(ids: np.ndarray, meta: dict) -> int:
     """The item with the most pixels (width x height, as decoded); ties go to the first."""
@@ -148,7 +150,7 @@ def dedup(embeddings: str | Path, out: str | Path, cfg: DedupConfig = DedupConfi
     emb, out, start = load_embeddings(embeddings), Path(out), time.perf_counter()
     table = item_table(emb)
     meta = {c: np.asarray(table.column(c).fill_null(0)) for c in ("width", "height") if c in table.column_names}
-    if cfg.keep == "resolution" and not (meta and meta["width"].any()):
+    if KEEP_RULES.get(cfg.keep).attrs.get("needs_sizes") and not (meta and meta["width"].any()):
         raise EmbedError(f"{embeddings}: no image sizes recorded (video/audio, or embedded before sizes were kept)")
     with tqdm(total=emb.n, desc="dedup", unit="item", disable=not progress) as bar:
         pairs = (
