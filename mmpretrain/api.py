@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from mmpretrain.models.pretrained import create_model as _create
 from mmpretrain.models.pretrained import load_pretrained
 from mmpretrain.registry import Registry, RegistryError
 from mmpretrain.training.convert import convert_checkpoint as _convert
+from mmpretrain.training.dist import pick_device
 from mmpretrain.training.run import train as _train
 from mmpretrain.training.validate import load_experiment
 from mmpretrain.types import Batch
@@ -74,6 +76,7 @@ __all__ = [
     "input_batches",
     "item_batches",
     "list_backends",
+    "resolve_device",
     "list_encoders",
     "list_eval_jobs",
     "load_checkpoint",
@@ -140,6 +143,13 @@ def load_model(source: str | Path, *, backend: str = "torch", **kwargs: Any):
     and ``model_id``."""
 
     return load_backend(backend, source, **kwargs)
+
+
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto`` (``cuda:LOCAL_RANK`` when CUDA works, else the CPU, warning why when an NVIDIA driver is
+    there but CUDA is not), ``cpu``, ``cuda``, ``cuda:N``: the device training uses by the same rule."""
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    return pick_device(device, rank)
 
 
 def list_backends() -> list[str]:

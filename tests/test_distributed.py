@@ -294,6 +294,7 @@ def test_ema_teachers_and_a_decoder_train_under_fsdp_and_resume_exactly(toy_shar
 def test_auto_device_says_why_it_falls_back_to_the_cpu(monkeypatch, caplog):
     """A machine with an NVIDIA driver whose torch cannot use it trains on the CPU, with a warning naming
     the wheel's CUDA version; train.device=cuda there fails with the same reason."""
+    from mmpretrain import api
     from mmpretrain.config.schema import TrainConfig
     from mmpretrain.training import dist
 
@@ -302,9 +303,15 @@ def test_auto_device_says_why_it_falls_back_to_the_cpu(monkeypatch, caplog):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     with caplog.at_level("WARNING"):
         assert dist.resolve_device(TrainConfig(device="auto")) == torch.device("cpu")
-    assert "built for CUDA 13.0" in caplog.text and "training on the CPU" in caplog.text
+    assert "built for CUDA 13.0" in caplog.text and "train.device=auto" in caplog.text
+    assert "running on the CPU" in caplog.text
     with pytest.raises(RuntimeError, match="built for CUDA 13.0, which needs a driver"):
         dist.resolve_device(TrainConfig(device="cuda"))
+    caplog.clear()  # embedding jobs and the Ray actors take their device by the same rule (api.resolve_device)
+    with caplog.at_level("WARNING"):
+        assert api.resolve_device("auto") == torch.device("cpu")
+    assert "device=auto: an NVIDIA driver is present but this torch is built for CUDA 13.0" in caplog.text
+    assert api.resolve_device("cpu") == torch.device("cpu")
 
 
 def test_skip_counts_are_summed_over_the_ranks(tmp_path):

@@ -28,13 +28,22 @@ class DistInfo:
 
 
 def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+    return pick_device(cfg.device, local_rank, what="train.device")
+
+
+def pick_device(device: str, local_rank: int = 0, *, what: str = "device") -> torch.device:
+    """``auto`` | ``cuda`` | ``cpu`` | ``cuda:N`` ... -> a torch device. ``auto`` takes ``cuda:local_rank``
+    when CUDA works, else the CPU, with a warning saying why when an NVIDIA driver is there (a torch built
+    for a newer CUDA than the driver); ``cuda`` without CUDA fails, saying why. ``what`` names the setting."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device=cuda but CUDA is not available: {_why_no_cuda()}")
+            raise RuntimeError(f"{what}=cuda but CUDA is not available: {_why_no_cuda()}")
         return torch.device("cuda", local_rank)
-    if cfg.device == "auto" and _nvidia_driver_present():
-        log.warning("train.device=auto: an NVIDIA driver is present but %s; training on the CPU", _why_no_cuda())
-    return torch.device("cpu")
+    if device == "auto":
+        if _nvidia_driver_present():
+            log.warning("%s=auto: an NVIDIA driver is present but %s; running on the CPU", what, _why_no_cuda())
+        return torch.device("cpu")
+    return torch.device(device)
 
 
 def _nvidia_driver_present() -> bool:

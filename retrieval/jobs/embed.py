@@ -103,10 +103,8 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _device(cfg: EmbedConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+def _device(cfg: EmbedConfig) -> torch.device:
+    return api.resolve_device(cfg.device)  # auto: this rank's GPU, else the CPU (warning why, where a driver is)
 
 
 def stored_model_ref(ref: str) -> str:

@@ -85,9 +85,7 @@ class Encoder:
 
     def __init__(self, model: str, model_id: str, modality: str, device: str, threads: int, backend: str = "torch"):
         torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = api.load_model(model, backend=backend, threads=threads).to(device)
+        self.model = api.load_model(model, backend=backend, threads=threads).to(api.resolve_device(device, 0))
         self.modality = modality
         if api.model_id(self.model) != model_id:
             raise EmbedError(f"{model} on this node is not the model the job started with ({model_id})")
