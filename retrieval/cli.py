@@ -73,7 +73,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.query and not args.info:
         raise QueryError("give one or more queries, or --info")
     backend, model = backend_source(args)
-    searcher = Searcher.open(args.index, model, device=args.device, backend=backend)
+    searcher = Searcher.open(args.index, model, device=args.device, backend=backend, verify=not args.no_verify)
     if args.info:
         print(json.dumps(searcher.info(), indent=2))
     for query, hits in zip(args.query, searcher.search(args.query, args.k) if args.query else []):
@@ -129,7 +129,7 @@ def open_searchers(indexes: list[str], args: argparse.Namespace) -> dict[str, Se
     searchers = {}
     backend, model = backend_source(args)
     for name, path in specs:
-        loaded = open_index(path)
+        loaded = open_index(path, verify=not args.no_verify)
         ref = header_source(loaded.header, model, backend)
         if ref not in models:
             models[ref] = api.load_model(ref[0], backend=ref[1])
@@ -162,6 +162,15 @@ def add_backend_args(p: argparse.ArgumentParser, default: str) -> None:
         "--onnx",
         metavar="DIR",
         help="encode with this ONNX export (`mmpretrain export --format onnx`): --backend onnxruntime --model DIR",
+    )
+
+
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="open the index without hashing its files (only that each is there): for a big index in a "
+        "read-only folder, which keeps no record of the last check (docs/retrieval.md)",
     )
 
 
@@ -203,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--model", help="query model (default: the one recorded in the index)")
     add_backend_args(s, "the index's backend")
+    add_verify_arg(s)
     s.add_argument(
         "--device",
         choices=DEVICES,
@@ -297,6 +307,7 @@ def _serve_parser(sub) -> None:
     )
     v.add_argument("--model", help="query model for every index (default: the one recorded in each index)")
     add_backend_args(v, "each index's backend")
+    add_verify_arg(v)
     v.add_argument(
         "--api-key-file",
         metavar="FILE",

@@ -310,3 +310,26 @@ def test_an_unchanged_index_is_not_rehashed_on_open_and_a_changed_file_still_is(
     target.write_bytes(bytes(data))
     with pytest.raises(IndexError_, match="index.faiss is corrupt"):
         open_index(tmp_path / "ix")
+
+
+def test_no_verify_trusts_the_files_of_a_read_only_index(search_index, tmp_path, capsys):
+    """`--no-verify` opens an index without hashing its files (a big index in a read-only folder keeps no
+    record of its last check); by default a file that does not match its recorded sha256 is refused."""
+    import shutil
+
+    from retrieval.cli import main as retrieval_main
+
+    ix = tmp_path / "ix"
+    shutil.copytree(search_index, ix)
+    meta = ix / "meta.parquet"
+    header = json.loads((ix / "index.json").read_text())
+    header["checksums"]["meta.parquet"] = "0" * 64  # as if the file had rotted since it was recorded
+    (ix / "index.json").write_text(json.dumps(header))
+    (ix / ".verified.json").unlink(missing_ok=True)
+    assert retrieval_main(["search", str(ix), "--info"]) == 2
+    assert "meta.parquet is corrupt" in capsys.readouterr().err
+    assert retrieval_main(["search", str(ix), "--info", "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["ntotal"] == 64
+    meta.unlink()
+    assert retrieval_main(["search", str(ix), "--info", "--no-verify"]) == 2  # still there, or refused
+    assert "meta.parquet is missing" in capsys.readouterr().err

@@ -76,13 +76,14 @@ class Searcher:
         *,
         device: str = "cpu",
         backend: str | None = None,
+        verify: bool = True,
         **kwargs,
     ) -> Searcher:
         """Open ``index`` with ``model`` run by the encoding ``backend`` (default: the model and backend
         recorded in the index; ``api.list_backends()``); ``device`` ``auto``/``cuda`` searches a GPU copy
-        where faiss-gpu has the index's type (``retrieval.jobs.gpu``)."""
-
-        loaded = open_index(index)
+        where faiss-gpu has the index's type (``retrieval.jobs.gpu``). ``verify=False``: trust the files
+        (present, not hashed), for an index too big to hash on every open of a read-only folder."""
+        loaded = open_index(index, verify=verify)
         # lists on disk stay there (a GPU copy would read them all into memory); shards are searched on the CPU
         if not loaded.header["on_disk"] and not loaded.header.get("shard_files"):
             loaded.index = to_gpu(loaded.index, use_gpu(device))
