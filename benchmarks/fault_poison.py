@@ -11,13 +11,14 @@ import os
 import random
 import struct
 import subprocess
-import tarfile
 import time
 import zlib
 from pathlib import Path
 
 import yaml
 from fault_common import ENV, PY, ROOT, say
+
+from tests.conftest import raw_tar
 
 
 # ------------------------------------------------------------------ poisoned corpus
@@ -31,15 +32,6 @@ def _png_header(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
         + chunk(b"IEND", b"")
     )
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 ACCEPTED = "accepted"  # the sample must be trained on: nothing skipped
@@ -155,9 +147,9 @@ def poison_suite(work: Path) -> dict:
             ]
         folder = work / f"poison{len(rows)}"
         folder.mkdir()
-        urls = [str(_tar(folder / "good.tar", good))]
+        urls = [str(raw_tar(folder / "good.tar", good))]
         if isinstance(members, list) and members:
-            urls.append(str(_tar(folder / "poison.tar", members)))
+            urls.append(str(raw_tar(folder / "poison.tar", members)))
         elif members == "EMPTY":
             (folder / "poison.tar").write_bytes(b"")
             urls.append(str(folder / "poison.tar"))

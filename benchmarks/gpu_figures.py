@@ -41,24 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from tests.conftest import TINY_MODEL  # noqa: E402  (the tests' tiny open_clip model: --smoke)
+
 VIT_B16 = {
     "embed_dim": 512,
     "towers": {
         "image": {"encoder": "openclip_vision", "params": {"model_name": "ViT-B-16"}},
         "text": {"encoder": "openclip_text", "params": {"model_name": "ViT-B-16"}},
-    },
-}
-TINY = {
-    "embed_dim": 32,
-    "towers": {
-        "image": {
-            "encoder": "openclip_vision",
-            "params": {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}},
-        },
-        "text": {
-            "encoder": "openclip_text",
-            "params": {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
-        },
     },
 }
 GPU_OPS = [{"op": "jpeg_bytes"}, {"op": "caption"}, {"op": "tokenize"}]
@@ -126,7 +115,7 @@ def open_clip_loop(shards: Path, args) -> dict:
         model, preprocess, _ = open_clip.create_model_and_transforms(name)
         tokenizer = open_clip.get_tokenizer(name)
     else:
-        t = TINY["towers"]
+        t = TINY_MODEL["towers"]
         model = open_clip.CLIP(32, t["image"]["params"]["vision_cfg"], t["text"]["params"]["text_cfg"])
         preprocess = open_clip.image_transform(32, is_train=True)
         tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=12)
@@ -177,7 +166,7 @@ def open_clip_loop(shards: Path, args) -> dict:
 
 def section_train(args, work: Path) -> list[dict]:
     shards = jpeg_shards(work / "jpeg", args.images, 64 if args.smoke else 256)
-    model = TINY if args.smoke else VIT_B16
+    model = TINY_MODEL if args.smoke else VIT_B16
     rows = []
     while True:
         try:
@@ -244,7 +233,7 @@ def section_fsdp(args, work: Path) -> list[dict]:
     ):
         if "cpu_offload" in str(train) and args.device != "cuda":
             continue  # offload is CUDA-only
-        tree = json.dumps({"model": TINY if args.smoke else args.fsdp_model, "train": train})
+        tree = json.dumps({"model": TINY_MODEL if args.smoke else args.fsdp_model, "train": train})
         cmd = [
             sys.executable,
             "-m",

@@ -7,6 +7,7 @@ import io
 import random
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,16 @@ def png_bytes(color=(200, 20, 20), size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of exactly these (name, bytes) members, in order (hostile shards: no writer's checks)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def write_shard(path: Path, samples: list[dict]) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from mmpretrain.data.ops import SampleError, open_image
 from mmpretrain.data.stream import ErrorCounter, ReadLimits, read_samples
 from mmpretrain.errors import DataError
 from mmpretrain.training.validate import experiment_from_tree
-from tests.conftest import TINY_MODEL, api_client, png_bytes, write_shard
+from tests.conftest import TINY_MODEL, api_client, png_bytes, raw_tar, write_shard
 
 DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
 
@@ -40,15 +39,6 @@ def _good(n, prefix="g"):
 def _first_batches(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
-
-
-def _raw_tar(path, members: list[tuple[str, bytes]]):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # ---------------------------------------------------------------- 3. any failure in a sample is a counted skip
@@ -92,7 +82,7 @@ def test_embedding_job_and_media_eval_survive_hostile_json(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------- 8. bounds
 def test_oversized_members_are_skipped_without_being_read(tmp_path):
-    shard = _raw_tar(
+    shard = raw_tar(
         tmp_path / "s.tar",
         [
             ("a.png", png_bytes()),
@@ -110,7 +100,7 @@ def test_oversized_members_are_skipped_without_being_read(tmp_path):
 
 
 def test_member_names_with_dotdot_or_absolute_paths_are_skipped(tmp_path):
-    shard = _raw_tar(
+    shard = raw_tar(
         tmp_path / "s.tar",
         [("../evil.png", png_bytes()), ("ok.png", png_bytes()), ("a/../../x.txt", b"x"), ("/etc/cron.txt", b"y")],
     )

@@ -14,6 +14,7 @@ import torch
 from mmpretrain.config.schema import LossConfig, LossPair, ModelConfig, TowerConfig
 from mmpretrain.data.av_ops import DecodeAudioParams, DecodeVideoParams
 from mmpretrain.data.ops import DATA_OPS, CaptionsParams, OpContext, SampleError
+from mmpretrain.encoders.audio import EXAMPLE_AST
 from mmpretrain.losses import LOSSES, DistContext, clip_loss, milnce_loss
 from mmpretrain.models.contrastive import ContrastiveModel
 from mmpretrain.training.task import ContrastiveTask
@@ -110,19 +111,7 @@ TINY = ModelConfig(
             "vivit_fe",
             VIVIT,
         ),
-        "audio": TowerConfig(
-            "ast",
-            {
-                "sample_rate": 8000,
-                "seconds": 1.0,
-                "n_mels": 32,
-                "patch_freq": 16,
-                "patch_time": 16,
-                "width": 32,
-                "heads": 2,
-                "layers": 1,
-            },
-        ),
+        "audio": TowerConfig("ast", {**EXAMPLE_AST, "layers": 1}),
         "text": TowerConfig(
             "openclip_text",
             {"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
