@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
-import http.server
 import io
 import json
 import multiprocessing
@@ -47,49 +45,15 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
+from attack_http import ATTACKER, Origin, bomb_png, hit, multipart, origin_servers, small_png
 from logs import header
 from watch import ROOT, WORDS, Watch, free_port, request, start
 
-ATTACKER = "127.0.0.2"
 KEY = "bench-" + "k" * 26
 GOALS = {"rss_mb": 500, "health_p99_ms": 100, "normal_ratio": 2.0}
 
 
 # ------------------------------------------------------------------ the attacks (each in a process of its own)
-def hit(port, method, path, body=b"", headers=None, source=ATTACKER) -> tuple[int | str, bytes, dict]:
-    """An attacker's request: (status, body, headers), status "dropped" when the server closed the
-    connection unanswered (a peer opening connections too fast)."""
-    try:
-        return request(port, method, path, body, headers, source)
-    except (OSError, http.client.HTTPException):
-        return "dropped", b"", {}
-
-
-def bomb_png(width: int = 2_000_000, height: int = 20) -> bytes:
-    """The issue's resize bomb: a 1-bit PNG of 2,000,000 x 20 (a few KB; 40 MP, just under the cap)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("1", (width, height), 1).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-def small_png(seed: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (seed % 256, 80, 160)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, dict]:
-    b = "----mmpretrain-attack"
-    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
-    head = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png'
-    parts.append(f"{head}\r\n\r\n".encode() + image + b"\r\n")
-    return b"".join(parts) + f"--{b}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={b}"}
-
-
 def attack_resize_bomb(port: int, ctx: dict, start) -> dict:
     """A 2,000,000 x 20 PNG (a few KB, under the 40 MP cap) to /classify, /knn-service and POST /search."""
     png = bomb_png()
@@ -421,41 +385,6 @@ def _child(name: str, port: int, seconds: float, ctx: dict, out, ready, go) -> N
 
 
 # ------------------------------------------------------------------ the run
-class _Origin(http.server.BaseHTTPRequestHandler):
-    """The allowed image host (redirects to where it must not lead) and a private service that counts hits."""
-
-    private_hits: list = []
-    png = b""
-    private_port = 0
-
-    def do_GET(self):  # noqa: N802
-        if self.server.server_port == self.private_port:
-            self.private_hits.append(self.path)
-        to = {
-            "/to-private": f"http://127.0.0.1:{self.private_port}/secret",
-            "/to-metadata": "http://169.254.169.254/latest/meta-data/",
-            "/to-ftp": "ftp://127.0.0.1/etc/passwd",
-        }.get(self.path)
-        body = self.png if self.path == "/img.png" else b"private data"
-        self.send_response(302 if to else 200)
-        if to:
-            self.send_header("Location", to)
-        self.send_header("Content-Length", str(0 if to else len(body)))
-        self.end_headers()
-        self.wfile.write(b"" if to else body)
-
-    def log_message(self, *args):
-        pass
-
-
-def origin_servers() -> tuple[int, int]:
-    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Origin) for _ in range(2)]
-    _Origin.private_port, _Origin.png = servers[1].server_port, small_png(7)
-    for s in servers:
-        threading.Thread(target=s.serve_forever, daemon=True).start()
-    return servers[0].server_port, servers[1].server_port
-
-
 def run_attack(name: str, port: int, seconds: float, ctx: dict, watch: Watch) -> dict:
     """One attack in a process of its own, set up before its window opens; the window's figures beside
     those of an unloaded window of the same length just before it (the machine's drift cancels)."""
@@ -580,9 +509,9 @@ def main() -> int:
             for n in names
         }
         rows = {n: median_run(r) for n, r in runs.items()}
-        if "SSRF via image_url" in rows and _Origin.private_hits:
+        if "SSRF via image_url" in rows and Origin.private_hits:
             rows["SSRF via image_url"].update(
-                ok=False, detail=f"the private service was reached: {_Origin.private_hits}"
+                ok=False, detail=f"the private service was reached: {Origin.private_hits}"
             )
         alive = server.poll() is None and keyed.poll() is None
     finally:
@@ -592,7 +521,7 @@ def main() -> int:
     lines = [
         header(),
         f"index: {index} ({meta['ntotal']} items); server pid {server.pid}, never restarted: {alive}; "
-        f"private service hits: {len(_Origin.private_hits)}",
+        f"private service hits: {len(Origin.private_hits)}",
         *table(rows, base),
     ]
     misses = [n for n, r in rows.items() if verdict(r, base)] + ([] if alive else ["server restarted"])
