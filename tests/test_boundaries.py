@@ -186,3 +186,11 @@ def test_the_commands_start_without_the_deferred_imports():
     code = "import sys, mmpretrain.cli, retrieval.cli; print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code, *deferred], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == [], f"imported at start: {out.stdout}"
+
+
+def test_no_source_file_is_over_600_lines():
+    """House rule 5 (small pieces), for every Python file the project keeps."""
+    tracked = subprocess.run(["git", "ls-files", "*.py"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    files = [ROOT / f for f in tracked] or list(ROOT.glob("[!.]*/**/*.py"))
+    long = {str(f.relative_to(ROOT)): n for f in files if f.is_file() and (n := len(f.read_text().splitlines())) > 600}
+    assert not long, f"split these: {long}"
