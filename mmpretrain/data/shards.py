@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,21 +107,29 @@ def _encode(image_path: Path, verify: bool) -> tuple[str, bytes]:
     return ext, data  # type: ignore[return-value]
 
 
-def _media_encoder(kind: str, exts: tuple[str, ...]):
-    def encode(path: Path, verify: bool) -> tuple[str, bytes]:
-        import decord
+def _frames(data: bytes) -> int:
+    import decord  # loaded by the process that reads (pyproject.toml's deferred imports)
 
+    return len(decord.VideoReader(io.BytesIO(data)))
+
+
+def _samples(data: bytes) -> int:
+    import decord
+
+    return decord.AudioReader(io.BytesIO(data)).shape[-1]
+
+
+def _media_encoder(kind: str, exts: tuple[str, ...], length: Callable[[bytes], int]):
+    """A stored-as-is media file's encoder: its extension checked, and (``verify``) its ``length``
+    (frames, samples) read by decord, where an empty or unreadable file fails."""
+
+    def encode(path: Path, verify: bool) -> tuple[str, bytes]:
         ext = path.suffix.lower().lstrip(".")
         if ext not in exts:
             raise ValueError(f"{path.name}: not a {kind} file ({', '.join(exts)})")
         data = path.read_bytes()
-        if verify:
-            if kind == "video":
-                n = len(decord.VideoReader(io.BytesIO(data)))
-            else:
-                n = decord.AudioReader(io.BytesIO(data)).shape[-1]
-            if not n:
-                raise ValueError(f"{path.name}: no {kind} content")
+        if verify and not length(data):
+            raise ValueError(f"{path.name}: no {kind} content")
         return ext, data
 
     return encode
@@ -129,9 +137,9 @@ def _media_encoder(kind: str, exts: tuple[str, ...]):
 
 SHARD_MEDIA.register(
     "video", example={"member": "mp4"}, doc="a video file (mp4, webm, avi, mkv, mov), stored as it is"
-)(_media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov")))
+)(_media_encoder("video", ("mp4", "webm", "avi", "mkv", "mov"), _frames))
 SHARD_MEDIA.register("audio", example={"member": "wav"}, doc="an audio file (wav, flac, mp3, ogg), stored as it is")(
-    _media_encoder("audio", ("wav", "flac", "mp3", "ogg"))
+    _media_encoder("audio", ("wav", "flac", "mp3", "ogg"), _samples)
 )
 
 

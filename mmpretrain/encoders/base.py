@@ -52,14 +52,17 @@ def load_tokenizer(record: dict, folder: Path) -> Tokenizer:
     return TOKENIZERS.build(record["kind"], record, folder)
 
 
-def register_encoder(modality: str, name: str, *, config: type, example: dict | Callable[[], dict]) -> Callable:
+def register_encoder(
+    modality: str, name: str, *, config: type, example: dict | Callable[[], dict], **attrs: Any
+) -> Callable:
     """Register ``builder(params, *, embed_dim) -> nn.Module`` for ``modality``.
 
     ``example``: small valid params (or a function making them, e.g. one that writes a tiny
     weights folder); every registered encoder is built with them by the generated shape /
-    gradient-flow / NaN tests.
+    gradient-flow / NaN tests. ``attrs``: what callers ask of it (``open_clip``: the open_clip config
+    section the tower is, so the model exports to open_clip).
     """
-    return ENCODERS[modality].register(name, config=config, example=example)
+    return ENCODERS[modality].register(name, config=config, example=example, **attrs)
 
 
 def build_encoder(modality: str, name: str, params: Any, *, embed_dim: int) -> nn.Module:

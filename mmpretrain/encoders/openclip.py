@@ -164,7 +164,7 @@ TINY_VISION = {"vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "l
 TINY_TEXT = {"text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
-@register_encoder("image", "openclip_vision", config=OpenClipVisionParams, example=TINY_VISION)
+@register_encoder("image", "openclip_vision", config=OpenClipVisionParams, example=TINY_VISION, open_clip="vision_cfg")
 def build_openclip_vision(params: OpenClipVisionParams, *, embed_dim: int) -> nn.Module:
     """open_clip vision tower (ViT / ModifiedResNet / timm) from a model name and/or CLIPVisionCfg fields."""
     return OpenClipVision(params, embed_dim=embed_dim)
@@ -279,7 +279,7 @@ class OpenClipText(_OpenClipLora, TextEncoder):
         self.text.lock(unlocked_layers=n, freeze_layer_norm=True)
 
 
-@register_encoder("text", "openclip_text", config=OpenClipTextParams, example=TINY_TEXT)
+@register_encoder("text", "openclip_text", config=OpenClipTextParams, example=TINY_TEXT, open_clip="text_cfg")
 def build_openclip_text(params: OpenClipTextParams, *, embed_dim: int) -> nn.Module:
     """open_clip text transformer from a model name and/or CLIPTextCfg fields."""
     return OpenClipText(params, embed_dim=embed_dim)

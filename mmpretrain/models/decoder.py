@@ -187,7 +187,7 @@ class LoccaDecoder(CaptionDecoder):
 TINY_COCA = {"multimodal_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-@DECODERS.register("coca", config=CocaParams, example=TINY_COCA)
+@DECODERS.register("coca", config=CocaParams, example=TINY_COCA, open_clip=True)
 def build_coca(params: CocaParams, towers: nn.ModuleDict) -> CaptionDecoder:
     """open_clip's CoCa decoder: cross-attends to the image tokens, reads the text tower's tokens."""
     return CocaDecoder(params, towers)

@@ -21,6 +21,8 @@ from open_clip.factory import load_state_dict
 from safetensors.torch import save_file
 
 from mmpretrain.config.strict import ConfigError
+from mmpretrain.encoders.base import ENCODERS
+from mmpretrain.models.decoder import DECODERS
 from mmpretrain.models.lora import merged
 from mmpretrain.registry import Registry
 from mmpretrain.utils.io import atomic_dir
@@ -142,11 +144,8 @@ def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> 
             "choose another folder or pass overwrite (--overwrite)"
         )
     towers = model.cfg.towers
-    if (
-        set(towers) != {"image", "text"}
-        or towers["image"].encoder != "openclip_vision"
-        or towers["text"].encoder != "openclip_text"
-    ):
+    sections = {m: ENCODERS[m].get(t.encoder).attrs.get("open_clip") for m, t in towers.items()}
+    if sections != {"image": "vision_cfg", "text": "text_cfg"}:
         raise ValueError("export to open_clip needs an openclip_vision image tower and an openclip_text text tower")
     image = model.towers["image"]
     vision_cfg = {**_named(towers["image"].params, "vision_cfg"), **towers["image"].params.get("vision_cfg", {})}
@@ -161,7 +160,7 @@ def export_open_clip(model, out_dir: str | Path, *, overwrite: bool = False) -> 
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     decoder = model.cfg.decoder
     if decoder is not None:
-        if decoder.kind != "coca":
+        if not DECODERS.get(decoder.kind).attrs.get("open_clip"):
             raise ValueError(f"export to open_clip: open_clip has no {decoder.kind} decoder (a coca one exports)")
         model_cfg["multimodal_cfg"] = {
             **_named(decoder.params, "multimodal_cfg"),
