@@ -36,17 +36,15 @@ def test_layouts_map_real_ids():
 
 
 def test_image_folder_set_labels_and_errors(tmp_path):
-    ds = ImageFolderSet(make_folder(tmp_path / "r", [GOLDFISH, "n01484850"]), "imagenet-r", transform=lambda x: x)
+    ds = ImageFolderSet(make_folder(tmp_path / "r", [GOLDFISH, "n01484850"]), "imagenet-r")
     assert {ds.classes.names[label] for _, label in ds.samples} == {"goldfish", "great white shark"}
-    by_name = ImageFolderSet(
-        make_folder(tmp_path / "names", ["goldfish", "great_white_shark"]), "imagenet-r", transform=lambda x: x
-    )
+    by_name = ImageFolderSet(make_folder(tmp_path / "names", ["goldfish", "great_white_shark"]), "imagenet-r")
     assert sorted({label for _, label in by_name.samples}) == sorted({label for _, label in ds.samples})
     make_folder(tmp_path / "bad", ["not_a_wnid"])
     with pytest.raises(ValueError, match="not classes of layout 'imagenet'.*'not_a_wnid'"):
-        ImageFolderSet(tmp_path / "bad", "imagenet", transform=lambda x: x)
+        ImageFolderSet(tmp_path / "bad", "imagenet")
     with pytest.raises(FileNotFoundError):
-        ImageFolderSet(tmp_path / "missing", "folder", transform=lambda x: x)
+        ImageFolderSet(tmp_path / "missing", "folder")
 
 
 def test_zeroshot_eval_folder_and_corrupt_image(tmp_path, tiny_model_cfg):

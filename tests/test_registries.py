@@ -305,13 +305,13 @@ def test_layout_contract(entry, tmp_path):
     for name in ex["folders"]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "a.png").write_bytes(png_bytes())
-    ds = ImageFolderSet(tmp_path, entry.name, transform=lambda path: path)
+    ds = ImageFolderSet(tmp_path, entry.name)
     assert len(ds.classes.names) == (ex["classes"] or len(ex["folders"]))
     assert len({label for _, label in ds.samples}) == len(ex["folders"])
     (tmp_path / "not-a-class-zz").mkdir()
     if ex["classes"]:  # a fixed layout refuses folders that are not its classes
         with pytest.raises(ValueError, match="not classes of layout"):
-            ImageFolderSet(tmp_path, entry.name, transform=lambda path: path)
+            ImageFolderSet(tmp_path, entry.name)
 
 
 @entries("evaluation set kind")

@@ -124,7 +124,7 @@ def _references(model, data: Any, templates: Sequence[str] | None, progress: boo
     if isinstance(data, EvalSet):  # a labelled folder: its class names in the templates
         if not templates:
             raise ValueError(f"{data.name}: a labelled folder's references are its class names in templates")
-        ds = data.dataset(None)
+        ds = data.dataset()
         images, refs = [], []
         for path, label in tqdm(ds.samples, desc=f"read {data.name}", unit="img", disable=not progress):
             images.append(inputs(path))

@@ -15,19 +15,14 @@ ImageNet-R/-A papers and CLIP.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-from torch.utils.data import Dataset
 
 from mmpretrain.data.ops import IMAGE_KEYS
 from mmpretrain.registry import Registry
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,12 +99,11 @@ def folder_layout(root: Path | None = None) -> ClassMap:
     return ClassMap({f: i for i, f in enumerate(folders)}, [f.replace("_", " ") for f in folders])
 
 
-class ImageFolderSet(Dataset):
-    """(image tensor, label) pairs from ``root/<class folder>/<image>``: ``transform(path)`` makes the
-    tensor (``eval.inputs.EvalInput``); unreadable images yield ``None`` and are counted in ``skipped``
-    by the collate function."""
+class ImageFolderSet:
+    """The images of ``root/<class folder>/...`` with their labels (``samples``: (path, label), sorted),
+    every folder checked against the layout's classes (``classes``). ``eval.embed`` reads them."""
 
-    def __init__(self, root: str | Path, layout: str, transform):
+    def __init__(self, root: str | Path, layout: str):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
@@ -132,29 +126,3 @@ class ImageFolderSet(Dataset):
             )
         if not self.samples:
             raise ValueError(f"{self.root}: no images found in class folders")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            return self.transform(path), label, i
-        except Exception as exc:  # unreadable image: skipped and counted, not fatal
-            log.warning("skipping unreadable image %s: %s", path, exc)
-            return None
-
-
-def collate_skip(items):
-    """Stack (image, label, index) triples, dropping ``None``; returns ``{"image", "label", "index", "skipped"}``."""
-    good = [x for x in items if x is not None]
-    if not good:
-        empty = torch.empty(0, dtype=torch.long)
-        return {"image": torch.empty(0), "label": empty, "index": empty, "skipped": torch.tensor(len(items))}
-    return {
-        "image": torch.stack([x[0] for x in good]),
-        "label": torch.tensor([x[1] for x in good]),
-        "index": torch.tensor([x[2] for x in good]),
-        "skipped": torch.tensor(len(items) - len(good)),
-    }

@@ -1,25 +1,55 @@
-"""The one read -> decode -> embed loop of evaluation over shards, with a label hook.
+"""The one read -> decode -> embed loop of evaluation, with a label hook.
 
-Every shard-reading evaluation goes through ``embed_shards``: labelled sets (``sets``: CLIP_benchmark
-``wds`` folders, our ``shards:FIELD``), the media evaluation (several modalities of each sample) and
-caption retrieval. The hook reads what a sample is labelled with (a class index, json fields, its
-captions); a sample it returns None for is skipped and counted, as is one that does not decode.
+Every labelled evaluation goes through ``embed_shards``: labelled sets (``sets``: image folders by
+their layout, CLIP_benchmark ``wds`` folders, our ``shards:FIELD``), the media evaluation (several
+modalities of each sample) and caption retrieval. A reader turns the sources into raw samples (shards:
+``read_shards``; media files: ``FileReader``); the hook reads what a sample is labelled with (a class
+index, json fields, its captions); a sample it returns None for is skipped and counted, as is one that
+does not decode or is over the member cap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
-from mmpretrain.eval.inputs import EvalInput, Views, collate, embed_views
+from mmpretrain.data.stream import ErrorCounter, ReadLimits, process_sample, read_samples
+from mmpretrain.eval.inputs import EvalInput, Views, collate, embed_views, file_sample
 
 Label = Callable[[dict], Any]  # raw sample -> its label (anything), or None: skip it
+Reader = Callable[[list[str], ErrorCounter], Iterator[dict]]  # sources -> raw samples, failures counted
+
+
+def read_shards(shards: list[str], errors: ErrorCounter) -> Iterator[dict]:
+    """The samples of webdataset shards (``read_samples``: bounded members, failures counted)."""
+    return read_samples(shards, errors.handler)
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """Media files of ``modality`` as raw samples (``__ref__``: the path); a file over the member cap
+    is skipped as ``oversized_member``, one that cannot be read as ``read_error``."""
+
+    modality: str = "image"
+
+    def __call__(self, paths: list[str], errors: ErrorCounter) -> Iterator[dict]:
+        limit = ReadLimits().max_member_bytes
+        for path in paths:
+            try:
+                if Path(path).stat().st_size > limit:
+                    errors.note("oversized_member")
+                    continue
+                sample = file_sample(path, self.modality)
+            except OSError as exc:
+                errors.record("read_error", exc)
+                continue
+            yield {**sample, "__ref__": path}
 
 
 @dataclass
@@ -38,21 +68,21 @@ class _Items(IterableDataset):
     """(decoded sample, label, ref) of ``shards``, every modality of ``inputs`` decoded; DataLoader
     workers take every num_workers-th shard. The skip counts come last, as ``("__skipped__", counts)``."""
 
-    def __init__(self, shards: list[str], inputs: dict[str, EvalInput], label: Label, skip_kind: str):
-        self.shards, self.inputs, self.label, self.skip_kind = shards, inputs, label, skip_kind
+    def __init__(self, shards: list[str], inputs: dict[str, EvalInput], label: Label, skip_kind: str, read: Reader):
+        self.shards, self.inputs, self.label, self.skip_kind, self.read = shards, inputs, label, skip_kind, read
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         errors = ErrorCounter("skip", None)
-        for sample in read_samples(mine, errors.handler):
+        for sample in self.read(mine, errors):
             label = self.label(sample)
             if label is None:
                 errors.note(self.skip_kind)
                 continue
             out = self._decode(sample, errors)
             if out is not None:
-                yield out, label, f"{sample.get('__url__')}#{sample.get('__key__')}"
+                yield out, label, sample.get("__ref__") or f"{sample.get('__url__')}#{sample.get('__key__')}"
         yield "__skipped__", dict(errors.counts), None
 
     def _decode(self, sample: dict, errors: ErrorCounter) -> dict | None:
@@ -78,12 +108,14 @@ def embed_shards(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    read: Reader = read_shards,
 ) -> ShardPass:
     """Read, decode (the evaluation inputs of each of ``modalities``) and embed every sample of
-    ``shards`` that ``label`` labels; one it returns None for is counted as ``skip_kind``. ``workers``
-    decoding processes (a hook with state needs 0). ``ValueError`` when no sample is usable."""
+    ``shards`` (the sources ``read`` reads: shards by default, or media files) that ``label`` labels; one
+    it returns None for is counted as ``skip_kind``. ``workers`` decoding processes (a hook with state
+    needs 0). ``ValueError`` when no sample is usable."""
     inputs = {m: EvalInput(model, m, views) for m in modalities}
-    items = _Items(shards, inputs, label, skip_kind)
+    items = _Items(shards, inputs, label, skip_kind, read)
     loader = DataLoader(items, batch_size=None, num_workers=workers, collate_fn=lambda x: x)
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     out, pending = ShardPass({}, [], []), []
@@ -106,6 +138,6 @@ def embed_shards(
     if pending:
         flush()
     if not out.labels:
-        raise ValueError(f"{name}: no usable item in {len(shards)} shard(s) ({out.skipped or 'none'} skipped)")
+        raise ValueError(f"{name}: no usable item in {len(shards)} source(s) ({out.skipped or 'none'} skipped)")
     out.emb = {m: torch.cat(c) for m, c in chunks.items()}
     return out

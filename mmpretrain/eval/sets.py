@@ -27,15 +27,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmpretrain.data.loader import expand_shards
 from mmpretrain.data.ops import SampleError, json_member
-from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet, collate_skip
-from mmpretrain.eval.embed import embed_shards
-from mmpretrain.eval.inputs import EvalInput, Views, embed_views
+from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet
+from mmpretrain.eval.embed import FileReader, embed_shards
+from mmpretrain.eval.inputs import Views
 from mmpretrain.registry import Registry, unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -74,6 +72,13 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+class _ByRef(dict):
+    """A file's label by its path (``__ref__``): a picklable label hook for decoding workers."""
+
+    def __call__(self, sample: dict):
+        return self.get(sample.get("__ref__"))
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """One labelled image folder: a display name, a layout (see ``datasets.LAYOUTS``) and a folder."""
@@ -89,36 +94,41 @@ class EvalSet:
         ``check``: the layout is registered (``ValueError`` with the closest name) and the folder exists."""
         return folder_set(*split_spec(spec), spec=spec, check=check)
 
-    def dataset(self, transform):
-        return ImageFolderSet(self.root, self.layout, transform)
+    def dataset(self) -> ImageFolderSet:
+        """The images of the class folders and their labels, every folder checked against the layout."""
+        return ImageFolderSet(self.root, self.layout)
 
     def caption_source(self) -> None:
         """Shards and a caption reader for caption retrieval; a folder has none (its classes are queries)."""
         return None
 
     def fingerprint(self) -> str:
-        ds = self.dataset(lambda p: p)
+        ds = self.dataset()
         return f"{self.layout}-" + file_fingerprint([p for p, _ in ds.samples])
 
     def embed(
         self, model, modality: str = "image", *, views: Views = Views(), batch_size=64, workers=0, progress=True
     ) -> Labelled:
-
+        """Every image of the class folders through ``embed_shards`` (a ``FileReader`` over the files the
+        layout lists, each labelled with its folder's class)."""
         if modality != "image":
             raise ValueError(f"{self.name}: an image folder has no {modality}; use a shards set for {modality}")
-        ds = self.dataset(EvalInput(model, "image", views))
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
-        emb, labels, refs, skipped = [], [], [], 0
-        for batch in tqdm(loader, desc=f"embed {self.name}", unit="batch", disable=not progress):
-            skipped += int(batch["skipped"])
-            if len(batch["label"]):
-                emb.append(embed_views(model, "image", {"image": batch["image"]}).float().cpu())
-                labels.append(batch["label"])
-                refs += [str(ds.samples[i][0]) for i in batch["index"].tolist()]
-        if not emb:
-            raise ValueError(f"{self.root}: no readable image ({skipped} skipped)")
-        skips = {"unreadable_image": skipped} if skipped else {}
-        return Labelled(torch.cat(emb), torch.cat(labels), list(ds.classes.names), refs, skips)
+        ds = self.dataset()
+        label_of = _ByRef({str(path): label for path, label in ds.samples})
+        got = embed_shards(
+            model,
+            list(label_of),
+            ["image"],
+            label_of,
+            name=self.name,
+            views=views,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            read=FileReader("image"),
+        )
+        labels = torch.tensor(got.labels, dtype=torch.long)
+        return Labelled(got.emb["image"], labels, list(ds.classes.names), got.refs, got.skipped)
 
 
 # kind -> fn(name, option, path, split=, check=) -> a set (``embed``, ``fingerprint``, ``caption_source``);
