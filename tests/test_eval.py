@@ -248,3 +248,14 @@ def test_embed_shards_labels_by_hook_and_counts_what_it_skips(tmp_path, tiny_mod
     assert run.skipped.get("no_text") == 1 and sum(run.skipped.values()) == 2
     with pytest.raises(ValueError, match="no usable item"):
         embed_shards(api.create_model(tiny_model_cfg), [str(shard)], ["image"], lambda s: None, progress=False)
+
+
+def test_retrieval_sets_read_their_captions_by_the_one_reader():
+    """CLIP_benchmark's retrieval samples hold one caption a line: ``read_captions``'s ``txt/lines``."""
+    from mmpretrain.data.ops import read_captions
+    from mmpretrain.eval.sets import WdsSet
+
+    sample = {"__key__": "k", "txt": b"a red car\n\n  a blue boat \n"}
+    assert read_captions(sample, ("txt/lines",)) == ["a red car", "a blue boat"] == WdsSet.captions(sample)
+    assert read_captions(sample, ("txt",)) == ["a red car\n\n  a blue boat"]
+    assert WdsSet.captions({"__key__": "k", "txt": b"\xff\xfe bad"}) == ["\ufffd\ufffd bad"]

@@ -479,7 +479,8 @@ def captions(p: CaptionsParams, ctx: OpContext) -> Op:
 
 
 def read_captions(s: Sample, keys: tuple[str, ...] | list[str], *, strict: bool = True) -> list[str]:
-    """A sample's captions from the first of ``keys`` that has any: ``"txt"`` (a text member) or
+    """A sample's captions from the first of ``keys`` that has any: ``"txt"`` (a text member),
+    ``"txt/lines"`` (each non-empty line of it a caption, as CLIP_benchmark's retrieval sets hold them) or
     ``"json:FIELD"`` (a string, or a list of strings, in the JSON member). The one caption reader:
     training ops, evaluation and embedding jobs use it (the latter with ``EVAL_CAPTION_KEYS``).
 
@@ -497,6 +498,9 @@ def read_captions(s: Sample, keys: tuple[str, ...] | list[str], *, strict: bool 
                 value = None
             values = value if isinstance(value, list) else [value]
             texts = [v.strip()[:MAX_TEXT_BYTES] for v in values if isinstance(v, str) and v.strip()]
+        elif member.endswith("/lines"):
+            texts = [line.strip() for line in _text_member(s, member[: -len("/lines")], strict).splitlines()]
+            texts = [line for line in texts if line]
         else:
             texts = [t for t in [_text_member(s, member, strict)] if t]
         if texts:

@@ -30,7 +30,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from mmpretrain.data.loader import expand_shards
-from mmpretrain.data.ops import SampleError, json_member
+from mmpretrain.data.ops import SampleError, json_member, read_captions
 from mmpretrain.eval.datasets import LAYOUTS, ImageFolderSet
 from mmpretrain.eval.embed import FileReader, embed_shards
 from mmpretrain.eval.inputs import Views
@@ -237,10 +237,9 @@ class WdsSet:
 
     @staticmethod
     def captions(sample: dict) -> list[str]:
-        """A retrieval sample's captions: its ``txt`` lines (CLIP_benchmark's ``str.splitlines``)."""
-        raw = sample.get("txt")
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
-        return [t.strip() for t in text.splitlines() if t.strip()]
+        """A retrieval sample's captions: its ``txt`` lines (CLIP_benchmark's ``str.splitlines``), by the one
+        caption reader."""
+        return read_captions(sample, ("txt/lines",), strict=False)
 
     def embed(self, model, modality="image", *, views=Views(), batch_size=64, workers=0, progress=True) -> Labelled:
         if self.kind != "classification":
