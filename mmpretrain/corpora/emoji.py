@@ -321,6 +321,18 @@ def _example() -> dict:
     }
 
 
+def drawn_concepts(cfg: EmojiCorpusConfig, cache: Path, sources: dict[str, Path] | None, pick, none_seen: str):
+    """(source folders, styles, seen, unseen, PNG per (concept, style)): the sources fetched (or taken), the
+    concepts ``pick(concepts, styles)`` splits, every one rasterised; none seen is a ``CorpusError``
+    saying ``none_seen``. Shared by the emoji and motion corpora."""
+    folders = resolve_sources(cfg, cache, sources)
+    styles = {name: load_style(name, folders[name]) for name in folders if name != "emojibase"}
+    seen, unseen = pick(load_concepts(folders["emojibase"]), styles)
+    if not seen:
+        raise CorpusError(none_seen)
+    return folders, styles, seen, unseen, rasterize_all(cfg, cache, styles, seen + unseen)
+
+
 @CORPORA.register("emoji", config=EmojiCorpusConfig, example=_example)
 def build_emoji_corpus(
     cfg: EmojiCorpusConfig, cache: str | Path, out: str | Path, sources: dict[str, Path] | None = None
@@ -330,12 +342,13 @@ def build_emoji_corpus(
     Idempotent: fetched packages and rasterised icons are cached; ``out`` is rebuilt.
     """
     cache, out = Path(cache), Path(out)
-    folders = resolve_sources(cfg, cache, sources)
-    styles = {name: load_style(name, folders[name]) for name in folders if name != "emojibase"}
-    seen, unseen = select(cfg, load_concepts(folders["emojibase"]), styles)
-    if not seen:
-        raise CorpusError("no concept is drawn in enough of the configured styles")
-    pngs = rasterize_all(cfg, cache, styles, seen + unseen)
+    folders, styles, seen, unseen, pngs = drawn_concepts(
+        cfg,
+        cache,
+        sources,
+        lambda concepts, drawn: select(cfg, concepts, drawn),
+        "no concept is drawn in enough of the configured styles",
+    )
     if out.exists():
         shutil.rmtree(out)
     counts = write_splits(cfg, out, pngs, seen, unseen)

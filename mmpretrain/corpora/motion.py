@@ -45,11 +45,8 @@ from mmpretrain.corpora.debian import fetch_debs
 from mmpretrain.corpora.emoji import (
     Concept,
     EmojiCorpusConfig,
+    drawn_concepts,
     example_sources,
-    load_concepts,
-    load_style,
-    rasterize_all,
-    resolve_sources,
 )
 from mmpretrain.data.shards import ShardWriterConfig, make_shards
 from mmpretrain.utils.io import atomic_write_text
@@ -293,12 +290,13 @@ def build_motion_corpus(
     emoji_cfg = EmojiCorpusConfig(
         train_styles=cfg.styles, rendition_styles=(), sketch_styles=(), size=cfg.size, rasterizer=cfg.rasterizer
     )
-    folders = resolve_sources(emoji_cfg, cache, sources)
-    styles = {name: load_style(name, folders[name]) for name in folders if name != "emojibase"}
-    seen, unseen = select_concepts(cfg, load_concepts(folders["emojibase"]), styles)
-    if not seen:
-        raise CorpusError("no concept with a short name is drawn in every configured style")
-    pngs = rasterize_all(emoji_cfg, cache, styles, seen + unseen)
+    folders, styles, seen, unseen, pngs = drawn_concepts(
+        emoji_cfg,
+        cache,
+        sources,
+        lambda concepts, drawn: select_concepts(cfg, concepts, drawn),
+        "no concept with a short name is drawn in every configured style",
+    )
     if cfg.speech not in SPEECH:
         raise CorpusError(f"speech {cfg.speech!r}: one of {', '.join(SPEECH)}")
     espeak = SPEECH[cfg.speech][0](cache)
