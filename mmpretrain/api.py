@@ -145,11 +145,12 @@ def load_model(source: str | Path, *, backend: str = "torch", **kwargs: Any):
     return load_backend(backend, source, **kwargs)
 
 
-def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+def resolve_device(device: str = "auto", local_rank: int | None = None, *, what: str = "device") -> torch.device:
     """``auto`` (``cuda:LOCAL_RANK`` when CUDA works, else the CPU, warning why when an NVIDIA driver is
-    there but CUDA is not), ``cpu``, ``cuda``, ``cuda:N``: the device training uses by the same rule."""
+    there but CUDA is not), ``cpu``, ``cuda``, ``cuda:N``: the device training uses by the same rule.
+    ``cuda`` where CUDA does not work is a ``ValueError`` saying why; ``what`` names the setting in both."""
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
-    return pick_device(device, rank)
+    return pick_device(device, rank, what=what)
 
 
 def list_backends() -> list[str]:

@@ -8,3 +8,8 @@ class DataError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing files, failing its checksums, unreadable config."""
+
+
+class DeviceError(ValueError):
+    """The device asked for cannot be used on this machine (the message says why: no CUDA, a driver older
+    than the torch wheel's CUDA); a one-line error at the command line, not a traceback."""

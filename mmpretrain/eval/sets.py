@@ -348,5 +348,9 @@ def _shards_example(folder: Path) -> tuple[str, int, int]:
 
 @SET_KINDS.register("shards", example=_shards_example)
 def shards_set(name: str, option: str | None, path: str, *, split: str = "test", check: bool = False) -> ShardSet:
-    """Our labelled shards, any modality: ``shards:FIELD=SHARDS`` (labels in each sample's json[FIELD])."""
+    """Our labelled shards, any modality: ``shards:FIELD=SHARDS`` (labels in each sample's json[FIELD]).
+    ``check``: the spec's local shards exist (a pattern matching no file is a ``ConfigError``, as for
+    training data), so a typo fails when the config loads or the job is built, not after the model."""
+    if check:
+        expand_shards(path, f"{name}@shards")
     return ShardSet(name, tuple(f for f in (option or "").split(",") if f), path)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mmpretrain.config.schema import TrainConfig
+from mmpretrain.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def pick_device(device: str, local_rank: int = 0, *, what: str = "device") -> to
     for a newer CUDA than the driver); ``cuda`` without CUDA fails, saying why. ``what`` names the setting."""
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"{what}=cuda but CUDA is not available: {_why_no_cuda()}")
+            raise DeviceError(f"{what}=cuda but CUDA is not available: {_why_no_cuda()}")
         return torch.device("cuda", local_rank)
     if device == "auto":
         if _nvidia_driver_present():

@@ -219,7 +219,7 @@ class FilterConfig:
 def scoring_model(emb, cfg: FilterConfig):
     """The model that embedded ``emb`` (or ``cfg.model``, refused unless its id matches: scores of
     another model's image and text spaces mean nothing)."""
-    model = header_model(emb.header, cfg.model, cfg.backend).to(cfg.device)
+    model = header_model(emb.header, cfg.model, cfg.backend).to(api.resolve_device(cfg.device, what="--device"))
     if "text" not in model.modalities:
         raise EmbedError(f"{cfg.model or emb.header['model']}: no text tower to score captions with")
     mid = api.model_id(model)

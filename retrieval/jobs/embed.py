@@ -104,7 +104,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def _device(cfg: EmbedConfig) -> torch.device:
-    return api.resolve_device(cfg.device)  # auto: this rank's GPU, else the CPU (warning why, where a driver is)
+    return api.resolve_device(cfg.device, what="--device")  # auto: this rank's GPU, else the CPU (says why)
 
 
 def stored_model_ref(ref: str) -> str:

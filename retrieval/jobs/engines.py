@@ -85,7 +85,9 @@ class Encoder:
 
     def __init__(self, model: str, model_id: str, modality: str, device: str, threads: int, backend: str = "torch"):
         torch.set_num_threads(threads)
-        self.model = api.load_model(model, backend=backend, threads=threads).to(api.resolve_device(device, 0))
+        self.model = api.load_model(model, backend=backend, threads=threads).to(
+            api.resolve_device(device, 0, what="--device")
+        )
         self.modality = modality
         if api.model_id(self.model) != model_id:
             raise EmbedError(f"{model} on this node is not the model the job started with ({model_id})")
