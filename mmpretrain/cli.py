@@ -368,7 +368,8 @@ def _add_eval(sub) -> None:
             help="'a photo of a <>' or a named set (imagenet80, imagenet_simple, photo); default: a wds set's own "
             "templates, else imagenet80 (media: the class names as they are)",
         )
-        p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+        if "workers" in job_fields(p.prog.split()[-1]):  # only where the job decodes in processes
+            p.add_argument("--workers", type=int, default=0, help="image decoding processes")
         p.add_argument(
             "--format",
             choices=["mmpretrain", "clip_benchmark"],

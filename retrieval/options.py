@@ -63,7 +63,9 @@ def option(default: Any = MISSING, *, help: str, **how: Any) -> Any:
 
 
 def _scalar(hint: Any) -> type:
-    """``int`` / ``float`` / ``str``; ``str | None`` -> ``str``."""
+    """``int`` / ``float`` / ``str``; ``str | None`` -> ``str``; ``tuple[int, ...]`` -> ``int``."""
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -72,17 +74,19 @@ def _add_one(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, d
     opt: Option = f.metadata["cli"]
     flag = opt.flag or "--" + f.name.replace("_", "-")
     metavar = opt.metavar or (None if opt.choices else flag.lstrip("-").replace("-", "_").upper())
-    kw: dict[str, Any] = {"dest": dest, "metavar": metavar}
+    kw: dict[str, Any] = {"dest": dest}
     help_text = opt.help
-    if f.default is MISSING:
-        kw["required"] = True
-    elif hint is bool:
-        kw = {"dest": dest, "action": "store_true", "default": f.default}
-    elif typing.get_origin(hint) is tuple:
-        kw |= {"action": "append", "default": list(f.default)}
+    if hint is bool:
+        kw |= {"action": "store_true", "default": f.default}
     else:
-        kw |= {"type": opt.parse or _scalar(hint), "default": f.default}
-        if f.default is not None:
+        kw |= {"type": opt.parse or _scalar(hint), "metavar": metavar}
+        if typing.get_origin(hint) is tuple:  # repeated; none given: the field's default (config_from_args)
+            kw |= {"action": "append", "default": None}
+        elif f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        if f.default not in (MISSING, None, ()):
             help_text += f" ({opt.show(f.default) if opt.show else f.default})"
     if opt.choices is not None:
         kw["choices"] = list(opt.choices() if callable(opt.choices) else opt.choices)
@@ -111,7 +115,11 @@ def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", *
             continue
         if "cli" in f.metadata and hasattr(args, dest):
             value = getattr(args, dest)
-            values[f.name] = tuple(value) if typing.get_origin(hint) is tuple else value
+            if typing.get_origin(hint) is tuple:
+                if value is None:  # the flag not given: the field's default
+                    continue
+                value = tuple(value)
+            values[f.name] = value
         elif dataclasses.is_dataclass(hint) and "cli" not in f.metadata:
             values[f.name] = config_from_args(hint, args, prefix=f"{dest}.")
     return cls(**values, **given)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,20 @@ def test_retrieval_sets_read_their_captions_by_the_one_reader():
     assert read_captions(sample, ("txt/lines",)) == ["a red car", "a blue boat"] == WdsSet.captions(sample)
     assert read_captions(sample, ("txt",)) == ["a red car\n\n  a blue boat"]
     assert WdsSet.captions({"__key__": "k", "txt": b"\xff\xfe bad"}) == ["\ufffd\ufffd bad"]
+
+
+@pytest.mark.parametrize(
+    "job, params, message",
+    [
+        ("captioning", {"data": ["x=y"], "method": "beams"}, "method 'beams': one of greedy, beam"),
+        ("linear-probe", {"train": "a=b", "test": ["c=d"], "modality": "smell"}, "modality 'smell'"),
+        ("zeroshot", {"data": ["x@shards:label=/no/such/{0..3}.tar"]}, "matches no file"),
+    ],
+)
+def test_a_job_refuses_what_the_command_line_would_before_any_model(job, params, message):
+    """What the flags' choices check on the command line, and a shards set naming no file, fail when the
+    job is built (api.evaluate too), not after the model has loaded."""
+    from mmpretrain.eval.jobs import build_job
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_job(job, params)

@@ -58,7 +58,9 @@ def test_a_field_with_no_default_is_a_required_flag_and_bad_values_fail_in_argpa
     @dataclasses.dataclass(frozen=True)
     class Job:
         data: str = option(help="where")
+        count: int = option(help="how many")  # required, and still typed
         size: int = option(parse_bytes("1MB"), help="how big", parse=parse_bytes, show=show_bytes)
+        ports: tuple[int, ...] = option((80, 443), help="ports")  # repeated: given ones replace the default
         plain: int = 3  # not a flag
 
     p = argparse.ArgumentParser()
@@ -66,8 +68,11 @@ def test_a_field_with_no_default_is_a_required_flag_and_bad_values_fail_in_argpa
     with pytest.raises(SystemExit):
         p.parse_args([])
     with pytest.raises(SystemExit):
-        p.parse_args(["--data", "x", "--size", "lots"])
-    assert config_from_args(Job, p.parse_args(["--data", "x", "--size", "3K"])) == Job(data="x", size=3072)
+        p.parse_args(["--data", "x", "--count", "2", "--size", "lots"])
+    got = config_from_args(Job, p.parse_args(["--data", "x", "--count", "2", "--size", "3K"]))
+    assert got == Job(data="x", count=2, size=3072) and got.ports == (80, 443)
+    got = config_from_args(Job, p.parse_args(["--data", "x", "--count", "2", "--ports", "8080", "--ports", "9"]))
+    assert got.ports == (8080, 9)
     assert "(1MB)" in p.format_help() and "--plain" not in p.format_help()
 
 

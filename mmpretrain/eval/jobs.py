@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 from PIL import Image
 from webdataset import TarWriter
 
-from mmpretrain.config.strict import from_dict
+from mmpretrain.config.strict import ConfigError, from_dict
 from mmpretrain.eval import clip_benchmark as cb
 from mmpretrain.eval.captioning import captioning_eval
-from mmpretrain.eval.inputs import Views
+from mmpretrain.eval.inputs import EVAL_INPUTS, Views
 from mmpretrain.eval.media import media_eval, plot_media
 from mmpretrain.eval.probe import ProbeConfig, linear_probe, plot_probe, probe_table_rows, set_features
 from mmpretrain.eval.runner import (
@@ -41,6 +41,7 @@ from mmpretrain.eval.runner import (
 from mmpretrain.eval.sets import parse_set, parse_source
 from mmpretrain.eval.zeroshot import resolve_templates
 from mmpretrain.models.contrastive import model_id
+from mmpretrain.models.generate import METHODS
 from mmpretrain.registry import Registry
 
 Templates = str | tuple[str, ...] | None  # a template with <>, several, or a named set; None: the job's default
@@ -162,6 +163,10 @@ class CaptioningParams:
     batch_size: int = 64
     clip_benchmark: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r}: one of {', '.join(METHODS)}")
+
 
 @dataclass(frozen=True)
 class LinearProbeParams:
@@ -183,6 +188,10 @@ class LinearProbeParams:
     batch_size: int = 64
     workers: int = 0
     clip_benchmark: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.modality not in EVAL_INPUTS:
+            raise ConfigError(f"modality {self.modality!r}: one of {', '.join(EVAL_INPUTS.names())}")
 
 
 # ---------------------------------------------------------------- examples (tiny data)
