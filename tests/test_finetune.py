@@ -267,3 +267,21 @@ def test_a_hugging_face_folder_of_sharded_pytorch_model_bins_loads_with_its_temp
     assert ours.logit_scale.item() == ref.logit_scale.item() and ours.logit_bias.item() == ref.logit_bias.item()
     batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
     torch.testing.assert_close(api.encode(ours, "image", batch), api.encode(ref, "image", batch))
+
+
+def test_a_weight_index_is_read_as_untrusted(tmp_path):
+    """A sharded folder's index may name only files of the folder, and only ones that are there."""
+    from mmpretrain.errors import CheckpointError
+    from mmpretrain.models.pretrained import _hf_scalars
+
+    index = tmp_path / "pytorch_model.bin.index.json"
+    for weight_map, message in [
+        ({"logit_scale": "../outside.bin"}, "shard file names in the folder"),
+        ({"logit_scale": "pytorch_model-00002-of-00002.bin"}, "which is not in"),
+    ]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            _hf_scalars(tmp_path)
+    index.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a weight index"):
+        _hf_scalars(tmp_path)

@@ -250,7 +250,7 @@ def _hf_scalars(path: Path) -> tuple[float, float | None]:
         index = path / f"{single}.index.json"
         if not ((path / single).is_file() or index.is_file()):
             continue
-        where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+        where = _weight_map(index) if index.is_file() else {}
         files: dict[str, list[str]] = {}
         for key in HF_SCALARS:
             files.setdefault(where.get(key, single), []).append(key)
@@ -258,8 +258,23 @@ def _hf_scalars(path: Path) -> tuple[float, float | None]:
         for name, keys in files.items():  # each file read once
             if (path / name).is_file():
                 found.update({k: float(v) for k, v in read(path / name, keys).items()})
+            elif name != single:  # the index names a shard the folder lacks
+                raise CheckpointError(f"{index} names {name} for {', '.join(keys)}, which is not in {path}")
         return found.get("logit_scale", 2.6592), found.get("logit_bias")
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (single or sharded with an index.json)")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded folder's ``weight_map`` (tensor -> shard file), each shard a file name in the folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a weight index (a JSON object with a weight_map): {exc}") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in weight_map.values()
+    ):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in the folder")
+    return weight_map
 
 
 def _safetensors_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -268,7 +283,10 @@ def _safetensors_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]
 
 
 def _bin_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:  # mapped: only two scalars are read from what may be gigabytes
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file from before torch's zip format cannot be mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
     return {k: state[k] for k in keys if k in state}
 
 
