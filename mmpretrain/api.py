@@ -277,7 +277,9 @@ def train(config: ExperimentConfig | str | Path, overrides: Iterable[str] = ()) 
 
 def evaluate(model: ContrastiveModel | str | Path, job: str, **params: Any) -> dict[str, Any]:
     """Run the evaluation ``job`` (``list_eval_jobs()``: zeroshot, retrieval, robustness, hard, media,
-    captioning, linear-probe) and return its JSON-able report, as ``mmpretrain eval <job>`` writes it.
+    captioning, linear-probe) and return its JSON-able report, as ``mmpretrain eval <job>`` writes it
+    (its ``model`` when given a path; the ``hard`` job names its reference by model id unless given
+    ``reference_name``, where the command line uses ``--model``).
     ``params``: the job's parameters, named as its command-line flags (``data``, ``templates``,
     ``batch_size``, ...); set specs are parsed and checked before the model loads. ``model``: a model or
     anything ``load_checkpoint`` takes.
@@ -286,9 +288,9 @@ def evaluate(model: ContrastiveModel | str | Path, job: str, **params: Any) -> d
         >>> api.evaluate(model, "zeroshot", data=["pets@folder=/data/pets"], templates="a photo of a <>")
     """
     built = build_job(job, params)  # a typo in a set spec or a parameter fails here
-    if isinstance(model, (str, Path)):
-        model = load_checkpoint(model)
-    return built.run(model).report
+    if not isinstance(model, (str, Path)):
+        return built.run(model).report
+    return {**built.run(load_checkpoint(model)).report, "model": str(model)}  # as the command line records it
 
 
 def list_eval_jobs() -> list[str]:

@@ -190,7 +190,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     strategy: str = "ddp"  # how ranks share the model: ddp (replicated) or fsdp (sharded, FSDP2); see docs/training.md
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # used when strategy is fsdp
-    threads: int | None = None  # torch intra-op threads; None: cores // ranks - data workers, min 1
+    threads: int | None = None  # torch intra-op threads; None: cores // ranks - data workers of every source, min 1
     log_every: int = 10  # steps between metrics records (JSONL + TensorBoard)
     ckpt_every: int = 500  # steps between checkpoints (one is also written at the end, on SIGTERM and on Ctrl-C)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
