@@ -26,7 +26,8 @@ export GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
 STATUS=
 
-# SLURM is requeueing this job itself (a preemption with --requeue): the job's state says so.
+# SLURM is requeueing this job itself (a preemption with --requeue): the job's state says so. Best effort:
+# in a preemption's grace time the state may still read RUNNING; a second requeue request is harmless.
 slurm_requeueing() {
     scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -Eq 'JobState=(PREEMPTED|REQUEUE[A-Z_]*)'
 }

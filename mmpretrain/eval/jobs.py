@@ -220,28 +220,36 @@ def _example(**params: Any) -> dict[str, Any]:
     return {"params": params, "decoder": None}
 
 
-def _folder_example(job: str) -> Callable[[Path], dict[str, Any]]:
-    def example(folder: Path) -> dict[str, Any]:
-        spec = f"toy@folder={_image_folder(folder / 'set')}"
-        if job == "hard":
-            return _example(data=[spec], hard_out=str(folder / "hard"), templates="a <> square", batch_size=4)
-        if job == "robustness":
-            return _example(id=spec, ood=[f"shifted@folder={folder / 'set'}"], templates="a <>", batch_size=4)
-        return _example(data=[spec], templates="a <> square", batch_size=4)
-
-    return example
+def _folder_spec(folder: Path) -> str:
+    return f"toy@folder={_image_folder(folder / 'set')}"
 
 
-def _shards_example(job: str) -> Callable[[Path], dict[str, Any]]:
-    def example(folder: Path) -> dict[str, Any]:
-        shards = _caption_shards(folder / "shards")
-        if job == "media":
-            return _example(data=[f"toy@shards:concept={shards}"], modalities=["image"], batch_size=4)
-        if job == "captioning":
-            return {"params": {"data": [shards], "max_len": 4, "batch_size": 4}, "decoder": "locca"}
-        return _example(data=[shards], batch_size=4)
+def _zeroshot_example(folder: Path) -> dict[str, Any]:
+    return _example(data=[_folder_spec(folder)], templates="a <> square", batch_size=4)
 
-    return example
+
+def _hard_example(folder: Path) -> dict[str, Any]:
+    spec = _folder_spec(folder)
+    return _example(data=[spec], hard_out=str(folder / "hard"), templates="a <> square", batch_size=4)
+
+
+def _robustness_example(folder: Path) -> dict[str, Any]:
+    spec = _folder_spec(folder)
+    return _example(id=spec, ood=[f"shifted@folder={folder / 'set'}"], templates="a <>", batch_size=4)
+
+
+def _retrieval_example(folder: Path) -> dict[str, Any]:
+    return _example(data=[_caption_shards(folder / "shards")], batch_size=4)
+
+
+def _media_example(folder: Path) -> dict[str, Any]:
+    shards = _caption_shards(folder / "shards")
+    return _example(data=[f"toy@shards:concept={shards}"], modalities=["image"], batch_size=4)
+
+
+def _captioning_example(folder: Path) -> dict[str, Any]:
+    shards = _caption_shards(folder / "shards")
+    return {"params": {"data": [shards], "max_len": 4, "batch_size": 4}, "decoder": "locca"}
 
 
 def _probe_example(folder: Path) -> dict[str, Any]:
@@ -264,7 +272,7 @@ def _templates(p: Any) -> Any:
     return list(p.templates) if isinstance(p.templates, tuple) else p.templates
 
 
-@EVAL_JOBS.register("zeroshot", config=ZeroShotParams, example=_folder_example("zeroshot"))
+@EVAL_JOBS.register("zeroshot", config=ZeroShotParams, example=_zeroshot_example)
 def zeroshot_job(p: ZeroShotParams) -> EvalJob:
     """Zero-shot top-1 / top-5 / mean per-class recall (and chance) on labelled sets."""
     sets = [parse_set(d, check=True) for d in p.data]
@@ -281,7 +289,7 @@ def zeroshot_job(p: ZeroShotParams) -> EvalJob:
     return EvalJob("zeroshot", p, run)
 
 
-@EVAL_JOBS.register("retrieval", config=RetrievalParams, example=_shards_example("retrieval"))
+@EVAL_JOBS.register("retrieval", config=RetrievalParams, example=_retrieval_example)
 def retrieval_job(p: RetrievalParams) -> EvalJob:
     """Recall@k (and chance): both ways on shards with captions, text->image on labelled sets."""
     sets = [parse_source(d, check=True) for d in p.data]
@@ -298,7 +306,7 @@ def retrieval_job(p: RetrievalParams) -> EvalJob:
     return EvalJob("retrieval", p, run)
 
 
-@EVAL_JOBS.register("robustness", config=RobustnessParams, example=_folder_example("robustness"))
+@EVAL_JOBS.register("robustness", config=RobustnessParams, example=_robustness_example)
 def robustness_job(p: RobustnessParams) -> EvalJob:
     """Zero-shot accuracy in distribution and under shifts, the drop, and effective robustness."""
     id_set, ood = parse_set(p.id, check=True), [parse_set(d, check=True) for d in p.ood]
@@ -316,7 +324,7 @@ def robustness_job(p: RobustnessParams) -> EvalJob:
     return EvalJob("robustness", p, run)
 
 
-@EVAL_JOBS.register("hard", config=HardParams, example=_folder_example("hard"))
+@EVAL_JOBS.register("hard", config=HardParams, example=_hard_example)
 def hard_job(p: HardParams) -> EvalJob:
     """A hard subset (ImageNet-A analogue): the images the model misclassifies zero-shot, copied."""
     sets = [parse_set(d, check=True) for d in p.data]
@@ -335,7 +343,7 @@ def hard_job(p: HardParams) -> EvalJob:
     return EvalJob("hard", p, run)
 
 
-@EVAL_JOBS.register("media", config=MediaParams, example=_shards_example("media"))
+@EVAL_JOBS.register("media", config=MediaParams, example=_media_example)
 def media_job(p: MediaParams) -> EvalJob:
     """Zero-shot per modality and label field, and caption/class/cross-modal recall@k, on labelled shards."""
     sets = [parse_set(d, kinds=("shards",)) for d in p.data]
@@ -361,7 +369,7 @@ def media_job(p: MediaParams) -> EvalJob:
     return EvalJob("media", p, run)
 
 
-@EVAL_JOBS.register("captioning", config=CaptioningParams, example=_shards_example("captioning"))
+@EVAL_JOBS.register("captioning", config=CaptioningParams, example=_captioning_example)
 def captioning_job(p: CaptioningParams) -> EvalJob:
     """BLEU-4 and CIDEr of the model's captions against each image's references."""
     sets = [parse_source(d, check=True) for d in p.data]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -22,9 +22,6 @@ from tqdm import tqdm
 
 from mmpretrain.eval.inputs import EvalInput, Views, embed_views, encode_texts
 from mmpretrain.types import SAMPLE_DIMS
-
-if TYPE_CHECKING:
-    from mmpretrain.eval.inputs import Views
 
 PLACEHOLDER = "<>"
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {

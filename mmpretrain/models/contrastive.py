@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,6 @@ from mmpretrain.encoders import ENCODERS, HEADS, build_encoder
 from mmpretrain.models.decoder import DECODERS, CaptionDecoder, build_decoder
 from mmpretrain.models.lora import apply_lora, merged
 from mmpretrain.types import SAMPLE_DIMS, Batch, mask_key, valid_key
-
-if TYPE_CHECKING:
-    from mmpretrain.data.ops import OpContext
 
 
 class ContrastiveModel(nn.Module):

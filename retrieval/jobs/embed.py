@@ -63,7 +63,7 @@ class EmbedConfig:
         "text->audio)",
         choices=lambda: [m for m in MODALITIES if m != "text"],
     )
-    strict: bool = option(False, help="stop at the first skipped item or unreadable shard (EmbedError)")
+    strict: bool = option(False, help="stop at the first skipped item or unreadable shard")
     engine: str = option(
         "local",
         help="local: this process (torchrun ranks split the sources); ray: a Ray cluster (pip install -e '.[ray]')",

@@ -54,7 +54,9 @@ class BuildConfig:
         "auto", help="IVF training k-means on the GPUs with faiss-gpu (auto: when one is visible)", choices=DEVICES
     )
     shards: int = option(
-        1, help="keep N shard files over consecutive parts, searched together, instead of one merged index"
+        1,
+        help="keep N shard files over consecutive parts, searched together, instead of one merged index",
+        metavar="N",
     )
 
     def __post_init__(self) -> None:

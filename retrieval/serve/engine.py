@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from mmpretrain import api
+from retrieval.errors import QueryError
 from retrieval.jobs.dedup import components, first_of_groups, range_pairs
-from retrieval.jobs.search import QueryError, Searcher
+from retrieval.jobs.search import Searcher
 from retrieval.serve.batcher import BatchConfig, MicroBatcher
 
 KINDS = ("text", "image", "vector")

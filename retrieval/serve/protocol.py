@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.jobs.search import QueryError
+from retrieval.errors import QueryError
 from retrieval.serve.fetch import FetchError, FetchPolicy, check_url
 
 CLIENT_KEYS = (

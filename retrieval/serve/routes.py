@@ -22,8 +22,8 @@ import orjson
 from fastapi import Body, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from retrieval.errors import QueryError
 from retrieval.jobs.dedup import NEAR_DUPLICATE
-from retrieval.jobs.search import QueryError
 from retrieval.serve.engine import Answer, IndexEngine
 from retrieval.serve.engine import Query as EngineQuery
 from retrieval.serve.fetch import FetchError, fetch

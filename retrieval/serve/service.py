@@ -41,7 +41,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 
-from retrieval.jobs.search import QueryError, Searcher
+from retrieval.errors import QueryError
+from retrieval.jobs.search import Searcher
 from retrieval.serve.connections import protocol_class
 from retrieval.serve.guards import Access, Guard, session_cookie
 from retrieval.serve.routes import clip_routes, search_routes

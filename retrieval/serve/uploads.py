@@ -33,7 +33,7 @@ import torch
 import torchvision.transforms.v2  # noqa: F401  (what decoding maps, loaded before the limit is measured)
 
 from mmpretrain import api
-from retrieval.jobs.search import QueryError
+from retrieval.errors import QueryError
 
 
 class Busy(Exception):
