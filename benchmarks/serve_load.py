@@ -186,11 +186,12 @@ def run_load(
 
 
 # ------------------------------------------------------------------ peers
-def peers(index: str, seconds: float) -> dict:
+def peers(index: str, seconds: float, onnx: str | None = None) -> dict:
+    """The in-process rates, with the backend the server uses (``onnx``: an export run by onnxruntime)."""
     sys.path.insert(0, str(ROOT))
     from retrieval.jobs.search import Searcher
 
-    s = Searcher.open(index)
+    s = Searcher.open(index, onnx, backend="onnxruntime") if onnx else Searcher.open(index)
     s.search("warm up", k=10)
     queries, n = distinct_queries(7), 0
     end = time.perf_counter() + seconds
@@ -353,7 +354,7 @@ def report(result: dict) -> list[str]:
     p, out = result["peers"], []
     out.append(
         f"index: {result['index']} ({result['ntotal']:,} vectors, {result['index_type']}); cold start to the first "
-        f"200 on /search: {result['cold_start_s']:.1f} s"
+        f"200 on /search: {result['cold_start_s']:.1f} s; query encoder: {result.get('backend', 'the index')}"
     )
     out.append(
         f"peers (in process, same run): Searcher one query at a time {p['one_at_a_time_qps']:.1f} q/s; "
@@ -434,6 +435,12 @@ def main() -> int:
     p.add_argument("--no-hostile", action="store_true")
     p.add_argument("--hostile-parts", nargs="+", default=["classify", "huge"], choices=["classify", "huge"])
     p.add_argument("--server-args", default="", help="extra `retrieval serve` options, e.g. '--max-queue 32'")
+    p.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="encode queries with this ONNX export (`mmpretrain export --format onnx`), in the server and its "
+        "in-process peer alike",
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--log", help="write the report here (its first line: the command and commit)")
     p.add_argument("--plot", help="latency vs throughput PNG of the open-loop rows")
@@ -442,9 +449,11 @@ def main() -> int:
     print(first, flush=True)
     info = json.loads((Path(args.index) / "index.json").read_text())
     result = {"index": args.index, "ntotal": info.get("recall_ntotal", 0), "index_type": info["spec"]["factory"]}
-    result["peers"] = peers(args.index, min(args.seconds, 10))
+    result["peers"] = peers(args.index, min(args.seconds, 10), args.onnx)
+    result["backend"] = f"onnxruntime ({args.onnx})" if args.onnx else "the index's"
     port = free_port()
-    proc, result["cold_start_s"] = cold_start(args.index, port, args.server_args.split())
+    server_args = args.server_args.split() + (["--onnx", args.onnx] if args.onnx else [])
+    proc, result["cold_start_s"] = cold_start(args.index, port, server_args)
     try:
         run_load(port, 4, 3)  # warm-up
         result["load"] = [run_load(port, n, args.seconds, server_pid=proc.pid) for n in args.clients]
