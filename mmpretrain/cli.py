@@ -17,9 +17,7 @@ from mmpretrain.corpora import CORPORA, CorpusError
 from mmpretrain.data.loader import check_shards
 from mmpretrain.data.shards import CAPTION_COLUMNS, PATH_COLUMNS, ShardWriterConfig, filter_shards, make_shards
 from mmpretrain.errors import CheckpointError, DataError
-from mmpretrain.eval.clip_benchmark import write_records
-from mmpretrain.eval.jobs import build_job, clip_benchmark_jobs, job_fields
-from mmpretrain.eval.runner import write_report
+from mmpretrain.eval.jobs import REPORT_FORMATS, build_job, clip_benchmark_jobs, job_fields
 from mmpretrain.registry import load_all
 from mmpretrain.training.strategy import STRATEGIES
 from mmpretrain.training.validate import load_experiment
@@ -97,21 +95,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "reference_name" in fields and not params.get("reference_name"):  # a job naming the model it ran
         params["reference_name"] = str(args.model)
     job = build_job(args.eval_cmd, params)  # a typo in --data fails here, before the model loads
-    if args.format == "clip_benchmark" and (not args.out or not job.clip_benchmark):
+    output = REPORT_FORMATS.get(args.format)
+    if output.attrs["records"] and (not args.out or not job.clip_benchmark):
         raise ValueError(
-            "--format clip_benchmark needs --out (a folder or a file-name template) and a "
+            f"--format {args.format} needs --out (a folder or a file-name template) and a "
             f"{', '.join(clip_benchmark_jobs())} evaluation"
         )
     result = job.run(_load_model(args))
     for text in result.tables + result.notes:
         print(text)
-    report = {**result.report, "model": str(args.model)}
-    if args.format == "clip_benchmark":
-        paths = write_records(result.records(model="mmpretrain", pretrained=str(args.model)), args.out)
+    if args.out:
+        report = {**result.report, "model": str(args.model)}
+        paths = output.builder(result, report, args.out, str(args.model))
         more = " ..." if len(paths) > 4 else ""
-        print(f"{len(paths)} CLIP_benchmark result file(s): {', '.join(str(p) for p in paths[:4])}{more}")
-    elif args.out:
-        print(f"report: {write_report(report, args.out)}")
+        print(f"{args.format} report, {len(paths)} file(s): {', '.join(str(p) for p in paths[:4])}{more}")
     return 0
 
 
@@ -372,7 +369,7 @@ def _add_eval(sub) -> None:
             p.add_argument("--workers", type=int, default=0, help="image decoding processes")
         p.add_argument(
             "--format",
-            choices=["mmpretrain", "clip_benchmark"],
+            choices=REPORT_FORMATS.names(),
             default="mmpretrain",
             help="clip_benchmark: --out is a folder (or a {dataset}/{task}/... template) of one JSON per dataset "
             "and task in CLIP_benchmark's schema, which `clip_benchmark build` reads",

@@ -36,6 +36,7 @@ CONTRACTS = {
     "dataset layout": "test_layout_contract",
     "evaluation set kind": "test_eval_set_kind_contract",
     "evaluation job": "test_eval_job_contract (and test_cli, test_eval)",
+    "report format": "test_report_format_contract (and test_probe's CLIP_benchmark files)",
     "dedup keep rule": "test_keep_rule_contract",
     "evaluation input": "test_eval_input_contract",
     "shard media": "test_shard_media_contract",
@@ -362,6 +363,21 @@ def test_eval_job_contract(entry, tmp_path):
         records = result.records(model="m", pretrained="p")
         assert records and all({"dataset", "task", "metrics"} <= set(r) for r in records)
     assert entry.name in api.list_eval_jobs()
+
+
+@entries("report format")
+def test_report_format_contract(entry, tmp_path):
+    """A format writes the example's report (and the CLIP_benchmark records of a result that has them,
+    where it needs them) as JSON files under ``out``, and says which."""
+    from mmpretrain.eval.jobs import EvalResult
+
+    ex = entry.make_example()
+    record = {"dataset": ex["dataset"], "task": "zeroshot_classification", "language": "en", "metrics": {"acc1": 0.5}}
+    result = EvalResult(ex["report"], records=lambda **who: [{**record, **who}])
+    out = tmp_path / ("results" if entry.attrs["records"] else "report.json")
+    paths = entry.builder(result, ex["report"], str(out), "m")
+    assert paths and all(p.is_file() and json.loads(p.read_text()) for p in paths)
+    assert all(str(p).startswith(str(out)) for p in paths)
 
 
 @entries("dedup keep rule")

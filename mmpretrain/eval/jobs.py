@@ -36,6 +36,7 @@ from mmpretrain.eval.runner import (
     robustness_eval,
     set_retrieval_eval,
     table,
+    write_report,
     zeroshot_eval,
 )
 from mmpretrain.eval.sets import parse_set, parse_source
@@ -418,3 +419,23 @@ def linear_probe_job(p: LinearProbeParams) -> EvalJob:
 def job_fields(name: str) -> list[str]:
     """The parameter names of job ``name`` (what the command line fills from its flags)."""
     return [f.name for f in dataclasses.fields(EVAL_JOBS.get(name).config_cls)]
+
+
+# ---------------------------------------------------------------- report formats (`--format`)
+# name -> write(result, report, out, model) -> the files written; attrs: records (needs a job's
+# CLIP_benchmark records, so a job that has them: EvalJob.clip_benchmark)
+REPORT_FORMATS: Registry[Callable[..., list[Path]]] = Registry("report format")
+_REPORT_EXAMPLE = {"report": {"zeroshot": [{"dataset": "toy", "top1": 0.5}]}, "dataset": "toy"}
+
+
+@REPORT_FORMATS.register("mmpretrain", example=_REPORT_EXAMPLE, records=False)
+def write_mmpretrain(result: EvalResult, report: dict[str, Any], out: str, model: str) -> list[Path]:
+    """One JSON report (the figures of every set, the model) at ``out``."""
+    return [write_report(report, out)]
+
+
+@REPORT_FORMATS.register("clip_benchmark", example=_REPORT_EXAMPLE, records=True)
+def write_clip_benchmark(result: EvalResult, report: dict[str, Any], out: str, model: str) -> list[Path]:
+    """One JSON file per dataset and task in CLIP_benchmark's schema (``out``: a folder or a
+    ``{dataset}/{task}/...`` template), which ``clip_benchmark build`` reads."""
+    return cb.write_records(result.records(model="mmpretrain", pretrained=model), out)
