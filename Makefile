@@ -120,7 +120,8 @@ bench-sentences: $(STAMP)
 
 # the service on a 1M-vector index (a stand-in calibrated on the demo model's real embeddings of the emoji
 # shards, which `python benchmarks/tuning_queries.py` caches after `make demo`), chosen and tuned by the builder
-# on the real captions' text embeddings; then serve_load with its open-loop rows (docs/retrieval.md quotes the log)
+# on the real captions' text embeddings; then serve_load with its open-loop rows, with torch and with the demo
+# model's ONNX export encoding the queries (docs/retrieval.md quotes both logs)
 STANDIN := benchmarks/data/standin_1m
 bench-serve: $(STAMP)
 	$(PY) benchmarks/standin.py benchmarks/data/tuning_queries_emb $(STANDIN) --n 1000000 \
@@ -130,6 +131,9 @@ bench-serve: $(STAMP)
 	  2>&1 | grep -v 'it/s\|part/s' ) > $(RESULTS)/standin_index_$(TODAY).log
 	$(PY) benchmarks/serve_load.py $(STANDIN)_index --log $(RESULTS)/serve_load_1m_$(TODAY).log \
 		--plot $(RESULTS)/serve_load_1m_$(TODAY).png
+	$(VENV)/bin/mmpretrain export --model runs/demo/lit/checkpoints --format onnx --out runs/demo/onnx
+	$(PY) benchmarks/serve_load.py $(STANDIN)_index --onnx runs/demo/onnx --log $(RESULTS)/serve_load_1m_onnx_$(TODAY).log \
+		--plot $(RESULTS)/serve_load_1m_onnx_$(TODAY).png
 
 # the fault suite (kill -9, power loss, poison, SIGTERM, resume; ~30 min on 2 cores): docs/training.md quotes its log
 bench-faults: $(STAMP) system-deps
