@@ -230,7 +230,6 @@ class MixedLoader:
         state: dict[str, Any] | None = None,
         group: int = 1,
     ):
-
         self.seed, self.group = seed, group
         self.weights = [src.weight for src in cfg.sources]
         saved = (state or {}).get("sources") or [None] * len(cfg.sources)

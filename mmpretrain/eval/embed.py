@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from mmpretrain.data.stream import ErrorCounter, ReadLimits, process_sample, read_samples
-from mmpretrain.eval.inputs import EvalInput, Views, collate, embed_views, file_sample
+from mmpretrain.data.stream import ErrorCounter, process_sample, read_samples
+from mmpretrain.eval.inputs import EvalInput, Views, capped_file_sample, collate, embed_views
 
 Label = Callable[[dict], Any]  # raw sample -> its label (anything), or None: skip it
 Reader = Callable[[list[str], ErrorCounter], Iterator[dict]]  # sources -> raw samples, failures counted
@@ -39,17 +39,14 @@ class FileReader:
     modality: str = "image"
 
     def __call__(self, paths: list[str], errors: ErrorCounter) -> Iterator[dict]:
-        limit = ReadLimits().max_member_bytes
         for path in paths:
             try:
-                if Path(path).stat().st_size > limit:
-                    errors.note("oversized_member")
-                    continue
-                sample = file_sample(path, self.modality)
+                sample = capped_file_sample(Path(path), self.modality, errors)
             except OSError as exc:
                 errors.record("read_error", exc)
                 continue
-            yield {**sample, "__ref__": path}
+            if sample is not None:
+                yield {**sample, "__ref__": path}
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mmpretrain.config.schema import OpSpec
 from mmpretrain.data.av_ops import AUDIO_KEYS, VIDEO_KEYS
 from mmpretrain.data.ops import IMAGE_KEYS, Op, OpContext, Sample, SampleError, apply_ops, build_ops
+from mmpretrain.data.stream import ErrorCounter, ReadLimits
 from mmpretrain.registry import Registry
 
 
@@ -130,6 +131,15 @@ def file_sample(path: str | Path, modality: str = "image") -> Sample:
     ext = path.suffix.lower().lstrip(".")
     keys = media_keys(modality) if modality in EVAL_INPUTS else ()
     return {"__key__": path.name, (ext if ext in keys else keys[0] if keys else ext): path.read_bytes()}
+
+
+def capped_file_sample(path: Path, modality: str, errors: ErrorCounter) -> Sample | None:
+    """``file_sample`` of a file within the member cap (``ReadLimits``); one over it is counted as
+    ``oversized_member`` and not read (None)."""
+    if path.stat().st_size > ReadLimits().max_member_bytes:
+        errors.note("oversized_member")
+        return None
+    return file_sample(path, modality)
 
 
 def collate(samples: list[Sample], keys: list[str]) -> dict[str, Tensor]:

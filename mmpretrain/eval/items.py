@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from mmpretrain.data.ops import EVAL_CAPTION_KEYS, Sample, read_captions
-from mmpretrain.data.stream import SHARD_ERRORS, ErrorCounter, ReadLimits, process_sample, read_samples
-from mmpretrain.eval.inputs import EvalInput, Views, collate, file_sample, media_keys
+from mmpretrain.data.stream import SHARD_ERRORS, ErrorCounter, process_sample, read_samples
+from mmpretrain.eval.inputs import EvalInput, Views, capped_file_sample, collate, media_keys
 from mmpretrain.eval.sets import sample_meta
 from mmpretrain.types import Batch
 
@@ -67,12 +67,12 @@ def source_samples(source: str, modality: str, errors: ErrorCounter) -> Iterator
         for sample in read_samples([source], errors.handler):
             yield {**sample, "__source__": f"{source}#{sample['__key__']}"}
         return
-    limit, suffixes = ReadLimits().max_member_bytes, media_keys(modality)
+    suffixes = media_keys(modality)
     for f in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in suffixes):
-        if f.stat().st_size > limit:
-            errors.note("oversized_member")
+        sample = capped_file_sample(f, modality, errors)
+        if sample is None:
             continue
-        sample = {**file_sample(f, modality), "__key__": str(f.relative_to(path)), "__source__": str(f)}
+        sample.update(__key__=str(f.relative_to(path)), __source__=str(f))
         if f.with_suffix(".txt").is_file():
             sample["txt"] = f.with_suffix(".txt").read_bytes()
         yield sample
