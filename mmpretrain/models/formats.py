@@ -37,17 +37,17 @@ class CheckpointFormat:
     detect: Callable[[Path], bool]
     load: Callable[[Path, Any], Any]  # (path, base model config or None) -> ContrastiveModel
     config: Callable[[Path], Any]  # path -> the ModelConfig it holds, or None (a bare weights file)
-    native: bool = False  # our own checkpoint folder: checksums to verify, ``read_weights`` reads it
 
 
 def is_native(name: str | None) -> bool:
-    """Whether the registered format ``name`` (None: no format) is our own checkpoint folder."""
-    return name is not None and CHECKPOINT_FORMATS.get(name).builder().native
+    """Whether the registered format ``name`` (None: no format) is our own checkpoint folder (its entry's
+    ``native`` attribute: checksums to verify, ``read_weights`` reads it)."""
+    return name is not None and bool(CHECKPOINT_FORMATS.get(name).attrs.get("native"))
 
 
 def native_format() -> str:
     """The name of the registered format that is our own checkpoint folder (what a run folder holds)."""
-    return next(e.name for e in CHECKPOINT_FORMATS.entries() if e.builder().native)
+    return next(e.name for e in CHECKPOINT_FORMATS.entries() if e.attrs.get("native"))
 
 
 CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")

@@ -310,7 +310,9 @@ def _register(name: str, detect, load, config, doc: str, example, *, native: boo
     and no ``config.yaml``; ours the reverse). ``config(path)``: the architecture it holds (or None).
     ``example(folder) -> (reference, base ModelConfig or None)`` writes a tiny checkpoint of the format
     for the generated tests."""
-    CHECKPOINT_FORMATS.register(name, doc=doc, example=example)(lambda: CheckpointFormat(detect, load, config, native))
+    CHECKPOINT_FORMATS.register(name, doc=doc, example=example, native=native)(
+        lambda: CheckpointFormat(detect, load, config)
+    )
 
 
 def tiny_model() -> ContrastiveModel:
