@@ -106,7 +106,7 @@ def wordnet(root: Path) -> tuple[list[str], list[str]]:
 
 
 POD = re.compile(r"[A-Z]<+\s*([^<>]*?)\s*>+")
-PARA = re.compile(r"<p[^>]*>(.*?)</p>|<div class=\"block\">(.*?)</div>", re.S | re.I)  # javadoc: div
+PARA = re.compile(r"<p(?:\s[^>]*)?>(.*?)</p>|<div class=\"block\">(.*?)</div>", re.S | re.I)  # javadoc: div
 TAG = re.compile(r"<[^>]+>")
 
 
@@ -116,17 +116,20 @@ def html_sentences(text: str) -> list[str]:
     return rst_sentences("\n\n".join(paras))
 
 
-DICT_NOTE = re.compile(r"\[[^\]]*\]|\{|\}|\\|--\s*[A-Z][\w.' ]*\.?\s*$")  # [1913 Webster], {links}, \\, --Cite.
+DICT_BRACKET = re.compile(r"\[[^\]]*\]")  # [etymology], [1913 Webster]: may span lines
+DICT_CITE = re.compile(r"--\s*[A-Z][\w.' ]*\.?\s*$")  # a closing source: --Bailey.
 DICT_SENSE = re.compile(r"^(\d+\.\s*)?(\((\w+\.\s*)+\)\s*)?")  # "2. (Zool.) "
 
 
 def dict_sentences(text: str) -> list[str]:
-    """Sentences of a dictd database's definitions (indented paragraphs; headwords, sense numbers,
-    field labels, sources and cross-reference braces removed; pronunciations with ``*`` dropped)."""
+    """Sentences of a dictd database's definitions (indented paragraphs; headwords, etymologies, sense
+    numbers, field labels, sources and cross-reference braces removed; pronunciations with ``*`` dropped)."""
     paras = []
     for block in re.split(r"\n\s*\n", text):
+        block = DICT_BRACKET.sub(lambda m: "\n" * m.group().count("\n"), block)  # keeps the line structure
         body = " ".join(ln.strip() for ln in block.splitlines() if ln.startswith((" ", "\t")))
-        paras.append(DICT_SENSE.sub("", DICT_NOTE.sub("", body).strip()))
+        body = DICT_CITE.sub("", body.replace("{", "").replace("}", "").replace("\\", "").strip())
+        paras.append(DICT_SENSE.sub("", body.strip()))
     out = rst_sentences("\n\n".join(p for p in paras if p))
     return [s for s in out if s[0].isupper() and "*" not in s]
 
