@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from logs import header  # noqa: E402
 
 from retrieval.jobs.embed import write_vectors  # noqa: E402
-from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_specs  # noqa: E402
+from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_specs, search_in_batches  # noqa: E402
 from retrieval.jobs.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
 from retrieval.options import parse_bytes  # noqa: E402
 
@@ -135,6 +135,7 @@ def run_one(kind: str, n: int, args, workdir: Path) -> dict:
     x, tune_q, report_q = make_data(kind, n, args.dim, args.queries, args.seed)
     d = x.shape[1]
     emb = write_vectors(workdir / f"{kind}-{n}", x, part_size=250_000)
+    search_in_batches()  # the product's FAISS setting, for exact search as for the indexes
     flat = faiss_flat(x)  # exact search, timed by the rule the index sweep times by (fastest of two runs)
     report_truth, exact_qps = timed_search(flat, report_q, 10, min_seconds=0)
     exact_b64 = batch_qps(flat, report_q)

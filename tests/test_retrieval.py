@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
 from retrieval.jobs import embed as embed_mod
 from retrieval.jobs.embed import EmbedConfig, EmbedError, load_embeddings, run_embed, write_vectors
 from retrieval.jobs.index import (
+    BLAS_FROM_QUERIES,
     INDEX_TYPES,
     BuildConfig,
     IndexError_,
@@ -182,6 +184,19 @@ def test_on_disk_index_matches_the_in_ram_one(tmp_path):
     q = clustered(50, 32, 50, seed=3)
     a, b = open_index(tmp_path / "ram").index, open_index(tmp_path / "disk").index
     assert np.array_equal(a.search(q, 10)[1], b.search(q, 10)[1]) and ram["knob_value"] == disk["knob_value"]
+
+
+def test_an_opened_index_searches_micro_batches_with_blas_and_the_same_results(tmp_path):
+    """A service's batches of 16-64 queries take FAISS's BLAS path once an index is opened (FAISS 1.15
+    otherwise computes exact distances query by query below ~512 queries): the same neighbours."""
+    write_vectors(tmp_path / "v", clustered(25_000, 32, 50), part_size=25_000)
+    build_index(tmp_path / "v", tmp_path / "i", BuildConfig(index_type="flat", queries=50), progress=False)
+    q = clustered(64, 32, 50, seed=4)
+    faiss.cvar.distance_compute_blas_threshold = 128_000
+    before = faiss.read_index(str(tmp_path / "i" / "index.faiss")).search(q, 10)[1]
+    index = open_index(tmp_path / "i").index
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_FROM_QUERIES <= 64
+    assert (index.search(q, 10)[1] == before).mean() > 0.99  # ties may order differently
 
 
 def test_corrupt_or_foreign_index_files_fail_clearly(tmp_path):

@@ -66,7 +66,21 @@ log = logging.getLogger(__name__)
 FORMAT = "mmpretrain-index/1"
 
 
+# FAISS 1.15 computes exact inner products of fewer than ~512 queries one query at a time (SIMD)
+# rather than by BLAS; a service's micro-batches (16-64) are that small: with BLAS from 20 queries
+# (FAISS's long-standing default) exact search of 64 queries over 1M x 384 runs 260 instead of 38
+# queries/s and the fast-scan shortlist 6,508 instead of 5,212 (its coarse assignment; 2 cores,
+# benchmarks/index.py --data sentences); one query and batches of 1,000 are unchanged.
+BLAS_FROM_QUERIES = 20
+
+
+def search_in_batches() -> None:
+    """Let FAISS use BLAS for exact distances from ``BLAS_FROM_QUERIES`` queries a call (process-wide)."""
+    faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
+
+
 def _threads(cfg: BuildConfig) -> None:
+    search_in_batches()
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)
 
@@ -309,6 +323,7 @@ def open_index(folder: str | Path, *, verify: bool = True) -> LoadedIndex:
     """Open an index folder, checking its format and (``verify``) every file's sha256."""
 
     folder = Path(folder)
+    search_in_batches()
     if not (folder / "index.json").is_file():
         raise IndexError_(f"{folder}: not an index folder (no index.json)")
     try:
