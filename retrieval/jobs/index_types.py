@@ -123,8 +123,8 @@ def ivf_pq_refine(n: int, d: int) -> IndexSpec:
 @INDEX_TYPES.register("ivf_sq8", example={"n": 20_000, "d": 32, "recall_floor": 0.9, "self_hit": 0.8})
 def ivf_sq8(n: int, d: int) -> IndexSpec:
     """Inverted file over 8-bit scalar-quantised residuals (d bytes a vector, a quarter of IVF-Flat):
-    the lists are scanned in order (1M real sentence embeddings, held-out queries: 6.7x exact
-    search at recall@10 0.95, where a fast-scan shortlist is 33.3x; on synthetic 1M blobs, an
+    the lists are scanned in order (1M real sentence embeddings, held-out queries: 6-7x exact
+    search at recall@10 0.95, where a fast-scan shortlist is 30x; on synthetic 1M blobs, an
     oracle for IVF, 87x; benchmarks/index.py). Recall tops out near 0.98 (the 8-bit rounding)."""
     return _ivf("ivf_sq8", n, d, "SQ8", d, on_disk_ok=True)
 
@@ -133,8 +133,8 @@ def ivf_sq8(n: int, d: int) -> IndexSpec:
 def ivf_rabitq_refine(n: int, d: int) -> IndexSpec:
     """IVF with RaBitQ codes (1 bit a dimension of the residual, plus two floats: d/8 + 8 bytes a
     vector; its distance estimates have a bounded error, so a short shortlist suffices) re-ranked on
-    8-bit scalar-quantised vectors (1M real sentence embeddings, held-out queries: 13.4x exact search
-    at recall@10 0.95, where the fast-scan shortlist is 33.3x; benchmarks/index.py)."""
+    8-bit scalar-quantised vectors (1M real sentence embeddings, held-out queries: 10.5-13.4x exact search
+    at recall@10 0.95, where the fast-scan shortlist is 30-33x; benchmarks/index.py)."""
     return _ivf(
         "ivf_rabitq_refine", n, d, "RaBitQ,Refine(SQ8)", d // 8 + 8 + d, min_train=PQ_TRAIN, param_grid=REFINE_GRID
     )
@@ -169,8 +169,8 @@ def ivf_pq(n: int, d: int) -> IndexSpec:
 # 8-bit codes (more memory; it scans 1-bit / 4-bit codes, so it can win where many lists are probed)
 RIVALS = {  # measured beside the first fitting type; the fastest at the recall target is kept
     "hnsw": ("ivf_flat",),
-    # real sentence embeddings (1M, held-out queries: benchmarks/results/index_sentences_1m_2026-12-07.log)
-    # need nprobe 128-256 of 4096 for 0.95: there the fast-scan shortlist is 33.3x exact search, IVF-SQ8 6.7x
+    # real sentence embeddings (1M, held-out queries: benchmarks/results/index_sentences_1m_2026-12-07c.log)
+    # need nprobe 128-256 of 4096 for 0.95: there the fast-scan shortlist is 29.7x exact search, IVF-SQ8 6.2x
     "ivf_flat": ("ivf_sq8", "ivf_pqfs_refine"),
     "ivf_sq8": ("ivf_rabitq_refine", "ivf_pqfs_refine"),
 }
