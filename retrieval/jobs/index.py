@@ -68,9 +68,9 @@ FORMAT = "mmpretrain-index/1"
 
 # FAISS 1.15 computes exact inner products of fewer than ~512 queries one query at a time (SIMD)
 # rather than by BLAS; a service's micro-batches (16-64) are that small: with BLAS from 20 queries
-# (FAISS's long-standing default) exact search of 64 queries over 1M x 384 runs 260 instead of 38
-# queries/s and the fast-scan shortlist 6,508 instead of 5,212 (its coarse assignment; 2 cores,
-# benchmarks/index.py --data sentences); one query and batches of 1,000 are unchanged.
+# (FAISS's long-standing default) exact search of 64 queries over 1M x 384 runs 254 instead of 38
+# queries/s and the fast-scan shortlist 6,614 instead of 4,997 (its coarse assignment; 2 cores,
+# benchmarks/index.py --data sentences, docs/retrieval.md); one query and batches of 1,000 are unchanged.
 BLAS_FROM_QUERIES = 20
 
 
