@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from logs import header  # noqa: E402
+from watch import status_mb  # noqa: E402
 
 from retrieval.jobs.embed import write_vectors  # noqa: E402
 from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_specs, search_in_batches  # noqa: E402
@@ -100,13 +101,6 @@ def batch_qps(index, q: np.ndarray, batch: int = 64, runs: int = 2) -> float:
             index.search(q[a : a + batch], 10)
         best = min(best, time.perf_counter() - start)
     return len(q) / best
-
-
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def reset_peak_rss() -> bool:
@@ -176,11 +170,12 @@ def measure_type(name: str, emb, d: int, cfg: BuildConfig, tune: Queries, report
     """Build, sweep on the tuning queries, choose the fastest setting reaching 0.95 there, measure it on
     the report queries."""
     spec = INDEX_TYPES.get(name).builder(emb.n, d)
-    rss_before, peak_ok = _status_mib("VmRSS"), reset_peak_rss()
+    rss_before, peak_ok = status_mb("self", "VmRSS")["VmRSS"], reset_peak_rss()
     t0 = time.perf_counter()
     index = build(spec, emb, Path(tempfile.mkdtemp()), cfg, progress=False)
     build_s = time.perf_counter() - t0
-    build_peak = _status_mib("VmHWM") - rss_before if peak_ok else float("nan")  # above what was resident
+    # the build's peak above what was resident before it
+    build_peak = status_mb("self", "VmHWM")["VmHWM"] - rss_before if peak_ok else float("nan")
     table = sweep(index, spec, tune, stop_at=0.999)  # the curve up to (near) exact recall
     ok = [row for row in table if row["recall@10"] >= 0.95]
     best = max(ok, key=lambda row: row["qps"]) if ok else max(table, key=lambda row: row["recall@10"])

@@ -187,6 +187,13 @@ def onnx_model(path: Path, tok, model) -> Path:
     return path
 
 
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' pooling: the mean of the real tokens' states, L2-normalised."""
+    m = mask[..., None].astype(np.float32)
+    v = (hidden * m).sum(1) / m.sum(1)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def embed(texts: list[str], onnx_path: Path, batch: int = 32) -> np.ndarray:
     """all-MiniLM-L6-v2 (the pinned wheel): mean pooling over tokens, L2-normalised, float32; sorted
     by length so a batch pads little. Run by onnxruntime (2 threads); its first batch is checked
@@ -208,15 +215,11 @@ def embed(texts: list[str], onnx_path: Path, batch: int = 32) -> np.ndarray:
         idx = order[i : i + batch]
         enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="np")
         h = sess.run(None, {"ids": enc["input_ids"], "mask": enc["attention_mask"]})[0]
-        m = enc["attention_mask"][..., None].astype(np.float32)
-        v = (h * m).sum(1) / m.sum(1)
-        out[idx] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        out[idx] = mean_pool(h, enc["attention_mask"])
         if i == 0:
             with torch.inference_mode():
-                ref = model(**tok([texts[j] for j in idx], padding=True, return_tensors="pt")).last_hidden_state
-            mt = torch.from_numpy(m)
-            ref = torch.nn.functional.normalize((ref * mt).sum(1) / mt.sum(1), dim=1).numpy()
-            cos = float((ref * out[idx]).sum(1).min())
+                ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
+            cos = float((mean_pool(ref, enc["attention_mask"]) * out[idx]).sum(1).min())
             print(f"  onnxruntime vs torch on the first batch: min cosine {cos:.6f}", flush=True)
             if cos < 0.9999:
                 raise SystemExit("the ONNX export does not match the torch model")

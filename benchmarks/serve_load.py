@@ -46,7 +46,7 @@ from pathlib import Path
 
 from logs import header
 from open_loop import open_loop, plot, request, user_address
-from watch import ROOT, WORDS, cpu_seconds, distinct_queries, free_port, percentile, start
+from watch import ROOT, WORDS, cpu_seconds, distinct_queries, free_port, percentile, start, status_mb
 
 
 def start_server(index: str, port: int, extra: list[str]) -> subprocess.Popen:
@@ -319,11 +319,7 @@ def rss_mb(pid: int) -> dict:
     """Resident and peak resident MB of the server process and of all its descendants (the decoder)."""
 
     def status(p: int) -> dict:
-        out = {}
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-        return out
+        return status_mb(p, "VmRSS", "VmHWM")
 
     def descendants(p: int) -> list[int]:
         kids = [int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]

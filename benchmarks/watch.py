@@ -71,14 +71,22 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float:
+def status_mb(pid: int | str, *keys: str) -> dict[str, float]:
+    """Size fields of ``/proc/PID/status`` in MB (``VmRSS``: resident, ``VmHWM``: peak resident), by key;
+    ``pid`` "self" for this process; those not there (the process gone) are left out."""
+    out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            key = line.split(":", 1)[0]
+            if key in keys:
+                out[key] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    return status_mb(pid, "VmRSS").get("VmRSS", 0.0)
 
 
 def children(pid: int) -> list[int]:
