@@ -433,9 +433,12 @@ def write_vectors(
     captions: list[str] | None = None,
     part_size: int = 100_000,
     dtype: str = "float32",
+    modality: str = "vector",
 ) -> Embeddings:
     """Store vectors computed elsewhere (or synthetic ones) as an embedding job, so that
-    ``retrieval index build`` can index them; rows are L2-normalised here."""
+    ``retrieval index build`` can index them; rows are L2-normalised here. Vectors of a model's
+    ``modality`` tower (``model``: its checkpoint, ``model_id``: ``api.model_id``) make an index
+    that ``retrieval serve`` can query by text."""
 
     folder = Path(folder)
     (folder / "parts").mkdir(parents=True, exist_ok=True)
@@ -456,7 +459,7 @@ def write_vectors(
                 "key": keys[a:b],
                 "caption": captions[a:b],
                 "source": [""] * (b - a),
-                "modality": ["vector"] * (b - a),
+                "modality": [modality] * (b - a),
                 "thumb_offset": pa.array([0] * (b - a), pa.int64()),
                 "thumb_len": pa.array([0] * (b - a), pa.int32()),
                 "width": pa.array([0] * (b - a), pa.int32()),
@@ -471,7 +474,7 @@ def write_vectors(
         "model_id": model_id,
         "dim": dim,
         "dtype": dtype,
-        "modality": "vector",
+        "modality": modality,
         "data": "vectors",
         "sources": [f"vectors[{a}:{min(a + part_size, n)}]" for a in starts],
         "thumb_size": 0,
