@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Index benchmark: every index type the builder can choose vs exact search. Data: real sentence
-embeddings (``sentences``: documentation sentences and WordNet glosses embedded by MiniLM, queried by
-held-out sentences and WordNet examples; built by ``benchmarks/sentences.py``), and synthetic 512-d
-stand-ins, clustered (1,000 Gaussian blobs: an easy case for IVF, each query's neighbours in its own
-blob) and isotropic (the hard case).
+"""Index benchmark: every index type the builder can choose vs exact search. Data: two real sets,
+``sentences`` (documentation sentences and WordNet glosses embedded by MiniLM, queried by held-out
+sentences and WordNet examples; built by ``benchmarks/sentences.py``) and ``text_image`` (the demo's
+LiT image tower over the emoji and icon images and their augmented views, queried by held-out
+captions through its text tower; ``benchmarks/text_image.py``), and synthetic 512-d stand-ins,
+clustered (1,000 Gaussian blobs: an easy case for IVF, each query's neighbours in its own blob) and
+isotropic (the hard case).
 
     python benchmarks/index.py --data sentences --sizes 200000      # real data (after sentences.py)
+    python benchmarks/index.py --data text_image --sizes 1000000    # real text->image (after text_image.py)
     python benchmarks/index.py --sizes 100000 1000000               # make bench-index (synthetic)
     python benchmarks/index.py --sizes 20000 --queries 200          # a quick look
 
@@ -42,13 +45,17 @@ from retrieval.jobs.index import INDEX_TYPES, BuildConfig, build, candidate_spec
 from retrieval.jobs.queries import Queries, exact_neighbours, set_knob, sweep, timed_search  # noqa: E402
 from retrieval.options import parse_bytes  # noqa: E402
 
-SENTENCES = ROOT / "benchmarks" / "data" / "sentences"
+# real sets: an embeddings folder (vectors/) with disjoint tuning and report queries, and the script that builds it
+REAL = {
+    "sentences": (ROOT / "benchmarks" / "data" / "sentences", "benchmarks/sentences.py"),
+    "text_image": (ROOT / "benchmarks" / "data" / "text_image", "benchmarks/text_image.py"),
+}
 
 
 def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n, d) collection, (nq, d) tuning and (nq, d) report queries, L2-normalised."""
-    if kind == "sentences":
-        return real_sentences(n, nq)
+    if kind in REAL:
+        return real_set(kind, n, nq)
     rng = np.random.default_rng(seed)
     if kind == "clustered":
         centres = rng.standard_normal((1000, d)).astype(np.float32)
@@ -70,15 +77,16 @@ def make_data(kind: str, n: int, d: int, nq: int, seed: int) -> tuple[np.ndarray
     return x, tune, report
 
 
-def real_sentences(n: int, nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def real_set(kind: str, n: int, nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from retrieval.jobs.embed import load_embeddings
 
-    if not (SENTENCES / "vectors" / "embeddings.json").is_file():
-        raise SystemExit(f"no {SENTENCES}: run `python benchmarks/sentences.py` first")
-    x = load_embeddings(SENTENCES / "vectors").array()
+    folder, script = REAL[kind]
+    if not (folder / "vectors" / "embeddings.json").is_file():
+        raise SystemExit(f"no {folder}: run `python {script}` first")
+    x = load_embeddings(folder / "vectors").array()
     if n > len(x):
-        raise SystemExit(f"the sentence set has {len(x):,} vectors, not {n:,}: build more with sentences.py --max")
-    tune, report = np.load(SENTENCES / "tune.npy")[:nq], np.load(SENTENCES / "report.npy")[:nq]
+        raise SystemExit(f"the {kind} set has {len(x):,} vectors, not {n:,}: build more with {script}")
+    tune, report = np.load(folder / "tune.npy")[:nq], np.load(folder / "report.npy")[:nq]
     return np.ascontiguousarray(x[:n]), tune, report
 
 
@@ -318,10 +326,8 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument(
-        "--data", nargs="+", default=["clustered", "isotropic"], choices=["sentences", "clustered", "isotropic"]
-    )
-    p.add_argument("--dim", type=int, default=512, help="synthetic data's dimension (sentences: 384)")
+    p.add_argument("--data", nargs="+", default=["clustered", "isotropic"], choices=[*REAL, "clustered", "isotropic"])
+    p.add_argument("--dim", type=int, default=512, help="synthetic data's dimension (real sets keep their own)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--types", nargs="*", help="index types (default: those the builder can choose at each size)")
     p.add_argument("--memory", type=parse_bytes, default=parse_bytes("2.5GB"), help="budget for the auto choice")
