@@ -42,7 +42,9 @@ class BatchConfig:
     max_wait_ms: float = option(2.0, help="how long a batch waits to fill once one query is there (ms)")
     max_queue: int = option(64, help="waiting queries, texts counted (all indexes) before 503")
     max_queue_per_client: int = option(32, help="one client's waiting queries before 429")
-    anticipate_ms: float = 4.0  # how long a batch of only other clients' items waits for the last batch's
+    anticipate_ms: float = option(
+        4.0, help="how long a batch of only other clients' queries waits for the last batch's clients (ms)"
+    )
 
 
 class MicroBatcher(Generic[T]):
