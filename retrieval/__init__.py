@@ -6,6 +6,7 @@ Uses only ``mmpretrain.api`` (and ``mmpretrain.types``), never mmpretrain's inte
     >>> hits = Searcher.open("runs/index").search("a red bicycle", k=10)[0]
 """
 
+import retrieval._openmp  # noqa: F401  (first: OpenMP's wait policy, before torch and FAISS load it)
 import retrieval.jobs  # noqa: F401  (the dedup keep rules and the Ray engines register on import)
 from retrieval.jobs.embed import EmbedConfig, Embeddings, load_embeddings, run_embed
 from retrieval.jobs.index import (

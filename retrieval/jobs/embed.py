@@ -470,7 +470,7 @@ def write_vectors(
             pq.write_table(table, f)
     header = {
         "format": FORMAT,
-        "model": model,
+        "model": stored_model_ref(model),
         "model_id": model_id,
         "dim": dim,
         "dtype": dtype,
