@@ -32,6 +32,9 @@ def test_ivf_training_uses_the_clustering_index_and_lets_it_go(monkeypatch):
         return index
 
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", cloner)
+    # FAISS's exact distances (not BLAS's |x|^2 + |c|^2 - 2xc, which an opened or built index turns on for
+    # this process: search_in_batches), so both k-means runs assign by the same arithmetic
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 1 << 30)
     ref, ours = (faiss.index_factory(32, "PCA16,IVF64,Flat", faiss.METRIC_INNER_PRODUCT) for _ in range(2))
     for index, on in ((ref, False), (ours, True)):
         with gpu_training(index, on):

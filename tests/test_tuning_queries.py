@@ -97,3 +97,20 @@ def test_tuning_queries_fail_clearly_or_fall_back(captioned, tmp_path):
     with pytest.raises(QueryError_, match="its captions would be other queries"):
         emb = load_embeddings(captioned[0])
         caption_queries(emb, sample_captions(emb, 10, 0), model=stranger)
+
+
+def test_the_tuned_setting_keeps_a_margin_of_standard_errors(captioned, tmp_path):
+    """A setting is chosen when its tuning recall less ``recall_margin`` standard errors reaches the
+    target: a setting at the edge of the target gives other queries less about half of the time."""
+    folder, _ = captioned
+    picks = {}
+    for margin in (0.0, 3.0):
+        cfg = BuildConfig(index_type="ivf_flat", recall_margin=margin, **FAST)
+        h = build_index(folder, tmp_path / f"m{margin}", cfg, progress=False)
+        row = next(r for r in h["tuning"] if r["nprobe"] == h["knob_value"])
+        assert row["recall@10"] - margin * row["recall_se"] >= h["recall_target"] and h["recall_margin"] == margin
+        below = [r for r in h["tuning"] if r["nprobe"] < h["knob_value"]]  # every cheaper setting fell short
+        assert all(r["recall@10"] - margin * r["recall_se"] < h["recall_target"] for r in below)
+        assert 0 < row["recall_se"] < 0.05  # the standard error over 200 queries
+        picks[margin] = h["knob_value"]
+    assert picks[3.0] > picks[0.0]  # the margin costs probes here

@@ -235,7 +235,7 @@ def build_index(
     with api.files.atomic_dir(out) as tmp:
         tmp = Path(tmp)
         built = [_build_tuned(tmp, emb, spec, cfg, qs, progress) for spec in specs]
-        index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2], cfg.recall_target))
+        index, spec, tuning, build_s = max(built, key=lambda b: _merit(b[2]))
         header = {
             "format": FORMAT,
             "spec": spec_dict(spec),
@@ -245,6 +245,7 @@ def build_index(
             "recall@10": round(tuning.recall_at_10, 4),
             "recall_ntotal": int(index.ntotal),
             "recall_target": cfg.recall_target,
+            "recall_margin": cfg.recall_margin,
             "recall_queries": qs.label,
             "recalls": _recalls(index, emb, cfg, qs, tuning),
             "tuning": tuning.table,
@@ -262,12 +263,13 @@ def build_index(
             "build_seconds": round(sum(b[3] for b in built), 2),
             "build_config": asdict(cfg),
         }
-        if tuning.recall_at_10 < cfg.recall_target:
+        if not tuning.reached:
             log.warning(
-                "%s reaches recall@10 %.3f < target %.2f at its largest %s",
+                "%s reaches recall@10 %.3f, not %.2f with %g standard errors to spare, at its largest %s",
                 spec.type,
                 tuning.recall_at_10,
                 cfg.recall_target,
+                cfg.recall_margin,
                 spec.knob,
             )
         write_index_folder(tmp, index, emb.meta(relative_to=out), header)
@@ -278,7 +280,7 @@ def _build_tuned(tmp: Path, emb, spec: IndexSpec, cfg: BuildConfig, qs: Queries,
     start = time.perf_counter()
     index = build(spec, emb, tmp, cfg, progress=progress)
     build_s = time.perf_counter() - start
-    tuning = tune(index, spec, qs, cfg.recall_target, cfg.tune_seconds)
+    tuning = tune(index, spec, qs, cfg.recall_target, cfg.tune_seconds, cfg.recall_margin)
     return index, spec, tuning, build_s
 
 
@@ -302,10 +304,9 @@ def _qps_at(t: Tuning) -> float:
     )
 
 
-def _merit(t: Tuning, target: float) -> tuple:
+def _merit(t: Tuning) -> tuple:
     """Reaching the target first, then speed there; else recall."""
-    reached = t.recall_at_10 >= target
-    return (reached, _qps_at(t) if reached else t.recall_at_10)
+    return (t.reached, _qps_at(t) if t.reached else t.recall_at_10)
 
 
 def _summary(built) -> dict:

@@ -28,6 +28,11 @@ class BuildConfig:
     recall_target: float = option(
         0.95, help="recall@10 vs exact search the tuned search parameter must reach", flag="--recall"
     )
+    recall_margin: float = option(
+        1.0,
+        help="standard errors to spare: a search setting is chosen when its recall@10 over the tuning queries, "
+        "less this many standard errors of that mean, reaches --recall (0: the mean alone)",
+    )
     flat_below: int = 20_000  # exact search below this many vectors
     hnsw_below: int = 200_000  # HNSW graph builds are slow on CPU above this
     queries: int = option(500, help="held-out queries sampled for tuning and the recorded recall")

@@ -49,6 +49,10 @@ class Queries:
     def recall(self, found: np.ndarray) -> float:
         return recall_at_k(drop(found, self.exclude), self.truth, 10)
 
+    def hits(self, found: np.ndarray) -> np.ndarray:
+        """Each query's recall@10 (its mean is ``recall``)."""
+        return hits_at_k(drop(found, self.exclude), self.truth, 10)
+
     @property
     def k(self) -> int:
         """Hits to ask the index for (one more where a query's own id is dropped)."""
@@ -61,10 +65,15 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
+def hits_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
+    """|found[i, :k] & truth[i, :k]| / k for each query i."""
+    return np.array([len(set(f[:k].tolist()) & set(t[:k].tolist())) / k for f, t in zip(found, truth)])
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     """Mean |found[:, :k] & truth[:, :k]| / k."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) / k if hits else 1.0
+    hits = hits_at_k(found, truth, k)
+    return float(hits.mean()) if len(hits) else 1.0
 
 
 def drop(found: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
@@ -166,8 +175,25 @@ class Tuning:
     knob: str | None
     value: int | None
     recall_at_10: float
-    table: list[dict] = field(default_factory=list)  # per setting and knob value: recall@10, queries/s
+    table: list[dict] = field(default_factory=list)  # per setting and knob value: recall@10 (and its standard
+    #                                                  error over the queries), queries/s
     params: dict = field(default_factory=dict)  # the chosen setting of the other search parameters
+    reached: bool = True  # whether the chosen setting reaches the target (``reaches``)
+
+
+MEASURES = ("recall@10", "recall_se", "qps")  # what a tuning row measured; its other keys are the setting
+
+
+def setting_of(row: dict) -> dict:
+    """A tuning row's setting: the knob and the other search parameters, without what was measured."""
+    return {k: v for k, v in row.items() if k not in MEASURES}
+
+
+def reaches(row: dict, target: float, margin: float) -> bool:
+    """Whether a setting's recall@10 reaches ``target`` with ``margin`` standard errors to spare: the mean
+    over the tuning queries is an estimate, and a setting chosen at the edge of the target gives other
+    queries less about half of the time (BuildConfig.recall_margin)."""
+    return row["recall@10"] - margin * row.get("recall_se", 0.0) >= target
 
 
 def set_knob(index, knob: str | None, value: int | None) -> None:
@@ -175,10 +201,12 @@ def set_knob(index, knob: str | None, value: int | None) -> None:
         faiss.ParameterSpace().set_index_parameter(index, knob, value)
 
 
-def sweep(index, spec: IndexSpec, qs: Queries, stop_at: float | None = None, min_seconds: float = 0.25) -> list[dict]:
-    """recall@10 of ``qs`` and queries/s for each setting of ``spec.param_grid`` and each knob value in
-    order. Along the knob, a setting stops once ``stop_at`` is reached or recall has stopped rising for
-    two steps (PQ plateaus)."""
+def sweep(
+    index, spec: IndexSpec, qs: Queries, stop_at: float | None = None, min_seconds: float = 0.25, margin: float = 0.0
+) -> list[dict]:
+    """recall@10 of ``qs`` (with its standard error over the queries) and queries/s for each setting of
+    ``spec.param_grid`` and each knob value in order. Along the knob, a setting stops once it
+    ``reaches`` ``stop_at`` (with ``margin``) or recall has stopped rising for two steps (PQ plateaus)."""
     table = []
     for setting in spec.param_grid:
         for name, value in setting:
@@ -187,25 +215,28 @@ def sweep(index, spec: IndexSpec, qs: Queries, stop_at: float | None = None, min
         for value in spec.knob_values or (None,):
             set_knob(index, spec.knob, value)
             found, qps = timed_search(index, qs.vectors, qs.k, min_seconds)
-            r = qs.recall(found)
-            table.append({spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "qps": round(qps, 1)})
+            hits = qs.hits(found)
+            r, se = float(hits.mean()), float(hits.std(ddof=1) / np.sqrt(len(hits))) if len(hits) > 1 else 0.0
+            row = {spec.knob or "exact": value, **dict(setting), "recall@10": round(r, 4), "recall_se": round(se, 4)}
+            table.append({**row, "qps": round(qps, 1)})
             flat_steps = flat_steps + 1 if r <= last + 1e-3 else 0
             last = max(last, r)
-            if (stop_at is not None and r >= stop_at) or flat_steps >= 2:
+            if (stop_at is not None and reaches(row, stop_at, margin)) or flat_steps >= 2:
                 break
     return table
 
 
-def tune(index, spec: IndexSpec, qs: Queries, target: float, min_seconds: float = 0.25) -> Tuning:
-    """The fastest setting whose recall@10 reaches ``target`` (else the most accurate), set on ``index``."""
-    table = sweep(index, spec, qs, stop_at=target, min_seconds=min_seconds)
-    reached = [row for row in table if row["recall@10"] >= target]
+def tune(index, spec: IndexSpec, qs: Queries, target: float, min_seconds: float = 0.25, margin: float = 0.0) -> Tuning:
+    """The fastest setting that ``reaches`` ``target`` with ``margin`` standard errors to spare (else the most
+    accurate), set on ``index``."""
+    table = sweep(index, spec, qs, stop_at=target, min_seconds=min_seconds, margin=margin)
+    reached = [row for row in table if reaches(row, target, margin)]
     best = max(reached, key=lambda row: row["qps"]) if reached else max(table, key=lambda row: row["recall@10"])
-    params = {k: v for k, v in best.items() if k not in ("recall@10", "qps", spec.knob or "exact")}
+    params = {k: v for k, v in setting_of(best).items() if k != (spec.knob or "exact")}
     for name, value in params.items():
         set_knob(index, name, value)
     set_knob(index, spec.knob, best.get(spec.knob or "exact"))
-    return Tuning(spec.knob, best.get(spec.knob or "exact"), best["recall@10"], table, params)
+    return Tuning(spec.knob, best.get(spec.knob or "exact"), best["recall@10"], table, params, bool(reached))
 
 
 def timed_search(index, queries: np.ndarray, k: int, min_seconds: float = 0.25) -> tuple[np.ndarray, float]:
