@@ -63,7 +63,8 @@ LAYERS = {
         {"cli", "cli_caption", "cli_export", "__init__"},  # cli_caption/cli_export: commands of their own, beside cli
     ],
     "retrieval": [
-        {"errors", "options"},  # options: config dataclasses -> command-line flags (stdlib only)
+        {"errors", "options", "_openmp"},  # options: config dataclasses -> command-line flags (stdlib only);
+        #                                    _openmp: OpenMP's wait policy, set before torch and FAISS load
         {"jobs"},  # embedding, indexes, search, curation, the Ray engines
         {"serve"},  # the service: over the jobs' Searcher, never imported by them
         {"cli", "__init__"},
