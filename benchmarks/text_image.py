@@ -86,7 +86,7 @@ def embed_views(model, images: list[Image.Image], n: int, batch: int = 256) -> n
     image by image within a view (torch's RNG draws them: seed it first)."""
     plain = api.eval_input(model, "image")
     augment = build_ops(VIEW_OPS, OpContext({"image": model.data_context().specs["image"]}), "text_image.VIEW_OPS")
-    out, start = None, time.perf_counter()
+    out, start = np.empty((n, model.embed_dim), np.float32), time.perf_counter()
     for a in range(0, n, batch):
         rows = range(a, min(a + batch, n))
         x = torch.stack(
@@ -95,10 +95,7 @@ def embed_views(model, images: list[Image.Image], n: int, batch: int = 256) -> n
                 for i in rows
             ]
         )
-        v = api.encode(model, "image", {"image": x}).float().numpy()
-        if out is None:
-            out = np.empty((n, v.shape[1]), np.float32)
-        out[a : a + len(v)] = v
+        out[a : a + len(rows)] = api.encode(model, "image", {"image": x}).float().numpy()
         if a // batch % 400 == 0 or rows[-1] == n - 1:
             done = rows[-1] + 1
             print(f"  embedded {done:,} of {n:,} ({done / (time.perf_counter() - start):,.0f} images/s)", flush=True)
